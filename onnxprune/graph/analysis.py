@@ -1,0 +1,290 @@
+"""Dependency analysis: which channels of which layers must shrink together.
+
+Every layer that creates new channels (a Conv's filters, a Gemm's or MatMul's output features) is a
+*source*; each of its channels gets a global integer id. Walking the graph in topological order, op
+handlers attach a `ChannelMap` (the axis carrying channels and the id of every position on it) to every
+tensor the channels flow into: activations copy it, Concat concatenates, Split and Slice cut it, Flatten
+repeats each id over the flattened block. Where two tensors must stay aligned element by element
+(a residual Add, a Mul by a gate), the handler *joins* their ids; where channels reach something that
+cannot be sliced (a graph output, an op without a handler, an unmappable Reshape), it *blocks* them.
+
+At the end, joined ids become *units* (the smallest sets that are kept or removed together) and the
+sources that share units become *groups*. A group is prunable when nothing blocks it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..ops import handler_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChannelMap:
+    """Channels carried by one tensor: `ids[i]` is the global channel at position i of `axis`."""
+
+    axis: int
+    ids: np.ndarray
+
+
+@dataclass
+class Source:
+    node: gs.Node
+    tensor: str
+    start: int  # first global id
+    count: int
+
+
+@dataclass
+class Group:
+    """Sources whose channels are pruned together, and the units a pruning decision is made on."""
+
+    index: int
+    sources: list[Source]
+    unit_labels: np.ndarray  # label of each unit, ordered by the lowest channel id it contains
+    members: list[str] = field(default_factory=list)  # names of every node touching the group
+    blocked: list[str] = field(default_factory=list)  # reasons it cannot be pruned
+
+    @property
+    def channels(self) -> int:
+        return len(self.unit_labels)
+
+    @property
+    def prunable(self) -> bool:
+        return not self.blocked
+
+    @property
+    def name(self) -> str:
+        return self.sources[0].node.name
+
+
+class AnalysisContext:
+    """What handlers read (constants, shapes, channel maps) and write (maps, joins, blocks, sources)."""
+
+    def __init__(self, graph: gs.Graph, shapes: dict[str, tuple], opset: int):
+        self.graph = graph
+        self.opset = opset
+        self.shapes = shapes
+        self.maps: dict[str, ChannelMap] = {}
+        self.sources: list[Source] = []
+        self.next_id = 0
+        self.fixed: list[tuple[np.ndarray, str]] = []  # ids of channels that no source owns
+        self.joins: list[tuple[np.ndarray, np.ndarray]] = []
+        self.blocks: list[tuple[np.ndarray, str]] = []
+
+    # reading
+    def channels(self, tensor: gs.Tensor) -> ChannelMap | None:
+        return self.maps.get(tensor.name) if tensor is not None else None
+
+    def shape(self, tensor: gs.Tensor) -> tuple | None:
+        if isinstance(tensor, gs.Constant):
+            return tuple(tensor.shape)
+        shape = self.shapes.get(tensor.name)
+        if shape is None or any(d is None for d in shape):
+            return None
+        return shape
+
+    @staticmethod
+    def const(tensor: gs.Tensor) -> np.ndarray | None:
+        return tensor.values if isinstance(tensor, gs.Constant) else None
+
+    # writing
+    def set(self, tensor: gs.Tensor, cmap: ChannelMap) -> None:
+        self.maps[tensor.name] = ChannelMap(cmap.axis, np.asarray(cmap.ids, dtype=np.int64))
+
+    def new_source(self, node: gs.Node, tensor: gs.Tensor, count: int, axis: int) -> np.ndarray:
+        ids = np.arange(self.next_id, self.next_id + count, dtype=np.int64)
+        self.sources.append(Source(node, tensor.name, self.next_id, count))
+        self.next_id += count
+        self.set(tensor, ChannelMap(axis, ids))
+        return ids
+
+    def new_fixed(self, count: int, reason: str) -> np.ndarray:
+        """Ids for channels no source owns (e.g. a graph input concatenated with pruned channels)."""
+        ids = np.arange(self.next_id, self.next_id + count, dtype=np.int64)
+        self.next_id += count
+        self.fixed.append((ids, reason))
+        return ids
+
+    def join(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Channel a[i] and b[i] are kept or removed together."""
+        self.joins.append((np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)))
+
+    def block(self, ids: np.ndarray, reason: str) -> None:
+        self.blocks.append((np.asarray(ids, dtype=np.int64), reason))
+
+    def block_inputs(self, node: gs.Node, reason: str, positions=None) -> None:
+        """Block the channels of every tracked input (or of those at `positions`)."""
+        for i, tensor in enumerate(node.inputs):
+            if positions is not None and i not in positions:
+                continue
+            cmap = self.channels(tensor)
+            if cmap is not None:
+                self.block(cmap.ids, f"{node.op} '{node.name}': {reason}")
+
+    def block_unexpected(self, node: gs.Node, channel_inputs) -> None:
+        """Block channels arriving at inputs the handler does not slice (weights, shapes, ...)."""
+        others = [i for i in range(len(node.inputs)) if i not in channel_inputs]
+        self.block_inputs(node, "channels reach an input that cannot be sliced", others)
+
+
+@dataclass
+class Analysis:
+    """The result of `analyze`: channel maps, units and groups."""
+
+    graph: gs.Graph
+    shapes: dict[str, tuple]
+    maps: dict[str, ChannelMap]
+    label: np.ndarray  # unit label of every global channel id
+    groups: list[Group]
+    position: np.ndarray  # for a unit label: the unit's position within its group
+    group_of: np.ndarray  # for a unit label: its group's index (-1: no group)
+
+    @classmethod
+    def build(cls, graph, shapes, maps, label, groups):
+        position = np.full(len(label), -1, dtype=np.int64)
+        group_of = np.full(len(label), -1, dtype=np.int64)
+        for group in groups:
+            position[group.unit_labels] = np.arange(group.channels)
+            group_of[group.unit_labels] = group.index
+        return cls(graph, shapes, maps, label, groups, position, group_of)
+
+    def units_of(self, tensor_name: str) -> np.ndarray:
+        return self.label[self.maps[tensor_name].ids]
+
+    def prunable_groups(self) -> list[Group]:
+        return [g for g in self.groups if g.prunable]
+
+    def coverage(self) -> float:
+        """Fraction of source channels (Conv/ConvTranspose/Gemm/MatMul outputs) in prunable groups."""
+        total = sum(s.count for g in self.groups for s in g.sources)
+        prunable = sum(s.count for g in self.prunable_groups() for s in g.sources)
+        return prunable / total if total else 0.0
+
+
+def analyze(graph: gs.Graph, shapes: dict[str, tuple], exclude: list[str] | tuple = ()) -> Analysis:
+    """Find the channel groups of `graph` (not modified). `exclude`: node-name patterns left whole."""
+    ctx = AnalysisContext(graph, shapes, graph.opset)
+    for node in graph.nodes:
+        handler = handler_for(node.op)
+        if handler is None:
+            ctx.block_inputs(node, "no handler for this op type")
+            continue
+        handler.propagate(node, ctx)
+    _block_at_boundaries(graph, ctx)
+    label = _connected_labels(ctx.next_id, ctx.joins)
+    groups = _build_groups(ctx, label, exclude)
+    return Analysis.build(graph, shapes, ctx.maps, label, groups)
+
+
+def _block_at_boundaries(graph: gs.Graph, ctx: AnalysisContext) -> None:
+    for tensor in graph.outputs:
+        cmap = ctx.channels(tensor)
+        if cmap is not None:
+            ctx.block(cmap.ids, f"channels reach graph output '{tensor.name}'")
+    for node in graph.nodes:
+        for subgraph in node.subgraphs():
+            used = {t.name for n in subgraph.nodes for t in n.inputs}
+            for name in used & ctx.maps.keys():
+                ctx.block(ctx.maps[name].ids, f"{node.op} '{node.name}': channels are used inside a subgraph")
+
+
+def _connected_labels(count: int, joins) -> np.ndarray:
+    """Connected components of the join graph, by min-label propagation with pointer jumping."""
+    label = np.arange(count, dtype=np.int64)
+    if not joins or count == 0:
+        return label
+    a = np.concatenate([j[0] for j in joins])
+    b = np.concatenate([j[1] for j in joins])
+    while True:
+        low = np.minimum(label[a], label[b])
+        before = label.copy()
+        np.minimum.at(label, a, low)
+        np.minimum.at(label, b, low)
+        while True:  # pointer jumping: follow labels to their roots
+            jumped = label[label]
+            if np.array_equal(jumped, label):
+                break
+            label = jumped
+        if np.array_equal(label, before):
+            return label
+
+
+def _build_groups(ctx: AnalysisContext, label: np.ndarray, exclude) -> list[Group]:
+    # Sources that share a unit label belong to one group: union them through their labels.
+    count = len(ctx.sources)
+    owner = np.full(len(label), -1, dtype=np.int64)  # source index of every id
+    for index, source in enumerate(ctx.sources):
+        owner[source.start:source.start + source.count] = index
+    parent = list(range(count))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owned = owner >= 0
+    pairs = np.unique(np.stack([label[owned], owner[owned]], axis=1), axis=0) if owned.any() else np.zeros((0, 2), np.int64)
+    first_owner_of_label = {}
+    for lab, src in pairs.tolist():
+        if lab in first_owner_of_label:
+            ra, rb = find(first_owner_of_label[lab]), find(src)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+        else:
+            first_owner_of_label[lab] = src
+
+    roots = sorted({find(i) for i in range(count)})
+    group_of_source = {root: gi for gi, root in enumerate(roots)}
+    group_index = np.array([group_of_source[find(i)] for i in range(count)], dtype=np.int64)
+    group_of_label = np.full(len(label), -1, dtype=np.int64)
+    group_of_label[label[owned]] = group_index[owner[owned]]
+
+    groups = []
+    for gi, root in enumerate(roots):
+        sources = [s for i, s in enumerate(ctx.sources) if group_index[i] == gi]
+        ids = np.concatenate([np.arange(s.start, s.start + s.count) for s in sources])
+        labels, first = np.unique(label[ids], return_index=True)
+        order = np.argsort(ids[first], kind="stable")
+        groups.append(Group(gi, sources, labels[order]))
+
+    def groups_of(ids):
+        found = group_of_label[label[ids]]
+        return np.unique(found[found >= 0])
+
+    for ids, reason in ctx.blocks:
+        for gi in groups_of(ids):
+            _add_reason(groups[gi], reason)
+    for ids, reason in ctx.fixed:
+        for gi in groups_of(ids):
+            _add_reason(groups[gi], f"channels are aligned with channels no layer owns ({reason})")
+
+    members = [dict() for _ in groups]
+    for node in ctx.graph.nodes:
+        for tensor in list(node.inputs) + list(node.outputs):
+            cmap = ctx.maps.get(tensor.name)
+            if cmap is None:
+                continue
+            for gi in groups_of(cmap.ids):
+                members[gi][node.name] = None
+    for group, names in zip(groups, members):
+        group.members = list(names)
+        hits = [n for n in group.members if any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+        if hits:
+            _add_reason(group, f"excluded: member '{hits[0]}' matches --exclude")
+        if group.channels < 2:
+            _add_reason(group, "only one channel")
+    return groups
+
+
+def _add_reason(group: Group, reason: str) -> None:
+    if reason not in group.blocked:
+        group.blocked.append(reason)

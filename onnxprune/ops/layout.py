@@ -1,0 +1,321 @@
+"""Ops that move, cut or merge axes: Concat, Split, Slice, Flatten, Reshape, Transpose, (Un)Squeeze, Shape."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .base import Handler, attr, const_input, has_input, normalize_axis, pass_through, register
+
+
+@register("Concat")
+class ConcatHandler(Handler):
+    """On the channel axis, output ids are the inputs' ids in order; on another axis, inputs are joined."""
+
+    def propagate(self, node, ctx):
+        maps = [ctx.channels(t) for t in node.inputs]
+        tracked = [m for m in maps if m is not None]
+        if not tracked:
+            return
+        shape = ctx.shape(node.outputs[0])
+        if shape is None:
+            ctx.block_inputs(node, "output shape unknown")
+            return
+        axis = normalize_axis(int(node.attrs["axis"]), len(shape))
+        if any(m.axis != tracked[0].axis for m in tracked):
+            ctx.block_inputs(node, "inputs carry channels on different axes")
+            return
+        channel_axis = tracked[0].axis
+        if channel_axis == axis:
+            parts = []
+            for tensor, cmap in zip(node.inputs, maps):
+                if cmap is not None:
+                    parts.append(cmap.ids)
+                    continue
+                in_shape = ctx.shape(tensor)
+                if in_shape is None:
+                    ctx.block_inputs(node, f"input '{tensor.name}' has an unknown shape")
+                    return
+                parts.append(ctx.new_fixed(in_shape[axis], f"Concat '{node.name}' input '{tensor.name}'"))
+            ctx.set(node.outputs[0], type(tracked[0])(axis, np.concatenate(parts)))
+            return
+        for cmap in tracked[1:]:
+            ctx.join(tracked[0].ids, cmap.ids)
+        if any(m is None and not isinstance(t, gs.Constant) for t, m in zip(node.inputs, maps)):
+            ctx.block_inputs(node, "an untracked computed input spans the channels")
+            return
+        ctx.set(node.outputs[0], tracked[0])
+
+    def rewrite(self, node, rw):
+        mask = rw.mask(node.outputs[0])
+        axis = normalize_axis(int(node.attrs["axis"]), rw.rank(node.outputs[0]))
+        if mask is None or axis == rw.tracked_axis(node.outputs[0]):
+            return
+        for i, tensor in enumerate(node.inputs):
+            if isinstance(tensor, gs.Constant):
+                rw.set_input(node, i, np.compress(mask, tensor.values, axis=rw.tracked_axis(node.outputs[0])))
+
+
+def _split_sizes(node, length: int, n_out: int) -> list[int] | None:
+    sizes = const_input(node, 1) if has_input(node, 1) else attr(node, "split")
+    if has_input(node, 1) and sizes is None:
+        return None
+    if sizes is not None:
+        return [int(s) for s in np.asarray(sizes).reshape(-1)]
+    chunk = -(-length // n_out)  # opset 18 num_outputs: the last chunk may be smaller
+    return [min(chunk, length - i * chunk) for i in range(n_out)]
+
+
+@register("Split")
+class SplitHandler(Handler):
+    def propagate(self, node, ctx):
+        ctx.block_unexpected(node, channel_inputs=(0,))
+        x = ctx.channels(node.inputs[0])
+        if x is None:
+            return
+        rank = len(ctx.shape(node.inputs[0]) or ())
+        axis = normalize_axis(int(attr(node, "axis", 0)), rank)
+        if axis != x.axis:
+            pass_through(node, ctx, outputs=range(len(node.outputs)))
+            return
+        sizes = _split_sizes(node, len(x.ids), len(node.outputs))
+        if sizes is None or sum(sizes) != len(x.ids):
+            ctx.block(x.ids, f"Split '{node.name}': split sizes are computed or do not add up")
+            return
+        offsets = np.cumsum([0] + sizes)
+        for out, lo, hi in zip(node.outputs, offsets[:-1], offsets[1:]):
+            ctx.set(out, type(x)(axis, x.ids[lo:hi]))
+
+    def rewrite(self, node, rw):
+        mask = rw.mask(node.inputs[0])
+        if mask is None or rw.tracked_axis(node.outputs[0]) != normalize_axis(int(attr(node, "axis", 0)), rw.rank(node.inputs[0])):
+            return
+        offsets = np.cumsum([0] + _split_sizes(node, len(mask), len(node.outputs)))
+        sizes = np.array([mask[lo:hi].sum() for lo, hi in zip(offsets[:-1], offsets[1:])], dtype=np.int64)
+        if rw.opset < 13:
+            rw.set_attr(node, "split", [int(s) for s in sizes])
+        elif has_input(node, 1):
+            rw.set_input(node, 1, sizes)
+        else:
+            node.attrs.pop("num_outputs", None)
+            rw.add_input(node, sizes)
+
+
+def _slice_params(node):
+    """(starts, ends, axes, steps) as arrays, or None when any is computed."""
+    values = [const_input(node, i) if has_input(node, i) else None for i in range(1, 5)]
+    if values[0] is None or values[1] is None or (has_input(node, 3) and values[2] is None) or (has_input(node, 4) and values[3] is None):
+        return None
+    starts, ends = values[0].astype(np.int64), values[1].astype(np.int64)
+    axes = values[2] if values[2] is not None else np.arange(len(starts))
+    steps = values[3] if values[3] is not None else np.ones(len(starts), dtype=np.int64)
+    return starts, ends, axes.astype(np.int64), steps.astype(np.int64)
+
+
+def _slice_range(start: int, end: int, length: int) -> tuple[int, int]:
+    start, end = (s + length if s < 0 else s for s in (start, end))
+    return int(np.clip(start, 0, length)), int(np.clip(end, 0, length))
+
+
+@register("Slice")
+class SliceHandler(Handler):
+    def propagate(self, node, ctx):
+        ctx.block_unexpected(node, channel_inputs=(0,))
+        x = ctx.channels(node.inputs[0])
+        if x is None:
+            return
+        params = _slice_params(node)
+        shape = ctx.shape(node.inputs[0])
+        if params is None or shape is None:
+            ctx.block(x.ids, f"Slice '{node.name}': computed slice bounds or unknown shape")
+            return
+        starts, ends, axes, steps = params
+        axes = [normalize_axis(int(a), len(shape)) for a in axes]
+        if x.axis not in axes:
+            pass_through(node, ctx)
+            return
+        k = axes.index(x.axis)
+        if steps[k] != 1:
+            ctx.block(x.ids, f"Slice '{node.name}': strided slice of the channel axis")
+            return
+        lo, hi = _slice_range(int(starts[k]), int(ends[k]), len(x.ids))
+        if hi <= lo:
+            ctx.block(x.ids, f"Slice '{node.name}': empty channel slice")
+            return
+        ctx.set(node.outputs[0], type(x)(x.axis, x.ids[lo:hi]))
+
+    def rewrite(self, node, rw):
+        mask = rw.mask(node.inputs[0])
+        if mask is None:
+            return
+        starts, ends, axes, _ = _slice_params(node)
+        axes = [normalize_axis(int(a), rw.rank(node.inputs[0])) for a in axes]
+        axis = rw.tracked_axis(node.inputs[0])
+        if axis not in axes:
+            return
+        k = axes.index(axis)
+        lo, hi = _slice_range(int(starts[k]), int(ends[k]), len(mask))
+        starts, ends = starts.copy(), ends.copy()
+        starts[k] = mask[:lo].sum()
+        ends[k] = starts[k] + mask[lo:hi].sum()
+        rw.set_input(node, 1, starts.astype(node.inputs[1].values.dtype))
+        rw.set_input(node, 2, ends.astype(node.inputs[2].values.dtype))
+
+
+def _merge_ids(ids: np.ndarray, shape, axis: int, lo: int, hi: int) -> np.ndarray:
+    """Channel id of every position of dims shape[lo:hi] flattened together (the channel axis among them)."""
+    inner = int(np.prod(shape[axis + 1:hi], dtype=np.int64))
+    outer = int(np.prod(shape[lo:axis], dtype=np.int64))
+    return np.tile(np.repeat(ids, inner), outer)
+
+
+@register("Flatten")
+class FlattenHandler(Handler):
+    def propagate(self, node, ctx):
+        x = ctx.channels(node.inputs[0])
+        if x is None:
+            return
+        shape = ctx.shape(node.inputs[0])
+        if shape is None:
+            ctx.block(x.ids, f"Flatten '{node.name}': input shape unknown")
+            return
+        split = normalize_axis(int(attr(node, "axis", 1)), len(shape))
+        if x.axis < split:
+            ctx.block(x.ids, f"Flatten '{node.name}': merges the channel axis with the batch axis")
+            return
+        ctx.set(node.outputs[0], type(x)(1, _merge_ids(x.ids, shape, x.axis, split, len(shape))))
+
+
+@register("Reshape")
+class ReshapeHandler(Handler):
+    """Maps channels when the reshape keeps the channel axis and what follows it (merging leading dims),
+    or keeps what precedes it and merges it with trailing dims (a flatten). Anything else blocks."""
+
+    def propagate(self, node, ctx):
+        ctx.block_unexpected(node, channel_inputs=(0,))
+        x = ctx.channels(node.inputs[0])
+        if x is None:
+            return
+        in_shape, out_shape = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
+        if in_shape is None or out_shape is None:
+            ctx.block(x.ids, f"Reshape '{node.name}': shape unknown")
+            return
+        if const_input(node, 1) is None:
+            ctx.block(x.ids, f"Reshape '{node.name}': target shape is computed, not a constant")
+            return
+        mapped = reshape_map(x.ids, list(in_shape), list(out_shape), x.axis)
+        if mapped is None:
+            ctx.block(x.ids, f"Reshape '{node.name}': {list(in_shape)} -> {list(out_shape)} splits or mixes the channel axis")
+            return
+        ctx.set(node.outputs[0], type(x)(*mapped))
+
+    def rewrite(self, node, rw):
+        mask = rw.mask(node.outputs[0])
+        if mask is None:
+            return
+        target = node.inputs[1].values.copy()
+        axis = rw.tracked_axis(node.outputs[0])
+        if target[axis] > 0:
+            target[axis] = mask.sum()
+            rw.set_input(node, 1, target)
+
+
+def reshape_map(ids, in_shape, out_shape, axis):
+    """(output axis, output ids) for a reshape, or None when the channels cannot be followed."""
+    tail = len(in_shape) - axis
+    if len(out_shape) >= tail and out_shape[len(out_shape) - tail:] == in_shape[axis:]:
+        return len(out_shape) - tail, ids
+    if out_shape[:axis] == in_shape[:axis] and len(out_shape) > axis:
+        for hi in range(axis + 1, len(in_shape) + 1):
+            merged = int(np.prod(in_shape[axis:hi], dtype=np.int64))
+            if merged == out_shape[axis] and out_shape[axis + 1:] == in_shape[hi:]:
+                return axis, _merge_ids(ids, in_shape, axis, axis, hi)
+    return None
+
+
+@register("Transpose")
+class TransposeHandler(Handler):
+    def propagate(self, node, ctx):
+        x = ctx.channels(node.inputs[0])
+        if x is None:
+            return
+        shape = ctx.shape(node.inputs[0])
+        perm = attr(node, "perm")
+        if perm is None:
+            if shape is None:
+                ctx.block(x.ids, f"Transpose '{node.name}': rank unknown")
+                return
+            perm = list(reversed(range(len(shape))))
+        ctx.set(node.outputs[0], type(x)(list(perm).index(x.axis), x.ids))
+
+
+def _axes(node, ctx_or_none=None):
+    axes = attr(node, "axes")
+    if axes is None and has_input(node, 1):
+        axes = const_input(node, 1)
+        if axes is None:
+            return None
+    return None if axes is None else [int(a) for a in np.asarray(axes).reshape(-1)]
+
+
+@register("Squeeze")
+class SqueezeHandler(Handler):
+    def propagate(self, node, ctx):
+        x = ctx.channels(node.inputs[0])
+        if x is None:
+            return
+        shape = ctx.shape(node.inputs[0])
+        axes = _axes(node)
+        if shape is None or (axes is None and has_input(node, 1)):
+            ctx.block(x.ids, f"Squeeze '{node.name}': shape or axes unknown")
+            return
+        axes = [i for i, d in enumerate(shape) if d == 1] if axes is None else [normalize_axis(a, len(shape)) for a in axes]
+        if x.axis in axes:
+            ctx.block(x.ids, f"Squeeze '{node.name}': squeezes the channel axis")
+            return
+        ctx.set(node.outputs[0], type(x)(x.axis - sum(a < x.axis for a in axes), x.ids))
+
+
+@register("Unsqueeze")
+class UnsqueezeHandler(Handler):
+    def propagate(self, node, ctx):
+        x = ctx.channels(node.inputs[0])
+        if x is None:
+            return
+        shape = ctx.shape(node.inputs[0])
+        axes = _axes(node)
+        if shape is None or axes is None:
+            ctx.block(x.ids, f"Unsqueeze '{node.name}': shape or axes unknown")
+            return
+        out_rank = len(shape) + len(axes)
+        axis = x.axis
+        for a in sorted(normalize_axis(a, out_rank) for a in axes):
+            if a <= axis:
+                axis += 1
+        ctx.set(node.outputs[0], type(x)(axis, x.ids))
+
+
+@register("Shape")
+class ShapeHandler(Handler):
+    """Reading a shape is harmless unless the channel count itself is read."""
+
+    def propagate(self, node, ctx):
+        x = ctx.channels(node.inputs[0])
+        if x is None:
+            return
+        shape = ctx.shape(node.inputs[0])
+        if shape is None:
+            ctx.block(x.ids, f"Shape '{node.name}': rank unknown")
+            return
+        rank = len(shape)
+        start = normalize_axis(int(attr(node, "start", 0)), rank)
+        end = normalize_axis(int(attr(node, "end", rank)), rank) if "end" in node.attrs else rank
+        if not start <= x.axis < end:
+            return
+        for consumer in node.outputs[0].outputs:
+            index = const_input(consumer, 1) if consumer.op == "Gather" else None
+            if index is None or int(attr(consumer, "axis", 0)) != 0 or x.axis - start in {
+                normalize_axis(int(i), end - start) for i in np.asarray(index).reshape(-1)
+            }:
+                ctx.block(x.ids, f"Shape '{node.name}': the channel count is read and used")
+                return

@@ -1,0 +1,83 @@
+"""Gemm and MatMul with a constant weight: input features are consumed, output features are a source.
+
+MatMul `A[..., K] @ W[K, N]`: channels tracked on the last axis of A are consumed by W's rows; channels
+tracked on any other axis of A pass through (the product acts on the last axis only). A MatMul of two
+computed tensors (attention scores) has no constant weight and blocks the channels reaching it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Handler, attr, const_input, has_input, register
+
+
+@register("Gemm")
+class GemmHandler(Handler):
+    def propagate(self, node, ctx):
+        ctx.block_unexpected(node, channel_inputs=(0,))
+        weight = const_input(node, 1)
+        bias_ok = not has_input(node, 2) or const_input(node, 2) is not None
+        x = ctx.channels(node.inputs[0])
+        if weight is None or not bias_ok:
+            if x is not None:
+                ctx.block(x.ids, f"Gemm '{node.name}': weight or bias is not a constant")
+            return
+        feature_axis = 0 if attr(node, "transA", 0) else 1
+        if x is not None and x.axis != feature_axis:
+            ctx.block(x.ids, f"Gemm '{node.name}': channels arrive on the row axis of A")
+        n_out = weight.shape[0] if attr(node, "transB", 0) else weight.shape[1]
+        ctx.new_source(node, node.outputs[0], n_out, axis=1)
+
+    def rewrite(self, node, rw):
+        weight = node.inputs[1].values
+        trans_b = attr(node, "transB", 0)
+        in_mask, out_mask = rw.mask(node.inputs[0]), rw.mask(node.outputs[0])
+        if in_mask is not None:
+            weight = np.compress(in_mask, weight, axis=1 if trans_b else 0)
+        if out_mask is not None:
+            weight = np.compress(out_mask, weight, axis=0 if trans_b else 1)
+            if has_input(node, 2):
+                bias = node.inputs[2].values
+                if bias.ndim and bias.shape[-1] == len(out_mask):
+                    rw.set_input(node, 2, np.compress(out_mask, bias, axis=bias.ndim - 1))
+        rw.set_input(node, 1, weight)
+
+    def filter_weights(self, node):
+        weight = node.inputs[1].values
+        return weight if attr(node, "transB", 0) else weight.T
+
+
+@register("MatMul")
+class MatMulHandler(Handler):
+    def propagate(self, node, ctx):
+        weight = const_input(node, 1)
+        x = ctx.channels(node.inputs[0])
+        if weight is None or weight.ndim != 2:
+            ctx.block_inputs(node, "MatMul without a constant 2-D weight (e.g. attention)")
+            return
+        ctx.block_unexpected(node, channel_inputs=(0,))
+        shape = ctx.shape(node.inputs[0])
+        if shape is None or len(shape) < 2:
+            if x is not None:
+                ctx.block(x.ids, f"MatMul '{node.name}': input shape unknown or 1-D")
+            return
+        rank = len(shape)
+        if x is not None and x.axis != rank - 1:
+            ctx.set(node.outputs[0], x)  # channels on a batch/row axis pass through
+            return
+        ctx.new_source(node, node.outputs[0], weight.shape[1], axis=rank - 1)
+
+    def rewrite(self, node, rw):
+        if not rw.is_source(node):
+            return  # channels passed through on a non-feature axis: nothing to slice
+        weight = node.inputs[1].values
+        in_mask, out_mask = rw.mask(node.inputs[0]), rw.mask(node.outputs[0])
+        if in_mask is not None:
+            weight = weight[in_mask]
+        if out_mask is not None:
+            weight = weight[:, out_mask]
+        rw.set_input(node, 1, weight)
+
+    def filter_weights(self, node):
+        return node.inputs[1].values.T

@@ -1,0 +1,104 @@
+"""Remove channels: turn kept units into per-tensor keep masks and let each op handler slice its node."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..errors import InternalError
+from ..graph.analysis import Analysis
+from ..ops import handler_for
+
+
+def keep_masks(analysis: Analysis, keep: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+    """Keep mask of every tracked tensor that loses channels, given kept unit positions per group."""
+    kept_label = np.ones(len(analysis.label), dtype=bool)
+    for group in analysis.groups:
+        if group.index not in keep:
+            continue
+        dropped = np.ones(group.channels, dtype=bool)
+        dropped[np.asarray(keep[group.index], dtype=np.int64)] = False
+        kept_label[group.unit_labels[dropped]] = False
+    masks = {}
+    for name, cmap in analysis.maps.items():
+        mask = kept_label[analysis.label[cmap.ids]]
+        if not mask.all():
+            masks[name] = mask
+    return masks
+
+
+class RewriteContext:
+    """What a handler's `rewrite` sees: masks, the original ranks and axes, and safe setters."""
+
+    def __init__(self, analysis: Analysis, masks: dict[str, np.ndarray]):
+        self.analysis = analysis
+        self.masks = masks
+        self.opset = analysis.graph.opset
+        self.sources = {id(s.node) for g in analysis.groups for s in g.sources}
+        self._names = dict.fromkeys(analysis.graph.tensors())
+
+    def mask(self, tensor: gs.Tensor) -> np.ndarray | None:
+        return self.masks.get(tensor.name)
+
+    def tracked_axis(self, tensor: gs.Tensor) -> int:
+        return self.analysis.maps[tensor.name].axis
+
+    def rank(self, tensor: gs.Tensor) -> int:
+        return len(self.analysis.shapes[tensor.name])
+
+    def is_source(self, node: gs.Node) -> bool:
+        return id(node) in self.sources
+
+    def set_input(self, node: gs.Node, index: int, values: np.ndarray) -> None:
+        """Replace a constant input's values; a constant other nodes share is copied, not changed."""
+        old = node.inputs[index]
+        values = np.ascontiguousarray(values, dtype=old.values.dtype)
+        if len(old.outputs) == 1:
+            old.values = values
+        else:
+            node.inputs[index] = gs.Constant(self._unique(old.name), values)
+
+    def add_input(self, node: gs.Node, values: np.ndarray) -> None:
+        node.inputs.append(gs.Constant(self._unique(f"{node.name}_input{len(node.inputs)}"), np.asarray(values)))
+
+    @staticmethod
+    def set_attr(node: gs.Node, name: str, value) -> None:
+        node.attrs[name] = value
+
+    def _unique(self, base: str) -> str:
+        name, i = f"{base}_pruned", 1
+        while name in self._names:
+            i += 1
+            name = f"{base}_pruned{i}"
+        self._names[name] = None
+        return name
+
+
+def apply_channel_plan(analysis: Analysis, keep: dict[int, np.ndarray]) -> int:
+    """Slice every node of `analysis.graph` for the kept units, in place. Returns channels removed."""
+    masks = keep_masks(analysis, keep)
+    for name, mask in masks.items():
+        if not mask.any():
+            raise InternalError(f"pruning would leave tensor '{name}' with no channels")
+    rw = RewriteContext(analysis, masks)
+    graph = analysis.graph
+    for node in graph.nodes:
+        names = [t.name for t in list(node.inputs) + list(node.outputs)]
+        if any(n in masks for n in names):
+            handler_for(node.op).rewrite(node, rw)
+    _forget_stale_shapes(graph, masks)
+    graph.cleanup().toposort()
+    removed = sum(int((~keep_mask_of_source(masks, s)).sum()) for g in analysis.groups for s in g.sources)
+    return removed
+
+
+def keep_mask_of_source(masks, source) -> np.ndarray:
+    return masks.get(source.tensor, np.ones(source.count, dtype=bool))
+
+
+def _forget_stale_shapes(graph: gs.Graph, masks) -> None:
+    """Shapes recorded for intermediate tensors no longer hold; onnxruntime re-infers them."""
+    boundary = {t.name for t in list(graph.inputs) + list(graph.outputs)}
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Variable) and tensor.name not in boundary:
+            tensor.shape = None

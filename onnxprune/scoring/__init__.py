@@ -1,0 +1,13 @@
+"""Importance scorers: a score per unit of every prunable group (higher = more important).
+
+A scorer is a function `(analysis, context) -> {group index: scores}` registered by name.
+Scoring is separate from allocation (how many to keep) and from the rewrite.
+"""
+
+from __future__ import annotations
+
+from .base import SCORERS, ScoringContext, register_scorer, score
+
+from . import magnitude  # noqa: E402,F401  (registration)
+
+__all__ = ["SCORERS", "ScoringContext", "register_scorer", "score"]

@@ -1,0 +1,37 @@
+"""The scorer registry and the per-unit accumulation every scorer uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import UsageError
+
+SCORERS = {}
+
+
+@dataclass
+class ScoringContext:
+    seed: int = 0
+    calibration: object = None  # a CalibrationSet, for data-informed scorers
+    notes: list[str] = field(default_factory=list)  # what the report should say about scoring
+
+
+def register_scorer(name: str):
+    def decorate(fn):
+        SCORERS[name] = fn
+        return fn
+
+    return decorate
+
+
+def score(analysis, name: str, context: ScoringContext) -> dict[int, np.ndarray]:
+    if name not in SCORERS:
+        raise UsageError(f"unknown scorer '{name}': choose one of {', '.join(sorted(SCORERS))}")
+    return SCORERS[name](analysis, context)
+
+
+def accumulate(analysis, group, ids: np.ndarray, values: np.ndarray, into: np.ndarray) -> None:
+    """Add per-channel `values` (for global `ids`) into the group's per-unit scores."""
+    np.add.at(into, analysis.position[analysis.label[ids]], values)

@@ -1,0 +1,74 @@
+"""Static shapes of every tensor, for analysis and the cost model.
+
+ONNX shape inference runs first, on a weightless skeleton (fast, and fine for models over 2 GB). What it
+cannot resolve (shapes computed at run time, e.g. a Slice bounded by Shape() of an input) is then read
+off one onnxruntime run at the same input shapes, with the unresolved tensors exposed as outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+from onnx import helper, shape_inference
+
+from .errors import ModelError
+from .io import skeleton
+
+log = logging.getLogger(__name__)
+
+
+def _static(value: onnx.ValueInfoProto):
+    tensor_type = value.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+
+
+def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> dict[str, tuple]:
+    """Shape of every tensor (initializers, inputs, node outputs) at the given input shapes."""
+    try:
+        inferred = shape_inference.infer_shapes(skeleton(model, input_shapes), data_prop=True)
+    except Exception as exc:
+        raise ModelError(f"ONNX shape inference failed on the model ({str(exc).splitlines()[0]}): "
+                         "check --input-shape") from None
+    shapes = {}
+    for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        shape = _static(value)
+        if shape is not None:
+            shapes[value.name] = shape
+    for name, dims in input_shapes.items():
+        shapes[name] = tuple(dims)
+    for tensor in model.graph.initializer:
+        shapes[tensor.name] = tuple(tensor.dims)
+    unknown = [o for node in model.graph.node for o in node.output
+               if o and (shapes.get(o) is None or None in shapes[o])]
+    if unknown:
+        shapes.update(_shapes_from_runtime(model, input_shapes, unknown))
+    return shapes
+
+
+def _shapes_from_runtime(model, input_shapes, names) -> dict[str, tuple]:
+    from .validate.runtime import session  # onnxruntime only where ONNX inference falls short
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known_outputs = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in known_outputs:
+            probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+    feeds = {}
+    for value in probe.graph.input:
+        if value.name in input_shapes:
+            dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+            feeds[value.name] = np.zeros(input_shapes[value.name], dtype=dtype)
+    try:
+        sess = session(probe)
+        values = sess.run(names, feeds)
+    except Exception as exc:
+        log.info("could not complete shapes with onnxruntime (%s); %d tensors stay unknown",
+                 str(exc).splitlines()[0], len(names))
+        return {}
+    log.info("onnxruntime supplied the shapes of %d tensors ONNX inference left open", len(names))
+    return {name: tuple(np.shape(v)) for name, v in zip(names, values)}
