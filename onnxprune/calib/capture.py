@@ -1,0 +1,63 @@
+"""Activation capture: one onnxruntime pass over the calibration data exposing intermediate tensors.
+
+The model copy gets the requested tensors as extra graph outputs; each batch's activations are handed
+to the caller (who folds them into running statistics), so memory stays bounded by one batch whatever
+the number of samples. Every consumer of activations should ask for all its tensors in one call.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Iterator
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..validate.runtime import session
+from .data import CalibrationSet
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `model` whose graph also outputs `names` (types left for onnxruntime to infer)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in present:
+            probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+            present.add(name)
+    return probe
+
+
+def stream_activations(model: onnx.ModelProto, names: list[str], calibration: CalibrationSet,
+                       batch_size: int, progress: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Yield `{name: activation}` for every batch of `calibration`, in order (one model run per batch)."""
+    sess = session(with_outputs(model, names))
+    total = -(-calibration.count // batch_size)
+    bar = ProgressBar(progress, total) if progress else None
+    for feed in calibration.batches(batch_size):
+        yield dict(zip(names, sess.run(names, feed)))
+        if bar:
+            bar.step()
+    if bar:
+        bar.close()
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr, shown only when stderr is a terminal."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total, self.done = label, max(total, 1), 0
+        self.enabled = sys.stderr.isatty()
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        if self.enabled:
+            filled = int(30 * self.done / self.total)
+            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total}")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
