@@ -278,6 +278,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> list[Path]:
             os.replace(file, target)
             written.append(target)
         return written
+    except OSError as exc:
+        raise UsageError(f"cannot write '{path}' ({exc.strerror or exc}): free space or choose another output path") from None
     finally:
         for leftover in staging.iterdir():
             leftover.unlink()

@@ -1,0 +1,127 @@
+"""Bad input: a one-line error, the right exit code, the input untouched and no output left behind."""
+
+import os
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+import models
+from onnxprune.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "mnist_resnet.onnx"
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_failed(result, code, *phrases):
+    assert result.exit_code == code, result.output
+    message = result.output.strip()
+    assert message.startswith("error:") and "\n" not in message, message
+    for phrase in phrases:
+        assert phrase in message
+
+
+def no_output_in(directory: Path, keep=()):
+    return sorted(p.name for p in directory.iterdir() if p.name not in keep) == []
+
+
+def test_not_an_onnx_file(tmp_path):
+    bad = tmp_path / "notes.onnx"
+    bad.write_text("this is not a model")
+    assert_failed(run(bad, tmp_path / "out.onnx"), 3, "not a readable ONNX model")
+    assert no_output_in(tmp_path, keep={"notes.onnx"})
+
+
+def test_truncated_model(tmp_path):
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(MODEL.read_bytes()[: MODEL.stat().st_size // 2])
+    assert_failed(run(cut, tmp_path / "out.onnx"), 3, "ONNX")
+    assert no_output_in(tmp_path, keep={"cut.onnx"})
+
+
+def test_missing_external_data(tmp_path):
+    model = onnx.load(str(MODEL))
+    path = tmp_path / "ext.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    (tmp_path / "ext.onnx.data").unlink()
+    assert_failed(run(path, tmp_path / "out.onnx"), 3, "external data file 'ext.onnx.data'", "missing")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("ratio", ["1", "1.5", "-0.1"])
+def test_ratio_outside_range(tmp_path, ratio):
+    result = run(MODEL, tmp_path / "out.onnx", "--filters", ratio)
+    assert result.exit_code == 2
+    assert "--filters" in result.output
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_nothing_prunable(tmp_path):
+    path = tmp_path / "blocked.onnx"
+    onnx.save(models.blocked_graph_output(), str(path))
+    assert_failed(run(path, tmp_path / "out.onnx"), 3, "nothing to prune", "onnxprune inspect")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_unwritable_output_directory(tmp_path, monkeypatch):
+    assert_failed(run(MODEL, tmp_path / "missing" / "out.onnx"), 2, "does not exist")
+    real_access = os.access
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    # CI runs as root, who may write anywhere: simulate the permission check failing.
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    assert_failed(run(MODEL, locked / "out.onnx"), 2, "permission denied")
+    assert list(locked.iterdir()) == []
+
+
+def test_output_path_is_a_directory(tmp_path):
+    assert_failed(run(MODEL, tmp_path), 2, "is a directory")
+
+
+def test_output_is_the_input(tmp_path):
+    copy = tmp_path / "m.onnx"
+    shutil.copy(MODEL, copy)
+    before = copy.read_bytes()
+    assert_failed(run(copy, copy), 2, "is the input model")
+    assert_failed(run(copy, tmp_path / "." / "m.onnx"), 2, "is the input model")
+    assert copy.read_bytes() == before
+
+
+def test_dynamic_input_without_input_shape(tmp_path):
+    model = models.conv_chain()
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "height"
+    model.graph.input[0].type.tensor_type.shape.dim[3].dim_param = "width"
+    path = tmp_path / "dynamic.onnx"
+    onnx.save(model, str(path))
+    assert_failed(run(path, tmp_path / "out.onnx"), 2, "dynamic dimension 2", "--input-shape x:1x3x1x")
+    result = run(path, tmp_path / "out.onnx", "--input-shape", "x:1x3x16x16")
+    assert result.exit_code == 0, result.output
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    assert out.graph.input[0].type.tensor_type.shape.dim[2].dim_param == "height"  # stays dynamic
+
+
+def test_bad_input_shape_text(tmp_path):
+    assert_failed(run(MODEL, tmp_path / "o.onnx", "--input-shape", "input:1xAx28"), 2, "NAME:DIMS")
+    assert_failed(run(MODEL, tmp_path / "o.onnx", "--input-shape", "nope:1x1x28x28"), 2, "unknown input")
+
+
+def test_missing_input_file(tmp_path):
+    assert_failed(run(tmp_path / "none.onnx", tmp_path / "o.onnx"), 2, "does not exist")
+
+
+def test_failure_during_save_leaves_nothing(tmp_path, monkeypatch):
+    import onnxprune.io as io
+
+    def broken(model, path):
+        path.write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(io, "write_model", broken)
+    assert_failed(run(MODEL, tmp_path / "out.onnx"), 2, "cannot write", "disk full")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -1,0 +1,113 @@
+"""The command line, through click's CliRunner, on the shipped MNIST ResNet."""
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from onnxprune.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "mnist_resnet.onnx"
+CALIB = ROOT / "models" / "mnist_calib.npz"
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_prune_writes_a_smaller_validated_model_and_report(tmp_path):
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    result = invoke(MODEL, out, "--filters", "0.5", "--calib", CALIB, "--report", report)
+    assert result.exit_code == 0, result.output
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    data = json.loads(report.read_text())
+    for side in ("before", "after"):
+        assert set(data[side]) >= {"params", "macs", "size_bytes"}
+    assert data["after"]["macs"] < data["before"]["macs"] and data["after"]["params"] < data["before"]["params"]
+    assert data["after"]["size_bytes"] == out.stat().st_size
+    assert set(data["fidelity"]) >= {"cosine", "max_abs_diff", "top1_agreement", "rel_l2", "per_output"}
+    assert 0 <= data["fidelity"]["top1_agreement"] <= 1
+    assert data["data"] == {"source": "calibration", "samples": 256}
+    assert data["seed"] == 0 and data["version"]
+    assert any(g["prunable"] and g["channels_after"] < g["channels"] for g in data["groups"])
+    assert all("reasons" in g for g in data["groups"] if not g["prunable"])
+    assert "MACs" in result.output and "fidelity" in result.output
+
+
+def test_prune_subcommand_is_the_same_command(tmp_path):
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    assert invoke(MODEL, a, "--filters", "0.3").exit_code == 0
+    assert invoke("prune", MODEL, b, "--filters", "0.3").exit_code == 0
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_without_calibration_the_report_says_synthetic(tmp_path):
+    report = tmp_path / "r.json"
+    result = invoke(MODEL, tmp_path / "o.onnx", "--report", report)
+    assert result.exit_code == 0
+    assert json.loads(report.read_text())["data"]["source"] == "synthetic"
+    assert "synthetic" in result.output
+
+
+@pytest.mark.parametrize("scorer", ["l1", "l2", "bn", "random"])
+def test_every_scorer_runs(tmp_path, scorer):
+    report = tmp_path / "r.json"
+    result = invoke(MODEL, tmp_path / "o.onnx", "--scorer", scorer, "--report", report, "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["config"]["scorer"] == scorer
+
+
+def test_scorers_choose_different_channels(tmp_path):
+    plans = {}
+    for scorer in ("l1", "random"):
+        plan = tmp_path / f"{scorer}.json"
+        assert invoke(MODEL, tmp_path / "o.onnx", "--scorer", scorer, "--plan-out", plan, "-q").exit_code == 0
+        plans[scorer] = json.loads(plan.read_text())
+    assert plans["l1"] != plans["random"]
+
+
+def test_round_to_and_global(tmp_path):
+    report = tmp_path / "r.json"
+    assert invoke(MODEL, tmp_path / "o.onnx", "--filters", "0.3", "--round-to", "4", "--report", report).exit_code == 0
+    groups = [g for g in json.loads(report.read_text())["groups"] if g["prunable"]]
+    assert all(g["channels_after"] % 4 == 0 for g in groups)
+    assert invoke(MODEL, tmp_path / "o.onnx", "--filters", "0.3", "--global", "--round-to", "1", "--report", report).exit_code == 0
+    data = json.loads(report.read_text())
+    prunable = [g for g in data["groups"] if g["prunable"]]
+    removed = sum(g["channels"] - g["channels_after"] for g in prunable)
+    assert removed == int(0.3 * sum(g["channels"] for g in prunable))
+    assert len({g["channels_after"] / g["channels"] for g in prunable}) > 1  # not uniform
+
+
+def test_exclude_leaves_matching_groups_whole(tmp_path):
+    report = tmp_path / "r.json"
+    assert invoke(MODEL, tmp_path / "o.onnx", "--exclude", "/layer1/*", "--report", report).exit_code == 0
+    groups = json.loads(report.read_text())["groups"]
+    hit = [g for g in groups if any(m.startswith("/layer1/") for m in g["members"])]
+    assert hit and all(not g["prunable"] and "excluded" in g["reasons"][0] for g in hit)
+
+
+def test_plan_round_trip_reproduces_the_output(tmp_path):
+    plan = tmp_path / "plan.json"
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    assert invoke(MODEL, a, "--scorer", "random", "--seed", "3", "--plan-out", plan).exit_code == 0
+    assert invoke(MODEL, b, "--plan-in", plan).exit_code == 0
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_inspect_table_and_json():
+    result = invoke("inspect", MODEL)
+    assert result.exit_code == 0
+    assert "prunable" in result.output and "coverage" in result.output
+    assert "channels reach graph output 'logits'" in result.output
+    data = json.loads(invoke("inspect", MODEL, "--json").output)
+    assert data["params"] > 0 and data["macs"] > 0 and 0 < data["coverage"] <= 1
+    assert sum(g["prunable"] for g in data["groups"]) == 6
+
+
+def test_version_and_help():
+    assert invoke("--version").output.strip().endswith("0.1.0")
+    assert "--filters" in invoke("prune", "--help").output
