@@ -67,7 +67,7 @@ def ensure_nonempty(analysis, scores, keep: dict[int, np.ndarray]) -> dict[int, 
             dropped[keep[group.index]] = False
             kept_label[group.unit_labels[dropped]] = False
     for cmap in analysis.maps.values():
-        labels = analysis.label[cmap.ids]
+        labels = analysis.label[cmap.ids].ravel()
         if kept_label[labels].any():
             continue
         positions = analysis.position[labels]

@@ -248,6 +248,22 @@ def split(seed: int = 0) -> onnx.ModelProto:
     return b.model(_x(), name="split")
 
 
+def channel_shuffle(seed: int = 0) -> onnx.ModelProto:
+    """conv1(3->8) -> grouped conv2(8->8, group 2) -> Reshape [1,2,4,16,16] -> Transpose(0,2,1,3,4)
+    -> Reshape [1,8,16,16] -> conv3(8->4): the ShuffleNet channel shuffle.
+
+    Prunable: conv2's channels, the same position j in both shuffle blocks together.
+    """
+    b = _Builder(seed)
+    h = b.relu("relu1", b.conv("conv1", "x", 3, 8))
+    h = b.conv("conv2", h, 8, 8, group=2)
+    h = b.node("Reshape", "split_blocks", [h, b.const("split_blocks.shape", [1, 2, 4, 16, 16], np.int64)])
+    h = b.node("Transpose", "shuffle", [h], perm=[0, 2, 1, 3, 4])
+    h = b.node("Reshape", "merge_blocks", [h, b.const("merge_blocks.shape", [1, 8, 16, 16], np.int64)])
+    b.output(b.conv("conv3", h, 8, 4))
+    return b.model(_x(), name="channel_shuffle")
+
+
 def slice_(seed: int = 0) -> onnx.ModelProto:
     """conv1(3->8) -> Slice(axis 1, starts 2, ends 7) -> conv2(5->4).
 
@@ -725,6 +741,7 @@ def all_builders() -> dict[str, Callable[[], onnx.ModelProto]]:
         "concat": concat,
         "split": split,
         "slice": slice_,
+        "channel_shuffle": channel_shuffle,
         "depthwise": depthwise,
         "depthwise_multiplier": depthwise_multiplier,
         "grouped": grouped,

@@ -28,7 +28,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ChannelMap:
-    """Channels carried by one tensor: `ids[i]` is the global channel at position i of `axis`."""
+    """Channels carried by one tensor: `ids[i]` is the global channel at position i of `axis`.
+
+    After a channel shuffle splits the channel axis (Reshape [N, g*c, ...] -> [N, g, c, ...]), `ids` has
+    one dimension per split axis, spanning axes `axis, axis + 1, ...`; only Reshape and Transpose
+    handlers (`multi_axis = True`) accept such maps, others block them.
+    """
 
     axis: int
     ids: np.ndarray
@@ -115,10 +120,10 @@ class AnalysisContext:
 
     def join(self, a: np.ndarray, b: np.ndarray) -> None:
         """Channel a[i] and b[i] are kept or removed together."""
-        self.joins.append((np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)))
+        self.joins.append((np.asarray(a, dtype=np.int64).ravel(), np.asarray(b, dtype=np.int64).ravel()))
 
     def block(self, ids: np.ndarray, reason: str) -> None:
-        self.blocks.append((np.asarray(ids, dtype=np.int64), reason))
+        self.blocks.append((np.asarray(ids, dtype=np.int64).ravel(), reason))
 
     def block_inputs(self, node: gs.Node, reason: str, positions=None) -> None:
         """Block the channels of every tracked input (or of those at `positions`)."""
@@ -176,6 +181,9 @@ def analyze(graph: gs.Graph, shapes: dict[str, tuple], exclude: list[str] | tupl
         handler = handler_for(node.op)
         if handler is None:
             ctx.block_inputs(node, "no handler for this op type")
+            continue
+        if not handler.multi_axis and any(m.ids.ndim > 1 for t in node.inputs if (m := ctx.channels(t))):
+            ctx.block_inputs(node, "channels split across several axes (a channel shuffle) reach this op")
             continue
         handler.propagate(node, ctx)
     _block_at_boundaries(graph, ctx)

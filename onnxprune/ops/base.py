@@ -11,6 +11,8 @@ _REGISTRY: dict[str, "Handler"] = {}
 class Handler:
     """Channel semantics of one op family. Subclasses override what applies to them."""
 
+    multi_axis = False  # accepts channel maps split across several axes (see graph.ChannelMap)
+
     def propagate(self, node: gs.Node, ctx) -> None:
         """Read input channel maps from `ctx`; set output maps, join, block or create sources."""
         raise NotImplementedError

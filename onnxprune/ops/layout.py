@@ -189,7 +189,11 @@ class FlattenHandler(Handler):
 @register("Reshape")
 class ReshapeHandler(Handler):
     """Maps channels when the reshape keeps the channel axis and what follows it (merging leading dims),
-    or keeps what precedes it and merges it with trailing dims (a flatten). Anything else blocks."""
+    keeps what precedes it and merges it with trailing dims (a flatten), or splits it into several axes
+    (the first half of a channel shuffle; channel j of every block is then kept or removed together).
+    Anything else blocks."""
+
+    multi_axis = True
 
     def propagate(self, node, ctx):
         ctx.block_unexpected(node, channel_inputs=(0,))
@@ -205,9 +209,14 @@ class ReshapeHandler(Handler):
             return
         mapped = reshape_map(x.ids, list(in_shape), list(out_shape), x.axis)
         if mapped is None:
-            ctx.block(x.ids, f"Reshape '{node.name}': {list(in_shape)} -> {list(out_shape)} splits or mixes the channel axis")
+            ctx.block(x.ids, f"Reshape '{node.name}': {list(in_shape)} -> {list(out_shape)} mixes the channel axis with others")
             return
-        ctx.set(node.outputs[0], type(x)(*mapped))
+        axis, ids = mapped
+        if ids.ndim > x.ids.ndim:  # the channel axis was split into blocks: prune the same j in every block
+            rows = ids.reshape(-1, ids.shape[-1])
+            for row in rows[1:]:
+                ctx.join(rows[0], row)
+        ctx.set(node.outputs[0], type(x)(axis, ids))
 
     def rewrite(self, node, rw):
         mask = rw.mask(node.outputs[0])
@@ -215,26 +224,36 @@ class ReshapeHandler(Handler):
             return
         target = node.inputs[1].values.copy()
         axis = rw.tracked_axis(node.outputs[0])
-        if target[axis] > 0:
-            target[axis] = mask.sum()
-            rw.set_input(node, 1, target)
+        for i in range(mask.ndim):
+            if target[axis + i] > 0:
+                others = tuple(a for a in range(mask.ndim) if a != i)
+                target[axis + i] = mask.any(axis=others).sum() if others else mask.sum()
+        rw.set_input(node, 1, target)
 
 
 def reshape_map(ids, in_shape, out_shape, axis):
     """(output axis, output ids) for a reshape, or None when the channels cannot be followed."""
+    span = ids.ndim  # input axes the channels occupy
     tail = len(in_shape) - axis
     if len(out_shape) >= tail and out_shape[len(out_shape) - tail:] == in_shape[axis:]:
         return len(out_shape) - tail, ids
-    if out_shape[:axis] == in_shape[:axis] and len(out_shape) > axis:
-        for hi in range(axis + 1, len(in_shape) + 1):
-            merged = int(np.prod(in_shape[axis:hi], dtype=np.int64))
-            if merged == out_shape[axis] and out_shape[axis + 1:] == in_shape[hi:]:
-                return axis, _merge_ids(ids, in_shape, axis, axis, hi)
+    if out_shape[:axis] != in_shape[:axis] or len(out_shape) <= axis:
+        return None
+    for hi in range(axis + span, len(in_shape) + 1):  # merge the channel axes with trailing dims
+        if int(np.prod(in_shape[axis:hi], dtype=np.int64)) == out_shape[axis] and out_shape[axis + 1:] == in_shape[hi:]:
+            return axis, np.repeat(ids.reshape(-1), int(np.prod(in_shape[axis + span:hi], dtype=np.int64)))
+    if span == 1:  # split the channel axis into blocks
+        for n in range(2, len(out_shape) - axis + 1):
+            if int(np.prod(out_shape[axis:axis + n], dtype=np.int64)) == in_shape[axis] \
+                    and out_shape[axis + n:] == in_shape[axis + 1:]:
+                return axis, ids.reshape(out_shape[axis:axis + n])
     return None
 
 
 @register("Transpose")
 class TransposeHandler(Handler):
+    multi_axis = True
+
     def propagate(self, node, ctx):
         x = ctx.channels(node.inputs[0])
         if x is None:
@@ -246,7 +265,14 @@ class TransposeHandler(Handler):
                 ctx.block(x.ids, f"Transpose '{node.name}': rank unknown")
                 return
             perm = list(reversed(range(len(shape))))
-        ctx.set(node.outputs[0], type(x)(list(perm).index(x.axis), x.ids))
+        perm = list(perm)
+        moved = [perm.index(x.axis + i) for i in range(x.ids.ndim)]
+        start = min(moved)
+        if sorted(moved) != list(range(start, start + len(moved))):
+            ctx.block(x.ids, f"Transpose '{node.name}': separates the axes the channels are split across")
+            return
+        order = [perm[q] - x.axis for q in range(start, start + len(moved))]
+        ctx.set(node.outputs[0], type(x)(start, x.ids.transpose(order)))
 
 
 def _axes(node, ctx_or_none=None):
