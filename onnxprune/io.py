@@ -45,7 +45,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.graph.node:
         raise ModelError(f"'{path}' holds no graph nodes: it is empty, truncated or not an ONNX model")
     _load_external_data(model, path.parent)
-    return normalize_model(model)
+    return normalize_model(model, copy=False)  # nobody else holds this proto: no need to copy it
 
 
 def _load_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
@@ -73,9 +73,10 @@ def opset_version(model: onnx.ModelProto) -> int:
     raise ModelError("the model imports no default ONNX opset: it is not a standard ONNX model")
 
 
-def normalize_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Return a copy with opset >= 11 and constant weights as initializers."""
-    model = _copy(model)
+def normalize_model(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProto:
+    """Return a model with opset >= 11 and constant weights as initializers (a copy unless told)."""
+    if copy:
+        model = _copy(model)
     if opset_version(model) < MIN_OPSET:
         old = opset_version(model)
         try:
@@ -297,7 +298,7 @@ def write_model(model: onnx.ModelProto, path: Path) -> list[Path]:
     # save_model converted the tensors of `model` to external references; load them back so the caller's
     # model stays usable.
     onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
-    return [path, path.parent / data_name]
+    return [p for p in (path, path.parent / data_name) if p.exists()]  # tiny tensors stay inline
 
 
 def file_size(path: str | os.PathLike) -> int:
