@@ -583,6 +583,26 @@ def reshape_gemm_literal(seed: int = 0) -> onnx.ModelProto:
     return _conv_to_fc(seed, "literal")
 
 
+def reshape_computed(seed: int = 0, read_channels: bool = False) -> onnx.ModelProto:
+    """conv1(3->4) on 1x3x4x4 -> Relu -> Reshape to Concat(Shape(x)[0:1], [-1]) -> Gemm(64->10): the
+    ``x.view(x.size(0), -1)`` export. With read_channels the target is Concat(Shape(x)[0:2], [-1]),
+    which reads the channel count: the group must be blocked.
+    """
+    b = _Builder(seed)
+    h = b.relu("relu1", b.conv("conv1", "x", 3, 4))
+    shape = b.node("Shape", "shape1", [h])
+    ends = 2 if read_channels else 1
+    head = b.node("Slice", "head", [shape, b.const("head.starts", [0], np.int64),
+                                     b.const("head.ends", [ends], np.int64), b.const("head.axes", [0], np.int64)])
+    target = b.node("Concat", "target", [head, b.const("target.rest", [-1], np.int64)], axis=0)
+    flat = b.node("Reshape", "flatten", [h, target])
+    if read_channels:  # [1, 4, 16]: a MatMul over the spatial features
+        b.output(b.matmul("fc", flat, 16, 10))
+    else:
+        b.output(b.node("Gemm", "fc", [flat, b.randn("fc.weight", [10, 64], 0.125)], transB=1))
+    return b.model(_x([1, 3, 4, 4]), name="reshape_computed")
+
+
 def mlp(seed: int = 0) -> onnx.ModelProto:
     """Transformer MLP on x [1, 5, 16]: MatMul W1[16,32] -> Add b1[32] -> GELU spelled out as
     h * 0.5 * (1 + Erf(h / sqrt 2)) (Div, Erf, Add, Mul, Mul as PyTorch exports it) ->
@@ -742,6 +762,8 @@ def all_builders() -> dict[str, Callable[[], onnx.ModelProto]]:
         "split": split,
         "slice": slice_,
         "channel_shuffle": channel_shuffle,
+        "reshape_computed": reshape_computed,
+        "blocked_shape_read": lambda: reshape_computed(read_channels=True),
         "depthwise": depthwise,
         "depthwise_multiplier": depthwise_multiplier,
         "grouped": grouped,

@@ -42,6 +42,7 @@ EXPECTED_REASON = {
     "blocked_layernorm": "LayerNormalization",
     "blocked_topk": "no handler",
     "blocked_einsum": "no handler",
+    "blocked_shape_read": "the channel count is read",
 }
 
 

@@ -204,14 +204,14 @@ class ReshapeHandler(Handler):
         if in_shape is None or out_shape is None:
             ctx.block(x.ids, f"Reshape '{node.name}': shape unknown")
             return
-        if const_input(node, 1) is None:
-            ctx.block(x.ids, f"Reshape '{node.name}': target shape is computed, not a constant")
-            return
         mapped = reshape_map(x.ids, list(in_shape), list(out_shape), x.axis)
         if mapped is None:
             ctx.block(x.ids, f"Reshape '{node.name}': {list(in_shape)} -> {list(out_shape)} mixes the channel axis with others")
             return
         axis, ids = mapped
+        if const_input(node, 1) is None and _computed_entry(node.inputs[1], axis, ctx) != -1:
+            ctx.block(x.ids, f"Reshape '{node.name}': target shape is computed and its channel entry is not -1")
+            return
         if ids.ndim > x.ids.ndim:  # the channel axis was split into blocks: prune the same j in every block
             rows = ids.reshape(-1, ids.shape[-1])
             for row in rows[1:]:
@@ -220,8 +220,8 @@ class ReshapeHandler(Handler):
 
     def rewrite(self, node, rw):
         mask = rw.mask(node.outputs[0])
-        if mask is None:
-            return
+        if mask is None or not isinstance(node.inputs[1], gs.Constant):
+            return  # a computed target has -1 at the channel entry (checked in propagate)
         target = node.inputs[1].values.copy()
         axis = rw.tracked_axis(node.outputs[0])
         for i in range(mask.ndim):
@@ -229,6 +229,24 @@ class ReshapeHandler(Handler):
                 others = tuple(a for a in range(mask.ndim) if a != i)
                 target[axis + i] = mask.any(axis=others).sum() if others else mask.sum()
         rw.set_input(node, 1, target)
+
+
+def _computed_entry(target: gs.Tensor, position: int, ctx):
+    """The value at `position` of a target shape built by Concat from pieces (PyTorch's
+    ``x.view(x.size(0), -1)``), when that piece is a constant; else None."""
+    producer = target.inputs[0] if target.inputs else None
+    if producer is None or producer.op != "Concat":
+        return None
+    offset = 0
+    for piece in producer.inputs:
+        shape = ctx.shape(piece)
+        if shape is None or len(shape) != 1:
+            return None
+        if offset <= position < offset + shape[0]:
+            values = ctx.const(piece)
+            return None if values is None else int(values[position - offset])
+        offset += shape[0]
+    return None
 
 
 def reshape_map(ids, in_shape, out_shape, axis):
@@ -338,10 +356,24 @@ class ShapeHandler(Handler):
         end = normalize_axis(int(attr(node, "end", rank)), rank) if "end" in node.attrs else rank
         if not start <= x.axis < end:
             return
+        position = x.axis - start
         for consumer in node.outputs[0].outputs:
-            index = const_input(consumer, 1) if consumer.op == "Gather" else None
-            if index is None or int(attr(consumer, "axis", 0)) != 0 or x.axis - start in {
-                normalize_axis(int(i), end - start) for i in np.asarray(index).reshape(-1)
-            }:
+            if position in _shape_entries_read(consumer, end - start):
                 ctx.block(x.ids, f"Shape '{node.name}': the channel count is read and used")
                 return
+
+
+def _shape_entries_read(consumer: gs.Node, length: int) -> set[int]:
+    """Entries of a shape vector that `consumer` reads (all of them unless it is a constant Gather or
+    Slice, the ways exporters pick the batch size out of a shape)."""
+    everything = set(range(length))
+    if consumer.op == "Gather" and int(attr(consumer, "axis", 0)) == 0:
+        index = const_input(consumer, 1)
+        return everything if index is None else {normalize_axis(int(i), length) for i in np.asarray(index).reshape(-1)}
+    if consumer.op == "Slice":
+        params = _slice_params(consumer)
+        if params is None or len(params[2]) != 1 or normalize_axis(int(params[2][0]), 1) != 0 or params[3][0] != 1:
+            return everything
+        lo, hi = _slice_range(int(params[0][0]), int(params[1][0]), length)
+        return set(range(lo, hi))
+    return everything
