@@ -54,3 +54,14 @@ def test_blocked_patterns_are_left_whole_with_a_reason(name):
     from onnxprune import inspect
     reasons = " ".join(r for g in inspect(BLOCKED[name]())["groups"] for r in g["reasons"])
     assert EXPECTED_REASON[name] in reasons
+
+
+def test_group_norm_opset18_per_group_scale():
+    """Opset-18 GroupNormalization (per-group scale) is refused by onnx's checker but run by
+    onnxruntime: the rewrite is still exact, and the report says the input fails the checker too."""
+    model = models.checker_rejected_builders()["group_norm_opset18"]()
+    zeroed, plan = zero_dropped(model)
+    result = prune(zeroed, PruneConfig(plan=plan))
+    assert result.report["checker"]["passed"] is False and "input model" in result.report["checker"]["note"]
+    feed = models.random_input(zeroed)
+    np.testing.assert_allclose(models.run(result.model, feed)[0], models.run(zeroed, feed)[0], rtol=1e-5, atol=1e-5)
