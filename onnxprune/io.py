@@ -244,7 +244,11 @@ def skeleton(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> onnx
 
 
 def model_size_bytes(model: onnx.ModelProto) -> int:
-    return model.ByteSize()
+    """Serialized size; protobuf refuses to size a message over 2 GB, so then sum the tensors."""
+    try:
+        return model.ByteSize()
+    except Exception:  # google.protobuf.message.EncodeError
+        return sum(t.ByteSize() for t in model.graph.initializer)
 
 
 def check_output_path(out: str | os.PathLike, inp: str | os.PathLike | None = None) -> Path:
