@@ -17,21 +17,53 @@ class GroupPlan:
     sources: list[str]  # names of the layers whose output channels form the group
     channels: int  # units before pruning
     keep: list[int]  # kept unit positions, ascending
+    # PFP's sample mode: per kept unit, the factor its consumers' input weights are multiplied by
+    # (count / (m p), the paper's unbiased re-weighting); None: weights are only sliced
+    scale: list[float] | None = None
+
+
+@dataclass
+class LowRankPlan:
+    node: str  # name of the factorized Conv, Gemm or MatMul (in the channel-pruned graph)
+    rank: int  # rank kept per input subspace
+    subspaces: int = 1  # ALDS input-channel subspaces (groups of the first factor); 1 for Gemm/MatMul
 
 
 @dataclass
 class Plan:
     groups: list[GroupPlan] = field(default_factory=list)
     version: int = PLAN_VERSION
+    lowrank: list[LowRankPlan] = field(default_factory=list)  # layers factorized after channel pruning
 
     @classmethod
-    def from_keep(cls, analysis, keep: dict[int, np.ndarray]) -> "Plan":
+    def from_keep(cls, analysis, keep: dict[int, np.ndarray], scales: dict[int, np.ndarray] | None = None) -> "Plan":
+        """`scales`: optional per-unit weight factors per group (full length; only kept units are stored)."""
         groups = []
         for group in analysis.groups:
             if group.index in keep:
+                kept = np.sort(keep[group.index])
+                scale = (scales or {}).get(group.index)
                 groups.append(GroupPlan([s.node.name for s in group.sources], group.channels,
-                                        [int(k) for k in np.sort(keep[group.index])]))
+                                        [int(k) for k in kept],
+                                        None if scale is None else [float(scale[k]) for k in kept]))
         return cls(groups)
+
+    def to_scales(self, analysis) -> dict[int, np.ndarray]:
+        """Per-unit weight factors of the groups that have them (1 for units without), for the rewrite."""
+        keep = self.to_keep(analysis)
+        by_sources = {tuple(s.node.name for s in g.sources): g for g in analysis.groups}
+        scales = {}
+        for gp in self.groups:
+            if gp.scale is None:
+                continue
+            group = by_sources[tuple(gp.sources)]
+            if len(gp.scale) != len(gp.keep) or not all(np.isfinite(gp.scale)):
+                raise UsageError(f"the plan's group {gp.sources[0]!r} has a 'scale' list that does not match "
+                                 "its 'keep' list: give one finite factor per kept channel")
+            factors = np.ones(group.channels)
+            factors[keep[group.index]] = gp.scale
+            scales[group.index] = factors
+        return scales
 
     def to_keep(self, analysis) -> dict[int, np.ndarray]:
         """Resolve against a fresh analysis of the same model; refuse a plan made for another model."""
@@ -42,7 +74,11 @@ class Plan:
             if group is None or group.channels != gp.channels or not group.prunable:
                 raise UsageError(f"the plan's group {gp.sources[0]!r} does not match this model: "
                                  "was the plan made for another model or other options?")
-            keep[group.index] = np.asarray(gp.keep, dtype=np.int64)
+            kept = np.asarray(gp.keep, dtype=np.int64)
+            if kept.size == 0 or kept.min() < 0 or kept.max() >= gp.channels or len(np.unique(kept)) != kept.size:
+                raise UsageError(f"the plan's group {gp.sources[0]!r} has an invalid 'keep' list: give at least one "
+                                 f"distinct position in 0..{gp.channels - 1} (was the plan edited by hand?)")
+            keep[group.index] = kept
         return keep
 
     def to_json(self) -> str:
@@ -53,4 +89,5 @@ class Plan:
         data = json.loads(text)
         if data.get("version") != PLAN_VERSION:
             raise UsageError(f"plan version {data.get('version')} is not supported (expected {PLAN_VERSION})")
-        return cls([GroupPlan(**g) for g in data["groups"]], data["version"])
+        return cls([GroupPlan(**g) for g in data["groups"]], data["version"],
+                   [LowRankPlan(**entry) for entry in data.get("lowrank", [])])

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import tempfile
 from pathlib import Path
+
+# The JSON report's layout version (docs/report-schema.md). Adding a key keeps it; renaming, removing or
+# changing the meaning of one bumps it, so CI scripts that read reports can check what they get.
+SCHEMA_VERSION = 1
 
 
 def write_json_atomic(path: str | os.PathLike, data) -> None:
@@ -15,6 +20,18 @@ def write_json_atomic(path: str | os.PathLike, data) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, sort_keys=True)
             f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".onnxprune-", suffix=path.suffix, dir=path.resolve().parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -38,6 +55,8 @@ def format_summary(report: dict, model, output) -> str:
     lines = [
         f"onnxprune {report['version']}: {model} -> {output}",
         f"  groups    {len(prunable)} prunable of {len(groups)} (coverage {report['coverage']:.1%}), {changed} pruned",
+        *format_scoring(report),
+        *format_lowrank(report),
         _row("params", before["params"], after["params"]),
         _row("MACs", before["macs"], after["macs"]),
         _row("size", before["size_bytes"], after["size_bytes"], " B"),
@@ -49,8 +68,91 @@ def format_summary(report: dict, model, output) -> str:
     if len(fid.get("per_output", {})) > 1:
         for name, f in fid["per_output"].items():
             lines.append(f"            output {name}: cosine {f['cosine']:.4f}, rel. L2 error {f['rel_l2']:.4f}")
+    lines.extend(format_recovery(report))
+    lines.extend(format_checks(report))
     for note in report.get("scoring_notes", []):
         lines.append(f"  note      {note}")
+    return "\n".join(lines)
+
+
+def format_scoring(report: dict) -> list[str]:
+    """The scorer that ran, on which data, and the budget it met."""
+    scoring = report.get("scoring")
+    if not scoring:
+        return []
+    line = f"  scoring   {scoring['scorer']}"
+    if scoring.get("pfp_mode"):
+        line += f" ({scoring['pfp_mode']}, {scoring.get('points_per_layer')} points per layer)"
+    line += f" on {scoring['samples']} {scoring['data']} samples"
+    budget = scoring.get("budget")
+    if budget:
+        unit = "MACs" if budget["unit"] == "macs" else "channels kept"
+        line += f"; budget {budget['achieved']:,.0f} of {budget['target']:,.0f} {unit}"
+        if "eps" in budget:
+            line += f" (eps {budget['eps']:.3g})"
+    return [line]
+
+
+def format_lowrank(report: dict) -> list[str]:
+    """Terminal lines of the low-rank stage: layers factorized, worst error, skipped layers by reason."""
+    lowrank = report.get("lowrank")
+    if not lowrank:
+        return []
+    layers = lowrank["layers"]
+    done = [layer for layer in layers if layer["status"] == "factorized"]
+    line = f"  low-rank  {len(done)} of {len(layers)} layers factorized"
+    if done:
+        kept = sum(layer["macs_after"] for layer in done) / max(sum(layer["macs_before"] for layer in done), 1)
+        line += (f" to {kept:.0%} of their MACs, worst layer error {lowrank['worst_error']:.3f}"
+                 f" ({'calibration-weighted' if lowrank['data_aware'] else 'weights only'})")
+    lines = [line]
+    reasons: dict[str, int] = {}
+    for layer in layers:
+        if layer["status"] == "skipped":
+            key = re.sub(r"\d+(\.\d+)?", "N", layer["reason"].split(" (")[0])
+            reasons[key] = reasons.get(key, 0) + 1
+    if reasons:
+        top = sorted(reasons.items(), key=lambda kv: -kv[1])
+        lines.append("            skipped: " + "; ".join(f"{n}x {r}" for r, n in top[:3])
+                     + ("; ..." if len(top) > 3 else ""))
+    if lowrank.get("mode") == "budget" and not lowrank.get("reached"):
+        lines.append(f"  note      --target-macs {lowrank['target_macs']} is out of reach of factorization at any rank: "
+                     "add --filters or raise the target")
+    return lines
+
+
+def format_recovery(report: dict) -> list[str]:
+    """Terminal lines of the recovery stage (layers re-fitted, mean layer error) and of fine-tuning."""
+    lines = []
+    recovery = report.get("recovery")
+    if recovery and recovery["method"] != "none":
+        line = f"  recovery  {recovery['method']}: {recovery['recovered']} layer(s) re-fitted"
+        if recovery["mean_error_before"] is not None:
+            line += (f", mean layer output error {recovery['mean_error_before']:.3f} -> {recovery['mean_error_after']:.3f}"
+                     f" on {recovery['samples']} {recovery['source']} samples")
+        if recovery["skipped"]:
+            line += f"; {recovery['skipped']} skipped (see the report)"
+        lines.append(line)
+        if recovery.get("note"):
+            lines.append(f"  note      {recovery['note']}")
+    finetune = report.get("finetune")
+    if finetune:
+        lines.append(f"  finetune  {finetune['steps']} {finetune['loss']} distillation steps (lr {finetune['lr']:g}): "
+                     f"loss {finetune['loss_before']:.4g} -> {finetune['loss_after']:.4g} on the calibration data")
+    return lines
+
+
+def format_finetune_summary(report: dict, model, output) -> str:
+    """What `onnxprune finetune` prints: fine-tuning, cost and fidelity against the teacher, checks."""
+    before, after, fid, data = report["before"], report["after"], report["fidelity"], report["data"]
+    lines = [f"onnxprune {report['version']}: {model} -> {output} (fine-tuned towards the teacher)",
+             *format_recovery(report),
+             _row("params", before["params"], after["params"]) + "  (teacher -> result)",
+             _row("MACs", before["macs"], after["macs"]),
+             f"  fidelity  cosine {fid['cosine']:.4f}  rel. L2 error {fid['rel_l2']:.4f}  max |diff| {fid['max_abs_diff']:.4g}"
+             + (f"  top-1 agreement {fid['top1_agreement']:.1%}" if fid.get("top1_agreement") is not None else ""),
+             f"            against the teacher on {data['samples']} {data['source']} samples"]
+    lines.extend(format_checks(report))
     return "\n".join(lines)
 
 
@@ -68,3 +170,94 @@ def format_inspect(info: dict, model) -> str:
         status = "prunable" if g["prunable"] else "blocked: " + "; ".join(g["reasons"])
         lines.append(f"{g['name'][:31]:<32}{g['channels']:>9}  {len(g['members']):>7}  {status}")
     return "\n".join(lines)
+
+
+def format_checks(report: dict) -> list[str]:
+    """Terminal lines for accuracy, latency, the mobile check and the gates (only what was measured)."""
+    from .validate.gates import describe, failed_checks
+
+    lines = []
+    accuracy = report.get("accuracy")
+    if accuracy:
+        lines.append(f"  accuracy  {accuracy['before']:.2%} -> {accuracy['after']:.2%}  (drop {100 * accuracy['drop']:.2f}"
+                     f" points on {accuracy['samples']} labelled {report['data']['source']} samples)")
+        distortion = accuracy["distortion"]
+        if distortion["intensification"] is not None:
+            lost = ", ".join(str(k) for k in distortion["most_lost"]) or "none"
+            lines.append(f"            recall distortion: intensification {distortion['intensification']:+.3f} "
+                         f"(> 0: classes below accuracy lost relatively more); most recall lost: class {lost}")
+    latency = report.get("latency")
+    if latency:
+        lines.append(f"  latency   {latency['before']['median_ms']:>13.3f} ms -> {latency['after']['median_ms']:>11.3f} ms"
+                     f"  (speedup {latency['speedup']:.2f}x; median of {latency['runs']}, {latency['threads']} thread(s))")
+    mobile = report.get("mobile")
+    if mobile:
+        lines.append(f"  mobile    {mobile['verdict']}")
+    checks = report.get("gates", {}).get("checks", [])
+    failed = failed_checks(report)
+    if checks:
+        lines.append(f"  gates     {'PASSED' if not failed else 'FAILED'}: {len(checks) - len(failed)} of {len(checks)} passed")
+    for check in failed:
+        lines.append(f"  FAILED    {describe(check)}")
+    if report.get("output_written") is False:
+        lines.append("  output    NOT WRITTEN because a gate failed (--keep-failed writes it anyway)")
+    return lines
+
+
+def _md_row(label: str, before, after, change: str = "") -> str:
+    return f"| {label} | {before} | {after} | {change} |"
+
+
+def format_markdown(report: dict, model, output) -> str:
+    """A Markdown summary for a CI job page (e.g. appended to $GITHUB_STEP_SUMMARY)."""
+    from .validate.gates import describe
+
+    before, after, fid = report["before"], report["after"], report["fidelity"]
+    gates = report.get("gates", {"passed": True, "checks": []})
+    status = "passed" if gates["passed"] else "FAILED"
+    lines = [f"## onnxprune: `{model}` -> `{output}` ({status})", "",
+             "| | before | after | change |", "| --- | ---: | ---: | ---: |",
+             _md_row("params", f"{before['params']:,}", f"{after['params']:,}", _change(before["params"], after["params"])),
+             _md_row("MACs", f"{before['macs']:,}", f"{after['macs']:,}", _change(before["macs"], after["macs"])),
+             _md_row("file size (B)", f"{before['size_bytes']:,}", f"{after['size_bytes']:,}",
+                     _change(before["size_bytes"], after["size_bytes"]))]
+    latency = report.get("latency")
+    if latency:
+        lines.append(_md_row("latency (ms, median)", f"{latency['before']['median_ms']:.3f}",
+                             f"{latency['after']['median_ms']:.3f}", f"{latency['speedup']:.2f}x speedup"))
+    accuracy = report.get("accuracy")
+    if accuracy:
+        lines.append(_md_row("accuracy", f"{accuracy['before']:.2%}", f"{accuracy['after']:.2%}",
+                             f"{-100 * accuracy['drop']:+.2f} points"))
+    data = report["data"]
+    lines += ["", f"Fidelity on {data['samples']} {data['source']} samples: cosine {fid['cosine']:.4f}, "
+              f"relative L2 error {fid['rel_l2']:.4f}"
+              + (f", top-1 agreement {fid['top1_agreement']:.2%}" if fid.get("top1_agreement") is not None else "") + "."]
+    if gates["checks"]:
+        lines += ["", "| gate | measured | limit | result |", "| --- | ---: | ---: | --- |"]
+        for check in gates["checks"]:
+            value = check["value"] if isinstance(check["value"], bool) else f"{check['value']:.4f}"
+            lines.append(f"| `{check['option']}` ({check['what']}) | {value} | {check['limit']} | "
+                         f"{'pass' if check['passed'] else '**FAIL**'} |")
+        lines += [""] + [f"- FAILED {describe(c)}" for c in gates["checks"] if not c["passed"]]
+    if report.get("mobile"):
+        lines += ["", f"Mobile: {report['mobile']['verdict']}."]
+    if accuracy:
+        lines += ["", *_markdown_recall(accuracy)]
+    if report.get("output_written") is False:
+        lines += ["", "The output model was **not written** because a gate failed."]
+    return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
+
+
+def _markdown_recall(accuracy: dict) -> list[str]:
+    distortion = accuracy["distortion"]
+    figure = distortion["intensification"]
+    lines = ["<details><summary>Per-class recall (recall distortion: intensification "
+             + (f"{figure:+.3f}" if figure is not None else "n/a") + ")</summary>", "",
+             "| class | samples | recall before | recall after | change | relative to accuracy |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in accuracy["per_class"]:
+        relative = f"{row['relative_change']:+.3f}" if row["relative_change"] is not None else "n/a"
+        lines.append(f"| {row['class']} | {row['samples']} | {row['recall_before']:.2%} | {row['recall_after']:.2%} | "
+                     f"{row['recall_change']:+.2%} | {relative} |")
+    return lines + ["", "</details>"]

@@ -14,7 +14,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..validate.runtime import session
+import onnxruntime as ort
+
+from ..io import EXTERNAL_DATA_THRESHOLD, model_size_bytes
+from ..validate.runtime import on_disk
 from .data import CalibrationSet
 
 
@@ -33,7 +36,7 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 def stream_activations(model: onnx.ModelProto, names: list[str], calibration: CalibrationSet,
                        batch_size: int, progress: str | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Yield `{name: activation}` for every batch of `calibration`, in order (one model run per batch)."""
-    sess = session(with_outputs(model, names))
+    sess = capture_session(with_outputs(model, names))
     total = -(-calibration.count // batch_size)
     bar = ProgressBar(progress, total) if progress else None
     for feed in calibration.batches(batch_size):
@@ -42,6 +45,20 @@ def stream_activations(model: onnx.ModelProto, names: list[str], calibration: Ca
             bar.step()
     if bar:
         bar.close()
+
+
+def capture_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """A session for capture passes: no memory arena (the batch's exposed activations would stay
+    allocated after the pass) and no spinning workers (numpy runs between batches on the same cores)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.enable_cpu_mem_arena = False
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.disable_prepacking", "1")  # one copy of the weights, not two
+    if model_size_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    with on_disk(model) as path:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 class ProgressBar:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,8 +13,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..errors import DataError
+from ..errors import DataError, OnnxPruneError, UsageError
 from ..io import graph_inputs
+from .images import load_image_folder, parse_preprocess
 
 
 @dataclass
@@ -58,29 +62,161 @@ class CalibrationSet:
         return CalibrationSet({k: v[:count] for k, v in self.arrays.items()}, labels, self.source)
 
 
-def load_calibration(path: str | Path, specs: list[InputSpec]) -> CalibrationSet:
-    """Read an .npz (arrays named after the inputs, optional `labels`) or .npy (single-input model)."""
-    path = Path(path)
+def load_calibration(source, specs: list[InputSpec], preprocess=None, samples: int | None = None,
+                     where: str | None = None) -> CalibrationSet:
+    """Read calibration data once into a `CalibrationSet`, checked against the model's inputs.
+
+    `source` is one of: a path to an .npz (arrays named after the inputs, optional `labels`), an .npy
+    (one-input model) or a directory of images (`preprocess`: a preset name or key=value pairs, see
+    calib/images.py); a `"file.py:function"` loader script; an object with onnxruntime's `get_next()`
+    (a CalibrationDataReader); an iterable of feed dicts `{input name: array}`; a dict of arrays; or a
+    `CalibrationSet`. `samples` caps the number of samples read.
+    """
+    if samples is not None and samples < 1:
+        raise UsageError(f"--calib-samples {samples}: give a positive number of samples")
+    if isinstance(source, CalibrationSet):
+        calibration = source
+    elif isinstance(source, (str, os.PathLike)) and is_loader_script(str(source)):
+        return load_calibration(run_loader_script(str(source)), specs, preprocess, samples, where or str(source))
+    elif isinstance(source, (str, os.PathLike)):
+        calibration = _load_path(Path(source), specs, preprocess, samples)
+        where = where or str(source)
+    elif isinstance(source, dict):
+        calibration = _from_arrays(source, specs)
+    elif hasattr(source, "get_next") or isinstance(source, Iterable):
+        calibration = from_feeds(source, specs, where or "the calibration data", samples)
+    else:
+        raise DataError(f"calibration data of type {type(source).__name__} is not supported: give a path, a "
+                        "CalibrationDataReader (get_next()), or an iterable of {input name: array} dicts")
+    calibration = check(calibration, specs, where or "the calibration data")
+    return calibration.head(samples) if samples is not None and calibration.count > samples else calibration
+
+
+def _load_path(path: Path, specs: list[InputSpec], preprocess, samples: int | None) -> CalibrationSet:
     if not path.exists():
         raise DataError(f"calibration data '{path}' does not exist: check the --calib path")
+    if path.is_dir():
+        if len(specs) != 1:
+            raise DataError(f"a directory of images feeds a one-input model, this one has inputs {[s.name for s in specs]}: "
+                            "give an .npz with one array per input")
+        return CalibrationSet({specs[0].name: load_image_folder(path, specs[0], parse_preprocess(preprocess), samples)})
+    if preprocess is not None:
+        raise UsageError("--preprocess applies to a directory of images, not to an .npz/.npy file: drop it")
     try:
-        if path.suffix == ".npy":
-            arrays = {"arr_0": np.load(path, allow_pickle=False)}
+        if path.suffix.lower() == ".npy":
+            arrays = {"arr_0": np.load(path, allow_pickle=False, mmap_mode="r")}
         else:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise DataError(f"cannot read calibration data '{path}' ({exc}): give an .npz or .npy file") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"cannot read calibration data '{path}' ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): "
+                        "give an .npz or .npy file written by numpy") from None
+    if path.suffix.lower() == ".npy" and len(specs) != 1:
+        raise DataError(f"'{path}' is one array but the model has inputs {[s.name for s in specs]}: "
+                        "give an .npz with one array per input")
+    return _from_arrays(arrays, specs)
+
+
+def _from_arrays(arrays: dict, specs: list[InputSpec]) -> CalibrationSet:
+    arrays = dict(arrays)
     labels = arrays.pop("labels", None)
     if len(specs) == 1 and specs[0].name not in arrays and len(arrays) == 1:
         arrays = {specs[0].name: next(iter(arrays.values()))}
-    calibration = CalibrationSet(arrays, labels)
-    check(calibration, specs, str(path))
-    return calibration
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    return CalibrationSet(arrays, None if labels is None else np.asarray(labels))
 
 
-def check(calibration: CalibrationSet, specs: list[InputSpec], where: str) -> None:
-    """Names, ranks, dims, dtypes and finiteness against the model, each with a one-line fix."""
+def from_feeds(feeds, specs: list[InputSpec], where: str, samples: int | None = None) -> CalibrationSet:
+    """Concatenate feed dicts (from an iterable or a `get_next()` reader) into one set, read once."""
+    names = [s.name for s in specs]
+    ranks = {s.name: len(s.shape) for s in specs}
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    count = 0
+    for index, feed in enumerate(_iterate(feeds, where)):
+        if not isinstance(feed, dict):
+            raise DataError(f"{where}: item {index} is a {type(feed).__name__}, not a dict: "
+                            f"yield {{input name: array}} dicts for the inputs {names}")
+        unknown = sorted(set(feed) - set(names))
+        missing = [n for n in names if n not in feed]
+        if unknown or missing:
+            raise DataError(f"{where}: item {index} has inputs {sorted(feed)}, the model takes {names}: "
+                            "name the arrays after the model's inputs")
+        arrays = {n: np.asarray(feed[n]) for n in names}
+        for name, array in arrays.items():
+            if array.ndim == ranks[name] - 1:  # one sample without its batch axis
+                array = array[None]
+            if array.ndim != ranks[name]:
+                raise DataError(f"{where}: item {index}, input '{name}' has rank {array.ndim}, the model expects "
+                                f"rank {ranks[name]} (or {ranks[name] - 1} for a single sample)")
+            if parts[name] and array.shape[1:] != parts[name][0].shape[1:]:
+                raise DataError(f"{where}: item {index}, input '{name}' has shape {list(array.shape)} after items "
+                                f"of shape {list(parts[name][0].shape)}: give every sample the same shape")
+            parts[name].append(array)
+        sizes = {len(parts[n][-1]) for n in names}
+        if len(sizes) != 1:
+            raise DataError(f"{where}: item {index} gives the inputs different batch sizes {sorted(sizes)}: "
+                            "give each input the same number of samples")
+        count += sizes.pop()
+        if samples is not None and count >= samples:
+            break
+    if count == 0:
+        raise DataError(f"{where} holds no samples: give at least one sample per input")
+    return CalibrationSet({n: np.concatenate(parts[n]) for n in names})
+
+
+def _iterate(feeds, where: str):
+    """Items of an iterable, or of a reader's `get_next()` until it returns None."""
+    try:
+        if hasattr(feeds, "get_next"):
+            while (feed := feeds.get_next()) is not None:
+                yield feed
+        else:
+            yield from feeds
+    except OnnxPruneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - user code: report its failure on one line
+        raise DataError(f"{where} failed while producing samples ({_first_line(exc)}): fix the data loader") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def is_loader_script(text: str) -> bool:
+    head, sep, func = text.rpartition(":")
+    return bool(sep) and head.endswith(".py") and func.isidentifier()
+
+
+def run_loader_script(text: str):
+    """Import `file.py` and call its `function()`; it returns feed dicts (an iterable or a reader)."""
+    head, _, func_name = text.rpartition(":")
+    path = Path(head)
+    if not head.endswith(".py") or not func_name.isidentifier():
+        raise UsageError(f"--data-loader-script '{text}': give it as file.py:function")
+    if not path.is_file():
+        raise DataError(f"data loader script '{path}' does not exist: check the --data-loader-script path")
+    spec = importlib.util.spec_from_file_location(f"onnxprune_loader_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - user code
+        raise DataError(f"data loader script '{path}' failed to import ({_first_line(exc)}): fix the script") from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise DataError(f"data loader script '{path}' has no function '{func_name}': "
+                        f"define it, or name the right one after the ':'")
+    try:
+        return func()
+    except Exception as exc:  # noqa: BLE001 - user code
+        raise DataError(f"{path}:{func_name}() failed ({_first_line(exc)}): fix the data loader") from None
+
+
+def check(calibration: CalibrationSet, specs: list[InputSpec], where: str) -> CalibrationSet:
+    """Names, ranks, dims, dtypes and finiteness against the model, each with a one-line fix.
+
+    Returns the set with arrays cast to the model's dtypes where that is lossless in kind (a new set when
+    anything was cast: the given one is never modified)."""
     names = [s.name for s in specs]
     missing = [n for n in names if n not in calibration.arrays]
     if missing:
@@ -94,8 +230,9 @@ def check(calibration: CalibrationSet, specs: list[InputSpec], where: str) -> No
         raise DataError(f"{where} holds no samples: give at least one sample per input")
     if len(counts) != 1:
         raise DataError(f"{where}: inputs have different sample counts {sorted(counts)}: give each input the same number")
+    arrays = dict(calibration.arrays)
     for spec in specs:
-        array = calibration.arrays[spec.name]
+        array = arrays[spec.name]
         if array.ndim != len(spec.shape):
             raise DataError(f"{where}: input '{spec.name}' has rank {array.ndim}, the model expects rank "
                             f"{len(spec.shape)} (shape {spec.shape}, samples stacked on axis 0)")
@@ -103,14 +240,17 @@ def check(calibration: CalibrationSet, specs: list[InputSpec], where: str) -> No
             if want is not None and got != want:
                 raise DataError(f"{where}: input '{spec.name}' has size {got} on axis {axis}, the model expects {want}")
         if array.dtype != spec.dtype:
-            if np.can_cast(array.dtype, spec.dtype, casting="same_kind"):
-                calibration.arrays[spec.name] = array.astype(spec.dtype)
-            else:
+            if not np.can_cast(array.dtype, spec.dtype, casting="same_kind"):
                 raise DataError(f"{where}: input '{spec.name}' is {array.dtype}, the model expects {spec.dtype}: convert it")
+            arrays[spec.name] = array.astype(spec.dtype)
         if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
             raise DataError(f"{where}: input '{spec.name}' contains NaN or Inf values: clean the data")
     if calibration.labels is not None and len(calibration.labels) != calibration.count:
-        raise DataError(f"{where}: 'labels' has {len(calibration.labels)} entries for {calibration.count} samples")
+        raise DataError(f"{where}: 'labels' has {len(calibration.labels)} entries for {calibration.count} samples: "
+                        "give one label per sample")
+    if all(arrays[n] is calibration.arrays[n] for n in names):
+        return calibration
+    return CalibrationSet(arrays, calibration.labels, calibration.source)
 
 
 def synthetic(specs: list[InputSpec], count: int, seed: int) -> CalibrationSet:

@@ -1,5 +1,6 @@
 """Graph rewrites that apply a plan: channel slicing (and, later, low-rank factorization)."""
 
 from .channels import apply_channel_plan, keep_masks
+from .scale import apply_unit_scales
 
-__all__ = ["apply_channel_plan", "keep_masks"]
+__all__ = ["apply_channel_plan", "apply_unit_scales", "keep_masks"]

@@ -16,6 +16,11 @@ class ScoringContext:
     seed: int = 0
     calibration: object = None  # a CalibrationSet, for data-informed scorers
     notes: list[str] = field(default_factory=list)  # what the report should say about scoring
+    model: object = None  # the normalised original ModelProto that activations are captured from
+    batch_size: int | None = None  # samples per capture batch (None: from a memory budget)
+    fixed_batch: int | None = None  # the model's fixed batch size, when its input has one
+    pfp_points: int | None = None  # (input, position) points per layer for PFP (None: from a work budget)
+    pfp: object = None  # set by the pfp scorer: per-group alpha and unread groups (scoring.pfp.PFPStats)
 
 
 def register_scorer(name: str):

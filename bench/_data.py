@@ -1,0 +1,63 @@
+"""Realistic inputs for the benchmarks: crops of the photos and scanned pages that ship in the
+scikit-image wheel (read from the wheel itself, downloaded once with pip into the test-model cache).
+
+Calibration and evaluation crops come from disjoint photos, so no evaluated picture was calibrated on.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.real_models import _download_wheel, cache_dir  # noqa: E402
+
+SKIMAGE = "scikit-image==0.26.0"
+PHOTOS = {
+    "calib": ["astronaut.png", "coffee.png", "motorcycle_left.png", "hubble_deep_field.jpg", "ihc.png", "color.png",
+              "brick.png", "grass.png", "horse.png", "clock_motion.png"],
+    "eval": ["chelsea.png", "rocket.jpg", "retina.jpg", "camera.png", "coins.png", "moon.png", "gravel.png",
+             "cell.png", "logo.png"],
+}
+PAGES = {"calib": ["page.png"], "eval": ["text.png"]}
+
+
+def _images(names: list[str]):
+    from PIL import Image
+
+    wheel = _download_wheel(SKIMAGE, cache_dir() / "wheels", 600)
+    with zipfile.ZipFile(wheel) as archive:
+        return [Image.open(io.BytesIO(archive.read(f"skimage/data/{n}"))).convert("RGB") for n in names]
+
+
+def write_crops(directory: Path, split: str, count: int, aspect: float = 1.0, kind: str = "photos",
+                rotations: tuple[int, ...] = (0,), seed: int = 0, side: int = 256) -> Path:
+    """`count` random crops (width / height = `aspect`, 30-100% of the picture's height) of the
+    `split` ("calib" or "eval") photos or pages, each turned by a random multiple of 90 degrees from
+    `rotations`, saved as PNG files whose longer side is at most `side` pixels."""
+    from PIL import Image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    sources = _images((PHOTOS if kind == "photos" else PAGES)[split])
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        image = sources[i % len(sources)]
+        width, height = image.size
+        crop_h = int(height * rng.uniform(0.3, 1.0))
+        crop_w = min(width, max(8, int(crop_h * aspect)))
+        crop_h = min(crop_h, max(8, int(crop_w / aspect)))
+        left = int(rng.integers(0, width - crop_w + 1))
+        top = int(rng.integers(0, height - crop_h + 1))
+        crop = image.crop((left, top, left + crop_w, top + crop_h))
+        crop = crop.rotate(int(rng.choice(rotations)), expand=True)
+        scale = side / max(crop.size)
+        if scale < 1:
+            crop = crop.resize((max(1, round(crop.size[0] * scale)), max(1, round(crop.size[1] * scale))),
+                               Image.BILINEAR)
+        crop.save(directory / f"{i:04d}.png")
+    return directory

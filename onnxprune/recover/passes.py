@@ -1,0 +1,126 @@
+"""Recovery passes: re-fit the layers level by level, each on inputs from the already-recovered model.
+
+A layer's level is the number of re-fitted layers upstream of it. All layers of one level are fitted
+from one onnxruntime pass over the pruned model (their inputs, and their own outputs for the self-check)
+run in lockstep with one pass over the original model (their targets), batch by batch; then their new
+weights are written and the next level sees them. So a model needs two passes per level, and errors
+of early layers are absorbed by the later ones instead of piling up.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+
+from ..calib.capture import stream_activations
+from .bias import BiasFit
+from .layers import Initializers, find_layers
+from .lstsq import ROWS_PER_FEATURE, LstsqFit
+
+log = logging.getLogger(__name__)
+
+METHODS = ("none", "bias", "lstsq")
+FITS = {"bias": BiasFit, "lstsq": LstsqFit}
+
+
+def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, calibration, method: str = "lstsq",
+            output_masks: dict | None = None, original_shapes: dict | None = None, batch_size: int = 32,
+            seed: int = 0, ridge: float | None = None, rows_per_feature: int = ROWS_PER_FEATURE,
+            progress: bool = True) -> tuple[onnx.ModelProto, dict]:
+    """A copy of `pruned` whose changed layers reproduce `original`'s outputs on `calibration`, and the
+    `recovery` report. `output_masks`: kept-channel mask of every tensor that lost channels; `ridge`:
+    a fixed ridge strength for lstsq (None: chosen per layer on held-out calibration samples)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(pruned)
+    views, skipped = find_layers(original, model, original_shapes or {}, output_masks or {})
+    report = {"method": method, "ridge": (ridge if ridge is not None else "held-out") if method == "lstsq" else None,
+              "samples": calibration.count,
+              "source": calibration.source, "layers": list(skipped), "passes": 0}
+    if method == "none" or not views:
+        return model, _summarise(report)
+    inits = Initializers(model)
+    levels = sorted({v.level for v in views})
+    batches = -(-calibration.count // batch_size)
+    for step, level in enumerate(levels, start=1):
+        members = [v for v in views if v.level == level]
+        fits = [FITS[method](v, seed=[seed, level, i], batches=batches, ridge=ridge, rows_per_feature=rows_per_feature)
+                for i, v in enumerate(members)]
+        label = f"recover {step}/{len(levels)}" if progress else None
+        _accumulate(original, model, members, fits, calibration, batch_size, label)
+        report["passes"] += 2
+        for view, fit in zip(members, fits):
+            update = fit.finish()
+            if update.weight is not None or update.bias is not None:
+                view.write(inits, update.weight, update.bias)
+            report["layers"].append(_entry(view, update))
+    return model, _summarise(report)
+
+
+def _accumulate(original, model, members, fits, calibration, batch_size, label) -> None:
+    own = list(dict.fromkeys(n for v in members for n in (v.input, v.output)))
+    targets = list(dict.fromkeys(v.output for v in members))
+    pruned_batches = stream_activations(truncated(model, own), own, calibration, batch_size, progress=label)
+    original_batches = stream_activations(truncated(original, targets), targets, calibration, batch_size)
+    for acts, refs in zip(pruned_batches, original_batches):
+        for view, fit in zip(members, fits):
+            fit.add(acts[view.input], acts[view.output], refs[view.output])
+
+
+def truncated(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """The part of `model` that computes `outputs`, with those as its only outputs: the early levels of
+    a deep model then run only its first layers."""
+    needed = set(outputs)
+    nodes = []
+    for node in reversed(model.graph.node):
+        if any(o in needed for o in node.output):
+            nodes.append(node)
+            needed.update(node.input)
+            for attr in node.attribute:  # names a subgraph reads from the outer scope
+                for graph in ([attr.g] if attr.HasField("g") else list(attr.graphs)):
+                    needed.update(n for sub in graph.node for n in sub.input)
+    part = onnx.ModelProto()
+    part.CopyFrom(model)
+    graph = part.graph
+    del graph.node[:]
+    graph.node.extend(reversed(nodes))
+    kept_inits = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(kept_inits)
+    del graph.output[:]
+    graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in outputs)
+    return part
+
+
+def _entry(view, update) -> dict:
+    entry = {"name": view.name, "op": view.op, "level": view.level,
+             "error_before": _round(update.error_before), "error_after": _round(update.error_after)}
+    if update.ridge is not None:
+        entry["ridge"] = update.ridge
+    if update.held_out is not None:
+        entry["held_out_before"], entry["held_out_after"] = (_round(v) for v in update.held_out)
+    if update.note.startswith("skipped"):
+        entry.update(status="skipped", reason=update.note.removeprefix("skipped: "))
+    elif update.note:
+        entry.update(status="kept", reason=update.note.removeprefix("kept: "))
+    else:
+        entry["status"] = "recovered"
+    return entry
+
+
+def _round(value: float):
+    return None if not np.isfinite(value) else round(float(value), 6)
+
+
+def _summarise(report: dict) -> dict:
+    layers = report["layers"]
+    done = [l for l in layers if l.get("status") == "recovered"]
+    measured = [l for l in layers if l.get("error_before") is not None]
+    report.update({
+        "recovered": len(done),
+        "skipped": sum(1 for l in layers if l.get("status") == "skipped"),
+        "mean_error_before": _round(np.mean([l["error_before"] for l in measured])) if measured else None,
+        "mean_error_after": _round(np.mean([l["error_after"] for l in measured])) if measured else None,
+    })
+    return report

@@ -1,0 +1,276 @@
+"""Fine-tuning through onnxruntime's training artifacts, and distillation from the original model.
+
+`export_training` writes the four artifacts onnxruntime's training API runs (training, eval and
+optimizer models, and a checkpoint), so a pruned model can be fine-tuned where the data is: a server,
+or a phone with onnxruntime's on-device training. With a teacher (the original model) the teacher is
+built into the training graph as constants and the loss compares the student's outputs with the
+teacher's, so training needs inputs only, no labels. `finetune` runs such distillation steps on the
+calibration data and returns the fine-tuned inference model. The graph preparation (what is trained,
+BatchNorm folding, ops spelled out for their gradients, the teacher merge) is in `training_graph`.
+
+onnxruntime-training replaces the `onnxruntime` package and needs onnx<=1.17, so it lives in its own
+environment (INSTALL); everything here checks for it first and says how to get it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..errors import ModelError, UsageError
+from .training_graph import (TEACHER_PREFIX, copy_model, decompose_for_training, float_outputs, fold_batchnorm,
+                             opset_of, ops_without_gradient, restore_decomposed, trainable_parameters, with_teacher)
+
+log = logging.getLogger(__name__)
+
+INSTALL = ("python3 -m venv .venv-train && .venv-train/bin/pip install onnxruntime-training-cpu==1.19.2 onnx==1.17.0 "
+           "torch==2.13.0 numpy click onnx-graphsurgeon && .venv-train/bin/pip install --no-deps -e .")
+LOSSES = ("mse", "ce")
+MANIFEST = "onnxprune_training.json"
+
+class TrainingUnavailable(UsageError):
+    """onnxruntime-training is not installed in this environment."""
+
+
+class NotTrainable(ModelError):
+    """The model has ops onnxruntime-training cannot differentiate, or nothing to train."""
+
+
+def require_training():
+    """The onnxruntime training modules, or a one-line error saying how to install them."""
+    try:
+        from onnxruntime.training import api, artifacts, onnxblock
+    except ImportError:
+        raise TrainingUnavailable(
+            "onnxruntime-training is not installed here (it replaces onnxruntime and needs onnx<=1.17, so it "
+            f"gets its own environment): {INSTALL}; then run onnxprune from .venv-train") from None
+    return api, artifacts, onnxblock
+
+
+def loss_block(onnxblock, loss: str, outputs: list[str], teacher: bool, opset: int):
+    """An onnxblock computing the loss from the student's `outputs` (and the teacher's, when present)."""
+    if not teacher:
+        block = onnxblock.loss.MSELoss() if loss == "mse" else onnxblock.loss.CrossEntropyLoss()
+        first = outputs[0]
+
+        class FirstOutput(onnxblock.Block):
+            def build(self, *_):
+                return block(first)
+
+        return FirstOutput()
+
+    class Distillation(onnxblock.Block):
+        """mse: sum over the float outputs of mean((student - teacher)^2); ce: cross-entropy of the first
+        output's softmax against the teacher's, averaged over samples and positions."""
+
+        def build(self, *_):
+            graph = self.base.graph
+            name = onnxblock._graph_utils.generate_graph_name
+
+            def node(op, inputs, **attrs):
+                out = name(f"distill_{op.lower()}")
+                graph.node.append(helper.make_node(op, inputs, [out], name=name(op), **attrs))
+                return out
+
+            if loss == "mse":
+                terms = []
+                for out in outputs:
+                    diff = node("Sub", [out, TEACHER_PREFIX + out])
+                    terms.append(node("ReduceMean", [node("Mul", [diff, diff])], keepdims=0))
+                total = terms[0]
+                for term in terms[1:]:
+                    total = node("Add", [total, term])
+                return total
+            first = outputs[0]
+            target = node("Softmax", [TEACHER_PREFIX + first], axis=-1)
+            log_prob = node("LogSoftmax", [first], axis=-1)
+            if opset >= 13:
+                axes = name("distill_axes")
+                graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), axes))
+                per_sample = node("ReduceSum", [node("Mul", [target, log_prob]), axes], keepdims=0)
+            else:
+                per_sample = node("ReduceSum", [node("Mul", [target, log_prob])], axes=[-1], keepdims=0)
+            return node("Neg", [node("ReduceMean", [per_sample], keepdims=0)])
+
+    return Distillation()
+
+
+def export_training(model: onnx.ModelProto, directory: str | os.PathLike, loss: str = "mse",
+                    teacher: onnx.ModelProto | None = None, frozen: tuple[str, ...] = ()) -> dict:
+    """Write training/eval/optimizer models and a checkpoint for `model` into `directory`; return the
+    manifest (also written there as onnxprune_training.json)."""
+    _, artifacts, onnxblock = require_training()
+    if loss not in LOSSES:
+        raise UsageError(f"unknown loss '{loss}': choose one of {', '.join(LOSSES)}")
+    model, folded = fold_batchnorm(model)
+    model, spelled_out = decompose_for_training(model)
+    outputs = float_outputs(model)
+    if not outputs:
+        raise NotTrainable("the model has no floating-point output to compute a loss on")
+    trainable, frozen_names = trainable_parameters(model, frozen)
+    if not trainable:
+        raise NotTrainable("no trainable parameters are left (all frozen, or the weights are not initializers): "
+                           "loosen --frozen")
+    loss_outputs = outputs if loss == "mse" and teacher is not None else outputs[:1]
+    missing = ops_without_gradient(model, trainable, loss_outputs)
+    if missing:
+        listed = ", ".join(f"{op} (e.g. '{node}')" for op, node in missing.items())
+        raise NotTrainable(f"onnxruntime-training has no gradient for {listed} between the trainable parameters "
+                           "and the outputs: freeze the layers before them with --frozen PATTERN, or fine-tune "
+                           "in the framework the model came from")
+    base = with_teacher(model, teacher) if teacher is not None else copy_model(model)
+    base.ir_version = min(base.ir_version, onnx.IR_VERSION)
+    block = loss_block(onnxblock, loss, loss_outputs, teacher is not None, opset_of(model))
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".onnxprune-training-", dir=directory))
+    try:
+        try:
+            artifacts.generate_artifacts(base, requires_grad=trainable, frozen_params=frozen_names, loss=block,
+                                         optimizer=artifacts.OptimType.AdamW, artifact_directory=staging)
+        except Exception as exc:  # onnxruntime's C++ errors: keep the line that names the op
+            raise NotTrainable(f"onnxruntime-training could not build the training graph: {_reason(exc)}") from None
+        manifest = {"inputs": [i.name for i in model.graph.input], "outputs": [o.name for o in model.graph.output],
+                    "loss": loss, "loss_outputs": loss_outputs, "teacher": teacher is not None,
+                    "targets": [] if teacher is not None else (["target"] if loss == "mse" else ["labels"]),
+                    "trainable": trainable, "frozen": frozen_names, "batchnorm_folded": folded,
+                    "spelled_out": spelled_out}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        for item in staging.iterdir():
+            os.replace(item, directory / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc)
+    for marker in ("has not been registered:", "is invalid", "was false."):
+        for line in text.splitlines():
+            if marker in line:
+                return line.split(" ", 1)[-1][-300:]
+    return (text.splitlines() or [type(exc).__name__])[0][-300:]
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+
+def finetune(model: onnx.ModelProto, teacher: onnx.ModelProto, calibration, steps: int, lr: float = 1e-4,
+             batch_size: int = 32, seed: int = 0, loss: str = "mse", frozen: tuple[str, ...] = ()):
+    """`steps` AdamW distillation steps of `model` towards `teacher` on `calibration` (shuffled with
+    `seed`); (fine-tuned inference model, report section)."""
+    api, _, _ = require_training()
+    if steps < 1:
+        raise UsageError(f"--finetune-steps {steps}: give a positive number of steps")
+    with tempfile.TemporaryDirectory(prefix="onnxprune-finetune-") as tmp:
+        manifest = export_training(model, tmp, loss, teacher, frozen)
+        state = api.CheckpointState.load_checkpoint(str(Path(tmp) / "checkpoint"))
+        module = api.Module(str(Path(tmp) / "training_model.onnx"), state, str(Path(tmp) / "eval_model.onnx"))
+        optimizer = api.Optimizer(str(Path(tmp) / "optimizer_model.onnx"), module)
+        optimizer.set_learning_rate(lr)
+        inputs = manifest["inputs"]
+        before = _eval_loss(module, calibration, batch_size, inputs)
+        module.train()
+        losses = []
+        for feed in _shuffled_batches(calibration, batch_size, steps, seed):
+            losses.append(float(module(*[feed[n] for n in inputs])))
+            optimizer.step()
+            module.lazy_reset_grad()
+        after = _eval_loss(module, calibration, batch_size, inputs)
+        path = Path(tmp) / "finetuned.onnx"
+        module.export_model_for_inferencing(str(path), manifest["outputs"])
+        tuned = onnx.load(str(path))
+    tuned = _restore_metadata(restore_decomposed(_drop_unused(tuned), model), model)
+    report = {"steps": steps, "lr": lr, "batch_size": batch_size, "loss": loss, "teacher": "original model",
+              "loss_before": before, "loss_after": after, "first_step_loss": losses[0], "last_step_loss": losses[-1],
+              "trainable_parameters": len(manifest["trainable"]), "frozen_parameters": len(manifest["frozen"]),
+              "batchnorm_folded": manifest["batchnorm_folded"]}
+    return tuned, report
+
+
+def _shuffled_batches(calibration, batch_size: int, steps: int, seed: int):
+    rng = np.random.default_rng(seed)
+    count = calibration.count
+    size = min(batch_size, count)
+    done = 0
+    while done < steps:
+        order = rng.permutation(count)
+        for start in range(0, count - size + 1, size):
+            if done == steps:
+                return
+            pick = order[start:start + size]
+            yield {name: array[pick] for name, array in calibration.arrays.items()}
+            done += 1
+
+
+def _eval_loss(module, calibration, batch_size: int, inputs: list[str]) -> float:
+    """Mean loss over the calibration data (weighted by batch size) in eval mode."""
+    module.eval()
+    total = count = 0
+    for feed in calibration.batches(batch_size):
+        n = len(next(iter(feed.values())))
+        total += float(module(*[feed[name] for name in inputs])) * n
+        count += n
+    return total / max(count, 1)
+
+
+def _drop_unused(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove nodes and initializers no graph output needs (the teacher's, when export keeps them)."""
+    needed = {o.name for o in model.graph.output}
+    kept = []
+    for node in reversed(model.graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    if len(kept) == len(model.graph.node):
+        return model
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(kept))
+    initializers = [t for t in model.graph.initializer if t.name in needed]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(initializers)
+    return model
+
+
+def _restore_metadata(tuned: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProto:
+    """Keep the input model's IR version, producer, metadata and I/O declarations."""
+    tuned.ir_version = model.ir_version
+    del tuned.metadata_props[:]
+    tuned.metadata_props.extend(model.metadata_props)
+    for field in ("input", "output"):
+        declared = {v.name: v for v in getattr(model.graph, field)}
+        values = getattr(tuned.graph, field)
+        for value in values:
+            if value.name in declared:
+                value.CopyFrom(declared[value.name])
+    return tuned
+
+
+def finetune_model(model, teacher, config, loss: str = "mse", frozen: tuple[str, ...] = ()):
+    """`onnxprune finetune`: distil `teacher` into `model` on `config.calibration`, then validate the
+    result against the teacher exactly as `prune` validates its output; a PruneResult."""
+    from .. import __version__
+    from ..io import load_model
+    from ..pipeline import PruneResult, evaluate_result, prepare, run_batch_size
+    from ..plan import Plan
+    from ..report import SCHEMA_VERSION
+    from ..validate.gates import evaluate_gates
+
+    baseline = prepare(teacher, config)
+    student = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    tuned, section = finetune(student, baseline.loaded.model, baseline.calibration, config.finetune_steps,
+                              config.finetune_lr, run_batch_size(baseline.specs), config.seed, loss, frozen)
+    report, ort_model = evaluate_result(baseline, tuned, config)
+    report.update({"finetune": section, "seed": config.seed, "version": __version__, "schema_version": SCHEMA_VERSION,
+                   "config": {"finetune_steps": config.finetune_steps, "finetune_lr": config.finetune_lr,
+                              "loss": loss, "frozen": list(frozen)}})
+    report["gates"] = evaluate_gates(report, config.gates)
+    return PruneResult(tuned, Plan(), report, ort_model)

@@ -1,0 +1,216 @@
+"""Sweeps: prune one model at many settings and tabulate what each costs and keeps.
+
+The model is loaded, the calibration and evaluation data read and the original's outputs computed once
+(`pipeline.prepare`); every setting is pruned against that `Baseline`. For each setting the table has
+fidelity (and accuracy with labels), MACs, params, file size and, with latency on, the measured speedup.
+Per-layer sensitivity prunes each channel group alone, exactly as that setting prunes it (the setting's
+plan restricted to the one group), and records the same measures.
+
+Settings are PruneConfig overrides: `{"filters": 0.3}`, and `{"filters": 0.3, "rank": 0.5}` where
+PruneConfig has a `rank` field (low-rank factorization); `settings_grid` is the one place to extend.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import fields, replace
+
+from . import __version__
+from .calib.capture import ProgressBar
+from .errors import UsageError
+from .pipeline import PruneConfig, prepare, prune
+from .plan import Plan
+from .report import SCHEMA_VERSION
+
+log = logging.getLogger(__name__)
+
+
+def parse_values(text: str, option: str) -> list:
+    """'0.1,0.2,auto' -> [0.1, 0.2, 'auto'] (numbers as floats, words kept)."""
+    values = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        try:
+            values.append(float(item))
+        except ValueError:
+            values.append(item)
+    if not values:
+        raise UsageError(f"{option} got no values: give a comma-separated list, e.g. 0.1,0.3,0.5")
+    return values
+
+
+DEFAULT_FILTERS = [0.1, 0.2, 0.3, 0.4, 0.5]
+
+
+def settings_grid(filters: list | None, ranks: list | None = None) -> list[dict]:
+    """PruneConfig overrides for every setting: each filters value, crossed with each rank if given.
+    Without filters values: the default list, or channels left whole when ranks are swept."""
+    if filters is None:
+        filters = [0.0] if ranks else DEFAULT_FILTERS
+    for value in filters:
+        if not isinstance(value, float) or not 0 <= value < 1:
+            raise UsageError(f"--filters value {value!r} is outside [0, 1): give fractions of channels to remove")
+    if not ranks:
+        return [{"filters": f} for f in filters]
+    if "rank" not in {f.name for f in fields(PruneConfig)}:
+        raise UsageError("--rank needs low-rank factorization, which this version of onnxprune does not have: "
+                         "sweep --filters only")
+    return [{"filters": f, "rank": r} for f in filters for r in ranks]
+
+
+def sweep(model, config: PruneConfig, settings: list[dict], sensitivity: bool = True) -> dict:
+    """Prune `model` at every setting (overrides of `config`); the sweep table as plain data."""
+    checks_off = {"gates": None, "mobile": False, "plan": None}
+    config = replace(config, **checks_off)
+    baseline = prepare(model, config)
+    bar = ProgressBar("sweep", len(settings))
+    rows, curves = [], {}
+    for setting in settings:
+        result = prune(baseline, replace(config, **setting))
+        rows.append({**setting, **measures(result.report)})
+        if sensitivity:
+            groups = _pruned_groups(result.plan)
+            bar.total += len(groups)
+            alone = replace(config, **setting, latency=None)
+            for gp in groups:
+                single = prune(baseline, replace(alone, plan=Plan([gp])))
+                point = {**setting, "channels_after": len(gp.keep), **measures(single.report)}
+                curves.setdefault(tuple(gp.sources), _curve(gp, result.report)).get("points").append(point)
+                bar.step()
+        bar.step()
+    bar.close()
+    first = result.report
+    order = {tuple(g["sources"]): i for i, g in enumerate(first["groups"])}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "sweep",
+        "version": __version__,
+        "model": str(model),
+        "metric": _metric(first),
+        "baseline": {**first["before"], "accuracy": first["accuracy"]["before"] if first.get("accuracy") else None},
+        "data": first["data"],
+        "settings": rows,
+        "sensitivity": sorted(curves.values(), key=lambda c: order.get(tuple(c["sources"]), len(order))),
+        "config": {"scorer": config.scorer, "global": config.global_ranking, "round_to": config.round_to,
+                   "exclude": list(config.exclude), "seed": config.seed},
+    }
+
+
+def _pruned_groups(plan: Plan) -> list:
+    return [gp for gp in plan.groups if len(gp.keep) < gp.channels]
+
+
+def _curve(gp, report: dict) -> dict:
+    names = {tuple(g["sources"]): g["name"] for g in report["groups"]}
+    return {"group": names.get(tuple(gp.sources), gp.sources[0]), "sources": gp.sources, "channels": gp.channels,
+            "points": []}
+
+
+def measures(report: dict) -> dict:
+    """The sweep table's columns, from one prune report."""
+    before, after, fid = report["before"], report["after"], report["fidelity"]
+    accuracy, latency = report.get("accuracy"), report.get("latency")
+    return {
+        "params": after["params"],
+        "macs": after["macs"],
+        "size_bytes": after["size_bytes"],
+        "params_kept": after["params"] / before["params"] if before["params"] else 1.0,
+        "macs_kept": after["macs"] / before["macs"] if before["macs"] else 1.0,
+        "cosine": min(f["cosine"] for f in fid["per_output"].values()),
+        "rel_l2": max(f["rel_l2"] for f in fid["per_output"].values()),
+        "top1_agreement": fid.get("top1_agreement"),
+        "accuracy": accuracy["after"] if accuracy else None,
+        "accuracy_drop": accuracy["drop"] if accuracy else None,
+        "latency_ms": latency["after"]["median_ms"] if latency else None,
+        "speedup": latency["speedup"] if latency else None,
+    }
+
+
+def _metric(report: dict) -> str:
+    """What the plot shows: accuracy with labels, else top-1 agreement for classifiers, else cosine."""
+    if report.get("accuracy"):
+        return "accuracy"
+    return "top1_agreement" if report["fidelity"].get("top1_agreement") is not None else "cosine"
+
+
+def require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("the sweep plot needs matplotlib: pip install 'onnxprune[plot]' (or leave out --plot)") from None
+
+
+def plot_png(table: dict) -> bytes:
+    """Two panels: the metric and MACs/params kept against filters removed; per-group sensitivity."""
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    metric = table["metric"]
+    figure = Figure(figsize=(11, 4.5), dpi=100)
+    FigureCanvasAgg(figure)
+    left, right = figure.subplots(1, 2)
+    for label, rows in _series(table["settings"]).items():
+        left.plot([r["macs_kept"] for r in rows], [r[metric] for r in rows], "o-", label=f"{metric}{label}")
+        for r in rows:
+            left.annotate(_setting_label(r), (r["macs_kept"], r[metric]), fontsize=7, xytext=(3, 3),
+                          textcoords="offset points")
+    left.set(xlabel="fraction of the original MACs kept", ylabel=metric, title="settings", ylim=(0, 1.05))
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    for curve in table["sensitivity"]:
+        points = [p for p in curve["points"] if "rank" not in p or p["rank"] == curve["points"][0].get("rank")]
+        right.plot([1 - p["channels_after"] / curve["channels"] for p in points], [p[metric] for p in points], "o-",
+                   label=f"{curve['group'][:28]} ({curve['channels']})")
+    original = table["baseline"]["accuracy"] if metric == "accuracy" else 1.0
+    for axes in (left, right):
+        axes.axhline(original, color="grey", linestyle=":", linewidth=1)
+    right.set(xlabel="fraction of the group's channels removed", ylabel=metric,
+              title="per-group sensitivity (each group pruned alone)", ylim=(0, 1.05))
+    right.grid(alpha=0.3)
+    if table["sensitivity"]:
+        right.legend(fontsize=7)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _setting_label(row: dict) -> str:
+    return f"f{row['filters']:g}" + (f" r{row['rank']}" if "rank" in row else "")
+
+
+def _series(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows split by rank setting (one line each); a single unnamed series without ranks."""
+    series: dict[str, list[dict]] = {}
+    for row in rows:
+        label = f" (rank {row['rank']})" if "rank" in row else ""
+        series.setdefault(label, []).append(row)
+    return series
+
+
+def format_table(table: dict) -> str:
+    """The terminal view: one line per setting, then sensitivity per group."""
+    metric = table["metric"]
+    has_rank = any("rank" in r for r in table["settings"])
+    header = f"{'filters':>8}" + (f"{'rank':>7}" if has_rank else "") + \
+        f"{'MACs kept':>11}{'params kept':>13}{'cosine':>9}{'top-1':>8}{'accuracy':>10}{'latency ms':>12}{'speedup':>9}"
+    lines = [f"sweep of {table['model']}: {len(table['settings'])} settings, measured on {table['data']['samples']} "
+             f"{table['data']['source']} samples", header]
+    for r in table["settings"]:
+        lines.append(f"{r['filters']:>8.2f}" + (f"{str(r.get('rank', '-')):>7}" if has_rank else "")
+                     + f"{r['macs_kept']:>11.1%}{r['params_kept']:>13.1%}{r['cosine']:>9.4f}"
+                     + _opt(r["top1_agreement"], 8, ".1%") + _opt(r["accuracy"], 10, ".2%")
+                     + _opt(r["latency_ms"], 12, ".3f") + _opt(r["speedup"], 9, ".2f"))
+    if table["sensitivity"]:
+        lines += ["", f"sensitivity ({metric} with only this group pruned, at each setting):"]
+        for curve in table["sensitivity"]:
+            values = "  ".join(f"{p['filters']:.2f}: {p[metric]:.4f}" for p in curve["points"])
+            lines.append(f"  {curve['group'][:40]:<40} ({curve['channels']:>4} ch)  {values}")
+    return "\n".join(lines)
+
+
+def _opt(value, width: int, spec: str) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"

@@ -1,0 +1,353 @@
+"""Calibration-only recovery (--recover none|bias|lstsq): exactness on linear models, streaming equals
+one-shot, finite results on badly conditioned data, every conv geometry reproduced, CLI and report."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import helper, numpy_helper
+
+import models
+from onnxprune import PruneConfig, prune
+from onnxprune.calib import CalibrationSet
+from onnxprune.cli import main
+from onnxprune.recover.lstsq import NormalEquations
+from onnxprune.validate import session
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+MNIST = ROOT / "models" / "mnist_resnet.onnx"
+MNIST_CALIB = ROOT / "models" / "mnist_calib.npz"
+
+
+def run(model, feed):
+    return session(model).run(None, feed)[0]
+
+
+def calibration_for(model, count=64, seed=1, value=None):
+    shape = [count] + [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
+    data = np.full(shape, value, np.float32) if value is not None else \
+        np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    return CalibrationSet({model.graph.input[0].name: data})
+
+
+def rel_error(reference, result):
+    return float(np.linalg.norm(reference - result) / np.linalg.norm(reference))
+
+
+def low_rank_rows(rng, rows, rank, cols):
+    """`rows` x `cols` whose rows span only `rank` dimensions (any `rank` of them span them all)."""
+    return rng.standard_normal((rows, rank)) @ rng.standard_normal((rank, cols))
+
+
+def linear_conv_chain(seed=0, batch=None):
+    """conv1 (3->8, 3x3) -> conv2 (8->6, 3x3, stride 2) -> Flatten -> Gemm (6*4*4 -> 5), no nonlinearity.
+    conv1's 8 filters (and biases) span only 3 dimensions, conv2's 6 only 2, so any 3 (2) kept channels
+    carry all the others."""
+    rng = np.random.default_rng(seed)
+    w1 = low_rank_rows(rng, 8, 3, 3 * 9 + 1) / 5
+    w2 = low_rank_rows(rng, 6, 2, 8 * 9) / 8
+    inits = [numpy_helper.from_array(w1[:, :-1].reshape(8, 3, 3, 3).astype(np.float32), "conv1.weight"),
+             numpy_helper.from_array(w1[:, -1].astype(np.float32), "conv1.bias"),
+             numpy_helper.from_array(w2.reshape(6, 8, 3, 3).astype(np.float32), "conv2.weight"),
+             numpy_helper.from_array((rng.standard_normal((96, 5)) / 10).astype(np.float32), "fc.weight"),
+             numpy_helper.from_array(rng.standard_normal(5).astype(np.float32), "fc.bias")]
+    nodes = [helper.make_node("Conv", ["x", "conv1.weight", "conv1.bias"], ["h1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["h1", "conv2.weight"], ["h2"], name="conv2", pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Flatten", ["h2"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "fc.weight", "fc.bias"], ["y"], name="fc")]
+    return models.make_model(nodes, [("x", [batch or 1, 3, 8, 8])], ["y"], inits)
+
+
+def linear_gemm_chain(seed=0, batch=1):
+    """Gemm (16->8) -> Gemm (8->4, transB): the first layer's 8 outputs span 3 dimensions."""
+    rng = np.random.default_rng(seed)
+    w1 = low_rank_rows(rng, 8, 3, 17) / 4
+    inits = [numpy_helper.from_array(w1[:, :-1].T.astype(np.float32), "g1.weight"),
+             numpy_helper.from_array(w1[:, -1].astype(np.float32), "g1.bias"),
+             numpy_helper.from_array(rng.standard_normal((4, 8)).astype(np.float32), "g2.weight"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "g2.bias")]
+    nodes = [helper.make_node("Gemm", ["x", "g1.weight", "g1.bias"], ["h"], name="g1"),
+             helper.make_node("Gemm", ["h", "g2.weight", "g2.bias"], ["y"], name="g2", transB=1, alpha=0.5, beta=2.0)]
+    return models.make_model(nodes, [("x", [batch, 16])], ["y"], inits)
+
+
+def pruned_with(model, method, calibration, filters=0.5, **extra):
+    config = PruneConfig(filters=filters, round_to=1, calibration=calibration, recover=method, **extra)
+    return prune(model, config)
+
+
+# ---------------------------------------------------------------- exactness on linear models
+
+
+@pytest.mark.parametrize("build", [linear_conv_chain, linear_gemm_chain])
+def test_lstsq_recovers_a_linear_model_exactly_when_kept_channels_span_the_removed(build):
+    model = build()
+    calibration = calibration_for(model, 128)
+    feed = {"x": calibration_for(model, 16, seed=7).arrays["x"][:1]}
+    reference = run(model, feed)
+    plain = pruned_with(model, "none", calibration)
+    fitted = pruned_with(model, "lstsq", calibration)
+    assert rel_error(reference, run(plain.model, feed)) > 0.05  # pruning alone loses a lot
+    assert rel_error(reference, run(fitted.model, feed)) < 1e-3  # held-out input: the fit is exact
+    layers = fitted.report["recovery"]["layers"]
+    assert layers and all(layer["status"] == "recovered" for layer in layers)
+    assert all(layer["error_after"] < 1e-3 < layer["error_before"] for layer in layers)
+
+
+def test_lstsq_does_not_create_exactness_that_does_not_exist():
+    """With full-rank filters the removed channels are lost: recovery helps but cannot be exact."""
+    model = models.conv_chain()
+    calibration = calibration_for(model, 32)
+    fitted = pruned_with(model, "lstsq", calibration)
+    plain = pruned_with(model, "none", calibration)
+    assert fitted.report["fidelity"]["rel_l2"] < plain.report["fidelity"]["rel_l2"]
+    assert fitted.report["fidelity"]["rel_l2"] > 1e-3
+
+
+def test_bias_correction_removes_the_mean_shift():
+    model = linear_conv_chain()
+    calibration = calibration_for(model, 64)
+    plain = pruned_with(model, "none", calibration)
+    shifted = pruned_with(model, "bias", calibration)
+    layer = shifted.report["recovery"]["layers"][0]
+    assert layer["status"] == "recovered" and layer["error_after"] < layer["error_before"]
+    assert shifted.report["fidelity"]["rel_l2"] < plain.report["fidelity"]["rel_l2"]
+    weights = {t.name: numpy_helper.to_array(t) for t in shifted.model.graph.initializer}
+    original = {t.name: numpy_helper.to_array(t) for t in plain.model.graph.initializer}
+    conv2 = next(n for n in shifted.model.graph.node if n.name == "conv2")
+    np.testing.assert_array_equal(weights[conv2.input[1]], original["conv2.weight"])  # weights untouched
+    assert len(conv2.input) == 3  # a bias was added to carry the shift
+
+
+# ---------------------------------------------------------------- streaming and conditioning
+
+
+def test_streaming_normal_equations_equal_the_one_shot_fit():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 2, 7))
+    y = np.einsum("rgd,gdm->rgm", x, rng.standard_normal((2, 7, 3))) + rng.standard_normal((500, 2, 3)) * 0.1 + 2.0
+    whole = NormalEquations(2, 7, 3)
+    whole.add(x, y)
+    chunked = NormalEquations(2, 7, 3)
+    for start in range(0, 500, 37):
+        chunked.add(x[start:start + 37], y[start:start + 37])
+    for a, b in zip(whole.solve(), chunked.solve()):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    # and the normal equations give the ordinary least-squares answer (ridge 0) of each group
+    weight, bias = whole.solve(ridge=0.0)
+    for g in range(2):
+        design = np.hstack([x[:, g], np.ones((500, 1))])
+        expected = np.linalg.lstsq(design, y[:, g], rcond=None)[0]
+        np.testing.assert_allclose(weight[g], expected[:-1], rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(bias[g], expected[-1], rtol=1e-7, atol=1e-9)
+    residual = sum(np.sum((y[:, g] - x[:, g] @ weight[g] - bias[g]) ** 2) for g in range(2))
+    assert whole.residual(weight, bias) == pytest.approx(residual, rel=1e-6)
+
+
+def test_recovery_does_not_depend_on_the_batch_size():
+    """Batches of 4 and one batch of 64 accumulate the same equations (no sampling at this size)."""
+    model = linear_gemm_chain(seed=3, batch="N")
+    calibration = calibration_for(model, 64)
+    from onnxprune.pipeline import load, analyze_model
+    from onnxprune.recover import recover
+    from onnxprune.rewrite import apply_channel_plan, keep_masks
+    import onnx_graphsurgeon as gs
+
+    loaded = load(model)
+    analysis = analyze_model(loaded)
+    group = analysis.prunable_groups()[0]
+    keep = {group.index: np.array([0, 2, 5, 7])}
+    masks = keep_masks(analysis, keep)
+    apply_channel_plan(analysis, keep)
+    pruned = gs.export_onnx(analysis.graph)
+    fits = [recover(loaded.model, pruned, calibration, "lstsq", masks, loaded.shapes, batch_size=b)[0]
+            for b in (4, 64)]
+    small, large = ({t.name: numpy_helper.to_array(t) for t in m.graph.initializer} for m in fits)
+    assert small.keys() == large.keys()
+    for name in small:
+        np.testing.assert_allclose(small[name], large[name], rtol=1e-5, atol=1e-6)
+
+
+def test_collinear_and_constant_features_stay_finite():
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((200, 1, 3))
+    x = np.concatenate([base, base[:, :, :1] * 2, np.ones((200, 1, 1)) * 3, np.zeros((200, 1, 1))], axis=2)
+    y = base @ rng.standard_normal((1, 3, 2))
+    eq = NormalEquations(1, 6, 2)
+    eq.add(x, y)
+    weight, bias = eq.solve()
+    assert np.isfinite(weight).all() and np.isfinite(bias).all()
+    assert eq.residual(weight, bias) / np.sum(y * y) < 1e-3
+    empty = NormalEquations(1, 4, 2)
+    empty.add(np.zeros((10, 1, 4)), np.ones((10, 1, 2)))
+    weight, bias = empty.solve()
+    assert np.isfinite(weight).all()
+    np.testing.assert_allclose(bias, 1.0)
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0])
+def test_constant_calibration_data_gives_a_finite_model(value):
+    model = models.residual_downsample()
+    calibration = calibration_for(model, 8, value=value)
+    result = pruned_with(model, "lstsq", calibration)
+    out = run(result.model, {"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)})
+    assert np.isfinite(out).all()
+    for tensor in result.model.graph.initializer:
+        values = numpy_helper.to_array(tensor)
+        assert not np.issubdtype(values.dtype, np.floating) or np.isfinite(values).all()
+
+
+def test_duplicated_channels_stay_finite():
+    """Two identical filters: their outputs are collinear inputs of the next layer."""
+    model = models.conv_chain()
+    weights = {t.name: t for t in model.graph.initializer}
+    w = numpy_helper.to_array(weights["conv1.weight"]).copy()
+    b = numpy_helper.to_array(weights["conv1.bias"]).copy()
+    w[1], b[1] = w[0], b[0]
+    weights["conv1.weight"].CopyFrom(numpy_helper.from_array(w, "conv1.weight"))
+    weights["conv1.bias"].CopyFrom(numpy_helper.from_array(b, "conv1.bias"))
+    result = pruned_with(model, "lstsq", calibration_for(model, 16), filters=0.25)
+    assert all(np.isfinite(numpy_helper.to_array(t)).all() for t in result.model.graph.initializer)
+    assert result.report["fidelity"]["rel_l2"] < pruned_with(model, "none", calibration_for(model, 16),
+                                                             filters=0.25).report["fidelity"]["rel_l2"]
+
+
+# ---------------------------------------------------------------- every layer geometry
+
+
+GEOMETRIES = ["conv_chain", "conv_bn_relu", "residual", "residual_downsample", "concat", "split", "depthwise",
+              "depthwise_multiplier", "grouped", "conv_transpose", "conv_transpose_grouped", "flatten_gemm",
+              "reshape_gemm", "mlp", "mlp_gemm", "transpose_matmul", "squeeze_excite", "pad", "resize"]
+
+
+@pytest.mark.parametrize("name", GEOMETRIES)
+def test_lstsq_reproduces_every_layer_and_never_hurts(name):
+    """The self-check (current weights applied to the gathered inputs give the layer's actual output)
+    passes for every layer kind, so no layer is skipped; and re-fitting lowers the in-sample error."""
+    model = models.all_builders()[name]()
+    calibration = calibration_for(model, 16)
+    fitted = pruned_with(model, "lstsq", calibration)
+    plain = pruned_with(model, "none", calibration)
+    layers = fitted.report["recovery"]["layers"]
+    assert layers, "some layer consumes pruned channels"
+    assert not [l for l in layers if l["status"] == "skipped"], layers
+    assert all(l["error_after"] <= l["error_before"] for l in layers)
+    assert fitted.report["fidelity"]["rel_l2"] <= plain.report["fidelity"]["rel_l2"] + 1e-6
+
+
+def test_a_matmul_offset_goes_into_the_add_after_it():
+    """MatMul has no bias: its fitted offset is added to the constant of the Add that follows it."""
+    model = models.mlp()
+    calibration = calibration_for(model, 32)
+    fitted, plain = (pruned_with(model, m, calibration) for m in ("lstsq", "none"))
+    consts = [{t.name: numpy_helper.to_array(t) for t in r.model.graph.initializer} for r in (fitted, plain)]
+    add = next(n for n in fitted.model.graph.node if n.name == "fc2_bias")
+    assert not np.allclose(consts[0][add.input[1]], consts[1]["fc2_bias.bias"])
+    assert [l["name"] for l in fitted.report["recovery"]["layers"]] == ["fc2"]
+
+
+def test_conv_attributes_are_honoured():
+    """Strides, dilations, asymmetric pads, auto_pad and a 1-D conv all pass the self-check."""
+    rng = np.random.default_rng(0)
+    cases = [dict(strides=[2, 1], dilations=[1, 2], pads=[0, 2, 1, 1]), dict(auto_pad="SAME_UPPER", strides=[2, 2]),
+             dict(auto_pad="SAME_LOWER", strides=[2, 2]), dict(auto_pad="VALID", dilations=[2, 2])]
+    for attrs in cases:
+        inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1"),
+                 numpy_helper.from_array(rng.standard_normal((4, 8, 3, 3)).astype(np.float32), "w2")]
+        nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="c1", pads=[1, 1, 1, 1]),
+                 helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                 helper.make_node("Conv", ["r", "w2"], ["y"], name="c2", **attrs)]
+        model = models.make_model(nodes, [("x", [1, 3, 11, 10])], ["y"], inits)
+        layers = pruned_with(model, "lstsq", calibration_for(model, 8)).report["recovery"]["layers"]
+        assert [l["status"] for l in layers] == ["recovered"], (attrs, layers)
+
+
+def test_a_layer_recovery_cannot_reproduce_is_skipped_with_a_reason(monkeypatch):
+    from onnxprune.recover import layers as layer_module
+
+    real = layer_module.conv_patches
+    monkeypatch.setattr(layer_module, "conv_patches", lambda *a: real(*a)[:, ::-1])  # a wrong im2col
+    model = models.conv_chain()
+    result = pruned_with(model, "lstsq", calibration_for(model, 8))
+    layer = result.report["recovery"]["layers"][0]
+    assert layer["status"] == "skipped" and "could not be reproduced" in layer["reason"]
+    plain = pruned_with(model, "none", calibration_for(model, 8))
+    assert result.report["fidelity"]["rel_l2"] == pytest.approx(plain.report["fidelity"]["rel_l2"])
+
+
+# ---------------------------------------------------------------- pipeline, report, CLI
+
+
+def test_default_is_lstsq_with_calibration_data_and_none_without():
+    model = models.conv_chain()
+    assert pruned_with(model, None, calibration_for(model, 8)).report["recovery"]["method"] == "lstsq"
+    without = prune(model, PruneConfig(filters=0.5, round_to=1))
+    assert without.report["recovery"]["method"] == "none" and without.report["recovery"]["layers"] == []
+
+
+def test_forced_recovery_on_synthetic_data_says_so():
+    result = prune(models.conv_chain(), PruneConfig(filters=0.5, round_to=1, recover="lstsq"))
+    assert "synthetic" in result.report["recovery"]["note"]
+
+
+def test_recovery_is_deterministic():
+    model = models.residual_downsample()
+    a, b = (pruned_with(model, "lstsq", calibration_for(model, 16), seed=5).model.SerializeToString() for _ in "ab")
+    assert a == b
+
+
+def test_recovery_after_low_rank_refits_the_second_factors():
+    model = models.mlp()
+    calibration = calibration_for(model, 64)
+    plain = prune(model, PruneConfig(filters=0, rank=0.5, calibration=calibration, recover="none"))
+    fitted = prune(model, PruneConfig(filters=0, rank=0.5, calibration=calibration, recover="lstsq"))
+    factorized = [l["node"] for l in fitted.report["lowrank"]["layers"] if l["status"] == "factorized"]
+    assert factorized
+    recovered = [l for l in fitted.report["recovery"]["layers"] if l["status"] == "recovered"]
+    assert recovered
+    assert fitted.report["fidelity"]["rel_l2"] < plain.report["fidelity"]["rel_l2"]
+
+
+def test_cli_recover_option_and_report(tmp_path):
+    out, report_path, calib = tmp_path / "out.onnx", tmp_path / "report.json", tmp_path / "calib.npz"
+    with np.load(MNIST_CALIB) as data:
+        np.savez(calib, input=data["input"][:96])
+    args = [str(MNIST), str(out), "--filters", "0.5", "--calib", str(calib), "--report", str(report_path)]
+    results = {}
+    for method in ("none", "bias", "lstsq"):
+        result = CliRunner().invoke(main, args + ["--recover", method])
+        assert result.exit_code == 0, result.output
+        report = json.loads(report_path.read_text())
+        assert report["recovery"]["method"] == method
+        results[method] = report["fidelity"]["top1_agreement"]
+        if method != "none":
+            assert f"recovery  {method}:" in result.output
+    assert results["lstsq"] > results["none"] + 0.3
+    layers = report["recovery"]["layers"]
+    assert {"name", "op", "level", "error_before", "error_after", "status"} <= set(layers[0])
+    assert report["recovery"]["passes"] == 2 * len({l["level"] for l in layers})
+    assert onnx.load(str(out)).graph.node
+
+
+def test_cli_rejects_an_unknown_method(tmp_path):
+    result = CliRunner().invoke(main, [str(MNIST), str(tmp_path / "o.onnx"), "--recover", "magic"])
+    assert result.exit_code == 2
+
+
+def test_finetune_without_onnxruntime_training_says_how_to_get_it(tmp_path):
+    try:
+        import onnxruntime.training  # noqa: F401
+        pytest.skip("onnxruntime-training is installed here: the training tests cover this environment")
+    except ImportError:
+        pass
+    for args in ([str(MNIST), str(tmp_path / "o.onnx"), "--finetune-steps", "3"],
+                 ["export-training", str(MNIST), str(tmp_path / "artifacts")],
+                 ["finetune", str(MNIST), str(tmp_path / "o.onnx"), "--teacher", str(MNIST), "--calib", str(MNIST_CALIB)]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, result.output
+        message = result.output.strip()
+        assert len(message.splitlines()) == 1
+        assert "pip install onnxruntime-training-cpu==1.19.2 onnx==1.17.0" in message
+        assert not (tmp_path / "o.onnx").exists()

@@ -1,0 +1,164 @@
+"""Training artifacts and distillation fine-tuning through onnxruntime-training.
+
+They need onnxruntime-training, which replaces onnxruntime and needs onnx<=1.17, so they run in their
+own environment (.ci/run makes .ci-venv-train); elsewhere the whole module is skipped with the reason.
+"""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+try:
+    import onnxruntime.training  # noqa: F401
+except ImportError:
+    pytest.skip("onnxruntime-training is not installed (it needs its own environment with onnx<=1.17: "
+                "see .ci/run, which runs these tests in .ci-venv-train)", allow_module_level=True)
+
+from test_training_graph import conv_bn_relu_gemm  # noqa: E402
+
+from onnxprune import PruneConfig, prune  # noqa: E402
+from onnxprune.calib import CalibrationSet  # noqa: E402
+from onnxprune.cli import main  # noqa: E402
+from onnxprune.io import load_model  # noqa: E402
+from onnxprune.recover.training import NotTrainable, export_training, finetune  # noqa: E402
+from onnxprune.validate import check_model, session  # noqa: E402
+
+ARTIFACTS = {"training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "onnxprune_training.json"}
+
+
+def calibration(count=64, seed=0):
+    x = np.random.default_rng(seed).standard_normal((count, 3, 8, 8)).astype(np.float32)
+    return CalibrationSet({"x": x})
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The teacher, a pruned student (no recovery, so there is something to learn) and calibration data."""
+    root = tmp_path_factory.mktemp("training")
+    teacher = conv_bn_relu_gemm(seed=3)
+    student = prune(teacher, PruneConfig(filters=0.5, round_to=1, calibration=calibration(), recover="none")).model
+    paths = {"teacher": root / "teacher.onnx", "student": root / "student.onnx", "calib": root / "calib.npz"}
+    onnx.save(teacher, str(paths["teacher"]))
+    onnx.save(student, str(paths["student"]))
+    np.savez(paths["calib"], x=calibration().arrays["x"])
+    return paths
+
+
+def initializers(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def graph_inputs(path):
+    return [i.name for i in onnx.load(str(path)).graph.input]
+
+
+def test_artifacts_for_a_conv_bn_relu_gemm_model(tmp_path):
+    model = conv_bn_relu_gemm()
+    manifest = export_training(model, tmp_path / "mse", "mse")
+    assert ARTIFACTS <= {p.name for p in (tmp_path / "mse").iterdir()}
+    assert "target" in graph_inputs(tmp_path / "mse" / "training_model.onnx")
+    assert manifest["batchnorm_folded"] == 2 and "fc.weight" in manifest["trainable"]
+    export_training(model, tmp_path / "ce", "ce")
+    assert "labels" in graph_inputs(tmp_path / "ce" / "training_model.onnx")
+    distil = export_training(model, tmp_path / "distil", "ce", teacher=conv_bn_relu_gemm(seed=1))
+    assert distil["teacher"] and distil["targets"] == []
+    assert graph_inputs(tmp_path / "distil" / "eval_model.onnx")[0] == "x"
+    assert "target" not in graph_inputs(tmp_path / "distil" / "training_model.onnx")
+    assert json.loads((tmp_path / "distil" / "onnxprune_training.json").read_text())["loss"] == "ce"
+
+
+def test_cli_export_training(files, tmp_path):
+    out = tmp_path / "artifacts"
+    result = CliRunner().invoke(main, ["export-training", str(files["student"]), str(out), "--teacher",
+                                       str(files["teacher"]), "--frozen", "conv1*"])
+    assert result.exit_code == 0, result.output
+    assert ARTIFACTS <= {p.name for p in out.iterdir()}
+    manifest = json.loads((out / "onnxprune_training.json").read_text())
+    assert set(manifest["frozen"]) == {"conv1.weight", "conv1.bias"}  # the bias bn1 was folded into
+    assert "conv1.weight" not in manifest["trainable"]
+    assert "frozen" in result.output and "against the teacher's outputs" in result.output
+
+
+def test_ops_without_gradient_are_refused_with_their_list(tmp_path):
+    model = conv_bn_relu_gemm(activation="Softplus")
+    with pytest.raises(NotTrainable, match=r"no gradient for Softplus \(e\.g\. 'act1'\)"):
+        export_training(model, tmp_path / "a", "mse")
+    assert not (tmp_path / "a" / "training_model.onnx").exists()
+    path = tmp_path / "softplus.onnx"
+    onnx.save(model, str(path))
+    result = CliRunner().invoke(main, ["export-training", str(path), str(tmp_path / "b")])
+    assert result.exit_code == 3 and "Softplus" in result.output and len(result.output.strip().splitlines()) == 1
+    # with the layers before the Softplus frozen, no gradient has to cross it
+    manifest = export_training(model, tmp_path / "c", "mse", frozen=("conv1*",))
+    assert "conv1.weight" in manifest["frozen"]
+
+
+def test_hardswish_is_spelled_out_for_training_and_restored_after(tmp_path):
+    teacher = conv_bn_relu_gemm(seed=4, activation="HardSwish")
+    manifest = export_training(teacher, tmp_path / "a", "mse", teacher=teacher)
+    assert manifest["spelled_out"] == {"HardSwish": 1}
+    tuned, _ = finetune(teacher, teacher, calibration(32), steps=2, lr=1e-4, batch_size=16)
+    assert [n.op_type for n in tuned.graph.node].count("HardSwish") == 1
+    check_model(tuned)
+
+
+def test_steps_reduce_the_distillation_loss(files):
+    teacher, student = onnx.load(str(files["teacher"])), onnx.load(str(files["student"]))
+    tuned, report = finetune(student, teacher, calibration(), steps=40, lr=3e-3, batch_size=16)
+    assert report["loss_after"] < 0.8 * report["loss_before"]
+    x = calibration(16, seed=9).arrays["x"]
+    reference = session(teacher).run(None, {"x": x})[0]
+    before = np.linalg.norm(session(student).run(None, {"x": x})[0] - reference)
+    after = np.linalg.norm(session(tuned).run(None, {"x": x})[0] - reference)
+    assert after < before  # also closer on inputs it was not trained on
+
+
+def test_cli_finetune_writes_a_validated_model_with_new_weights(files, tmp_path):
+    out, report_path = tmp_path / "tuned.onnx", tmp_path / "report.json"
+    result = CliRunner().invoke(main, ["finetune", str(files["student"]), str(out), "--teacher", str(files["teacher"]),
+                                       "--calib", str(files["calib"]), "--steps", "20", "--lr", "3e-3",
+                                       "--report", str(report_path)])
+    assert result.exit_code == 0, result.output
+    tuned = onnx.load(str(out))
+    check_model(tuned)
+    report = json.loads(report_path.read_text())
+    assert report["finetune"]["steps"] == 20 and report["fidelity"]["cosine"] > 0
+    assert report["finetune"]["loss_after"] < report["finetune"]["loss_before"]
+    before, after = initializers(onnx.load(str(files["student"]))), initializers(tuned)
+    assert not np.allclose(before["fc.weight"], after["fc.weight"])
+    assert [i.name for i in tuned.graph.input] == ["x"] and [o.name for o in tuned.graph.output] == ["y"]
+    assert not [n for n in tuned.graph.node if n.name.startswith("teacher/") or n.op_type == "BatchNormalization"]
+    assert "finetune" in result.output
+
+
+def test_prune_with_finetune_steps(files, tmp_path):
+    out, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
+    result = CliRunner().invoke(main, [str(files["teacher"]), str(out), "--filters", "0.5", "--round-to", "1",
+                                       "--calib", str(files["calib"]), "--finetune-steps", "10",
+                                       "--finetune-lr", "1e-3", "--report", str(report_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert report["recovery"]["method"] == "lstsq" and report["finetune"]["steps"] == 10
+    check_model(onnx.load(str(out)))
+
+
+@pytest.mark.real
+def test_a_public_real_model_is_fine_tuned(tmp_path):
+    """PP-OCR's direction classifier (opset 11, HardSigmoid, Paddle's spelled-out HardSwish with Clip): its
+    ops are spelled out for training, BatchNorm folded, and the tuned model validates."""
+    from real_models import input_shapes, real_model
+
+    path = real_model("ppocr_cls")
+    shape = input_shapes("ppocr_cls")["x"]
+    x = np.random.default_rng(0).uniform(-1, 1, [16] + shape[1:]).astype(np.float32)
+    teacher = load_model(path)
+    tuned, report = finetune(teacher, teacher, CalibrationSet({"x": x}), steps=2, lr=1e-5, batch_size=8)
+    check_model(tuned)
+    assert report["batchnorm_folded"] > 0
+    assert {n.op_type for n in tuned.graph.node} >= {"HardSigmoid", "Clip"}  # restored after training
+    out = session(tuned).run(None, {"x": x[:2]})[0]
+    np.testing.assert_allclose(out, session(teacher).run(None, {"x": x[:2]})[0], atol=0.05)
