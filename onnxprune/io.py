@@ -32,6 +32,11 @@ SKELETON_KEEP_ELEMENTS = 64
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Read an ONNX file (with its external data) and normalise it, or raise ModelError."""
+    return load_model_and_size(path)[0]
+
+
+def load_model_and_size(path: str | os.PathLike) -> tuple[onnx.ModelProto, int]:
+    """`load_model`, and the bytes the model takes on disk (the file and its external data)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"input model '{path}' does not exist: check the path")
@@ -44,13 +49,14 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         ) from None
     if not model.graph.node:
         raise ModelError(f"'{path}' holds no graph nodes: it is empty, truncated or not an ONNX model")
+    size = file_size(path, model)
     _load_external_data(model, path.parent)
-    return normalize_model(model, copy=False)  # nobody else holds this proto: no need to copy it
+    return normalize_model(model, copy=False), size  # nobody else holds this proto: no need to copy it
 
 
 def _load_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
     for tensor in _external_tensors(model):
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        location = _location(tensor)
         if not (base_dir / location).is_file():
             raise ModelError(
                 f"external data file '{location}' of tensor '{tensor.name}' is missing next to the "
@@ -305,15 +311,18 @@ def write_model(model: onnx.ModelProto, path: Path) -> list[Path]:
     return [p for p in (path, path.parent / data_name) if p.exists()]  # tiny tensors stay inline
 
 
-def file_size(path: str | os.PathLike) -> int:
-    """Size of a model file plus the external-data files it references."""
+def file_size(path: str | os.PathLike, model: onnx.ModelProto | None = None) -> int:
+    """Size of a model file plus the external-data files it references (read from `model`, the
+    file's proto as loaded without external data, when given, so the file is not parsed again)."""
     path = Path(path)
+    if model is None:
+        model = onnx.load(str(path), load_external_data=False)
     total = path.stat().st_size
-    seen = set()
-    model = onnx.load(str(path), load_external_data=False)
-    for tensor in _external_tensors(model):
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        if location not in seen and (path.parent / location).is_file():
-            seen.add(location)
+    for location in {_location(t) for t in _external_tensors(model)}:
+        if (path.parent / location).is_file():
             total += (path.parent / location).stat().st_size
     return total
+
+
+def _location(tensor: onnx.TensorProto) -> str:
+    return next((e.value for e in tensor.external_data if e.key == "location"), "")

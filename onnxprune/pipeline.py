@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import copy
+import ctypes
+import gc
 import logging
 import os
 import time
@@ -22,7 +24,7 @@ from .allocate import keep_counts, select
 from .calib import CalibrationSet, input_specs, load_calibration, synthetic
 from .errors import NothingToPrune, UsageError
 from .graph import Analysis, analyze
-from .io import file_size, load_model, model_size_bytes, normalize_model, resolve_input_shapes
+from .io import load_model_and_size, model_size_bytes, normalize_model, resolve_input_shapes
 from .shapes import infer_shapes
 from .plan import Plan
 from .rewrite import apply_channel_plan, apply_unit_scales
@@ -43,6 +45,7 @@ ort.set_default_logger_severity(3)  # onnxruntime's optimizer warnings are noise
 SYNTHETIC_SAMPLES = 8
 RUN_BATCH = 32
 FOLD_LIMIT_BYTES = 256 << 20
+RELOAD_ABOVE_BYTES = 32 << 20  # below this, parsing a model twice costs more than its memory is worth
 
 
 @dataclass
@@ -91,15 +94,22 @@ class Loaded:
     input_shapes: dict[str, list[int]]
     shapes: dict[str, tuple]
     size_bytes: int
+    path: Path | None = None  # the file it came from: onnxruntime reads it there, no serialised copy
+    cost: dict = field(default_factory=dict)  # params and MACs, computed once
+
+    @property
+    def runnable(self):
+        return self.path if self.path is not None else self.model
 
 
 def load(model: onnx.ModelProto | str | os.PathLike, input_shapes=None) -> Loaded:
     if isinstance(model, onnx.ModelProto):
-        proto, size = normalize_model(model), model_size_bytes(model)
+        proto, size, path = normalize_model(model), model_size_bytes(model), None
     else:
-        proto, size = load_model(model), file_size(model)
+        (proto, size), path = load_model_and_size(model), Path(model)
     resolved = resolve_input_shapes(proto, input_shapes)
-    return Loaded(proto, resolved, infer_shapes(proto, resolved), size)
+    shapes = infer_shapes(proto, resolved)
+    return Loaded(proto, resolved, shapes, size, path, model_cost(proto, resolved, shapes))
 
 
 @dataclass
@@ -118,7 +128,7 @@ class Baseline:
 
     def session(self, threads: int = 0):
         if threads not in self._sessions:
-            self._sessions[threads] = session(self.loaded.model, threads=threads)
+            self._sessions[threads] = session(self.loaded.runnable, threads=threads)
         return self._sessions[threads]
 
     def scores(self, analysis, scorer: str, context, config: PruneConfig) -> dict:
@@ -137,8 +147,9 @@ class Baseline:
 
     def reference(self) -> dict:
         """The original model's outputs on the evaluation data."""
-        if self._reference is None:
-            self._reference = run_model(self.session(), self.evaluation, run_batch_size(self.specs))
+        if self._reference is None:  # a session not kept for later holds no memory after this
+            sess = self._sessions.get(0) or session(self.loaded.runnable)
+            self._reference = run_model(sess, self.evaluation, run_batch_size(self.specs))
         return self._reference
 
     def single_batch(self) -> dict:
@@ -155,7 +166,25 @@ def prepare(model, config: PruneConfig | None = None) -> Baseline:
     calibration = _calibration(config, specs)
     evaluation = _evaluation(config, specs, calibration)
     check_gate_requirements(config.gates, evaluation.labels is not None)
-    return Baseline(loaded, specs, calibration, evaluation)
+    baseline = Baseline(loaded, specs, calibration, evaluation)
+    if loaded.path is not None and loaded.size_bytes > RELOAD_ABOVE_BYTES:
+        # onnxruntime needs about 3x a model's size to run it; with our parsed copy alive too, that
+        # would be the job's peak. Run the original from its file without our copy, then parse again.
+        loaded.model = None
+        baseline.reference()
+        gc.collect()
+        release_free_memory()
+        loaded.model = load_model_and_size(loaded.path)[0]
+    return baseline
+
+
+def release_free_memory() -> None:
+    """Hand memory freed by onnxruntime back to the OS (glibc keeps it otherwise), so the next large
+    allocation does not come on top of it. A no-op where glibc is not the C library."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _evaluation(config: PruneConfig, specs, calibration: CalibrationSet) -> CalibrationSet:
@@ -197,7 +226,7 @@ def inspect(model, input_shapes=None, exclude=()) -> dict:
     return {
         "groups": [group_summary(g) for g in analysis.groups],
         "coverage": analysis.coverage(),
-        **model_cost(loaded.model, loaded.input_shapes, loaded.shapes),
+        **loaded.cost,
         "size_bytes": loaded.size_bytes,
         "input_shapes": loaded.input_shapes,
     }
@@ -230,6 +259,7 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
     started = time.perf_counter()
     baseline = model if isinstance(model, Baseline) else prepare(model, config)
     loaded, specs, calibration = baseline.loaded, baseline.specs, baseline.calibration
+    baseline.reference()  # now, while the original is the only model in memory
     timings["load"] = time.perf_counter() - started
 
     t = time.perf_counter()
@@ -269,6 +299,7 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
     pruned = gs.export_onnx(analysis.graph)
     pruned.ir_version = loaded.model.ir_version
     del analysis
+    gc.collect()  # graphsurgeon graphs are reference cycles: free the weights now, not at some later gc
     timings["rewrite"] = time.perf_counter() - t
 
     lowrank_report = None
@@ -281,6 +312,9 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
     pruned, recovery_report = recover_stage(pruned, baseline, masks, config)
     timings["recover"] = time.perf_counter() - t
 
+    if baseline is not model and loaded.path is not None:
+        loaded.model = None  # not needed any more (and re-readable from its file): free it for validation
+        gc.collect()
     t = time.perf_counter()
     report, ort_model = evaluate_result(baseline, pruned, config)
     timings["validate"] = time.perf_counter() - t
@@ -328,6 +362,8 @@ def recover_stage(pruned: onnx.ModelProto, baseline: Baseline, masks: dict, conf
         pruned, sections["finetune"] = finetune(pruned, loaded.model, calibration, config.finetune_steps,
                                                 lr=config.finetune_lr, batch_size=run_batch_size(baseline.specs),
                                                 seed=config.seed)
+        if calibration.source == "synthetic":
+            sections["finetune"]["note"] = "trained on synthetic inputs: give --calib with real samples"
     return pruned, sections
 
 
@@ -384,7 +420,7 @@ def lowrank_settings(config: PruneConfig) -> LowRankSettings | None:
 def factorize_stage(pruned: onnx.ModelProto, baseline: Baseline, settings: LowRankSettings, config: PruneConfig):
     """Factorize the channel-pruned model; (model, ranks for the plan, report section)."""
     loaded = baseline.loaded
-    original_macs = model_cost(loaded.model, loaded.input_shapes, loaded.shapes)["macs"]
+    original_macs = loaded.cost["macs"]
     result = factorize_model(pruned, loaded.input_shapes, baseline.calibration, settings, original_macs,
                              run_batch_size(baseline.specs))
     if not result.plan and config.plan is None and channel_ratio(config) == 0:
@@ -419,14 +455,14 @@ def run_batch_size(specs) -> int:
 def validate(loaded: Loaded, pruned: onnx.ModelProto, calibration: CalibrationSet, specs, reference=None) -> dict:
     """Checker, onnxruntime outputs against the original on the same inputs (`reference`: the original's
     outputs when already known), cost before/after, and accuracy when the data has labels."""
-    checker = check_model(pruned, loaded.model)
+    checker = check_model(pruned, loaded.runnable)
     batch = run_batch_size(specs)
     if reference is None:
-        reference = run_model(session(loaded.model), calibration, batch)
+        reference = run_model(session(loaded.runnable), calibration, batch)
     result = run_model(session(pruned), calibration, batch)
     after_shapes = infer_shapes(pruned, loaded.input_shapes)
     report = {
-        "before": {**model_cost(loaded.model, loaded.input_shapes, loaded.shapes), "size_bytes": loaded.size_bytes},
+        "before": {**loaded.cost, "size_bytes": loaded.size_bytes},
         "after": {**model_cost(pruned, loaded.input_shapes, after_shapes), "size_bytes": model_size_bytes(pruned)},
         "fidelity": fidelity(reference, result),
         "data": {"source": calibration.source, "samples": calibration.count},

@@ -108,12 +108,21 @@ def test_one_data_load_and_one_reference_pass_serve_every_setting(tmp_path, monk
         baselines.append(real_prepare(*args, **kwargs))
         return baselines[-1]
 
+    original_sessions = []
+
+    def recording_session(model, *args, **kwargs):
+        sess = real_session(model, *args, **kwargs)
+        if str(model) == str(MODEL):  # a session of the original, read from its file
+            original_sessions.append(sess)
+        return sess
+
     def counting_run_model(sess, *args, **kwargs):
-        if baselines and sess is baselines[0].session():
+        if any(sess is s for s in original_sessions):
             counts["original_runs"] += 1
         return real_run_model(sess, *args, **kwargs)
 
-    real_prepare, real_run_model = sweep_module.prepare, pipeline.run_model
+    real_prepare, real_run_model, real_session = sweep_module.prepare, pipeline.run_model, pipeline.session
+    monkeypatch.setattr(pipeline, "session", recording_session)
     monkeypatch.setattr(pipeline, "load", counting("load", pipeline.load))
     monkeypatch.setattr(pipeline, "load_calibration", counting("load_calibration", pipeline.load_calibration))
     monkeypatch.setattr(pipeline, "score", counting("score", pipeline.score))

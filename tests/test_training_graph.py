@@ -5,7 +5,7 @@ spelled out for their gradients, parameter selection, the gradient-op check and 
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import helper
 
 import models
 from onnxprune.recover.training_graph import (TEACHER_PREFIX, decompose_for_training, fold_batchnorm,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -90,6 +89,8 @@ def factorize_model(model: onnx.ModelProto, input_shapes: dict[str, list[int]], 
     out = gs.export_onnx(graph)
     out.ir_version = model.ir_version
     report = _report(rows, mode_info, data_aware, moments)
+    log.info("low-rank: %d of %d layers factorized (worst error %.3g, %s)", report["factorized"], len(rows),
+             report["worst_error"], report["error_measure"])
     return LowRankResult(out, entries, report)
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-MAX_SUBSPACES = 8  # ALDS input-channel subspaces tried for a Conv: the divisors of c_in up to this
+SUBSPACES = (1, 2, 4, 8)  # ALDS input-channel subspace counts tried for a k x k Conv (those dividing c_in)
 
 
 @dataclass
@@ -120,7 +120,8 @@ def _conv(node: gs.Node, values: np.ndarray, out_shape, layer: Layer) -> None:
     layer.kernel = tuple(int(k) for k in values.shape[2:])
     layer.channels_in = c_in
     layer.conv_attrs = {k: node.attrs[k] for k in ("strides", "pads", "dilations", "auto_pad") if k in node.attrs}
-    layer.subspace_options = tuple(j for j in range(1, MAX_SUBSPACES + 1) if c_in % j == 0 and (j == 1 or c_in // j >= 2))
+    if np.prod(layer.kernel) > 1:  # ALDS's case; on a 1x1 conv subspaces save little for one more SVD each
+        layer.subspace_options = tuple(j for j in SUBSPACES if c_in % j == 0 and c_in // j >= 2) or (1,)
 
 
 def _gemm(node: gs.Node, values: np.ndarray, out_shape, layer: Layer) -> None:

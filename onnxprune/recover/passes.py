@@ -9,8 +9,6 @@ of early layers are absorbed by the later ones instead of piling up.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import onnx
 
@@ -18,8 +16,6 @@ from ..calib.capture import stream_activations
 from .bias import BiasFit
 from .layers import Initializers, find_layers
 from .lstsq import ROWS_PER_FEATURE, LstsqFit
-
-log = logging.getLogger(__name__)
 
 METHODS = ("none", "bias", "lstsq")
 FITS = {"bias": BiasFit, "lstsq": LstsqFit}

@@ -15,7 +15,6 @@ environment (INSTALL); everything here checks for it first and says how to get i
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -29,12 +28,11 @@ from ..errors import ModelError, UsageError
 from .training_graph import (TEACHER_PREFIX, copy_model, decompose_for_training, float_outputs, fold_batchnorm,
                              opset_of, ops_without_gradient, restore_decomposed, trainable_parameters, with_teacher)
 
-log = logging.getLogger(__name__)
-
 INSTALL = ("python3 -m venv .venv-train && .venv-train/bin/pip install onnxruntime-training-cpu==1.19.2 onnx==1.17.0 "
            "torch==2.13.0 numpy click onnx-graphsurgeon && .venv-train/bin/pip install --no-deps -e .")
 LOSSES = ("mse", "ce")
 MANIFEST = "onnxprune_training.json"
+
 
 class TrainingUnavailable(UsageError):
     """onnxruntime-training is not installed in this environment."""
@@ -172,28 +170,37 @@ def finetune(model: onnx.ModelProto, teacher: onnx.ModelProto, calibration, step
         raise UsageError(f"--finetune-steps {steps}: give a positive number of steps")
     with tempfile.TemporaryDirectory(prefix="onnxprune-finetune-") as tmp:
         manifest = export_training(model, tmp, loss, teacher, frozen)
-        state = api.CheckpointState.load_checkpoint(str(Path(tmp) / "checkpoint"))
-        module = api.Module(str(Path(tmp) / "training_model.onnx"), state, str(Path(tmp) / "eval_model.onnx"))
-        optimizer = api.Optimizer(str(Path(tmp) / "optimizer_model.onnx"), module)
-        optimizer.set_learning_rate(lr)
-        inputs = manifest["inputs"]
-        before = _eval_loss(module, calibration, batch_size, inputs)
-        module.train()
-        losses = []
-        for feed in _shuffled_batches(calibration, batch_size, steps, seed):
-            losses.append(float(module(*[feed[n] for n in inputs])))
-            optimizer.step()
-            module.lazy_reset_grad()
-        after = _eval_loss(module, calibration, batch_size, inputs)
-        path = Path(tmp) / "finetuned.onnx"
-        module.export_model_for_inferencing(str(path), manifest["outputs"])
-        tuned = onnx.load(str(path))
+        try:
+            tuned, before, after, losses = _train(api, Path(tmp), manifest, calibration, steps, lr, batch_size, seed)
+        except RuntimeError as exc:  # onnxruntime-training's own failures while running the graph
+            raise NotTrainable(f"onnxruntime-training failed to run this model's training graph ({_reason(exc)}): "
+                               "fine-tune it in the framework it came from") from None
     tuned = _restore_metadata(restore_decomposed(_drop_unused(tuned), model), model)
     report = {"steps": steps, "lr": lr, "batch_size": batch_size, "loss": loss, "teacher": "original model",
               "loss_before": before, "loss_after": after, "first_step_loss": losses[0], "last_step_loss": losses[-1],
               "trainable_parameters": len(manifest["trainable"]), "frozen_parameters": len(manifest["frozen"]),
               "batchnorm_folded": manifest["batchnorm_folded"]}
     return tuned, report
+
+
+def _train(api, directory: Path, manifest: dict, calibration, steps: int, lr: float, batch_size: int, seed: int):
+    """Run the steps through the artifacts in `directory`; (inference model, loss before, after, step losses)."""
+    state = api.CheckpointState.load_checkpoint(str(directory / "checkpoint"))
+    module = api.Module(str(directory / "training_model.onnx"), state, str(directory / "eval_model.onnx"))
+    optimizer = api.Optimizer(str(directory / "optimizer_model.onnx"), module)
+    optimizer.set_learning_rate(lr)
+    inputs = manifest["inputs"]
+    before = _eval_loss(module, calibration, batch_size, inputs)
+    module.train()
+    losses = []
+    for feed in _shuffled_batches(calibration, batch_size, steps, seed):
+        losses.append(float(module(*[feed[n] for n in inputs])))
+        optimizer.step()
+        module.lazy_reset_grad()
+    after = _eval_loss(module, calibration, batch_size, inputs)
+    path = directory / "finetuned.onnx"
+    module.export_model_for_inferencing(str(path), manifest["outputs"])
+    return onnx.load(str(path)), before, after, losses
 
 
 def _shuffled_batches(calibration, batch_size: int, steps: int, seed: int):

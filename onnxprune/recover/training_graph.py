@@ -21,13 +21,14 @@ from ..errors import UsageError
 TEACHER_PREFIX = "teacher/"
 DECOMPOSED = "/decomposed/"  # marks the nodes and tensors of a spelled-out op
 
-# Op types whose gradient onnxruntime-training 1.19.2 builds, probed one by one (a parameter, then the
-# op, then an MSE loss). Registered but failing in that probe: LayerNormalization (needs its optional
-# outputs), LSTM and GRU (their gradient ops reject the forward outputs); never registered: HardSwish,
-# HardSigmoid, Elu, Selu, Softplus, Mish, PRelu, InstanceNormalization, GlobalMaxPool, ReduceMax,
-# Einsum, DepthToSpace, SpaceToDepth, CumSum, Floor, Sign.
+# Op types whose gradient onnxruntime-training 1.19.2 builds and runs on CPU, probed one by one (a
+# parameter, then the op, then an MSE loss, then a training step). Failing: LayerNormalization (needs its
+# optional outputs), LSTM and GRU (their gradient ops reject the forward outputs), ConvTranspose (no CPU
+# kernel for ConvTransposeGrad); never registered: HardSwish, HardSigmoid, Elu, Selu, Softplus, Mish,
+# PRelu, InstanceNormalization, GlobalMaxPool, ReduceMax, Einsum, DepthToSpace, SpaceToDepth, CumSum,
+# Floor, Sign. HardSigmoid, HardSwish and LayerNormalization are spelled out instead (below).
 GRADIENT_OPS = frozenset("""
-    Abs Add AveragePool BatchNormalization Cast Clip Concat Conv ConvTranspose Cos Div Dropout Erf Exp Expand
+    Abs Add AveragePool BatchNormalization Cast Clip Concat Conv Cos Div Dropout Erf Exp Expand
     Flatten Gather GatherElements GatherND Gelu Gemm GlobalAveragePool Identity LeakyRelu Log LogSoftmax MatMul
     Max MaxPool Min Mul Neg Pad Pow Reciprocal ReduceL2 ReduceMean ReduceSum Relu Reshape Resize Sigmoid Sin
     Slice Softmax Split Sqrt Squeeze Sub Tanh Tile TopK Transpose Unsqueeze Where
