@@ -2,7 +2,8 @@
 
 The pruned layer sees inputs x (the pruned model's own activations, already recovered upstream) and
 should produce the original layer's outputs y at the same point. Its weights are re-fitted by ridge
-regression `min ||y - x W - b||^2 + lambda ||W||^2`, from normal equations accumulated batch by batch
+regression `min ||y - x W - b||^2 + lambda ||W - W0||^2` (W0: its current weights, so a strong ridge
+means "correct the bias only"), from normal equations accumulated batch by batch
 (sums of x, y, x^T x, x^T y), so memory is bounded by the feature count, not the calibration set.
 Convolutions contribute a seeded sample of output positions per batch (im2col rows); grouped and
 depthwise convolutions are one independent fit per group, solved together as a batch of systems.
@@ -15,7 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 DEFAULT_RIDGE = 1e-4  # relative to the mean input variance: keeps collinear/constant inputs finite
-RIDGE_GRID = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # candidates, chosen per layer on held-out samples
+# Candidates, chosen per layer on held-out samples. The ridge pulls towards the layer's current weights,
+# so the largest leave them as they are and only re-fit the bias (what --recover bias does).
+RIDGE_GRID = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 1e3)
 HOLD_OUT_EVERY = 5  # every fifth calibration sample validates the fit
 ROWS_PER_FEATURE = 64  # sampled output positions per input feature, over the whole calibration set
 MIN_ROWS = 4096
@@ -71,8 +74,10 @@ class NormalEquations:
             setattr(both, name, getattr(self, name) + getattr(other, name))
         return both
 
-    def solve(self, ridge: float = DEFAULT_RIDGE, intercept: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """Ridge solution (W [G, D, M], b [G, M]); the intercept is not penalised."""
+    def solve(self, ridge: float = DEFAULT_RIDGE, intercept: bool = True,
+              prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Ridge solution (W [G, D, M], b [G, M]) of min ||y - x W - b||^2 + lambda ||W - prior||^2: a
+        strong ridge keeps the prior weights (zero without one); the intercept is not penalised."""
         n = max(self.count, 1)
         xx, xy = self.xx / n, self.xy / n
         mean_x, mean_y = self.sx / n, self.sy / n
@@ -83,12 +88,13 @@ class NormalEquations:
         scale = np.trace(xx, axis1=1, axis2=2) / features
         lam = np.where(scale > 0, ridge * scale, 1.0)
         system = (xx + xx.transpose(0, 2, 1)) / 2 + lam[:, None, None] * np.eye(features)
+        rhs = xy if prior is None else xy + lam[:, None, None] * prior
         try:
-            weight = np.linalg.solve(system, xy)
+            weight = np.linalg.solve(system, rhs)
         except np.linalg.LinAlgError:
-            weight = np.linalg.pinv(system) @ xy
+            weight = np.linalg.pinv(system) @ rhs
         if not np.isfinite(weight).all():
-            weight = np.linalg.pinv(system) @ xy
+            weight = np.linalg.pinv(system) @ rhs
         bias = mean_y - np.einsum("gd,gdm->gm", mean_x, weight) if intercept else np.zeros_like(mean_y)
         return weight, bias
 
@@ -171,7 +177,7 @@ class LstsqFit:
         if held_after is not None and not held_after < held_before:
             return Update(None, None, before, before, "kept: the fit did not lower the error on held-out samples",
                           ridge=ridge, held_out=(held_before, held_before))
-        weight, bias = everything.solve(ridge, intercept)
+        weight, bias = everything.solve(ridge, intercept, prior=self.view.weight)
         after = relative(everything.residual(weight, bias), self.energy.sum())
         if not (np.isfinite(weight).all() and np.isfinite(bias).all()) or not after < before:
             return Update(None, None, before, before, "kept: the fit did not lower the error", ridge=ridge)
@@ -183,6 +189,7 @@ class LstsqFit:
         if self.ridge is not None or self.held.count == 0 or self.fit.count == 0:
             return (self.ridge if self.ridge is not None else DEFAULT_RIDGE), None, None
         energy = self.energy[1]
-        scores = [relative(self.held.residual(*self.fit.solve(r, intercept)), energy) for r in RIDGE_GRID]
+        prior = self.view.weight
+        scores = [relative(self.held.residual(*self.fit.solve(r, intercept, prior)), energy) for r in RIDGE_GRID]
         best = int(np.argmin(scores))
         return RIDGE_GRID[best], relative(self.held.residual(*current), energy), scores[best]
