@@ -50,14 +50,10 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> 
 
 
 def _shapes_from_runtime(model, input_shapes, names) -> dict[str, tuple]:
-    from .validate.runtime import session  # onnxruntime only where ONNX inference falls short
+    from .calib.capture import with_outputs  # onnxruntime only where ONNX inference falls short
+    from .validate.runtime import session
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known_outputs = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in known_outputs:
-            probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+    probe = with_outputs(model, names)
     feeds = {}
     for value in probe.graph.input:
         if value.name in input_shapes:
