@@ -20,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 
 def _status_mb(field: str) -> float:
@@ -50,25 +51,13 @@ def run_one(path: str, shapes: dict, filters: float, out: str) -> dict:
 
 
 def resnet50_random(directory: Path) -> Path:
-    """onnx's light ResNet-50 topology with seeded random weights (its shipped weights are constant)."""
-    import numpy as np
+    """onnx's light ResNet-50 topology with seeded random weights (bench/_models.py), batch fixed at 1."""
     import onnx
-    from onnx import numpy_helper
 
-    import real_models
-    from onnxprune.io import normalize_model
+    from _models import random_resnet50
 
-    model = normalize_model(onnx.load(str(real_models.light_models()["resnet50"])))
-    rng = np.random.default_rng(0)
-    for tensor in model.graph.initializer:
-        values = numpy_helper.to_array(tensor)
-        if values.dtype == np.float32 and values.size > 1:
-            random = rng.standard_normal(values.shape).astype(np.float32) * 0.05
-            if values.ndim == 1:
-                random = np.abs(random) + 0.5  # BN scale/var stay positive
-            tensor.CopyFrom(numpy_helper.from_array(random, tensor.name))
     path = directory / "resnet50_random.onnx"
-    onnx.save(model, str(path))
+    onnx.save(random_resnet50(batch=1), str(path))
     return path
 
 

@@ -20,7 +20,6 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from . import __version__
-from .allocate import keep_counts, select
 from .calib import CalibrationSet, input_specs, load_calibration, synthetic
 from .errors import NothingToPrune, UsageError
 from .graph import Analysis, analyze
