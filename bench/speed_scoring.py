@@ -5,6 +5,8 @@ inputs, each data-informed scorer (pfp, wanda, activation) on its own process so
 per scorer. Prints wall time, CPU time (user + system: what 2 quiet cores would need, divided by the
 parallelism), peak resident memory, the model size, the calibration data size and one capture batch of
 activations, and the machine's load average (this machine is shared: wall time under load says little).
+Below the table, each scorer's resident memory per stage (MB at the end of the stage / peak within it,
+on Linux): load, calibration data, analysis, capture session, capture + scoring.
 
     python bench/speed_scoring.py [--samples 256] [--scorers pfp,wanda,activation]
     python bench/speed_scoring.py --one pfp       (one measurement, what the table runs per row)
@@ -30,31 +32,88 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def measure(scorer: str, samples: int, model_path: str, batch: int | None) -> dict:
-    from onnxprune.calib import input_specs, load_calibration
+    from onnxprune.calib import capture, input_specs, load_calibration
     from onnxprune.calib.stats import capture_batch_size
     from onnxprune.pipeline import analyze_model, load
     from onnxprune.scoring import ScoringContext, score
     from onnxprune.scoring.consumers import find_consumers
 
+    memory = StageMemory()
     started = time.perf_counter()
     loaded = load(model_path)
+    memory.end("load")
     specs = input_specs(loaded.model, loaded.input_shapes)
-    data = np.random.default_rng(0).standard_normal((samples, 3, 224, 224)).astype(np.float32)
+    data = random_images(samples)
     calibration = load_calibration({specs[0].name: data}, specs)
+    memory.end("data")
     analysis = analyze_model(loaded)
     names = sorted({c.tensor for c in find_consumers(analysis)})
     batch_size = capture_batch_size(analysis.shapes, names, batch)
     per_sample = sum(4 * int(np.prod(analysis.shapes[n][1:])) for n in names)
+    memory.end("analysis")
     cpu0, t0 = _cpu(), time.perf_counter()
     context = ScoringContext(calibration=calibration, model=loaded.model, batch_size=batch)
+    build = capture.capture_session  # wrapped so that building the capture session ends a stage
+    capture.capture_session = lambda model: memory.after(build(model), "session")
     score(analysis, scorer, context)
+    memory.end("capture+score")
     return {
         "scorer": scorer, "samples": samples, "score_wall_s": time.perf_counter() - t0, "score_cpu_s": _cpu() - cpu0,
-        "total_wall_s": time.perf_counter() - started, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "total_wall_s": time.perf_counter() - started, "peak_rss_mb": memory.peak(),
         "model_mb": os.path.getsize(model_path) / 1e6, "data_mb": data.nbytes / 1e6, "batch": batch_size,
-        "batch_activations_mb": batch_size * per_sample / 1e6,
+        "batch_activations_mb": batch_size * per_sample / 1e6, "stages": memory.stages,
         "points": getattr(context.pfp, "points", None), "load": os.getloadavg()[0],
     }
+
+
+def random_images(samples: int) -> np.ndarray:
+    """Seeded N(0, 1) inputs, drawn a sample at a time (the same values as one float64 draw converted to
+    float32, without a float64 copy of the whole set that would dominate the peak)."""
+    rng = np.random.default_rng(0)
+    data = np.empty((samples, 3, 224, 224), dtype=np.float32)
+    for i in range(samples):
+        data[i] = rng.standard_normal((3, 224, 224))
+    return data
+
+
+class StageMemory:
+    """Resident memory (MB) at the end of each stage and its peak within it: VmRSS and VmHWM from
+    /proc/self/status, the peak reset after each stage through /proc/self/clear_refs (Linux only;
+    elsewhere only the whole run's peak is known)."""
+
+    def __init__(self):
+        self.stages = {}
+        self._reset()
+
+    def end(self, stage: str) -> None:
+        status = _proc_status()
+        if status:
+            self.stages[stage] = (status["VmRSS"], status["VmHWM"])
+            self._reset()
+
+    def after(self, value, stage: str):
+        self.end(stage)
+        return value
+
+    def peak(self) -> float:
+        peaks = [peak for _, peak in self.stages.values()]
+        return max(peaks) if peaks else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    @staticmethod
+    def _reset() -> None:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def _proc_status() -> dict[str, float]:
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    fields = (line.split(":", 1) for line in lines if line.startswith(("VmRSS:", "VmHWM:")))
+    return {key: int(value.split()[0]) / 1024 for key, value in fields}
 
 
 def _cpu() -> float:
@@ -80,14 +139,20 @@ def main() -> None:
         onnx.save(random_resnet50(), model_path)
         print(f"{'scorer':<11}{'samples':>8}{'score wall s':>14}{'score CPU s':>13}{'peak RSS MB':>13}"
               f"{'model MB':>10}{'data MB':>9}{'batch':>7}{'batch acts MB':>15}{'points':>8}{'load':>6}")
+        rows = []
         for scorer in args.scorers.split(","):
             command = [sys.executable, __file__, "--one", scorer, "--samples", str(args.samples), "--model", model_path]
             if args.batch:
                 command += ["--batch", str(args.batch)]
             row = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+            rows.append(row)
             print(f"{scorer:<11}{row['samples']:>8}{row['score_wall_s']:>14.1f}{row['score_cpu_s']:>13.1f}"
                   f"{row['peak_rss_mb']:>13.0f}{row['model_mb']:>10.0f}{row['data_mb']:>9.0f}{row['batch']:>7}"
                   f"{row['batch_activations_mb']:>15.0f}{str(row['points'] or '-'):>8}{row['load']:>6.1f}", flush=True)
+        print("\nresident MB per stage (at its end / peak within it)")
+        for row in rows:
+            stages = "  ".join(f"{stage} {end:.0f}/{peak:.0f}" for stage, (end, peak) in row["stages"].items())
+            print(f"{row['scorer']:<11}{stages}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import copy
-import ctypes
 import gc
 import logging
 import os
@@ -33,6 +32,7 @@ from .recover import FINETUNE_LR, METHODS as RECOVERY_METHODS, recover
 from .lowrank import DEFAULT_MAX_ERROR, LowRankSettings, check_rank, factorize_model
 from .scoring import ScoringContext, score
 from .validate import check_model, fidelity, model_cost, run_model, session
+from .validate.runtime import release_free_memory
 from .validate.gates import Gates, check_gate_requirements, evaluate_gates
 from .validate.labels import labelled_evaluation, load_labels
 from .validate.latency import LatencyConfig, compare_latency
@@ -175,15 +175,6 @@ def prepare(model, config: PruneConfig | None = None) -> Baseline:
         release_free_memory()
         loaded.model = load_model_and_size(loaded.path)[0]
     return baseline
-
-
-def release_free_memory() -> None:
-    """Hand memory freed by onnxruntime back to the OS (glibc keeps it otherwise), so the next large
-    allocation does not come on top of it. A no-op where glibc is not the C library."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _evaluation(config: PruneConfig, specs, calibration: CalibrationSet) -> CalibrationSet:

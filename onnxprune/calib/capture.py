@@ -1,8 +1,9 @@
 """Activation capture: one onnxruntime pass over the calibration data exposing intermediate tensors.
 
 The model copy gets the requested tensors as extra graph outputs; each batch's activations are handed
-to the caller (who folds them into running statistics), so memory stays bounded by one batch whatever
-the number of samples. Every consumer of activations should ask for all its tensors in one call.
+to the caller (who folds them into running statistics), so memory stays bounded by two batches (the
+caller still holds one while the next runs) whatever the number of samples. Every consumer of
+activations should ask for all its tensors in one call.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from onnx import helper
 
 import onnxruntime as ort
 
-from ..io import EXTERNAL_DATA_THRESHOLD, model_size_bytes
-from ..validate.runtime import on_disk
+from ..validate.runtime import build_session, release_free_memory
 from .data import CalibrationSet
 
 
@@ -50,6 +50,8 @@ def stream_activations(model: onnx.ModelProto, names: list[str], calibration: Ca
             bar.step()
     if bar:
         bar.close()
+    del sess
+    release_free_memory()  # the session's weights and arena, before the caller's next stage
 
 
 def capture_session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -59,10 +61,7 @@ def capture_session(model: onnx.ModelProto) -> ort.InferenceSession:
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.disable_prepacking", "1")  # one copy of the weights, not two
-    if model_size_bytes(model) < EXTERNAL_DATA_THRESHOLD:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    with on_disk(model) as path:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return build_session(model, options)
 
 
 class ProgressBar:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 ACTIVATION_BUDGET_BYTES = 96 << 20  # exposed activations of one capture batch, all tensors together (onnxruntime
-# needs about as much again for its own buffers, and the outputs are copied once into numpy)
+# needs about as much again for its own buffers, and the caller still holds one batch while the next is computed:
+# the numpy outputs are views of onnxruntime's buffers, not copies)
 MAX_AUTO_BATCH = 32
 
 
