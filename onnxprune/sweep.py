@@ -66,13 +66,13 @@ def sweep(model, config: PruneConfig, settings: list[dict], sensitivity: bool = 
     config = replace(config, **checks_off)
     baseline = prepare(model, config)
     bar = ProgressBar("sweep", len(settings))
-    rows, curves, skipped, first = [], {}, [], None
+    rows, curves, first, error = [], {}, None, None
     for setting in settings:
         try:
             result = prune(baseline, replace(config, **setting))
         except NothingToPrune as exc:  # e.g. a rank at which no layer gets cheaper: a row saying so
             rows.append({**setting, "error": str(exc)})
-            skipped.append(exc)
+            error = error or exc
             bar.step()
             continue
         first = first or result.report
@@ -89,7 +89,7 @@ def sweep(model, config: PruneConfig, settings: list[dict], sensitivity: bool = 
         bar.step()
     bar.close()
     if first is None:
-        raise skipped[0]
+        raise error
     order = {tuple(g["sources"]): i for i, g in enumerate(first["groups"])}
     return {
         "schema_version": SCHEMA_VERSION,

@@ -34,9 +34,9 @@ from onnx import helper, numpy_helper
 
 from ..errors import InternalError, ModelError, UsageError
 from . import FINETUNE_LR
-from .training_graph import (TEACHER_PREFIX, copy_model, decompose_for_training, dynamic_pool_inputs, float_outputs,
-                             fold_batchnorm, opset_of, ops_without_gradient, restore_decomposed, teacher_for_training,
-                             trainable_parameters, with_input_shapes, with_teacher)
+from .training_graph import (TEACHER_PREFIX, copy_model, decompose_for_training, dim_values, dynamic_pool_inputs,
+                             float_outputs, fold_batchnorm, opset_of, ops_without_gradient, restore_decomposed,
+                             teacher_for_training, trainable_parameters, with_input_shapes, with_teacher)
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +165,7 @@ def export_training(model: onnx.ModelProto, directory: str | os.PathLike, loss: 
         except Exception as exc:  # onnxruntime's C++ errors: keep the line that names the op
             raise NotTrainable(f"onnxruntime-training could not build the training graph: {_reason(exc)}") from None
         manifest = {"inputs": [i.name for i in model.graph.input], "outputs": [o.name for o in model.graph.output],
-                    "input_shapes": {i.name: [d.dim_value if d.HasField("dim_value") else None
-                                              for d in i.type.tensor_type.shape.dim] for i in model.graph.input},
+                    "input_shapes": {i.name: dim_values(i.type.tensor_type.shape.dim) for i in model.graph.input},
                     "loss": loss, "loss_outputs": loss_outputs, "teacher": teacher is not None,
                     "targets": [] if teacher is not None else (["target"] if loss == "mse" else ["labels"]),
                     "trainable": trainable, "frozen": frozen_names, "batchnorm_folded": folded,

@@ -108,10 +108,15 @@ def dynamic_pool_inputs(model: onnx.ModelProto, trainable: list[str], loss_input
         if first is None or node.domain not in ("", "ai.onnx") or node.op_type in found:
             continue
         dims = shapes.get(node.input[0])  # unknown (inference failed): not refused, the child process guards
-        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else "?" for d in dims or []]
+        shape = ["?" if d is None else d for d in dim_values(dims or [])]
         if "?" in shape[first:]:
             found[node.op_type] = (node.name or node.output[0], shape)
     return found
+
+
+def dim_values(dims) -> list[int | None]:
+    """A shape's dims (TensorShapeProto dims) as ints, None for the dynamic ones."""
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
 
 
 def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, list]) -> onnx.ModelProto:
@@ -303,11 +308,10 @@ def decompose_for_training(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dic
     model = copy_model(model)
     graph = model.graph
     opset = opset_of(model)
-    pools = any(n.op_type == "AveragePool" for n in graph.node)
-    shapes = _tensor_shapes(model) if pools else {}
-    if pools:  # the Conv's weights are float32: leave pools of other types
+    shapes = {}
+    if any(n.op_type == "AveragePool" for n in graph.node):  # the Conv's weights are float32: only float pools
         types = _tensor_types(model)
-        shapes = {k: v for k, v in shapes.items() if types.get(k) == TensorProto.FLOAT}
+        shapes = {k: v for k, v in _tensor_shapes(model).items() if types.get(k) == TensorProto.FLOAT}
     kept, counts = [], {}
     for node in graph.node:
         spelled = _spell_out(node, opset, graph.initializer, shapes)
