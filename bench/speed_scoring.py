@@ -1,12 +1,18 @@
-"""Speed and memory of calibration + scoring on a ResNet-50-sized model.
+"""Speed and memory of calibration + scoring on a ResNet-50-sized model, on the path `onnxprune prune`
+takes.
 
-onnx's light ResNet-50 topology with seeded random weights (bench/_models.py), 256 random 3x224x224
-inputs, each data-informed scorer (pfp, wanda, activation) on its own process so that peak memory is
-per scorer. Prints wall time, CPU time (user + system: what 2 quiet cores would need, divided by the
-parallelism), peak resident memory, the model size, the calibration data size and one capture batch of
-activations, and the machine's load average (this machine is shared: wall time under load says little).
-Below the table, each scorer's resident memory per stage (MB at the end of the stage / peak within it,
-on Linux): load, calibration data, analysis, capture session, capture + scoring.
+onnx's light ResNet-50 topology with seeded random weights (bench/_models.py) in a file, 256 random
+3x224x224 inputs in an .npz, each data-informed scorer (pfp, wanda, activation) on its own process so
+that peak memory is per scorer. The run goes through the pipeline's own functions, as `prune` calls
+them: `prepare` (load, calibration data, the original's reference outputs, the model parsed again),
+`analyze_model`, then `Baseline.scores` (the parsed model released while the capture pass runs, parsed
+again after it). Prints wall time and CPU time of the scoring (user + system: what 2 quiet cores would
+need, divided by the parallelism), peak resident memory, the model size, the calibration data size and
+one capture batch of activations, and the machine's load average (this machine is shared: wall time
+under load says little). Below the table, each scorer's resident memory per stage (MB at the end of the
+stage / peak within it, on Linux): load, data (calibration), reference (the original's outputs, without
+its parsed proto), reparse, analysis, release (the parsed proto freed before scoring), session (the
+capture session built), capture+score, restore (the model parsed again after scoring).
 
     python bench/speed_scoring.py [--samples 256] [--scorers pfp,wanda,activation]
     python bench/speed_scoring.py --one pfp       (one measurement, what the table runs per row)
@@ -31,37 +37,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def measure(scorer: str, samples: int, model_path: str, batch: int | None) -> dict:
-    from onnxprune.calib import capture, input_specs, load_calibration
+def measure(scorer: str, model_path: str, data_path: str, batch: int | None) -> dict:
+    from onnxprune import pipeline
+    from onnxprune.calib import capture
     from onnxprune.calib.stats import capture_batch_size
-    from onnxprune.pipeline import analyze_model, load
-    from onnxprune.scoring import ScoringContext, score
+    from onnxprune.scoring import ScoringContext
     from onnxprune.scoring.consumers import find_consumers
 
     memory = StageMemory()
+    # each stage ends where the pipeline calls the function wrapped here (the same calls, only observed)
+    memory.wrap(pipeline, "load", "load")
+    memory.wrap(pipeline, "_calibration", "data")
+    memory.wrap(pipeline.Baseline, "reference", "reference")
+    memory.wrap(pipeline, "score", "capture+score", before="release")
+    memory.wrap(capture, "capture_session", "session")
     started = time.perf_counter()
-    loaded = load(model_path)
-    memory.end("load")
-    specs = input_specs(loaded.model, loaded.input_shapes)
-    data = random_images(samples)
-    calibration = load_calibration({specs[0].name: data}, specs)
-    memory.end("data")
-    analysis = analyze_model(loaded)
+    config = pipeline.PruneConfig(calibration=data_path, scorer=scorer, calib_batch=batch)
+    baseline = pipeline.prepare(model_path, config)
+    memory.end("reparse")
+    analysis = pipeline.analyze_model(baseline.loaded, config.exclude)
     names = sorted({c.tensor for c in find_consumers(analysis)})
     batch_size = capture_batch_size(analysis.shapes, names, batch)
     per_sample = sum(4 * int(np.prod(analysis.shapes[n][1:])) for n in names)
     memory.end("analysis")
     cpu0, t0 = _cpu(), time.perf_counter()
-    context = ScoringContext(calibration=calibration, model=loaded.model, batch_size=batch)
-    build = capture.capture_session  # wrapped so that building the capture session ends a stage
-    capture.capture_session = lambda model: memory.after(build(model), "session")
-    score(analysis, scorer, context)
-    memory.end("capture+score")
+    context = ScoringContext(seed=config.seed, calibration=baseline.calibration, model=baseline.loaded.model,
+                             batch_size=batch)
+    baseline.scores(analysis, scorer, context, config)
+    score_wall, score_cpu = time.perf_counter() - t0, _cpu() - cpu0
+    memory.end("restore")
     return {
-        "scorer": scorer, "samples": samples, "score_wall_s": time.perf_counter() - t0, "score_cpu_s": _cpu() - cpu0,
+        "scorer": scorer, "samples": baseline.calibration.count, "score_wall_s": score_wall, "score_cpu_s": score_cpu,
         "total_wall_s": time.perf_counter() - started, "peak_rss_mb": memory.peak(),
-        "model_mb": os.path.getsize(model_path) / 1e6, "data_mb": data.nbytes / 1e6, "batch": batch_size,
-        "batch_activations_mb": batch_size * per_sample / 1e6, "stages": memory.stages,
+        "model_mb": os.path.getsize(model_path) / 1e6,
+        "data_mb": sum(a.nbytes for a in baseline.calibration.arrays.values()) / 1e6,
+        "batch": batch_size, "batch_activations_mb": batch_size * per_sample / 1e6, "stages": memory.stages,
         "points": getattr(context.pfp, "points", None), "load": os.getloadavg()[0],
     }
 
@@ -94,6 +104,18 @@ class StageMemory:
     def after(self, value, stage: str):
         self.end(stage)
         return value
+
+    def wrap(self, owner, name: str, stage: str, before: str | None = None) -> None:
+        """Replace `owner.name` by a wrapper that ends stage `before` (if given) when it is called and
+        stage `stage` when it returns."""
+        function = getattr(owner, name)
+
+        def observed(*args, **kwargs):
+            if before:
+                self.end(before)
+            return self.after(function(*args, **kwargs), stage)
+
+        setattr(owner, name, observed)
 
     def peak(self) -> float:
         peaks = [peak for _, peak in self.stages.values()]
@@ -128,20 +150,24 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.samples, args.model, args.batch)))
+        print(json.dumps(measure(args.one, args.model, args.data, args.batch)))
         return
     from _models import random_resnet50
 
     with tempfile.TemporaryDirectory(prefix="onnxprune-speed-") as tmp:
-        model_path = str(Path(tmp) / "resnet50_random.onnx")
-        onnx.save(random_resnet50(), model_path)
+        model_path, data_path = str(Path(tmp) / "resnet50_random.onnx"), str(Path(tmp) / "calib.npz")
+        model = random_resnet50()
+        onnx.save(model, model_path)
+        np.savez(data_path, **{model.graph.input[0].name: random_images(args.samples)})
+        del model
         print(f"{'scorer':<11}{'samples':>8}{'score wall s':>14}{'score CPU s':>13}{'peak RSS MB':>13}"
               f"{'model MB':>10}{'data MB':>9}{'batch':>7}{'batch acts MB':>15}{'points':>8}{'load':>6}")
         rows = []
         for scorer in args.scorers.split(","):
-            command = [sys.executable, __file__, "--one", scorer, "--samples", str(args.samples), "--model", model_path]
+            command = [sys.executable, __file__, "--one", scorer, "--model", model_path, "--data", data_path]
             if args.batch:
                 command += ["--batch", str(args.batch)]
             row = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)

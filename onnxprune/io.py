@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,13 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 
 def load_model_and_size(path: str | os.PathLike) -> tuple[onnx.ModelProto, int]:
     """`load_model`, and the bytes the model takes on disk (the file and its external data)."""
+    model, size, _ = load_model_file(path)
+    return model, size
+
+
+def load_model_file(path: str | os.PathLike) -> tuple[onnx.ModelProto, int, ModelFile]:
+    """`load_model_and_size`, and the file as a `ModelFile` (what capture passes can read instead of
+    the proto, so that it can be freed while they run)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"input model '{path}' does not exist: check the path")
@@ -50,8 +58,25 @@ def load_model_and_size(path: str | os.PathLike) -> tuple[onnx.ModelProto, int]:
     if not model.graph.node:
         raise ModelError(f"'{path}' holds no graph nodes: it is empty, truncated or not an ONNX model")
     size = file_size(path, model)
+    external = bool(_external_tensors(model))
     _load_external_data(model, path.parent)
-    return normalize_model(model, copy=False), size  # nobody else holds this proto: no need to copy it
+    model, changed = _normalize(model)  # nobody else holds this proto: no need to copy it
+    outputs = tuple(o.name for o in model.graph.output)
+    return model, size, ModelFile(path, outputs, verbatim=not changed and not external)
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """A model file to re-read instead of holding its parsed proto. `verbatim`: the file parses to the
+    normalised model and holds all its weights (no external data), so onnxruntime can read a copy of it
+    as it is; otherwise the model is parsed and normalised again (`load`)."""
+
+    path: Path
+    outputs: tuple[str, ...] = ()  # the graph's outputs
+    verbatim: bool = False
+
+    def load(self) -> onnx.ModelProto:
+        return load_model(self.path)
 
 
 def _load_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
@@ -83,7 +108,14 @@ def normalize_model(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProt
     """Return a model with opset >= 11 and constant weights as initializers (a copy unless told)."""
     if copy:
         model = _copy(model)
-    if opset_version(model) < MIN_OPSET:
+    return _normalize(model)[0]
+
+
+def _normalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """Normalise `model` in place (an old opset is converted into a new proto); (model, whether it changed)."""
+    before = model.ir_version
+    changed = opset_version(model) < MIN_OPSET
+    if changed:
         old = opset_version(model)
         try:
             model = version_converter.convert_version(model, CONVERT_TO_OPSET)
@@ -93,20 +125,22 @@ def normalize_model(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProt
                 "re-export it with opset 11 or newer"
             ) from None
         log.info("converted the model from opset %d to %d", old, CONVERT_TO_OPSET)
-    fold_constant_nodes(model.graph)
-    _weights_are_not_inputs(model)
-    return model
+    changed |= fold_constant_nodes(model.graph) > 0
+    changed |= _weights_are_not_inputs(model)
+    return model, changed or model.ir_version != before
 
 
-def _weights_are_not_inputs(model: onnx.ModelProto) -> None:
+def _weights_are_not_inputs(model: onnx.ModelProto) -> bool:
     """Old exports (IR < 4) list every initializer as a graph input too; pruning treats weights as
     constants, so drop them from the inputs and raise the IR version to one that allows that."""
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
-    if len(inputs) != len(model.graph.input):
+    dropped = len(inputs) != len(model.graph.input)
+    if dropped:
         del model.graph.input[:]
         model.graph.input.extend(inputs)
     model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(model.opset_import))
+    return dropped
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -243,7 +243,7 @@ def test_capture_streams_every_batch_and_leaves_the_model_as_it_was():
     before = model.SerializeToString()
     inner = [n.output[0] for n in model.graph.node][:2]
     x = np.random.default_rng(0).standard_normal((5, 3, 16, 16)).astype(np.float32)
-    batches = list(stream_activations(model, inner, CalibrationSet({"x": x}), batch_size=2))
+    batches = [dict(b) for b in stream_activations(model, inner, CalibrationSet({"x": x}), batch_size=2)]
     assert [len(b[inner[0]]) for b in batches] == [2, 2, 1]
     assert set(batches[0]) == set(inner)
     assert model.SerializeToString() == before

@@ -66,7 +66,8 @@ def test_stream_activations_matches_runs_of_a_session_from_the_bytes():
     with with_outputs(model, names) as probe:
         reference = _from_bytes(probe)
     expected = [reference.run(names, {"x": sample}) for sample in x]
-    streamed = list(stream_activations(model, names, CalibrationSet({"x": x.reshape(3, 3, 16, 16)}), batch_size=1))
+    streamed = [dict(b) for b in stream_activations(model, names, CalibrationSet({"x": x.reshape(3, 3, 16, 16)}),
+                                                   batch_size=1)]
     assert len(streamed) == 3
     for batch, outputs in zip(streamed, expected):
         _assert_same([batch[name] for name in names], outputs)

@@ -1,15 +1,22 @@
 """Activation capture: one onnxruntime pass over the calibration data exposing intermediate tensors.
 
 The model copy gets the requested tensors as extra graph outputs; each batch's activations are handed
-to the caller (who folds them into running statistics), so memory stays bounded by two batches (the
-caller still holds one while the next runs) whatever the number of samples. Every consumer of
-activations should ask for all its tensors in one call.
+to the caller (who folds them into running statistics) and dropped before the next batch is computed,
+so memory stays bounded by one batch whatever the number of samples. Every consumer of activations
+should ask for all its tensors in one call.
+
+The model comes as a proto or as an `io.ModelFile`: then no parsed copy of it is held while the pass
+runs (onnxruntime reads a copy of the file with the outputs appended, or the model parsed again and
+written to a temporary file, that copy freed before onnxruntime builds its own).
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -18,6 +25,7 @@ from onnx import helper
 
 import onnxruntime as ort
 
+from ..io import ModelFile, write_model
 from ..validate.runtime import build_session, release_free_memory
 from .data import CalibrationSet
 
@@ -37,15 +45,51 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> Iterator[onnx.Mode
         del outputs[before:]
 
 
-def stream_activations(model: onnx.ModelProto, names: list[str], calibration: CalibrationSet,
+def output_suffix(names: list[str], present=()) -> bytes:
+    """Serialized ModelProto bytes that, appended to a serialized model, add `names` (those not in
+    `present`) as graph outputs: protobuf parses concatenated messages as one, merged, message, and
+    repeated fields (graph.output) are appended."""
+    added = [helper.make_empty_tensor_value_info(name) for name in dict.fromkeys(names) if name not in set(present)]
+    return onnx.ModelProto(graph=onnx.GraphProto(output=added)).SerializeToString() if added else b""
+
+
+@contextmanager
+def probe_file(model: onnx.ModelProto | ModelFile, names: list[str]) -> Iterator[Path]:
+    """A temporary file holding `model` with `names` as extra graph outputs. A verbatim `ModelFile` is
+    copied with the outputs appended (no proto parsed); another one is parsed again, the outputs added
+    and written, and that proto freed before the block runs."""
+    with tempfile.TemporaryDirectory(prefix="onnxprune-") as tmp:
+        path = Path(tmp) / "probe.onnx"
+        if isinstance(model, ModelFile) and model.verbatim:
+            shutil.copyfile(model.path, path)
+            with path.open("ab") as out:
+                out.write(output_suffix(names, model.outputs))
+        elif isinstance(model, ModelFile):
+            proto = model.load()
+            with with_outputs(proto, names) as probe:
+                write_model(probe, path)
+            del proto, probe
+        else:
+            with with_outputs(model, names) as probe:
+                write_model(probe, path)
+        yield path
+
+
+def stream_activations(model: onnx.ModelProto | ModelFile, names: list[str], calibration: CalibrationSet,
                        batch_size: int, progress: str | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Yield `{name: activation}` for every batch of `calibration`, in order (one model run per batch)."""
-    with with_outputs(model, names) as probe:
-        sess = capture_session(probe)
+    """Yield `{name: activation}` for every batch of `calibration`, in order (one model run per batch).
+
+    Each dict is emptied when the next batch is asked for (the caller's loop variable would otherwise
+    keep one batch alive while the next is computed): use its arrays inside the loop, and copy the dict
+    (`dict(batch)`) to keep one."""
+    with probe_file(model, names) as path:
+        sess = capture_session(path)
     total = -(-calibration.count // batch_size)
     bar = ProgressBar(progress, total) if progress else None
     for feed in calibration.batches(batch_size):
-        yield dict(zip(names, sess.run(names, feed)))
+        batch = dict(zip(names, sess.run(names, feed)))
+        yield batch
+        batch.clear()
         if bar:
             bar.step()
     if bar:
@@ -54,7 +98,7 @@ def stream_activations(model: onnx.ModelProto, names: list[str], calibration: Ca
     release_free_memory()  # the session's weights and arena, before the caller's next stage
 
 
-def capture_session(model: onnx.ModelProto) -> ort.InferenceSession:
+def capture_session(model: onnx.ModelProto | str | Path) -> ort.InferenceSession:
     """A session for capture passes: with onnxruntime's memory arena (it reuses one batch's buffers for
     the next: ~10% faster on ResNet-50) and no spinning workers (numpy runs between batches)."""
     options = ort.SessionOptions()

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 ACTIVATION_BUDGET_BYTES = 96 << 20  # exposed activations of one capture batch, all tensors together (onnxruntime
-# needs about as much again for its own buffers, and the caller still holds one batch while the next is computed:
-# the numpy outputs are views of onnxruntime's buffers, not copies)
+# needs about as much again for its own buffers; a batch is dropped before the next is computed)
 MAX_AUTO_BATCH = 32
 
 

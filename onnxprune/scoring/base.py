@@ -16,7 +16,8 @@ class ScoringContext:
     seed: int = 0
     calibration: object = None  # a CalibrationSet, for data-informed scorers
     notes: list[str] = field(default_factory=list)  # what the report should say about scoring
-    model: object = None  # the normalised original ModelProto that activations are captured from
+    model: object = None  # what activations are captured from: the normalised original ModelProto, or the
+    # io.ModelFile to read it from while the pipeline holds no parsed copy (calib.capture accepts either)
     batch_size: int | None = None  # samples per capture batch (None: from a memory budget)
     fixed_batch: int | None = None  # the model's fixed batch size, when its input has one
     pfp_points: int | None = None  # (input, position) points per layer for PFP (None: from a work budget)
