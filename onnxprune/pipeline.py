@@ -96,9 +96,12 @@ class Loaded:
     input_shapes: dict[str, list[int]]
     shapes: dict[str, tuple]
     size_bytes: int
-    path: Path | None = None  # the file it came from: onnxruntime reads it there, no serialised copy
     cost: dict = field(default_factory=dict)  # params and MACs, computed once
-    file: ModelFile | None = None  # the file again, for capture passes that run while `model` is freed
+    file: ModelFile | None = None  # the file it came from: sessions and capture passes read it there
+
+    @property
+    def path(self) -> Path | None:
+        return self.file.path if self.file is not None else None
 
     @property
     def runnable(self):
@@ -112,8 +115,7 @@ def load(model: onnx.ModelProto | str | os.PathLike, input_shapes=None) -> Loade
         proto, size, file = load_model_file(model)
     resolved = resolve_input_shapes(proto, input_shapes)
     shapes = infer_shapes(proto, resolved)
-    path = file.path if file is not None else None
-    return Loaded(proto, resolved, shapes, size, path, model_cost(proto, resolved, shapes), file)
+    return Loaded(proto, resolved, shapes, size, model_cost(proto, resolved, shapes), file)
 
 
 @dataclass
