@@ -33,18 +33,12 @@ SKELETON_KEEP_ELEMENTS = 64
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Read an ONNX file (with its external data) and normalise it, or raise ModelError."""
-    return load_model_and_size(path)[0]
-
-
-def load_model_and_size(path: str | os.PathLike) -> tuple[onnx.ModelProto, int]:
-    """`load_model`, and the bytes the model takes on disk (the file and its external data)."""
-    model, size, _ = load_model_file(path)
-    return model, size
+    return load_model_file(path)[0]
 
 
 def load_model_file(path: str | os.PathLike) -> tuple[onnx.ModelProto, int, ModelFile]:
-    """`load_model_and_size`, and the file as a `ModelFile` (what capture passes can read instead of
-    the proto, so that it can be freed while they run)."""
+    """`load_model`, the bytes the model takes on disk (the file and its external data), and the file
+    as a `ModelFile` (what capture passes can read instead of the proto, so that it can be freed)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"input model '{path}' does not exist: check the path")

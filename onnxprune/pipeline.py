@@ -23,7 +23,7 @@ from . import __version__
 from .calib import CalibrationSet, input_specs, load_calibration, synthetic
 from .errors import NothingToPrune, UsageError
 from .graph import Analysis, analyze
-from .io import ModelFile, load_model_and_size, load_model_file, model_size_bytes, normalize_model, resolve_input_shapes
+from .io import ModelFile, load_model_file, model_size_bytes, normalize_model, resolve_input_shapes
 from .shapes import infer_shapes
 from .plan import Plan
 from .rewrite import apply_channel_plan, apply_unit_scales
@@ -177,15 +177,32 @@ def prepare(model, config: PruneConfig | None = None) -> Baseline:
     evaluation = _evaluation(config, specs, calibration)
     check_gate_requirements(config.gates, evaluation.labels is not None)
     baseline = Baseline(loaded, specs, calibration, evaluation)
-    if loaded.path is not None and loaded.size_bytes > RELOAD_ABOVE_BYTES:
+    if releasable(loaded):
         # onnxruntime needs about 3x a model's size to run it; with our parsed copy alive too, that
         # would be the job's peak. Run the original from its file without our copy, then parse again.
-        loaded.model = None
-        baseline.reference()
-        gc.collect()
-        release_free_memory()
-        loaded.model = load_model_and_size(loaded.path)[0]
+        with unparsed(loaded):
+            baseline.reference()
     return baseline
+
+
+def releasable(loaded: Loaded) -> bool:
+    """Whether `loaded.model` is worth freeing while onnxruntime runs it: a large model from a file."""
+    return loaded.model is not None and loaded.file is not None and loaded.size_bytes > RELOAD_ABOVE_BYTES
+
+
+@contextmanager
+def unparsed(loaded: Loaded):
+    """`loaded.model` is None while the block runs (its memory handed back), parsed again from its file
+    afterwards, also when the block raises."""
+    loaded.model = None
+    gc.collect()
+    release_free_memory()
+    try:
+        yield
+    finally:
+        gc.collect()
+        release_free_memory()  # what the block freed (an onnxruntime session), before parsing again
+        loaded.model = loaded.file.load()
 
 
 @contextmanager
@@ -195,17 +212,12 @@ def released_model(loaded: Loaded, graph: gs.Graph):
     `io.ModelFile` to read it from (capture passes accept either); afterwards the file is parsed again.
     Otherwise the block gets `loaded.model` and nothing changes. During a capture pass the weights are
     then held once by us (the graph's arrays) and once by onnxruntime, not also as a parsed proto."""
-    if loaded.model is None or loaded.file is None or loaded.size_bytes <= RELOAD_ABOVE_BYTES:
+    if not releasable(loaded):
         yield loaded.model
         return
     detach_constants(graph)
-    loaded.model = None
-    gc.collect()
-    release_free_memory()
-    try:
+    with unparsed(loaded):
         yield loaded.file
-    finally:
-        loaded.model = load_model_and_size(loaded.path)[0]
 
 
 def detach_constants(graph: gs.Graph) -> None:
@@ -218,9 +230,7 @@ def detach_constants(graph: gs.Graph) -> None:
         lazy = tensor._values if isinstance(tensor, gs.Constant) else None
         if isinstance(lazy, gs.ir.tensor.LazyValues) and id(lazy) not in seen:
             seen.add(id(lazy))
-            copy = type(lazy.tensor)()
-            copy.CopyFrom(lazy.tensor)
-            lazy.tensor = copy
+            copy = lazy.tensor = _copied(lazy.tensor)
             if hasattr(lazy.shape, "extend"):  # graphsurgeon keeps the tensor's dims container as the shape
                 lazy.shape = (copy.values if isinstance(copy, onnx.SparseTensorProto) else copy).dims
 
@@ -237,7 +247,7 @@ def detach_constants(graph: gs.Graph) -> None:
         if id(g) in seen:
             return
         seen.add(id(g))
-        g.import_domains = _copied(g.import_domains)
+        g.import_domains = _copied_all(g.import_domains)
         for tensor in g.tensors().values():
             constant(tensor)
         for node in g.nodes:
@@ -249,15 +259,14 @@ def detach_constants(graph: gs.Graph) -> None:
     walk(graph)
 
 
-def _copied(messages):
-    if messages is None:
-        return None
-    copies = []
-    for message in messages:
-        copy = type(message)()
-        copy.CopyFrom(message)
-        copies.append(copy)
-    return copies
+def _copied(message):
+    copy = type(message)()
+    copy.CopyFrom(message)
+    return copy
+
+
+def _copied_all(messages):
+    return None if messages is None else [_copied(m) for m in messages]
 
 
 def _evaluation(config: PruneConfig, specs, calibration: CalibrationSet) -> CalibrationSet:
@@ -276,7 +285,7 @@ def _evaluation(config: PruneConfig, specs, calibration: CalibrationSet) -> Cali
 
 def analyze_model(loaded: Loaded, exclude=()) -> Analysis:
     graph = gs.import_onnx(loaded.model)
-    graph.import_domains = _copied(graph.import_domains)  # export may add to them: never to the model's
+    graph.import_domains = _copied_all(graph.import_domains)  # export may add to them: never to the model's
     fold_constants(graph)
     graph.toposort()
     return analyze(graph, loaded.shapes, exclude)

@@ -64,14 +64,11 @@ def probe_file(model: onnx.ModelProto | ModelFile, names: list[str]) -> Iterator
             shutil.copyfile(model.path, path)
             with path.open("ab") as out:
                 out.write(output_suffix(names, model.outputs))
-        elif isinstance(model, ModelFile):
-            proto = model.load()
+        else:
+            proto = model.load() if isinstance(model, ModelFile) else model
             with with_outputs(proto, names) as probe:
                 write_model(probe, path)
-            del proto, probe
-        else:
-            with with_outputs(model, names) as probe:
-                write_model(probe, path)
+            del proto, probe  # a proto parsed here is freed before onnxruntime builds its session
         yield path
 
 
