@@ -167,6 +167,72 @@ def pfp_keep_counts(analysis, scores, stats, filters: float | None, target_macs:
                     "unit": "macs" if target_macs is not None else "channels"}
 
 
+# ---------------------------------------------------------------- error curves (obs): error per MAC
+
+MIN_KEEP_FRACTION = 0.1  # no group is cut below this share of its channels by the error-curve allocation
+LOG_PRICE_RANGE = (-60.0, 60.0)
+
+
+def curve_choices(curve: np.ndarray, channels: int, round_to) -> np.ndarray:
+    """Keep counts a group may take: multiples of round_to, at least MIN_KEEP_FRACTION of it, descending."""
+    floor = int(np.ceil(MIN_KEEP_FRACTION * channels))
+    return np.array(sorted({round_keep(k, channels, round_to) for k in range(max(floor, 1), channels + 1)},
+                           reverse=True))
+
+
+def curve_keep_counts(analysis, stats, filters: float | None, target_macs: float | None, round_to,
+                      cost: CostModel | None = None) -> tuple[dict[int, int], dict]:
+    """Keep counts from each group's error curve (error after removing r units): the price lambda of a
+    MAC (or a channel, for --filters) is bisected until the target is met, and each group keeps the count
+    that minimises error - lambda x (what it saves), so the budget goes where error per MAC is lowest."""
+    check_target(target_macs)
+    channels = {g.index: g.channels for g in analysis.prunable_groups()}
+    fixed = {g: c for g, c in channels.items() if g not in stats.curves}
+    if target_macs is not None:
+        cost = cost or CostModel.build(analysis)
+        limit = target_macs * cost.full
+        measure = lambda counts: cost.macs({**fixed, **counts})  # noqa: E731
+        unit_saving = {g: max(cost.full - cost.macs({g: c - 1}), 1e-12) for g, c in channels.items() if g not in fixed}
+    else:
+        if not 0.0 <= filters < 1.0:
+            raise UsageError(f"--filters {filters} is outside [0, 1): give the fraction of channels to remove, e.g. 0.5")
+        total = sum(channels.values())
+        limit = total - int(np.floor(filters * total + 1e-9))
+        measure = lambda counts: sum(fixed.values()) + sum(counts.values())  # noqa: E731
+        unit_saving = {g: 1.0 for g in channels if g not in fixed}
+    choices = {g: curve_choices(stats.curves[g], channels[g], round_to) for g in unit_saving}
+
+    def counts_at(log_price: float) -> dict[int, int]:
+        price = np.exp(log_price)
+        picked = {}
+        for g, kept in choices.items():
+            removed = channels[g] - kept
+            objective = stats.curves[g][removed] - price * removed * unit_saving[g]
+            picked[g] = int(kept[np.argmin(objective)])
+        return picked
+
+    unit = "macs" if target_macs is not None else "channels"
+    if measure(channels) <= limit:
+        return dict(channels), {"price": 0.0, "target": float(limit), "achieved": float(measure(channels)), "unit": unit}
+    lo, hi = LOG_PRICE_RANGE
+    if measure(counts_at(hi)) > limit:
+        lo = hi  # even the highest price cannot meet it (every group at its floor)
+    for _ in range(BISECTION_STEPS):
+        if hi - lo < 1e-6:
+            break
+        mid = (lo + hi) / 2
+        if measure(counts_at(mid)) <= limit:
+            hi = mid
+        else:
+            lo = mid
+    counts = {**fixed, **counts_at(hi)}
+    achieved = measure(counts)
+    if achieved > limit:
+        log.warning("obs: the target cannot be met (each group keeps at least %.0f%% of its channels)",
+                    100 * MIN_KEEP_FRACTION)
+    return counts, {"price": float(np.exp(hi)), "target": float(limit), "achieved": float(achieved), "unit": unit}
+
+
 # ---------------------------------------------------------------- other scorers: search the ratio
 
 
@@ -203,6 +269,8 @@ def choose_channels(analysis, scorer: str, scores: dict[int, np.ndarray], contex
         counts, summary = pfp_keep_counts(analysis, scores, context.pfp, filters, target_macs, round_to)
         if global_ranking:
             context.notes.append("pfp: --global changes nothing (PFP's budget spans all groups already)")
+    elif scorer == "obs" and getattr(context, "obs", None) is not None:
+        counts, summary = curve_keep_counts(analysis, context.obs, filters, target_macs, round_to)
     elif target_macs is not None:
         counts, summary = ratio_for_macs(analysis, scores, target_macs, global_ranking, round_to)
     else:

@@ -230,7 +230,7 @@ def _recovery_config(options: dict) -> dict:
               help="Fraction of channels to remove from each prunable group (of all of them with --global) "
                    "[default: 0.5, or 0 with --rank or --target-macs].")
 @click.option("--global", "global_ranking", is_flag=True, help="Rank channels of all groups together.")
-@click.option("--scorer", type=click.Choice(["pfp", "wanda", "activation", "l1", "l2", "bn", "random"]), default=None,
+@click.option("--scorer", type=click.Choice(["obs", "pfp", "wanda", "activation", "l1", "l2", "bn", "random"]), default=None,
               help="Channel importance: pfp (Provable Filter Pruning: sensitivity on the calibration data, with "
                    "per-layer budgets), wanda (|W| x input norm), activation (mean |a|), filter L1/L2 norm, "
                    "BatchNorm |gamma|, or random [default: pfp with --calib or --data-loader-script, else l1].")

@@ -148,10 +148,9 @@ class Baseline:
                 context.model = model
                 scores = score(analysis, scorer, context)
             context.model = self.loaded.model
-            self._scores[key] = copy.deepcopy((scores, context.pfp, context.notes[before:]))
+            self._scores[key] = copy.deepcopy((scores, context.pfp, context.obs, context.notes[before:]))
             return scores
-        scores, stats, notes = copy.deepcopy(self._scores[key])
-        context.pfp = stats
+        scores, context.pfp, context.obs, notes = copy.deepcopy(self._scores[key])
         context.notes.extend(notes)
         return scores
 

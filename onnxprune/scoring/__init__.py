@@ -9,6 +9,6 @@ from __future__ import annotations
 from .base import SCORERS, ScoringContext, register_scorer, score
 
 from . import magnitude  # noqa: E402,F401  (registration)
-from . import activation, pfp, wanda  # noqa: E402,F401  (registration of the data-informed scorers)
+from . import activation, obs, pfp, wanda  # noqa: E402,F401  (registration of the data-informed scorers)
 
 __all__ = ["SCORERS", "ScoringContext", "register_scorer", "score"]

@@ -22,6 +22,7 @@ class ScoringContext:
     fixed_batch: int | None = None  # the model's fixed batch size, when its input has one
     pfp_points: int | None = None  # (input, position) points per layer for PFP (None: from a work budget)
     pfp: object = None  # set by the pfp scorer: per-group alpha and unread groups (scoring.pfp.PFPStats)
+    obs: object = None  # set by the obs scorer: per-group removal order and error curve (scoring.obs.ObsStats)
 
 
 def register_scorer(name: str):

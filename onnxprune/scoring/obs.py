@@ -1,0 +1,273 @@
+"""Reconstruction-aware channel selection: structured Optimal Brain Surgeon over the consumer layers.
+
+What least squares can re-predict from the kept channels decides which channels go. Every consumer layer
+(a Conv, ConvTranspose, Gemm or MatMul reading a group's channels as input features) is a linear map
+`y = W x` over its input features `x` (im2col patches for convolutions, C-major, plus a constant 1 for the
+bias, which is never removed). From the calibration data:
+
+    H = X^T X / N + lambda I                                     (damped Gram matrix of the features)
+
+Removing the feature set S of a unit (all kernel taps of its channels) and re-fitting the remaining
+weights optimally raises the layer's squared output error (per row) by (Optimal Brain Compression,
+Frantar & Alistarh 2022, eq. 4, in its structured form as in ZipLM, Kurtic et al. 2023, eq. 5):
+
+    eps_S = tr( W_S [(H^-1)_SS]^-1 W_S^T )
+
+and the optimal update of the rest, with the matching update of the inverse Gram matrix (OBC eq. 5-6):
+
+    W     <- W - W_S [(H^-1)_SS]^-1 (H^-1)_{S,:}
+    H^-1  <- H^-1 - (H^-1)_{:,S} [(H^-1)_SS]^-1 (H^-1)_{S,:}
+
+Units are removed greedily in batches (the cheapest first; OSSCAR, Meng et al. 2024, does the same local
+search with exact swaps); after every batch the joint cost of the batch is exact, so each group gets an
+error curve: its consumers' relative output error after removing 1, 2, ... units, summed over its
+consumers (a residual stream or a Concat feeds several). The ranking is the removal order; the curve
+drives the allocation (`allocate`): the global budget is spent where error per MAC saved is lowest.
+
+The statistics come from the original model's inputs (one capture pass); the kept channels are then
+re-fitted by the sequential least-squares recovery on the pruned model's own inputs (recover/), which is
+the same ridge solution on the kept columns, against the original's outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..calib.capture import stream_activations
+from ..calib.stats import capture_batch_size
+from ..errors import UsageError
+from .base import register_scorer
+from .consumers import Consumer, batch_rows, conv_patches, find_consumers
+
+log = logging.getLogger(__name__)
+
+DAMP = 0.01  # lambda, relative to the mean diagonal of X^T X / N (OBC's dampening)
+ROWS_PER_FEATURE = 32  # sampled rows (output positions) per input feature, over the calibration set
+MIN_ROWS = 2048
+MAX_BATCH_ELEMENTS = 8_000_000  # rows x features gathered at once (bounds the im2col buffer)
+MAX_FEATURES = 12_288  # per layer: H^-1 must fit in memory and update in seconds
+REMOVAL_STEPS = 32  # units are removed in about this many batches per group
+
+
+# ---------------------------------------------------------------- one layer as a reconstruction problem
+
+
+@dataclass
+class Problem:
+    """One consumer (one block of a grouped conv) as `y = W x`: W [outputs, features + 1], the last
+    column the bias; `hinv` the inverse damped Gram matrix; `columns[u]` the features of unit position u
+    (an index into the group; absent when the layer does not read that unit)."""
+
+    weight: np.ndarray
+    hinv: np.ndarray
+    columns: dict[int, np.ndarray]
+    energy: float  # mean squared output per row, tr(W H W^T): errors are relative to it
+
+    def copy(self) -> "Problem":
+        return Problem(self.weight.copy(), self.hinv.copy(), self.columns, self.energy)
+
+    def unit_costs(self, units: np.ndarray) -> np.ndarray:
+        """eps of removing each of `units` alone (relative to the output energy); units the layer does
+        not read cost 0."""
+        costs = np.zeros(len(units))
+        by_size: dict[int, list[int]] = {}
+        for i, u in enumerate(units.tolist()):
+            cols = self.columns.get(u)
+            if cols is not None:
+                by_size.setdefault(len(cols), []).append(i)
+        for size, rows in by_size.items():
+            cols = np.stack([self.columns[int(units[i])] for i in rows])  # [m, k]
+            blocks = self.hinv[cols[:, :, None], cols[:, None, :]]  # [m, k, k]
+            inverse = np.linalg.inv(blocks)
+            w = self.weight[:, cols]  # [outputs, m, k]
+            costs[rows] = np.einsum("omk,mkl,oml->m", w, inverse, w, optimize=True)
+        return np.maximum(costs, 0.0) / self.energy
+
+    def remove(self, units: np.ndarray) -> float:
+        """Remove `units` together with the optimal update; returns their joint relative cost."""
+        cols = [self.columns[u] for u in units.tolist() if u in self.columns]
+        if not cols:
+            return 0.0
+        s = np.concatenate(cols)
+        inverse = np.linalg.inv(self.hinv[np.ix_(s, s)])
+        w_s = self.weight[:, s]
+        cost = float(np.einsum("os,st,ot->", w_s, inverse, w_s, optimize=True))
+        self.weight -= (w_s @ inverse) @ self.hinv[s, :]
+        self.hinv -= (self.hinv[:, s] @ inverse) @ self.hinv[s, :]
+        self.weight[:, s] = 0.0
+        return max(cost, 0.0) / self.energy
+
+
+def damped_inverse(gram: np.ndarray) -> np.ndarray:
+    """(G + lambda I)^-1 with lambda = DAMP x the mean diagonal (the bias column is damped too, slightly)."""
+    scale = float(np.trace(gram)) / len(gram)
+    damped = gram + np.eye(len(gram)) * DAMP * (scale if scale > 0 else 1.0)
+    return np.linalg.inv((damped + damped.T) / 2)
+
+
+def greedy_removal(problems: list[Problem], channels: int, steps: int = REMOVAL_STEPS) -> tuple[np.ndarray, np.ndarray]:
+    """Remove all but one of `channels` units from the problems (copies are changed, not these), the
+    cheapest summed cost first, in about `steps` batches. Returns (removal order [channels - 1], error
+    curve [channels]: curve[r] is the summed relative error after removing the first r units)."""
+    work = [p.copy() for p in problems]
+    alive = np.ones(channels, dtype=bool)
+    order, curve = [], [0.0]
+    batch = max(1, -(-(channels - 1) // steps))
+    while alive.sum() > 1:
+        units = np.flatnonzero(alive)
+        costs = sum((p.unit_costs(units) for p in work), np.zeros(len(units)))
+        take = min(batch, len(units) - 1)
+        chosen = units[np.argsort(costs, kind="stable")[:take]]
+        joint = sum(p.remove(chosen) for p in work)
+        alone = np.sort(costs)[:take]
+        # within a batch the curve follows the units' own costs, scaled to the exact joint cost
+        share = np.cumsum(alone) / alone.sum() if alone.sum() > 0 else np.arange(1, take + 1) / take
+        curve.extend(curve[-1] + joint * share)
+        order.extend(chosen.tolist())
+        alive[chosen] = False
+    return np.array(order, dtype=np.int64), np.array(curve)
+
+
+# ---------------------------------------------------------------- statistics from the calibration data
+
+
+class GramFold:
+    """One consumer's Gram matrix of sampled input features (with a constant 1), folded batch by batch."""
+
+    def __init__(self, consumer: Consumer, samples: int, batches: int, rng):
+        self.consumer = consumer
+        features = consumer.fan_in * consumer.groups + 1
+        total = samples * consumer.positions
+        wanted = max(MIN_ROWS, ROWS_PER_FEATURE * consumer.fan_in)
+        per_batch = max(64, min(-(-wanted // max(batches, 1)), MAX_BATCH_ELEMENTS // features))
+        self.chosen = np.arange(total) if per_batch * batches >= total else \
+            np.sort(rng.choice(total, size=min(total, per_batch * batches), replace=False))
+        self.gram = np.zeros((features, features))
+        self.count = 0
+
+    def add(self, activation: np.ndarray, start: int, size: int) -> None:
+        per_sample = self.consumer.positions
+        lo, hi = np.searchsorted(self.chosen, [start * per_sample, (start + size) * per_sample])
+        flat = self.chosen[lo:hi] - start * per_sample
+        if not len(flat):
+            return
+        if self.consumer.kind == "linear":
+            x = batch_rows(self.consumer, activation)[flat]
+        else:
+            x = conv_patches(self.consumer, activation, flat // per_sample, flat % per_sample)
+        x = np.concatenate([x.astype(np.float64), np.ones((len(x), 1))], axis=1)
+        self.gram += x.T @ x
+        self.count += len(x)
+
+    def problems(self, analysis) -> list[tuple[int, Problem]]:
+        """(group index, Problem) for every prunable group this layer reads, one per conv block."""
+        consumer = self.consumer
+        gram = self.gram / max(self.count, 1)
+        weight, bias = _layer_matrix(consumer)
+        groups = consumer.groups
+        per_block_in = consumer.channels // groups
+        per_block_out = weight.shape[0] // groups
+        kernel = consumer.kernel
+        owners = analysis.group_of[consumer.units]
+        positions = analysis.position[consumer.units]
+        found = []
+        for block in range(groups):
+            in_channels = np.arange(block * per_block_in, (block + 1) * per_block_in)
+            features = (in_channels[:, None] * kernel + np.arange(kernel)[None, :]).ravel()  # C-major
+            take = np.append(features, gram.shape[0] - 1)
+            block_gram = gram[np.ix_(take, take)]
+            rows = slice(block * per_block_out, (block + 1) * per_block_out)
+            w = np.concatenate([weight[rows], bias[rows, None]], axis=1)  # a block reads its own channels
+            energy = float(np.einsum("of,fg,og->", w, block_gram, w))
+            if not energy > 0:
+                continue
+            hinv = damped_inverse(block_gram)
+            local = np.arange(per_block_in * kernel).reshape(per_block_in, kernel)
+            for g in np.unique(owners[in_channels][owners[in_channels] >= 0]).tolist():
+                columns: dict[int, list] = {}
+                for c in np.flatnonzero(owners[in_channels] == g).tolist():
+                    columns.setdefault(int(positions[in_channels[c]]), []).append(local[c])
+                found.append((g, Problem(w, hinv, {u: np.concatenate(v) for u, v in columns.items()}, energy)))
+        return found
+
+
+def _layer_matrix(consumer: Consumer) -> tuple[np.ndarray, np.ndarray]:
+    """The consumer's weight as [outputs, features] (features C-major as `conv_patches` lays them out)
+    and its per-output bias (zeros when it has none, or when it is not per output)."""
+    weight = consumer.weight.reshape(consumer.weight.shape[0], -1).astype(np.float64)
+    bias = np.zeros(weight.shape[0])
+    node = consumer.node
+    if len(node.inputs) > 2 and hasattr(node.inputs[2], "values"):
+        values = np.asarray(node.inputs[2].values, dtype=np.float64).reshape(-1)
+        if values.size == weight.shape[0]:
+            bias = values * float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else values
+    if node.op == "Gemm":
+        weight = weight * float(node.attrs.get("alpha", 1.0))
+    return weight, bias
+
+
+# ---------------------------------------------------------------- the scorer
+
+
+@dataclass
+class ObsStats:
+    """What the obs scorer leaves for the allocation: each group's removal order and error curve."""
+
+    curves: dict[int, np.ndarray] = field(default_factory=dict)
+    orders: dict[int, np.ndarray] = field(default_factory=dict)
+    unread: list[int] = field(default_factory=list)  # groups no consumer reads: left whole
+    layers: int = 0
+    rows: int = 0
+
+
+def gram_folds(analysis, context, consumers: list[Consumer]) -> list[GramFold]:
+    calibration = context.calibration
+    names = sorted({c.tensor for c in consumers})
+    batch = capture_batch_size(analysis.shapes, names, context.batch_size, context.fixed_batch)
+    batches = -(-calibration.count // batch)
+    folds = [GramFold(c, calibration.count, batches, np.random.default_rng([context.seed, i]))
+             for i, c in enumerate(consumers)]
+    start = 0
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # numpy releases the GIL in BLAS
+        for acts in stream_activations(context.model, names, calibration, batch, progress="OBS statistics"):
+            size = len(next(iter(acts.values())))
+            list(pool.map(lambda fold: fold.add(acts[fold.consumer.tensor], start, size), folds))  # noqa: B023
+            start += size
+    return folds
+
+
+@register_scorer("obs")
+def obs(analysis, context):
+    """Units ranked by their greedy structured-OBS removal order (the last removed scores highest)."""
+    if context.model is None or context.calibration is None:
+        raise UsageError("the obs scorer needs the model and calibration data (use onnxprune.prune)")
+    consumers = [c for c in find_consumers(analysis) if c.fan_in * c.groups < MAX_FEATURES]
+    folds = gram_folds(analysis, context, consumers) if consumers else []
+    by_group: dict[int, list[Problem]] = {}
+    for fold in folds:
+        for g, problem in fold.problems(analysis):
+            by_group.setdefault(g, []).append(problem)
+    stats = ObsStats(layers=len(folds), rows=max((f.count for f in folds), default=0))
+    scores = {}
+    for group in analysis.prunable_groups():
+        problems = by_group.get(group.index)
+        if not problems or group.channels < 2:
+            stats.unread.append(group.index)
+            scores[group.index] = np.ones(group.channels)
+            continue
+        order, curve = greedy_removal(problems, group.channels)
+        rank = np.full(group.channels, float(group.channels))  # the survivor scores highest
+        rank[order] = np.arange(len(order))
+        scores[group.index] = rank
+        stats.orders[group.index], stats.curves[group.index] = order, curve
+    context.obs = stats
+    unread = [g for g in stats.unread if analysis.groups[g].channels > 1]
+    if unread:
+        context.notes.append(f"obs: {len(unread)} group(s) feed no Conv/Gemm/MatMul it can score "
+                             "(or too wide a layer): left whole")
+    return scores
