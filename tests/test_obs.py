@@ -1,0 +1,139 @@
+"""The obs scorer: structured OBS removal costs and updates against brute-force least squares, the greedy
+error curve, the error-per-MAC allocation, and the scorer end to end."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from onnxprune import PruneConfig, prune
+from onnxprune.budget import MIN_KEEP_FRACTION, curve_keep_counts
+from onnxprune.pipeline import analyze_model, load
+from onnxprune.scoring.obs import Problem, damped_inverse, greedy_removal
+from tests import models
+
+
+def _problem(seed=0, outputs=5, channels=6, kernel=3, rows=400):
+    """A layer reading `channels` units of `kernel` features each, plus the bias column."""
+    rng = np.random.default_rng(seed)
+    features = channels * kernel
+    x = rng.standard_normal((rows, features)) @ rng.standard_normal((features, features)) * 0.5  # correlated
+    x = np.concatenate([x, np.ones((rows, 1))], axis=1)
+    gram = x.T @ x / rows
+    weight = rng.standard_normal((outputs, features + 1))
+    hinv = damped_inverse(gram)
+    damped = np.linalg.inv(hinv)
+    columns = {u: np.arange(u * kernel, (u + 1) * kernel) for u in range(channels)}
+    energy = float(np.einsum("of,fg,og->", weight, gram, weight))
+    return Problem(weight, hinv, columns, energy), damped
+
+
+def _brute_force(weight, damped, removed_columns):
+    """min over W' (zero on the removed columns) of tr((W - W') H (W - W')^T), and that W'."""
+    chol = np.linalg.cholesky(damped)  # H = L L^T: the error is ||(W - W') L||^2
+    target = weight @ chol
+    keep = np.setdiff1d(np.arange(weight.shape[1]), removed_columns)
+    fitted = np.zeros_like(weight)
+    fitted[:, keep] = target @ np.linalg.pinv(chol[keep, :])
+    return float(np.sum((target - fitted @ chol) ** 2)), fitted
+
+
+def test_unit_cost_is_the_error_left_after_the_best_refit():
+    problem, damped = _problem()
+    costs = problem.unit_costs(np.arange(6))
+    for unit in range(6):
+        error, _ = _brute_force(problem.weight, damped, problem.columns[unit])
+        assert costs[unit] * problem.energy == pytest.approx(error, rel=1e-6)
+
+
+def test_removal_updates_the_rest_to_the_least_squares_fit():
+    problem, damped = _problem(seed=1)
+    original = problem.weight.copy()
+    removed = np.concatenate([problem.columns[1], problem.columns[4]])
+    expected_error, expected_weight = _brute_force(original, damped, removed)
+    work = problem.copy()
+    cost = work.remove(np.array([1, 4]))
+    assert cost * problem.energy == pytest.approx(expected_error, rel=1e-6)
+    np.testing.assert_allclose(work.weight, expected_weight, atol=1e-8)
+
+
+def test_sequential_removals_add_up_to_the_joint_cost():
+    problem, damped = _problem(seed=2)
+    work = problem.copy()
+    total = work.remove(np.array([0])) + work.remove(np.array([3, 5]))
+    error, _ = _brute_force(problem.weight, damped, np.concatenate([problem.columns[u] for u in (0, 3, 5)]))
+    assert total * problem.energy == pytest.approx(error, rel=1e-6)
+    # later costs are measured on the updated layer: what removing unit 2 now leaves
+    after, _ = _brute_force(problem.weight, damped, np.concatenate([problem.columns[u] for u in (0, 2, 3, 5)]))
+    assert work.unit_costs(np.array([2]))[0] * problem.energy == pytest.approx(after - error, rel=1e-5)
+
+
+def test_greedy_curve_is_exact_at_batch_ends_and_leaves_the_problems_unchanged():
+    problem, damped = _problem(seed=3, channels=8)
+    before = problem.weight.copy()
+    order, curve = greedy_removal([problem], 8, steps=3)
+    np.testing.assert_array_equal(problem.weight, before)
+    assert len(set(order.tolist())) == len(order) == 7
+    assert np.all(np.diff(curve) >= -1e-12)
+    for r in (3, 6, 7):  # batches of 3: exact at 3, 6 and at the end
+        error, _ = _brute_force(problem.weight, damped, np.concatenate([problem.columns[u] for u in order[:r]]))
+        assert curve[r] * problem.energy == pytest.approx(error, rel=1e-6)
+
+
+def test_greedy_sums_the_costs_of_every_consumer():
+    """A unit cheap for one consumer but expensive for another is not removed first."""
+    first, _ = _problem(seed=4, channels=4)
+    second, _ = _problem(seed=5, channels=4)
+    first.weight[:, first.columns[0]] *= 1e-3  # unit 0 is free in the first layer
+    order_alone, _ = greedy_removal([first], 4, steps=3)
+    assert order_alone[0] == 0
+    second.weight[:, second.columns[0]] *= 1e3  # and costly in the second
+    order_both, _ = greedy_removal([first, second], 4, steps=3)
+    assert set(range(4)) - set(order_both.tolist()) == {0}  # the one unit never removed
+
+
+def test_curve_allocation_meets_the_budget_where_error_per_mac_is_lowest():
+    model = models.conv_chain()
+    analysis = analyze_model(load(model))
+    groups = analysis.prunable_groups()
+    stats = SimpleNamespace(curves={})
+    for i, g in enumerate(groups):  # the first group's error rises 100x faster than the others'
+        stats.curves[g.index] = np.linspace(0, 1, g.channels) ** 2 * (100.0 if i == 0 else 1.0)
+    counts, summary = curve_keep_counts(analysis, stats, None, 0.6, round_to=1)
+    assert summary["achieved"] <= summary["target"]
+    fractions = {g.index: counts[g.index] / g.channels for g in groups}
+    assert fractions[groups[0].index] == max(fractions.values())
+    for g in groups:
+        assert counts[g.index] >= np.ceil(MIN_KEEP_FRACTION * g.channels)
+    # one more channel in any group would break the budget, or that group was already whole
+    from onnxprune.budget import CostModel
+
+    cost = CostModel.build(analysis)
+    slack = [cost.macs({**counts, g.index: counts[g.index] + 1}) > summary["target"]
+             for g in groups if counts[g.index] < g.channels]
+    assert any(slack)
+
+
+def test_curve_allocation_with_round_to_keeps_multiples():
+    analysis = analyze_model(load(models.conv_chain()))
+    groups = analysis.prunable_groups()
+    stats = SimpleNamespace(curves={g.index: np.linspace(0, 1, g.channels) for g in groups})
+    counts, _ = curve_keep_counts(analysis, stats, 0.5, None, round_to=2)
+    for g in groups:
+        assert counts[g.index] % 2 == 0 or counts[g.index] == g.channels
+
+
+def _calib(model, samples=24, seed=0):
+    feed = models.random_input(model, seed)
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal((samples, *v.shape[1:])).astype(v.dtype) for k, v in feed.items()}
+
+
+@pytest.mark.parametrize("build", [models.conv_chain, models.residual, models.concat, models.grouped, models.mlp])
+def test_obs_prunes_to_the_macs_target_deterministically(build):
+    model = build()
+    config = PruneConfig(scorer="obs", target_macs=0.6, calibration=_calib(model), round_to=1)
+    first, second = prune(model, config), prune(model, config)
+    assert first.plan.to_json() == second.plan.to_json()
+    assert first.report["after"]["macs"] <= 0.6 * first.report["before"]["macs"] * 1.02
+    assert first.report["scoring"]["budget"]["unit"] == "macs"
