@@ -1,10 +1,12 @@
 """Recovery passes: re-fit the layers level by level, each on inputs from the already-recovered model.
 
-A layer's level is the number of re-fitted layers upstream of it. All layers of one level are fitted
-from one onnxruntime pass over the pruned model (their inputs, and their own outputs for the self-check)
-run in lockstep with one pass over the original model (their targets), batch by batch; then their new
-weights are written and the next level sees them. So a model needs two passes per level, and errors
-of early layers are absorbed by the later ones instead of piling up.
+A layer's level is the number of re-fitted layers upstream of it. Two streams walk the calibration data
+through the models (recover/stream.py): the pruned model's and the original's. At each level, the pruned
+stream runs the nodes up to the level's layers (their inputs, and their own outputs for the self-check)
+in lockstep with the original's (their targets), batch by batch; the new weights are written and the
+next level's step runs the re-fitted layers onward. So each model runs about once in all, whatever the
+depth (He et al. 2017's asymmetric target: the pruned model's inputs, the original's outputs), and
+errors of early layers are absorbed by the later ones instead of piling up.
 
 Each layer's fit only lowers its own error; whether the model's outputs got closer to the original's is
 checked at the end, on the held-out calibration samples (the ones the ridge was chosen on): if they did
@@ -16,12 +18,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ..calib.capture import capture_session, stream_activations
+from ..calib.capture import ProgressBar, capture_session
 from ..calib.data import CalibrationSet
 from ..validate.compare import run_model
 from .bias import BiasFit
 from .layers import Initializers, find_layers
 from .lstsq import HOLD_OUT_EVERY, ROWS_PER_FEATURE, LstsqFit, relative
+from .stream import Stream
 
 METHODS = ("none", "bias", "lstsq")
 FITS = {"bias": BiasFit, "lstsq": LstsqFit}
@@ -46,18 +49,28 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, calibration, met
     inits = Initializers(model)
     levels = sorted({v.level for v in views})
     batches = -(-calibration.count // batch_size)
-    for step, level in enumerate(levels, start=1):
-        members = [v for v in views if v.level == level]
-        fits = [FITS[method](v, seed=[seed, level, i], batches=batches, ridge=ridge, rows_per_feature=rows_per_feature)
-                for i, v in enumerate(members)]
-        label = f"recover {step}/{len(levels)}" if progress else None
-        _accumulate(original, model, members, fits, calibration, batch_size, label)
-        report["passes"] += 2
-        for view, fit in zip(members, fits):
-            update = fit.finish()
-            if update.weight is not None or update.bias is not None:
-                view.write(inits, update.weight, update.bias)
-            report["layers"].append(_entry(view, update))
+    pruned_stream = Stream(model, calibration, batch_size)
+    original_stream = Stream(original, calibration, batch_size)
+    bar = ProgressBar("recover", len(levels)) if progress else None
+    try:
+        for level in levels:
+            members = [v for v in views if v.level == level]
+            fits = [FITS[method](v, seed=[seed, level, i], batches=batches, ridge=ridge,
+                                 rows_per_feature=rows_per_feature) for i, v in enumerate(members)]
+            _accumulate(pruned_stream, original_stream, members, fits)
+            for view, fit in zip(members, fits):
+                update = fit.finish()
+                if update.weight is not None or update.bias is not None:
+                    view.write(inits, update.weight, update.bias)
+                report["layers"].append(_entry(view, update))
+            if bar:
+                bar.step()
+    finally:
+        pruned_stream.close()
+        original_stream.close()
+        if bar:
+            bar.close()
+    report["passes"], report["levels"] = 2, len(levels)
     if not any(layer.get("status") == "recovered" for layer in report["layers"]):
         return model, _summarise(report)
     before, after = output_errors(original, [pruned, model], calibration, batch_size)
@@ -100,39 +113,16 @@ def _output_error(reference: np.ndarray, result: np.ndarray) -> float:
     return relative(float(np.sum((result - reference) ** 2)), float(np.sum(reference ** 2)))
 
 
-def _accumulate(original, model, members, fits, calibration, batch_size, label) -> None:
+def _accumulate(pruned: Stream, original: Stream, members, fits) -> None:
+    """Feed one level's fits batch by batch: the layers' inputs and own outputs from the pruned stream
+    (the layers run with their current weights, and again with the re-fitted ones at the next level),
+    their targets from the original's stream."""
     own = list(dict.fromkeys(n for v in members for n in (v.input, v.output)))
     targets = list(dict.fromkeys(v.output for v in members))
-    pruned_batches = stream_activations(truncated(model, own), own, calibration, batch_size, progress=label)
-    original_batches = stream_activations(truncated(original, targets), targets, calibration, batch_size)
-    for acts, refs in zip(pruned_batches, original_batches):
+    layers = frozenset(pruned.producer[v.output] for v in members)
+    for acts, refs in zip(pruned.run(own, provisional=layers), original.run(targets)):
         for view, fit in zip(members, fits):
             fit.add(acts[view.input], acts[view.output], refs[view.output])
-
-
-def truncated(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
-    """The part of `model` that computes `outputs`, with those as its only outputs: the early levels of
-    a deep model then run only its first layers."""
-    needed = set(outputs)
-    nodes = []
-    for node in reversed(model.graph.node):
-        if any(o in needed for o in node.output):
-            nodes.append(node)
-            needed.update(node.input)
-            for attr in node.attribute:  # names a subgraph reads from the outer scope
-                for graph in ([attr.g] if attr.HasField("g") else list(attr.graphs)):
-                    needed.update(n for sub in graph.node for n in sub.input)
-    part = onnx.ModelProto()
-    part.CopyFrom(model)
-    graph = part.graph
-    del graph.node[:]
-    graph.node.extend(reversed(nodes))
-    kept_inits = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(kept_inits)
-    del graph.output[:]
-    graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in outputs)
-    return part
 
 
 def _entry(view, update) -> dict:

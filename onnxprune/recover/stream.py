@@ -1,0 +1,180 @@
+"""A model run piece by piece over the calibration data: the activations at the frontier are kept, and
+each step runs only the nodes between the frontier and the tensors asked for.
+
+Recovery walks a model level by level; re-running the model from its inputs at every level costs depth
+squared. A `Stream` keeps, for every calibration batch, the tensors that nodes not yet run still need
+(in memory up to a budget, in a temporary folder beyond it), so each node runs once per stream (twice for
+the layers being re-fitted: once with their old weights for the self-check, once with the new ones).
+
+Tensors are kept per batch, as onnxruntime produced them: no assumption is made about which axis is the
+batch (a Shape output, an LSTM's [steps, batch, ...] state).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..calib.capture import capture_session
+from ..calib.data import CalibrationSet
+
+MEMORY_BUDGET_BYTES = 1 << 30  # frontier activations held in memory per stream; the rest goes to disk
+
+
+class ActivationStore:
+    """Arrays by (batch, name), in memory up to `budget` bytes, then as .npy files read back mapped."""
+
+    def __init__(self, budget: int = MEMORY_BUDGET_BYTES):
+        self.budget, self.in_memory = budget, 0
+        self.arrays: dict[tuple[int, str], np.ndarray] = {}
+        self.folder: tempfile.TemporaryDirectory | None = None
+        self.files = 0
+
+    def put(self, batch: int, name: str, array: np.ndarray) -> None:
+        self.drop(batch, name)
+        if self.in_memory + array.nbytes <= self.budget:
+            self.arrays[batch, name] = array
+            self.in_memory += array.nbytes
+            return
+        if self.folder is None:
+            self.folder = tempfile.TemporaryDirectory(prefix="onnxprune-stream-")
+        self.files += 1
+        path = Path(self.folder.name) / f"{self.files}.npy"
+        np.save(path, array)
+        self.arrays[batch, name] = np.load(path, mmap_mode="r")
+
+    def get(self, batch: int, name: str) -> np.ndarray:
+        return self.arrays[batch, name]
+
+    def has(self, name: str) -> bool:
+        return (0, name) in self.arrays
+
+    def drop(self, batch: int, name: str) -> None:
+        array = self.arrays.pop((batch, name), None)
+        if array is None:
+            return
+        if isinstance(array, np.memmap):
+            path = Path(array.filename)
+            del array
+            path.unlink(missing_ok=True)
+        else:
+            self.in_memory -= array.nbytes
+
+    def close(self) -> None:
+        self.arrays.clear()
+        self.in_memory = 0
+        if self.folder is not None:
+            self.folder.cleanup()
+            self.folder = None
+
+
+def _outer_reads(node: onnx.NodeProto) -> list[str]:
+    """Names a node's subgraphs (If, Loop, Scan) read, from the outer scope or their own."""
+    names = []
+    for attr in node.attribute:
+        for graph in ([attr.g] if attr.HasField("g") else list(attr.graphs)):
+            for sub in graph.node:
+                names.extend(sub.input)
+                names.extend(_outer_reads(sub))
+    return names
+
+
+class Stream:
+    """`model` evaluated on `calibration` step by step; `model`'s initializers may change between steps
+    for nodes not yet run (recovery writes re-fitted weights before their layers run for good)."""
+
+    def __init__(self, model: onnx.ModelProto, calibration: CalibrationSet, batch_size: int,
+                 budget: int = MEMORY_BUDGET_BYTES):
+        self.model = model
+        self.nodes = list(model.graph.node)
+        self.reads = [list(n.input) + _outer_reads(n) for n in self.nodes]
+        self.producer = {name: i for i, n in enumerate(self.nodes) for name in n.output if name}
+        self.readers: dict[str, list[int]] = {}
+        for i, names in enumerate(self.reads):
+            for name in set(names):
+                self.readers.setdefault(name, []).append(i)
+        self.done = np.zeros(len(self.nodes), dtype=bool)
+        self.store = ActivationStore(budget)
+        self.batches = 0
+        for b, feed in enumerate(calibration.batches(batch_size)):
+            for name, array in feed.items():
+                self.store.put(b, name, array)
+            self.batches = b + 1
+        self.inputs = set(calibration.arrays)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def _available(self, name: str) -> bool:
+        return name == "" or name not in self.producer or self.store.has(name)
+
+    def _needed_nodes(self, wanted: list[str]) -> list[int]:
+        """Nodes not yet run that compute `wanted` from the frontier, in graph order."""
+        needed, stack = set(), list(wanted)
+        while stack:
+            name = stack.pop()
+            if self._available(name):
+                continue
+            i = self.producer[name]
+            if i not in needed:
+                needed.add(i)
+                stack.extend(self.reads[i])
+        return sorted(needed)
+
+    def _piece(self, nodes: list[int], outputs: list[str]) -> onnx.ModelProto:
+        """The nodes as a model reading the frontier tensors they need and giving `outputs`."""
+        graph = self.model.graph
+        produced = {name for i in nodes for name in self.nodes[i].output}
+        # read the nodes' inputs now: recovery may have renamed a weight since the stream began
+        reads = {name for i in nodes for name in [*self.nodes[i].input, *_outer_reads(self.nodes[i])]} - produced - {""}
+        initializers = [t for t in graph.initializer if t.name in reads]
+        sample = {name: self.store.get(0, name) for name in reads if self.store.has(name)}
+        inputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(a.dtype), [None] * a.ndim)
+                  for name, a in sorted(sample.items())]
+        piece = helper.make_model(
+            helper.make_graph([self.nodes[i] for i in nodes], "piece", inputs,
+                              [helper.make_empty_tensor_value_info(name) for name in outputs],
+                              initializer=initializers, sparse_initializer=[
+                                  t for t in graph.sparse_initializer if t.values.name in reads]),
+            opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
+        piece.functions.extend(self.model.functions)
+        return piece
+
+    def _still_read(self, name: str, done: np.ndarray) -> bool:
+        readers = self.readers.get(name, [])
+        return bool(readers) and not done[readers].all()
+
+    def run(self, wanted: list[str], provisional: frozenset[int] = frozenset()) -> Iterator[dict[str, np.ndarray]]:
+        """Yield `{name: array}` of `wanted` for every batch, in order, running only the nodes still
+        needed. Nodes in `provisional` (indices) run now but count as not run afterwards: their outputs
+        are not kept and their inputs are, so they run again later with the weights they have then."""
+        nodes = self._needed_nodes(wanted)
+        done_after = self.done.copy()
+        done_after[nodes] = True
+        done_after[sorted(provisional)] = False
+        produced = [name for i in nodes for name in self.nodes[i].output if name]
+        keep = [name for name in produced
+                if self.producer[name] not in provisional and self._still_read(name, done_after)]
+        to_compute = list(dict.fromkeys([*(n for n in wanted if not self.store.has(n)), *keep]))
+        feeds = sorted({name for i in nodes for name in self.reads[i]} - set(produced) - {""})
+        feeds = [name for name in feeds if self.store.has(name)]
+        session = capture_session(self._piece(nodes, to_compute)) if to_compute else None
+        self.done = done_after
+        release = [name for name in feeds if not self._still_read(name, done_after)]
+        for b in range(self.batches):
+            computed = {}
+            if session is not None:
+                feed = {name: np.asarray(self.store.get(b, name)) for name in feeds}
+                computed = dict(zip(to_compute, session.run(to_compute, feed)))
+            result = {name: computed[name] if name in computed else np.asarray(self.store.get(b, name))
+                      for name in wanted}
+            for name in keep:  # before yielding: a caller zipping two streams stops after one's last batch
+                self.store.put(b, name, computed[name])
+            for name in release:
+                self.store.drop(b, name)
+            yield result
