@@ -78,12 +78,7 @@ class NormalEquations:
               prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Ridge solution (W [G, D, M], b [G, M]) of min ||y - x W - b||^2 + lambda ||W - prior||^2: a
         strong ridge keeps the prior weights (zero without one); the intercept is not penalised."""
-        n = max(self.count, 1)
-        xx, xy = self.xx / n, self.xy / n
-        mean_x, mean_y = self.sx / n, self.sy / n
-        if intercept:
-            xx = xx - mean_x[:, :, None] * mean_x[:, None, :]
-            xy = xy - mean_x[:, :, None] * mean_y[:, None, :]
+        xx, xy, mean_x, mean_y = self._centered(intercept)
         features = xx.shape[-1]
         scale = np.trace(xx, axis1=1, axis2=2) / features
         lam = np.where(scale > 0, ridge * scale, 1.0)
@@ -97,6 +92,30 @@ class NormalEquations:
             weight = np.linalg.pinv(system) @ rhs
         bias = mean_y - np.einsum("gd,gdm->gm", mean_x, weight) if intercept else np.zeros_like(mean_y)
         return weight, bias
+
+    def solve_path(self, ridges, intercept: bool = True, prior: np.ndarray | None = None):
+        """`solve(ridge, intercept, prior)` for every ridge of `ridges`, from one eigendecomposition."""
+        xx, xy, mean_x, mean_y = self._centered(intercept)
+        features = xx.shape[-1]
+        scale = np.trace(xx, axis1=1, axis2=2) / features
+        values, vectors = np.linalg.eigh((xx + xx.transpose(0, 2, 1)) / 2)
+        vt = vectors.transpose(0, 2, 1)
+        projected_xy = vt @ xy
+        projected_prior = vt @ prior if prior is not None else 0.0
+        for ridge in ridges:
+            lam = np.where(scale > 0, ridge * scale, 1.0)[:, None]
+            weight = vectors @ ((projected_xy + lam[:, :, None] * projected_prior) / (values + lam)[:, :, None])
+            bias = mean_y - np.einsum("gd,gdm->gm", mean_x, weight) if intercept else np.zeros_like(mean_y)
+            yield weight, bias
+
+    def _centered(self, intercept: bool):
+        n = max(self.count, 1)
+        xx, xy = self.xx / n, self.xy / n
+        mean_x, mean_y = self.sx / n, self.sy / n
+        if intercept:
+            xx = xx - mean_x[:, :, None] * mean_x[:, None, :]
+            xy = xy - mean_x[:, :, None] * mean_y[:, None, :]
+        return xx, xy, mean_x, mean_y
 
     def residual(self, weight: np.ndarray, bias: np.ndarray) -> float:
         """sum ||y - x W - b||^2 over everything added, from the running sums alone."""
@@ -190,6 +209,6 @@ class LstsqFit:
             return (self.ridge if self.ridge is not None else DEFAULT_RIDGE), None, None
         energy = self.energy[1]
         prior = self.view.weight
-        scores = [relative(self.held.residual(*self.fit.solve(r, intercept, prior)), energy) for r in RIDGE_GRID]
+        scores = [relative(self.held.residual(*fit), energy) for fit in self.fit.solve_path(RIDGE_GRID, intercept, prior)]
         best = int(np.argmin(scores))
         return RIDGE_GRID[best], relative(self.held.residual(*current), energy), scores[best]
