@@ -38,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import onnxprune  # noqa: E402
 from onnxprune import PruneConfig  # noqa: E402
-from onnxprune.pipeline import prepare  # noqa: E402
-from onnxprune.validate import run_model, session  # noqa: E402
+from onnxprune.baseline import prepare  # noqa: E402
+from onnxprune.runtime import session  # noqa: E402
+from onnxprune.validate import run_model  # noqa: E402
 from tests.real_models import ModelUnavailable, fetch, input_shapes  # noqa: E402
 
 from _data import write_crops  # noqa: E402
@@ -84,7 +85,7 @@ def model_data(name: str, work: Path, calib_samples: int, eval_samples: int):
     eval_split = "calib" if name == "ppocr_det" else "eval"
     evaluation = write_crops(work / name / "eval", eval_split, eval_samples, aspect, kind, rotations, seed=2)
     from onnxprune.calib import input_specs, load_calibration
-    from onnxprune.pipeline import load
+    from onnxprune.loading import load
 
     loaded = load(path, shapes)
     specs = input_specs(loaded.model, loaded.input_shapes)

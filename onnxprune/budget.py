@@ -22,7 +22,6 @@ import numpy as np
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from .allocate import ensure_nonempty, keep_counts, round_keep, select
-from .errors import UsageError
 from .scoring.pfp import keep_for_eps, sample_channels
 from .validate.cost import node_macs
 
@@ -93,11 +92,6 @@ class CostModel:
         return float((self.base * fraction[self.inputs] * fraction[self.outputs]).sum())
 
 
-def check_target(target_macs: float | None) -> None:
-    if target_macs is not None and not 0.0 < target_macs <= 1.0:
-        raise UsageError(f"--target-macs {target_macs} is outside (0, 1]: give the fraction of MACs to keep, e.g. 0.5")
-
-
 # ---------------------------------------------------------------- PFP: search eps
 
 
@@ -130,7 +124,6 @@ def pfp_keep_counts(analysis, scores, stats, filters: float | None, target_macs:
                     round_to: int | None, cost: CostModel | None = None) -> tuple[dict[int, int], dict]:
     """Keep counts for every prunable group and a summary {eps, achieved}: the smallest eps (most
     channels kept) whose counts meet the target. Groups no consumer reads keep all their channels."""
-    check_target(target_macs)
     channels = {g.index: g.channels for g in analysis.prunable_groups()}
     groups = pfp_groups(analysis, scores, stats)
     fixed = {g: c for g, c in channels.items() if g in stats.unread}
@@ -139,8 +132,6 @@ def pfp_keep_counts(analysis, scores, stats, filters: float | None, target_macs:
         limit = target_macs * cost.full
         measure = lambda counts: cost.macs({**fixed, **counts})  # noqa: E731
     else:
-        if not 0.0 <= filters < 1.0:
-            raise UsageError(f"--filters {filters} is outside [0, 1): give the fraction of channels to remove, e.g. 0.5")
         total = sum(channels.values())
         limit = total - int(np.floor(filters * total + 1e-9))
         measure = lambda counts: sum(fixed.values()) + sum(counts.values())  # noqa: E731
@@ -173,7 +164,6 @@ def pfp_keep_counts(analysis, scores, stats, filters: float | None, target_macs:
 def ratio_for_macs(analysis, scores, target_macs: float, global_ranking: bool, round_to,
                    cost: CostModel | None = None) -> tuple[dict[int, int], dict]:
     """Keep counts from the smallest --filters ratio whose estimated MACs meet `target_macs`."""
-    check_target(target_macs)
     cost = cost or CostModel.build(analysis)
     limit = target_macs * cost.full
     lo, hi = 0.0, 1.0 - 1e-9
@@ -196,8 +186,6 @@ def choose_channels(analysis, scorer: str, scores: dict[int, np.ndarray], contex
                     global_ranking: bool, round_to, target_macs: float | None, pfp_mode: str = "topk",
                     seed: int = 0) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], dict | None]:
     """(kept unit positions per group, per-unit weight scales for PFP's sample mode, budget summary)."""
-    if pfp_mode not in ("topk", "sample"):
-        raise UsageError(f"--pfp-mode {pfp_mode!r}: choose topk or sample")
     summary = None
     if scorer == "pfp" and context.pfp is not None:
         counts, summary = pfp_keep_counts(analysis, scores, context.pfp, filters, target_macs, round_to)

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from .version import __version__
 from .errors import InternalError, OnnxPruneError, UsageError, ValidationFailed
 from .io import check_output_path, parse_input_shape, save_model
-from .pipeline import PruneConfig, inspect, prune
+from .config import PruneConfig
+from .pipeline import prune
 from .plan import Plan
 from .recover import FINETUNE_LR
 from .calib.data import is_loader_script
@@ -48,6 +49,9 @@ def _shapes(values) -> dict[str, list[int]]:
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)  # onnxruntime's optimizer warnings are noise to our users
     level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
@@ -293,6 +297,8 @@ def _read_plan(path: Path) -> Plan:
 def inspect_command(model, as_json, input_shapes, exclude, verbose, quiet, debug):
     """Show MODEL's channel groups, what blocks them, coverage, params and MACs."""
     _setup_logging(verbose, quiet)
+    from .workflows import inspect
+
     try:
         info = inspect(model, _shapes(input_shapes), tuple(exclude))
     except Exception as exc:  # noqa: BLE001
@@ -413,7 +419,8 @@ def export_training_command(model, directory, teacher, loss, frozen, input_shape
 def finetune_command(model, output, teacher, calib, steps, lr, report_path, seed, loss, frozen, input_shapes,
                      exclude, verbose, quiet, debug, **ci):
     """Distil TEACHER into MODEL on the calibration inputs, validate like prune, write OUTPUT."""
-    from .recover.training import finetune_model, require_training
+    from .recover.training import require_training
+    from .workflows import finetune
     from .report import format_finetune_summary
 
     _setup_logging(verbose, quiet)
@@ -425,7 +432,7 @@ def finetune_command(model, output, teacher, calib, steps, lr, report_path, seed
                 check_output_path(extra, teacher)
         config = PruneConfig(input_shapes=_shapes(input_shapes), calibration=calib, seed=seed,
                              finetune_steps=steps, finetune_lr=lr, **_ci_config(ci))
-        result = finetune_model(model, teacher, config, loss=loss, frozen=tuple(frozen))
+        result = finetune(model, teacher, config, loss=loss, frozen=tuple(frozen))
         written = _write_outputs(result, output, ci)
         if ci["summary_md"]:
             write_bytes_atomic(ci["summary_md"], format_markdown(result.report, model, output).encode())

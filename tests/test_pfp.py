@@ -16,7 +16,8 @@ from onnxprune import PruneConfig
 from onnxprune.budget import CostModel, pfp_keep_counts
 from onnxprune.calib import input_specs, load_calibration
 from onnxprune.cli import main
-from onnxprune.pipeline import analyze_model, load
+from onnxprune.loading import load
+from onnxprune.stages import analyze_model
 from onnxprune.scoring import ScoringContext, score
 from onnxprune.scoring.consumers import find_consumers
 from onnxprune.scoring.pfp import (PFPStats, alpha, draws_for_count, expected_unique, keep_for_eps,

@@ -14,7 +14,8 @@ import onnxprune
 from onnxprune import PruneConfig
 from onnxprune.calib import input_specs, load_calibration
 from onnxprune.cli import main
-from onnxprune.pipeline import analyze_model, load
+from onnxprune.loading import load
+from onnxprune.stages import analyze_model
 from onnxprune.scoring import ScoringContext, score
 from onnxprune.scoring.consumers import find_consumers
 from tests import models

@@ -26,23 +26,8 @@ from onnx import helper
 import onnxruntime as ort
 
 from ..io import ModelFile, write_model
-from ..validate.runtime import build_session, release_free_memory
+from ..runtime import build_session, release_free_memory, with_outputs
 from .data import CalibrationSet
-
-
-@contextmanager
-def with_outputs(model: onnx.ModelProto, names: list[str]) -> Iterator[onnx.ModelProto]:
-    """`model` with `names` added as graph outputs (types left for onnxruntime to infer) while the block
-    runs, removed afterwards: a session built inside holds its own copy, and no second copy of the
-    weights is made (a proto copy would double the memory of a large model)."""
-    outputs = model.graph.output
-    before = len(outputs)
-    present = {o.name for o in outputs}
-    outputs.extend(helper.make_empty_tensor_value_info(name) for name in dict.fromkeys(names) if name not in present)
-    try:
-        yield model
-    finally:
-        del outputs[before:]
 
 
 def output_suffix(names: list[str], present=()) -> bytes:
@@ -103,7 +88,6 @@ def capture_session(model: onnx.ModelProto | str | Path) -> ort.InferenceSession
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.disable_prepacking", "1")  # one copy of the weights, not two
     return build_session(model, options)
-
 
 class ProgressBar:
     """A one-line progress bar on stderr, shown only when stderr is a terminal."""

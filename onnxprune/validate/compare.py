@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..calib import CalibrationSet
 
 
-def run_model(sess, calibration: CalibrationSet, batch_size: int) -> dict[str, np.ndarray]:
+def run_model(sess, calibration, batch_size: int) -> dict[str, np.ndarray]:
     """All outputs over all samples, concatenated on axis 0 (scalars stacked)."""
     names = [o.name for o in sess.get_outputs()]
     collected = {n: [] for n in names}
