@@ -65,7 +65,7 @@ class Baseline:
         """The original model's outputs on the evaluation data."""
         if self._reference is None:  # a session not kept for later holds no memory after this
             sess = self._sessions.get(0) or session(self.loaded.runnable)
-            self._reference = run_model(sess, self.evaluation, self.run_batch)
+            self._reference = run_model(sess, self.evaluation, self.run_batch, "original outputs")
         return self._reference
 
     def single_batch(self) -> dict:

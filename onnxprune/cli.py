@@ -17,6 +17,7 @@ from typing import Callable
 
 import click
 
+from . import progress
 from .calib.data import is_loader_script
 from .config import PFP_MODES, PruneConfig
 from .errors import InternalError, OnnxPruneError, UsageError, ValidationFailed
@@ -235,6 +236,7 @@ def _setup_output(verbose: int, quiet: bool) -> None:
     onnxruntime.set_default_logger_severity(3)  # onnxruntime's optimizer warnings are noise to our users
     level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    progress.enabled = not quiet
 
 
 def _fail(exc: BaseException, debug: bool) -> None:

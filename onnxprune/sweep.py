@@ -19,8 +19,8 @@ from dataclasses import replace
 from .baseline import prepare
 from .config import PruneConfig, check_filters
 from .errors import NothingToPrune, UsageError
-from .calib.capture import ProgressBar
 from .pipeline import prune
+from .progress import bar
 from .plan import Plan
 from .report import report_header
 
@@ -64,7 +64,7 @@ def sweep(model, config: PruneConfig, settings: list[dict], sensitivity: bool = 
     checks_off = {"gates": None, "mobile": False, "plan": None}
     config = replace(config, **checks_off)
     baseline = prepare(model, config)
-    bar = ProgressBar("sweep", len(settings))
+    runs = bar(label="sweep", total=len(settings))
     rows, curves, first, error = [], {}, None, None
     for setting in settings:
         try:
@@ -72,21 +72,21 @@ def sweep(model, config: PruneConfig, settings: list[dict], sensitivity: bool = 
         except NothingToPrune as exc:  # e.g. a rank at which no layer gets cheaper: a row saying so
             rows.append({**setting, "error": str(exc)})
             error = error or exc
-            bar.step()
+            runs.update()
             continue
         first = first or result.report
         rows.append({**setting, **measures(result.report)})
         if sensitivity:
             groups = _pruned_groups(result.plan)
-            bar.total += len(groups)
+            runs.total += len(groups)
             alone = replace(config, **setting, latency=None)
             for gp in groups:
                 single = prune(baseline, replace(alone, plan=Plan([gp])))
                 point = {**setting, "channels_after": len(gp.keep), **measures(single.report)}
                 curves.setdefault(tuple(gp.sources), _curve(gp, result.report)).get("points").append(point)
-                bar.step()
-        bar.step()
-    bar.close()
+                runs.update()
+        runs.update()
+    runs.close()
     if first is None:
         raise error
     order = {tuple(g["sources"]): i for i, g in enumerate(first["groups"])}

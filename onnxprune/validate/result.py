@@ -19,7 +19,7 @@ def validate(loaded, pruned: onnx.ModelProto, calibration, specs, reference: dic
     """Checker, onnxruntime outputs against the original's (`reference`) on the same inputs, cost
     before/after, and accuracy when the data has labels. `loaded`: the original (`loading.Loaded`)."""
     checker = check_model(pruned, loaded.runnable)
-    result = run_model(session(pruned), calibration, run_batch_size(specs, loaded.shapes))
+    result = run_model(session(pruned), calibration, run_batch_size(specs, loaded.shapes), "result outputs")
     after_shapes = infer_shapes(pruned, loaded.input_shapes)
     report = {
         "before": {**loaded.cost, "size_bytes": loaded.size_bytes},
