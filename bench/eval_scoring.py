@@ -142,8 +142,8 @@ def ablation(name: str, work: Path, calib_samples: int, eval_samples: int) -> li
     """PFP's two halves apart: its channel ranking and its per-group allocation, each swapped for
     another scorer's ranking or for uniform per-group counts, at equal MACs."""
     from onnxprune.allocate import select
-    from onnxprune.budget import CostModel, pfp_keep_counts, ratio_for_macs
-    from onnxprune.pipeline import analyze_model
+    from onnxprune.budget import CostModel, budget_target, ratio_for_macs
+    from onnxprune.stages import analyze_model
     from onnxprune.plan import Plan
     from onnxprune.scoring import ScoringContext, score
 
@@ -159,7 +159,7 @@ def ablation(name: str, work: Path, calib_samples: int, eval_samples: int) -> li
     lines = [f"{name} ablation ({metric}, MACs kept in brackets): ranking x allocation",
              f"  {'MACs  recovery  ranking':<26}{'pfp allocation':>18}{'uniform':>18}"]
     for target in (0.7, 0.5):
-        allocations = [pfp_keep_counts(analysis, scores["pfp"], contexts["pfp"].pfp, None, target, 1, cost)[0],
+        allocations = [contexts["pfp"].allocation.keep_counts(analysis, scores["pfp"], budget_target(analysis, None, target, cost), 1)[0],
                        ratio_for_macs(analysis, scores["l1"], target, False, 1, cost)[0]]
         for recover in ("none", "bias"):
             for ranking in ("pfp", "l1", "wanda"):
@@ -181,7 +181,7 @@ def damage_correlation(name: str, work: Path, calib_samples: int, eval_samples: 
     import onnx
     import onnxruntime as ort
 
-    from onnxprune.pipeline import analyze_model
+    from onnxprune.stages import analyze_model
     from onnxprune.scoring import ScoringContext, score
     from onnxprune.scoring.consumers import batch_rows, conv_patches, find_consumers
 

@@ -73,7 +73,7 @@ def measure(scorer: str, model_path: str, data_path: str, batch: int | None) -> 
         "model_mb": os.path.getsize(model_path) / 1e6,
         "data_mb": sum(a.nbytes for a in baseline.calibration.arrays.values()) / 1e6,
         "batch": batch_size, "batch_activations_mb": batch_size * per_sample / 1e6, "stages": memory.stages,
-        "points": getattr(context.pfp, "points", None), "load": os.getloadavg()[0],
+        "points": getattr(context.allocation, "points", None), "load": os.getloadavg()[0],
     }
 
 

@@ -54,10 +54,9 @@ class Baseline:
                 context.model = model
                 scores = score(analysis, scorer, context)
             context.model = self.loaded.model
-            self._scores[key] = copy.deepcopy((scores, context.pfp, context.notes[before:]))
+            self._scores[key] = copy.deepcopy((scores, context.allocation, context.notes[before:]))
             return scores
-        scores, stats, notes = copy.deepcopy(self._scores[key])
-        context.pfp = stats
+        scores, context.allocation, notes = copy.deepcopy(self._scores[key])
         context.notes.extend(notes)
         return scores
 

@@ -103,7 +103,7 @@ def choose(baseline: Baseline, analysis: Analysis, config: PruneConfig, factoriz
         return ChannelChoice(keep, {}, "none", context, None)
     scores = baseline.scores(analysis, scorer, context, config)
     keep, scales, budget = choose_channels(
-        analysis, scorer, scores, context, filters=channel_ratio(config), global_ranking=config.global_ranking,
+        analysis, scores, context, filters=channel_ratio(config), global_ranking=config.global_ranking,
         round_to=config.round_to, target_macs=config.target_macs if config.rank is None else None,
         pfp_mode=config.pfp_mode, seed=config.seed)
     return ChannelChoice(keep, scales, scorer, context, budget)
@@ -114,8 +114,8 @@ def scoring_summary(choice: ChannelChoice, config: PruneConfig) -> dict:
     context = choice.context
     summary = {"scorer": "plan" if config.plan is not None else choice.scorer, "data": context.calibration.source,
                "samples": context.calibration.count}
-    if choice.scorer == "pfp" and config.plan is None:
-        summary.update(pfp_mode=config.pfp_mode, points_per_layer=getattr(context.pfp, "points", None))
+    if context.allocation is not None and config.plan is None:
+        summary.update(context.allocation.summary(config.pfp_mode))
     if choice.budget is not None:
         summary["budget"] = choice.budget
     return summary
