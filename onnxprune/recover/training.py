@@ -41,7 +41,7 @@ from .training_graph import (TEACHER_PREFIX, copy_model, decompose_for_training,
 log = logging.getLogger(__name__)
 
 INSTALL = ("python3 -m venv .venv-train && .venv-train/bin/pip install onnxruntime-training-cpu==1.19.2 onnx==1.17.0 "
-           "torch==2.13.0 numpy click onnx-graphsurgeon && .venv-train/bin/pip install --no-deps -e .")
+           "torch==2.13.0 numpy click tqdm onnx-graphsurgeon && .venv-train/bin/pip install --no-deps -e .")
 LOSSES = ("mse", "ce")
 MANIFEST = "onnxprune_training.json"
 # What the child process runs (argv[1]: the directory with the artifacts and the job); tests replace it.
