@@ -152,7 +152,7 @@ def ablation(name: str, work: Path, calib_samples: int, eval_samples: int) -> li
     baseline = prepare(path, base)
     analysis = analyze_model(baseline.loaded)
     contexts = {k: ScoringContext(calibration=baseline.calibration, model=baseline.loaded.model,
-                                  fixed_batch=min([s.fixed_batch for s in baseline.specs if s.fixed_batch] or [0]) or None)
+                                  fixed_batch=baseline.fixed_batch)
                 for k in ("pfp", "l1", "wanda")}
     scores = {k: score(analysis, k, c) for k, c in contexts.items()}
     cost = CostModel.build(analysis)
@@ -188,7 +188,7 @@ def damage_correlation(name: str, work: Path, calib_samples: int, eval_samples: 
     path, data, _ = model_data(name, work, calib_samples, eval_samples)
     baseline = prepare(path, PruneConfig(calib_samples=calib_samples, **data))
     analysis = analyze_model(baseline.loaded)
-    fixed = min([s.fixed_batch for s in baseline.specs if s.fixed_batch] or [0]) or None
+    fixed = baseline.fixed_batch
     scores = {k: score(analysis, k, ScoringContext(calibration=baseline.calibration, model=baseline.loaded.model,
                                                    fixed_batch=fixed)) for k in SCORERS if k != "random"}
     consumers = find_consumers(analysis)

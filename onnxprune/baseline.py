@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from .calib import CalibrationSet, input_specs, load_calibration, synthetic
+from .calib import CalibrationSet, fixed_batch, input_specs, load_calibration, synthetic
 from .config import PruneConfig
 from .errors import UsageError
 from .loading import Loaded, load, releasable, released_model, unparsed
@@ -34,9 +34,19 @@ class Baseline:
     _scores: dict = field(default_factory=dict)
 
     @property
+    def fixed_batch(self) -> int | None:
+        return fixed_batch(self.specs)
+
+    @property
     def run_batch(self) -> int:
         """Samples per onnxruntime run of the original (see `runtime.run_batch_size`)."""
-        return run_batch_size(self.specs, self.loaded.shapes)
+        return run_batch_size(self.fixed_batch, self.loaded.shapes)
+
+    @property
+    def largest_batch(self) -> int:
+        """The model's fixed batch, else runtime.MAX_BATCH: for stages that bound their memory themselves
+        (low-rank calibration) or train in batches (fine-tuning)."""
+        return run_batch_size(self.fixed_batch)
 
     def session(self, threads: int = 0):
         if threads not in self._sessions:
@@ -69,7 +79,7 @@ class Baseline:
 
     def single_batch(self) -> dict:
         """One feed (batch 1, or the model's fixed batch) for latency and the .ort check."""
-        size = min(min([s.fixed_batch for s in self.specs if s.fixed_batch] or [1]), self.evaluation.count)
+        size = min(self.fixed_batch or 1, self.evaluation.count)
         return next(self.evaluation.head(size).batches(size))
 
 

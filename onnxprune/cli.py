@@ -21,17 +21,20 @@ from . import progress
 from .calib.data import is_loader_script
 from .config import PFP_MODES, PruneConfig
 from .errors import InternalError, OnnxPruneError, UsageError, ValidationFailed
-from .io import check_output_path, parse_input_shape, save_model
+from .io import check_output_path, load_model, parse_input_shape, save_model
 from .lowrank import DEFAULT_MAX_ERROR, check_rank
+from .pipeline import prune
 from .plan import Plan
 from .recover import FINETUNE_LR, METHODS as RECOVERY_METHODS
-from .recover.training import LOSSES
+from .recover.training import LOSSES, export_training, require_training
 from .report import (format_finetune_summary, format_inspect, format_markdown, format_summary, title,
                      write_bytes_atomic, write_json_atomic)
 from .scoring import SCORERS
+from .sweep import format_table, parse_values, plot_png, require_matplotlib, settings_grid, sweep
 from .validate.gates import Gates, describe, failed_checks
 from .validate.latency import DEFAULT_RUNS, DEFAULT_THREADS, DEFAULT_WARMUP, LatencyConfig
 from .version import __version__
+from .workflows import finetune, inspect
 
 
 class DefaultToPrune(click.Group):
@@ -314,8 +317,6 @@ def finish(result, model: Path, output: Path, values: dict, summary: str, report
 @command
 def prune_command(model, output, filters, report_path, plan_out, plan_in, **values):
     """Remove channels from MODEL, validate with onnxruntime, write OUTPUT."""
-    from .pipeline import prune
-
     check_outputs([model], output, report_path, plan_out, values["summary_md"],
                   ort_path(output) if values["mobile"] else None)
     config = config_from(values, CHANNELS, SEED, CALIBRATION, LOWRANK, RECOVERY, EVALUATION, GATES, INPUT_SHAPES,
@@ -339,8 +340,6 @@ def _read_plan(path: Path) -> Plan:
 @command
 def inspect_command(model, as_json, input_shapes, exclude, quiet):
     """Show MODEL's channel groups, what blocks them, coverage, params and MACs."""
-    from .workflows import inspect
-
     info = inspect(model, _input_shapes(input_shapes), tuple(exclude))
     click.echo(json.dumps(info, indent=1) if as_json else format_inspect(info, model))
 
@@ -367,8 +366,6 @@ def inspect_command(model, as_json, input_shapes, exclude, quiet):
 @command
 def sweep_command(model, filters_list, ranks_list, no_sensitivity, report_path, plot_path, **values):
     """Prune MODEL at several settings; tabulate fidelity, accuracy, MACs, params, latency, sensitivity."""
-    from .sweep import format_table, parse_values, plot_png, require_matplotlib, settings_grid, sweep
-
     check_outputs([model], report_path, plot_path)
     if plot_path:
         require_matplotlib()
@@ -396,9 +393,6 @@ def sweep_command(model, filters_list, ranks_list, no_sensitivity, report_path, 
 @command
 def export_training_command(model, directory, teacher, loss, frozen, input_shapes, quiet):
     """Write onnxruntime training artifacts for MODEL into DIRECTORY (needs onnxruntime-training)."""
-    from .io import load_model
-    from .recover.training import export_training, require_training
-
     require_training()
     teacher_model = load_model(teacher) if teacher else None
     manifest = export_training(load_model(model), directory, loss, teacher_model, tuple(frozen),
@@ -432,9 +426,6 @@ def export_training_command(model, directory, teacher, loss, frozen, input_shape
 @command
 def finetune_command(model, output, teacher, calib, steps, lr, report_path, seed, loss, frozen, **values):
     """Distil TEACHER into MODEL on the calibration inputs, validate like prune, write OUTPUT."""
-    from .recover.training import require_training
-    from .workflows import finetune
-
     require_training()
     check_outputs([model, teacher], output, report_path, values["summary_md"])
     config = config_from(values, EVALUATION, GATES, INPUT_SHAPES, calibration=calib, seed=seed, finetune_steps=steps,

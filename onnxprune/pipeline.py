@@ -17,6 +17,7 @@ from .baseline import Baseline, prepare
 from .config import PruneConfig, check_config, config_section, lowrank_settings
 from .errors import NothingToPrune
 from .plan import Plan
+from .recover.training import require_training
 from .report import report_header
 from .stages import (analyze_model, choose, factorize_stage, group_summary, nothing_prunable_message, recover_stage,
                      rewrite_channels, scoring_summary)
@@ -46,8 +47,6 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
     config = config or PruneConfig()
     check_config(config)
     if config.finetune_steps:
-        from .recover.training import require_training
-
         require_training()  # fail before any work when onnxruntime-training is missing
     timings = {}
     with timed(timings, "load"):

@@ -87,12 +87,11 @@ def float_bytes(shapes: dict, names) -> int:
     return sum(4 * int(np.prod([d or 1 for d in (shapes.get(name) or ())[1:]], dtype=np.int64)) for name in names)
 
 
-def run_batch_size(specs, shapes: dict | None = None) -> int:
+def run_batch_size(fixed_batch: int | None, shapes: dict | None = None) -> int:
     """Samples per onnxruntime run: the model's fixed batch, else MAX_BATCH, or fewer when the model's
     tensor `shapes` say a batch would need more than RUN_BUDGET_BYTES."""
-    fixed = [s.fixed_batch for s in specs if s.fixed_batch]
-    if fixed:
-        return min(fixed)
+    if fixed_batch:
+        return fixed_batch
     sizes = [int(np.prod(dims[1:], dtype=np.int64)) for dims in (shapes or {}).values()
              if dims and all(isinstance(d, int) and d > 0 for d in dims[1:])]
     return batch_within(RUN_BUDGET_BYTES, 4 * 4 * max(sizes, default=0))  # four float32 tensors of the largest size

@@ -18,8 +18,8 @@ from .graph import Analysis, analyze
 from .loading import Loaded, copied_messages
 from .lowrank import LowRankSettings, factorize_model
 from .recover import recover
+from .recover.training import finetune
 from .rewrite import apply_channel_plan, apply_unit_scales, keep_masks
-from .runtime import run_batch_size
 from .scoring import ScoringContext
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def choose(baseline: Baseline, analysis: Analysis, config: PruneConfig, factoriz
     scorer = scorer_name(config, baseline.calibration)
     context = ScoringContext(seed=config.seed, calibration=baseline.calibration, model=baseline.loaded.model,
                              batch_size=config.calib_batch, pfp_points=config.pfp_points,
-                             fixed_batch=min([s.fixed_batch for s in baseline.specs if s.fixed_batch] or [0]) or None)
+                             fixed_batch=baseline.fixed_batch)
     if config.plan is not None:
         return ChannelChoice(config.plan.to_keep(analysis), config.plan.to_scales(analysis), scorer, context, None)
     if factorizing and channel_ratio(config) == 0:  # factorization alone: no scoring pass
@@ -138,7 +138,7 @@ def factorize_stage(pruned: onnx.ModelProto, baseline: Baseline, settings: LowRa
     """Factorize the channel-pruned model; (model, ranks for the plan, report section)."""
     loaded = baseline.loaded
     result = factorize_model(pruned, loaded.input_shapes, baseline.calibration, settings, loaded.cost["macs"],
-                             run_batch_size(baseline.specs))
+                             baseline.largest_batch)
     if not result.plan and config.plan is None and channel_ratio(config) == 0:
         raise NothingToPrune(nothing_factorized_message(result.report))
     return result.model, result.plan, result.report
@@ -166,10 +166,8 @@ def recover_stage(pruned: onnx.ModelProto, baseline: Baseline, masks: dict, conf
         recovery["note"] = "fitted on synthetic inputs: give --calib with real samples for a meaningful fit"
     sections = {"recovery": recovery}
     if config.finetune_steps:
-        from .recover.training import finetune  # needs onnxruntime-training, checked before any work
-
         pruned, sections["finetune"] = finetune(pruned, loaded.model, calibration, config.finetune_steps,
-                                                lr=config.finetune_lr, batch_size=run_batch_size(baseline.specs),
+                                                lr=config.finetune_lr, batch_size=baseline.largest_batch,
                                                 seed=config.seed)
         if calibration.source == "synthetic":
             sections["finetune"]["note"] = "trained on synthetic inputs: give --calib with real samples"

@@ -12,8 +12,8 @@ from .io import load_model
 from .loading import load
 from .pipeline import PruneResult, prune
 from .plan import Plan
+from .recover.training import finetune as distil
 from .report import report_header
-from .runtime import run_batch_size
 from .stages import analyze_model, group_summary
 from .validate.gates import evaluate_gates
 from .validate.result import evaluate_result
@@ -41,12 +41,10 @@ def factorize(model, rank: float | str = "auto", **options) -> PruneResult:
 def finetune(model, teacher, config: PruneConfig, loss: str = "mse", frozen: tuple[str, ...] = ()) -> PruneResult:
     """`onnxprune finetune`: distil `teacher` into `model` on `config.calibration`, then validate the
     result against the teacher exactly as `prune` validates its output."""
-    from .recover.training import finetune as distil  # needs onnxruntime-training
-
     baseline = prepare(teacher, config)
     student = model if isinstance(model, onnx.ModelProto) else load_model(model)
     tuned, section = distil(student, baseline.loaded.model, baseline.calibration, config.finetune_steps,
-                            config.finetune_lr, run_batch_size(baseline.specs), config.seed, loss, frozen)
+                            config.finetune_lr, baseline.largest_batch, config.seed, loss, frozen)
     report, ort_model = evaluate_result(baseline, tuned, config.gates, config.latency, config.mobile)
     report.update({**report_header(), "finetune": section, "seed": config.seed,
                    "config": {"finetune_steps": config.finetune_steps, "finetune_lr": config.finetune_lr,

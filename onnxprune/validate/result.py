@@ -6,7 +6,7 @@ from __future__ import annotations
 import onnx
 
 from ..io import model_size_bytes
-from ..runtime import run_batch_size, session
+from ..runtime import session
 from ..shapes import infer_shapes
 from .checker import check_model
 from .compare import fidelity, run_model
@@ -15,11 +15,11 @@ from .labels import labelled_evaluation
 from .latency import LatencyConfig, compare_latency
 
 
-def validate(loaded, pruned: onnx.ModelProto, calibration, specs, reference: dict) -> dict:
+def validate(loaded, pruned: onnx.ModelProto, calibration, batch_size: int, reference: dict) -> dict:
     """Checker, onnxruntime outputs against the original's (`reference`) on the same inputs, cost
     before/after, and accuracy when the data has labels. `loaded`: the original (`loading.Loaded`)."""
     checker = check_model(pruned, loaded.runnable)
-    result = run_model(session(pruned), calibration, run_batch_size(specs, loaded.shapes), "result outputs")
+    result = run_model(session(pruned), calibration, batch_size, "result outputs")
     after_shapes = infer_shapes(pruned, loaded.input_shapes)
     report = {
         "before": {**loaded.cost, "size_bytes": loaded.size_bytes},
@@ -37,7 +37,7 @@ def evaluate_result(baseline, pruned: onnx.ModelProto, gates, latency: LatencyCo
                     mobile: bool) -> tuple[dict, bytes | None]:
     """`validate` on the baseline's evaluation data (`baseline.Baseline`), plus latency (asked for, or
     implied by a speedup gate) and the mobile check when asked for; (report, the .ort model or None)."""
-    report = validate(baseline.loaded, pruned, baseline.evaluation, baseline.specs, baseline.reference())
+    report = validate(baseline.loaded, pruned, baseline.evaluation, baseline.run_batch, baseline.reference())
     latency = latency or (LatencyConfig() if gates and gates.needs_latency else None)
     if latency is not None:
         report["latency"] = compare_latency(baseline.session(latency.threads), pruned, baseline.single_batch(), latency)
