@@ -19,6 +19,7 @@ def drawn(monkeypatch, stderr) -> str:
 
 
 def test_a_bar_is_drawn_on_a_terminal(monkeypatch):
+    monkeypatch.setattr(progress, "enabled", True)  # as the CLI leaves it without --quiet
     assert "work" in drawn(monkeypatch, Terminal())
 
 
