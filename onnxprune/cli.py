@@ -266,10 +266,11 @@ def ort_path(output: Path) -> Path:
     return output.with_suffix(".ort")
 
 
-def finish(result, model: Path, output: Path, values: dict, summary: str, report_path=None, plan_out=None) -> None:
+def finish(result, model: Path, output: Path, values: dict, summary: Callable[[dict, Path, Path], str],
+           report_path=None, plan_out=None) -> None:
     """The end of every command that writes a model: the model (and its .ort) unless a gate failed
-    without --keep-failed, the Markdown summary, the JSON report and plan, the terminal summary, and
-    exit code 1 when a gate failed."""
+    without --keep-failed, the Markdown summary, the JSON report and plan, the terminal `summary` (of the
+    report with `output_written`), and exit code 1 when a gate failed."""
     failed = failed_checks(result.report)
     written = not failed or values["keep_failed"]
     if written:
@@ -285,7 +286,7 @@ def finish(result, model: Path, output: Path, values: dict, summary: str, report
     if plan_out:
         write_json_atomic(plan_out, json.loads(result.plan.to_json()))
     if not values["quiet"]:
-        click.echo(summary)
+        click.echo(summary(result.report, model, output))
     if failed:
         where = "the output was written anyway (--keep-failed)" if written else \
             "the output was not written (--keep-failed writes it anyway)"
@@ -322,7 +323,7 @@ def prune_command(model, output, filters, report_path, plan_out, plan_in, **valu
     config = config_from(values, CHANNELS, SEED, CALIBRATION, LOWRANK, RECOVERY, EVALUATION, GATES, INPUT_SHAPES,
                          EXCLUDE, filters=filters, plan=_read_plan(plan_in) if plan_in else None)
     result = prune(model, config)
-    finish(result, model, output, values, format_summary(result.report, model, output), report_path, plan_out)
+    finish(result, model, output, values, format_summary, report_path, plan_out)
 
 
 def _read_plan(path: Path) -> Plan:
@@ -431,7 +432,7 @@ def finetune_command(model, output, teacher, calib, steps, lr, report_path, seed
     config = config_from(values, EVALUATION, GATES, INPUT_SHAPES, calibration=calib, seed=seed, finetune_steps=steps,
                          finetune_lr=lr)
     result = finetune(model, teacher, config, loss=loss, frozen=tuple(frozen))
-    finish(result, model, output, values, format_finetune_summary(result.report, model, output), report_path)
+    finish(result, model, output, values, format_finetune_summary, report_path)
 
 
 if __name__ == "__main__":
