@@ -37,7 +37,7 @@ def run_one(path: str, shapes: dict, filters: float, out: str) -> dict:
     """In a child process: the whole job as the CLI runs it, timed, with memory measured."""
     import onnxprune  # noqa: F401  (imports are not part of the job's memory)
     from onnxprune.io import file_size, save_model
-    from onnxprune.pipeline import PruneConfig, prune
+    from onnxprune import PruneConfig, prune
 
     baseline = _status_mb("VmRSS")
     start = time.perf_counter()

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from onnxprune import PruneConfig, prune  # noqa: E402
-from onnxprune.pipeline import prepare  # noqa: E402
+from onnxprune.baseline import prepare  # noqa: E402
 from onnxprune.sweep import settings_grid, sweep  # noqa: E402
 from onnxprune.validate.latency import LatencyConfig  # noqa: E402
 

@@ -32,7 +32,7 @@ from eval_recovery import audio, mnist_ink, real_inputs  # noqa: E402  (the same
 from onnxprune import PruneConfig, prune  # noqa: E402
 from onnxprune.calib import CalibrationSet  # noqa: E402
 from onnxprune.errors import OnnxPruneError  # noqa: E402
-from onnxprune.pipeline import prepare  # noqa: E402
+from onnxprune.baseline import prepare  # noqa: E402
 
 SETTINGS = [
     ("filters 30%", {"filters": 0.3}),

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from onnxprune import PruneConfig, prune  # noqa: E402
 from onnxprune.calib import CalibrationSet  # noqa: E402
 from onnxprune.errors import OnnxPruneError  # noqa: E402
-from onnxprune.pipeline import prepare  # noqa: E402
+from onnxprune.baseline import prepare  # noqa: E402
 
 METHODS = ["none", "bias", "lstsq"]
 

@@ -38,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import onnxprune  # noqa: E402
 from onnxprune import PruneConfig  # noqa: E402
-from onnxprune.pipeline import prepare  # noqa: E402
-from onnxprune.validate import run_model, session  # noqa: E402
+from onnxprune.baseline import prepare  # noqa: E402
+from onnxprune.runtime import session  # noqa: E402
+from onnxprune.validate import run_model  # noqa: E402
 from tests.real_models import ModelUnavailable, fetch, input_shapes  # noqa: E402
 
 from _data import write_crops  # noqa: E402
@@ -84,7 +85,7 @@ def model_data(name: str, work: Path, calib_samples: int, eval_samples: int):
     eval_split = "calib" if name == "ppocr_det" else "eval"
     evaluation = write_crops(work / name / "eval", eval_split, eval_samples, aspect, kind, rotations, seed=2)
     from onnxprune.calib import input_specs, load_calibration
-    from onnxprune.pipeline import load
+    from onnxprune.loading import load
 
     loaded = load(path, shapes)
     specs = input_specs(loaded.model, loaded.input_shapes)
@@ -141,8 +142,8 @@ def ablation(name: str, work: Path, calib_samples: int, eval_samples: int) -> li
     """PFP's two halves apart: its channel ranking and its per-group allocation, each swapped for
     another scorer's ranking or for uniform per-group counts, at equal MACs."""
     from onnxprune.allocate import select
-    from onnxprune.budget import CostModel, pfp_keep_counts, ratio_for_macs
-    from onnxprune.pipeline import analyze_model
+    from onnxprune.budget import CostModel, budget_target, ratio_for_macs
+    from onnxprune.stages import analyze_model
     from onnxprune.plan import Plan
     from onnxprune.scoring import ScoringContext, score
 
@@ -151,14 +152,14 @@ def ablation(name: str, work: Path, calib_samples: int, eval_samples: int) -> li
     baseline = prepare(path, base)
     analysis = analyze_model(baseline.loaded)
     contexts = {k: ScoringContext(calibration=baseline.calibration, model=baseline.loaded.model,
-                                  fixed_batch=min([s.fixed_batch for s in baseline.specs if s.fixed_batch] or [0]) or None)
+                                  fixed_batch=baseline.fixed_batch)
                 for k in ("pfp", "l1", "wanda")}
     scores = {k: score(analysis, k, c) for k, c in contexts.items()}
     cost = CostModel.build(analysis)
     lines = [f"{name} ablation ({metric}, MACs kept in brackets): ranking x allocation",
              f"  {'MACs  recovery  ranking':<26}{'pfp allocation':>18}{'uniform':>18}"]
     for target in (0.7, 0.5):
-        allocations = [pfp_keep_counts(analysis, scores["pfp"], contexts["pfp"].pfp, None, target, 1, cost)[0],
+        allocations = [contexts["pfp"].allocation.keep_counts(analysis, scores["pfp"], budget_target(analysis, None, target, cost), 1)[0],
                        ratio_for_macs(analysis, scores["l1"], target, False, 1, cost)[0]]
         for recover in ("none", "bias"):
             for ranking in ("pfp", "l1", "wanda"):
@@ -180,14 +181,14 @@ def damage_correlation(name: str, work: Path, calib_samples: int, eval_samples: 
     import onnx
     import onnxruntime as ort
 
-    from onnxprune.pipeline import analyze_model
+    from onnxprune.stages import analyze_model
     from onnxprune.scoring import ScoringContext, score
     from onnxprune.scoring.consumers import batch_rows, conv_patches, find_consumers
 
     path, data, _ = model_data(name, work, calib_samples, eval_samples)
     baseline = prepare(path, PruneConfig(calib_samples=calib_samples, **data))
     analysis = analyze_model(baseline.loaded)
-    fixed = min([s.fixed_batch for s in baseline.specs if s.fixed_batch] or [0]) or None
+    fixed = baseline.fixed_batch
     scores = {k: score(analysis, k, ScoringContext(calibration=baseline.calibration, model=baseline.loaded.model,
                                                    fixed_batch=fixed)) for k in SCORERS if k != "random"}
     consumers = find_consumers(analysis)

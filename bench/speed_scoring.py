@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def measure(scorer: str, model_path: str, data_path: str, batch: int | None) -> dict:
-    from onnxprune import pipeline
+    from onnxprune import PruneConfig, baseline as stages_used
+    from onnxprune.stages import analyze_model
     from onnxprune.calib import capture
     from onnxprune.calib.stats import capture_batch_size
     from onnxprune.scoring import ScoringContext
@@ -46,16 +47,16 @@ def measure(scorer: str, model_path: str, data_path: str, batch: int | None) -> 
 
     memory = StageMemory()
     # each stage ends where the pipeline calls the function wrapped here (the same calls, only observed)
-    memory.wrap(pipeline, "load", "load")
-    memory.wrap(pipeline, "_calibration", "data")
-    memory.wrap(pipeline.Baseline, "reference", "reference")
-    memory.wrap(pipeline, "score", "capture+score", before="release")
+    memory.wrap(stages_used, "load", "load")
+    memory.wrap(stages_used, "_calibration", "data")
+    memory.wrap(stages_used.Baseline, "reference", "reference")
+    memory.wrap(stages_used, "score", "capture+score", before="release")
     memory.wrap(capture, "capture_session", "session")
     started = time.perf_counter()
-    config = pipeline.PruneConfig(calibration=data_path, scorer=scorer, calib_batch=batch)
-    baseline = pipeline.prepare(model_path, config)
+    config = PruneConfig(calibration=data_path, scorer=scorer, calib_batch=batch)
+    baseline = stages_used.prepare(model_path, config)
     memory.end("reparse")
-    analysis = pipeline.analyze_model(baseline.loaded, config.exclude)
+    analysis = analyze_model(baseline.loaded, config.exclude)
     names = sorted({c.tensor for c in find_consumers(analysis)})
     batch_size = capture_batch_size(analysis.shapes, names, batch)
     per_sample = sum(4 * int(np.prod(analysis.shapes[n][1:])) for n in names)
@@ -72,7 +73,7 @@ def measure(scorer: str, model_path: str, data_path: str, batch: int | None) -> 
         "model_mb": os.path.getsize(model_path) / 1e6,
         "data_mb": sum(a.nbytes for a in baseline.calibration.arrays.values()) / 1e6,
         "batch": batch_size, "batch_activations_mb": batch_size * per_sample / 1e6, "stages": memory.stages,
-        "points": getattr(context.pfp, "points", None), "load": os.getloadavg()[0],
+        "points": getattr(context.allocation, "points", None), "load": os.getloadavg()[0],
     }
 
 

@@ -1,8 +1,9 @@
 """onnxprune: structured pruning of ONNX graphs, on the deployed artifact itself."""
 
-__version__ = "0.1.0"
-
-from .errors import OnnxPruneError  # noqa: E402
-from .pipeline import PruneConfig, PruneResult, factorize, inspect, prune  # noqa: E402
+from .config import PruneConfig
+from .errors import OnnxPruneError
+from .pipeline import PruneResult, prune
+from .version import __version__
+from .workflows import factorize, inspect
 
 __all__ = ["__version__", "OnnxPruneError", "PruneConfig", "PruneResult", "factorize", "inspect", "prune"]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import UsageError
-
 AUTO_ROUND_TO = 8  # onnxruntime's CPU convolutions are fastest at multiples of 8 (DESIGN.md)
 AUTO_ROUND_MIN_CHANNELS = 16
 
@@ -21,8 +19,6 @@ def round_keep(keep: int, channels: int, round_to: int | None) -> int:
 def keep_counts(analysis, scores: dict[int, np.ndarray], ratio: float, global_ranking: bool,
                 round_to: int | None = None) -> dict[int, int]:
     """Units to keep per prunable group for removing fraction `ratio` (per group, or over all)."""
-    if not 0.0 <= ratio < 1.0:
-        raise UsageError(f"--filters {ratio} is outside [0, 1): give the fraction of channels to remove, e.g. 0.5")
     groups = analysis.prunable_groups()
     if not global_ranking:
         raw = {g.index: g.channels - int(np.floor(ratio * g.channels + 1e-9)) for g in groups}

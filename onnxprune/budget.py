@@ -1,9 +1,8 @@
 """Global budgets: per-group keep counts that meet a target number of channels or of MACs.
 
-- PFP (paper Sec. 3.3): one relative error eps for the whole network; each group keeps u(eps) channels
-  (scoring/pfp.py); eps is bisected on a log scale over [1e-300, 1e150] until the network meets the
-  target: `--filters R` (fraction of all prunable channels removed) or `--target-macs F` (fraction of
-  MACs kept).
+- A scorer that brings its own allocation (`scoring.Allocation`) meets the `Target` itself: `--filters R`
+  (fraction of all prunable channels removed) or `--target-macs F` (fraction of MACs kept). PFP (paper
+  Sec. 3.3) bisects one relative error eps for the whole network (scoring/pfp.py).
 - Other scorers with `--target-macs F`: the `--filters` ratio (uniform per group, or global) is
   bisected instead.
 
@@ -15,21 +14,14 @@ units is taken to keep k/C of the positions its units occupy in each tensor (exa
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from .allocate import ensure_nonempty, keep_counts, round_keep, select
-from .errors import UsageError
-from .scoring.pfp import keep_for_eps, sample_channels
+from .allocate import keep_counts, select
 from .validate.cost import node_macs
-
-log = logging.getLogger(__name__)
-
-EPS_RANGE = (1e-300, 1e150)
-BISECTION_STEPS = 200
 
 
 @dataclass
@@ -93,144 +85,23 @@ class CostModel:
         return float((self.base * fraction[self.inputs] * fraction[self.outputs]).sum())
 
 
-def check_target(target_macs: float | None) -> None:
-    if target_macs is not None and not 0.0 < target_macs <= 1.0:
-        raise UsageError(f"--target-macs {target_macs} is outside (0, 1]: give the fraction of MACs to keep, e.g. 0.5")
-
-
-# ---------------------------------------------------------------- PFP: search eps
-
-
 @dataclass
-class PFPGroup:
-    index: int
-    probabilities: np.ndarray
-    total: float  # S_l
-    alpha: float
+class Target:
+    """What an allocation must meet: `measure(counts) <= limit`, counted in `unit` ("channels" or "macs")."""
+
+    limit: float
+    measure: Callable[[dict[int, int]], float]
+    unit: str
 
 
-def pfp_groups(analysis, scores: dict[int, np.ndarray], stats) -> list[PFPGroup]:
-    found = []
-    for group in analysis.prunable_groups():
-        if group.index in stats.unread:
-            continue
-        sens = np.asarray(scores[group.index], dtype=np.float64)
-        total = float(sens.sum())
-        probabilities = sens / total if total > 0 else np.zeros_like(sens)
-        found.append(PFPGroup(group.index, probabilities, total, stats.alpha[group.index]))
-    return found
-
-
-def pfp_counts_for_eps(groups: list[PFPGroup], eps: float, channels: dict[int, int], round_to) -> dict[int, int]:
-    return {g.index: round_keep(keep_for_eps(eps, g.probabilities, g.alpha, g.total), channels[g.index], round_to)
-            for g in groups}
-
-
-def pfp_keep_counts(analysis, scores, stats, filters: float | None, target_macs: float | None,
-                    round_to: int | None, cost: CostModel | None = None) -> tuple[dict[int, int], dict]:
-    """Keep counts for every prunable group and a summary {eps, achieved}: the smallest eps (most
-    channels kept) whose counts meet the target. Groups no consumer reads keep all their channels."""
-    check_target(target_macs)
-    channels = {g.index: g.channels for g in analysis.prunable_groups()}
-    groups = pfp_groups(analysis, scores, stats)
-    fixed = {g: c for g, c in channels.items() if g in stats.unread}
+def budget_target(analysis, filters: float | None, target_macs: float | None, cost: CostModel | None = None) -> Target:
+    """Fraction `target_macs` of the MACs kept when given, else fraction `filters` of all prunable channels
+    removed."""
     if target_macs is not None:
         cost = cost or CostModel.build(analysis)
-        limit = target_macs * cost.full
-        measure = lambda counts: cost.macs({**fixed, **counts})  # noqa: E731
-    else:
-        if not 0.0 <= filters < 1.0:
-            raise UsageError(f"--filters {filters} is outside [0, 1): give the fraction of channels to remove, e.g. 0.5")
-        total = sum(channels.values())
-        limit = total - int(np.floor(filters * total + 1e-9))
-        measure = lambda counts: sum(fixed.values()) + sum(counts.values())  # noqa: E731
-    if measure(channels) <= limit:  # nothing needs to go (e.g. --filters 0): keep every channel
-        return dict(channels), {"eps": 0.0, "target": float(limit), "achieved": float(measure(channels)),
-                                "unit": "macs" if target_macs is not None else "channels"}
-    lo, hi = np.log(EPS_RANGE[0]), np.log(EPS_RANGE[1])
-    if measure(pfp_counts_for_eps(groups, float(np.exp(lo)), channels, round_to)) <= limit:
-        hi = lo  # even the smallest error keeps within the target
-    for _ in range(BISECTION_STEPS):
-        if hi - lo < 1e-9:
-            break
-        mid = (lo + hi) / 2
-        if measure(pfp_counts_for_eps(groups, float(np.exp(mid)), channels, round_to)) <= limit:
-            hi = mid
-        else:
-            lo = mid
-    eps = float(np.exp(hi))
-    counts = {**fixed, **pfp_counts_for_eps(groups, eps, channels, round_to)}
-    achieved = measure(counts)
-    if achieved > limit:
-        log.warning("pfp: the target cannot be met (each group keeps at least one channel)")
-    return counts, {"eps": eps, "target": float(limit), "achieved": float(achieved),
-                    "unit": "macs" if target_macs is not None else "channels"}
-
-
-# ---------------------------------------------------------------- error curves (obs): error per MAC
-
-MIN_KEEP_FRACTION = 0.1  # no group is cut below this share of its channels by the error-curve allocation
-LOG_PRICE_RANGE = (-60.0, 60.0)
-
-
-def curve_choices(curve: np.ndarray, channels: int, round_to) -> np.ndarray:
-    """Keep counts a group may take: multiples of round_to, at least MIN_KEEP_FRACTION of it, descending."""
-    floor = int(np.ceil(MIN_KEEP_FRACTION * channels))
-    return np.array(sorted({round_keep(k, channels, round_to) for k in range(max(floor, 1), channels + 1)},
-                           reverse=True))
-
-
-def curve_keep_counts(analysis, stats, filters: float | None, target_macs: float | None, round_to,
-                      cost: CostModel | None = None) -> tuple[dict[int, int], dict]:
-    """Keep counts from each group's error curve (error after removing r units): the price lambda of a
-    MAC (or a channel, for --filters) is bisected until the target is met, and each group keeps the count
-    that minimises error - lambda x (what it saves), so the budget goes where error per MAC is lowest."""
-    check_target(target_macs)
-    channels = {g.index: g.channels for g in analysis.prunable_groups()}
-    fixed = {g: c for g, c in channels.items() if g not in stats.curves}
-    if target_macs is not None:
-        cost = cost or CostModel.build(analysis)
-        limit = target_macs * cost.full
-        measure = lambda counts: cost.macs({**fixed, **counts})  # noqa: E731
-        unit_saving = {g: max(cost.full - cost.macs({g: c - 1}), 1e-12) for g, c in channels.items() if g not in fixed}
-    else:
-        if not 0.0 <= filters < 1.0:
-            raise UsageError(f"--filters {filters} is outside [0, 1): give the fraction of channels to remove, e.g. 0.5")
-        total = sum(channels.values())
-        limit = total - int(np.floor(filters * total + 1e-9))
-        measure = lambda counts: sum(fixed.values()) + sum(counts.values())  # noqa: E731
-        unit_saving = {g: 1.0 for g in channels if g not in fixed}
-    choices = {g: curve_choices(stats.curves[g], channels[g], round_to) for g in unit_saving}
-
-    def counts_at(log_price: float) -> dict[int, int]:
-        price = np.exp(log_price)
-        picked = {}
-        for g, kept in choices.items():
-            removed = channels[g] - kept
-            objective = stats.curves[g][removed] - price * removed * unit_saving[g]
-            picked[g] = int(kept[np.argmin(objective)])
-        return picked
-
-    unit = "macs" if target_macs is not None else "channels"
-    if measure(channels) <= limit:
-        return dict(channels), {"price": 0.0, "target": float(limit), "achieved": float(measure(channels)), "unit": unit}
-    lo, hi = LOG_PRICE_RANGE
-    if measure(counts_at(hi)) > limit:
-        lo = hi  # even the highest price cannot meet it (every group at its floor)
-    for _ in range(BISECTION_STEPS):
-        if hi - lo < 1e-6:
-            break
-        mid = (lo + hi) / 2
-        if measure(counts_at(mid)) <= limit:
-            hi = mid
-        else:
-            lo = mid
-    counts = {**fixed, **counts_at(hi)}
-    achieved = measure(counts)
-    if achieved > limit:
-        log.warning("obs: the target cannot be met (each group keeps at least %.0f%% of its channels)",
-                    100 * MIN_KEEP_FRACTION)
-    return counts, {"price": float(np.exp(hi)), "target": float(limit), "achieved": float(achieved), "unit": unit}
+        return Target(target_macs * cost.full, cost.macs, "macs")
+    total = sum(g.channels for g in analysis.prunable_groups())
+    return Target(total - int(np.floor(filters * total + 1e-9)), lambda counts: sum(counts.values()), "channels")
 
 
 # ---------------------------------------------------------------- other scorers: search the ratio
@@ -239,7 +110,6 @@ def curve_keep_counts(analysis, stats, filters: float | None, target_macs: float
 def ratio_for_macs(analysis, scores, target_macs: float, global_ranking: bool, round_to,
                    cost: CostModel | None = None) -> tuple[dict[int, int], dict]:
     """Keep counts from the smallest --filters ratio whose estimated MACs meet `target_macs`."""
-    check_target(target_macs)
     cost = cost or CostModel.build(analysis)
     limit = target_macs * cost.full
     lo, hi = 0.0, 1.0 - 1e-9
@@ -258,33 +128,23 @@ def ratio_for_macs(analysis, scores, target_macs: float, global_ranking: bool, r
 # ---------------------------------------------------------------- counts and channels for any scorer
 
 
-def choose_channels(analysis, scorer: str, scores: dict[int, np.ndarray], context, *, filters: float,
-                    global_ranking: bool, round_to, target_macs: float | None, pfp_mode: str = "topk",
+def choose_channels(analysis, scores: dict[int, np.ndarray], context, *, filters: float, global_ranking: bool,
+                    round_to, target_macs: float | None, pfp_mode: str = "topk",
                     seed: int = 0) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], dict | None]:
-    """(kept unit positions per group, per-unit weight scales for PFP's sample mode, budget summary)."""
-    if pfp_mode not in ("topk", "sample"):
-        raise UsageError(f"--pfp-mode {pfp_mode!r}: choose topk or sample")
+    """(kept unit positions per group, per-unit weight scales, budget summary). A scorer that brings its
+    own allocation (`context.allocation`) meets the target itself; otherwise the --filters ratio does."""
+    allocation = context.allocation
     summary = None
-    if scorer == "pfp" and context.pfp is not None:
-        counts, summary = pfp_keep_counts(analysis, scores, context.pfp, filters, target_macs, round_to)
+    if allocation is not None:
+        counts, summary = allocation.keep_counts(analysis, scores, budget_target(analysis, filters, target_macs),
+                                                 round_to)
         if global_ranking:
-            context.notes.append("pfp: --global changes nothing (PFP's budget spans all groups already)")
-    elif scorer == "obs" and getattr(context, "obs", None) is not None:
-        counts, summary = curve_keep_counts(analysis, context.obs, filters, target_macs, round_to)
+            context.notes.append(allocation.global_note)
     elif target_macs is not None:
         counts, summary = ratio_for_macs(analysis, scores, target_macs, global_ranking, round_to)
     else:
         counts = keep_counts(analysis, scores, filters, global_ranking, round_to)
     keep = select(analysis, scores, counts)
-    scales = {}
-    if scorer == "pfp" and pfp_mode == "sample" and context.pfp is not None:
-        for group in analysis.prunable_groups():
-            if group.index in context.pfp.unread or counts[group.index] >= group.channels:
-                continue
-            kept, factors = sample_channels(scores[group.index], counts[group.index],
-                                            np.random.default_rng([seed, group.index]))
-            keep[group.index] = kept
-            scales[group.index] = np.ones(group.channels)
-            scales[group.index][kept] = factors
-        keep = ensure_nonempty(analysis, scores, keep)
-    return keep, scales, summary
+    if allocation is not None:
+        return (*allocation.select(analysis, scores, counts, keep, pfp_mode, seed), summary)
+    return keep, {}, summary

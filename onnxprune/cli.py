@@ -1,26 +1,40 @@
-"""Command line: parse, call the library, print, map errors to exit codes. No pruning logic here."""
+"""Command line: parse, call the library, print, map errors to exit codes. No pruning logic here.
+
+Options come in groups (`OptionGroup`), each setting its own part of `PruneConfig`; every command runs
+inside one error handler (`command`) and the commands that write a model share one tail (`finish`).
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import click
 
-from . import __version__
-from .errors import InternalError, OnnxPruneError, UsageError, ValidationFailed
-from .io import check_output_path, parse_input_shape, save_model
-from .pipeline import PruneConfig, inspect, prune
-from .plan import Plan
-from .recover import FINETUNE_LR
+from . import progress
 from .calib.data import is_loader_script
+from .config import PFP_MODES, PruneConfig
+from .errors import InternalError, OnnxPruneError, UsageError, ValidationFailed
+from .io import check_output_path, load_model, parse_input_shape, save_model
 from .lowrank import DEFAULT_MAX_ERROR, check_rank
-from .report import format_inspect, format_markdown, format_summary, write_bytes_atomic, write_json_atomic
+from .pipeline import prune
+from .plan import Plan
+from .recover import FINETUNE_LR, METHODS as RECOVERY_METHODS
+from .recover.training import LOSSES, export_training, require_training
+from .report import (format_finetune_summary, format_inspect, format_markdown, format_summary, title,
+                     write_bytes_atomic, write_json_atomic)
+from .scoring import SCORERS
+from .sweep import format_table, parse_values, plot_png, require_matplotlib, settings_grid, sweep
 from .validate.gates import Gates, describe, failed_checks
 from .validate.latency import DEFAULT_RUNS, DEFAULT_THREADS, DEFAULT_WARMUP, LatencyConfig
+from .version import __version__
+from .workflows import finetune, inspect
 
 
 class DefaultToPrune(click.Group):
@@ -43,153 +57,82 @@ def main():
     """
 
 
-def _shapes(values) -> dict[str, list[int]]:
-    return dict(parse_input_shape(v) for v in values)
+# ---------------------------------------------------------------- option groups
 
 
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+@dataclass
+class OptionGroup:
+    """Click options and the PruneConfig fields they set (`config`: parsed values -> fields)."""
+
+    options: list
+    config: Callable[[dict], dict] = lambda values: {}
+
+    def __call__(self, fn):
+        for option in reversed(self.options):
+            fn = option(fn)
+        return fn
 
 
-def _fail(exc: BaseException, debug: bool) -> None:
-    if debug:
-        traceback.print_exc()
-    if isinstance(exc, OnnxPruneError):
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    if isinstance(exc, InternalError):
-        click.echo(f"internal error: {exc} (a bug in onnxprune: please report it; --debug shows the traceback)", err=True)
-        sys.exit(InternalError.exit_code)
-    detail = str(exc).splitlines()[0] if str(exc) else ""
-    click.echo(f"internal error: {type(exc).__name__}: {detail} (a bug in onnxprune: please report it; "
-               "--debug shows the traceback)", err=True)
-    sys.exit(InternalError.exit_code)
-
-
-common_options = [
-    click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
-                 help="Static shape for a dynamic input, e.g. input:1x3x224x224 (repeatable)."),
-    click.option("--exclude", multiple=True, metavar="PATTERN",
-                 help="Leave groups touching nodes whose name matches this glob whole (repeatable)."),
-    click.option("-v", "--verbose", count=True, help="More log output (-vv for debug)."),
-    click.option("-q", "--quiet", is_flag=True, help="Print errors only."),
-    click.option("--debug", is_flag=True, help="Show tracebacks on errors."),
-]
-
-
-def with_common(fn):
-    for option in reversed(common_options):
-        fn = option(fn)
-    return fn
+def config_from(values: dict, *groups: OptionGroup, **fields) -> PruneConfig:
+    """The PruneConfig that `groups` make of the parsed `values`, plus `fields`."""
+    for group in groups:
+        fields.update(group.config(values))
+    return PruneConfig(**fields)
 
 
 def _fraction(name: str, help: str):
     return click.option(name, type=click.FloatRange(0, 1), default=None, metavar="X", help=help)
 
 
-# Options for deployment pipelines: the data to evaluate on, quality gates, latency, mobile, reports.
-evaluation_options = [
-    click.option("--eval", "eval_data", type=click.Path(path_type=Path), default=None,
-                 help="Validate and evaluate on this data (.npz/.npy) instead of the calibration data."),
-    click.option("--labels", "labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                 help="Class labels for the evaluation data (.npy, or .npz with 'labels'): accuracy and per-class recall."),
-    click.option("--latency", is_flag=True, help="Measure onnxruntime CPU latency before and after."),
-    click.option("--latency-runs", type=click.IntRange(min=1), default=DEFAULT_RUNS, show_default=True,
-                 help="Timed runs per model (median reported), after the warm-up runs."),
-    click.option("--latency-warmup", type=click.IntRange(min=0), default=DEFAULT_WARMUP, show_default=True),
-    click.option("--threads", type=click.IntRange(min=0), default=DEFAULT_THREADS, show_default=True,
-                 help="onnxruntime intra-op threads for the latency measurement (0: onnxruntime's default)."),
-]
-gate_options = [
-    _fraction("--min-cosine", "Fail unless every output's cosine similarity to the original's is at least X."),
-    _fraction("--min-top1-agreement", "Fail unless top-1 agreement with the original is at least X (classifiers)."),
-    _fraction("--max-accuracy-drop", "Fail if accuracy drops by more than X, e.g. 0.01 = one point (needs labels)."),
-    click.option("--min-speedup", type=click.FloatRange(min=0), default=None, metavar="X",
-                 help="Fail unless measured latency before/after is at least X (implies --latency)."),
-    _fraction("--max-macs", "Fail unless the result keeps at most fraction X of the original's MACs."),
-    click.option("--keep-failed", is_flag=True, help="Write the output even when a gate fails (exit code stays 1)."),
-    click.option("--mobile", is_flag=True, help="Run onnxruntime's mobile usability check and write OUTPUT's .ort beside it."),
-    click.option("--summary-md", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                 help="Write a Markdown summary (for a CI job page) here."),
-]
+def _input_shapes(values) -> dict[str, list[int]]:
+    return dict(parse_input_shape(v) for v in values)
 
 
-def with_options(options):
-    def decorate(fn):
-        for option in reversed(options):
-            fn = option(fn)
-        return fn
+LOGGING = OptionGroup([
+    click.option("-v", "--verbose", count=True, help="More log output (-vv for debug)."),
+    click.option("-q", "--quiet", is_flag=True, help="Print errors only."),
+    click.option("--debug", is_flag=True, help="Show tracebacks on errors."),
+])
 
-    return decorate
+INPUT_SHAPES = OptionGroup([
+    click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
+                 help="Static shape for a dynamic input, e.g. input:1x3x224x224 (repeatable)."),
+], lambda v: {"input_shapes": _input_shapes(v["input_shapes"])})
 
+EXCLUDE = OptionGroup([
+    click.option("--exclude", multiple=True, metavar="PATTERN",
+                 help="Leave groups touching nodes whose name matches this glob whole (repeatable)."),
+], lambda v: {"exclude": tuple(v["exclude"])})
 
-def _latency_config(ci: dict, needed: bool = False) -> LatencyConfig | None:
-    if not (ci["latency"] or needed):
-        return None
-    return LatencyConfig(runs=ci["latency_runs"], warmup=ci["latency_warmup"], threads=ci["threads"])
+SEED = OptionGroup([
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random choice."),
+], lambda v: {"seed": v["seed"]})
 
-
-def _ci_config(ci: dict) -> dict:
-    """PruneConfig fields from the evaluation and gate options."""
-    gates = Gates(ci["min_cosine"], ci["min_top1_agreement"], ci["max_accuracy_drop"], ci["min_speedup"], ci["max_macs"])
-    return {"evaluation": ci["eval_data"], "labels": ci["labels"], "gates": gates,
-            "latency": _latency_config(ci, needed=gates.needs_latency), "mobile": ci["mobile"]}
-
-
-def _write_outputs(result, output: Path, ci: dict) -> bool:
-    """Write the model (and its .ort) unless a gate failed without --keep-failed; True when written."""
-    written = not failed_checks(result.report) or ci["keep_failed"]
-    if written:
-        save_model(result.model, output)
-        if result.ort_model is not None:
-            write_bytes_atomic(ort_path(output), result.ort_model)
-            result.report["mobile"]["ort"]["file"] = str(ort_path(output))
-    result.report["output_written"] = written
-    return written
+CHANNELS = OptionGroup([
+    click.option("--global", "global_ranking", is_flag=True, help="Rank channels of all groups together."),
+    click.option("--scorer", type=click.Choice(sorted(SCORERS)), default=None,
+                 help="Channel importance: pfp (Provable Filter Pruning: sensitivity on the calibration data, with "
+                      "per-layer budgets), wanda (|W| x input norm), activation (mean |a|), filter L1/L2 norm, "
+                      "BatchNorm |gamma|, or random [default: pfp with --calib or --data-loader-script, else l1]."),
+    click.option("--round-to", type=click.IntRange(min=1), default=None,
+                 help="Keep channel counts at multiples of N [default: 8 for groups of 16+ channels]."),
+], lambda v: {"global_ranking": v["global_ranking"], "scorer": v["scorer"], "round_to": v["round_to"]})
 
 
-def ort_path(output: Path) -> Path:
-    return output.with_suffix(".ort")
+def _calibration_config(v: dict) -> dict:
+    script, calib = v["data_loader_script"], v["calib"]
+    if script is not None and calib is not None:
+        raise UsageError("give calibration data once: --calib or --data-loader-script, not both")
+    if script is not None and not is_loader_script(script):
+        raise UsageError(f"--data-loader-script '{script}': give it as file.py:function")
+    return {"calibration": script if script is not None else calib, "preprocess": v["preprocess"],
+            "calib_samples": v["calib_samples"], "calib_batch": v["calib_batch"], "pfp_mode": v["pfp_mode"]}
 
 
-def _gate_failure(report: dict, written: bool) -> ValidationFailed:
-    reasons = "; ".join(describe(c) for c in failed_checks(report))
-    where = "the output was written anyway (--keep-failed)" if written else \
-        "the output was not written (--keep-failed writes it anyway)"
-    return ValidationFailed(f"validation failed: {reasons}; {where}")
-
-
-lowrank_options = [
-    click.option("--rank", default=None, metavar="R|auto",
-                 help="Factorize Conv/Gemm/MatMul layers after channel pruning: keep fraction R of each layer's "
-                      "rank, or 'auto' (smallest rank within --lowrank-error, or meeting --target-macs)."),
-    click.option("--lowrank-error", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=DEFAULT_MAX_ERROR,
-                 show_default=True, help="With --rank auto: largest relative output error of each factorized layer."),
-    click.option("--target-macs", type=click.FloatRange(0, 1, min_open=True), default=None, metavar="F",
-                 help="Fraction of the original MACs to keep. With --rank auto the ranks are chosen to meet it "
-                      "(after --filters, if given), minimizing the worst layer error."),
-]
-
-
-def _lowrank_config(options: dict) -> dict:
-    rank = check_rank(options["rank"]) if options["rank"] is not None else None
-    return {"rank": rank, "lowrank_error": options["lowrank_error"], "target_macs": options["target_macs"]}
-
-
-recovery_options = [
-    click.option("--recover", type=click.Choice(["none", "bias", "lstsq"]), default=None,
-                 help="Re-fit the layers whose inputs changed so their outputs match the original's on the "
-                      "calibration data: least squares, biases only, or not [default: lstsq with --calib, else none]."),
-    click.option("--finetune-steps", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
-                 help="Then run N distillation steps towards the original through onnxruntime-training "
-                      "(needs its own environment; the error says how to set it up)."),
-    click.option("--finetune-lr", type=click.FloatRange(min=0, min_open=True), default=FINETUNE_LR, show_default=True,
-                 help="AdamW learning rate of --finetune-steps."),
-]
-
-
-calibration_options = [
+CALIBRATION = OptionGroup([
+    click.option("--calib", type=click.Path(path_type=Path), default=None,
+                 help="Calibration data for scoring, recovery and validation: .npz (arrays named after the inputs, "
+                      "optional labels), .npy (one-input model) or a directory of images (see --preprocess)."),
     click.option("--data-loader-script", default=None, metavar="FILE.py:FUNC",
                  help="Calibration data from a Python function (no arguments) returning feed dicts "
                       "{input name: array}: an iterable, a generator or an object with get_next()."),
@@ -201,82 +144,186 @@ calibration_options = [
                  help="Use at most N calibration samples."),
     click.option("--calib-batch", type=click.IntRange(min=1), default=None, metavar="N",
                  help="Samples per activation-capture batch [default: from a 96 MB activation budget, <= 32]."),
-    click.option("--pfp-mode", type=click.Choice(["topk", "sample"]), default="topk", show_default=True,
+    click.option("--pfp-mode", type=click.Choice(PFP_MODES), default="topk", show_default=True,
                  help="pfp: keep the most sensitive channels, or sample them as the paper does and re-weight "
                       "the kept ones (count / (m p)) in the next layers."),
-]
+], _calibration_config)
 
 
-def _calibration_config(options: dict, calib) -> dict:
-    script = options["data_loader_script"]
-    if script is not None and calib is not None:
-        raise UsageError("give calibration data once: --calib or --data-loader-script, not both")
-    if script is not None and not is_loader_script(script):
-        raise UsageError(f"--data-loader-script '{script}': give it as file.py:function")
-    return {"calibration": script if script is not None else calib, "preprocess": options["preprocess"],
-            "calib_samples": options["calib_samples"], "calib_batch": options["calib_batch"],
-            "pfp_mode": options["pfp_mode"]}
+LOWRANK = OptionGroup([
+    click.option("--rank", default=None, metavar="R|auto",
+                 help="Factorize Conv/Gemm/MatMul layers after channel pruning: keep fraction R of each layer's "
+                      "rank, or 'auto' (smallest rank within --lowrank-error, or meeting --target-macs)."),
+    click.option("--lowrank-error", type=float, default=DEFAULT_MAX_ERROR, show_default=True, metavar="E",
+                 help="With --rank auto: largest relative output error of each factorized layer, in (0, 1)."),
+    click.option("--target-macs", type=float, default=None, metavar="F",
+                 help="Fraction of the original MACs to keep, in (0, 1]. With --rank auto the ranks are chosen to "
+                      "meet it (after --filters, if given), minimizing the worst layer error."),
+], lambda v: {"rank": check_rank(v["rank"]) if v["rank"] is not None else None, "lowrank_error": v["lowrank_error"], "target_macs": v["target_macs"]})
+
+RECOVERY = OptionGroup([
+    click.option("--recover", type=click.Choice(RECOVERY_METHODS), default=None,
+                 help="Re-fit the layers whose inputs changed so their outputs match the original's on the "
+                      "calibration data: least squares, biases only, or not [default: lstsq with --calib, else none]."),
+    click.option("--finetune-steps", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+                 help="Then run N distillation steps towards the original through onnxruntime-training "
+                      "(needs its own environment; the error says how to set it up)."),
+    click.option("--finetune-lr", type=click.FloatRange(min=0, min_open=True), default=FINETUNE_LR, show_default=True,
+                 help="AdamW learning rate of --finetune-steps."),
+], lambda v: {"recover": v["recover"], "finetune_steps": v["finetune_steps"], "finetune_lr": v["finetune_lr"]})
 
 
-def _recovery_config(options: dict) -> dict:
-    return {"recover": options["recover"], "finetune_steps": options["finetune_steps"],
-            "finetune_lr": options["finetune_lr"]}
+def _evaluation_config(v: dict) -> dict:
+    latency = None
+    if v["latency"] or v.get("min_speedup") is not None:  # a speedup gate measures with these settings too
+        latency = LatencyConfig(runs=v["latency_runs"], warmup=v["latency_warmup"], threads=v["threads"])
+    return {"evaluation": v["eval_data"], "labels": v["labels"], "latency": latency}
+
+
+EVALUATION = OptionGroup([
+    click.option("--eval", "eval_data", type=click.Path(path_type=Path), default=None,
+                 help="Validate and evaluate on this data (.npz/.npy) instead of the calibration data."),
+    click.option("--labels", "labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                 help="Class labels for the evaluation data (.npy, or .npz with 'labels'): accuracy and per-class recall."),
+    click.option("--latency", is_flag=True, help="Measure onnxruntime CPU latency before and after."),
+    click.option("--latency-runs", type=click.IntRange(min=1), default=DEFAULT_RUNS, show_default=True,
+                 help="Timed runs per model (median reported), after the warm-up runs."),
+    click.option("--latency-warmup", type=click.IntRange(min=0), default=DEFAULT_WARMUP, show_default=True),
+    click.option("--threads", type=click.IntRange(min=0), default=DEFAULT_THREADS, show_default=True,
+                 help="onnxruntime intra-op threads for the latency measurement (0: onnxruntime's default)."),
+], _evaluation_config)
+
+GATES = OptionGroup([
+    _fraction("--min-cosine", "Fail unless every output's cosine similarity to the original's is at least X."),
+    _fraction("--min-top1-agreement", "Fail unless top-1 agreement with the original is at least X (classifiers)."),
+    _fraction("--max-accuracy-drop", "Fail if accuracy drops by more than X, e.g. 0.01 = one point (needs labels)."),
+    click.option("--min-speedup", type=click.FloatRange(min=0), default=None, metavar="X",
+                 help="Fail unless measured latency before/after is at least X (implies --latency)."),
+    _fraction("--max-macs", "Fail unless the result keeps at most fraction X of the original's MACs."),
+    click.option("--keep-failed", is_flag=True, help="Write the output even when a gate fails (exit code stays 1)."),
+    click.option("--mobile", is_flag=True, help="Run onnxruntime's mobile usability check and write OUTPUT's .ort beside it."),
+    click.option("--summary-md", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                 help="Write a Markdown summary (for a CI job page) here."),
+], lambda v: {"gates": Gates(v["min_cosine"], v["min_top1_agreement"], v["max_accuracy_drop"], v["min_speedup"],
+                             v["max_macs"]), "mobile": v["mobile"]})
+
+TRAINING = OptionGroup([
+    click.option("--loss", type=click.Choice(LOSSES), default="mse", show_default=True,
+                 help="Loss: mean squared error, or cross-entropy (against the teacher's softmax with --teacher, "
+                      "else against integer labels)."),
+    click.option("--frozen", multiple=True, metavar="PATTERN",
+                 help="Do not train parameters whose initializer name matches this glob (repeatable)."),
+])
+
+
+# ---------------------------------------------------------------- the error handler and the shared tail
+
+
+def command(fn):
+    """Run a command body with logging set up, every failure mapped to one line and its exit code."""
+
+    @functools.wraps(fn)
+    def run(*args, verbose: int, quiet: bool, debug: bool, **values):
+        _setup_output(verbose, quiet)
+        try:
+            fn(*args, quiet=quiet, **values)
+        except Exception as exc:  # noqa: BLE001 - every failure maps to an exit code
+            _fail(exc, debug)
+
+    return LOGGING(run)
+
+
+def _setup_output(verbose: int, quiet: bool) -> None:
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)  # onnxruntime's optimizer warnings are noise to our users
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    progress.enabled = not quiet
+
+
+def _fail(exc: BaseException, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    if isinstance(exc, OnnxPruneError):
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    detail = f"{exc}" if isinstance(exc, InternalError) else \
+        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    click.echo(f"internal error: {detail} (a bug in onnxprune: please report it; --debug shows the traceback)", err=True)
+    sys.exit(InternalError.exit_code)
+
+
+def check_outputs(inputs: list, *outputs) -> None:
+    """Every output path that is given is writable and overwrites none of `inputs`."""
+    for output in outputs:
+        if output is not None:
+            for source in inputs:
+                check_output_path(output, source)
+
+
+def ort_path(output: Path) -> Path:
+    return output.with_suffix(".ort")
+
+
+def finish(result, model: Path, output: Path, values: dict, summary: Callable[[dict, Path, Path], str],
+           report_path=None, plan_out=None) -> None:
+    """The end of every command that writes a model: the model (and its .ort) unless a gate failed
+    without --keep-failed, the Markdown summary, the JSON report and plan, the terminal `summary` (of the
+    report with `output_written`), and exit code 1 when a gate failed."""
+    failed = failed_checks(result.report)
+    written = not failed or values["keep_failed"]
+    if written:
+        save_model(result.model, output)
+        if result.ort_model is not None:
+            write_bytes_atomic(ort_path(output), result.ort_model)
+            result.report["mobile"]["ort"]["file"] = str(ort_path(output))
+    result.report["output_written"] = written
+    if values["summary_md"]:
+        write_bytes_atomic(values["summary_md"], format_markdown(result.report, model, output).encode())
+    if report_path:
+        write_json_atomic(report_path, result.report)
+    if plan_out:
+        write_json_atomic(plan_out, json.loads(result.plan.to_json()))
+    if not values["quiet"]:
+        click.echo(summary(result.report, model, output))
+    if failed:
+        where = "the output was written anyway (--keep-failed)" if written else \
+            "the output was not written (--keep-failed writes it anyway)"
+        raise ValidationFailed(f"validation failed: {'; '.join(describe(c) for c in failed)}; {where}")
+
+
+# ---------------------------------------------------------------- commands
 
 
 @main.command("prune")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("output", type=click.Path(path_type=Path))
-@click.option("--filters", type=click.FloatRange(0, 1, max_open=True), default=None,
-              help="Fraction of channels to remove from each prunable group (of all of them with --global) "
-                   "[default: 0.5, or 0 with --rank or --target-macs].")
-@click.option("--global", "global_ranking", is_flag=True, help="Rank channels of all groups together.")
-@click.option("--scorer", type=click.Choice(["obs", "pfp", "wanda", "activation", "l1", "l2", "bn", "random"]), default=None,
-              help="Channel importance: pfp (Provable Filter Pruning: sensitivity on the calibration data, with "
-                   "per-layer budgets), wanda (|W| x input norm), activation (mean |a|), filter L1/L2 norm, "
-                   "BatchNorm |gamma|, or random [default: pfp with --calib or --data-loader-script, else l1].")
-@click.option("--round-to", type=click.IntRange(min=1), default=None,
-              help="Keep channel counts at multiples of N [default: 8 for groups of 16+ channels].")
-@click.option("--calib", type=click.Path(path_type=Path), default=None,
-              help="Calibration data for scoring, recovery and validation: .npz (arrays named after the inputs, "
-                   "optional labels), .npy (one-input model) or a directory of images (see --preprocess).")
+@click.option("--filters", type=float, default=None, metavar="R",
+              help="Fraction of channels to remove from each prunable group (of all of them with --global), "
+                   "in [0, 1) [default: 0.5, or 0 with --rank or --target-macs].")
+@CHANNELS
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None, help="Write the JSON report here.")
 @click.option("--plan-out", type=click.Path(path_type=Path), default=None, help="Write the kept channels as a JSON plan.")
 @click.option("--plan-in", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Apply a plan from --plan-out instead of scoring.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random choice.")
-@with_options(calibration_options)
-@with_options(lowrank_options)
-@with_options(recovery_options)
-@with_options(evaluation_options + gate_options)
-@with_common
-def prune_command(model, output, filters, global_ranking, scorer, round_to, calib, report_path, plan_out, plan_in,
-                  seed, input_shapes, exclude, verbose, quiet, debug, **ci):
+@SEED
+@CALIBRATION
+@LOWRANK
+@RECOVERY
+@EVALUATION
+@GATES
+@INPUT_SHAPES
+@EXCLUDE
+@command
+def prune_command(model, output, filters, report_path, plan_out, plan_in, **values):
     """Remove channels from MODEL, validate with onnxruntime, write OUTPUT."""
-    _setup_logging(verbose, quiet)
-    try:
-        check_output_path(output, model)
-        for extra in (report_path, plan_out, ci["summary_md"], ort_path(output) if ci["mobile"] else None):
-            if extra is not None:
-                check_output_path(extra, model)
-        plan = _read_plan(plan_in) if plan_in else None
-        config = PruneConfig(filters=filters, global_ranking=global_ranking, scorer=scorer, round_to=round_to,
-                             exclude=tuple(exclude), input_shapes=_shapes(input_shapes),
-                             seed=seed, plan=plan, **_ci_config(ci), **_lowrank_config(ci), **_recovery_config(ci),
-                             **_calibration_config(ci, calib))
-        result = prune(model, config)
-        written = _write_outputs(result, output, ci)
-        if ci["summary_md"]:
-            write_bytes_atomic(ci["summary_md"], format_markdown(result.report, model, output).encode())
-        if report_path:
-            write_json_atomic(report_path, result.report)
-        if plan_out:
-            write_json_atomic(plan_out, json.loads(result.plan.to_json()))
-    except Exception as exc:  # noqa: BLE001 - every failure maps to an exit code
-        _fail(exc, debug)
-    if not quiet:
-        click.echo(format_summary(result.report, model, output))
-    if failed_checks(result.report):
-        _fail(_gate_failure(result.report, written), debug)
+    check_outputs([model], output, report_path, plan_out, values["summary_md"],
+                  ort_path(output) if values["mobile"] else None)
+    config = config_from(values, CHANNELS, SEED, CALIBRATION, LOWRANK, RECOVERY, EVALUATION, GATES, INPUT_SHAPES,
+                         EXCLUDE, filters=filters, plan=_read_plan(plan_in) if plan_in else None)
+    result = prune(model, config)
+    finish(result, model, output, values, format_summary, report_path, plan_out)
 
 
 def _read_plan(path: Path) -> Plan:
@@ -289,14 +336,12 @@ def _read_plan(path: Path) -> Plan:
 @main.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@with_common
-def inspect_command(model, as_json, input_shapes, exclude, verbose, quiet, debug):
+@INPUT_SHAPES
+@EXCLUDE
+@command
+def inspect_command(model, as_json, input_shapes, exclude, quiet):
     """Show MODEL's channel groups, what blocks them, coverage, params and MACs."""
-    _setup_logging(verbose, quiet)
-    try:
-        info = inspect(model, _shapes(input_shapes), tuple(exclude))
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc, debug)
+    info = inspect(model, _input_shapes(input_shapes), tuple(exclude))
     click.echo(json.dumps(info, indent=1) if as_json else format_inspect(info, model))
 
 
@@ -306,58 +351,35 @@ def inspect_command(model, as_json, input_shapes, exclude, verbose, quiet, debug
               help="Comma-separated fractions of channels to remove, one setting each "
                    "[default: 0.1,0.2,0.3,0.4,0.5, or 0 with --rank].")
 @click.option("--rank", "ranks_list", default=None, metavar="R,R,...",
-              help="Comma-separated low-rank settings, crossed with --filters (needs low-rank support).")
-@click.option("--global", "global_ranking", is_flag=True, help="Rank channels of all groups together.")
-@click.option("--scorer", default=None, help="Channel importance scorer (as for prune).")
-@click.option("--round-to", type=click.IntRange(min=1), default=None, help="Keep channel counts at multiples of N.")
-@click.option("--calib", type=click.Path(path_type=Path), default=None, help="Calibration data (.npz or .npy).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random choice.")
+              help="Comma-separated low-rank settings, crossed with --filters.")
+@CHANNELS
+@SEED
 @click.option("--no-sensitivity", is_flag=True, help="Skip per-group sensitivity (each group pruned alone).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the sweep table as JSON here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a PNG plot here (needs matplotlib: pip install 'onnxprune[plot]').")
-@with_options(calibration_options)
-@with_options(recovery_options)
-@with_options(evaluation_options)
-@with_common
-def sweep_command(model, filters_list, ranks_list, global_ranking, scorer, round_to, calib, seed, no_sensitivity,
-                  report_path, plot_path, input_shapes, exclude, verbose, quiet, debug, **ci):
+@CALIBRATION
+@RECOVERY
+@EVALUATION
+@INPUT_SHAPES
+@EXCLUDE
+@command
+def sweep_command(model, filters_list, ranks_list, no_sensitivity, report_path, plot_path, **values):
     """Prune MODEL at several settings; tabulate fidelity, accuracy, MACs, params, latency, sensitivity."""
-    from .sweep import format_table, parse_values, plot_png, require_matplotlib, settings_grid, sweep
-
-    _setup_logging(verbose, quiet)
-    try:
-        for extra in (report_path, plot_path):
-            if extra is not None:
-                check_output_path(extra, model)
-        if plot_path:
-            require_matplotlib()
-        settings = settings_grid(parse_values(filters_list, "--filters") if filters_list else None,
-                                 parse_values(ranks_list, "--rank") if ranks_list else None)
-        chosen = {"scorer": scorer} if scorer else {}
-        config = PruneConfig(global_ranking=global_ranking, round_to=round_to, exclude=tuple(exclude),
-                             input_shapes=_shapes(input_shapes), seed=seed, evaluation=ci["eval_data"],
-                             labels=ci["labels"], latency=_latency_config(ci), **chosen,
-                             **_calibration_config(ci, calib), **_recovery_config(ci))
-        table = sweep(model, config, settings, sensitivity=not no_sensitivity)
-        if report_path:
-            write_json_atomic(report_path, table)
-        if plot_path:
-            write_bytes_atomic(plot_path, plot_png(table))
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc, debug)
-    if not quiet:
+    check_outputs([model], report_path, plot_path)
+    if plot_path:
+        require_matplotlib()
+    settings = settings_grid(parse_values(filters_list, "--filters") if filters_list else None,
+                             parse_values(ranks_list, "--rank") if ranks_list else None)
+    config = config_from(values, CHANNELS, SEED, CALIBRATION, RECOVERY, EVALUATION, INPUT_SHAPES, EXCLUDE)
+    table = sweep(model, config, settings, sensitivity=not no_sensitivity)
+    if report_path:
+        write_json_atomic(report_path, table)
+    if plot_path:
+        write_bytes_atomic(plot_path, plot_png(table))
+    if not values["quiet"]:
         click.echo(format_table(table))
-
-
-training_options = [
-    click.option("--loss", type=click.Choice(["mse", "ce"]), default="mse", show_default=True,
-                 help="Loss: mean squared error, or cross-entropy (against the teacher's softmax with --teacher, "
-                      "else against integer labels)."),
-    click.option("--frozen", multiple=True, metavar="PATTERN",
-                 help="Do not train parameters whose initializer name matches this glob (repeatable)."),
-]
 
 
 @main.command("export-training")
@@ -365,35 +387,26 @@ training_options = [
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--teacher", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Train against this model's outputs (the original, for distillation: no labels needed).")
-@with_options(training_options)
+@TRAINING
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
               help="Shape to train at, e.g. x:1x3x48x192 (repeatable): onnxruntime's pooling gradients need "
                    "static dims.")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-@click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
-@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
-def export_training_command(model, directory, teacher, loss, frozen, input_shapes, verbose, quiet, debug):
+@command
+def export_training_command(model, directory, teacher, loss, frozen, input_shapes, quiet):
     """Write onnxruntime training artifacts for MODEL into DIRECTORY (needs onnxruntime-training)."""
-    from .io import load_model
-    from .recover.training import export_training, require_training
-
-    _setup_logging(verbose, quiet)
-    try:
-        require_training()
-        teacher_model = load_model(teacher) if teacher else None
-        manifest = export_training(load_model(model), directory, loss, teacher_model, tuple(frozen),
-                                   input_shapes=_shapes(input_shapes) or None)
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc, debug)
-    if not quiet:
-        target = "the teacher's outputs (no labels needed)" if manifest["teacher"] else \
-            f"a '{manifest['targets'][0]}' input"
-        click.echo(f"onnxprune {__version__}: training artifacts for {model} in {directory}\n"
-                   f"  files     training_model.onnx, eval_model.onnx, optimizer_model.onnx (AdamW), checkpoint\n"
-                   f"  loss      {loss} of {', '.join(manifest['loss_outputs'])} against {target}\n"
-                   f"  params    {len(manifest['trainable'])} trainable, {len(manifest['frozen'])} frozen"
-                   + (f"; {manifest['batchnorm_folded']} BatchNormalization folded (frozen statistics)"
-                      if manifest["batchnorm_folded"] else ""))
+    require_training()
+    teacher_model = load_model(teacher) if teacher else None
+    manifest = export_training(load_model(model), directory, loss, teacher_model, tuple(frozen),
+                               input_shapes=_input_shapes(input_shapes) or None)
+    if quiet:
+        return
+    target = "the teacher's outputs (no labels needed)" if manifest["teacher"] else f"a '{manifest['targets'][0]}' input"
+    click.echo(title(f"training artifacts for {model} in {directory}") + "\n"
+               f"  files     training_model.onnx, eval_model.onnx, optimizer_model.onnx (AdamW), checkpoint\n"
+               f"  loss      {loss} of {', '.join(manifest['loss_outputs'])} against {target}\n"
+               f"  params    {len(manifest['trainable'])} trainable, {len(manifest['frozen'])} frozen"
+               + (f"; {manifest['batchnorm_folded']} BatchNormalization folded (frozen statistics)"
+                  if manifest["batchnorm_folded"] else ""))
 
 
 @main.command("finetune")
@@ -407,36 +420,19 @@ def export_training_command(model, directory, teacher, loss, frozen, input_shape
               help="AdamW learning rate.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None, help="Write the JSON report here.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the batch order.")
-@with_options(training_options)
-@with_options(evaluation_options + gate_options)
-@with_common
-def finetune_command(model, output, teacher, calib, steps, lr, report_path, seed, loss, frozen, input_shapes,
-                     exclude, verbose, quiet, debug, **ci):
+@TRAINING
+@EVALUATION
+@GATES
+@INPUT_SHAPES
+@command
+def finetune_command(model, output, teacher, calib, steps, lr, report_path, seed, loss, frozen, **values):
     """Distil TEACHER into MODEL on the calibration inputs, validate like prune, write OUTPUT."""
-    from .recover.training import finetune_model, require_training
-    from .report import format_finetune_summary
-
-    _setup_logging(verbose, quiet)
-    try:
-        require_training()
-        for extra in (output, report_path, ci["summary_md"]):
-            if extra is not None:
-                check_output_path(extra, model)
-                check_output_path(extra, teacher)
-        config = PruneConfig(input_shapes=_shapes(input_shapes), calibration=calib, seed=seed,
-                             finetune_steps=steps, finetune_lr=lr, **_ci_config(ci))
-        result = finetune_model(model, teacher, config, loss=loss, frozen=tuple(frozen))
-        written = _write_outputs(result, output, ci)
-        if ci["summary_md"]:
-            write_bytes_atomic(ci["summary_md"], format_markdown(result.report, model, output).encode())
-        if report_path:
-            write_json_atomic(report_path, result.report)
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc, debug)
-    if not quiet:
-        click.echo(format_finetune_summary(result.report, model, output))
-    if failed_checks(result.report):
-        _fail(_gate_failure(result.report, written), debug)
+    require_training()
+    check_outputs([model, teacher], output, report_path, values["summary_md"])
+    config = config_from(values, EVALUATION, GATES, INPUT_SHAPES, calibration=calib, seed=seed, finetune_steps=steps,
+                         finetune_lr=lr)
+    result = finetune(model, teacher, config, loss=loss, frozen=tuple(frozen))
+    finish(result, model, output, values, format_finetune_summary, report_path)
 
 
 if __name__ == "__main__":

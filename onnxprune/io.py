@@ -285,7 +285,7 @@ def model_size_bytes(model: onnx.ModelProto) -> int:
         return sum(t.ByteSize() for t in model.graph.initializer)
 
 
-def check_output_path(out: str | os.PathLike, inp: str | os.PathLike | None = None) -> Path:
+def check_output_path(out: str | os.PathLike, inp: str | os.PathLike | None = None) -> None:
     """Refuse OUT == IN and unwritable destinations before any work is done."""
     out = Path(out)
     if inp is not None and Path(inp).exists() and out.exists() and os.path.samefile(inp, out):
@@ -299,7 +299,6 @@ def check_output_path(out: str | os.PathLike, inp: str | os.PathLike | None = No
         raise UsageError(f"cannot write '{out}': permission denied, choose a writable output path")
     if out.is_dir():
         raise UsageError(f"cannot write '{out}': it is a directory, give a file name such as {out / 'model.onnx'}")
-    return out
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> list[Path]:

@@ -8,9 +8,21 @@ import os
 import tempfile
 from pathlib import Path
 
+from .version import __version__
+
 # The JSON report's layout version (docs/report-schema.md). Adding a key keeps it; renaming, removing or
 # changing the meaning of one bumps it, so CI scripts that read reports can check what they get.
 SCHEMA_VERSION = 1
+
+
+def title(text: str) -> str:
+    """The first line of everything onnxprune prints about a run."""
+    return f"onnxprune {__version__}: {text}"
+
+
+def report_header() -> dict:
+    """The keys every JSON report and sweep table starts with: which onnxprune and which layout wrote it."""
+    return {"version": __version__, "schema_version": SCHEMA_VERSION}
 
 
 def write_json_atomic(path: str | os.PathLike, data) -> None:
@@ -53,7 +65,7 @@ def format_summary(report: dict, model, output) -> str:
     changed = sum(1 for g in prunable if g.get("channels_after", g["channels"]) < g["channels"])
     data = report["data"]
     lines = [
-        f"onnxprune {report['version']}: {model} -> {output}",
+        title(f"{model} -> {output}"),
         f"  groups    {len(prunable)} prunable of {len(groups)} (coverage {report['coverage']:.1%}), {changed} pruned",
         *format_scoring(report),
         *format_lowrank(report),
@@ -145,7 +157,7 @@ def format_recovery(report: dict) -> list[str]:
 def format_finetune_summary(report: dict, model, output) -> str:
     """What `onnxprune finetune` prints: fine-tuning, cost and fidelity against the teacher, checks."""
     before, after, fid, data = report["before"], report["after"], report["fidelity"], report["data"]
-    lines = [f"onnxprune {report['version']}: {model} -> {output} (fine-tuned towards the teacher)",
+    lines = [title(f"{model} -> {output} (fine-tuned towards the teacher)"),
              *format_recovery(report),
              _row("params", before["params"], after["params"]) + "  (teacher -> result)",
              _row("MACs", before["macs"], after["macs"]),

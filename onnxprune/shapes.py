@@ -50,8 +50,7 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> 
 
 
 def _shapes_from_runtime(model, input_shapes, names) -> dict[str, tuple]:
-    from .calib.capture import with_outputs  # onnxruntime only where ONNX inference falls short
-    from .validate.runtime import session
+    from .runtime import session, with_outputs  # onnxruntime only where ONNX inference falls short
 
     feeds = {}
     for value in model.graph.input:

@@ -1,27 +1,28 @@
 """Sweeps: prune one model at many settings and tabulate what each costs and keeps.
 
 The model is loaded, the calibration and evaluation data read and the original's outputs computed once
-(`pipeline.prepare`); every setting is pruned against that `Baseline`. For each setting the table has
+(`baseline.prepare`); every setting is pruned against that `Baseline`. For each setting the table has
 fidelity (and accuracy with labels), MACs, params, file size and, with latency on, the measured speedup.
 Per-layer sensitivity prunes each channel group alone, exactly as that setting prunes it (the setting's
 plan restricted to the one group), and records the same measures.
 
-Settings are PruneConfig overrides: `{"filters": 0.3}`, and `{"filters": 0.3, "rank": 0.5}` where
-PruneConfig has a `rank` field (low-rank factorization); `settings_grid` is the one place to extend.
+Settings are PruneConfig overrides: `{"filters": 0.3}`, or `{"filters": 0.3, "rank": 0.5}` with low-rank
+factorization; `settings_grid` is the one place to extend.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from dataclasses import fields, replace
+from dataclasses import replace
 
-from . import __version__
-from .calib.capture import ProgressBar
+from .baseline import prepare
+from .config import PruneConfig, check_filters
 from .errors import NothingToPrune, UsageError
-from .pipeline import PruneConfig, prepare, prune
+from .pipeline import prune
+from .progress import bar
 from .plan import Plan
-from .report import SCHEMA_VERSION
+from .report import report_header
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +51,11 @@ def settings_grid(filters: list | None, ranks: list | None = None) -> list[dict]
     if filters is None:
         filters = [0.0] if ranks else DEFAULT_FILTERS
     for value in filters:
-        if not isinstance(value, float) or not 0 <= value < 1:
-            raise UsageError(f"--filters value {value!r} is outside [0, 1): give fractions of channels to remove")
+        if not isinstance(value, float):
+            raise UsageError(f"--filters value {value!r} is not a number: give fractions of channels to remove")
+        check_filters(value)
     if not ranks:
         return [{"filters": f} for f in filters]
-    if "rank" not in {f.name for f in fields(PruneConfig)}:
-        raise UsageError("--rank needs low-rank factorization, which this version of onnxprune does not have: "
-                         "sweep --filters only")
     return [{"filters": f, "rank": r} for f in filters for r in ranks]
 
 
@@ -65,7 +64,7 @@ def sweep(model, config: PruneConfig, settings: list[dict], sensitivity: bool = 
     checks_off = {"gates": None, "mobile": False, "plan": None}
     config = replace(config, **checks_off)
     baseline = prepare(model, config)
-    bar = ProgressBar("sweep", len(settings))
+    runs = bar(label="sweep", total=len(settings))
     rows, curves, first, error = [], {}, None, None
     for setting in settings:
         try:
@@ -73,28 +72,27 @@ def sweep(model, config: PruneConfig, settings: list[dict], sensitivity: bool = 
         except NothingToPrune as exc:  # e.g. a rank at which no layer gets cheaper: a row saying so
             rows.append({**setting, "error": str(exc)})
             error = error or exc
-            bar.step()
+            runs.update()
             continue
         first = first or result.report
         rows.append({**setting, **measures(result.report)})
         if sensitivity:
             groups = _pruned_groups(result.plan)
-            bar.total += len(groups)
+            runs.total += len(groups)
             alone = replace(config, **setting, latency=None)
             for gp in groups:
                 single = prune(baseline, replace(alone, plan=Plan([gp])))
                 point = {**setting, "channels_after": len(gp.keep), **measures(single.report)}
                 curves.setdefault(tuple(gp.sources), _curve(gp, result.report)).get("points").append(point)
-                bar.step()
-        bar.step()
-    bar.close()
+                runs.update()
+        runs.update()
+    runs.close()
     if first is None:
         raise error
     order = {tuple(g["sources"]): i for i, g in enumerate(first["groups"])}
     return {
-        "schema_version": SCHEMA_VERSION,
+        **report_header(),
         "kind": "sweep",
-        "version": __version__,
         "model": str(model),
         "metric": _metric(first),
         "baseline": {**first["before"], "accuracy": first["accuracy"]["before"] if first.get("accuracy") else None},

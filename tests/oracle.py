@@ -11,7 +11,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxprune.pipeline import analyze_model, load
+from onnxprune.loading import load
+from onnxprune.stages import analyze_model
 from onnxprune.plan import Plan
 from onnxprune.rewrite import keep_masks
 

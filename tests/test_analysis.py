@@ -8,7 +8,8 @@ from onnx import helper, numpy_helper
 import models
 from onnxprune import PruneConfig, inspect, prune
 from onnxprune.allocate import ensure_nonempty, keep_counts, round_keep
-from onnxprune.pipeline import analyze_model, load
+from onnxprune.loading import load
+from onnxprune.stages import analyze_model
 from onnxprune.validate import model_cost
 
 

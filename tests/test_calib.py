@@ -16,7 +16,7 @@ from onnxprune.calib import input_specs, load_calibration
 from onnxprune.calib.images import load_image_folder, parse_preprocess
 from onnxprune.cli import main
 from onnxprune.errors import DataError, UsageError
-from onnxprune.pipeline import load
+from onnxprune.loading import load
 from tests import models
 
 PIL = pytest.importorskip("PIL.Image", reason="image calibration needs Pillow (the 'images' extra)")

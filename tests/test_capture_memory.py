@@ -13,9 +13,10 @@ from onnx import numpy_helper
 
 from onnxprune import io
 from onnxprune.calib import CalibrationSet
-from onnxprune.calib.capture import capture_session, stream_activations, with_outputs
+from onnxprune.calib.capture import capture_session, stream_activations
+from onnxprune.runtime import with_outputs
 from onnxprune.io import load_model
-from onnxprune.validate import session
+from onnxprune.runtime import session
 from tests import models
 
 
@@ -98,15 +99,15 @@ def test_a_model_with_external_data_captures_like_one_without(tmp_path):
 def test_run_batches_fit_the_memory_budget():
     """Validation and reference runs: the model's fixed batch when it has one, else as many samples as keep
     four of its largest tensors within RUN_BUDGET_BYTES, between 1 and RUN_BATCH."""
-    from onnxprune.calib.data import InputSpec
-    from onnxprune.pipeline import RUN_BATCH, RUN_BUDGET_BYTES, run_batch_size
+    from onnxprune.calib.data import InputSpec, fixed_batch
+    from onnxprune.runtime import MAX_BATCH as RUN_BATCH, RUN_BUDGET_BYTES, run_batch_size
 
     dynamic = [InputSpec("x", np.float32, [None, 3, 224, 224], [1, 3, 224, 224])]
     fixed = [InputSpec("x", np.float32, [4, 3, 224, 224], [4, 3, 224, 224])]
     per_sample = RUN_BUDGET_BYTES // (4 * 4 * 10)  # elements of a tensor of which ten samples fit
     shapes = {"x": (None, 3, 224, 224), "big": (None, per_sample), "unknown": (None, "n", 8)}
-    assert run_batch_size(dynamic) == RUN_BATCH
-    assert run_batch_size(dynamic, shapes) == 10
-    assert run_batch_size(dynamic, {"huge": (1, RUN_BUDGET_BYTES)}) == 1
-    assert run_batch_size(dynamic, {"small": (1, 8)}) == RUN_BATCH
-    assert run_batch_size(fixed, shapes) == 4
+    assert run_batch_size(fixed_batch(dynamic)) == RUN_BATCH
+    assert run_batch_size(fixed_batch(dynamic), shapes) == 10
+    assert run_batch_size(fixed_batch(dynamic), {"huge": (1, RUN_BUDGET_BYTES)}) == 1
+    assert run_batch_size(fixed_batch(dynamic), {"small": (1, 8)}) == RUN_BATCH
+    assert run_batch_size(fixed_batch(fixed), shapes) == 4

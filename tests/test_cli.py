@@ -111,3 +111,21 @@ def test_inspect_table_and_json():
 def test_version_and_help():
     assert invoke("--version").output.strip().endswith("0.1.0")
     assert "--filters" in invoke("prune", "--help").output
+
+
+def test_scorer_and_recovery_choices_come_from_the_registries(tmp_path):
+    from onnxprune.recover import METHODS
+    from onnxprune.scoring import SCORERS
+
+    for command in (["prune", str(MODEL), str(tmp_path / "o.onnx")], ["sweep", str(MODEL)]):
+        result = CliRunner().invoke(main, [*command, "--scorer", "nosuch"])
+        assert result.exit_code == 2 and all(name in result.output for name in SCORERS)
+    result = CliRunner().invoke(main, ["prune", str(MODEL), str(tmp_path / "o.onnx"), "--recover", "nosuch"])
+    assert result.exit_code == 2 and all(name in result.output for name in METHODS)
+
+
+def test_finetune_has_no_exclude_option(tmp_path):
+    """Fine-tuning prunes no group: parameters left alone are chosen with --frozen."""
+    result = CliRunner().invoke(main, ["finetune", str(MODEL), str(tmp_path / "o.onnx"), "--teacher", str(MODEL),
+                                       "--calib", str(MODEL), "--exclude", "x"])
+    assert result.exit_code == 2 and "--exclude" in result.output

@@ -93,6 +93,7 @@ def test_gate_fails_with_exit_1_and_writes_no_output(tmp_path, measured, option)
     assert f"FAILED    {option} {limit:g}:" in result.output
     assert f"{check['value']:.4f}" in result.output and "error: validation failed" in result.output
     assert "not written" in result.output
+    assert "NOT WRITTEN because a gate failed" in result.output  # the summary, printed after the outputs
     assert "**FAIL**" in summary.read_text() and option in summary.read_text()
 
 

@@ -8,7 +8,7 @@ from onnx import helper
 import models
 from onnxprune import PruneConfig, prune
 from onnxprune import io
-from onnxprune.pipeline import load
+from onnxprune.loading import load
 
 
 def test_external_data_model_prunes_and_runs(tmp_path):
@@ -24,8 +24,8 @@ def test_models_over_the_protobuf_limit_are_saved_with_external_data(tmp_path, m
     """Above the threshold (2 GB in real life; lowered here) the output gets a .data file, and the
     checker and onnxruntime read the model from disk."""
     monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 1000)
-    import onnxprune.validate.runtime as runtime
-    monkeypatch.setattr(runtime, "EXTERNAL_DATA_THRESHOLD", 1000)
+    import onnxprune.validate.checker as checker
+    monkeypatch.setattr(checker, "EXTERNAL_DATA_THRESHOLD", 1000)
     result = prune(models.flatten_gemm(), PruneConfig(filters=0.5, round_to=1))
     assert any(t.ByteSize() > 1024 for t in result.model.graph.initializer)  # some tensor goes external
     out = tmp_path / "big.onnx"

@@ -19,9 +19,9 @@ from onnxprune.lowrank.covariance import PatchSampler
 from onnxprune.lowrank.decompose import decompose, relative_error
 from onnxprune.lowrank.layers import find_layers
 from onnxprune.lowrank.rank import Options, by_budget
-from onnxprune.pipeline import load
+from onnxprune.loading import load
 from onnxprune.plan import LowRankPlan, Plan
-from onnxprune.validate import session
+from onnxprune.runtime import session
 
 MNIST = "models/mnist_resnet.onnx"
 MNIST_CALIB = "models/mnist_calib.npz"

@@ -5,7 +5,7 @@ import pytest
 
 import real_models as rm
 from onnxprune import PruneConfig, prune
-from onnxprune.pipeline import prepare
+from onnxprune.baseline import prepare
 
 pytestmark = pytest.mark.real
 

@@ -12,11 +12,14 @@ import onnx_graphsurgeon as gs
 import pytest
 from onnx import helper, numpy_helper
 
-from onnxprune import pipeline
+from onnxprune import PruneConfig, loading, prune
+from onnxprune.baseline import prepare
 from onnxprune.calib import CalibrationSet, capture
-from onnxprune.calib.capture import output_suffix, probe_file, stream_activations, with_outputs
+from onnxprune.calib.capture import output_suffix, probe_file, stream_activations
+from onnxprune.runtime import with_outputs
 from onnxprune.io import ModelFile, load_model, load_model_file
-from onnxprune.pipeline import PruneConfig, analyze_model, detach_constants, load, released_model
+from onnxprune.loading import detach_constants, load, released_model
+from onnxprune.stages import analyze_model
 from tests import models
 
 
@@ -42,8 +45,8 @@ def _with_constant_node(model: onnx.ModelProto) -> onnx.ModelProto:
 @pytest.mark.parametrize("scorer", ["pfp", "activation"])
 def test_no_parsed_model_is_held_during_capture_and_it_is_parsed_again_after(tmp_path, monkeypatch, scorer):
     path = _saved(models.residual(), tmp_path)
-    monkeypatch.setattr(pipeline, "RELOAD_ABOVE_BYTES", 0)
-    baseline = pipeline.prepare(path, PruneConfig(calibration=_calibration()))
+    monkeypatch.setattr(loading, "RELOAD_ABOVE_BYTES", 0)
+    baseline = prepare(path, PruneConfig(calibration=_calibration()))
     seen = []
     stream = capture.stream_activations
     module = importlib.import_module(f"onnxprune.scoring.{scorer}")
@@ -54,7 +57,7 @@ def test_no_parsed_model_is_held_during_capture_and_it_is_parsed_again_after(tmp
             yield batch
 
     monkeypatch.setattr(module, "stream_activations", streamed)
-    result = pipeline.prune(baseline, PruneConfig(calibration=_calibration(), scorer=scorer, filters=0.5))
+    result = prune(baseline, PruneConfig(calibration=_calibration(), scorer=scorer, filters=0.5))
     assert seen and all(model is None for model, _ in seen)
     assert all(isinstance(source, ModelFile) and source.verbatim for _, source in seen)
     assert baseline.loaded.model.SerializeToString() == load_model(path).SerializeToString()
@@ -65,9 +68,9 @@ def test_no_parsed_model_is_held_during_capture_and_it_is_parsed_again_after(tmp
 def test_releasing_the_model_changes_no_result(tmp_path, monkeypatch, scorer):
     path = _saved(models.residual_downsample(), tmp_path)
     config = PruneConfig(calibration=_calibration(), scorer=scorer, filters=0.5)
-    kept = pipeline.prune(path, config)
-    monkeypatch.setattr(pipeline, "RELOAD_ABOVE_BYTES", 0)
-    released = pipeline.prune(path, config)
+    kept = prune(path, config)
+    monkeypatch.setattr(loading, "RELOAD_ABOVE_BYTES", 0)
+    released = prune(path, config)
     assert released.model.SerializeToString() == kept.model.SerializeToString()
     assert released.plan.to_json() == kept.plan.to_json()
     assert released.report["fidelity"] == kept.report["fidelity"]
@@ -79,14 +82,14 @@ def test_a_model_that_needs_normalising_is_parsed_again_for_capture(tmp_path, mo
     path = _saved(_with_constant_node(models.residual()), tmp_path)
     assert not load_model_file(path)[2].verbatim
     config = PruneConfig(calibration=_calibration(), scorer="pfp", filters=0.5)
-    kept = pipeline.prune(path, config)
-    monkeypatch.setattr(pipeline, "RELOAD_ABOVE_BYTES", 0)
-    assert pipeline.prune(path, config).model.SerializeToString() == kept.model.SerializeToString()
+    kept = prune(path, config)
+    monkeypatch.setattr(loading, "RELOAD_ABOVE_BYTES", 0)
+    assert prune(path, config).model.SerializeToString() == kept.model.SerializeToString()
 
 
 def test_the_model_is_parsed_again_when_scoring_fails(tmp_path, monkeypatch):
     path = _saved(models.residual(), tmp_path)
-    monkeypatch.setattr(pipeline, "RELOAD_ABOVE_BYTES", 0)
+    monkeypatch.setattr(loading, "RELOAD_ABOVE_BYTES", 0)
     loaded = load(path)
     analysis = analyze_model(loaded)
     with pytest.raises(RuntimeError):

@@ -1,15 +1,14 @@
 """The obs scorer: structured OBS removal costs and updates against brute-force least squares, the greedy
 error curve, the error-per-MAC allocation, and the scorer end to end."""
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 
 from onnxprune import PruneConfig, prune
-from onnxprune.budget import MIN_KEEP_FRACTION, curve_keep_counts
-from onnxprune.pipeline import analyze_model, load
-from onnxprune.scoring.obs import Problem, damped_inverse, greedy_removal
+from onnxprune.budget import CostModel, budget_target
+from onnxprune.loading import load
+from onnxprune.scoring.obs import MIN_KEEP_FRACTION, ObsStats, Problem, damped_inverse, greedy_removal
+from onnxprune.stages import analyze_model
 from tests import models
 
 
@@ -96,18 +95,16 @@ def test_curve_allocation_meets_the_budget_where_error_per_mac_is_lowest():
     model = models.conv_chain()
     analysis = analyze_model(load(model))
     groups = analysis.prunable_groups()
-    stats = SimpleNamespace(curves={})
+    stats = ObsStats()
     for i, g in enumerate(groups):  # the first group's error rises 100x faster than the others'
         stats.curves[g.index] = np.linspace(0, 1, g.channels) ** 2 * (100.0 if i == 0 else 1.0)
-    counts, summary = curve_keep_counts(analysis, stats, None, 0.6, round_to=1)
+    counts, summary = stats.keep_counts(analysis, {}, budget_target(analysis, None, 0.6), round_to=1)
     assert summary["achieved"] <= summary["target"]
     fractions = {g.index: counts[g.index] / g.channels for g in groups}
     assert fractions[groups[0].index] == max(fractions.values())
     for g in groups:
         assert counts[g.index] >= np.ceil(MIN_KEEP_FRACTION * g.channels)
     # one more channel in any group would break the budget, or that group was already whole
-    from onnxprune.budget import CostModel
-
     cost = CostModel.build(analysis)
     slack = [cost.macs({**counts, g.index: counts[g.index] + 1}) > summary["target"]
              for g in groups if counts[g.index] < g.channels]
@@ -117,8 +114,8 @@ def test_curve_allocation_meets_the_budget_where_error_per_mac_is_lowest():
 def test_curve_allocation_with_round_to_keeps_multiples():
     analysis = analyze_model(load(models.conv_chain()))
     groups = analysis.prunable_groups()
-    stats = SimpleNamespace(curves={g.index: np.linspace(0, 1, g.channels) for g in groups})
-    counts, _ = curve_keep_counts(analysis, stats, 0.5, None, round_to=2)
+    stats = ObsStats(curves={g.index: np.linspace(0, 1, g.channels) for g in groups})
+    counts, _ = stats.keep_counts(analysis, {}, budget_target(analysis, 0.5, None), round_to=2)
     for g in groups:
         assert counts[g.index] % 2 == 0 or counts[g.index] == g.channels
 

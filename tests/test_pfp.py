@@ -13,10 +13,11 @@ from click.testing import CliRunner
 
 import onnxprune
 from onnxprune import PruneConfig
-from onnxprune.budget import CostModel, pfp_keep_counts
+from onnxprune.budget import CostModel, budget_target
 from onnxprune.calib import input_specs, load_calibration
 from onnxprune.cli import main
-from onnxprune.pipeline import analyze_model, load
+from onnxprune.loading import load
+from onnxprune.stages import analyze_model
 from onnxprune.scoring import ScoringContext, score
 from onnxprune.scoring.consumers import find_consumers
 from onnxprune.scoring.pfp import (PFPStats, alpha, draws_for_count, expected_unique, keep_for_eps,
@@ -269,7 +270,7 @@ def _mnist_with_sensitivities(seed=0):
 @pytest.mark.parametrize("filters", [0.1, 0.3, 0.5, 0.7])
 def test_budget_search_meets_channel_target_within_one_per_layer(filters):
     analysis, scores, stats = _mnist_with_sensitivities()
-    counts, summary = pfp_keep_counts(analysis, scores, stats, filters, None, round_to=1)
+    counts, summary = stats.keep_counts(analysis, scores, budget_target(analysis, filters, None), round_to=1)
     total = sum(g.channels for g in analysis.prunable_groups())
     target = total - math.floor(filters * total)
     assert sum(counts.values()) <= target
@@ -281,9 +282,9 @@ def test_nothing_to_remove_keeps_every_channel_even_without_sensitivity():
     analysis, scores, stats = _mnist_with_sensitivities()
     first = analysis.prunable_groups()[0].index
     scores[first][:3] = 0  # never active on the data: pruned first, but only when something must go
-    counts, _ = pfp_keep_counts(analysis, scores, stats, 0.0, None, round_to=1)
+    counts, _ = stats.keep_counts(analysis, scores, budget_target(analysis, 0.0, None), round_to=1)
     assert counts == {g.index: g.channels for g in analysis.prunable_groups()}
-    counts, _ = pfp_keep_counts(analysis, scores, stats, 0.05, None, round_to=1)
+    counts, _ = stats.keep_counts(analysis, scores, budget_target(analysis, 0.05, None), round_to=1)
     assert counts[first] <= analysis.groups[first].channels - 3
 
 
@@ -291,7 +292,7 @@ def test_nothing_to_remove_keeps_every_channel_even_without_sensitivity():
 def test_budget_search_meets_mac_target_within_one_channel_per_layer(target_macs):
     analysis, scores, stats = _mnist_with_sensitivities(1)
     cost = CostModel.build(analysis)
-    counts, summary = pfp_keep_counts(analysis, scores, stats, None, target_macs, round_to=1, cost=cost)
+    counts, summary = stats.keep_counts(analysis, scores, budget_target(analysis, None, target_macs, cost), round_to=1)
     limit = target_macs * cost.full
     achieved = cost.macs(counts)
     one_more = sum(cost.macs({**counts, g: min(counts[g] + 1, analysis.groups[g].channels)}) - achieved

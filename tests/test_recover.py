@@ -14,7 +14,7 @@ from onnxprune import PruneConfig, prune
 from onnxprune.calib import CalibrationSet
 from onnxprune.cli import main
 from onnxprune.recover.lstsq import NormalEquations
-from onnxprune.validate import session
+from onnxprune.runtime import session
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 MNIST = ROOT / "models" / "mnist_resnet.onnx"
@@ -150,7 +150,8 @@ def test_recovery_does_not_depend_on_the_batch_size():
     """Batches of 4 and one batch of 64 accumulate the same equations (no sampling at this size)."""
     model = linear_gemm_chain(seed=3, batch="N")
     calibration = calibration_for(model, 64)
-    from onnxprune.pipeline import load, analyze_model
+    from onnxprune.loading import load
+    from onnxprune.stages import analyze_model
     from onnxprune.recover import recover
     from onnxprune.rewrite import apply_channel_plan, keep_masks
     import onnx_graphsurgeon as gs

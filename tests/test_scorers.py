@@ -14,7 +14,8 @@ import onnxprune
 from onnxprune import PruneConfig
 from onnxprune.calib import input_specs, load_calibration
 from onnxprune.cli import main
-from onnxprune.pipeline import analyze_model, load
+from onnxprune.loading import load
+from onnxprune.stages import analyze_model
 from onnxprune.scoring import ScoringContext, score
 from onnxprune.scoring.consumers import find_consumers
 from tests import models
@@ -131,3 +132,15 @@ def test_data_informed_scorers_on_real_models(name):
         assert result.report["scoring"]["scorer"] == scorer
         assert result.report["after"]["macs"] < result.report["before"]["macs"]
         assert result.report["fidelity"]["cosine"] > 0.5
+
+
+def test_a_scorer_that_brings_its_own_budget_says_so_in_the_registry(monkeypatch):
+    from onnxprune.errors import InternalError
+    from onnxprune.scoring import SCORERS, register_scorer
+
+    assert [name for name, scorer in SCORERS.items() if scorer.allocates] == ["pfp"]
+    monkeypatch.setitem(SCORERS, "fake", None)  # removed again after the test
+    register_scorer("fake", allocates=True)(lambda analysis, context: {})
+    analysis = analyze_model(load(MNIST))
+    with pytest.raises(InternalError, match="left no allocation"):
+        score(analysis, "fake", ScoringContext())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import onnxprune.pipeline as pipeline
+import onnxprune.baseline as baseline_module
 import onnxprune.sweep as sweep_module
 from onnxprune import PruneConfig
 from onnxprune.cli import main
@@ -121,13 +121,13 @@ def test_one_data_load_and_one_reference_pass_serve_every_setting(tmp_path, monk
             counts["original_runs"] += 1
         return real_run_model(sess, *args, **kwargs)
 
-    real_prepare, real_run_model, real_session = sweep_module.prepare, pipeline.run_model, pipeline.session
-    monkeypatch.setattr(pipeline, "session", recording_session)
-    monkeypatch.setattr(pipeline, "load", counting("load", pipeline.load))
-    monkeypatch.setattr(pipeline, "load_calibration", counting("load_calibration", pipeline.load_calibration))
-    monkeypatch.setattr(pipeline, "score", counting("score", pipeline.score))
+    real_prepare, real_run_model, real_session = sweep_module.prepare, baseline_module.run_model, baseline_module.session
+    monkeypatch.setattr(baseline_module, "session", recording_session)
+    monkeypatch.setattr(baseline_module, "load", counting("load", baseline_module.load))
+    monkeypatch.setattr(baseline_module, "load_calibration", counting("load_calibration", baseline_module.load_calibration))
+    monkeypatch.setattr(baseline_module, "score", counting("score", baseline_module.score))
     monkeypatch.setattr(sweep_module, "prepare", capture_prepare)
-    monkeypatch.setattr(pipeline, "run_model", counting_run_model)
+    monkeypatch.setattr(baseline_module, "run_model", counting_run_model)
     table = sweep(str(MODEL), PruneConfig(calibration=str(calib)), settings_grid([0.2, 0.25]))
     runs = len(table["settings"]) + sum(len(c["points"]) for c in table["sensitivity"])
     assert runs >= 4

@@ -27,7 +27,8 @@ from onnxprune.io import load_model  # noqa: E402
 from onnxprune.errors import InternalError, ModelError  # noqa: E402
 from onnxprune.recover import training  # noqa: E402
 from onnxprune.recover.training import NotTrainable, export_training, finetune  # noqa: E402
-from onnxprune.validate import check_model, session  # noqa: E402
+from onnxprune.runtime import session  # noqa: E402
+from onnxprune.validate import check_model  # noqa: E402
 
 ARTIFACTS = {"training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "onnxprune_training.json"}
 

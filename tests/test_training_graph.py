@@ -13,7 +13,7 @@ from onnxprune.recover.training_graph import (TEACHER_PREFIX, decompose_for_trai
                                               fold_batchnorm, ops_without_gradient, restore_decomposed,
                                               teacher_for_training, trainable_parameters, with_input_shapes,
                                               with_teacher)
-from onnxprune.validate import session
+from onnxprune.runtime import session
 
 
 def conv_bn_relu_gemm(seed=0, activation="Relu", batch="N"):

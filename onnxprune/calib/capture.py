@@ -13,7 +13,6 @@ written to a temporary file, that copy freed before onnxruntime builds its own).
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,23 +25,9 @@ from onnx import helper
 import onnxruntime as ort
 
 from ..io import ModelFile, write_model
-from ..validate.runtime import build_session, release_free_memory
+from ..progress import bar
+from ..runtime import build_session, release_free_memory, with_outputs
 from .data import CalibrationSet
-
-
-@contextmanager
-def with_outputs(model: onnx.ModelProto, names: list[str]) -> Iterator[onnx.ModelProto]:
-    """`model` with `names` added as graph outputs (types left for onnxruntime to infer) while the block
-    runs, removed afterwards: a session built inside holds its own copy, and no second copy of the
-    weights is made (a proto copy would double the memory of a large model)."""
-    outputs = model.graph.output
-    before = len(outputs)
-    present = {o.name for o in outputs}
-    outputs.extend(helper.make_empty_tensor_value_info(name) for name in dict.fromkeys(names) if name not in present)
-    try:
-        yield model
-    finally:
-        del outputs[before:]
 
 
 def output_suffix(names: list[str], present=()) -> bytes:
@@ -81,16 +66,11 @@ def stream_activations(model: onnx.ModelProto | ModelFile, names: list[str], cal
     (`dict(batch)`) to keep one."""
     with probe_file(model, names) as path:
         sess = capture_session(path)
-    total = -(-calibration.count // batch_size)
-    bar = ProgressBar(progress, total) if progress else None
-    for feed in calibration.batches(batch_size):
+    batches = calibration.batches(batch_size)
+    for feed in bar(batches, progress, total=-(-calibration.count // batch_size)) if progress else batches:
         batch = dict(zip(names, sess.run(names, feed)))
         yield batch
         batch.clear()
-        if bar:
-            bar.step()
-    if bar:
-        bar.close()
     del sess
     release_free_memory()  # the session's weights and arena, before the caller's next stage
 
@@ -103,22 +83,3 @@ def capture_session(model: onnx.ModelProto | str | Path) -> ort.InferenceSession
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.disable_prepacking", "1")  # one copy of the weights, not two
     return build_session(model, options)
-
-
-class ProgressBar:
-    """A one-line progress bar on stderr, shown only when stderr is a terminal."""
-
-    def __init__(self, label: str, total: int):
-        self.label, self.total, self.done = label, max(total, 1), 0
-        self.enabled = sys.stderr.isatty()
-
-    def step(self, n: int = 1) -> None:
-        self.done += n
-        if self.enabled:
-            filled = int(30 * self.done / self.total)
-            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total}")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")

@@ -30,6 +30,11 @@ class InputSpec:
         return self.dims[0] if self.dims and self.dims[0] is not None else None
 
 
+def fixed_batch(specs: list[InputSpec]) -> int | None:
+    """The smallest batch size the model's inputs declare, or None when every batch dim is dynamic."""
+    return min((s.fixed_batch for s in specs if s.fixed_batch), default=None)
+
+
 def input_specs(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> list[InputSpec]:
     specs = []
     for value in graph_inputs(model):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..runtime import batch_within, float_bytes
+
 ACTIVATION_BUDGET_BYTES = 96 << 20  # exposed activations of one capture batch, all tensors together (onnxruntime
 # needs about as much again for its own buffers; a batch is dropped before the next is computed)
-MAX_AUTO_BATCH = 32
 
 
 class ChannelStats:
@@ -48,9 +49,4 @@ def capture_batch_size(shapes: dict[str, tuple], names: list[str], requested: in
         return fixed_batch
     if requested:
         return requested
-    per_sample = 0
-    for name in names:
-        shape = shapes.get(name) or ()
-        dims = [d for d in shape[1:] if d]
-        per_sample += 4 * int(np.prod(dims, dtype=np.int64)) if dims else 4
-    return int(max(1, min(MAX_AUTO_BATCH, ACTIVATION_BUDGET_BYTES // max(per_sample, 1))))
+    return batch_within(ACTIVATION_BUDGET_BYTES, float_bytes(shapes, names))

@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 from ..calib import CalibrationSet
 from ..errors import UsageError
 from ..plan import LowRankPlan
-from ..rewrite.lowrank import Factorizer
+from .factorizer import Factorizer
 from ..shapes import infer_shapes
 from ..validate.cost import model_cost
 from .covariance import input_moments

@@ -16,6 +16,7 @@ import onnx
 
 from ..calib import CalibrationSet
 from ..calib.capture import stream_activations
+from ..runtime import batch_within, float_bytes
 from .layers import Layer
 
 log = logging.getLogger(__name__)
@@ -131,14 +132,10 @@ def input_moments(model: onnx.ModelProto, layers: list[Layer], shapes: dict[str,
     if not moments:
         return {}
     names = sorted({m.layer.input_name for m in moments.values()})
-    for activations in stream_activations(model, names, calibration, _batch_size(names, shapes, max_batch),
+    for activations in stream_activations(model, names, calibration, batch_within(CAPTURE_BYTES, float_bytes(shapes, names), max_batch),
                                           progress="low-rank calibration"):
         for moment in moments.values():
             moment.add(activations[moment.layer.input_name])
     values = {key: moment.value() for key, moment in moments.items()}
     return {name: values[key] for name, key in key_of.items()}
 
-
-def _batch_size(names, shapes, max_batch: int) -> int:
-    per_sample = sum(4 * int(np.prod([d or 1 for d in shapes.get(n, (1, 1))[1:]], dtype=np.int64)) for n in names)
-    return int(max(1, min(max_batch, CAPTURE_BYTES // max(per_sample, 1))))

@@ -18,8 +18,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ..calib.capture import ProgressBar, capture_session
+from ..calib.capture import capture_session
 from ..calib.data import CalibrationSet
+from ..progress import bar as progress_bar
 from ..validate.compare import run_model
 from .bias import BiasFit
 from .layers import Initializers, find_layers
@@ -51,7 +52,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, calibration, met
     batches = -(-calibration.count // batch_size)
     pruned_stream = Stream(model, calibration, batch_size)
     original_stream = Stream(original, calibration, batch_size)
-    bar = ProgressBar("recover", len(levels)) if progress else None
+    bar = progress_bar(label="recover", total=len(levels)) if progress else None
     try:
         for level in levels:
             members = [v for v in views if v.level == level]
@@ -64,7 +65,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, calibration, met
                     view.write(inits, update.weight, update.bias)
                 report["layers"].append(_entry(view, update))
             if bar:
-                bar.step()
+                bar.update()
     finally:
         pruned_stream.close()
         original_stream.close()

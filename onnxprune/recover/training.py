@@ -41,7 +41,7 @@ from .training_graph import (TEACHER_PREFIX, copy_model, decompose_for_training,
 log = logging.getLogger(__name__)
 
 INSTALL = ("python3 -m venv .venv-train && .venv-train/bin/pip install onnxruntime-training-cpu==1.19.2 onnx==1.17.0 "
-           "torch==2.13.0 numpy click onnx-graphsurgeon && .venv-train/bin/pip install --no-deps -e .")
+           "torch==2.13.0 numpy click tqdm onnx-graphsurgeon && .venv-train/bin/pip install --no-deps -e .")
 LOSSES = ("mse", "ce")
 MANIFEST = "onnxprune_training.json"
 # What the child process runs (argv[1]: the directory with the artifacts and the job); tests replace it.
@@ -355,25 +355,3 @@ def _restore_metadata(tuned: onnx.ModelProto, model: onnx.ModelProto) -> onnx.Mo
             if value.name in declared:
                 value.CopyFrom(declared[value.name])
     return tuned
-
-
-def finetune_model(model, teacher, config, loss: str = "mse", frozen: tuple[str, ...] = ()):
-    """`onnxprune finetune`: distil `teacher` into `model` on `config.calibration`, then validate the
-    result against the teacher exactly as `prune` validates its output; a PruneResult."""
-    from .. import __version__
-    from ..io import load_model
-    from ..pipeline import PruneResult, evaluate_result, prepare, run_batch_size
-    from ..plan import Plan
-    from ..report import SCHEMA_VERSION
-    from ..validate.gates import evaluate_gates
-
-    baseline = prepare(teacher, config)
-    student = model if isinstance(model, onnx.ModelProto) else load_model(model)
-    tuned, section = finetune(student, baseline.loaded.model, baseline.calibration, config.finetune_steps,
-                              config.finetune_lr, run_batch_size(baseline.specs), config.seed, loss, frozen)
-    report, ort_model = evaluate_result(baseline, tuned, config)
-    report.update({"finetune": section, "seed": config.seed, "version": __version__, "schema_version": SCHEMA_VERSION,
-                   "config": {"finetune_steps": config.finetune_steps, "finetune_lr": config.finetune_lr,
-                              "loss": loss, "frozen": list(frozen)}})
-    report["gates"] = evaluate_gates(report, config.gates)
-    return PruneResult(tuned, Plan(), report, ort_model)

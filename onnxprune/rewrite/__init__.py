@@ -1,4 +1,4 @@
-"""Graph rewrites that apply a plan: channel slicing (and, later, low-rank factorization)."""
+"""Graph rewrites that apply a plan: channel slicing and per-unit weight scales."""
 
 from .channels import apply_channel_plan, keep_masks
 from .scale import apply_unit_scales

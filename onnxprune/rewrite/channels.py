@@ -74,9 +74,8 @@ class RewriteContext:
         return name
 
 
-def apply_channel_plan(analysis: Analysis, keep: dict[int, np.ndarray]) -> int:
-    """Slice every node of `analysis.graph` for the kept units, in place. Returns channels removed."""
-    masks = keep_masks(analysis, keep)
+def apply_channel_plan(analysis: Analysis, masks: dict[str, np.ndarray]) -> None:
+    """Slice every node of `analysis.graph` for the kept channels (`keep_masks`), in place."""
     for name, mask in masks.items():
         if not mask.any():
             raise InternalError(f"pruning would leave tensor '{name}' with no channels")
@@ -88,12 +87,6 @@ def apply_channel_plan(analysis: Analysis, keep: dict[int, np.ndarray]) -> int:
             handler_for(node.op).rewrite(node, rw)
     _forget_stale_shapes(graph, masks)
     graph.cleanup().toposort()
-    removed = sum(int((~keep_mask_of_source(masks, s)).sum()) for g in analysis.groups for s in g.sources)
-    return removed
-
-
-def keep_mask_of_source(masks, source) -> np.ndarray:
-    return masks.get(source.tensor, np.ones(source.count, dtype=bool))
 
 
 def _forget_stale_shapes(graph: gs.Graph, masks) -> None:

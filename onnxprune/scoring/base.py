@@ -2,13 +2,43 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import InternalError, UsageError
 
-SCORERS = {}
+
+class Allocation(ABC):
+    """What a scorer that brings its own budget leaves in `ScoringContext.allocation`: it turns its scores
+    into keep counts that meet a target (PFP: one error bound for the whole network), where other scorers
+    get the --filters ratio applied to their scores."""
+
+    global_note: str = ""  # the report's note when --global is asked for: the budget spans all groups already
+
+    @abstractmethod
+    def keep_counts(self, analysis, scores: dict[int, np.ndarray], target, round_to) -> tuple[dict[int, int], dict]:
+        """Keep counts of every prunable group meeting `target` (budget.Target), and the report's summary."""
+
+    def select(self, analysis, scores, counts: dict[int, int], keep: dict[int, np.ndarray], mode: str,
+               seed: int) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+        """(kept positions, per-unit weight scales) in the scorer's selection `mode`; by default `keep`."""
+        return keep, {}
+
+    def summary(self, mode: str) -> dict:
+        """What the report's scoring section says about the allocation."""
+        return {}
+
+
+@dataclass(frozen=True)
+class Scorer:
+    score: Callable  # (analysis, context) -> {group index: scores}
+    allocates: bool = False  # leaves an Allocation in context.allocation: the scorer meets budgets itself
+
+
+SCORERS: dict[str, Scorer] = {}
 
 
 @dataclass
@@ -21,13 +51,12 @@ class ScoringContext:
     batch_size: int | None = None  # samples per capture batch (None: from a memory budget)
     fixed_batch: int | None = None  # the model's fixed batch size, when its input has one
     pfp_points: int | None = None  # (input, position) points per layer for PFP (None: from a work budget)
-    pfp: object = None  # set by the pfp scorer: per-group alpha and unread groups (scoring.pfp.PFPStats)
-    obs: object = None  # set by the obs scorer: per-group removal order and error curve (scoring.obs.ObsStats)
+    allocation: Allocation | None = None  # set by a scorer that brings its own budget
 
 
-def register_scorer(name: str):
+def register_scorer(name: str, allocates: bool = False):
     def decorate(fn):
-        SCORERS[name] = fn
+        SCORERS[name] = Scorer(fn, allocates)
         return fn
 
     return decorate
@@ -36,7 +65,13 @@ def register_scorer(name: str):
 def score(analysis, name: str, context: ScoringContext) -> dict[int, np.ndarray]:
     if name not in SCORERS:
         raise UsageError(f"unknown scorer '{name}': choose one of {', '.join(sorted(SCORERS))}")
-    return SCORERS[name](analysis, context)
+    scorer = SCORERS[name]
+    context.allocation = None
+    scores = scorer.score(analysis, context)
+    if scorer.allocates != (context.allocation is not None):
+        raise InternalError(f"scorer '{name}' {'left no' if scorer.allocates else 'left an'} allocation in its "
+                            "context, against its registration")
+    return scores
 
 
 def accumulate(analysis, group, ids: np.ndarray, values: np.ndarray, into: np.ndarray) -> None:

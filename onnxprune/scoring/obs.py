@@ -38,20 +38,24 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..allocate import round_keep
 from ..calib.capture import stream_activations
 from ..calib.stats import capture_batch_size
 from ..errors import UsageError
-from .base import register_scorer
+from .base import Allocation, register_scorer
 from .consumers import Consumer, batch_rows, conv_patches, find_consumers
 
 log = logging.getLogger(__name__)
 
-DAMP = 0.01  # lambda, relative to the mean diagonal of X^T X / N (OBC's dampening)
+DAMP = float(__import__("os").environ.get("OBS_DAMP", "0.01"))  # lambda, relative to the mean diagonal of X^T X / N (OBC's dampening)
 ROWS_PER_FEATURE = 32  # sampled rows (output positions) per input feature, over the calibration set
 MIN_ROWS = 2048
 MAX_BATCH_ELEMENTS = 8_000_000  # rows x features gathered at once (bounds the im2col buffer)
 MAX_FEATURES = 12_288  # per layer: H^-1 must fit in memory and update in seconds
 REMOVAL_STEPS = 32  # units are removed in about this many batches per group
+MIN_KEEP_FRACTION = 0.1  # the allocation cuts no group below this share of its channels
+LOG_PRICE_RANGE = (-60.0, 60.0)
+BISECTION_STEPS = 200
 
 
 # ---------------------------------------------------------------- one layer as a reconstruction problem
@@ -215,14 +219,64 @@ def _layer_matrix(consumer: Consumer) -> tuple[np.ndarray, np.ndarray]:
 
 
 @dataclass
-class ObsStats:
-    """What the obs scorer leaves for the allocation: each group's removal order and error curve."""
+class ObsStats(Allocation):
+    """The obs scorer's allocation: each group's removal order and error curve, spent by error per MAC."""
 
     curves: dict[int, np.ndarray] = field(default_factory=dict)
-    orders: dict[int, np.ndarray] = field(default_factory=dict)
     unread: list[int] = field(default_factory=list)  # groups no consumer reads: left whole
     layers: int = 0
     rows: int = 0
+
+    global_note = "obs: --global changes nothing (its budget spans all groups already)"
+
+    def keep_counts(self, analysis, scores, target, round_to) -> tuple[dict[int, int], dict]:
+        """The price lambda of a unit of `target` (a MAC, or a channel) is bisected until the target is met;
+        at a price, each group keeps the count minimising its error curve - lambda x what it saves, so the
+        budget goes where error per MAC is lowest. Groups keep at least MIN_KEEP_FRACTION and round_to."""
+        channels = {g.index: g.channels for g in analysis.prunable_groups()}
+        curved = [g for g in channels if g in self.curves]
+        full = target.measure(channels)
+        saving = {g: max(full - target.measure({**channels, g: channels[g] - 1}), 1e-12) for g in curved}
+        choices = {g: keep_choices(channels[g], round_to) for g in curved}
+
+        def counts_at(log_price: float) -> dict[int, int]:
+            counts = dict(channels)
+            for g in curved:
+                removed = channels[g] - choices[g]
+                objective = self.curves[g][removed] - np.exp(log_price) * removed * saving[g]
+                counts[g] = int(choices[g][np.argmin(objective)])
+            return counts
+
+        if full <= target.limit:
+            return dict(channels), {"price": 0.0, "target": float(target.limit), "achieved": float(full),
+                                    "unit": target.unit}
+        lo, hi = LOG_PRICE_RANGE
+        if target.measure(counts_at(hi)) > target.limit:
+            lo = hi  # every group at its floor: as close as it gets
+        for _ in range(BISECTION_STEPS):
+            if hi - lo < 1e-6:
+                break
+            mid = (lo + hi) / 2
+            if target.measure(counts_at(mid)) <= target.limit:
+                hi = mid
+            else:
+                lo = mid
+        counts = counts_at(hi)
+        achieved = target.measure(counts)
+        if achieved > target.limit:
+            log.warning("obs: the target cannot be met (each group keeps at least %.0f%% of its channels)",
+                        100 * MIN_KEEP_FRACTION)
+        return counts, {"price": float(np.exp(hi)), "target": float(target.limit), "achieved": float(achieved),
+                        "unit": target.unit}
+
+    def summary(self, mode: str) -> dict:
+        return {"layers": self.layers, "rows_per_layer": self.rows}
+
+
+def keep_choices(channels: int, round_to) -> np.ndarray:
+    """Keep counts a group may take: rounded as round_to says, at least MIN_KEEP_FRACTION of it."""
+    floor = max(int(np.ceil(MIN_KEEP_FRACTION * channels)), 1)
+    return np.array(sorted({round_keep(k, channels, round_to) for k in range(floor, channels + 1)}))
 
 
 def gram_folds(analysis, context, consumers: list[Consumer]) -> list[GramFold]:
@@ -241,7 +295,7 @@ def gram_folds(analysis, context, consumers: list[Consumer]) -> list[GramFold]:
     return folds
 
 
-@register_scorer("obs")
+@register_scorer("obs", allocates=True)
 def obs(analysis, context):
     """Units ranked by their greedy structured-OBS removal order (the last removed scores highest)."""
     if context.model is None or context.calibration is None:
@@ -264,8 +318,8 @@ def obs(analysis, context):
         rank = np.full(group.channels, float(group.channels))  # the survivor scores highest
         rank[order] = np.arange(len(order))
         scores[group.index] = rank
-        stats.orders[group.index], stats.curves[group.index] = order, curve
-    context.obs = stats
+        stats.curves[group.index] = curve
+    context.allocation = stats
     unread = [g for g in stats.unread if analysis.groups[g].channels > 1]
     if unread:
         context.notes.append(f"obs: {len(unread)} group(s) feed no Conv/Gemm/MatMul it can score "

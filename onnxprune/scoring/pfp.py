@@ -48,10 +48,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..allocate import ensure_nonempty, round_keep
 from ..calib.capture import stream_activations
 from ..calib.stats import capture_batch_size
 from ..errors import UsageError
-from .base import register_scorer
+from .base import Allocation, register_scorer
 from .consumers import Consumer, batch_rows, conv_patches, find_consumers
 
 log = logging.getLogger(__name__)
@@ -66,14 +67,92 @@ FOLD_POINTS = 32  # points gathered per layer before a block is computed (amorti
 TIE_BREAK = 1e-6  # weight of the mean relative contribution added to the sensitivity (0: pure maxima)
 
 
+EPS_RANGE = (1e-300, 1e150)
+BISECTION_STEPS = 200
+
+
 @dataclass
-class PFPStats:
-    """What the PFP allocation needs besides the sensitivities: per group, its alpha (max over its
+class PFPStats(Allocation):
+    """PFP's own allocation and what it needs besides the sensitivities: per group, its alpha (max over its
     consumers); groups no consumer reads (left whole); points used per layer."""
 
     alpha: dict[int, float] = field(default_factory=dict)
     unread: list[int] = field(default_factory=list)
     points: int = 0
+
+    global_note = "pfp: --global changes nothing (PFP's budget spans all groups already)"
+
+    def keep_counts(self, analysis, scores, target, round_to) -> tuple[dict[int, int], dict]:
+        """Keep counts for every prunable group and a summary {eps, achieved}: the smallest eps (most
+        channels kept) whose counts meet `target`. Groups no consumer reads keep all their channels."""
+        channels = {g.index: g.channels for g in analysis.prunable_groups()}
+        groups = pfp_groups(analysis, scores, self)
+        fixed = {g: c for g, c in channels.items() if g in self.unread}
+        limit = target.limit
+        measure = lambda counts: target.measure({**fixed, **counts})  # noqa: E731
+        if measure(channels) <= limit:  # nothing needs to go (e.g. --filters 0): keep every channel
+            return dict(channels), {"eps": 0.0, "target": float(limit), "achieved": float(measure(channels)),
+                                    "unit": target.unit}
+        lo, hi = np.log(EPS_RANGE[0]), np.log(EPS_RANGE[1])
+        if measure(counts_for_eps(groups, float(np.exp(lo)), channels, round_to)) <= limit:
+            hi = lo  # even the smallest error keeps within the target
+        for _ in range(BISECTION_STEPS):
+            if hi - lo < 1e-9:
+                break
+            mid = (lo + hi) / 2
+            if measure(counts_for_eps(groups, float(np.exp(mid)), channels, round_to)) <= limit:
+                hi = mid
+            else:
+                lo = mid
+        eps = float(np.exp(hi))
+        counts = {**fixed, **counts_for_eps(groups, eps, channels, round_to)}
+        achieved = measure(counts)
+        if achieved > limit:
+            log.warning("pfp: the target cannot be met (each group keeps at least one channel)")
+        return counts, {"eps": eps, "target": float(limit), "achieved": float(achieved), "unit": target.unit}
+
+    def select(self, analysis, scores, counts, keep, mode, seed):
+        """In "sample" mode, the paper's sampling: kept channels drawn by sensitivity and re-weighted."""
+        if mode != "sample":
+            return keep, {}
+        scales = {}
+        for group in analysis.prunable_groups():
+            if group.index in self.unread or counts[group.index] >= group.channels:
+                continue
+            kept, factors = sample_channels(scores[group.index], counts[group.index],
+                                            np.random.default_rng([seed, group.index]))
+            keep[group.index] = kept
+            scales[group.index] = np.ones(group.channels)
+            scales[group.index][kept] = factors
+        return ensure_nonempty(analysis, scores, keep), scales
+
+    def summary(self, mode: str) -> dict:
+        return {"pfp_mode": mode, "points_per_layer": self.points}
+
+
+@dataclass
+class PFPGroup:
+    index: int
+    probabilities: np.ndarray
+    total: float  # S_l
+    alpha: float
+
+
+def pfp_groups(analysis, scores: dict[int, np.ndarray], stats: PFPStats) -> list[PFPGroup]:
+    found = []
+    for group in analysis.prunable_groups():
+        if group.index in stats.unread:
+            continue
+        sens = np.asarray(scores[group.index], dtype=np.float64)
+        total = float(sens.sum())
+        probabilities = sens / total if total > 0 else np.zeros_like(sens)
+        found.append(PFPGroup(group.index, probabilities, total, stats.alpha[group.index]))
+    return found
+
+
+def counts_for_eps(groups: list[PFPGroup], eps: float, channels: dict[int, int], round_to) -> dict[int, int]:
+    return {g.index: round_keep(keep_for_eps(eps, g.probabilities, g.alpha, g.total), channels[g.index], round_to)
+            for g in groups}
 
 
 # ---------------------------------------------------------------- 1. sensitivities
@@ -228,7 +307,7 @@ def sensitivities(analysis, context) -> tuple[np.ndarray, list[Consumer], int]:
     return unit_sens, consumers, count
 
 
-@register_scorer("pfp")
+@register_scorer("pfp", allocates=True)
 def pfp(analysis, context):
     """PFP sensitivities (the max relative contribution to the consumers' pre-activations)."""
     if context.model is None or context.calibration is None:
@@ -245,7 +324,7 @@ def pfp(analysis, context):
         scores[group.index] = unit_sens[group.unit_labels]
         if group.index not in stats.alpha:
             stats.unread.append(group.index)
-    context.pfp = stats
+    context.allocation = stats
     if stats.unread:
         context.notes.append(f"pfp: {len(stats.unread)} group(s) feed no Conv/Gemm/MatMul it can score "
                              "(e.g. only an LSTM): left whole")

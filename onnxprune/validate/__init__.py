@@ -2,6 +2,6 @@
 
 from .cost import model_cost
 from .compare import fidelity, run_model
-from .runtime import check_model, session
+from .checker import check_model
 
-__all__ = ["model_cost", "fidelity", "run_model", "check_model", "session"]
+__all__ = ["model_cost", "fidelity", "run_model", "check_model"]

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..calib import CalibrationSet
+from ..progress import bar
 
 
-def run_model(sess, calibration: CalibrationSet, batch_size: int) -> dict[str, np.ndarray]:
+
+def run_model(sess, calibration, batch_size: int, label: str = "onnxruntime run") -> dict[str, np.ndarray]:
     """All outputs over all samples, concatenated on axis 0 (scalars stacked)."""
     names = [o.name for o in sess.get_outputs()]
     collected = {n: [] for n in names}
-    for feed in calibration.batches(batch_size):
+    for feed in bar(calibration.batches(batch_size), label, total=-(-calibration.count // batch_size)):
         for name, value in zip(names, sess.run(names, feed)):
             collected[name].append(np.atleast_1d(value))
     return {n: np.concatenate(v) if v[0].ndim else np.stack(v) for n, v in collected.items()}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .runtime import session
+from ..runtime import session
 
 DEFAULT_RUNS = 30
 DEFAULT_WARMUP = 5

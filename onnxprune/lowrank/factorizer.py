@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..lowrank.layers import Layer, layer_name
+from .layers import Layer, layer_name
 
 FIRST_FACTOR_ATTRS = ("strides", "pads", "dilations", "auto_pad", "kernel_shape")
 

@@ -1,0 +1,121 @@
+"""What every pruning of one model shares, computed once: `prepare` loads the model and its data,
+and `Baseline` keeps them with the original's outputs, sessions and scores for every run on it."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from .calib import CalibrationSet, fixed_batch, input_specs, load_calibration, synthetic
+from .config import PruneConfig
+from .errors import UsageError
+from .loading import Loaded, load, releasable, released_model, unparsed
+from .runtime import run_batch_size, session
+from .scoring import score
+from .validate import run_model
+from .validate.gates import check_gate_requirements
+from .validate.labels import load_labels
+
+SYNTHETIC_SAMPLES = 8
+
+
+@dataclass
+class Baseline:
+    """What every pruning of one model shares, computed once: the loaded model, the calibration and
+    evaluation data, and (on first use) the original's outputs and sessions. `prepare` makes one; a
+    sweep passes it to `prune` for each setting instead of a path, so nothing is loaded or run twice."""
+
+    loaded: Loaded
+    specs: list
+    calibration: CalibrationSet
+    evaluation: CalibrationSet  # validation data: the calibration data unless other data was given
+    _reference: dict | None = None
+    _sessions: dict = field(default_factory=dict)
+    _scores: dict = field(default_factory=dict)
+
+    @property
+    def fixed_batch(self) -> int | None:
+        return fixed_batch(self.specs)
+
+    @property
+    def run_batch(self) -> int:
+        """Samples per onnxruntime run of the original (see `runtime.run_batch_size`)."""
+        return run_batch_size(self.fixed_batch, self.loaded.shapes)
+
+    @property
+    def largest_batch(self) -> int:
+        """The model's fixed batch, else runtime.MAX_BATCH: for stages that bound their memory themselves
+        (low-rank calibration) or train in batches (fine-tuning)."""
+        return run_batch_size(self.fixed_batch)
+
+    def session(self, threads: int = 0):
+        if threads not in self._sessions:
+            self._sessions[threads] = session(self.loaded.runnable, threads=threads)
+        return self._sessions[threads]
+
+    def scores(self, analysis, scorer: str, context, config: PruneConfig) -> dict:
+        """`score(...)`, computed once per scorer and scoring options: the scores (and the statistics a
+        scorer leaves in `context`) depend on the original model and data only, not on the ratio.
+        While they are computed, a large model from a file is not held parsed (`released_model`)."""
+        key = (scorer, config.seed, config.calib_batch, config.pfp_points, tuple(config.exclude))
+        if key not in self._scores:
+            before = len(context.notes)
+            with released_model(self.loaded, analysis.graph) as model:
+                context.model = model
+                scores = score(analysis, scorer, context)
+            context.model = self.loaded.model
+            self._scores[key] = copy.deepcopy((scores, context.allocation, context.notes[before:]))
+            return scores
+        scores, context.allocation, notes = copy.deepcopy(self._scores[key])
+        context.notes.extend(notes)
+        return scores
+
+    def reference(self) -> dict:
+        """The original model's outputs on the evaluation data."""
+        if self._reference is None:  # a session not kept for later holds no memory after this
+            sess = self._sessions.get(0) or session(self.loaded.runnable)
+            self._reference = run_model(sess, self.evaluation, self.run_batch, "original outputs")
+        return self._reference
+
+    def single_batch(self) -> dict:
+        """One feed (batch 1, or the model's fixed batch) for latency and the .ort check."""
+        size = min(self.fixed_batch or 1, self.evaluation.count)
+        return next(self.evaluation.head(size).batches(size))
+
+
+def prepare(model, config: PruneConfig | None = None) -> Baseline:
+    """Load `model` and its data once (input shapes, calibration, evaluation, labels from `config`)."""
+    config = config or PruneConfig()
+    loaded = load(model, config.input_shapes)
+    specs = input_specs(loaded.model, loaded.input_shapes)
+    calibration = _calibration(config, specs)
+    evaluation = _evaluation(config, specs, calibration)
+    check_gate_requirements(config.gates, evaluation.labels is not None)
+    baseline = Baseline(loaded, specs, calibration, evaluation)
+    if releasable(loaded):
+        # onnxruntime needs about 3x a model's size to run it; with our parsed copy alive too, that
+        # would be the job's peak. Run the original from its file without our copy, then parse again.
+        with unparsed(loaded):
+            baseline.reference()
+    return baseline
+
+
+def _calibration(config: PruneConfig, specs) -> CalibrationSet:
+    data = config.calibration
+    if data is None:
+        return synthetic(specs, SYNTHETIC_SAMPLES, config.seed)
+    return load_calibration(data, specs, preprocess=config.preprocess, samples=config.calib_samples)
+
+
+def _evaluation(config: PruneConfig, specs, calibration: CalibrationSet) -> CalibrationSet:
+    data = config.evaluation
+    if data is None:
+        data = calibration
+    elif not isinstance(data, CalibrationSet):
+        data = load_calibration(data, specs)
+        data.source = "evaluation"
+    if config.labels is not None:
+        if data.source == "synthetic":
+            raise UsageError("--labels needs the inputs they label: give them with --calib or --eval")
+        data = CalibrationSet(data.arrays, load_labels(config.labels, data.count), data.source)
+    return data

@@ -1,0 +1,111 @@
+"""What a pruning run is asked to do (`PruneConfig`), its range checks, and the defaults that depend on
+the data given. Every value is checked here, once, before any work (`check_config`)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from .calib import CalibrationSet
+from .errors import UsageError
+from .lowrank import DEFAULT_MAX_ERROR, LowRankSettings, check_rank
+from .plan import Plan
+from .recover import FINETUNE_LR, METHODS as RECOVERY_METHODS
+from .validate.gates import Gates
+from .validate.latency import LatencyConfig
+
+PFP_MODES = ("topk", "sample")
+
+
+@dataclass
+class PruneConfig:
+    filters: float | None = None  # fraction of channels removed (per group, or overall with global_ranking);
+    # None: 0.5, or 0 when `rank` or `target_macs` is given (see `channel_ratio`)
+    rank: float | str | None = None  # low-rank factorization after channel pruning: fraction of each layer's rank, or "auto"
+    lowrank_error: float = DEFAULT_MAX_ERROR  # with rank "auto": each layer's largest relative error
+    target_macs: float | None = None  # fraction of the original MACs to keep; with rank "auto" the ranks meet it
+    global_ranking: bool = False
+    scorer: str | None = None  # None: "pfp" when calibration data is given, else "l1" (see `scorer_name`)
+    pfp_mode: str = "topk"  # pfp: keep the top channels, or "sample" them with the paper's re-weighting
+    pfp_points: int | None = None  # pfp: (input, position) points per layer (None: from a work budget)
+    calib_batch: int | None = None  # samples per activation-capture batch (None: from a memory budget)
+    calib_samples: int | None = None  # use at most this many calibration samples
+    preprocess: str | None = None  # for a directory of images: preset and/or key=value pairs (calib/images.py)
+    round_to: int | None = None  # None: 8 for groups of 16+ channels, else 1
+    exclude: tuple[str, ...] = ()
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    calibration: CalibrationSet | str | os.PathLike | None = None
+    seed: int = 0
+    plan: Plan | None = None  # apply this plan instead of scoring and allocating
+    evaluation: CalibrationSet | str | os.PathLike | None = None  # validate on this data (default: calibration)
+    labels: object = None  # path or array of class indices for the evaluation data (else its own labels)
+    gates: Gates | None = None  # limits the result must meet (report["gates"] says which failed)
+    latency: LatencyConfig | None = None  # measure onnxruntime latency before/after (implied by a speedup gate)
+    mobile: bool = False  # onnxruntime mobile usability check and .ort conversion
+    recover: str | None = None  # none|bias|lstsq re-fit of changed layers; None: lstsq with calibration data, else none
+    finetune_steps: int = 0  # distillation steps through onnxruntime-training after recovery (needs that package)
+    finetune_lr: float = FINETUNE_LR
+
+
+def check_filters(filters: float) -> None:
+    if not 0.0 <= filters < 1.0:
+        raise UsageError(f"--filters {filters} is outside [0, 1): give the fraction of channels to remove, e.g. 0.5")
+
+
+def check_config(config: PruneConfig) -> None:
+    """Every range and choice of `config`, checked before any work; a UsageError names the option."""
+    if config.filters is not None:
+        check_filters(config.filters)
+    if config.target_macs is not None and not 0.0 < config.target_macs <= 1.0:
+        raise UsageError(f"--target-macs {config.target_macs} is outside (0, 1]: give the fraction of MACs to keep, "
+                         "e.g. 0.5")
+    if config.pfp_mode not in PFP_MODES:
+        raise UsageError(f"--pfp-mode {config.pfp_mode!r}: choose {' or '.join(PFP_MODES)}")
+    if config.recover is not None and config.recover not in RECOVERY_METHODS:
+        raise UsageError(f"unknown recovery method '{config.recover}': choose one of {', '.join(RECOVERY_METHODS)}")
+    if config.plan is None and config.rank is not None:
+        rank = check_rank(config.rank)
+        if not 0 < config.lowrank_error < 1:
+            raise UsageError(f"--lowrank-error {config.lowrank_error} is outside (0, 1): give a relative error, "
+                             "e.g. 0.1")
+        if config.target_macs is not None and rank != "auto":
+            raise UsageError("--target-macs with --rank needs --rank auto (the ranks are then chosen to meet the "
+                             "target): drop --target-macs or use --rank auto")
+
+
+def channel_ratio(config: PruneConfig) -> float:
+    """--filters as given; when not given, 0.5, or 0 when low-rank or a MACs target is asked for."""
+    if config.filters is not None:
+        return config.filters
+    return 0.0 if config.rank is not None or config.target_macs is not None else 0.5
+
+
+def scorer_name(config: PruneConfig, calibration: CalibrationSet) -> str:
+    """The scorer asked for; by default pfp when calibration data was given, else l1."""
+    if config.scorer:
+        return config.scorer
+    return "pfp" if calibration.source != "synthetic" else "l1"
+
+
+def recovery_method(config: PruneConfig, calibration: CalibrationSet) -> str:
+    """The recovery asked for; by default lstsq when calibration data was given, else none."""
+    return config.recover or ("lstsq" if calibration.source != "synthetic" else "none")
+
+
+def lowrank_settings(config: PruneConfig) -> LowRankSettings | None:
+    """What the factorization stage does, or None when it has nothing to do. A plan's ranks replace
+    `rank`; a MACs target goes to the ranks with `rank="auto"` (to the channels without `rank`)."""
+    if config.plan is not None:
+        return LowRankSettings(plan=config.plan.lowrank, seed=config.seed) if config.plan.lowrank else None
+    if config.rank is None:
+        return None
+    return LowRankSettings(check_rank(config.rank), config.lowrank_error, config.target_macs, tuple(config.exclude),
+                           config.seed)
+
+
+def config_section(config: PruneConfig, scorer: str, input_shapes: dict) -> dict:
+    """The report's "config": the settings as resolved (defaults filled in)."""
+    return {"filters": channel_ratio(config), "global": config.global_ranking, "scorer": scorer,
+            "round_to": config.round_to, "exclude": list(config.exclude), "input_shapes": input_shapes,
+            "plan_given": config.plan is not None, "rank": config.rank, "lowrank_error": config.lowrank_error,
+            "target_macs": config.target_macs}

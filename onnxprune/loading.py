@@ -1,0 +1,135 @@
+"""A model loaded once, and its memory: `Loaded` (the parsed model, its shapes, size and cost, and
+the file it came from) and the means to free the parsed copy of a large model while onnxruntime runs it
+from its file (`unparsed`, `released_model`, `detach_constants`)."""
+
+from __future__ import annotations
+
+import gc
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from .io import ModelFile, load_model_file, model_size_bytes, normalize_model, resolve_input_shapes
+from .runtime import release_free_memory
+from .shapes import infer_shapes
+from .validate import model_cost
+
+RELOAD_ABOVE_BYTES = 32 << 20  # below this, parsing a model twice costs more than its memory is worth
+
+
+@dataclass
+class Loaded:
+    """A normalised model with its static input shapes and inferred tensor shapes."""
+
+    model: onnx.ModelProto
+    input_shapes: dict[str, list[int]]
+    shapes: dict[str, tuple]
+    size_bytes: int
+    cost: dict = field(default_factory=dict)  # params and MACs, computed once
+    file: ModelFile | None = None  # the file it came from: sessions and capture passes read it there
+
+    @property
+    def path(self) -> Path | None:
+        return self.file.path if self.file is not None else None
+
+    @property
+    def runnable(self):
+        return self.path if self.path is not None else self.model
+
+
+def load(model: onnx.ModelProto | str | os.PathLike, input_shapes=None) -> Loaded:
+    if isinstance(model, onnx.ModelProto):
+        proto, size, file = normalize_model(model), model_size_bytes(model), None
+    else:
+        proto, size, file = load_model_file(model)
+    resolved = resolve_input_shapes(proto, input_shapes)
+    shapes = infer_shapes(proto, resolved)
+    return Loaded(proto, resolved, shapes, size, model_cost(proto, resolved, shapes), file)
+
+
+def releasable(loaded: Loaded) -> bool:
+    """Whether `loaded.model` is worth freeing while onnxruntime runs it: a large model from a file."""
+    return loaded.model is not None and loaded.file is not None and loaded.size_bytes > RELOAD_ABOVE_BYTES
+
+
+@contextmanager
+def unparsed(loaded: Loaded):
+    """`loaded.model` is None while the block runs (its memory handed back), parsed again from its file
+    afterwards, also when the block raises."""
+    loaded.model = None
+    gc.collect()
+    release_free_memory()
+    try:
+        yield
+    finally:
+        gc.collect()
+        release_free_memory()  # what the block freed (an onnxruntime session), before parsing again
+        loaded.model = loaded.file.load()
+
+
+@contextmanager
+def released_model(loaded: Loaded, graph: gs.Graph):
+    """While the block runs, a model from a file above RELOAD_ABOVE_BYTES is not held parsed:
+    `loaded.model` is None, `graph` (imported from it) is detached from it, and the block gets the
+    `io.ModelFile` to read it from (capture passes accept either); afterwards the file is parsed again.
+    Otherwise the block gets `loaded.model` and nothing changes. During a capture pass the weights are
+    then held once by us (the graph's arrays) and once by onnxruntime, not also as a parsed proto."""
+    if not releasable(loaded):
+        yield loaded.model
+        return
+    detach_constants(graph)
+    with unparsed(loaded):
+        yield loaded.file
+
+
+def detach_constants(graph: gs.Graph) -> None:
+    """Make `graph` hold no part of the proto it was imported from: constants not yet loaded keep a
+    copy of their TensorProto (what export writes back, unchanged), and the opset imports are copied.
+    A message inside a python protobuf keeps the whole parsed model alive, whatever else is freed."""
+    seen = set()
+
+    def constant(tensor) -> None:
+        lazy = tensor._values if isinstance(tensor, gs.Constant) else None
+        if isinstance(lazy, gs.ir.tensor.LazyValues) and id(lazy) not in seen:
+            seen.add(id(lazy))
+            copy = lazy.tensor = _copied(lazy.tensor)
+            if hasattr(lazy.shape, "extend"):  # graphsurgeon keeps the tensor's dims container as the shape
+                lazy.shape = (copy.values if isinstance(copy, onnx.SparseTensorProto) else copy).dims
+
+    def visit(value) -> None:
+        if isinstance(value, gs.Graph):
+            walk(value)
+        elif isinstance(value, gs.Tensor):
+            constant(value)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    def walk(g: gs.Graph) -> None:
+        if id(g) in seen:
+            return
+        seen.add(id(g))
+        g.import_domains = copied_messages(g.import_domains)
+        for tensor in g.tensors().values():
+            constant(tensor)
+        for node in g.nodes:
+            for value in node.attrs.values():
+                visit(value)
+        for function in getattr(g, "functions", []):
+            walk(function)
+
+    walk(graph)
+
+
+def _copied(message):
+    copy = type(message)()
+    copy.CopyFrom(message)
+    return copy
+
+
+def copied_messages(messages):
+    return None if messages is None else [_copied(m) for m in messages]

@@ -1,0 +1,174 @@
+"""The stages of `prune` between loading and validation, each a function of the baseline, the config
+and what earlier stages made: analyze, choose channels, rewrite, factorize, recover."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .baseline import Baseline
+from .budget import choose_channels
+from .config import PruneConfig, channel_ratio, recovery_method, scorer_name
+from .errors import NothingToPrune
+from .graph import Analysis, analyze
+from .loading import Loaded, copied_messages
+from .lowrank import LowRankSettings, factorize_model
+from .recover import recover
+from .recover.training import finetune
+from .rewrite import apply_channel_plan, apply_unit_scales, keep_masks
+from .scoring import ScoringContext
+
+log = logging.getLogger(__name__)
+
+FOLD_LIMIT_BYTES = 256 << 20
+
+
+# ---------------------------------------------------------------- analyze
+
+
+def analyze_model(loaded: Loaded, exclude=()) -> Analysis:
+    graph = gs.import_onnx(loaded.model)
+    graph.import_domains = copied_messages(graph.import_domains)  # export may add to them: never to the model's
+    fold_constants(graph)
+    graph.toposort()
+    return analyze(graph, loaded.shapes, exclude)
+
+
+def fold_constants(graph: gs.Graph) -> None:
+    """Evaluate subgraphs that depend only on constants (weights reshaped, transposed or cast by the
+    exporter) so that handlers see constant weights. Shapes are not folded: dynamic dims stay dynamic."""
+    if not any(node.inputs and all(isinstance(t, gs.Constant) for t in node.inputs) for node in graph.nodes):
+        return  # nothing computes from constants alone
+    try:
+        graph.fold_constants(fold_shapes=False, error_ok=False, size_threshold=FOLD_LIMIT_BYTES).cleanup()
+    except Exception as exc:  # folding is an optimisation of the analysis, never a requirement
+        log.info("constant folding skipped: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+def group_summary(group, kept: int | None = None) -> dict:
+    summary = {
+        "name": group.name,
+        "sources": [s.node.name for s in group.sources],
+        "members": group.members,
+        "channels": group.channels,
+        "prunable": group.prunable,
+    }
+    if kept is not None:
+        summary["channels_after"] = kept
+    if not group.prunable:
+        summary["reasons"] = group.blocked
+    return summary
+
+
+def nothing_prunable_message(analysis: Analysis) -> str:
+    if not analysis.groups:
+        return ("nothing to prune: the model has no Conv, ConvTranspose, Gemm or MatMul layer with constant "
+                "weights; run 'onnxprune inspect' to see its analysis")
+    reasons: dict[str, int] = {}
+    for group in analysis.groups:
+        for reason in group.blocked[:1]:
+            key = reason.split(":")[-1].strip() if "'" in reason else reason
+            reasons[key] = reasons.get(key, 0) + 1
+    top = "; ".join(f"{n}x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
+    return (f"nothing to prune: all {len(analysis.groups)} channel groups are blocked ({top}); "
+            "run 'onnxprune inspect' for every reason")
+
+
+# ---------------------------------------------------------------- choose channels
+
+
+@dataclass
+class ChannelChoice:
+    keep: dict[int, np.ndarray]  # kept unit positions per group
+    scales: dict[int, np.ndarray]  # per-unit weight scales (PFP's sample mode)
+    scorer: str  # the scorer that ran ("none" when only factorizing)
+    context: ScoringContext  # the scoring notes and statistics
+    budget: dict | None  # how a global budget was met
+
+
+def choose(baseline: Baseline, analysis: Analysis, config: PruneConfig, factorizing: bool) -> ChannelChoice:
+    """Kept channels: from the config's plan, all of them when only factorizing, else scored and allocated."""
+    scorer = scorer_name(config, baseline.calibration)
+    context = ScoringContext(seed=config.seed, calibration=baseline.calibration, model=baseline.loaded.model,
+                             batch_size=config.calib_batch, pfp_points=config.pfp_points,
+                             fixed_batch=baseline.fixed_batch)
+    if config.plan is not None:
+        return ChannelChoice(config.plan.to_keep(analysis), config.plan.to_scales(analysis), scorer, context, None)
+    if factorizing and channel_ratio(config) == 0:  # factorization alone: no scoring pass
+        keep = {g.index: np.arange(g.channels) for g in analysis.prunable_groups()}
+        return ChannelChoice(keep, {}, "none", context, None)
+    scores = baseline.scores(analysis, scorer, context, config)
+    keep, scales, budget = choose_channels(
+        analysis, scores, context, filters=channel_ratio(config), global_ranking=config.global_ranking,
+        round_to=config.round_to, target_macs=config.target_macs if config.rank is None else None,
+        pfp_mode=config.pfp_mode, seed=config.seed)
+    return ChannelChoice(keep, scales, scorer, context, budget)
+
+
+def scoring_summary(choice: ChannelChoice, config: PruneConfig) -> dict:
+    """Which scorer ran, on what data, and how the budget was met (for the report)."""
+    context = choice.context
+    summary = {"scorer": "plan" if config.plan is not None else choice.scorer, "data": context.calibration.source,
+               "samples": context.calibration.count}
+    if context.allocation is not None and config.plan is None:
+        summary.update(context.allocation.summary(config.pfp_mode))
+    if choice.budget is not None:
+        summary["budget"] = choice.budget
+    return summary
+
+
+# ---------------------------------------------------------------- rewrite, factorize, recover
+
+
+def rewrite_channels(analysis: Analysis, choice: ChannelChoice, ir_version: int) -> tuple[onnx.ModelProto, dict]:
+    """Scale and slice `analysis.graph` in place; (the pruned model, kept-channel masks per tensor)."""
+    masks = keep_masks(analysis, choice.keep)
+    apply_unit_scales(analysis, choice.scales)
+    apply_channel_plan(analysis, masks)
+    pruned = gs.export_onnx(analysis.graph)
+    pruned.ir_version = ir_version
+    return pruned, masks
+
+
+def factorize_stage(pruned: onnx.ModelProto, baseline: Baseline, settings: LowRankSettings, config: PruneConfig):
+    """Factorize the channel-pruned model; (model, ranks for the plan, report section)."""
+    loaded = baseline.loaded
+    result = factorize_model(pruned, loaded.input_shapes, baseline.calibration, settings, loaded.cost["macs"],
+                             baseline.largest_batch)
+    if not result.plan and config.plan is None and channel_ratio(config) == 0:
+        raise NothingToPrune(nothing_factorized_message(result.report))
+    return result.model, result.plan, result.report
+
+
+def nothing_factorized_message(report: dict) -> str:
+    reasons: dict[str, int] = {}
+    for layer in report["layers"]:
+        key = layer["reason"].split(" (")[0]
+        reasons[key] = reasons.get(key, 0) + 1
+    top = "; ".join(f"{n}x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
+    if not reasons:
+        return "nothing to factorize: the model has no Conv, Gemm or MatMul layer"
+    return (f"nothing to factorize: none of {len(report['layers'])} layers qualifies ({top}); "
+            "try a lower --rank or a higher --lowrank-error")
+
+
+def recover_stage(pruned: onnx.ModelProto, baseline: Baseline, masks: dict, config: PruneConfig):
+    """Re-fit the changed layers on the calibration data, then fine-tune when asked; (model, report keys)."""
+    loaded, calibration = baseline.loaded, baseline.calibration
+    method = recovery_method(config, calibration)
+    pruned, recovery = recover(loaded.model, pruned, calibration, method, masks, loaded.shapes, baseline.run_batch,
+                               config.seed)
+    if calibration.source == "synthetic" and method != "none":
+        recovery["note"] = "fitted on synthetic inputs: give --calib with real samples for a meaningful fit"
+    sections = {"recovery": recovery}
+    if config.finetune_steps:
+        pruned, sections["finetune"] = finetune(pruned, loaded.model, calibration, config.finetune_steps,
+                                                lr=config.finetune_lr, batch_size=baseline.largest_batch,
+                                                seed=config.seed)
+        if calibration.source == "synthetic":
+            sections["finetune"]["note"] = "trained on synthetic inputs: give --calib with real samples"
+    return pruned, sections
