@@ -37,6 +37,7 @@ class Update:
     note: str = ""
     ridge: float | None = None
     held_out: tuple[float, float] | None = None  # relative error on held-out samples, before and after
+    corrected: tuple[np.ndarray, np.ndarray] | None = None  # (weight, bias) with the statistics corrected
 
 
 class NormalEquations:
@@ -49,6 +50,7 @@ class NormalEquations:
         self.xx = np.zeros((groups, features, features))
         self.xy = np.zeros((groups, features, outputs))
         self.yy = 0.0
+        self.syy = np.zeros((groups, outputs))  # per output: sum of squares
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         """x: [rows, G, D], y: [rows, G, M]."""
@@ -58,6 +60,7 @@ class NormalEquations:
         self.sx += x.sum(0)
         self.sy += y.sum(0)
         self.yy += float(np.vdot(y, y))
+        self.syy += np.einsum("rgm,rgm->gm", y, y)
         if x.shape[1] == 1:  # one group: plain 2-D products (BLAS)
             x2, y2 = x[:, 0], y[:, 0]
             self.xx[0] += x2.T @ x2
@@ -70,7 +73,7 @@ class NormalEquations:
 
     def merged(self, other: "NormalEquations") -> "NormalEquations":
         both = NormalEquations(*self.xy.shape)
-        for name in ("count", "sx", "sy", "xx", "xy", "yy"):
+        for name in ("count", "sx", "sy", "xx", "xy", "yy", "syy"):
             setattr(both, name, getattr(self, name) + getattr(other, name))
         return both
 
@@ -123,6 +126,21 @@ class NormalEquations:
         sse = (self.yy - 2 * np.sum(weight * self.xy) - 2 * np.sum(bias * self.sy) + np.sum(weight * xw)
                + 2 * np.sum(np.einsum("gd,gdm->gm", self.sx, weight) * bias) + self.count * np.sum(bias * bias))
         return max(float(sse), 0.0)
+
+
+def spread_corrected(equations: NormalEquations, weight: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Statistics correction (OBC, Frantar & Alistarh 2022, Sec. 5; EagleEye's adaptive BatchNorm): every
+    output channel of the fitted layer `x W + b` rescaled so that its mean and spread over the rows added
+    equal the target's. Least squares matches the mean already but shrinks the spread towards it; a
+    nonlinearity after the layer (a sigmoid score, a ReLU's threshold) may prefer the spread restored.
+    Returns (weight [G, D, M], bias [G * M])."""
+    xx, _, mean_x, mean_y = equations._centered(True)
+    n = max(equations.count, 1)
+    fitted_var = np.einsum("gdm,gde,gem->gm", weight, xx, weight)
+    target_var = np.maximum(equations.syy / n - mean_y ** 2, 0.0)
+    scale = np.sqrt(np.divide(target_var, fitted_var, out=np.ones_like(fitted_var), where=fitted_var > 1e-30))
+    corrected = weight * scale[:, None, :]
+    return corrected, (mean_y - np.einsum("gd,gdm->gm", mean_x, corrected)).reshape(-1)
 
 
 def relative(sse: float, energy: float) -> float:
@@ -201,7 +219,8 @@ class LstsqFit:
         if not (np.isfinite(weight).all() and np.isfinite(bias).all()) or not after < before:
             return Update(None, None, before, before, "kept: the fit did not lower the error", ridge=ridge)
         return Update(weight, bias.reshape(-1) if intercept else None, before, after, ridge=ridge,
-                      held_out=(held_before, held_after) if held_after is not None else None)
+                      held_out=(held_before, held_after) if held_after is not None else None,
+                      corrected=spread_corrected(everything, weight, bias) if intercept else None)
 
     def _choose_ridge(self, current, intercept: bool) -> tuple[float, float | None, float | None]:
         """(ridge, held-out error of the current weights, of the best fit); no hold-out: a fixed ridge."""

@@ -15,6 +15,8 @@ not, the unrecovered model is returned and the report says so.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 
@@ -53,6 +55,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, calibration, met
     pruned_stream = Stream(model, calibration, batch_size)
     original_stream = Stream(original, calibration, batch_size)
     bar = progress_bar(label="recover", total=len(levels)) if progress else None
+    corrections = []
     try:
         for level in levels:
             members = [v for v in views if v.level == level]
@@ -63,6 +66,8 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, calibration, met
                 update = fit.finish()
                 if update.weight is not None or update.bias is not None:
                     view.write(inits, update.weight, update.bias)
+                if update.corrected is not None:
+                    corrections.append((view, update))
                 report["layers"].append(_entry(view, update))
             if bar:
                 bar.update()
@@ -74,7 +79,14 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, calibration, met
     report["passes"], report["levels"] = 2, len(levels)
     if not any(layer.get("status") == "recovered" for layer in report["layers"]):
         return model, _summarise(report)
-    before, after = output_errors(original, [pruned, model], calibration, batch_size)
+    corrected = with_corrections(model, corrections) if corrections else None
+    before, after, *rest = output_errors(original, [pruned, model, *([corrected] if corrected else [])],
+                                         calibration, batch_size)
+    if rest:
+        report["statistics_correction"] = {"output_error_held_out": _round(rest[0]), "kept": rest[0] < after,
+                                           "layers": len(corrections)}
+        if rest[0] < after:
+            model, after = corrected, rest[0]
     report["output_error_held_out"] = {"before": _round(before), "after": _round(after)}
     report["reverted"] = not after < before
     if report["reverted"]:
@@ -82,6 +94,25 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, calibration, met
                           "on held-out calibration samples, so the unrecovered model is kept")
         model = pruned
     return model, _summarise(report)
+
+
+def with_corrections(model: onnx.ModelProto, corrections: list) -> onnx.ModelProto:
+    """A copy of the recovered `model` with the statistics-corrected weights (`Update.corrected`) of the
+    given (view, update) pairs. The statistics are those of the walk, whose later layers were fitted on
+    inputs without the correction: the held-out check decides on the whole model."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    inits = Initializers(copy)
+    nodes = {node.output[0]: node for node in copy.graph.node}
+    for view, update in corrections:
+        weight, bias = update.corrected
+        slot = view.bias
+        if slot.additive:  # the Add's constant already holds the fitted offset: add the difference
+            bias = bias - update.bias
+        moved = dataclasses.replace(view, node=nodes[view.output],
+                                    bias=dataclasses.replace(slot, node=nodes[slot.node.output[0]]))
+        moved.write(inits, weight, bias)
+    return copy
 
 
 def held_out(calibration: CalibrationSet) -> CalibrationSet:
