@@ -78,13 +78,5 @@ def pass_through(node: gs.Node, ctx, input_index: int = 0, outputs=(0,)) -> None
             ctx.set(node.outputs[o], cmap)
 
 
-def tracked_inputs(node: gs.Node, ctx) -> list[int]:
-    return [i for i, t in enumerate(node.inputs) if ctx.channels(t) is not None]
-
-
 def normalize_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
-
-
-def slice_axis(values: np.ndarray, axis: int, mask: np.ndarray) -> np.ndarray:
-    return np.compress(mask, values, axis=axis)
