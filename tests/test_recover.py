@@ -302,10 +302,10 @@ def test_conv_attributes_are_honoured():
 
 
 def test_a_layer_recovery_cannot_reproduce_is_skipped_with_a_reason(monkeypatch):
-    from onnxprune.recover import layers as layer_module
+    from onnxprune.ops import conv as conv_module
 
-    real = layer_module.conv_patches
-    monkeypatch.setattr(layer_module, "conv_patches", lambda *a: real(*a)[:, ::-1])  # a wrong im2col
+    real = conv_module.conv_patches
+    monkeypatch.setattr(conv_module, "conv_patches", lambda *a: real(*a)[:, ::-1])  # a wrong im2col
     model = models.conv_chain()
     result = pruned_with(model, "lstsq", calibration_for(model, 8))
     layer = result.report["recovery"]["layers"][0]
