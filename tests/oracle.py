@@ -1,7 +1,7 @@
 """The exactness oracle: make some channels contribute nothing, prune exactly those, compare outputs.
 
-Channels contribute nothing when every layer that consumes them (Conv, ConvTranspose, Gemm, MatMul
-reading them as input features) has zero weights for them. Then removing those channels, with every
+Channels contribute nothing when every layer that consumes them (a weighted op reading them as input
+features: Conv, ConvTranspose, Gemm, MatMul, ...) has zero weights for them. Then removing those channels, with every
 per-channel constant, group count, split size and reshape target updated, must not change any output.
 """
 
@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxprune.ops.base import weighted, zero_inputs
 from onnxprune.pipeline import analyze_model, load
 from onnxprune.plan import Plan
 from onnxprune.rewrite import keep_masks
@@ -27,28 +28,13 @@ def drop_every_other(analysis, seed: int = 0) -> dict[int, np.ndarray]:
 
 
 def _zero_inputs(node: gs.Node, mask: np.ndarray, is_source: bool) -> None:
-    weight = node.inputs[1]
-    values = weight.values.copy()
-    groups = int(node.attrs.get("group", 1))
-    if node.op == "Conv":
-        per_group = values.shape[1]
-        if groups > 1 and per_group == 1:
-            return  # depthwise: channels flow on to the output, not consumed here
-        values[:, ~mask.reshape(groups, per_group)[0]] = 0
-    elif node.op == "ConvTranspose":
-        if groups > 1 and groups == values.shape[0]:
-            return
-        values[~mask] = 0
-    elif node.op == "Gemm":
-        if node.attrs.get("transB", 0):
-            values[:, ~mask] = 0
-        else:
-            values[~mask] = 0
-    elif node.op == "MatMul" and is_source:
-        values[~mask] = 0
-    else:
-        return
-    node.inputs[1] = gs.Constant(weight.name + "_oracle", values)
+    """Zero the weights `node` reads dropped channels with, when it consumes them as input features."""
+    found = weighted(node.op, node.attrs, node.inputs[1].values.shape)
+    if found is None or not is_source:
+        return  # not a weighted op, or the channels flow on (depthwise conv, MatMul on another axis)
+    handler, layout = found
+    values = zero_inputs(handler, layout, node.inputs[1].values, mask)
+    node.inputs[1] = gs.Constant(node.inputs[1].name + "_oracle", values)
 
 
 def zero_dropped(model, keep_fn=drop_every_other, input_shapes=None):
@@ -59,8 +45,7 @@ def zero_dropped(model, keep_fn=drop_every_other, input_shapes=None):
     masks = keep_masks(analysis, keep)
     sources = {id(s.node) for g in analysis.groups for s in g.sources}
     for node in analysis.graph.nodes:
-        if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and node.inputs[0].name in masks \
-                and isinstance(node.inputs[1], gs.Constant):
+        if len(node.inputs) > 1 and node.inputs[0].name in masks and isinstance(node.inputs[1], gs.Constant):
             _zero_inputs(node, masks[node.inputs[0].name], id(node) in sources)
     analysis.graph.cleanup()
     zeroed = gs.export_onnx(analysis.graph)
