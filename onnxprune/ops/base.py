@@ -29,6 +29,8 @@ class WeightLayout:
     kernel: tuple = ()  # spatial kernel shape (convolutions)
     scale: float = 1.0  # factor the op applies to the weight (Gemm's alpha); not in `to_matrix`
     data_axis: int = 1  # axis of the op's input tensor that carries the input channels (-1: the last)
+    bias_input: int | None = None  # the op's input holding a per-output-channel bias, if it has one
+    bias_scale: float = 1.0  # factor the op applies to that bias (Gemm's beta)
 
     @property
     def depthwise(self) -> bool:
@@ -127,6 +129,12 @@ def scale_inputs(handler: Handler, layout: WeightLayout, weight: np.ndarray, fac
 def zero_inputs(handler: Handler, layout: WeightLayout, weight: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """The weight with the input channels outside `keep` (a bool mask) set to zero."""
     return np.where(handler.input_factors(layout, keep), weight, 0).astype(weight.dtype)
+
+
+def weighted_ops() -> tuple[str, ...]:
+    """The op types whose handler gives a weight layout."""
+    return tuple(op for op, handler in sorted(_REGISTRY.items())
+                 if type(handler).weight_layout is not Handler.weight_layout)
 
 
 def weighted(op: str, attrs: dict, weight_shape) -> tuple[Handler, WeightLayout] | None:

@@ -95,8 +95,8 @@ class ConvHandler(Handler):
         first, second = weight_shape[:2]
         kernel = tuple(weight_shape[2:])
         if op == "Conv":
-            return WeightLayout(op, weight_shape, second * groups, first, 1, 0, groups, kernel)
-        return WeightLayout(op, weight_shape, first, second * groups, 0, 1, groups, kernel)
+            return WeightLayout(op, weight_shape, second * groups, first, 1, 0, groups, kernel, bias_input=2)
+        return WeightLayout(op, weight_shape, first, second * groups, 0, 1, groups, kernel, bias_input=2)
 
     def to_matrix(self, layout, weight):
         g = layout.groups

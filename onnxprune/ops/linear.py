@@ -16,15 +16,19 @@ from .base import Handler, WeightLayout, attr, const_input, has_input, register
 
 
 class MatrixWeight(Handler):
-    """The weight layout of ops that multiply their input's feature axis by a 2-D weight."""
+    """The weight layout of ops that multiply their input's feature axis by a 2-D weight: [features,
+    outputs] (in_axis 0) or [outputs, features] (in_axis 1)."""
 
-    def weight_layout(self, op, attrs, weight_shape):
+    @staticmethod
+    def matrix_layout(op, weight_shape, in_axis: int, data_axis: int = -1, **extra) -> WeightLayout | None:
         if len(weight_shape) != 2:
             return None
-        in_axis = 1 if attrs.get("transB", 0) else 0
-        data_axis = -1 if op == "MatMul" else (0 if attrs.get("transA", 0) else 1)
         return WeightLayout(op, weight_shape, weight_shape[in_axis], weight_shape[1 - in_axis], in_axis, 1 - in_axis,
-                            scale=attrs.get("alpha", 1.0), data_axis=data_axis)
+                            data_axis=data_axis, **extra)
+
+    def features_axis(self, attrs: dict) -> int:
+        """The input's axis that the weight contracts."""
+        return -1
 
     def to_matrix(self, layout, weight):
         return (weight.T if layout.in_axis == 1 else weight)[None]
@@ -52,12 +56,18 @@ class MatrixWeight(Handler):
     def macs(self, op, attrs, in_shape, weight_shape, out_shape):
         if not (out_shape and in_shape):
             return None
-        features = in_shape[0] if attrs.get("transA", 0) else in_shape[-1]
-        return int(np.prod(out_shape, dtype=np.int64)) * features
+        return int(np.prod(out_shape, dtype=np.int64)) * in_shape[self.features_axis(attrs)]
 
 
 @register("Gemm")
 class GemmHandler(MatrixWeight):
+    def weight_layout(self, op, attrs, weight_shape):
+        return self.matrix_layout(op, weight_shape, 1 if attrs.get("transB", 0) else 0, self.features_axis(attrs),
+                                  scale=attrs.get("alpha", 1.0), bias_input=2, bias_scale=attrs.get("beta", 1.0))
+
+    def features_axis(self, attrs):
+        return 0 if attrs.get("transA", 0) else 1
+
     def propagate(self, node, ctx):
         ctx.block_unexpected(node, channel_inputs=(0,))
         weight = const_input(node, 1)
@@ -67,7 +77,7 @@ class GemmHandler(MatrixWeight):
             if x is not None:
                 ctx.block(x.ids, f"Gemm '{node.name}': weight or bias is not a constant")
             return
-        feature_axis = 0 if attr(node, "transA", 0) else 1
+        feature_axis = self.features_axis(node.attrs)
         if x is not None and x.axis != feature_axis:
             ctx.block(x.ids, f"Gemm '{node.name}': channels arrive on the row axis of A")
         n_out = weight.shape[0] if attr(node, "transB", 0) else weight.shape[1]
@@ -94,6 +104,9 @@ class GemmHandler(MatrixWeight):
 
 @register("MatMul")
 class MatMulHandler(MatrixWeight):
+    def weight_layout(self, op, attrs, weight_shape):
+        return self.matrix_layout(op, weight_shape, 0)
+
     def propagate(self, node, ctx):
         weight = const_input(node, 1)
         x = ctx.channels(node.inputs[0])

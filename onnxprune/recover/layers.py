@@ -1,6 +1,7 @@
 """The layers recovery re-fits, seen as linear maps: output rows = feature rows @ W + b.
 
-A layer to re-fit is a Conv, ConvTranspose, Gemm or MatMul of the pruned model whose input side changed
+A layer to re-fit is a weighted op (Conv, ConvTranspose, Gemm, MatMul, ...: its handler gives a weight
+layout) of the pruned model whose input side changed
 (it consumes a pruned group, or it is the second factor of a factorized layer) and whose output
 tensor also exists in the original model (the target). Each is wrapped in a `LinearView` that knows,
 for its op: how to sample output positions, how to gather the input features behind them (im2col for
@@ -16,9 +17,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..ops.base import Handler, WeightLayout, weighted
+from ..ops.base import Handler, WeightLayout, weighted, weighted_ops
 
-LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+LAYER_OPS = weighted_ops()
 
 
 class Initializers:
@@ -205,24 +206,23 @@ def _candidate(node, before, inits, original_weights, original_shapes, output_ma
 
 def _bias_slot(node, inits, consumers, attrs, layout):
     """(BiasSlot or None, fixed offset); (False, None) when the bias cannot be handled."""
-    op = node.op_type
-    channels = layout.out_channels
-    if op in ("Conv", "ConvTranspose", "Gemm"):
-        scale = float(attrs.get("beta", 1.0)) if op == "Gemm" else 1.0
-        present = len(node.input) > 2 and node.input[2] != ""
-        values = inits.get(node.input[2]) if present else None
+    channels, index = layout.out_channels, layout.bias_input
+    if index is not None:
+        scale = float(layout.bias_scale)
+        present = len(node.input) > index and node.input[index] != ""
+        values = inits.get(node.input[index]) if present else None
         if present and values is None:
             return False, None
         if not present:
             attrs["bias_shape"] = (channels,)
-            return (BiasSlot(np.zeros(channels), node, 2, scale) if scale else None), np.zeros(1)
+            return (BiasSlot(np.zeros(channels), node, index, scale) if scale else None), np.zeros(1)
         if values.size == channels and values.shape[-1] == channels:
             attrs["bias_shape"] = values.shape
-            return BiasSlot(values.reshape(-1).astype(np.float64) * scale, node, 2, scale), np.zeros(1)
+            return BiasSlot(values.reshape(-1).astype(np.float64) * scale, node, index, scale), np.zeros(1)
         if values.size == 1:
             return None, values.reshape(1).astype(np.float64) * scale
         return False, None
-    # MatMul: an Add of a per-channel constant right after it, used by nobody else, takes the offset
+    # no bias input (MatMul): an Add of a per-channel constant right after it, used by nobody else, takes the offset
     users = consumers.get(node.output[0], [])
     if len(users) == 1 and users[0].op_type == "Add":
         add = users[0]
