@@ -11,10 +11,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxprune import PruneConfig, inspect, prune
+from onnxprune.errors import NothingToPrune
 from onnxprune.ops.base import weighted, zero_inputs
 from onnxprune.pipeline import analyze_model, load
 from onnxprune.plan import Plan
 from onnxprune.rewrite import keep_masks
+from tests.builders import random_input, run
 
 
 def drop_every_other(analysis, seed: int = 0) -> dict[int, np.ndarray]:
@@ -51,3 +54,27 @@ def zero_dropped(model, keep_fn=drop_every_other, input_shapes=None):
     zeroed = gs.export_onnx(analysis.graph)
     zeroed.ir_version = loaded.model.ir_version
     return zeroed, Plan.from_keep(analysis, keep)
+
+
+def assert_pruning_dead_channels_is_exact(model: onnx.ModelProto, seed: int) -> None:
+    """Zero a seeded half of every prunable group's inputs, prune exactly those: outputs do not change."""
+    zeroed, plan = zero_dropped(model, keep_fn=lambda a: drop_every_other(a, seed))
+    assert any(g.keep != list(range(g.channels)) for g in plan.groups), "the oracle must drop something"
+    result = prune(zeroed, PruneConfig(plan=plan))
+    feed = random_input(zeroed, seed=seed)
+    for expected, got in zip(run(zeroed, feed), run(result.model, feed)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert result.report["after"]["macs"] < result.report["before"]["macs"]
+    assert result.report["after"]["params"] < result.report["before"]["params"]
+
+
+def assert_left_whole(model: onnx.ModelProto, reason: str) -> None:
+    """Nothing is pruned, and the groups' reasons say why."""
+    try:
+        prune(model, PruneConfig(filters=0.5))
+    except NothingToPrune as error:
+        assert "nothing to prune" in str(error)
+    else:
+        raise AssertionError("a blocked pattern was pruned")
+    reasons = " ".join(r for g in inspect(model)["groups"] for r in g["reasons"])
+    assert reason in reasons
