@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune import PruneConfig, inspect, prune
 from onnxprune.errors import NothingToPrune
-from onnxprune.ops.base import weighted, zero_inputs
+from onnxprune.ops.base import weighted, weighted_ops, zero_inputs
 from onnxprune.pipeline import analyze_model, load
 from onnxprune.plan import Plan
 from onnxprune.rewrite import keep_masks
@@ -48,7 +48,7 @@ def zero_dropped(model, keep_fn=drop_every_other, input_shapes=None):
     masks = keep_masks(analysis, keep)
     sources = {id(s.node) for g in analysis.groups for s in g.sources}
     for node in analysis.graph.nodes:
-        if len(node.inputs) > 1 and node.inputs[0].name in masks and isinstance(node.inputs[1], gs.Constant):
+        if node.op in weighted_ops() and node.inputs[0].name in masks and isinstance(node.inputs[1], gs.Constant):
             _zero_inputs(node, masks[node.inputs[0].name], id(node) in sources)
     analysis.graph.cleanup()
     zeroed = gs.export_onnx(analysis.graph)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..ops.base import WeightLayout, const_input, filters, text, weighted
+from ..ops.base import WeightLayout, const_input, filters, text, weighted, weighted_ops
 
 
 @dataclass
@@ -78,10 +78,11 @@ def find_consumers(analysis) -> list[Consumer]:
     """Every consumer of a prunable group's channels, in graph order."""
     prunable = np.zeros(len(analysis.groups), dtype=bool)
     prunable[[g.index for g in analysis.prunable_groups()]] = True
+    weighted_op = set(weighted_ops())
     found = []
     for node in analysis.graph.nodes:
-        if not node.inputs:
-            continue
+        if node.op not in weighted_op or not node.inputs:
+            continue  # before reading any constant: reading loads it, and the model is then written anew
         cmap = analysis.maps.get(node.inputs[0].name)
         weight = const_input(node, 1)
         if cmap is None or weight is None or cmap.ids.ndim != 1:
