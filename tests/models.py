@@ -7,6 +7,8 @@ onnxruntime inference for each, and prints a line per model.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import sys
 from pathlib import Path
 from typing import Callable
@@ -20,16 +22,19 @@ import onnx  # noqa: E402
 from tests.builders import (  # noqa: E402,F401  (re-exported for the tests and benches)
     CONV_INPUT, DEFAULT_OPSET, Builder, make_model, random_input, run, weights_as_constants,
 )
-from tests.ops import test_conv, test_elementwise, test_layout, test_linear, test_norm, test_spatial  # noqa: E402
-from tests.ops.test_conv import *  # noqa: E402,F401,F403
-from tests.ops.test_elementwise import *  # noqa: E402,F401,F403
-from tests.ops.test_layout import *  # noqa: E402,F401,F403
-from tests.ops.test_linear import *  # noqa: E402,F401,F403
-from tests.ops.test_norm import *  # noqa: E402,F401,F403
-from tests.ops.test_spatial import *  # noqa: E402,F401,F403
+import tests.ops  # noqa: E402
+from tests.ops.test_conv import conv_chain, grouped, residual_downsample  # noqa: E402,F401  (used by name)
+from tests.ops.test_elementwise import activation, residual  # noqa: E402,F401
+from tests.ops.test_layout import blocked_graph_output, concat, slice_, split  # noqa: E402,F401
+from tests.ops.test_linear import flatten_gemm, mlp  # noqa: E402,F401
+from tests.ops.test_norm import conv_bn_relu, conv_bn_relu_constant_nodes, group_norm  # noqa: E402,F401
 
 _Builder = Builder  # the name older tests use
-FAMILIES = (test_conv, test_linear, test_norm, test_elementwise, test_layout, test_spatial)
+# every tests/ops/test_<family>.py that has a BUILDERS dict
+FAMILIES = tuple(module for module in (importlib.import_module(f"tests.ops.{info.name}")
+                                       for info in pkgutil.iter_modules(tests.ops.__path__)
+                                       if info.name.startswith("test_"))
+                 if hasattr(module, "BUILDERS"))
 
 
 def all_builders() -> dict[str, Callable[[], onnx.ModelProto]]:
@@ -42,7 +47,7 @@ def checker_rejected_builders() -> dict[str, Callable[[], onnx.ModelProto]]:
 
     ``group_norm_opset18``: GroupNormalization-18, which onnx now reports as deprecated.
     """
-    return {"group_norm_opset18": lambda: test_norm.group_norm(opset=18)}
+    return {"group_norm_opset18": lambda: group_norm(opset=18)}
 
 
 def _self_check() -> int:
