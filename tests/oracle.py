@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import pytest
 
 from onnxprune import PruneConfig, inspect, prune
 from onnxprune.errors import NothingToPrune
@@ -78,3 +79,19 @@ def assert_left_whole(model: onnx.ModelProto, reason: str) -> None:
         raise AssertionError("a blocked pattern was pruned")
     reasons = " ".join(r for g in inspect(model)["groups"] for r in g["reasons"])
     assert reason in reasons
+
+
+def family_tests(builders: dict, blocked: dict[str, str]):
+    """The exactness-oracle and blocking tests of one op family (builders: name -> builder; blocked:
+    name -> the reason expected), to assign to test names in the family's module (None: no blocked case)."""
+
+    @pytest.mark.parametrize("seed", [0, 1])
+    @pytest.mark.parametrize("name", sorted(n for n in builders if n not in blocked))
+    def exact(name, seed):
+        assert_pruning_dead_channels_is_exact(builders[name](), seed)
+
+    @pytest.mark.parametrize("name", sorted(blocked))
+    def left_whole(name):
+        assert_left_whole(builders[name](), blocked[name])
+
+    return exact, (left_whole if blocked else None)

@@ -10,7 +10,7 @@ from onnx import helper
 
 from onnxprune.validate.cost import node_macs
 from tests.builders import Builder, x_input
-from tests.oracle import assert_left_whole, assert_pruning_dead_channels_is_exact
+from tests.oracle import family_tests
 from tests.ops.weighted import check_weight_layout
 
 
@@ -95,7 +95,6 @@ def conv_transpose_grouped(seed: int = 0) -> onnx.ModelProto:
     return conv_transpose(seed, group=2)
 
 
-
 BUILDERS = {
     "conv_chain": conv_chain,
     "residual_downsample": residual_downsample,
@@ -107,11 +106,8 @@ BUILDERS = {
 }
 BLOCKED: dict[str, str] = {}
 
-
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("name", sorted(n for n in BUILDERS if n not in BLOCKED))
-def test_pruning_dead_channels_is_exact(name, seed):
-    assert_pruning_dead_channels_is_exact(BUILDERS[name](), seed)
+test_pruning_dead_channels_is_exact, test_blocked_patterns_are_left_whole_with_a_reason = \
+    family_tests(BUILDERS, BLOCKED)
 
 
 def _conv_model(op: str, c_in: int, weight_shape, spatial, **attrs) -> onnx.ModelProto:

@@ -12,7 +12,7 @@ from onnx import helper
 from onnxprune.ops.einsum import weight_in_axis
 from onnxprune.validate.cost import node_macs
 from tests.builders import Builder
-from tests.oracle import assert_pruning_dead_channels_is_exact
+from tests.oracle import family_tests
 from tests.ops.weighted import check_weight_layout
 
 OPSET = 12  # Einsum's first version
@@ -34,10 +34,8 @@ def einsum_mlp(seed: int = 0):
 BUILDERS = {"einsum_mlp": einsum_mlp}
 BLOCKED: dict[str, str] = {}
 
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_pruning_dead_channels_is_exact(seed):
-    assert_pruning_dead_channels_is_exact(einsum_mlp(), seed)
+test_pruning_dead_channels_is_exact, test_blocked_patterns_are_left_whole_with_a_reason = \
+    family_tests(BUILDERS, BLOCKED)
 
 
 @pytest.mark.parametrize("name", ["fc1", "fc2"])

@@ -12,7 +12,7 @@ from onnx import helper
 
 from onnxprune.validate.cost import node_macs
 from tests.builders import DEFAULT_OPSET, Builder, x_input
-from tests.oracle import assert_left_whole, assert_pruning_dead_channels_is_exact
+from tests.oracle import family_tests
 
 
 ACTIVATIONS = (
@@ -118,7 +118,6 @@ def blocked_softmax(seed: int = 0) -> onnx.ModelProto:
     return b.model(x_input(), name="blocked_softmax")
 
 
-
 BUILDERS = {
     **{f"activation_{op}": functools.partial(activation, op) for op in ACTIVATIONS},
     "silu": silu,
@@ -129,16 +128,8 @@ BUILDERS = {
 }
 BLOCKED = {"blocked_softmax": "Softmax"}
 
-
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("name", sorted(n for n in BUILDERS if n not in BLOCKED))
-def test_pruning_dead_channels_is_exact(name, seed):
-    assert_pruning_dead_channels_is_exact(BUILDERS[name](), seed)
-
-
-@pytest.mark.parametrize("name", sorted(BLOCKED))
-def test_blocked_patterns_are_left_whole_with_a_reason(name):
-    assert_left_whole(BUILDERS[name](), BLOCKED[name])
+test_pruning_dead_channels_is_exact, test_blocked_patterns_are_left_whole_with_a_reason = \
+    family_tests(BUILDERS, BLOCKED)
 
 
 @pytest.mark.parametrize("op,inputs", [("Relu", ["x"]), ("Add", ["x", "c"]), ("Mul", ["x", "c"]), ("Sigmoid", ["x"])])

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 
 from onnxprune.validate.cost import DATA_MOVEMENT, model_cost, node_macs
 from tests.builders import Builder, x_input
-from tests.oracle import assert_left_whole, assert_pruning_dead_channels_is_exact
+from tests.oracle import family_tests
 
 
 def concat(seed: int = 0) -> onnx.ModelProto:
@@ -158,7 +158,6 @@ def blocked_topk(seed: int = 0) -> onnx.ModelProto:
     return b.model(x_input(), name="blocked_topk")
 
 
-
 BUILDERS = {
     "concat": concat,
     "split": split,
@@ -178,16 +177,8 @@ BLOCKED = {
     "blocked_topk": "no handler",
 }
 
-
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("name", sorted(n for n in BUILDERS if n not in BLOCKED))
-def test_pruning_dead_channels_is_exact(name, seed):
-    assert_pruning_dead_channels_is_exact(BUILDERS[name](), seed)
-
-
-@pytest.mark.parametrize("name", sorted(BLOCKED))
-def test_blocked_patterns_are_left_whole_with_a_reason(name):
-    assert_left_whole(BUILDERS[name](), BLOCKED[name])
+test_pruning_dead_channels_is_exact, test_blocked_patterns_are_left_whole_with_a_reason = \
+    family_tests(BUILDERS, BLOCKED)
 
 
 @pytest.mark.parametrize("op", sorted(DATA_MOVEMENT))

@@ -12,7 +12,7 @@ from onnx import helper
 
 from onnxprune.validate.cost import node_macs
 from tests.builders import Builder, x_input
-from tests.oracle import assert_left_whole, assert_pruning_dead_channels_is_exact
+from tests.oracle import family_tests
 from tests.ops.weighted import check_weight_layout
 
 
@@ -91,7 +91,6 @@ def blocked_einsum(seed: int = 0) -> onnx.ModelProto:
     return b.model(x_input(), name="blocked_einsum")
 
 
-
 BUILDERS = {
     "flatten_gemm": flatten_gemm,
     "reshape_gemm": reshape_gemm,
@@ -102,16 +101,8 @@ BUILDERS = {
 }
 BLOCKED = {"blocked_einsum": "Einsum 'einsum1'"}
 
-
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("name", sorted(n for n in BUILDERS if n not in BLOCKED))
-def test_pruning_dead_channels_is_exact(name, seed):
-    assert_pruning_dead_channels_is_exact(BUILDERS[name](), seed)
-
-
-@pytest.mark.parametrize("name", sorted(BLOCKED))
-def test_blocked_patterns_are_left_whole_with_a_reason(name):
-    assert_left_whole(BUILDERS[name](), BLOCKED[name])
+test_pruning_dead_channels_is_exact, test_blocked_patterns_are_left_whole_with_a_reason = \
+    family_tests(BUILDERS, BLOCKED)
 
 
 def _gemm_model(a_shape, b_shape, **attrs) -> onnx.ModelProto:

@@ -13,7 +13,7 @@ from onnx import helper
 
 from onnxprune.validate.cost import node_macs
 from tests.builders import Builder, random_input, run, weights_as_constants, x_input
-from tests.oracle import assert_left_whole, assert_pruning_dead_channels_is_exact, zero_dropped
+from tests.oracle import family_tests, zero_dropped
 
 
 def conv_bn_relu(seed: int = 0) -> onnx.ModelProto:
@@ -83,7 +83,6 @@ def blocked_layernorm(seed: int = 0) -> onnx.ModelProto:
     return b.model([("x", [1, 5, 16])], name="blocked_layernorm")
 
 
-
 BUILDERS = {
     "conv_bn_relu": conv_bn_relu,
     "conv_bn_relu_constant_nodes": conv_bn_relu_constant_nodes,
@@ -93,16 +92,8 @@ BUILDERS = {
 }
 BLOCKED = {"blocked_layernorm": "LayerNormalization"}
 
-
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("name", sorted(n for n in BUILDERS if n not in BLOCKED))
-def test_pruning_dead_channels_is_exact(name, seed):
-    assert_pruning_dead_channels_is_exact(BUILDERS[name](), seed)
-
-
-@pytest.mark.parametrize("name", sorted(BLOCKED))
-def test_blocked_patterns_are_left_whole_with_a_reason(name):
-    assert_left_whole(BUILDERS[name](), BLOCKED[name])
+test_pruning_dead_channels_is_exact, test_blocked_patterns_are_left_whole_with_a_reason = \
+    family_tests(BUILDERS, BLOCKED)
 
 
 def test_group_norm_opset18_per_group_scale():

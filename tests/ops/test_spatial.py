@@ -12,7 +12,7 @@ from onnx import helper
 
 from onnxprune.validate.cost import node_macs
 from tests.builders import DEFAULT_OPSET, Builder, x_input
-from tests.oracle import assert_left_whole, assert_pruning_dead_channels_is_exact
+from tests.oracle import family_tests
 
 
 POOLS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
@@ -94,7 +94,6 @@ def pad(seed: int = 0) -> onnx.ModelProto:
     return b.model(x_input(), name="pad")
 
 
-
 BUILDERS = {
     **{f"pooling_{op}": functools.partial(pooling, op) for op in POOLS},
     "squeeze_excite": squeeze_excite,
@@ -106,11 +105,8 @@ BUILDERS = {
 }
 BLOCKED: dict[str, str] = {}
 
-
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("name", sorted(n for n in BUILDERS if n not in BLOCKED))
-def test_pruning_dead_channels_is_exact(name, seed):
-    assert_pruning_dead_channels_is_exact(BUILDERS[name](), seed)
+test_pruning_dead_channels_is_exact, test_blocked_patterns_are_left_whole_with_a_reason = \
+    family_tests(BUILDERS, BLOCKED)
 
 
 @pytest.mark.parametrize("op", ["MaxPool", "AveragePool", "LpPool"])
