@@ -27,6 +27,7 @@ class WeightLayout:
     out_axis: int  # weight axis of the output channels
     groups: int = 1
     kernel: tuple = ()  # spatial kernel shape (convolutions)
+    transposed: bool = False  # the op scatters each input over a window of outputs (ConvTranspose)
     scale: float = 1.0  # factor the op applies to the weight (Gemm's alpha); not in `to_matrix`
     data_axis: int = 1  # axis of the op's input tensor that carries the input channels (-1: the last)
     bias_input: int | None = None  # the op's input holding a per-output-channel bias, if it has one

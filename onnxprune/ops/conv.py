@@ -96,7 +96,8 @@ class ConvHandler(Handler):
         kernel = tuple(weight_shape[2:])
         if op == "Conv":
             return WeightLayout(op, weight_shape, second * groups, first, 1, 0, groups, kernel, bias_input=2)
-        return WeightLayout(op, weight_shape, first, second * groups, 0, 1, groups, kernel, bias_input=2)
+        return WeightLayout(op, weight_shape, first, second * groups, 0, 1, groups, kernel, transposed=True,
+                            bias_input=2)
 
     def to_matrix(self, layout, weight):
         g = layout.groups
@@ -200,7 +201,7 @@ def conv_patches(layout: WeightLayout, attrs: dict, x: np.ndarray, out_dims: tup
     for d in range(spatial):  # one step per spatial axis
         taps = np.arange(kernel[d]) * dilations[d]
         out = coords[1 + d][:, None]
-        if layout.op == "Conv":
+        if not layout.transposed:
             pos = out * strides[d] - begin[d] + taps
             ok = (pos >= 0) & (pos < in_dims[d])
         else:

@@ -69,7 +69,7 @@ class Consumer:
         rows = self.handler.input_rows(self.layout, self.node.attrs, activation, self.out_shape, flat)
         if self.kind == "linear":
             return rows[:, 0]
-        if self.layout.op == "ConvTranspose":
+        if self.layout.transposed:
             rows = _flip_kernel(rows.reshape((len(flat), -1) + self.layout.kernel))
         return rows.reshape(len(flat), -1)
 
@@ -122,19 +122,19 @@ def _consumer(node, cmap, units, weight, shapes, handler, layout) -> Consumer | 
                         positions, handler)
     if not _known(in_shape) or not _known(out_shape):
         return None
-    if layout.op == "ConvTranspose" and (text(node.attrs.get("auto_pad", "NOTSET")) != "NOTSET"
+    if layout.transposed and (text(node.attrs.get("auto_pad", "NOTSET")) != "NOTSET"
                                          or node.attrs.get("output_shape")):
         return None  # padding that onnxruntime derives from output_shape
     per_filter = matrix.reshape((layout.out_channels, layout.in_channels // layout.groups) + layout.kernel)
-    if layout.op == "ConvTranspose":
+    if layout.transposed:
         per_filter = _flip_kernel(per_filter)
     return Consumer(node, node.inputs[0].name, units, np.ascontiguousarray(per_filter, dtype=np.float32), "conv",
                     layout, handler.positions(layout, out_shape), handler, tuple(out_shape))
 
 
 def _flip_kernel(values: np.ndarray) -> np.ndarray:
-    """A ConvTranspose's kernel axes reversed (the last ones). Scoring reads a ConvTranspose as its
-    equivalent Conv, whose kernel is flipped: keeping that order keeps the sums in the same order."""
+    """The kernel axes (the last ones) reversed. Scoring reads a transposed conv as its equivalent
+    stride-1 Conv, whose kernel is flipped; keeping that order keeps the sums in their order."""
     spatial = values.ndim - 2
     return np.flip(values, axis=tuple(range(2, 2 + spatial)))
 
