@@ -122,9 +122,9 @@ def _consumer(node, cmap, units, weight, shapes, handler, layout) -> Consumer | 
                         positions, handler)
     if not _known(in_shape) or not _known(out_shape):
         return None
-    if layout.transposed and (text(node.attrs.get("auto_pad", "NOTSET")) != "NOTSET"
-                                         or node.attrs.get("output_shape")):
-        return None  # padding that onnxruntime derives from output_shape
+    derived_pads = text(node.attrs.get("auto_pad", "NOTSET")) != "NOTSET" or node.attrs.get("output_shape")
+    if layout.transposed and derived_pads:
+        return None  # scoring has always left these out (the handler's patches could now serve them)
     per_filter = matrix.reshape((layout.out_channels, layout.in_channels // layout.groups) + layout.kernel)
     if layout.transposed:
         per_filter = _flip_kernel(per_filter)
