@@ -1,7 +1,7 @@
 """The exactness oracle: make some channels contribute nothing, prune exactly those, compare outputs.
 
-Channels contribute nothing when every layer that consumes them (Conv, ConvTranspose, Gemm, MatMul
-reading them as input features) has zero weights for them. Then removing those channels, with every
+Channels contribute nothing when every layer that consumes them (a weighted op reading them as input
+features: Conv, ConvTranspose, Gemm, MatMul, ...) has zero weights for them. Then removing those channels, with every
 per-channel constant, group count, split size and reshape target updated, must not change any output.
 """
 
@@ -10,11 +10,16 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import pytest
 
+from onnxprune import PruneConfig, inspect, prune
+from onnxprune.errors import NothingToPrune
 from onnxprune.loading import load
+from onnxprune.ops.base import weighted, weighted_ops, zero_inputs
 from onnxprune.stages import analyze_model
 from onnxprune.plan import Plan
 from onnxprune.rewrite import keep_masks
+from tests.builders import random_input, run
 
 
 def drop_every_other(analysis, seed: int = 0) -> dict[int, np.ndarray]:
@@ -28,28 +33,13 @@ def drop_every_other(analysis, seed: int = 0) -> dict[int, np.ndarray]:
 
 
 def _zero_inputs(node: gs.Node, mask: np.ndarray, is_source: bool) -> None:
-    weight = node.inputs[1]
-    values = weight.values.copy()
-    groups = int(node.attrs.get("group", 1))
-    if node.op == "Conv":
-        per_group = values.shape[1]
-        if groups > 1 and per_group == 1:
-            return  # depthwise: channels flow on to the output, not consumed here
-        values[:, ~mask.reshape(groups, per_group)[0]] = 0
-    elif node.op == "ConvTranspose":
-        if groups > 1 and groups == values.shape[0]:
-            return
-        values[~mask] = 0
-    elif node.op == "Gemm":
-        if node.attrs.get("transB", 0):
-            values[:, ~mask] = 0
-        else:
-            values[~mask] = 0
-    elif node.op == "MatMul" and is_source:
-        values[~mask] = 0
-    else:
-        return
-    node.inputs[1] = gs.Constant(weight.name + "_oracle", values)
+    """Zero the weights `node` reads dropped channels with, when it consumes them as input features."""
+    found = weighted(node.op, node.attrs, node.inputs[1].values.shape)
+    if found is None or not is_source:
+        return  # not a weighted op, or the channels flow on (depthwise conv, MatMul on another axis)
+    handler, layout = found
+    values = zero_inputs(handler, layout, node.inputs[1].values, mask)
+    node.inputs[1] = gs.Constant(node.inputs[1].name + "_oracle", values)
 
 
 def zero_dropped(model, keep_fn=drop_every_other, input_shapes=None):
@@ -60,10 +50,49 @@ def zero_dropped(model, keep_fn=drop_every_other, input_shapes=None):
     masks = keep_masks(analysis, keep)
     sources = {id(s.node) for g in analysis.groups for s in g.sources}
     for node in analysis.graph.nodes:
-        if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and node.inputs[0].name in masks \
-                and isinstance(node.inputs[1], gs.Constant):
+        if node.op in weighted_ops() and node.inputs[0].name in masks and isinstance(node.inputs[1], gs.Constant):
             _zero_inputs(node, masks[node.inputs[0].name], id(node) in sources)
     analysis.graph.cleanup()
     zeroed = gs.export_onnx(analysis.graph)
     zeroed.ir_version = loaded.model.ir_version
     return zeroed, Plan.from_keep(analysis, keep)
+
+
+def assert_pruning_dead_channels_is_exact(model: onnx.ModelProto, seed: int) -> None:
+    """Zero a seeded half of every prunable group's inputs, prune exactly those: outputs do not change."""
+    zeroed, plan = zero_dropped(model, keep_fn=lambda a: drop_every_other(a, seed))
+    assert any(g.keep != list(range(g.channels)) for g in plan.groups), "the oracle must drop something"
+    result = prune(zeroed, PruneConfig(plan=plan))
+    feed = random_input(zeroed, seed=seed)
+    for expected, got in zip(run(zeroed, feed), run(result.model, feed)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert result.report["after"]["macs"] < result.report["before"]["macs"]
+    assert result.report["after"]["params"] < result.report["before"]["params"]
+
+
+def assert_left_whole(model: onnx.ModelProto, reason: str) -> None:
+    """Nothing is pruned, and the groups' reasons say why."""
+    try:
+        prune(model, PruneConfig(filters=0.5))
+    except NothingToPrune as error:
+        assert "nothing to prune" in str(error)
+    else:
+        raise AssertionError("a blocked pattern was pruned")
+    reasons = " ".join(r for g in inspect(model)["groups"] for r in g["reasons"])
+    assert reason in reasons
+
+
+def family_tests(builders: dict, blocked: dict[str, str]):
+    """The exactness-oracle and blocking tests of one op family (builders: name -> builder; blocked:
+    name -> the reason expected), to assign to test names in the family's module (None: no blocked case)."""
+
+    @pytest.mark.parametrize("seed", [0, 1])
+    @pytest.mark.parametrize("name", sorted(n for n in builders if n not in blocked))
+    def exact(name, seed):
+        assert_pruning_dead_channels_is_exact(builders[name](), seed)
+
+    @pytest.mark.parametrize("name", sorted(blocked))
+    def left_whole(name):
+        assert_left_whole(builders[name](), blocked[name])
+
+    return exact, (left_whole if blocked else None)

@@ -245,8 +245,7 @@ def test_patch_sampler_rows_reproduce_the_conv(kwargs):
     bias = numpy_helper.to_array(model.graph.initializer[1])
     rows = sampler.patches(x) @ layer.weight + bias  # [2 * P, c_out]
     dims = len(loaded.shapes["x"]) - 2
-    # the first kernel tap of each sampled position sits at position * stride in the padded input
-    positions = [idx.reshape(idx.shape[0], -1)[:, 0] // stride for idx, stride in zip(sampler.index, sampler.strides)]
+    positions = np.unravel_index(sampler.chosen, sampler.out)
     expected = y[(slice(None), slice(None), *positions)]  # [2, c_out, P]
     assert dims == len(positions)
     np.testing.assert_allclose(rows.reshape(2, -1, rows.shape[1]), np.moveaxis(expected, 1, 2), rtol=1e-4, atol=1e-4)

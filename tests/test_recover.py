@@ -161,7 +161,7 @@ def test_recovery_does_not_depend_on_the_batch_size():
     group = analysis.prunable_groups()[0]
     keep = {group.index: np.array([0, 2, 5, 7])}
     masks = keep_masks(analysis, keep)
-    apply_channel_plan(analysis, keep)
+    apply_channel_plan(analysis, masks)
     pruned = gs.export_onnx(analysis.graph)
     fits = [recover(loaded.model, pruned, calibration, "lstsq", masks, loaded.shapes, batch_size=b)[0]
             for b in (4, 64)]
@@ -303,10 +303,10 @@ def test_conv_attributes_are_honoured():
 
 
 def test_a_layer_recovery_cannot_reproduce_is_skipped_with_a_reason(monkeypatch):
-    from onnxprune.recover import layers as layer_module
+    from onnxprune.ops import conv as conv_module
 
-    real = layer_module.conv_patches
-    monkeypatch.setattr(layer_module, "conv_patches", lambda *a: real(*a)[:, ::-1])  # a wrong im2col
+    real = conv_module.conv_patches
+    monkeypatch.setattr(conv_module, "conv_patches", lambda *a: real(*a)[:, ::-1])  # a wrong im2col
     model = models.conv_chain()
     result = pruned_with(model, "lstsq", calibration_for(model, 8))
     layer = result.report["recovery"]["layers"][0]

@@ -161,9 +161,6 @@ class Analysis:
             group_of[group.unit_labels] = group.index
         return cls(graph, shapes, maps, label, groups, position, group_of)
 
-    def units_of(self, tensor_name: str) -> np.ndarray:
-        return self.label[self.maps[tensor_name].ids]
-
     def prunable_groups(self) -> list[Group]:
         return [g for g in self.groups if g.prunable]
 

@@ -60,56 +60,22 @@ class Moment:
 
 
 class PatchSampler:
-    """im2col rows of a Conv at a fixed random sample of output positions."""
+    """im2col rows of a Conv at a fixed random sample of output positions (the op handler's patches)."""
 
     def __init__(self, layer: Layer, input_shape: tuple, rng: np.random.Generator):
-        spatial = [int(d) for d in input_shape[2:]]
-        dims = len(spatial)
-        attrs = layer.conv_attrs
-        self.strides = list(attrs.get("strides", [1] * dims))
-        self.dilations = list(attrs.get("dilations", [1] * dims))
-        self.pads = conv_pads(spatial, layer.kernel, self.strides, self.dilations, attrs)
-        out = [(spatial[d] + self.pads[d] + self.pads[d + dims] - (layer.kernel[d] - 1) * self.dilations[d] - 1)
-               // self.strides[d] + 1 for d in range(dims)]
-        total = int(np.prod(out))
-        chosen = np.arange(total) if total <= POSITIONS_PER_SAMPLE else np.sort(
+        self.layer = layer
+        self.out = layer.handler.output_spatial(layer.layout, layer.conv_attrs, [int(d) for d in input_shape[2:]])
+        total = int(np.prod(self.out))
+        self.chosen = np.arange(total) if total <= POSITIONS_PER_SAMPLE else np.sort(
             rng.choice(total, POSITIONS_PER_SAMPLE, replace=False))
-        position = np.unravel_index(chosen, out)  # per spatial dim: [P]
-        self.index = []  # per spatial dim: input index of every (position, kernel offset), broadcastable
-        for d in range(dims):
-            offsets = np.arange(layer.kernel[d]) * self.dilations[d]
-            idx = position[d][:, None] * self.strides[d] + offsets[None, :]  # [P, k_d]
-            shape = [len(chosen)] + [1] * dims
-            shape[1 + d] = layer.kernel[d]
-            self.index.append(idx.reshape(shape))
 
     def patches(self, x: np.ndarray) -> np.ndarray:
-        """[batch * P, c_in * prod(kernel)] patches of `x` [batch, c_in, *spatial]."""
-        dims = x.ndim - 2
-        width = [(0, 0), (0, 0)] + [(self.pads[d], self.pads[d + dims]) for d in range(dims)]
-        padded = np.pad(x, width) if any(self.pads) else x
-        gathered = padded[(slice(None), slice(None), *self.index)]  # [B, C, P, k...]
-        gathered = np.moveaxis(gathered, 2, 1)  # [B, P, C, k...]
-        return gathered.reshape(gathered.shape[0] * gathered.shape[1], -1)
-
-
-def conv_pads(spatial, kernel, strides, dilations, attrs) -> list[int]:
-    """Explicit pads [begin..., end...] of a Conv, resolving auto_pad."""
-    dims = len(spatial)
-    auto_pad = attrs.get("auto_pad", "NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        begin, end = [], []
-        for d in range(dims):
-            out = -(-spatial[d] // strides[d])
-            total = max(0, (out - 1) * strides[d] + (kernel[d] - 1) * dilations[d] + 1 - spatial[d])
-            small = total // 2
-            begin.append(small if auto_pad == "SAME_UPPER" else total - small)
-            end.append(total - begin[-1])
-        return begin + end
-    if auto_pad == "VALID":
-        return [0] * (2 * dims)
-    return list(attrs.get("pads", [0] * (2 * dims)))
+        """[batch * P, c_in * prod(kernel)] patches of `x` [batch, c_in, *spatial], sample-major."""
+        total = int(np.prod(self.out))
+        rows = (np.arange(len(x))[:, None] * total + self.chosen[None, :]).reshape(-1)
+        layer = self.layer
+        out_shape = (len(x), layer.out_features, *self.out)
+        return layer.handler.input_rows(layer.layout, layer.conv_attrs, x, out_shape, rows).reshape(len(rows), -1)
 
 
 def input_moments(model: onnx.ModelProto, layers: list[Layer], shapes: dict[str, tuple],

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..ops.base import Handler, WeightLayout, weighted
+
 SUBSPACES = (1, 2, 4, 8)  # ALDS input-channel subspace counts tried for a k x k Conv (those dividing c_in)
 
 
@@ -38,6 +40,8 @@ class Layer:
     conv_attrs: dict = field(default_factory=dict)  # strides, pads, dilations, auto_pad of a Conv
     input_transposed: bool = False  # Gemm with transA: features are the rows of A
     subspace_options: tuple[int, ...] = (1,)
+    layout: WeightLayout | None = None
+    handler: Handler | None = field(default=None, repr=False)
 
     @property
     def in_features(self) -> int:
@@ -103,40 +107,45 @@ def _describe(node: gs.Node, shapes) -> Layer:
         layer.reason = "output shape unknown at the analysed input shapes"
         return layer
     layer.weight_dtype = values.dtype
+    handler, layout = weighted(node.op, node.attrs, values.shape) or (None, None)
+    if layout is None:  # a weight of another rank than the op takes
+        layer.reason = "Gemm weight is not 2-D" if node.op == "Gemm" else "weight is not a constant 2-D right operand"
+        return layer
+    layer.layout, layer.handler = layout, handler
     describe = {"Conv": _conv, "Gemm": _gemm, "MatMul": _matmul}[node.op]
-    describe(node, values, out_shape, layer)
+    describe(node, values, out_shape, layer, handler, layout)
     return layer
 
 
-def _conv(node: gs.Node, values: np.ndarray, out_shape, layer: Layer) -> None:
-    groups = int(node.attrs.get("group", 1))
-    c_out, c_in = values.shape[0], values.shape[1] * groups
-    if groups != 1:
-        layer.reason = ("depthwise conv: a channel decomposition cannot lower its cost" if groups == c_in
-                        else f"grouped conv (group={groups}) is not factorized")
+def _matrix(handler, layout, values: np.ndarray) -> np.ndarray:
+    """The weight as [in_features, out_features], float64, with the op's scale (Gemm alpha) applied."""
+    return handler.to_matrix(layout, values)[0].astype(np.float64) * layout.scale
+
+
+def _conv(node: gs.Node, values: np.ndarray, out_shape, layer: Layer, handler, layout) -> None:
+    c_in = layout.in_channels
+    if layout.groups != 1:
+        layer.reason = ("depthwise conv: a channel decomposition cannot lower its cost" if layout.depthwise
+                        else f"grouped conv (group={layout.groups}) is not factorized")
         return
-    layer.weight = values.reshape(c_out, -1).T.astype(np.float64)
-    layer.positions = int(np.prod(out_shape[2:], dtype=np.int64))
-    layer.kernel = tuple(int(k) for k in values.shape[2:])
+    layer.weight = _matrix(handler, layout, values)
+    layer.positions = handler.positions(layout, out_shape)
+    layer.kernel = layout.kernel
     layer.channels_in = c_in
     layer.conv_attrs = {k: node.attrs[k] for k in ("strides", "pads", "dilations", "auto_pad") if k in node.attrs}
-    if np.prod(layer.kernel) > 1:  # ALDS's case; on a 1x1 conv subspaces save little for one more SVD each
+    if layout.kernel_size > 1:  # ALDS's case; on a 1x1 conv subspaces save little for one more SVD each
         layer.subspace_options = tuple(j for j in SUBSPACES if c_in % j == 0 and c_in // j >= 2) or (1,)
 
 
-def _gemm(node: gs.Node, values: np.ndarray, out_shape, layer: Layer) -> None:
-    if values.ndim != 2:
-        layer.reason = "Gemm weight is not 2-D"
-        return
-    weight = values.T if node.attrs.get("transB", 0) else values
-    layer.weight = weight.astype(np.float64) * float(node.attrs.get("alpha", 1.0))
-    layer.positions = int(out_shape[0])
-    layer.input_transposed = bool(node.attrs.get("transA", 0))
+def _gemm(node: gs.Node, values: np.ndarray, out_shape, layer: Layer, handler, layout) -> None:
+    layer.weight = _matrix(handler, layout, values)
+    layer.positions = handler.rows(layout, out_shape)
+    layer.input_transposed = layout.data_axis == 0
 
 
-def _matmul(node: gs.Node, values: np.ndarray, out_shape, layer: Layer) -> None:
-    if values.ndim != 2 or isinstance(node.inputs[0], gs.Constant):
+def _matmul(node: gs.Node, values: np.ndarray, out_shape, layer: Layer, handler, layout) -> None:
+    if isinstance(node.inputs[0], gs.Constant):
         layer.reason = "weight is not a constant 2-D right operand"
         return
-    layer.weight = values.astype(np.float64)
-    layer.positions = int(np.prod(out_shape[:-1], dtype=np.int64))
+    layer.weight = _matrix(handler, layout, values)
+    layer.positions = handler.rows(layout, out_shape)

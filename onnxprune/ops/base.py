@@ -2,14 +2,63 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
 _REGISTRY: dict[str, "Handler"] = {}
 
 
+@dataclass(frozen=True)
+class WeightLayout:
+    """How the constant weight of a weighted op (Conv, Gemm, ...) maps input channels to output channels.
+
+    IR-neutral: built by the op's handler from the op type, its attributes and the weight's shape, so
+    graphsurgeon nodes and onnx.NodeProto ask the same question. Axes are axes of the weight; each
+    group reads `in_channels // groups` inputs and writes `out_channels // groups` outputs.
+    """
+
+    op: str
+    shape: tuple  # the weight's shape
+    in_channels: int
+    out_channels: int
+    in_axis: int  # weight axis of the input channels
+    out_axis: int  # weight axis of the output channels
+    groups: int = 1
+    kernel: tuple = ()  # spatial kernel shape (convolutions)
+    transposed: bool = False  # the op scatters each input over a window of outputs (ConvTranspose)
+    scale: float = 1.0  # factor the op applies to the weight (Gemm's alpha); not in `to_matrix`
+    data_axis: int = 1  # axis of the op's input tensor that carries the input channels (-1: the last)
+    bias_input: int | None = None  # the op's input holding a per-output-channel bias, if it has one
+    bias_scale: float = 1.0  # factor the op applies to that bias (Gemm's beta)
+
+    @property
+    def depthwise(self) -> bool:
+        """One input channel per group: the op passes channels on instead of consuming them."""
+        return self.groups > 1 and self.groups == self.in_channels
+
+    @property
+    def kernel_size(self) -> int:
+        return int(np.prod(self.kernel, dtype=np.int64))
+
+    @property
+    def features(self) -> int:
+        """Input features per output channel: input channels of its group times the kernel."""
+        return self.in_channels // self.groups * self.kernel_size
+
+    def input_signature(self) -> tuple:
+        """What each output reads: the weight shape without the output axis, and the groups."""
+        reads = tuple(d for axis, d in enumerate(self.shape) if axis != self.out_axis % len(self.shape))
+        return self.op, reads, self.groups
+
+
 class Handler:
-    """Channel semantics of one op family. Subclasses override what applies to them."""
+    """Channel semantics of one op family. Subclasses override what applies to them.
+
+    A weighted handler (Conv, Gemm, ...) also answers `weight_layout` and the methods below it; they
+    work from an op type, an attribute dict and the weight (or its shape), whatever the IR.
+    """
 
     multi_axis = False  # accepts channel maps split across several axes (see graph.ChannelMap)
 
@@ -27,6 +76,75 @@ class Handler:
     def channel_scales(self, node: gs.Node) -> np.ndarray | None:
         """For a normalisation layer: its per-channel scale (BN gamma), for the `bn` scorer."""
         return None
+
+    # ---- weighted ops
+    def weight_layout(self, op: str, attrs: dict, weight_shape: tuple) -> WeightLayout | None:
+        """The layout of a weight of this shape, or None when the op has no such weight."""
+        return None
+
+    def to_matrix(self, layout: WeightLayout, weight: np.ndarray) -> np.ndarray:
+        """The weight as [groups, features, outputs per group], features input-channel-major then kernel."""
+        raise NotImplementedError
+
+    def from_matrix(self, layout: WeightLayout, matrix: np.ndarray) -> np.ndarray:
+        """Inverse of `to_matrix`: a weight of `layout.shape`."""
+        raise NotImplementedError
+
+    def input_factors(self, layout: WeightLayout, factors: np.ndarray) -> np.ndarray:
+        """`factors` (one per input channel) shaped to broadcast against the weight."""
+        raise NotImplementedError
+
+    def input_rows(self, layout: WeightLayout, attrs: dict, x: np.ndarray, out_shape: tuple,
+                   rows: np.ndarray) -> np.ndarray:
+        """The input features behind output rows `rows` (flat indices into the output positions of
+        `out_shape`, see `rows`), as [R, groups, features] in the order of `to_matrix`."""
+        raise NotImplementedError
+
+    def output_rows(self, layout: WeightLayout, y: np.ndarray) -> np.ndarray:
+        """The output as [rows, output channels]."""
+        raise NotImplementedError
+
+    def rows(self, layout: WeightLayout, out_shape: tuple) -> int:
+        """How many output rows (positions the weight is applied at) an output of `out_shape` has."""
+        raise NotImplementedError
+
+    def positions(self, layout: WeightLayout, out_shape: tuple) -> int:
+        """Output rows per item of the leading (batch) axis."""
+        raise NotImplementedError
+
+    def macs(self, op: str, attrs: dict, in_shape, weight_shape, out_shape) -> int | None:
+        """Multiply-accumulates at these shapes (any may be None: unknown); None when they do not say."""
+        return None
+
+
+def filters(handler: Handler, layout: WeightLayout, weight: np.ndarray) -> np.ndarray:
+    """The weight as [outputs, features]: row o is what output channel o reads (grouped: its group's)."""
+    return handler.to_matrix(layout, weight).transpose(0, 2, 1).reshape(layout.out_channels, -1)
+
+
+def scale_inputs(handler: Handler, layout: WeightLayout, weight: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """The weight with input channel c multiplied by `factors[c]`, in the weight's dtype."""
+    return (weight * handler.input_factors(layout, factors)).astype(weight.dtype)
+
+
+def zero_inputs(handler: Handler, layout: WeightLayout, weight: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The weight with the input channels outside `keep` (a bool mask) set to zero."""
+    return np.where(handler.input_factors(layout, keep), weight, 0).astype(weight.dtype)
+
+
+def weighted_ops() -> tuple[str, ...]:
+    """The op types whose handler gives a weight layout."""
+    return tuple(op for op, handler in sorted(_REGISTRY.items())
+                 if type(handler).weight_layout is not Handler.weight_layout)
+
+
+def weighted(op: str, attrs: dict, weight_shape) -> tuple[Handler, WeightLayout] | None:
+    """(handler, layout) of a weighted op with a weight of this shape, else None."""
+    handler = _REGISTRY.get(op)
+    if handler is None or weight_shape is None:
+        return None
+    layout = handler.weight_layout(op, attrs, tuple(int(d) for d in weight_shape))
+    return None if layout is None else (handler, layout)
 
 
 def register(*op_types: str):
@@ -64,6 +182,11 @@ def const_input(node: gs.Node, index: int) -> np.ndarray | None:
     return None
 
 
+def text(value) -> str:
+    """A string attribute as str (onnx.helper gives bytes, graphsurgeon str)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def has_input(node: gs.Node, index: int) -> bool:
     return index < len(node.inputs) and node.inputs[index].name != ""
 
@@ -78,13 +201,5 @@ def pass_through(node: gs.Node, ctx, input_index: int = 0, outputs=(0,)) -> None
             ctx.set(node.outputs[o], cmap)
 
 
-def tracked_inputs(node: gs.Node, ctx) -> list[int]:
-    return [i for i, t in enumerate(node.inputs) if ctx.channels(t) is not None]
-
-
 def normalize_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
-
-
-def slice_axis(values: np.ndarray, axis: int, mask: np.ndarray) -> np.ndarray:
-    return np.compress(mask, values, axis=axis)

@@ -293,7 +293,7 @@ class TransposeHandler(Handler):
         ctx.set(node.outputs[0], type(x)(start, x.ids.transpose(order)))
 
 
-def _axes(node, ctx_or_none=None):
+def _axes(node):
     axes = attr(node, "axes")
     if axes is None and has_input(node, 1):
         axes = const_input(node, 1)

@@ -3,17 +3,71 @@
 MatMul `A[..., K] @ W[K, N]`: channels tracked on the last axis of A are consumed by W's rows; channels
 tracked on any other axis of A pass through (the product acts on the last axis only). A MatMul of two
 computed tensors (attention scores) has no constant weight and blocks the channels reaching it.
+
+Weight layout: a 2-D matrix, [input features, outputs] (Gemm with transB: [outputs, input features]);
+Gemm scales it by alpha. One output row per row of A (Gemm) or per position of A's leading axes (MatMul).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .base import Handler, attr, const_input, has_input, register
+from .base import Handler, WeightLayout, attr, const_input, has_input, register
+
+
+class MatrixWeight(Handler):
+    """The weight layout of ops that multiply their input's feature axis by a 2-D weight: [features,
+    outputs] (in_axis 0) or [outputs, features] (in_axis 1)."""
+
+    @staticmethod
+    def matrix_layout(op, weight_shape, in_axis: int, data_axis: int = -1, **extra) -> WeightLayout | None:
+        if len(weight_shape) != 2:
+            return None
+        return WeightLayout(op, weight_shape, weight_shape[in_axis], weight_shape[1 - in_axis], in_axis, 1 - in_axis,
+                            data_axis=data_axis, **extra)
+
+    def features_axis(self, attrs: dict) -> int:
+        """The input's axis that the weight contracts."""
+        return -1
+
+    def to_matrix(self, layout, weight):
+        return (weight.T if layout.in_axis == 1 else weight)[None]
+
+    def from_matrix(self, layout, matrix):
+        return matrix[0].T if layout.in_axis == 1 else matrix[0]
+
+    def input_factors(self, layout, factors):
+        return factors[None, :] if layout.in_axis == 1 else factors[:, None]
+
+    def rows(self, layout, out_shape):
+        return int(np.prod(out_shape[:-1], dtype=np.int64))
+
+    def positions(self, layout, out_shape):
+        return int(np.prod(out_shape[1:-1], dtype=np.int64))
+
+    def output_rows(self, layout, y):
+        return y.reshape(-1, y.shape[-1])
+
+    def input_rows(self, layout, attrs, x, out_shape, rows):
+        if layout.data_axis == 0:  # Gemm with transA: features are the rows of A
+            x = x.T
+        return x.reshape(-1, x.shape[-1])[rows][:, None, :]
+
+    def macs(self, op, attrs, in_shape, weight_shape, out_shape):
+        if not (out_shape and in_shape):
+            return None
+        return int(np.prod(out_shape, dtype=np.int64)) * in_shape[self.features_axis(attrs)]
 
 
 @register("Gemm")
-class GemmHandler(Handler):
+class GemmHandler(MatrixWeight):
+    def weight_layout(self, op, attrs, weight_shape):
+        return self.matrix_layout(op, weight_shape, 1 if attrs.get("transB", 0) else 0, self.features_axis(attrs),
+                                  scale=attrs.get("alpha", 1.0), bias_input=2, bias_scale=attrs.get("beta", 1.0))
+
+    def features_axis(self, attrs):
+        return 0 if attrs.get("transA", 0) else 1
+
     def propagate(self, node, ctx):
         ctx.block_unexpected(node, channel_inputs=(0,))
         weight = const_input(node, 1)
@@ -23,7 +77,7 @@ class GemmHandler(Handler):
             if x is not None:
                 ctx.block(x.ids, f"Gemm '{node.name}': weight or bias is not a constant")
             return
-        feature_axis = 0 if attr(node, "transA", 0) else 1
+        feature_axis = self.features_axis(node.attrs)
         if x is not None and x.axis != feature_axis:
             ctx.block(x.ids, f"Gemm '{node.name}': channels arrive on the row axis of A")
         n_out = weight.shape[0] if attr(node, "transB", 0) else weight.shape[1]
@@ -49,7 +103,10 @@ class GemmHandler(Handler):
 
 
 @register("MatMul")
-class MatMulHandler(Handler):
+class MatMulHandler(MatrixWeight):
+    def weight_layout(self, op, attrs, weight_shape):
+        return self.matrix_layout(op, weight_shape, 0)
+
     def propagate(self, node, ctx):
         weight = const_input(node, 1)
         x = ctx.channels(node.inputs[0])

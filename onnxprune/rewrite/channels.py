@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -52,11 +54,7 @@ class RewriteContext:
     def set_input(self, node: gs.Node, index: int, values: np.ndarray) -> None:
         """Replace a constant input's values; a constant other nodes share is copied, not changed."""
         old = node.inputs[index]
-        values = np.ascontiguousarray(values, dtype=old.values.dtype)
-        if len(old.outputs) == 1:
-            old.values = values
-        else:
-            node.inputs[index] = gs.Constant(self._unique(old.name), values)
+        replace_constant(node, index, np.ascontiguousarray(values, dtype=old.values.dtype), lambda: self._unique(old.name))
 
     def add_input(self, node: gs.Node, values: np.ndarray) -> None:
         node.inputs.append(gs.Constant(self._unique(f"{node.name}_input{len(node.inputs)}"), np.asarray(values)))
@@ -72,6 +70,16 @@ class RewriteContext:
             name = f"{base}_pruned{i}"
         self._names[name] = None
         return name
+
+
+def replace_constant(node: gs.Node, index: int, values: np.ndarray, copy_name: Callable[[], str]) -> None:
+    """Give constant input `index` of `node` these values, in place; a constant that other nodes share
+    is copied under `copy_name()` instead (asked only then, so names are drawn only when used)."""
+    old = node.inputs[index]
+    if len(old.outputs) == 1:
+        old.values = values
+    else:
+        node.inputs[index] = gs.Constant(copy_name(), values)
 
 
 def apply_channel_plan(analysis: Analysis, masks: dict[str, np.ndarray]) -> None:

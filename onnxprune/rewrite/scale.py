@@ -8,11 +8,11 @@ the factor of the unit each input channel belongs to. A weight another node shar
 from __future__ import annotations
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from ..graph.analysis import Analysis
-from ..ops.base import attr
+from ..ops.base import scale_inputs
 from ..scoring.consumers import find_consumers
+from .channels import replace_constant
 
 
 def apply_unit_scales(analysis: Analysis, scales: dict[int, np.ndarray]) -> int:
@@ -29,31 +29,7 @@ def apply_unit_scales(analysis: Analysis, scales: dict[int, np.ndarray]) -> int:
         if np.all(factors == 1.0):
             continue
         node = consumer.node
-        weight = node.inputs[1].values
-        scaled = (weight * _broadcast(node, weight, factors)).astype(weight.dtype)
-        _replace_weight(node, scaled)
+        scaled = scale_inputs(consumer.handler, consumer.layout, node.inputs[1].values, factors)
+        replace_constant(node, 1, scaled, lambda: f"{node.inputs[1].name}_rescaled_{node.name}")  # noqa: B023
         changed += 1
     return changed
-
-
-def _broadcast(node: gs.Node, weight: np.ndarray, factors: np.ndarray) -> np.ndarray:
-    """`factors` (one per input channel) shaped to multiply `weight` along its input-channel axis."""
-    if node.op == "Conv":
-        groups = int(attr(node, "group", 1))
-        per_group = weight.shape[1]
-        blocks = factors.reshape(groups, 1, per_group)  # filters of block b read input channels of block b
-        full = np.broadcast_to(blocks, (groups, weight.shape[0] // groups, per_group)).reshape(weight.shape[0], per_group)
-        return full.reshape(full.shape + (1,) * (weight.ndim - 2))
-    if node.op == "ConvTranspose":  # weight [C_in, C_out / group, *kernel]
-        return factors.reshape((-1,) + (1,) * (weight.ndim - 1))
-    if node.op == "Gemm" and attr(node, "transB", 0):
-        return factors[None, :]
-    return factors[:, None]  # Gemm without transB, MatMul: weight is [input features, outputs]
-
-
-def _replace_weight(node: gs.Node, values: np.ndarray) -> None:
-    old = node.inputs[1]
-    if len(old.outputs) == 1:
-        old.values = values
-    else:
-        node.inputs[1] = gs.Constant(f"{old.name}_rescaled_{node.name}", values)

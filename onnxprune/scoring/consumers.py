@@ -1,20 +1,20 @@
 """Consumer layers of prunable channels, and the input patches they see.
 
-A *consumer* is a Conv or ConvTranspose (not depthwise: a depthwise conv passes channels on), Gemm or
-MatMul with a constant weight whose input 0 carries tracked channels as its input features. Pruning a
-group removes input channels of its consumers, so the data-informed scorers measure what the consumers
-receive. A ConvTranspose is described by its equivalent Conv (stride 1 over the input with zeros
-inserted between samples, flipped and transposed kernel). Recurrent layers are not consumers here.
+A *consumer* is a weighted op (Conv or ConvTranspose that is not depthwise: a depthwise conv passes
+channels on; Gemm; MatMul with a constant weight) whose input 0 carries tracked channels as its input
+features. Pruning a group removes input channels of its consumers, so the data-informed scorers measure
+what the consumers receive. The op handler's weight layout says how the weight and the input patches
+are laid out. Recurrent layers are not consumers here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..ops.base import attr, const_input
+from ..ops.base import WeightLayout, const_input, filters, text, weighted, weighted_ops
 
 
 @dataclass
@@ -24,13 +24,10 @@ class Consumer:
     units: np.ndarray  # unit label of every input channel (feature) position
     weight: np.ndarray  # float32, conv: [F, C/groups, *kernel]; linear: [F, C]
     kind: str  # "conv" or "linear"
-    groups: int = 1
-    strides: tuple = ()
-    dilations: tuple = ()
-    pads: tuple = ()  # begin..., end...
-    out_spatial: tuple = ()
-    rows: int = 1  # linear: rows per sample (tokens of a MatMul, 1 for Gemm)
-    upsample: tuple = ()  # ConvTranspose: its strides (zeros inserted into the input), for the equivalent Conv
+    layout: WeightLayout
+    positions: int  # output positions per sample (P_l): conv output pixels, or rows of a linear layer
+    handler: object = field(repr=False)
+    out_shape: tuple = ()  # convolutions: the output's shape, for the patches
 
     @property
     def name(self) -> str:
@@ -41,14 +38,13 @@ class Consumer:
         return len(self.units)
 
     @property
-    def kernel(self) -> int:
-        """Kernel elements per input channel (K_l in the paper's sample complexity)."""
-        return int(np.prod(self.weight.shape[2:], dtype=np.int64)) if self.kind == "conv" else 1
+    def groups(self) -> int:
+        return self.layout.groups
 
     @property
-    def positions(self) -> int:
-        """Output positions per sample (P_l): conv output pixels, or rows of a linear layer."""
-        return int(np.prod(self.out_spatial, dtype=np.int64)) if self.kind == "conv" else self.rows
+    def kernel(self) -> int:
+        """Kernel elements per input channel (K_l in the paper's sample complexity)."""
+        return self.layout.kernel_size
 
     @property
     def fan_in(self) -> int:
@@ -57,7 +53,7 @@ class Consumer:
     @property
     def axis(self) -> int:
         """The input's channel axis."""
-        return 1 if self.kind == "conv" or self.node.op == "Gemm" else -1
+        return self.layout.data_axis
 
     def channel_weight_sums(self) -> np.ndarray:
         """Per input channel: sum of |W| over the output features (and kernel) that read it."""
@@ -67,133 +63,88 @@ class Consumer:
         f, per_group = magnitude.shape[:2]
         return magnitude.reshape(self.groups, f // self.groups, per_group, -1).sum((1, 3)).reshape(-1)
 
+    def points(self, activation: np.ndarray, flat: np.ndarray) -> np.ndarray:
+        """The input features behind output positions `flat` (sample * positions + position) of a batch:
+        [n, fan-in] in the order of `weight.reshape(F, -1)` per group."""
+        rows = self.handler.input_rows(self.layout, self.node.attrs, activation, self.out_shape, flat)
+        if self.kind == "linear":
+            return rows[:, 0]
+        if self.layout.transposed:
+            rows = _flip_kernel(rows.reshape((len(flat), -1) + self.layout.kernel))
+        return rows.reshape(len(flat), -1)
+
 
 def find_consumers(analysis) -> list[Consumer]:
     """Every consumer of a prunable group's channels, in graph order."""
     prunable = np.zeros(len(analysis.groups), dtype=bool)
     prunable[[g.index for g in analysis.prunable_groups()]] = True
+    weighted_op = set(weighted_ops())
     found = []
     for node in analysis.graph.nodes:
-        if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or not node.inputs:
-            continue
+        if node.op not in weighted_op or not node.inputs:
+            continue  # before reading any constant: reading loads it, and the model is then written anew
         cmap = analysis.maps.get(node.inputs[0].name)
         weight = const_input(node, 1)
         if cmap is None or weight is None or cmap.ids.ndim != 1:
+            continue
+        op_weight = weighted(node.op, node.attrs, weight.shape)
+        if op_weight is None:
             continue
         units = analysis.label[cmap.ids]
         owners = analysis.group_of[units]
         if not prunable[owners[owners >= 0]].any():
             continue
-        consumer = _consumer(node, cmap, units, weight, analysis.shapes)
+        consumer = _consumer(node, cmap, units, weight, analysis.shapes, *op_weight)
         if consumer is not None:
             found.append(consumer)
     return found
 
 
-def _consumer(node, cmap, units, weight, shapes) -> Consumer | None:
-    shape = shapes.get(node.inputs[0].name)
-    if node.op == "ConvTranspose":
-        return _transposed_consumer(node, cmap, units, weight, shape, shapes.get(node.outputs[0].name))
-    if node.op == "Conv":
-        groups = int(attr(node, "group", 1))
-        if cmap.axis != 1 or (groups > 1 and weight.shape[1] == 1) or not shape or None in shape:
-            return None  # depthwise: the channels flow on to the output
-        out_shape = shapes.get(node.outputs[0].name)
-        if not out_shape or None in out_shape:
+def _known(shape) -> bool:
+    return bool(shape) and None not in shape
+
+
+def _consumer(node, cmap, units, weight, shapes, handler, layout) -> Consumer | None:
+    if layout.depthwise:
+        return None  # the channels flow on to the output
+    in_shape, out_shape = shapes.get(node.inputs[0].name), shapes.get(node.outputs[0].name)
+    axis = layout.data_axis
+    if axis < 0:  # the last axis (MatMul)
+        if not _known(in_shape):
             return None
-        kernel = weight.shape[2:]
-        strides = tuple(attr(node, "strides", None) or [1] * len(kernel))
-        dilations = tuple(attr(node, "dilations", None) or [1] * len(kernel))
-        out_spatial = tuple(int(d) for d in out_shape[2:])
-        pads = _pads(node, shape[2:], kernel, strides, dilations, out_spatial)
-        return Consumer(node, node.inputs[0].name, units, np.asarray(weight, dtype=np.float32), "conv", groups,
-                        strides, dilations, pads, out_spatial)
-    if node.op == "Gemm":
-        if attr(node, "transA", 0) or cmap.axis != 1 or weight.ndim != 2:
-            return None
-        matrix = weight if attr(node, "transB", 0) else weight.T
-        return Consumer(node, node.inputs[0].name, units, np.asarray(matrix, dtype=np.float32), "linear")
-    if weight.ndim != 2 or not shape or None in shape or cmap.axis != len(shape) - 1:
-        return None  # MatMul: channels on another axis pass through
-    rows = int(np.prod(shape[1:-1], dtype=np.int64)) if len(shape) > 2 else 1
-    return Consumer(node, node.inputs[0].name, units, np.asarray(weight, dtype=np.float32).T, "linear", rows=rows)
+        axis += len(in_shape)
+    if cmap.axis != axis or axis == 0:
+        return None  # channels on another axis (they pass through a MatMul), or along the samples
+    matrix = filters(handler, layout, weight)
+    if not layout.kernel:  # rows per sample: the input's leading axes are the output's
+        positions = handler.positions(layout, in_shape) if in_shape else 1
+        return Consumer(node, node.inputs[0].name, units, np.asarray(matrix, dtype=np.float32), "linear", layout,
+                        positions, handler)
+    if not _known(in_shape) or not _known(out_shape):
+        return None
+    derived_pads = text(node.attrs.get("auto_pad", "NOTSET")) != "NOTSET" or node.attrs.get("output_shape")
+    if layout.transposed and derived_pads:
+        return None  # scoring has always left these out (the handler's patches could now serve them)
+    per_filter = matrix.reshape((layout.out_channels, layout.in_channels // layout.groups) + layout.kernel)
+    if layout.transposed:
+        per_filter = _flip_kernel(per_filter)
+    return Consumer(node, node.inputs[0].name, units, np.ascontiguousarray(per_filter, dtype=np.float32), "conv",
+                    layout, handler.positions(layout, out_shape), handler, tuple(out_shape))
 
 
-def _transposed_consumer(node, cmap, units, weight, shape, out_shape) -> Consumer | None:
-    """A ConvTranspose as its equivalent Conv: out[o] = sum_k W[k] x_up[o + k d - (d (K - 1) - pad)]
-    over the input with stride - 1 zeros between samples, kernel flipped, [C_in, C_out/g] -> [C_out, C_in/g]."""
-    groups = int(attr(node, "group", 1))
-    auto_pad = attr(node, "auto_pad", "NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if (cmap.axis != 1 or (groups > 1 and groups == weight.shape[0]) or auto_pad != "NOTSET"
-            or attr(node, "output_shape", None) or not shape or None in shape or not out_shape or None in out_shape):
-        return None  # depthwise (channels flow on), or padding that onnxruntime derives from output_shape
-    kernel = weight.shape[2:]
-    n = len(kernel)
-    strides = tuple(attr(node, "strides", None) or [1] * n)
-    dilations = tuple(attr(node, "dilations", None) or [1] * n)
-    pads = tuple(attr(node, "pads", None) or [0] * (2 * n))
-    c_in, per_group_out = weight.shape[:2]
-    equivalent = weight.reshape(groups, c_in // groups, per_group_out, *kernel).swapaxes(1, 2)
-    equivalent = np.flip(equivalent.reshape(groups * per_group_out, c_in // groups, *kernel), axis=tuple(range(2, 2 + n)))
-    begin = tuple(d * (k - 1) - p for d, k, p in zip(dilations, kernel, pads[:n]))
-    return Consumer(node, node.inputs[0].name, units, np.ascontiguousarray(equivalent, dtype=np.float32), "conv",
-                    groups, (1,) * n, dilations, begin + pads[n:], tuple(int(d) for d in out_shape[2:]),
-                    upsample=strides)
-
-
-def _pads(node, in_spatial, kernel, strides, dilations, out_spatial) -> tuple:
-    """Explicit (begin..., end...) pads, resolving auto_pad as onnxruntime does."""
-    auto_pad = attr(node, "auto_pad", "NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    n = len(kernel)
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        total = [max(0, (o - 1) * s + (k - 1) * d + 1 - i)
-                 for i, o, k, s, d in zip(in_spatial, out_spatial, kernel, strides, dilations)]
-        small = [t // 2 for t in total]
-        big = [t - t // 2 for t in total]
-        return tuple(small + big) if auto_pad == "SAME_UPPER" else tuple(big + small)
-    if auto_pad == "VALID":
-        return (0,) * (2 * n)
-    pads = attr(node, "pads", None)
-    return tuple(pads) if pads else (0,) * (2 * n)
+def _flip_kernel(values: np.ndarray) -> np.ndarray:
+    """The kernel axes (the last ones) reversed. Scoring reads a transposed conv as its equivalent
+    stride-1 Conv, whose kernel is flipped; keeping that order keeps the sums in their order."""
+    spatial = values.ndim - 2
+    return np.flip(values, axis=tuple(range(2, 2 + spatial)))
 
 
 def batch_rows(consumer: Consumer, activation: np.ndarray) -> np.ndarray:
     """A linear consumer's input as [samples * rows, C]."""
-    return activation.reshape(-1, activation.shape[-1] if consumer.node.op == "MatMul" else activation.shape[1])
+    return activation.reshape(-1, activation.shape[consumer.axis])
 
 
 def conv_patches(consumer: Consumer, activation: np.ndarray, samples: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """The input patches under output `positions` of batch items `samples`: [n, C * kernel], C-major
-    (the order of `weight.reshape(F, -1)` per group). One fancy-index gather, no loops; padding is
-    applied to the gathered patches only (indices outside the input read zeros)."""
-    kernel = consumer.weight.shape[2:]
-    spatial = len(kernel)
-    if any(s > 1 for s in consumer.upsample):
-        activation = _insert_zeros(activation, consumer.upsample)
-    n, channels = len(samples), activation.shape[1]
-    coords = np.unravel_index(positions, consumer.out_spatial)
-    index = [samples.reshape((n,) + (1,) * (1 + spatial)),
-             np.arange(channels).reshape((1, channels) + (1,) * spatial)]
-    inside = np.ones((n, 1) + tuple(kernel), dtype=bool)
-    for i in range(spatial):
-        along = (coords[i][:, None] * consumer.strides[i] + np.arange(kernel[i])[None, :] * consumer.dilations[i]
-                 - consumer.pads[i])
-        shape = [n, 1] + [1] * spatial
-        shape[2 + i] = kernel[i]
-        valid = (along >= 0) & (along < activation.shape[2 + i])
-        inside &= valid.reshape(shape)
-        index.append(np.clip(along, 0, activation.shape[2 + i] - 1).reshape(shape))
-    patches = activation[tuple(index)]
-    if not inside.all():
-        patches = patches * inside
-    return patches.reshape(n, -1)
-
-
-def _insert_zeros(activation: np.ndarray, strides: tuple) -> np.ndarray:
-    """stride - 1 zeros between neighbouring samples along every spatial axis (a ConvTranspose's input)."""
-    shape = activation.shape[:2] + tuple((d - 1) * s + 1 for d, s in zip(activation.shape[2:], strides))
-    spread = np.zeros(shape, dtype=activation.dtype)
-    spread[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)] = activation
-    return spread
+    (the order of `weight.reshape(F, -1)` per group)."""
+    return consumer.points(activation, samples * consumer.positions + positions)

@@ -53,7 +53,7 @@ from ..calib.capture import stream_activations
 from ..calib.stats import capture_batch_size
 from ..errors import UsageError
 from .base import Allocation, register_scorer
-from .consumers import Consumer, batch_rows, conv_patches, find_consumers
+from .consumers import Consumer, find_consumers
 
 log = logging.getLogger(__name__)
 
@@ -256,10 +256,7 @@ class LayerFold:
         lo, hi = np.searchsorted(self.chosen, [start * per_sample, (start + size) * per_sample])
         flat = self.chosen[lo:hi] - start * per_sample
         if len(flat):
-            if self.consumer.kind == "linear":
-                self.pending.append(batch_rows(self.consumer, activation)[flat])
-            else:
-                self.pending.append(conv_patches(self.consumer, activation, flat // per_sample, flat % per_sample))
+            self.pending.append(self.consumer.points(activation, flat))
         if sum(len(p) for p in self.pending) >= FOLD_POINTS:
             self.flush()
 

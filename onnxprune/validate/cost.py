@@ -1,15 +1,18 @@
 """Cost model: parameters and multiply-accumulates at the inferred (batch-1) shapes.
 
-Conv, ConvTranspose, Gemm, MatMul, LSTM and GRU count their multiply-accumulates; every other op that
-computes counts one per output element (pooling: one per window element); ops that only move data
-(Reshape, Transpose, Concat, Slice, ...) count nothing.
+Weighted ops (Conv, ConvTranspose, Gemm, MatMul, ...) count what their op handler says; LSTM, GRU and
+RNN count their multiply-accumulates; every other op that computes counts one per output element
+(pooling: one per window element); ops that only move data (Reshape, Transpose, Concat, Slice, ...)
+count nothing.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnx import helper
 
+from ..ops import handler_for
 from ..shapes import infer_shapes
 
 DATA_MOVEMENT = {
@@ -33,17 +36,12 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple], inits: dict[str, t
 
     out = shape(0, outputs=True)
     op = node.op_type
-    if op == "Conv" and out and shape(1):
-        w = shape(1)
-        return _prod(out) * _prod(w[1:])
-    if op == "ConvTranspose" and shape(0) and shape(1):
-        w = shape(1)
-        return _prod(shape(0)) * _prod(w[1:])
-    if op in ("Gemm", "MatMul") and out and shape(0):
-        a = shape(0)
-        trans_a = any(at.name == "transA" and at.i for at in node.attribute)
-        k = a[0] if (op == "Gemm" and trans_a) else a[-1]
-        return _prod(out) * k
+    handler = handler_for(op)
+    if handler is not None:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        macs = handler.macs(op, attrs, shape(0), shape(1), out)
+        if macs is not None:
+            return macs
     if op in ("LSTM", "GRU", "RNN") and shape(0) and shape(1) and shape(2):
         steps = shape(0)[0]
         batch = shape(0)[1]

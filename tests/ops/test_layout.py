@@ -1,0 +1,192 @@
+"""Data movement: Concat, Split, Slice, Reshape (to literal and computed shapes, the channel shuffle),
+Transpose, pass-through ops (Dropout, Identity, Cast); a graph output and TopK (blocked). Moving data
+costs nothing."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from onnxprune.validate.cost import DATA_MOVEMENT, model_cost, node_macs
+from tests.builders import Builder, x_input
+from tests.oracle import family_tests
+
+
+def concat(seed: int = 0) -> onnx.ModelProto:
+    """conv_a(3->4), conv_b(3->6) -> Concat(axis=1) -> Relu -> conv_out(10->4).
+
+    Prunable: conv_a's 4 and conv_b's 6 channels (two groups, mapped to offsets 0 and 4 of the concat).
+    """
+    b = Builder(seed)
+    a = b.conv("conv_a", "x", 3, 4)
+    c = b.conv("conv_b", "x", 3, 6)
+    h = b.relu("relu1", b.node("Concat", "concat1", [a, c], axis=1))
+    b.output(b.conv("conv_out", h, 10, 4))
+    return b.model(x_input(), name="concat")
+
+
+def split(seed: int = 0) -> onnx.ModelProto:
+    """conv1(3->8) -> Split(axis=1, split=[3, 5] as an input) -> conv_a(3->4), conv_b(5->4) -> Add.
+
+    Prunable: conv1's 8 channels; pruning changes the split sizes (indices 0..2 go to conv_a,
+    3..7 to conv_b).
+    """
+    b = Builder(seed)
+    h = b.conv("conv1", "x", 3, 8)
+    sizes = b.const("split1.split", [3, 5], np.int64)
+    p0, p1 = b.node("Split", "split1", [h, sizes], n_out=2, axis=1)
+    a = b.conv("conv_a", p0, 3, 4)
+    c = b.conv("conv_b", p1, 5, 4)
+    b.output(b.node("Add", "add1", [a, c]))
+    return b.model(x_input(), name="split")
+
+
+def slice_(seed: int = 0) -> onnx.ModelProto:
+    """conv1(3->8) -> Slice(axis 1, starts 2, ends 7) -> conv2(5->4).
+
+    Prunable: conv1's 8 channels; channels 0, 1, 7 are dead (sliced away), 2..6 reach conv2.
+    """
+    b = Builder(seed)
+    h = b.conv("conv1", "x", 3, 8)
+    ins = [h, b.const("slice1.starts", [2], np.int64), b.const("slice1.ends", [7], np.int64),
+           b.const("slice1.axes", [1], np.int64), b.const("slice1.steps", [1], np.int64)]
+    h = b.node("Slice", "slice1", ins)
+    b.output(b.conv("conv2", h, 5, 4))
+    return b.model(x_input(), name="slice")
+
+
+def channel_shuffle(seed: int = 0) -> onnx.ModelProto:
+    """conv1(3->8) -> grouped conv2(8->8, group 2) -> Reshape [1,2,4,16,16] -> Transpose(0,2,1,3,4)
+    -> Reshape [1,8,16,16] -> conv3(8->4): the ShuffleNet channel shuffle.
+
+    Prunable: conv2's channels, the same position j in both shuffle blocks together.
+    """
+    b = Builder(seed)
+    h = b.relu("relu1", b.conv("conv1", "x", 3, 8))
+    h = b.conv("conv2", h, 8, 8, group=2)
+    h = b.node("Reshape", "split_blocks", [h, b.const("split_blocks.shape", [1, 2, 4, 16, 16], np.int64)])
+    h = b.node("Transpose", "shuffle", [h], perm=[0, 2, 1, 3, 4])
+    h = b.node("Reshape", "merge_blocks", [h, b.const("merge_blocks.shape", [1, 8, 16, 16], np.int64)])
+    b.output(b.conv("conv3", h, 8, 4))
+    return b.model(x_input(), name="channel_shuffle")
+
+
+def reshape_computed(seed: int = 0, read_channels: bool = False) -> onnx.ModelProto:
+    """conv1(3->4) on 1x3x4x4 -> Relu -> Reshape to Concat(Shape(x)[0:1], [-1]) -> Gemm(64->10): the
+    ``x.view(x.size(0), -1)`` export. With read_channels the target is Concat(Shape(x)[0:2], [-1]),
+    which reads the channel count: the group must be blocked.
+    """
+    b = Builder(seed)
+    h = b.relu("relu1", b.conv("conv1", "x", 3, 4))
+    shape = b.node("Shape", "shape1", [h])
+    ends = 2 if read_channels else 1
+    head = b.node("Slice", "head", [shape, b.const("head.starts", [0], np.int64),
+                                     b.const("head.ends", [ends], np.int64), b.const("head.axes", [0], np.int64)])
+    target = b.node("Concat", "target", [head, b.const("target.rest", [-1], np.int64)], axis=0)
+    flat = b.node("Reshape", "flatten", [h, target])
+    if read_channels:  # [1, 4, 16]: a MatMul over the spatial features
+        b.output(b.matmul("fc", flat, 16, 10))
+    else:
+        b.output(b.node("Gemm", "fc", [flat, b.randn("fc.weight", [10, 64], 0.125)], transB=1))
+    return b.model(x_input([1, 3, 4, 4]), name="reshape_computed")
+
+
+def transpose_nhwc(seed: int = 0) -> onnx.ModelProto:
+    """TF-export style: x NHWC [1,8,8,3] -> Transpose(0,3,1,2) -> conv1(3->8) -> Relu -> conv2(8->4).
+
+    Prunable: conv1's 8 channels.
+    """
+    b = Builder(seed)
+    h = b.node("Transpose", "to_nchw", ["x"], perm=[0, 3, 1, 2])
+    h = b.relu("relu1", b.conv("conv1", h, 3, 8))
+    b.output(b.conv("conv2", h, 8, 4))
+    return b.model([("x", [1, 8, 8, 3])], name="transpose_nhwc")
+
+
+def transpose_matmul(seed: int = 0) -> onnx.ModelProto:
+    """x [1,3,8,8] -> conv1(3->8) -> Relu -> Transpose(0,2,3,1) to NHWC -> MatMul W[8,4] (last axis).
+
+    Prunable: conv1's 8 channels, which sit on the last axis after the Transpose (W rows).
+    """
+    b = Builder(seed)
+    h = b.relu("relu1", b.conv("conv1", "x", 3, 8))
+    h = b.node("Transpose", "to_nhwc", [h], perm=[0, 2, 3, 1])
+    b.output(b.matmul("fc1", h, 8, 4))
+    return b.model(x_input([1, 3, 8, 8]), name="transpose_matmul")
+
+
+def passthrough(seed: int = 0) -> onnx.ModelProto:
+    """conv1(3->8) -> Dropout (inference) -> Identity -> Cast(to float) -> conv2(8->4).
+
+    Prunable: conv1's 8 channels (all three ops pass channels through).
+    """
+    b = Builder(seed)
+    h = b.conv("conv1", "x", 3, 8)
+    h = b.node("Dropout", "dropout1", [h])
+    h = b.node("Identity", "identity1", [h])
+    h = b.node("Cast", "cast1", [h], to=TensorProto.FLOAT)
+    b.output(b.conv("conv2", h, 8, 4))
+    return b.model(x_input(), name="passthrough")
+
+
+def blocked_graph_output(seed: int = 0) -> onnx.ModelProto:
+    """conv1(3->8) -> Relu -> conv2(8->4) = y, and conv1's output is also graph output "feat".
+
+    Blocked: conv1's channels reach a graph output.  (conv2's 4 channels reach y as well.)
+    """
+    b = Builder(seed)
+    f = b.conv("conv1", "x", 3, 8)
+    b.output(f, "feat")
+    h = b.relu("relu1", "feat")
+    b.output(b.conv("conv2", h, 8, 4))
+    return b.model(x_input(), outputs=("y", "feat"), name="blocked_graph_output")
+
+
+def blocked_topk(seed: int = 0) -> onnx.ModelProto:
+    """conv1(3->8) -> TopK(k=8, axis=3) values -> conv2(8->4).
+
+    Blocked: TopK has no handler (it would even keep channels apart here: it sorts along W).
+    """
+    b = Builder(seed)
+    h = b.conv("conv1", "x", 3, 8)
+    vals, _ = b.node("TopK", "topk1", [h, b.const("topk1.k", [8], np.int64)], n_out=2, axis=3)
+    b.output(b.conv("conv2", vals, 8, 4))
+    return b.model(x_input(), name="blocked_topk")
+
+
+BUILDERS = {
+    "concat": concat,
+    "split": split,
+    "slice": slice_,
+    "channel_shuffle": channel_shuffle,
+    "reshape_computed": reshape_computed,
+    "blocked_shape_read": functools.partial(reshape_computed, read_channels=True),
+    "transpose_nhwc": transpose_nhwc,
+    "transpose_matmul": transpose_matmul,
+    "passthrough": passthrough,
+    "blocked_graph_output": blocked_graph_output,
+    "blocked_topk": blocked_topk,
+}
+BLOCKED = {
+    "blocked_shape_read": "the channel count is read",
+    "blocked_graph_output": "graph output 'feat'",
+    "blocked_topk": "no handler",
+}
+
+test_pruning_dead_channels_is_exact, test_blocked_patterns_are_left_whole_with_a_reason = \
+    family_tests(BUILDERS, BLOCKED)
+
+
+@pytest.mark.parametrize("op", sorted(DATA_MOVEMENT))
+def test_moving_data_costs_nothing(op):
+    shapes = {"x": (1, 8, 4, 4), "y": (1, 8, 4, 4)}
+    assert node_macs(helper.make_node(op, ["x"], ["y"]), shapes, {}) == 0
+
+
+def test_pass_through_ops_add_no_cost_to_a_model():
+    # conv1: 8 filters x 16x16 x (3 x 3x3); conv2: 4 filters x 16x16 x (8 x 3x3); Dropout, Identity, Cast: 0
+    assert model_cost(passthrough(), {"x": [1, 3, 16, 16]})["macs"] == 8 * 256 * 27 + 4 * 256 * 72
