@@ -43,7 +43,7 @@ from ..calib.capture import stream_activations
 from ..calib.stats import capture_batch_size
 from ..errors import UsageError
 from .base import Allocation, register_scorer
-from .consumers import Consumer, batch_rows, conv_patches, find_consumers
+from .consumers import Consumer, find_consumers
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +160,7 @@ class GramFold:
         flat = self.chosen[lo:hi] - start * per_sample
         if not len(flat):
             return
-        if self.consumer.kind == "linear":
-            x = batch_rows(self.consumer, activation)[flat]
-        else:
-            x = conv_patches(self.consumer, activation, flat // per_sample, flat % per_sample)
+        x = self.consumer.points(activation, flat)
         x = np.concatenate([x.astype(np.float64), np.ones((len(x), 1))], axis=1)
         self.gram += x.T @ x
         self.count += len(x)
@@ -201,17 +198,16 @@ class GramFold:
 
 
 def _layer_matrix(consumer: Consumer) -> tuple[np.ndarray, np.ndarray]:
-    """The consumer's weight as [outputs, features] (features C-major as `conv_patches` lays them out)
-    and its per-output bias (zeros when it has none, or when it is not per output)."""
-    weight = consumer.weight.reshape(consumer.weight.shape[0], -1).astype(np.float64)
+    """The consumer's weight as [outputs, features] (features as `Consumer.points` lays them out), with
+    the factor the op applies to it (Gemm's alpha), and its per-output bias (zeros without one)."""
+    layout = consumer.layout
+    weight = consumer.weight.reshape(consumer.weight.shape[0], -1).astype(np.float64) * layout.scale
     bias = np.zeros(weight.shape[0])
-    node = consumer.node
-    if len(node.inputs) > 2 and hasattr(node.inputs[2], "values"):
-        values = np.asarray(node.inputs[2].values, dtype=np.float64).reshape(-1)
+    index = layout.bias_input
+    if index is not None and index < len(consumer.node.inputs) and hasattr(consumer.node.inputs[index], "values"):
+        values = np.asarray(consumer.node.inputs[index].values, dtype=np.float64).reshape(-1)
         if values.size == weight.shape[0]:
-            bias = values * float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else values
-    if node.op == "Gemm":
-        weight = weight * float(node.attrs.get("alpha", 1.0))
+            bias = values * layout.bias_scale
     return weight, bias
 
 
