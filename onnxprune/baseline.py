@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+import onnx
+
 from .calib import CalibrationSet, fixed_batch, input_specs, load_calibration, synthetic
 from .config import PruneConfig
 from .errors import UsageError
@@ -76,6 +78,12 @@ class Baseline:
             sess = self._sessions.get(0) or session(self.loaded.runnable)
             self._reference = run_model(sess, self.evaluation, self.run_batch, "original outputs")
         return self._reference
+
+    def pruned_to(self, model: onnx.ModelProto) -> "Baseline":
+        """A baseline for the next step of --steps: `model` (a pruned copy of this one's) with the same data,
+        scored from scratch (its reference outputs are not needed: every step is compared with the
+        original's)."""
+        return Baseline(load(model, self.loaded.input_shapes), self.specs, self.calibration, self.evaluation)
 
     def single_batch(self) -> dict:
         """One feed (batch 1, or the model's fixed batch) for latency and the .ort check."""

@@ -165,12 +165,17 @@ RECOVERY = OptionGroup([
     click.option("--recover", type=click.Choice(RECOVERY_METHODS), default=None,
                  help="Re-fit the layers whose inputs changed so their outputs match the original's on the "
                       "calibration data: least squares, biases only, or not [default: lstsq with --calib, else none]."),
+    click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+                 help="Reach the target in N prune-and-recover steps (each 1/N of the way, geometrically), "
+                      "re-scoring the pruned model and re-fitting it to the original after each."),
     click.option("--finetune-steps", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
                  help="Then run N distillation steps towards the original through onnxruntime-training "
-                      "(needs its own environment; the error says how to set it up)."),
+                      "(needs its own environment; the error says how to set it up); with --steps, after "
+                      "every step."),
     click.option("--finetune-lr", type=click.FloatRange(min=0, min_open=True), default=FINETUNE_LR, show_default=True,
                  help="AdamW learning rate of --finetune-steps."),
-], lambda v: {"recover": v["recover"], "finetune_steps": v["finetune_steps"], "finetune_lr": v["finetune_lr"]})
+], lambda v: {"recover": v["recover"], "steps": v["steps"], "finetune_steps": v["finetune_steps"],
+              "finetune_lr": v["finetune_lr"]})
 
 
 def _evaluation_config(v: dict) -> dict:

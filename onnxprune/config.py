@@ -4,7 +4,7 @@ the data given. Every value is checked here, once, before any work (`check_confi
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .calib import CalibrationSet
 from .errors import UsageError
@@ -43,6 +43,7 @@ class PruneConfig:
     latency: LatencyConfig | None = None  # measure onnxruntime latency before/after (implied by a speedup gate)
     mobile: bool = False  # onnxruntime mobile usability check and .ort conversion
     recover: str | None = None  # none|bias|lstsq re-fit of changed layers; None: lstsq with calibration data, else none
+    steps: int = 1  # reach the target in this many prune-and-recover steps, re-scoring after each
     finetune_steps: int = 0  # distillation steps through onnxruntime-training after recovery (needs that package)
     finetune_lr: float = FINETUNE_LR
 
@@ -59,6 +60,11 @@ def check_config(config: PruneConfig) -> None:
     if config.target_macs is not None and not 0.0 < config.target_macs <= 1.0:
         raise UsageError(f"--target-macs {config.target_macs} is outside (0, 1]: give the fraction of MACs to keep, "
                          "e.g. 0.5")
+    if config.steps < 1:
+        raise UsageError(f"--steps {config.steps}: give a positive number of steps")
+    if config.steps > 1 and (config.plan is not None or config.pfp_mode == "sample" or config.rank is not None):
+        raise UsageError("--steps prunes channels step by step: it cannot apply a --plan-in, compose --pfp-mode "
+                         "sample's weight scales or share a budget with --rank; use one step")
     if config.pfp_mode not in PFP_MODES:
         raise UsageError(f"--pfp-mode {config.pfp_mode!r}: choose {' or '.join(PFP_MODES)}")
     if config.recover is not None and config.recover not in RECOVERY_METHODS:
@@ -71,6 +77,19 @@ def check_config(config: PruneConfig) -> None:
         if config.target_macs is not None and rank != "auto":
             raise UsageError("--target-macs with --rank needs --rank auto (the ranks are then chosen to meet the "
                              "target): drop --target-macs or use --rank auto")
+
+
+def next_step_config(config: PruneConfig, macs_kept: list[float]) -> PruneConfig:
+    """The config of the next step of `config.steps`, given the fraction of the original's MACs each step so
+    far kept (`macs_kept`, one per model so far, starting at 1.0): step i of n aims at the i/n-th
+    geometric share of the target (a MACs fraction T: T^(i/n) of the original MACs; a --filters ratio R:
+    (1 - R)^(i/n) of the channels kept), expressed relative to the current model."""
+    step, n = len(macs_kept), config.steps
+    if config.target_macs is not None:
+        goal = config.target_macs ** (step / n)
+        return replace(config, target_macs=min(1.0, goal / macs_kept[-1]), steps=1)
+    kept = 1.0 - channel_ratio(config)
+    return replace(config, filters=1.0 - kept ** (1.0 / n), steps=1)
 
 
 def channel_ratio(config: PruneConfig) -> float:

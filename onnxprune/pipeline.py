@@ -14,13 +14,13 @@ from dataclasses import dataclass
 import onnx
 
 from .baseline import Baseline, prepare
-from .config import PruneConfig, check_config, config_section, lowrank_settings
+from .config import PruneConfig, check_config, config_section, lowrank_settings, next_step_config
 from .errors import NothingToPrune
 from .plan import Plan
 from .recover.training import require_training
 from .report import report_header
-from .stages import (analyze_model, choose, factorize_stage, group_summary, nothing_prunable_message, recover_stage,
-                     rewrite_channels, scoring_summary)
+from .stages import (analyze_model, choose, compose_masks, factorize_stage, group_summary, nothing_prunable_message,
+                     recover_stage, rewrite_channels, scoring_summary, step_summary)
 from .validate.gates import evaluate_gates
 from .validate.result import evaluate_result
 
@@ -34,11 +34,12 @@ class PruneResult:
 
 
 @contextmanager
-def timed(timings: dict, stage: str):
-    """Record the block's wall time in seconds as `timings[stage]` (when it completes)."""
+def timed(timings: dict, stage: str, add: bool = False):
+    """Record the block's wall time in seconds as `timings[stage]` (when it completes); `add`: added to
+    the time already recorded (a stage run once per step)."""
     started = time.perf_counter()
     yield
-    timings[stage] = time.perf_counter() - started
+    timings[stage] = (timings.get(stage, 0.0) if add else 0.0) + time.perf_counter() - started
 
 
 def prune(model, config: PruneConfig | None = None) -> PruneResult:
@@ -54,31 +55,46 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
         baseline.reference()  # now, while the original is the only model in memory
     loaded = baseline.loaded
 
-    with timed(timings, "analyze"):
-        analysis = analyze_model(loaded, config.exclude)
-        lowrank = lowrank_settings(config)
-        if not analysis.prunable_groups() and lowrank is None:
-            raise NothingToPrune(nothing_prunable_message(analysis))
+    lowrank = lowrank_settings(config)
+    step_reports, current, total_masks, plan, macs_kept = [], baseline, {}, None, [1.0]
+    for step in range(config.steps):
+        step_config = config if config.steps == 1 else next_step_config(config, macs_kept)
+        with timed(timings, "analyze", add=True):
+            analysis = analyze_model(current.loaded, config.exclude)
+            if not analysis.prunable_groups() and lowrank is None:
+                raise NothingToPrune(nothing_prunable_message(analysis))
 
-    with timed(timings, "score"):
-        choice = choose(baseline, analysis, config, factorizing=lowrank is not None)
-        plan = Plan.from_keep(analysis, choice.keep, choice.scales)
+        with timed(timings, "score", add=True):
+            choice = choose(current, analysis, step_config, factorizing=lowrank is not None)
+            step_plan = Plan.from_keep(analysis, choice.keep, choice.scales)
+            plan = step_plan if plan is None else plan.then(step_plan)
 
-    with timed(timings, "rewrite"):
-        group_reports = [group_summary(g, len(choice.keep[g.index]) if g.index in choice.keep else None)
-                         for g in analysis.groups]
-        coverage = analysis.coverage()
-        pruned, masks = rewrite_channels(analysis, choice, loaded.model.ir_version)
-        del analysis
-        gc.collect()  # graphsurgeon graphs are reference cycles: free the weights now, not at some later gc
+        with timed(timings, "rewrite", add=True):
+            if step == 0:
+                group_reports = [group_summary(g, len(choice.keep[g.index]) if g.index in choice.keep else None)
+                                 for g in analysis.groups]
+                coverage = analysis.coverage()
+            pruned, masks = rewrite_channels(analysis, choice, loaded.model.ir_version)
+            total_masks = compose_masks(total_masks, masks)
+            del analysis
+            gc.collect()  # graphsurgeon graphs are reference cycles: free the weights now, not at some later gc
 
-    lowrank_report = None
-    if lowrank is not None:  # channels are pruned first, then layers are factorized
-        with timed(timings, "lowrank"):
-            pruned, plan.lowrank, lowrank_report = factorize_stage(pruned, baseline, lowrank, config)
+        lowrank_report = None
+        if lowrank is not None:  # channels are pruned first, then layers are factorized
+            with timed(timings, "lowrank"):
+                pruned, plan.lowrank, lowrank_report = factorize_stage(pruned, baseline, lowrank, config)
 
-    with timed(timings, "recover"):
-        pruned, recovery_report = recover_stage(pruned, baseline, masks, config)
+        with timed(timings, "recover", add=True):  # every step is re-fitted to the original's outputs
+            pruned, recovery_report = recover_stage(pruned, baseline, total_masks, config)
+        if config.steps > 1:
+            current = baseline.pruned_to(pruned)
+            macs_kept.append(current.loaded.cost["macs"] / loaded.cost["macs"])
+            step_reports.append(step_summary(step_config, macs_kept[-1], choice, recovery_report))
+    if config.steps > 1:  # the groups' channels after the last step
+        kept = {tuple(gp.sources): len(gp.keep) for gp in plan.groups}
+        for summary in group_reports:
+            if tuple(summary["sources"]) in kept:
+                summary["channels_after"] = kept[tuple(summary["sources"])]
 
     if baseline is not model and loaded.path is not None:
         loaded.model = None  # not needed any more (and re-readable from its file): free it for validation
@@ -98,5 +114,7 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
     })
     if lowrank_report is not None:
         report["lowrank"] = lowrank_report
+    if step_reports:
+        report["steps"] = step_reports
     report["gates"] = evaluate_gates(report, config.gates)
     return PruneResult(pruned, plan, report, ort_model)

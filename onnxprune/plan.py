@@ -81,6 +81,19 @@ class Plan:
             keep[group.index] = kept
         return keep
 
+    def then(self, later: "Plan") -> "Plan":
+        """This plan followed by `later`, a plan made on the model this one produced (a step of --steps):
+        one plan for the original model. Weight scales cannot be composed and are refused."""
+        later_groups = {tuple(gp.sources): gp for gp in later.groups}
+        groups = []
+        for gp in self.groups:
+            after = later_groups.get(tuple(gp.sources))
+            if gp.scale is not None or (after is not None and after.scale is not None):
+                raise UsageError("weight scales (--pfp-mode sample) cannot be composed over --steps: use one step")
+            keep = gp.keep if after is None else [gp.keep[k] for k in after.keep]
+            groups.append(GroupPlan(gp.sources, gp.channels, keep))
+        return Plan(groups, self.version, later.lowrank)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
 

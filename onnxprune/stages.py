@@ -134,6 +134,27 @@ def rewrite_channels(analysis: Analysis, choice: ChannelChoice, ir_version: int)
     return pruned, masks
 
 
+def compose_masks(before: dict[str, np.ndarray], step: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Kept-channel masks over the original's channels after one more step whose masks (`step`) are over
+    the channels `before` kept."""
+    total = dict(before)
+    for name, mask in step.items():
+        if name in total:
+            combined = np.zeros_like(total[name])
+            combined[np.flatnonzero(total[name])[mask]] = True
+            total[name] = combined
+        else:
+            total[name] = mask.copy()
+    return total
+
+
+def step_summary(config: PruneConfig, macs_kept: float, choice: ChannelChoice, recovery: dict) -> dict:
+    """One step of --steps for the report: its target, the MACs kept of the original, the held-out error."""
+    return {"target_macs": config.target_macs, "filters": None if config.target_macs is not None else config.filters,
+            "macs_kept": macs_kept, "scorer": choice.scorer,
+            "output_error_held_out": recovery["recovery"].get("output_error_held_out")}
+
+
 def factorize_stage(pruned: onnx.ModelProto, baseline: Baseline, settings: LowRankSettings, config: PruneConfig):
     """Factorize the channel-pruned model; (model, ranks for the plan, report section)."""
     loaded = baseline.loaded
