@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-AUTO_ROUND_TO = 8  # onnxruntime's CPU convolutions are fastest at multiples of 8 (DESIGN.md)
+AUTO_ROUND_TO = 8  # onnxruntime's CPU convolutions are fastest at multiples of 8 (docs/architecture.md)
 AUTO_ROUND_MIN_CHANNELS = 16
 
 

@@ -1,4 +1,4 @@
-"""Errors a user can act on, and their exit codes (see DESIGN.md).
+"""Errors a user can act on, and their exit codes (table in docs/architecture.md, "Conventions").
 
 Every `OnnxPruneError` carries a one-line message saying what was wrong and what to do.
 `InternalError` is deliberately *not* a subclass: it is a bug in onnxprune, not bad input.
