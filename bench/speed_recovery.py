@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from onnxprune import PruneConfig, prune  # noqa: E402
 from onnxprune.calib import CalibrationSet  # noqa: E402
-from onnxprune.validate import run_model, session  # noqa: E402
+from onnxprune.runtime import session  # noqa: E402
+from onnxprune.validate import run_model  # noqa: E402
 
 
 def model_and_data(name: str, samples: int, work: Path) -> tuple[str, CalibrationSet, dict]:
