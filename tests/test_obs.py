@@ -134,3 +134,20 @@ def test_obs_prunes_to_the_macs_target_deterministically(build):
     assert first.plan.to_json() == second.plan.to_json()
     assert first.report["after"]["macs"] <= 0.6 * first.report["before"]["macs"] * 1.02
     assert first.report["scoring"]["budget"]["unit"] == "macs"
+
+
+def test_the_curve_is_measured_on_held_out_rows():
+    """A layer whose calibration inputs are nearly collinear looks free to prune on them; the curve reports
+    the error the removals leave on rows it was not chosen on."""
+    problem, damped = _problem(seed=6, channels=6)
+    rng = np.random.default_rng(7)
+    other = np.concatenate([rng.standard_normal((300, 18)), np.ones((300, 1))], axis=1)
+    problem.held = other.T @ other / 300
+    order, curve = greedy_removal([problem], 6, steps=5)
+    held_energy = float(np.einsum("of,fg,og->", problem.weight, problem.held, problem.weight))
+    expected = []
+    for r in range(1, 6):  # batches of one: every point is a batch end
+        _, fitted = _brute_force(problem.weight, damped, np.concatenate([problem.columns[u] for u in order[:r]]))
+        change = problem.weight - fitted
+        expected.append(float(np.einsum("of,fg,og->", change, problem.held, change)) / held_energy)
+    np.testing.assert_allclose(curve[1:], np.maximum.accumulate(expected), rtol=1e-6)

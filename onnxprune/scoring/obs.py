@@ -42,6 +42,7 @@ from ..allocate import round_keep
 from ..calib.capture import stream_activations
 from ..calib.stats import capture_batch_size
 from ..errors import UsageError
+from ..recover.lstsq import HOLD_OUT_EVERY
 from .base import Allocation, register_scorer
 from .consumers import Consumer, find_consumers
 
@@ -71,9 +72,19 @@ class Problem:
     hinv: np.ndarray
     columns: dict[int, np.ndarray]
     energy: float  # mean squared output per row, tr(W H W^T): errors are relative to it
+    held: np.ndarray | None = None  # Gram matrix of held-out rows: the curve is measured there
+    original: np.ndarray | None = None  # the weights before any removal (set by `copy`)
 
     def copy(self) -> "Problem":
-        return Problem(self.weight.copy(), self.hinv.copy(), self.columns, self.energy)
+        return Problem(self.weight.copy(), self.hinv.copy(), self.columns, self.energy, self.held,
+                       self.weight.copy())
+
+    def held_error(self) -> float:
+        """The relative output error of the current (updated) weights on the held-out rows."""
+        change = self.original - self.weight
+        energy = float(np.einsum("of,fg,og->", self.original, self.held, self.original))
+        error = float(np.einsum("of,fg,og->", change, self.held, change))
+        return max(error, 0.0) / energy if energy > 0 else 0.0
 
     def unit_costs(self, units: np.ndarray) -> np.ndarray:
         """eps of removing each of `units` alone (relative to the output energy); units the layer does
@@ -117,21 +128,26 @@ def damped_inverse(gram: np.ndarray) -> np.ndarray:
 def greedy_removal(problems: list[Problem], channels: int, steps: int = REMOVAL_STEPS) -> tuple[np.ndarray, np.ndarray]:
     """Remove all but one of `channels` units from the problems (copies are changed, not these), the
     cheapest summed cost first, in about `steps` batches. Returns (removal order [channels - 1], error
-    curve [channels]: curve[r] is the summed relative error after removing the first r units)."""
+    curve [channels]: curve[r] is the summed relative error after removing the first r units). The curve is
+    measured on the held-out rows of problems that have them (the removal cost on the rows it was chosen
+    on flatters a layer whose inputs are nearly collinear on the calibration data), else it is the exact
+    joint cost; it never decreases."""
     work = [p.copy() for p in problems]
     alive = np.ones(channels, dtype=bool)
     order, curve = [], [0.0]
+    spent = np.zeros(len(work))  # each problem's exact cost of its removals so far
     batch = max(1, -(-(channels - 1) // steps))
     while alive.sum() > 1:
         units = np.flatnonzero(alive)
         costs = sum((p.unit_costs(units) for p in work), np.zeros(len(units)))
         take = min(batch, len(units) - 1)
         chosen = units[np.argsort(costs, kind="stable")[:take]]
-        joint = sum(p.remove(chosen) for p in work)
+        spent += [p.remove(chosen) for p in work]
+        reached = max(curve[-1], sum(p.held_error() if p.held is not None else cost for p, cost in zip(work, spent)))
         alone = np.sort(costs)[:take]
-        # within a batch the curve follows the units' own costs, scaled to the exact joint cost
+        # within a batch the curve follows the units' own costs, scaled to the error at the batch's end
         share = np.cumsum(alone) / alone.sum() if alone.sum() > 0 else np.arange(1, take + 1) / take
-        curve.extend(curve[-1] + joint * share)
+        curve.extend(curve[-1] + (reached - curve[-1]) * share)
         order.extend(chosen.tolist())
         alive[chosen] = False
     return np.array(order, dtype=np.int64), np.array(curve)
@@ -151,8 +167,9 @@ class GramFold:
         per_batch = max(64, min(-(-wanted // max(batches, 1)), MAX_BATCH_ELEMENTS // features))
         self.chosen = np.arange(total) if per_batch * batches >= total else \
             np.sort(rng.choice(total, size=min(total, per_batch * batches), replace=False))
-        self.gram = np.zeros((features, features))
-        self.count = 0
+        self.gram = np.zeros((features, features))  # rows of the fit samples
+        self.held = np.zeros((features, features))  # rows of every HOLD_OUT_EVERY-th sample
+        self.count = self.held_count = 0
 
     def add(self, activation: np.ndarray, start: int, size: int) -> None:
         per_sample = self.consumer.positions
@@ -162,13 +179,18 @@ class GramFold:
             return
         x = self.consumer.points(activation, flat)
         x = np.concatenate([x.astype(np.float64), np.ones((len(x), 1))], axis=1)
-        self.gram += x.T @ x
-        self.count += len(x)
+        held = (start + flat // per_sample) % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
+        fit = x[~held]
+        self.gram += fit.T @ fit
+        self.held += x[held].T @ x[held]
+        self.count += len(fit)
+        self.held_count += int(held.sum())
 
     def problems(self, analysis) -> list[tuple[int, Problem]]:
         """(group index, Problem) for every prunable group this layer reads, one per conv block."""
         consumer = self.consumer
         gram = self.gram / max(self.count, 1)
+        held = self.held / self.held_count if self.held_count else None
         weight, bias = _layer_matrix(consumer)
         groups = consumer.groups
         per_block_in = consumer.channels // groups
@@ -193,7 +215,8 @@ class GramFold:
                 columns: dict[int, list] = {}
                 for c in np.flatnonzero(owners[in_channels] == g).tolist():
                     columns.setdefault(int(positions[in_channels[c]]), []).append(local[c])
-                found.append((g, Problem(w, hinv, {u: np.concatenate(v) for u, v in columns.items()}, energy)))
+                found.append((g, Problem(w, hinv, {u: np.concatenate(v) for u, v in columns.items()}, energy,
+                                         None if held is None else held[np.ix_(take, take)])))
         return found
 
 
@@ -221,7 +244,7 @@ class ObsStats(Allocation):
     curves: dict[int, np.ndarray] = field(default_factory=dict)
     unread: list[int] = field(default_factory=list)  # groups no consumer reads: left whole
     layers: int = 0
-    rows: int = 0
+    rows: int = 0  # fit rows of the widest layer (held-out rows come on top)
 
     global_note = "obs: --global changes nothing (its budget spans all groups already)"
 
