@@ -138,7 +138,7 @@ def test_a_scorer_that_brings_its_own_budget_says_so_in_the_registry(monkeypatch
     from onnxprune.errors import InternalError
     from onnxprune.scoring import SCORERS, register_scorer
 
-    assert [name for name, scorer in SCORERS.items() if scorer.allocates] == ["pfp"]
+    assert [name for name, scorer in SCORERS.items() if scorer.allocates] == ["obs", "pfp"]
     monkeypatch.setitem(SCORERS, "fake", None)  # removed again after the test
     register_scorer("fake", allocates=True)(lambda analysis, context: {})
     analysis = analyze_model(load(MNIST))
