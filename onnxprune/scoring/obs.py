@@ -280,7 +280,7 @@ class ObsStats(Allocation):
                 hi = mid
             else:
                 lo = mid
-        counts = counts_at(hi)
+        counts = fill_slack(counts_at(hi), curved, choices, self.curves, channels, target)
         achieved = target.measure(counts)
         if achieved > target.limit:
             log.warning("obs: the target cannot be met (each group keeps at least %.0f%% of its channels)",
@@ -290,6 +290,31 @@ class ObsStats(Allocation):
 
     def summary(self, mode: str) -> dict:
         return {"layers": self.layers, "rows_per_layer": self.rows}
+
+
+def fill_slack(counts: dict[int, int], curved: list[int], choices: dict[int, np.ndarray], curves, channels,
+               target) -> dict[int, int]:
+    """Give back what the price's jumps left unspent: a group's best count can jump by many channels as the
+    price rises past a flat stretch of its curve, so the bisection may undershoot the target. One count at
+    a time, the group whose next larger count buys the most error per unit of target still within it."""
+    counts = dict(counts)
+    while True:
+        spare = target.limit - target.measure(counts)
+        best, best_gain = None, 0.0
+        for g in curved:
+            larger = choices[g][choices[g] > counts[g]]
+            if not len(larger):
+                continue
+            trial = {**counts, g: int(larger[0])}
+            cost = target.measure(trial) - target.measure(counts)
+            if cost > spare:
+                continue
+            gain = (curves[g][channels[g] - counts[g]] - curves[g][channels[g] - larger[0]]) / max(cost, 1e-12)
+            if best is None or gain > best_gain:
+                best, best_gain = trial, gain
+        if best is None:
+            return counts
+        counts = best
 
 
 def keep_choices(channels: int, round_to) -> np.ndarray:
