@@ -15,15 +15,14 @@ from ..scoring.consumers import find_consumers
 from .channels import replace_constant
 
 
-def apply_unit_scales(analysis: Analysis, scales: dict[int, np.ndarray]) -> int:
+def apply_unit_scales(analysis: Analysis, scales: dict[int, np.ndarray]) -> None:
     """Scale consumer input weights by per-unit factors (`scales`: group index -> factor per unit), in
-    place. Returns the number of layers changed."""
+    place."""
     if not scales:
-        return 0
+        return
     unit_scale = np.ones(len(analysis.label))
     for group_index, factors in scales.items():
         unit_scale[analysis.groups[group_index].unit_labels] = factors
-    changed = 0
     for consumer in find_consumers(analysis):
         factors = unit_scale[consumer.units]
         if np.all(factors == 1.0):
@@ -31,5 +30,3 @@ def apply_unit_scales(analysis: Analysis, scales: dict[int, np.ndarray]) -> int:
         node = consumer.node
         scaled = scale_inputs(consumer.handler, consumer.layout, node.inputs[1].values, factors)
         replace_constant(node, 1, scaled, lambda: f"{node.inputs[1].name}_rescaled_{node.name}")  # noqa: B023
-        changed += 1
-    return changed
