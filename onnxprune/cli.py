@@ -111,9 +111,11 @@ SEED = OptionGroup([
 CHANNELS = OptionGroup([
     click.option("--global", "global_ranking", is_flag=True, help="Rank channels of all groups together."),
     click.option("--scorer", type=click.Choice(sorted(SCORERS)), default=None,
-                 help="Channel importance: pfp (Provable Filter Pruning: sensitivity on the calibration data, with "
-                      "per-layer budgets), wanda (|W| x input norm), activation (mean |a|), filter L1/L2 norm, "
-                      "BatchNorm |gamma|, or random [default: pfp with --calib or --data-loader-script, else l1]."),
+                 help="Channel importance: obs (reconstruction-aware: what least squares can best do without, "
+                      "budgets by error per MAC), pfp (Provable Filter Pruning: sensitivity on the calibration "
+                      "data, with per-layer budgets), wanda (|W| x input norm), activation (mean |a|), filter "
+                      "L1/L2 norm, BatchNorm |gamma|, or random [default: obs with --calib or "
+                      "--data-loader-script, else l1]."),
     click.option("--round-to", type=click.IntRange(min=1), default=None,
                  help="Keep channel counts at multiples of N [default: 8 for groups of 16+ channels]."),
 ], lambda v: {"global_ranking": v["global_ranking"], "scorer": v["scorer"], "round_to": v["round_to"]})

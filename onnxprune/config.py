@@ -65,6 +65,8 @@ def check_config(config: PruneConfig) -> None:
     if config.steps > 1 and (config.plan is not None or config.pfp_mode == "sample" or config.rank is not None):
         raise UsageError("--steps prunes channels step by step: it cannot apply a --plan-in, compose --pfp-mode "
                          "sample's weight scales or share a budget with --rank; use one step")
+    if config.pfp_mode == "sample" and config.scorer not in (None, "pfp"):
+        raise UsageError(f"--pfp-mode sample is PFP's: it needs --scorer pfp (or no --scorer), not {config.scorer}")
     if config.pfp_mode not in PFP_MODES:
         raise UsageError(f"--pfp-mode {config.pfp_mode!r}: choose {' or '.join(PFP_MODES)}")
     if config.recover is not None and config.recover not in RECOVERY_METHODS:
@@ -100,10 +102,13 @@ def channel_ratio(config: PruneConfig) -> float:
 
 
 def scorer_name(config: PruneConfig, calibration: CalibrationSet) -> str:
-    """The scorer asked for; by default pfp when calibration data was given, else l1."""
+    """The scorer asked for; by default obs when calibration data was given (it leads bench/eval_scoring.py's
+    table at equal MACs with recovery; README), else l1."""
     if config.scorer:
         return config.scorer
-    return "pfp" if calibration.source != "synthetic" else "l1"
+    if config.pfp_mode == "sample":  # asked for PFP's sampling by name
+        return "pfp"
+    return "obs" if calibration.source != "synthetic" else "l1"
 
 
 def recovery_method(config: PruneConfig, calibration: CalibrationSet) -> str:

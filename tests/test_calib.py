@@ -118,7 +118,7 @@ def test_data_loader_script(tmp_path):
                    "--report", tmp_path / "r.json", "--recover", "none", "--filters", "0.25", "-q"])
     assert result.exit_code == 0, result.output
     report = _report(tmp_path / "r.json")
-    assert report["data"]["samples"] == 24 and report["scoring"]["scorer"] == "pfp"
+    assert report["data"]["samples"] == 24 and report["scoring"]["scorer"] == "obs"
 
 
 class Reader:

@@ -303,7 +303,7 @@ def test_budget_search_meets_mac_target_within_one_channel_per_layer(target_macs
 
 def test_mac_estimate_matches_the_pruned_model():
     result = onnxprune.prune(MNIST, PruneConfig(target_macs=0.6, calibration=MNIST_CALIB, calib_samples=32,
-                                                round_to=1, recover="none"))
+                                                round_to=1, recover="none", scorer="pfp"))
     budget = result.report["scoring"]["budget"]
     assert result.report["scoring"]["scorer"] == "pfp"
     assert result.report["after"]["macs"] == pytest.approx(budget["achieved"], rel=0.02)
@@ -372,6 +372,9 @@ def test_sample_mode_plan_round_trips_and_is_seeded(tmp_path):
         assert result.exit_code == 0, result.output
     plans = {n: json.loads((tmp_path / f"{n}.json").read_text()) for n in "abc"}
     assert plans["a"] == plans["b"] and plans["a"] != plans["c"]
+    assert any(g["scale"] for g in plans["a"]["groups"])  # --pfp-mode sample alone means pfp's sampling
+    refused = runner.invoke(main, [args[0], str(tmp_path / "e.onnx"), *args[1:], "--scorer", "wanda"])
+    assert refused.exit_code == 2 and "--pfp-mode sample" in refused.output
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     result = runner.invoke(main, [args[0], str(tmp_path / "d.onnx"), "--plan-in", str(tmp_path / "a.json"),
                                   "--calib", str(tmp_path / "c.npz"), "--recover", "none", "-q"])

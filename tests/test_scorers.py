@@ -80,7 +80,7 @@ def test_residual_group_takes_the_largest_sensitivity_over_its_consumers():
 
 def test_default_scorer_follows_the_data(tmp_path):
     runner = CliRunner()
-    for extra, expected in (([], "l1"), (["--calib", MNIST_CALIB, "--calib-samples", "16"], "pfp")):
+    for extra, expected in (([], "l1"), (["--calib", MNIST_CALIB, "--calib-samples", "16"], "obs")):
         result = runner.invoke(main, [MNIST, str(tmp_path / "o.onnx"), "--filters", "0.25", "--recover", "none",
                                       "--report", str(tmp_path / "r.json"), *extra])
         assert result.exit_code == 0, result.output
