@@ -81,10 +81,8 @@ class Problem:
 
     def held_error(self) -> float:
         """The relative output error of the current (updated) weights on the held-out rows."""
-        change = self.original - self.weight
-        energy = float(np.einsum("of,fg,og->", self.original, self.held, self.original))
-        error = float(np.einsum("of,fg,og->", change, self.held, change))
-        return max(error, 0.0) / energy if energy > 0 else 0.0
+        energy = quadratic(self.original, self.held)
+        return max(quadratic(self.original - self.weight, self.held), 0.0) / energy if energy > 0 else 0.0
 
     def unit_costs(self, units: np.ndarray) -> np.ndarray:
         """eps of removing each of `units` alone (relative to the output energy); units the layer does
@@ -116,6 +114,11 @@ class Problem:
         self.hinv -= (self.hinv[:, s] @ inverse) @ self.hinv[s, :]
         self.weight[:, s] = 0.0
         return max(cost, 0.0) / self.energy
+
+
+def quadratic(weight: np.ndarray, gram: np.ndarray) -> float:
+    """tr(W G W^T): the mean squared output of `x W^T` over rows whose Gram matrix is G (one BLAS product)."""
+    return float(np.sum((weight @ gram) * weight))
 
 
 def damped_inverse(gram: np.ndarray) -> np.ndarray:
@@ -206,7 +209,7 @@ class GramFold:
             block_gram = gram[np.ix_(take, take)]
             rows = slice(block * per_block_out, (block + 1) * per_block_out)
             w = np.concatenate([weight[rows], bias[rows, None]], axis=1)  # a block reads its own channels
-            energy = float(np.einsum("of,fg,og->", w, block_gram, w))
+            energy = quadratic(w, block_gram)
             if not energy > 0:
                 continue
             hinv = damped_inverse(block_gram)
