@@ -139,10 +139,10 @@ def compose_masks(before: dict[str, np.ndarray], step: dict[str, np.ndarray]) ->
     the channels `before` kept."""
     total = dict(before)
     for name, mask in step.items():
-        if name in total:
-            combined = np.zeros_like(total[name])
-            combined[np.flatnonzero(total[name])[mask]] = True
-            total[name] = combined
+        if name in total:  # a mask over several axes (channels split by a Reshape) composes in row-major order
+            combined = np.zeros(total[name].size, dtype=bool)
+            combined[np.flatnonzero(total[name])[mask.ravel()]] = True
+            total[name] = combined.reshape(total[name].shape)
         else:
             total[name] = mask.copy()
     return total

@@ -23,6 +23,19 @@ def test_masks_compose_over_the_original_channels():
     np.testing.assert_array_equal(total["a"], [0, 0, 1, 1, 0])
     np.testing.assert_array_equal(total["b"], [1, 0])
     np.testing.assert_array_equal(first["a"], [1, 0, 1, 1, 0])  # inputs untouched
+    # channels split over two axes (a channel shuffle's [groups, per group]): kept positions compose in order
+    grid = {"s": np.array([[1, 0, 1], [1, 0, 1]], bool)}
+    np.testing.assert_array_equal(compose_masks(grid, {"s": np.array([[1, 0], [1, 0]], bool)})["s"],
+                                  [[1, 0, 0], [1, 0, 0]])
+
+
+def test_steps_on_a_channel_shuffle():
+    from tests import models
+
+    model = models.all_builders()["channel_shuffle"]()
+    x = np.random.default_rng(0).standard_normal((12, *models.random_input(model)["x"].shape[1:])).astype(np.float32)
+    result = prune(model, PruneConfig(scorer="l1", target_macs=0.6, calibration={"x": x}, steps=2))
+    assert result.report["after"]["macs"] <= 0.6 * result.report["before"]["macs"] * 1.02
 
 
 def test_plans_compose_to_positions_of_the_original():
