@@ -63,6 +63,12 @@ class Consumer:
         f, per_group = magnitude.shape[:2]
         return magnitude.reshape(self.groups, f // self.groups, per_group, -1).sum((1, 3)).reshape(-1)
 
+    def batch_points(self, chosen: np.ndarray, start: int, size: int) -> np.ndarray:
+        """Of the sorted flat points `chosen` (sample * positions + position, see `choose_points`), those of
+        samples start .. start + size - 1, as flat indices into that batch."""
+        lo, hi = np.searchsorted(chosen, [start * self.positions, (start + size) * self.positions])
+        return chosen[lo:hi] - start * self.positions
+
     def points(self, activation: np.ndarray, flat: np.ndarray) -> np.ndarray:
         """The input features behind output positions `flat` (sample * positions + position) of a batch:
         [n, fan-in] in the order of `weight.reshape(F, -1)` per group."""
@@ -72,6 +78,14 @@ class Consumer:
         if self.layout.transposed:
             rows = _flip_kernel(rows.reshape((len(flat), -1) + self.layout.kernel))
         return rows.reshape(len(flat), -1)
+
+
+def choose_points(consumer: Consumer, samples: int, count: int, rng) -> np.ndarray:
+    """Sorted flat indices sample * positions + position of `count` points of a layer (all when fewer)."""
+    total = samples * consumer.positions
+    if count >= total:
+        return np.arange(total, dtype=np.int64)
+    return np.sort(rng.choice(total, size=count, replace=False))
 
 
 def find_consumers(analysis) -> list[Consumer]:

@@ -44,7 +44,7 @@ from ..calib.stats import capture_batch_size
 from ..errors import UsageError
 from ..recover.lstsq import HOLD_OUT_EVERY
 from .base import Allocation, register_scorer
-from .consumers import Consumer, find_consumers
+from .consumers import Consumer, choose_points, find_consumers
 
 log = logging.getLogger(__name__)
 
@@ -165,24 +165,20 @@ class GramFold:
     def __init__(self, consumer: Consumer, samples: int, batches: int, rng):
         self.consumer = consumer
         features = consumer.fan_in * consumer.groups + 1
-        total = samples * consumer.positions
         wanted = max(MIN_ROWS, ROWS_PER_FEATURE * consumer.fan_in)
         per_batch = max(64, min(-(-wanted // max(batches, 1)), MAX_BATCH_ELEMENTS // features))
-        self.chosen = np.arange(total) if per_batch * batches >= total else \
-            np.sort(rng.choice(total, size=min(total, per_batch * batches), replace=False))
+        self.chosen = choose_points(consumer, samples, per_batch * batches, rng)
         self.gram = np.zeros((features, features))  # rows of the fit samples
         self.held = np.zeros((features, features))  # rows of every HOLD_OUT_EVERY-th sample
         self.count = self.held_count = 0
 
     def add(self, activation: np.ndarray, start: int, size: int) -> None:
-        per_sample = self.consumer.positions
-        lo, hi = np.searchsorted(self.chosen, [start * per_sample, (start + size) * per_sample])
-        flat = self.chosen[lo:hi] - start * per_sample
+        flat = self.consumer.batch_points(self.chosen, start, size)
         if not len(flat):
             return
         x = self.consumer.points(activation, flat)
         x = np.concatenate([x.astype(np.float64), np.ones((len(x), 1))], axis=1)
-        held = (start + flat // per_sample) % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
+        held = (start + flat // self.consumer.positions) % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
         fit = x[~held]
         self.gram += fit.T @ fit
         self.held += x[held].T @ x[held]

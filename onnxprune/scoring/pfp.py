@@ -53,7 +53,7 @@ from ..calib.capture import stream_activations
 from ..calib.stats import capture_batch_size
 from ..errors import UsageError
 from .base import Allocation, register_scorer
-from .consumers import Consumer, find_consumers
+from .consumers import Consumer, choose_points, find_consumers
 
 log = logging.getLogger(__name__)
 
@@ -232,14 +232,6 @@ def points_per_layer(consumers: list[Consumer], samples: int, requested: int | N
     return int(max(MIN_POINTS, min(WORK_BUDGET // work, samples * max(c.positions for c in consumers))))
 
 
-def choose_points(consumer: Consumer, samples: int, count: int, rng) -> np.ndarray:
-    """Sorted flat indices sample * positions + position of the points this layer is scored on."""
-    total = samples * consumer.positions
-    if count >= total:
-        return np.arange(total, dtype=np.int64)
-    return np.sort(rng.choice(total, size=count, replace=False))
-
-
 class LayerFold:
     """One consumer's running sensitivity: its chosen points are gathered batch by batch and folded in
     blocks of FOLD_POINTS into the running max (and sum, for the tie-break)."""
@@ -252,9 +244,7 @@ class LayerFold:
 
     def add(self, activation: np.ndarray, start: int, size: int) -> None:
         """The chosen points among samples start .. start + size - 1 of `activation` (a batch)."""
-        per_sample = self.consumer.positions
-        lo, hi = np.searchsorted(self.chosen, [start * per_sample, (start + size) * per_sample])
-        flat = self.chosen[lo:hi] - start * per_sample
+        flat = self.consumer.batch_points(self.chosen, start, size)
         if len(flat):
             self.pending.append(self.consumer.points(activation, flat))
         if sum(len(p) for p in self.pending) >= FOLD_POINTS:
