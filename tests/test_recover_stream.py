@@ -21,9 +21,10 @@ def _rerun_from_inputs(pruned, original, members, fits):
     """The reference: both whole models run from their inputs for this level."""
     own = list(dict.fromkeys(n for v in members for n in (v.input, v.output)))
     targets = list(dict.fromkeys(v.output for v in members))
-    batch = pruned.store.get(0, next(iter(pruned.inputs))).shape[0]
+    inputs = [i.name for i in pruned.model.graph.input if pruned.store.has(i.name)]
+    batch = pruned.store.get(0, inputs[0]).shape[0]
     data = CalibrationSet({name: np.concatenate([pruned.store.get(b, name) for b in range(pruned.batches)])
-                           for name in pruned.inputs})
+                           for name in inputs})
     acts = [dict(a) for a in stream_activations(pruned.model, own, data, batch)]
     refs = [dict(r) for r in stream_activations(original.model, targets, data, batch)]
     for a, r in zip(acts, refs):

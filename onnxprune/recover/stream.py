@@ -105,7 +105,6 @@ class Stream:
             for name, array in feed.items():
                 self.store.put(b, name, array)
             self.batches = b + 1
-        self.inputs = set(calibration.arrays)
 
     def close(self) -> None:
         self.store.close()

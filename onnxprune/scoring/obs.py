@@ -74,15 +74,18 @@ class Problem:
     energy: float  # mean squared output per row, tr(W H W^T): errors are relative to it
     held: np.ndarray | None = None  # Gram matrix of held-out rows: the curve is measured there
     original: np.ndarray | None = None  # the weights before any removal (set by `copy`)
+    held_energy: float = 0.0  # tr(W H_held W^T) of those weights (set by `copy`)
 
     def copy(self) -> "Problem":
+        held_energy = quadratic(self.weight, self.held) if self.held is not None else 0.0
         return Problem(self.weight.copy(), self.hinv.copy(), self.columns, self.energy, self.held,
-                       self.weight.copy())
+                       self.weight.copy(), held_energy)
 
     def held_error(self) -> float:
         """The relative output error of the current (updated) weights on the held-out rows."""
-        energy = quadratic(self.original, self.held)
-        return max(quadratic(self.original - self.weight, self.held), 0.0) / energy if energy > 0 else 0.0
+        if not self.held_energy > 0:
+            return 0.0
+        return max(quadratic(self.original - self.weight, self.held), 0.0) / self.held_energy
 
     def unit_costs(self, units: np.ndarray) -> np.ndarray:
         """eps of removing each of `units` alone (relative to the output energy); units the layer does
@@ -298,14 +301,15 @@ def fill_slack(counts: dict[int, int], curved: list[int], choices: dict[int, np.
     a time, the group whose next larger count buys the most error per unit of target still within it."""
     counts = dict(counts)
     while True:
-        spare = target.limit - target.measure(counts)
+        used = target.measure(counts)
+        spare = target.limit - used
         best, best_gain = None, 0.0
         for g in curved:
             larger = choices[g][choices[g] > counts[g]]
             if not len(larger):
                 continue
             trial = {**counts, g: int(larger[0])}
-            cost = target.measure(trial) - target.measure(counts)
+            cost = target.measure(trial) - used
             if cost > spare:
                 continue
             gain = (curves[g][channels[g] - counts[g]] - curves[g][channels[g] - larger[0]]) / max(cost, 1e-12)
