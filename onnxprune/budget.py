@@ -129,13 +129,16 @@ def ratio_for_macs(analysis, scores, target_macs: float, global_ranking: bool, r
 
 
 def choose_channels(analysis, scores: dict[int, np.ndarray], context, *, filters: float, global_ranking: bool,
-                    round_to, target_macs: float | None, pfp_mode: str = "topk",
-                    seed: int = 0) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], dict | None]:
+                    round_to, target_macs: float | None, pfp_mode: str = "topk", seed: int = 0,
+                    counts: dict[int, int] | None = None) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], dict | None]:
     """(kept unit positions per group, per-unit weight scales, budget summary). A scorer that brings its
-    own allocation (`context.allocation`) meets the target itself; otherwise the --filters ratio does."""
+    own allocation (`context.allocation`) meets the target itself; otherwise the --filters ratio does.
+    `counts`: keep counts decided already (a step of --steps); the scores only choose which units."""
     allocation = context.allocation
     summary = None
-    if allocation is not None:
+    if counts is not None:
+        pass
+    elif allocation is not None:
         counts, summary = allocation.keep_counts(analysis, scores, budget_target(analysis, filters, target_macs),
                                                  round_to)
         if global_ranking:

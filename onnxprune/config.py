@@ -4,7 +4,7 @@ the data given. Every value is checked here, once, before any work (`check_confi
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from .calib import CalibrationSet
 from .errors import UsageError
@@ -79,19 +79,6 @@ def check_config(config: PruneConfig) -> None:
         if config.target_macs is not None and rank != "auto":
             raise UsageError("--target-macs with --rank needs --rank auto (the ranks are then chosen to meet the "
                              "target): drop --target-macs or use --rank auto")
-
-
-def next_step_config(config: PruneConfig, macs_kept: list[float]) -> PruneConfig:
-    """The config of the next step of `config.steps`, given the fraction of the original's MACs each step so
-    far kept (`macs_kept`, one per model so far, starting at 1.0): step i of n aims at the i/n-th
-    geometric share of the target (a MACs fraction T: T^(i/n) of the original MACs; a --filters ratio R:
-    (1 - R)^(i/n) of the channels kept), expressed relative to the current model."""
-    step, n = len(macs_kept), config.steps
-    if config.target_macs is not None:
-        goal = config.target_macs ** (step / n)
-        return replace(config, target_macs=min(1.0, goal / macs_kept[-1]), steps=1)
-    kept = 1.0 - channel_ratio(config)
-    return replace(config, filters=1.0 - kept ** (1.0 / n), steps=1)
 
 
 def channel_ratio(config: PruneConfig) -> float:

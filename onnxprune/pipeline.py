@@ -9,18 +9,19 @@ from __future__ import annotations
 import gc
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx
 
 from .baseline import Baseline, prepare
-from .config import PruneConfig, check_config, config_section, lowrank_settings, next_step_config
+from .config import PruneConfig, check_config, config_section, lowrank_settings
 from .errors import NothingToPrune
 from .plan import Plan
 from .recover.training import require_training
 from .report import report_header
 from .stages import (analyze_model, choose, compose_masks, factorize_stage, group_summary, nothing_prunable_message,
-                     recover_stage, rewrite_channels, scoring_summary, step_summary)
+                     final_counts, recover_stage, rewrite_channels, scoring_summary, step_counts,
+                     step_summary)
 from .validate.gates import evaluate_gates
 from .validate.result import evaluate_result
 
@@ -56,16 +57,22 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
     loaded = baseline.loaded
 
     lowrank = lowrank_settings(config)
-    step_reports, current, total_masks, plan, macs_kept = [], baseline, {}, None, [1.0]
+    step_reports, current, total_masks, plan, macs_kept, whole, final = [], baseline, {}, None, [1.0], None, None
     for step in range(config.steps):
-        step_config = config if config.steps == 1 else next_step_config(config, macs_kept)
         with timed(timings, "analyze", add=True):
             analysis = analyze_model(current.loaded, config.exclude)
             if not analysis.prunable_groups() and lowrank is None:
                 raise NothingToPrune(nothing_prunable_message(analysis))
 
         with timed(timings, "score", add=True):
-            choice = choose(current, analysis, step_config, factorizing=lowrank is not None)
+            if config.steps == 1:
+                choice = choose(current, analysis, config, factorizing=lowrank is not None)
+            else:  # the whole target is allocated once, on the original; the steps approach it
+                if whole is None:
+                    whole = choose(current, analysis, config, factorizing=lowrank is not None)
+                    final = final_counts(analysis, whole)
+                counts = step_counts(analysis, final, step + 1, config.steps, config.round_to)
+                choice = replace(choose(current, analysis, config, lowrank is not None, counts), budget=whole.budget)
             step_plan = Plan.from_keep(analysis, choice.keep, choice.scales)
             plan = step_plan if plan is None else plan.then(step_plan)
 
@@ -89,7 +96,7 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
         if config.steps > 1:
             current = baseline.pruned_to(pruned)
             macs_kept.append(current.loaded.cost["macs"] / loaded.cost["macs"])
-            step_reports.append(step_summary(step_config, macs_kept[-1], choice, recovery_report))
+            step_reports.append(step_summary(macs_kept[-1], choice, recovery_report))
     if config.steps > 1:  # the groups' channels after the last step
         kept = {tuple(gp.sources): len(gp.keep) for gp in plan.groups}
         for summary in group_reports:

@@ -11,6 +11,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .baseline import Baseline
+from .allocate import round_keep
 from .budget import choose_channels
 from .config import PruneConfig, channel_ratio, recovery_method, scorer_name
 from .errors import NothingToPrune
@@ -90,8 +91,10 @@ class ChannelChoice:
     budget: dict | None  # how a global budget was met
 
 
-def choose(baseline: Baseline, analysis: Analysis, config: PruneConfig, factorizing: bool) -> ChannelChoice:
-    """Kept channels: from the config's plan, all of them when only factorizing, else scored and allocated."""
+def choose(baseline: Baseline, analysis: Analysis, config: PruneConfig, factorizing: bool,
+           counts: dict[int, int] | None = None) -> ChannelChoice:
+    """Kept channels: from the config's plan, all of them when only factorizing, else scored and allocated
+    (or, given `counts` per group, scored only to pick which)."""
     scorer = scorer_name(config, baseline.calibration)
     context = ScoringContext(seed=config.seed, calibration=baseline.calibration, model=baseline.loaded.model,
                              batch_size=config.calib_batch, pfp_points=config.pfp_points,
@@ -105,8 +108,30 @@ def choose(baseline: Baseline, analysis: Analysis, config: PruneConfig, factoriz
     keep, scales, budget = choose_channels(
         analysis, scores, context, filters=channel_ratio(config), global_ranking=config.global_ranking,
         round_to=config.round_to, target_macs=config.target_macs if config.rank is None else None,
-        pfp_mode=config.pfp_mode, seed=config.seed)
+        pfp_mode=config.pfp_mode, seed=config.seed, counts=counts)
     return ChannelChoice(keep, scales, scorer, context, budget)
+
+
+def final_counts(analysis: Analysis, choice: ChannelChoice) -> dict[tuple, tuple[int, int]]:
+    """Per group (by its source layers): (channels, channels kept) of a choice made for the whole target."""
+    return {_sources(g): (g.channels, len(choice.keep[g.index])) for g in analysis.prunable_groups()
+            if g.index in choice.keep}
+
+
+def step_counts(analysis: Analysis, final: dict[tuple, tuple[int, int]], step: int, steps: int, round_to) -> dict[int, int]:
+    """Keep counts for step `step` (1 .. steps) of --steps: every group goes geometrically from its original
+    channels C to its final count F (`final_counts`), C (F/C)^(step/steps), rounded as one step would
+    round; the last step keeps exactly F, so N steps end at the MACs one step reaches."""
+    counts = {}
+    for group in analysis.prunable_groups():
+        channels, kept = final.get(_sources(group), (group.channels, group.channels))
+        share = round(channels * (kept / channels) ** (step / steps)) if step < steps else kept
+        counts[group.index] = int(np.clip(round_keep(share, channels, round_to), kept, group.channels))
+    return counts
+
+
+def _sources(group) -> tuple:
+    return tuple(s.node.name for s in group.sources)
 
 
 def scoring_summary(choice: ChannelChoice, config: PruneConfig) -> dict:
@@ -148,10 +173,10 @@ def compose_masks(before: dict[str, np.ndarray], step: dict[str, np.ndarray]) ->
     return total
 
 
-def step_summary(config: PruneConfig, macs_kept: float, choice: ChannelChoice, recovery: dict) -> dict:
-    """One step of --steps for the report: its target, the MACs kept of the original, the held-out error."""
-    return {"target_macs": config.target_macs, "filters": None if config.target_macs is not None else config.filters,
-            "macs_kept": macs_kept, "scorer": choice.scorer,
+def step_summary(macs_kept: float, choice: ChannelChoice, recovery: dict) -> dict:
+    """One step of --steps for the report: the MACs kept of the original, channels kept, the held-out error."""
+    return {"macs_kept": macs_kept, "channels_kept": int(sum(len(k) for k in choice.keep.values())),
+            "scorer": choice.scorer,
             "output_error_held_out": recovery["recovery"].get("output_error_held_out")}
 
 
