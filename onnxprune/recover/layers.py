@@ -155,10 +155,7 @@ def find_layers(original: onnx.ModelProto, model: onnx.ModelProto, original_shap
     inits = Initializers(model)
     original_producer = {o: n for n in original.graph.node for o in n.output}
     original_weights = {t.name: tuple(t.dims) for t in original.graph.initializer}
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = node_consumers(model)
     views, skipped = [], []
     level_of: dict[str, int] = {}
     for node in model.graph.node:
@@ -185,23 +182,39 @@ def _candidate(node, before, inits, original_weights, original_shapes, output_ma
     if signature is None or signature == input_signature(before.op_type, tuple(before_shape or ()), before_attrs):
         return None
     name = node.name or node.output[0]
+    view = layer_view(node, inits, consumers, output_masks.get(node.output[0]))
+    if isinstance(view, str):
+        skipped.append({"name": name, "op": node.op_type, "status": "skipped", "reason": view})
+        return None
+    return view
 
-    def skip(reason):
-        skipped.append({"name": name, "op": node.op_type, "status": "skipped", "reason": reason})
 
+def layer_view(node, inits: Initializers, consumers: dict, out_mask: np.ndarray | None = None) -> LinearView | str:
+    """The view of a weighted node with a constant weight, or the reason it cannot be re-fitted.
+    `consumers`: the nodes reading each tensor (for a MatMul's bias in the Add after it)."""
+    weight = inits.get(node.input[1])
     if weight.dtype.kind != "f":
-        return skip(f"weights are {weight.dtype}, not floating point")
+        return f"weights are {weight.dtype}, not floating point"
+    attrs = _attrs(node)
     handler, layout = weighted(node.op_type, attrs, weight.shape)
     bias, offset = _bias_slot(node, inits, consumers, attrs, layout)
     if bias is False:
-        return skip("Gemm bias C is not per output channel")
-    out_mask = output_masks.get(node.output[0])
+        return "Gemm bias C is not per output channel"
     matrix = handler.to_matrix(layout, weight.astype(np.float64)) * layout.scale
     view = LinearView(node, node.op_type, layout.groups, matrix, bias, offset, out_mask, layout, handler, attrs=attrs)
     channels = view.weight.shape[0] * view.weight.shape[2]
     if out_mask is not None and int(out_mask.sum()) != channels:
-        return skip(f"output channel mask ({int(out_mask.sum())} kept) does not match the layer ({channels})")
+        return f"output channel mask ({int(out_mask.sum())} kept) does not match the layer ({channels})"
     return view
+
+
+def node_consumers(model: onnx.ModelProto) -> dict[str, list]:
+    """The nodes reading each tensor."""
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
 
 
 def _bias_slot(node, inits, consumers, attrs, layout):

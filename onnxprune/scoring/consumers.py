@@ -76,7 +76,7 @@ class Consumer:
         if self.kind == "linear":
             return rows[:, 0]
         if self.layout.transposed:
-            rows = _flip_kernel(rows.reshape((len(flat), -1) + self.layout.kernel))
+            rows = flip_kernel(rows.reshape((len(flat), -1) + self.layout.kernel))
         return rows.reshape(len(flat), -1)
 
 
@@ -141,12 +141,12 @@ def _consumer(node, cmap, units, weight, shapes, handler, layout) -> Consumer | 
         return None  # scoring has always left these out (the handler's patches could now serve them)
     per_filter = matrix.reshape((layout.out_channels, layout.in_channels // layout.groups) + layout.kernel)
     if layout.transposed:
-        per_filter = _flip_kernel(per_filter)
+        per_filter = flip_kernel(per_filter)
     return Consumer(node, node.inputs[0].name, units, np.ascontiguousarray(per_filter, dtype=np.float32), "conv",
                     layout, handler.positions(layout, out_shape), handler, tuple(out_shape))
 
 
-def _flip_kernel(values: np.ndarray) -> np.ndarray:
+def flip_kernel(values: np.ndarray) -> np.ndarray:
     """The kernel axes (the last ones) reversed. Scoring reads a transposed conv as its equivalent
     stride-1 Conv, whose kernel is flipped; keeping that order keeps the sums in their order."""
     spatial = values.ndim - 2

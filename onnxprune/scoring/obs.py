@@ -45,10 +45,11 @@ from ..errors import UsageError
 from ..recover.lstsq import HOLD_OUT_EVERY
 from .base import Allocation, register_scorer
 from .consumers import Consumer, choose_points, find_consumers
+from .sensitivity import output_curves
 
 log = logging.getLogger(__name__)
 
-DAMP = float(__import__("os").environ.get("OBS_DAMP", "0.01"))  # lambda, relative to the mean diagonal of X^T X / N (OBC's dampening)
+DAMP = 0.01  # lambda, relative to the mean diagonal of X^T X / N (OBC's dampening)
 ROWS_PER_FEATURE = 32  # sampled rows (output positions) per input feature, over the calibration set
 MIN_ROWS = 2048
 MAX_BATCH_ELEMENTS = 8_000_000  # rows x features gathered at once (bounds the im2col buffer)
@@ -75,11 +76,13 @@ class Problem:
     held: np.ndarray | None = None  # Gram matrix of held-out rows: the curve is measured there
     original: np.ndarray | None = None  # the weights before any removal (set by `copy`)
     held_energy: float = 0.0  # tr(W H_held W^T) of those weights (set by `copy`)
+    consumer: Consumer | None = None  # the layer, and which of its conv blocks this is
+    block: int = 0
 
     def copy(self) -> "Problem":
         held_energy = quadratic(self.weight, self.held) if self.held is not None else 0.0
         return Problem(self.weight.copy(), self.hinv.copy(), self.columns, self.energy, self.held,
-                       self.weight.copy(), held_energy)
+                       self.weight.copy(), held_energy, self.consumer, self.block)
 
     def held_error(self) -> float:
         """The relative output error of the current (updated) weights on the held-out rows."""
@@ -218,7 +221,8 @@ class GramFold:
                 for c in np.flatnonzero(owners[in_channels] == g).tolist():
                     columns.setdefault(int(positions[in_channels[c]]), []).append(local[c])
                 found.append((g, Problem(w, hinv, {u: np.concatenate(v) for u, v in columns.items()}, energy,
-                                         None if held is None else held[np.ix_(take, take)])))
+                                         None if held is None else held[np.ix_(take, take)],
+                                         consumer=consumer, block=block)))
         return found
 
 
@@ -247,6 +251,7 @@ class ObsStats(Allocation):
     unread: list[int] = field(default_factory=list)  # groups no consumer reads: left whole
     layers: int = 0
     rows: int = 0  # fit rows of the widest layer (held-out rows come on top)
+    sensitivity_samples: int = 0  # held-out samples each output-error measurement ran (sensitivity.py)
 
     global_note = "obs: --global changes nothing (its budget spans all groups already)"
 
@@ -291,7 +296,7 @@ class ObsStats(Allocation):
                         "unit": target.unit}
 
     def summary(self, mode: str) -> dict:
-        return {"layers": self.layers, "rows_per_layer": self.rows}
+        return {"layers": self.layers, "rows_per_layer": self.rows, "sensitivity_samples": self.sensitivity_samples}
 
 
 def fill_slack(counts: dict[int, int], curved: list[int], choices: dict[int, np.ndarray], curves, channels,
@@ -354,7 +359,7 @@ def obs(analysis, context):
         for g, problem in fold.problems(analysis):
             by_group.setdefault(g, []).append(problem)
     stats = ObsStats(layers=len(folds), rows=max((f.count for f in folds), default=0))
-    scores = {}
+    scores, orders = {}, {}
     for group in analysis.prunable_groups():
         problems = by_group.get(group.index)
         if not problems or group.channels < 2:
@@ -366,6 +371,11 @@ def obs(analysis, context):
         rank[order] = np.arange(len(order))
         scores[group.index] = rank
         stats.curves[group.index] = curve
+        orders[group.index] = order
+    if stats.curves:
+        most_removed = {g: len(c) - keep_choices(len(c), 1)[0] for g, c in stats.curves.items()}
+        stats.curves, stats.sensitivity_samples = output_curves(context.model, context.calibration, context.fixed_batch, by_group, orders,
+                                     stats.curves, most_removed)
     context.allocation = stats
     unread = [g for g in stats.unread if analysis.groups[g].channels > 1]
     if unread:
