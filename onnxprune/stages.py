@@ -174,10 +174,14 @@ def compose_masks(before: dict[str, np.ndarray], step: dict[str, np.ndarray]) ->
 
 
 def step_summary(macs_kept: float, choice: ChannelChoice, recovery: dict) -> dict:
-    """One step of --steps for the report: the MACs kept of the original, channels kept, the held-out error."""
-    return {"macs_kept": macs_kept, "channels_kept": int(sum(len(k) for k in choice.keep.values())),
-            "scorer": choice.scorer,
-            "output_error_held_out": recovery["recovery"].get("output_error_held_out")}
+    """One step of --steps for the report: the MACs kept of the original, channels kept, the held-out error
+    (and the distillation loss before and after when the step was fine-tuned)."""
+    summary = {"macs_kept": macs_kept, "channels_kept": int(sum(len(k) for k in choice.keep.values())),
+               "scorer": choice.scorer, "output_error_held_out": recovery["recovery"].get("output_error_held_out")}
+    if "finetune" in recovery:
+        summary["finetune_loss"] = {"before": recovery["finetune"]["loss_before"],
+                                    "after": recovery["finetune"]["loss_after"]}
+    return summary
 
 
 def factorize_stage(pruned: onnx.ModelProto, baseline: Baseline, settings: LowRankSettings, config: PruneConfig):

@@ -149,6 +149,22 @@ def test_prune_with_finetune_steps(files, tmp_path):
     check_model(onnx.load(str(out)))
 
 
+def test_steps_fine_tune_after_every_step(files, tmp_path):
+    """--steps 2 --finetune-steps N: each step is re-fitted, then fine-tuned, and says so in its entry."""
+    report_path = tmp_path / "report.json"
+    result = CliRunner().invoke(main, [str(files["teacher"]), str(tmp_path / "out.onnx"), "--filters", "0.5",
+                                       "--round-to", "1", "--calib", str(files["calib"]), "--steps", "2",
+                                       "--finetune-steps", "5", "--report", str(report_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    steps = report["steps"]
+    assert len(steps) == 2 and steps[1]["macs_kept"] < steps[0]["macs_kept"]
+    for step in steps:
+        assert step["finetune_loss"]["after"] <= step["finetune_loss"]["before"]
+    assert report["finetune"]["steps"] == 5
+    check_model(onnx.load(str(tmp_path / "out.onnx")))
+
+
 def test_the_teacher_computes_its_inference_outputs_in_training_steps():
     """onnxruntime-training runs a training graph's BatchNormalization on batch statistics, the teacher's
     too; folded, the teacher gives in training steps the targets it gives at inference: a student equal to
