@@ -130,24 +130,30 @@ def ratio_for_macs(analysis, scores, target_macs: float, global_ranking: bool, r
 
 def choose_channels(analysis, scores: dict[int, np.ndarray], context, *, filters: float, global_ranking: bool,
                     round_to, target_macs: float | None, pfp_mode: str = "topk", seed: int = 0,
-                    counts: dict[int, int] | None = None) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], dict | None]:
+                    counts: dict[int, int] | None = None
+                    ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], dict | None]:
     """(kept unit positions per group, per-unit weight scales, budget summary). A scorer that brings its
     own allocation (`context.allocation`) meets the target itself; otherwise the --filters ratio does.
     `counts`: keep counts decided already (a step of --steps); the scores only choose which units."""
     allocation = context.allocation
     summary = None
-    if counts is not None:
-        pass
-    elif allocation is not None:
-        counts, summary = allocation.keep_counts(analysis, scores, budget_target(analysis, filters, target_macs),
-                                                 round_to)
-        if global_ranking:
-            context.notes.append(allocation.global_note)
-    elif target_macs is not None:
-        counts, summary = ratio_for_macs(analysis, scores, target_macs, global_ranking, round_to)
-    else:
-        counts = keep_counts(analysis, scores, filters, global_ranking, round_to)
+    if counts is None:
+        counts, summary = _keep_counts(analysis, scores, context, filters, global_ranking, round_to, target_macs)
     keep = select(analysis, scores, counts)
     if allocation is not None:
         return (*allocation.select(analysis, scores, counts, keep, pfp_mode, seed), summary)
     return keep, {}, summary
+
+
+def _keep_counts(analysis, scores, context, filters, global_ranking, round_to, target_macs):
+    """(keep count per group, budget summary or None) for the target."""
+    allocation = context.allocation
+    if allocation is not None:
+        counts, summary = allocation.keep_counts(analysis, scores, budget_target(analysis, filters, target_macs),
+                                                 round_to)
+        if global_ranking:
+            context.notes.append(allocation.global_note)
+        return counts, summary
+    if target_macs is not None:
+        return ratio_for_macs(analysis, scores, target_macs, global_ranking, round_to)
+    return keep_counts(analysis, scores, filters, global_ranking, round_to), None

@@ -374,8 +374,8 @@ def obs(analysis, context):
         orders[group.index] = order
     if stats.curves:
         most_removed = {g: len(c) - keep_choices(len(c), 1)[0] for g, c in stats.curves.items()}
-        stats.curves, stats.sensitivity_samples = output_curves(context.model, context.calibration, context.fixed_batch, by_group, orders,
-                                     stats.curves, most_removed)
+        stats.curves, stats.sensitivity_samples = output_curves(
+            context.model, context.calibration, context.fixed_batch, by_group, orders, stats.curves, most_removed)
     context.allocation = stats
     unread = [g for g in stats.unread if analysis.groups[g].channels > 1]
     if unread:
