@@ -15,6 +15,7 @@ from .loading import Loaded, load, releasable, released_model, unparsed
 from .runtime import run_batch_size, session
 from .scoring import score
 from .validate import run_model
+from .validate.compare import check_output_axes
 from .validate.gates import check_gate_requirements
 from .validate.labels import load_labels
 
@@ -31,6 +32,7 @@ class Baseline:
     specs: list
     calibration: CalibrationSet
     evaluation: CalibrationSet  # validation data: the calibration data unless other data was given
+    output_axes: dict[str, int] = field(default_factory=dict)  # channel axis of outputs where it is not 1
     _reference: dict | None = None
     _sessions: dict = field(default_factory=dict)
     _scores: dict = field(default_factory=dict)
@@ -83,7 +85,8 @@ class Baseline:
         """A baseline for the next step of --steps: `model` (a pruned copy of this one's) with the same data,
         scored from scratch (its reference outputs are not needed: every step is compared with the
         original's)."""
-        return Baseline(load(model, self.loaded.input_shapes), self.specs, self.calibration, self.evaluation)
+        return Baseline(load(model, self.loaded.input_shapes), self.specs, self.calibration, self.evaluation,
+                        self.output_axes)
 
     def single_batch(self) -> dict:
         """One feed (batch 1, or the model's fixed batch) for latency and the .ort check."""
@@ -99,7 +102,8 @@ def prepare(model, config: PruneConfig | None = None) -> Baseline:
     calibration = _calibration(config, specs)
     evaluation = _evaluation(config, specs, calibration)
     check_gate_requirements(config.gates, evaluation.labels is not None)
-    baseline = Baseline(loaded, specs, calibration, evaluation)
+    check_output_axes(config.output_axes, {o.name: loaded.shapes.get(o.name) for o in loaded.model.graph.output})
+    baseline = Baseline(loaded, specs, calibration, evaluation, dict(config.output_axes))
     if releasable(loaded):
         # onnxruntime needs about 3x a model's size to run it; with our parsed copy alive too, that
         # would be the job's peak. Run the original from its file without our copy, then parse again.

@@ -39,6 +39,8 @@ class PruneConfig:
     plan: Plan | None = None  # apply this plan instead of scoring and allocating
     evaluation: CalibrationSet | str | os.PathLike | None = None  # validate on this data (default: calibration)
     labels: object = None  # path or array of class indices for the evaluation data (else its own labels)
+    output_axes: dict[str, int] = field(default_factory=dict)  # per-channel fidelity: the channel axis of
+    # outputs where it is not axis 1 (NHWC, [batch, anchors, values])
     gates: Gates | None = None  # limits the result must meet (report["gates"] says which failed)
     latency: LatencyConfig | None = None  # measure onnxruntime latency before/after (implied by a speedup gate)
     mobile: bool = False  # onnxruntime mobile usability check and .ort conversion
@@ -132,4 +134,4 @@ def config_section(config: PruneConfig, scorer: str, input_shapes: dict) -> dict
     return {"filters": channel_ratio(config), "global": config.global_ranking, "scorer": scorer,
             "round_to": config.round_to, "exclude": list(config.exclude), "input_shapes": input_shapes,
             "plan_given": config.plan is not None, "rank": config.rank, "lowrank_error": config.lowrank_error,
-            "target_macs": config.target_macs}
+            "target_macs": config.target_macs, "output_axes": dict(config.output_axes)}

@@ -14,6 +14,12 @@ from .version import __version__
 # changing the meaning of one bumps it, so CI scripts that read reports can check what they get.
 SCHEMA_VERSION = 1
 
+# The terminal names an output's worst channel when its error is above FAR_WORSE_ERROR and more than
+# FAR_WORSE_RATIO times the whole output's: a few destroyed channels (class scores beside box coordinates
+# many times larger) hardly move the whole output's figures.
+FAR_WORSE_ERROR = 0.2
+FAR_WORSE_RATIO = 3.0
+
 
 def title(text: str) -> str:
     """The first line of everything onnxprune prints about a run."""
@@ -80,11 +86,26 @@ def format_summary(report: dict, model, output) -> str:
     if len(fid.get("per_output", {})) > 1:
         for name, f in fid["per_output"].items():
             lines.append(f"            output {name}: cosine {f['cosine']:.4f}, rel. L2 error {f['rel_l2']:.4f}")
+    lines.extend(f"            {line}" for line in far_worse_channel(fid))
     lines.extend(format_recovery(report))
     lines.extend(format_checks(report))
     for note in report.get("scoring_notes", []):
         lines.append(f"  note      {note}")
     return "\n".join(lines)
+
+
+def far_worse_channel(fid: dict) -> list[str]:
+    """A line naming the worst channel of any output when it is far worse than its whole output."""
+    from .validate.compare import worst_channel
+
+    worst = worst_channel(fid)
+    if worst is None:
+        return []
+    name, channel, output = worst
+    if not (channel["rel_l2"] > FAR_WORSE_ERROR and channel["rel_l2"] > FAR_WORSE_RATIO * output["rel_l2"]):
+        return []
+    return [f"worst channel: {name}[{channel['index']}] rel. error {channel['rel_l2']:.2f} "
+            f"(the whole output: {output['rel_l2']:.2f})"]
 
 
 def format_scoring(report: dict) -> list[str]:
@@ -245,6 +266,7 @@ def format_markdown(report: dict, model, output) -> str:
     lines += ["", f"Fidelity on {data['samples']} {data['source']} samples: cosine {fid['cosine']:.4f}, "
               f"relative L2 error {fid['rel_l2']:.4f}"
               + (f", top-1 agreement {fid['top1_agreement']:.2%}" if fid.get("top1_agreement") is not None else "") + "."]
+    lines += [f"{line[0].upper()}{line[1:]}." for line in far_worse_channel(fid)]
     if gates["checks"]:
         lines += ["", "| gate | measured | limit | result |", "| --- | ---: | ---: | --- |"]
         for check in gates["checks"]:
