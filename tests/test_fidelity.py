@@ -104,3 +104,13 @@ def test_a_bad_output_axis_is_refused_before_any_work(tmp_path, nhwc_path, axis,
     result = invoke(nhwc_path, out, "--output-axis", axis)
     assert result.exit_code == 2 and message in result.output and not out.exists()
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_the_sweep_table_has_the_worst_channel_beside_the_cosine(tmp_path, head_path):
+    table_path = tmp_path / "sweep.json"
+    result = invoke("sweep", head_path, "--filters", "0.25,0.5", "--no-sensitivity", "--report", table_path)
+    assert result.exit_code == 0, result.output
+    light, heavy = json.loads(table_path.read_text())["settings"]
+    assert heavy["cosine"] > 0.999 and heavy["worst_channel_error"] > 0.5
+    assert light["worst_channel_error"] < heavy["worst_channel_error"]
+    assert "worst ch." in result.output and f"{heavy['cosine']:.4f}{heavy['worst_channel_error']:>10.4f}" in result.output
