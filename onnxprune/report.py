@@ -20,6 +20,10 @@ SCHEMA_VERSION = 1
 FAR_WORSE_ERROR = 0.2
 FAR_WORSE_RATIO = 3.0
 
+SYNTHETIC_ONLY = "only: the model was not checked on real inputs and may be broken on them"
+HOW_TO_GIVE_DATA = ("give real samples: --calib DIR --preprocess imagenet (a folder of images), --calib FILE.npz "
+                    "(arrays named after the inputs) or --data-loader-script FILE.py:FUNC")
+
 
 def title(text: str) -> str:
     """The first line of everything onnxprune prints about a run."""
@@ -81,7 +85,7 @@ def format_summary(report: dict, model, output) -> str:
         f"  fidelity  cosine {fid['cosine']:.4f}  rel. L2 error {fid['rel_l2']:.4f}  max |diff| {fid['max_abs_diff']:.4g}"
         + (f"  top-1 agreement {fid['top1_agreement']:.1%}" if fid.get("top1_agreement") is not None else ""),
         f"            measured on {data['samples']} {data['source']} samples"
-        + (" (no --calib given: synthetic inputs say little about accuracy)" if data["source"] == "synthetic" else ""),
+        + (f" {SYNTHETIC_ONLY}" if data["source"] == "synthetic" else ""),
     ]
     if len(fid.get("per_output", {})) > 1:
         for name, f in fid["per_output"].items():
@@ -91,6 +95,8 @@ def format_summary(report: dict, model, output) -> str:
     lines.extend(format_checks(report))
     for note in report.get("scoring_notes", []):
         lines.append(f"  note      {note}")
+    if data["source"] == "synthetic":
+        lines.append(f"  data      {HOW_TO_GIVE_DATA}")
     return "\n".join(lines)
 
 
@@ -267,6 +273,8 @@ def format_markdown(report: dict, model, output) -> str:
               f"relative L2 error {fid['rel_l2']:.4f}"
               + (f", top-1 agreement {fid['top1_agreement']:.2%}" if fid.get("top1_agreement") is not None else "") + "."]
     lines += [f"{line[0].upper()}{line[1:]}." for line in far_worse_channel(fid)]
+    if data["source"] == "synthetic":
+        lines += [f"Synthetic samples {SYNTHETIC_ONLY}; {HOW_TO_GIVE_DATA}."]
     if gates["checks"]:
         lines += ["", "| gate | measured | limit | result |", "| --- | ---: | ---: | --- |"]
         for check in gates["checks"]:

@@ -114,3 +114,13 @@ def test_the_sweep_table_has_the_worst_channel_beside_the_cosine(tmp_path, head_
     assert heavy["cosine"] > 0.999 and heavy["worst_channel_error"] > 0.5
     assert light["worst_channel_error"] < heavy["worst_channel_error"]
     assert "worst ch." in result.output and f"{heavy['cosine']:.4f}{heavy['worst_channel_error']:>10.4f}" in result.output
+
+
+def test_a_run_without_data_says_it_was_checked_on_synthetic_inputs_only(tmp_path, head_path):
+    out = tmp_path / "out.onnx"
+    result = invoke(head_path, out, "--filters", "0.5")
+    assert result.exit_code == 0 and out.exists()
+    assert "measured on 8 synthetic samples only: the model was not checked on real inputs and may be broken" \
+        in result.output
+    how, = [line for line in result.output.splitlines() if "--calib" in line]  # one line says how to give data
+    assert "--calib DIR --preprocess imagenet" in how and ".npz" in how and "--data-loader-script" in how
