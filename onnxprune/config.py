@@ -11,6 +11,7 @@ from .errors import UsageError
 from .lowrank import DEFAULT_MAX_ERROR, LowRankSettings, check_rank
 from .plan import Plan
 from .recover import FINETUNE_LR, METHODS as RECOVERY_METHODS
+from .scoring import SCORERS
 from .validate.gates import Gates
 from .validate.latency import LatencyConfig
 
@@ -116,6 +117,17 @@ def scorer_name(config: PruneConfig, calibration: CalibrationSet) -> str:
 def recovery_method(config: PruneConfig, calibration: CalibrationSet) -> str:
     """The recovery asked for; by default lstsq when calibration data was given, else none."""
     return config.recover or ("lstsq" if calibration.source != "synthetic" else "none")
+
+
+def fits_calibration(config: PruneConfig, calibration: CalibrationSet) -> bool:
+    """Whether some stage fits to the calibration data: a scorer that reads it, recovery, factorization
+    (data-aware with real data) or fine-tuning."""
+    if calibration.source == "synthetic":
+        return False
+    scorer = SCORERS.get(scorer_name(config, calibration))  # an unknown name is refused by the scoring stage
+    scored_on_data = config.plan is None and (scorer is None or scorer.uses_data)
+    return (scored_on_data or recovery_method(config, calibration) != "none" or config.rank is not None
+            or config.finetune_steps > 0)
 
 
 def lowrank_settings(config: PruneConfig) -> LowRankSettings | None:

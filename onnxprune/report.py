@@ -12,7 +12,7 @@ from .version import __version__
 
 # The JSON report's layout version (docs/report-schema.md). Adding a key keeps it; renaming, removing or
 # changing the meaning of one bumps it, so CI scripts that read reports can check what they get.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # The terminal names an output's worst channel when its error is above FAR_WORSE_ERROR and more than
 # FAR_WORSE_RATIO times the whole output's: a few destroyed channels (class scores beside box coordinates
@@ -84,8 +84,7 @@ def format_summary(report: dict, model, output) -> str:
         _row("size", before["size_bytes"], after["size_bytes"], " B"),
         f"  fidelity  cosine {fid['cosine']:.4f}  rel. L2 error {fid['rel_l2']:.4f}  max |diff| {fid['max_abs_diff']:.4g}"
         + (f"  top-1 agreement {fid['top1_agreement']:.1%}" if fid.get("top1_agreement") is not None else ""),
-        f"            measured on {data['samples']} {data['source']} samples"
-        + (f" {SYNTHETIC_ONLY}" if data["source"] == "synthetic" else ""),
+        f"            measured on {measured_on(data)}",
     ]
     if len(fid.get("per_output", {})) > 1:
         for name, f in fid["per_output"].items():
@@ -98,6 +97,18 @@ def format_summary(report: dict, model, output) -> str:
     if data["source"] == "synthetic":
         lines.append(f"  data      {HOW_TO_GIVE_DATA}")
     return "\n".join(lines)
+
+
+def measured_on(data: dict) -> str:
+    """What the fidelity figures were measured on, in words (the report's `data` section)."""
+    text = f"{data['samples']} {'held-out ' if data.get('held_out') else ''}{data['source']} samples"
+    if data.get("held_out"):
+        return text + ", left out of every fit (every fifth; the in-sample figures are in the report)"
+    if data.get("in_sample"):
+        return text + " the fits used: in-sample figures flatter the result (give --eval with other samples)"
+    if data["source"] == "synthetic":
+        return f"{text} {SYNTHETIC_ONLY}"
+    return text
 
 
 def far_worse_channel(fid: dict) -> list[str]:
@@ -190,7 +201,7 @@ def format_finetune_summary(report: dict, model, output) -> str:
              _row("MACs", before["macs"], after["macs"]),
              f"  fidelity  cosine {fid['cosine']:.4f}  rel. L2 error {fid['rel_l2']:.4f}  max |diff| {fid['max_abs_diff']:.4g}"
              + (f"  top-1 agreement {fid['top1_agreement']:.1%}" if fid.get("top1_agreement") is not None else ""),
-             f"            against the teacher on {data['samples']} {data['source']} samples"]
+             f"            against the teacher on {measured_on(data)}"]
     lines.extend(format_checks(report))
     return "\n".join(lines)
 
@@ -269,12 +280,12 @@ def format_markdown(report: dict, model, output) -> str:
         lines.append(_md_row("accuracy", f"{accuracy['before']:.2%}", f"{accuracy['after']:.2%}",
                              f"{-100 * accuracy['drop']:+.2f} points"))
     data = report["data"]
-    lines += ["", f"Fidelity on {data['samples']} {data['source']} samples: cosine {fid['cosine']:.4f}, "
+    lines += ["", f"Fidelity on {measured_on(data)}: cosine {fid['cosine']:.4f}, "
               f"relative L2 error {fid['rel_l2']:.4f}"
               + (f", top-1 agreement {fid['top1_agreement']:.2%}" if fid.get("top1_agreement") is not None else "") + "."]
     lines += [f"{line[0].upper()}{line[1:]}." for line in far_worse_channel(fid)]
     if data["source"] == "synthetic":
-        lines += [f"Synthetic samples {SYNTHETIC_ONLY}; {HOW_TO_GIVE_DATA}."]
+        lines += [f"{HOW_TO_GIVE_DATA[0].upper()}{HOW_TO_GIVE_DATA[1:]}."]
     if gates["checks"]:
         lines += ["", "| gate | measured | limit | result |", "| --- | ---: | ---: | --- |"]
         for check in gates["checks"]:

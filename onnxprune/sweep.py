@@ -22,7 +22,7 @@ from .errors import NothingToPrune, UsageError
 from .pipeline import prune
 from .progress import bar
 from .plan import Plan
-from .report import report_header
+from .report import measured_on, report_header
 from .validate.compare import worst_channel
 
 log = logging.getLogger(__name__)
@@ -221,8 +221,8 @@ def format_table(table: dict) -> str:
     header = f"{'filters':>8}" + (f"{'rank':>7}" if has_rank else "") + \
         f"{'MACs kept':>11}{'params kept':>13}{'cosine':>9}{'worst ch.':>10}{'top-1':>8}{'accuracy':>10}{'latency ms':>12}" \
         f"{'speedup':>9}"
-    lines = [f"sweep of {table['model']}: {len(table['settings'])} settings, measured on {table['data']['samples']} "
-             f"{table['data']['source']} samples", header]
+    lines = [f"sweep of {table['model']}: {len(table['settings'])} settings, measured on {measured_on(table['data'])}",
+             header]
     for r in table["settings"]:
         setting = f"{r['filters']:>8.2f}" + (f"{str(r.get('rank', '-')):>7}" if has_rank else "")
         if "error" in r:

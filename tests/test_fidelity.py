@@ -2,6 +2,7 @@
 terminal and as a gate, the channel axis override, held-out figures and the no-data message."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -10,8 +11,12 @@ from click.testing import CliRunner
 
 import models
 from onnxprune import PruneConfig, prune
+from onnxprune.calib import CalibrationSet
+from onnxprune.calib.data import HOLD_OUT_EVERY
 from onnxprune.cli import main
-from onnxprune.validate.compare import channel_errors
+from onnxprune.recover import lstsq, passes
+from onnxprune.runtime import session
+from onnxprune.validate.compare import channel_errors, output_fidelity
 
 BOXES = 4  # the large-valued channels of models.mixed_scale_head, before its 18 small-valued ones
 
@@ -124,3 +129,88 @@ def test_a_run_without_data_says_it_was_checked_on_synthetic_inputs_only(tmp_pat
         in result.output
     how, = [line for line in result.output.splitlines() if "--calib" in line]  # one line says how to give data
     assert "--calib DIR --preprocess imagenet" in how and ".npz" in how and "--data-loader-script" in how
+
+
+# ---------------------------------------------------------------- held-out fidelity
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST = ROOT / "models" / "mnist_resnet.onnx"
+MNIST_CALIB = ROOT / "models" / "mnist_calib.npz"
+MNIST_EVAL = ROOT / "models" / "mnist_eval.npz"
+
+
+def digits(path) -> np.ndarray:
+    return np.load(path)["input"]
+
+
+def outputs(model, data: np.ndarray) -> np.ndarray:
+    return session(model).run(None, {"input": data})[0]
+
+
+def test_the_headline_is_measured_on_the_held_out_calibration_samples(tmp_path):
+    report_path, out = tmp_path / "r.json", tmp_path / "out.onnx"
+    result = invoke(MNIST, out, "--filters", "0.5", "--calib", MNIST_CALIB, "--report", report_path)
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    x = digits(MNIST_CALIB)
+    held = np.arange(len(x)) % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
+    original, pruned = onnx.load(str(MNIST)), onnx.load(str(out))
+    assert report["data"] == {"source": "calibration", "samples": int(held.sum()), "held_out": True,
+                              "in_sample": False}
+    for part, figures in ((held, report["fidelity"]), (~held, report["fidelity"]["in_sample"])):
+        expected = output_fidelity(outputs(original, x[part]), outputs(pruned, x[part]))
+        assert figures["cosine"] == pytest.approx(expected["cosine"], abs=1e-6)
+        assert figures["rel_l2"] == pytest.approx(expected["rel_l2"], abs=1e-6)
+    assert report["fidelity"]["in_sample"]["samples"] == int((~held).sum())
+    assert report["accuracy"]["samples"] == int(held.sum())
+    assert f"measured on {held.sum()} held-out calibration samples, left out of every fit" in result.output
+    assert "in_sample" not in result.output and "in-sample figures are in the report" in result.output
+
+
+def test_evaluation_data_takes_precedence_over_the_held_out_samples(tmp_path):
+    report = prune(str(MNIST), PruneConfig(filters=0.5, calibration=str(MNIST_CALIB),
+                                           evaluation=str(MNIST_EVAL))).report
+    assert report["data"] == {"source": "evaluation", "samples": 1000, "held_out": False, "in_sample": False}
+    assert "in_sample" not in report["fidelity"]
+
+
+def test_without_samples_to_spare_the_figures_are_in_sample_and_the_summary_says_so(tmp_path):
+    data = tmp_path / "four.npz"
+    np.savez(data, input=digits(MNIST_CALIB)[:HOLD_OUT_EVERY - 1])
+    result = invoke(MNIST, tmp_path / "out.onnx", "--filters", "0.5", "--calib", data, "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r.json").read_text())["data"]["in_sample"] is True
+    assert "4 calibration samples the fits used: in-sample figures flatter the result" in result.output
+
+
+# The held-out samples choose lstsq's ridge (and whether a layer's fit is used) and which model recovery
+# keeps: all fixed here, so that only a fit could tell apart two calibration sets that differ in their
+# held-out samples alone.
+FIT_SETTINGS = {
+    "activation scores": {"scorer": "activation", "recover": "none"},
+    "pfp scores": {"scorer": "pfp", "recover": "none"},
+    "bias shifts": {"scorer": "l1", "recover": "bias"},
+    "lstsq weights": {"scorer": "l1", "recover": "lstsq"},
+    "low-rank factors": {"filters": 0.0, "rank": 0.5, "recover": "none"},
+}
+
+
+@pytest.mark.parametrize("setting", FIT_SETTINGS)
+def test_the_held_out_samples_are_absent_from_every_fit(monkeypatch, setting):
+    monkeypatch.setattr(lstsq.LstsqFit, "_choose_ridge", lambda *_: (1e-2, None, None))  # as with a fixed ridge
+    monkeypatch.setattr(passes, "output_errors", lambda original, candidates, *_: [1.0, 0.5, 0.6][:len(candidates)])
+    x = digits(MNIST_CALIB)
+    other = x.copy()
+    other[HOLD_OUT_EVERY - 1::HOLD_OUT_EVERY] *= -1  # negated digits
+
+    def pruned(data, **evaluation):
+        config = PruneConfig(**{"filters": 0.5, **FIT_SETTINGS[setting]}, calibration=CalibrationSet({"input": data}),
+                             **evaluation)
+        result = prune(str(MNIST), config)
+        return result.model.SerializeToString(), result.report
+
+    model, report = pruned(x)
+    assert report["data"]["held_out"] and model == pruned(other)[0]
+    # the control: with other evaluation data nothing is held out, and the fits see the change
+    evaluation = {"evaluation": CalibrationSet({"input": digits(MNIST_EVAL)[:8]}, source="evaluation")}
+    assert pruned(x, **evaluation)[0] != pruned(other, **evaluation)[0]
