@@ -64,7 +64,7 @@ def sweep(model, config: PruneConfig, settings: list[dict], sensitivity: bool = 
     """Prune `model` at every setting (overrides of `config`); the sweep table as plain data."""
     checks_off = {"gates": None, "mobile": False, "plan": None}
     config = replace(config, **checks_off)
-    baseline = prepare(model, config)
+    baseline = prepare(model, replace(config, **settings[0]))  # a swept --rank fits the data too
     runs = bar(label="sweep", total=len(settings))
     rows, curves, first, error = [], {}, None, None
     for setting in settings:

@@ -16,6 +16,7 @@ from onnxprune.calib.data import HOLD_OUT_EVERY
 from onnxprune.cli import main
 from onnxprune.recover import lstsq, passes
 from onnxprune.runtime import session
+from onnxprune.sweep import settings_grid, sweep
 from onnxprune.validate.compare import channel_errors, output_fidelity
 
 BOXES = 4  # the large-valued channels of models.mixed_scale_head, before its 18 small-valued ones
@@ -214,3 +215,11 @@ def test_the_held_out_samples_are_absent_from_every_fit(monkeypatch, setting):
     # the control: with other evaluation data nothing is held out, and the fits see the change
     evaluation = {"evaluation": CalibrationSet({"input": digits(MNIST_EVAL)[:8]}, source="evaluation")}
     assert pruned(x, **evaluation)[0] != pruned(other, **evaluation)[0]
+
+
+def test_a_sweep_of_data_aware_ranks_is_measured_on_held_out_samples(tmp_path):
+    data = tmp_path / "calib20.npz"
+    np.savez(data, input=digits(MNIST_CALIB)[:20])
+    table = sweep(str(MNIST), PruneConfig(calibration=str(data), scorer="l1", recover="none"),
+                  settings_grid([0.0], [0.5]), sensitivity=False)
+    assert table["data"] == {"source": "calibration", "samples": 4, "held_out": True, "in_sample": False}
