@@ -53,8 +53,9 @@ def test_channel_errors_are_per_slice_along_the_axis():
 
 
 def test_the_whole_output_hides_a_destroyed_block_the_channels_show_it(tmp_path, head_path):
-    report_path = tmp_path / "r.json"
-    result = invoke(head_path, tmp_path / "out.onnx", "--filters", "0.5", "--report", report_path)
+    report_path, summary = tmp_path / "r.json", tmp_path / "summary.md"
+    result = invoke(head_path, tmp_path / "out.onnx", "--filters", "0.5", "--report", report_path,
+                    "--summary-md", summary)
     assert result.exit_code == 0, result.output
     fid = json.loads(report_path.read_text())["fidelity"]["per_output"]["y"]
     assert fid["cosine"] > 0.999 and fid["rel_l2"] < 0.01  # the box channels dominate the whole output
@@ -66,6 +67,7 @@ def test_the_whole_output_hides_a_destroyed_block_the_channels_show_it(tmp_path,
     assert channels["median"] > 0.2
     assert f"worst channel: y[{worst['index']}] rel. error {worst['rel_l2']:.2f} (the whole output: 0.00)" \
         in result.output
+    assert f"Worst channel: y[{worst['index']}] rel. error {worst['rel_l2']:.2f}" in summary.read_text()
 
 
 def test_the_channel_gate_fails_with_exit_1_and_writes_nothing(tmp_path, head_path):
