@@ -9,12 +9,14 @@ from dataclasses import dataclass, field
 import onnx
 
 from .calib import CalibrationSet, fixed_batch, input_specs, load_calibration, synthetic
-from .config import PruneConfig
+from .calib.data import HOLD_OUT_EVERY
+from .config import PruneConfig, fits_calibration
 from .errors import UsageError
 from .loading import Loaded, load, releasable, released_model, unparsed
 from .runtime import run_batch_size, session
 from .scoring import score
 from .validate import run_model
+from .validate.compare import check_output_axes
 from .validate.gates import check_gate_requirements
 from .validate.labels import load_labels
 
@@ -31,9 +33,24 @@ class Baseline:
     specs: list
     calibration: CalibrationSet
     evaluation: CalibrationSet  # validation data: the calibration data unless other data was given
+    output_axes: dict[str, int] = field(default_factory=dict)  # channel axis of outputs where it is not 1
+    in_sample: CalibrationSet | None = None  # when `evaluation` is the calibration's held-out part: the rest,
+    # the samples fits use (see `fit_data`), for the in-sample figure beside the held-out one
+    evaluation_fitted: bool = False  # fits used the evaluation samples themselves (no hold-out was possible)
     _reference: dict | None = None
+    _reference_in_sample: dict | None = None
     _sessions: dict = field(default_factory=dict)
     _scores: dict = field(default_factory=dict)
+
+    @property
+    def held_out(self) -> bool:
+        """Whether `evaluation` is the calibration's held-out part, absent from every fit."""
+        return self.in_sample is not None
+
+    @property
+    def fit_data(self) -> CalibrationSet:
+        """The calibration samples fits may use: all but the held-out ones when fidelity is measured on those."""
+        return self.in_sample if self.held_out else self.calibration
 
     @property
     def fixed_batch(self) -> int | None:
@@ -73,17 +90,25 @@ class Baseline:
         return scores
 
     def reference(self) -> dict:
-        """The original model's outputs on the evaluation data."""
+        """The original model's outputs on the evaluation data (and on the in-sample part with it)."""
         if self._reference is None:  # a session not kept for later holds no memory after this
             sess = self._sessions.get(0) or session(self.loaded.runnable)
             self._reference = run_model(sess, self.evaluation, self.run_batch, "original outputs")
+            if self.held_out:
+                self._reference_in_sample = run_model(sess, self.in_sample, self.run_batch, "original outputs, in-sample")
         return self._reference
+
+    def reference_in_sample(self) -> dict:
+        """The original model's outputs on the samples fits use (with a held-out evaluation only)."""
+        self.reference()
+        return self._reference_in_sample
 
     def pruned_to(self, model: onnx.ModelProto) -> "Baseline":
         """A baseline for the next step of --steps: `model` (a pruned copy of this one's) with the same data,
         scored from scratch (its reference outputs are not needed: every step is compared with the
         original's)."""
-        return Baseline(load(model, self.loaded.input_shapes), self.specs, self.calibration, self.evaluation)
+        return Baseline(load(model, self.loaded.input_shapes), self.specs, self.calibration, self.evaluation,
+                        self.output_axes, self.in_sample, self.evaluation_fitted)
 
     def single_batch(self) -> dict:
         """One feed (batch 1, or the model's fixed batch) for latency and the .ort check."""
@@ -99,13 +124,25 @@ def prepare(model, config: PruneConfig | None = None) -> Baseline:
     calibration = _calibration(config, specs)
     evaluation = _evaluation(config, specs, calibration)
     check_gate_requirements(config.gates, evaluation.labels is not None)
-    baseline = Baseline(loaded, specs, calibration, evaluation)
+    check_output_axes(config.output_axes, {o.name: loaded.shapes.get(o.name) for o in loaded.model.graph.output})
+    fitted = config.evaluation is None and fits_calibration(config, calibration)
+    in_sample = None
+    if fitted and can_hold_out(calibration, fixed_batch(specs)):
+        evaluation, in_sample = evaluation.part(held=True), evaluation.part(held=False)
+    baseline = Baseline(loaded, specs, calibration, evaluation, dict(config.output_axes), in_sample,
+                        fitted and in_sample is None)
     if releasable(loaded):
         # onnxruntime needs about 3x a model's size to run it; with our parsed copy alive too, that
         # would be the job's peak. Run the original from its file without our copy, then parse again.
         with unparsed(loaded):
             baseline.reference()
     return baseline
+
+
+def can_hold_out(calibration: CalibrationSet, batch: int | None) -> bool:
+    """Whether some calibration samples can be held out: there are enough, and a model with a fixed
+    batch over 1 is not left with a part it cannot run in whole batches."""
+    return calibration.count >= HOLD_OUT_EVERY and (batch or 1) == 1
 
 
 def _calibration(config: PruneConfig, specs) -> CalibrationSet:

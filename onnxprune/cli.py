@@ -31,6 +31,7 @@ from .report import (format_finetune_summary, format_inspect, format_markdown, f
                      write_bytes_atomic, write_json_atomic)
 from .scoring import SCORERS
 from .sweep import format_table, parse_values, plot_png, require_matplotlib, settings_grid, sweep
+from .validate.compare import parse_output_axis
 from .validate.gates import Gates, describe, failed_checks
 from .validate.latency import DEFAULT_RUNS, DEFAULT_THREADS, DEFAULT_WARMUP, LatencyConfig
 from .version import __version__
@@ -184,7 +185,8 @@ def _evaluation_config(v: dict) -> dict:
     latency = None
     if v["latency"] or v.get("min_speedup") is not None:  # a speedup gate measures with these settings too
         latency = LatencyConfig(runs=v["latency_runs"], warmup=v["latency_warmup"], threads=v["threads"])
-    return {"evaluation": v["eval_data"], "labels": v["labels"], "latency": latency}
+    return {"evaluation": v["eval_data"], "labels": v["labels"], "latency": latency,
+            "output_axes": dict(parse_output_axis(text) for text in v["output_axes"])}
 
 
 EVALUATION = OptionGroup([
@@ -192,6 +194,9 @@ EVALUATION = OptionGroup([
                  help="Validate and evaluate on this data (.npz/.npy) instead of the calibration data."),
     click.option("--labels", "labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
                  help="Class labels for the evaluation data (.npy, or .npz with 'labels'): accuracy and per-class recall."),
+    click.option("--output-axis", "output_axes", multiple=True, metavar="NAME:AXIS",
+                 help="The channel axis of output NAME for per-channel fidelity, where it is not axis 1, e.g. "
+                      "out:3 for NHWC (repeatable)."),
     click.option("--latency", is_flag=True, help="Measure onnxruntime CPU latency before and after."),
     click.option("--latency-runs", type=click.IntRange(min=1), default=DEFAULT_RUNS, show_default=True,
                  help="Timed runs per model (median reported), after the warm-up runs."),
@@ -207,12 +212,14 @@ GATES = OptionGroup([
     click.option("--min-speedup", type=click.FloatRange(min=0), default=None, metavar="X",
                  help="Fail unless measured latency before/after is at least X (implies --latency)."),
     _fraction("--max-macs", "Fail unless the result keeps at most fraction X of the original's MACs."),
+    click.option("--max-channel-error", type=click.FloatRange(min=0), default=None, metavar="X",
+                 help="Fail if any channel of any output has a relative L2 error above X (see --output-axis)."),
     click.option("--keep-failed", is_flag=True, help="Write the output even when a gate fails (exit code stays 1)."),
     click.option("--mobile", is_flag=True, help="Run onnxruntime's mobile usability check and write OUTPUT's .ort beside it."),
     click.option("--summary-md", type=click.Path(dir_okay=False, path_type=Path), default=None,
                  help="Write a Markdown summary (for a CI job page) here."),
 ], lambda v: {"gates": Gates(v["min_cosine"], v["min_top1_agreement"], v["max_accuracy_drop"], v["min_speedup"],
-                             v["max_macs"]), "mobile": v["mobile"]})
+                             v["max_macs"], v["max_channel_error"]), "mobile": v["mobile"]})
 
 TRAINING = OptionGroup([
     click.option("--loss", type=click.Choice(LOSSES), default="mse", show_default=True,

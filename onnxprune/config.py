@@ -11,6 +11,7 @@ from .errors import UsageError
 from .lowrank import DEFAULT_MAX_ERROR, LowRankSettings, check_rank
 from .plan import Plan
 from .recover import FINETUNE_LR, METHODS as RECOVERY_METHODS
+from .scoring import SCORERS
 from .validate.gates import Gates
 from .validate.latency import LatencyConfig
 
@@ -39,6 +40,8 @@ class PruneConfig:
     plan: Plan | None = None  # apply this plan instead of scoring and allocating
     evaluation: CalibrationSet | str | os.PathLike | None = None  # validate on this data (default: calibration)
     labels: object = None  # path or array of class indices for the evaluation data (else its own labels)
+    output_axes: dict[str, int] = field(default_factory=dict)  # per-channel fidelity: the channel axis of
+    # outputs where it is not axis 1 (NHWC, [batch, anchors, values])
     gates: Gates | None = None  # limits the result must meet (report["gates"] says which failed)
     latency: LatencyConfig | None = None  # measure onnxruntime latency before/after (implied by a speedup gate)
     mobile: bool = False  # onnxruntime mobile usability check and .ort conversion
@@ -103,6 +106,17 @@ def recovery_method(config: PruneConfig, calibration: CalibrationSet) -> str:
     return config.recover or ("lstsq" if calibration.source != "synthetic" else "none")
 
 
+def fits_calibration(config: PruneConfig, calibration: CalibrationSet) -> bool:
+    """Whether some stage fits to the calibration data: a scorer that reads it, recovery, factorization
+    (data-aware with real data) or fine-tuning."""
+    if calibration.source == "synthetic":
+        return False
+    scorer = SCORERS.get(scorer_name(config, calibration))  # an unknown name is refused by the scoring stage
+    scored_on_data = config.plan is None and (scorer is None or scorer.uses_data)
+    return (scored_on_data or recovery_method(config, calibration) != "none" or config.rank is not None
+            or config.finetune_steps > 0)
+
+
 def lowrank_settings(config: PruneConfig) -> LowRankSettings | None:
     """What the factorization stage does, or None when it has nothing to do. A plan's ranks replace
     `rank`; a MACs target goes to the ranks with `rank="auto"` (to the channels without `rank`)."""
@@ -119,4 +133,4 @@ def config_section(config: PruneConfig, scorer: str, input_shapes: dict) -> dict
     return {"filters": channel_ratio(config), "global": config.global_ranking, "scorer": scorer,
             "round_to": config.round_to, "exclude": list(config.exclude), "input_shapes": input_shapes,
             "plan_given": config.plan is not None, "rank": config.rank, "lowrank_error": config.lowrank_error,
-            "target_macs": config.target_macs}
+            "target_macs": config.target_macs, "output_axes": dict(config.output_axes)}

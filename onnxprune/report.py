@@ -12,7 +12,17 @@ from .version import __version__
 
 # The JSON report's layout version (docs/report-schema.md). Adding a key keeps it; renaming, removing or
 # changing the meaning of one bumps it, so CI scripts that read reports can check what they get.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# The terminal names an output's worst channel when its error is above FAR_WORSE_ERROR and more than
+# FAR_WORSE_RATIO times the whole output's: a few destroyed channels (class scores beside box coordinates
+# many times larger) hardly move the whole output's figures.
+FAR_WORSE_ERROR = 0.2
+FAR_WORSE_RATIO = 3.0
+
+SYNTHETIC_ONLY = "only: the model was not checked on real inputs and may be broken on them"
+HOW_TO_GIVE_DATA = ("give real samples: --calib DIR --preprocess imagenet (a folder of images), --calib FILE.npz "
+                    "(arrays named after the inputs) or --data-loader-script FILE.py:FUNC")
 
 
 def title(text: str) -> str:
@@ -74,17 +84,45 @@ def format_summary(report: dict, model, output) -> str:
         _row("size", before["size_bytes"], after["size_bytes"], " B"),
         f"  fidelity  cosine {fid['cosine']:.4f}  rel. L2 error {fid['rel_l2']:.4f}  max |diff| {fid['max_abs_diff']:.4g}"
         + (f"  top-1 agreement {fid['top1_agreement']:.1%}" if fid.get("top1_agreement") is not None else ""),
-        f"            measured on {data['samples']} {data['source']} samples"
-        + (" (no --calib given: synthetic inputs say little about accuracy)" if data["source"] == "synthetic" else ""),
+        f"            measured on {measured_on(data)}",
     ]
     if len(fid.get("per_output", {})) > 1:
         for name, f in fid["per_output"].items():
             lines.append(f"            output {name}: cosine {f['cosine']:.4f}, rel. L2 error {f['rel_l2']:.4f}")
+    lines.extend(f"            {line}" for line in far_worse_channel(fid))
     lines.extend(format_recovery(report))
     lines.extend(format_checks(report))
     for note in report.get("scoring_notes", []):
         lines.append(f"  note      {note}")
+    if data["source"] == "synthetic":
+        lines.append(f"  data      {HOW_TO_GIVE_DATA}")
     return "\n".join(lines)
+
+
+def measured_on(data: dict) -> str:
+    """What the fidelity figures were measured on, in words (the report's `data` section)."""
+    text = f"{data['samples']} {'held-out ' if data.get('held_out') else ''}{data['source']} samples"
+    if data.get("held_out"):
+        return text + ", left out of every fit (every fifth; the in-sample figures are in the report)"
+    if data.get("in_sample"):
+        return text + " the fits used: in-sample figures flatter the result (give --eval with other samples)"
+    if data["source"] == "synthetic":
+        return f"{text} {SYNTHETIC_ONLY}"
+    return text
+
+
+def far_worse_channel(fid: dict) -> list[str]:
+    """A line naming the worst channel of any output when it is far worse than its whole output."""
+    from .validate.compare import worst_channel
+
+    worst = worst_channel(fid)
+    if worst is None:
+        return []
+    name, channel, output = worst
+    if not (channel["rel_l2"] > FAR_WORSE_ERROR and channel["rel_l2"] > FAR_WORSE_RATIO * output["rel_l2"]):
+        return []
+    return [f"worst channel: {name}[{channel['index']}] rel. error {channel['rel_l2']:.2f} "
+            f"(the whole output: {output['rel_l2']:.2f})"]
 
 
 def format_scoring(report: dict) -> list[str]:
@@ -163,7 +201,7 @@ def format_finetune_summary(report: dict, model, output) -> str:
              _row("MACs", before["macs"], after["macs"]),
              f"  fidelity  cosine {fid['cosine']:.4f}  rel. L2 error {fid['rel_l2']:.4f}  max |diff| {fid['max_abs_diff']:.4g}"
              + (f"  top-1 agreement {fid['top1_agreement']:.1%}" if fid.get("top1_agreement") is not None else ""),
-             f"            against the teacher on {data['samples']} {data['source']} samples"]
+             f"            against the teacher on {measured_on(data)}"]
     lines.extend(format_checks(report))
     return "\n".join(lines)
 
@@ -242,9 +280,12 @@ def format_markdown(report: dict, model, output) -> str:
         lines.append(_md_row("accuracy", f"{accuracy['before']:.2%}", f"{accuracy['after']:.2%}",
                              f"{-100 * accuracy['drop']:+.2f} points"))
     data = report["data"]
-    lines += ["", f"Fidelity on {data['samples']} {data['source']} samples: cosine {fid['cosine']:.4f}, "
+    lines += ["", f"Fidelity on {measured_on(data)}: cosine {fid['cosine']:.4f}, "
               f"relative L2 error {fid['rel_l2']:.4f}"
               + (f", top-1 agreement {fid['top1_agreement']:.2%}" if fid.get("top1_agreement") is not None else "") + "."]
+    lines += [f"{line[0].upper()}{line[1:]}." for line in far_worse_channel(fid)]
+    if data["source"] == "synthetic":
+        lines += [f"{HOW_TO_GIVE_DATA[0].upper()}{HOW_TO_GIVE_DATA[1:]}."]
     if gates["checks"]:
         lines += ["", "| gate | measured | limit | result |", "| --- | ---: | ---: | --- |"]
         for check in gates["checks"]:

@@ -98,7 +98,7 @@ def choose(baseline: Baseline, analysis: Analysis, config: PruneConfig, factoriz
     scorer = scorer_name(config, baseline.calibration)
     context = ScoringContext(seed=config.seed, calibration=baseline.calibration, model=baseline.loaded.model,
                              batch_size=config.calib_batch, pfp_points=config.pfp_points,
-                             fixed_batch=baseline.fixed_batch)
+                             fixed_batch=baseline.fixed_batch, hold_out=baseline.held_out)
     if config.plan is not None:
         return ChannelChoice(config.plan.to_keep(analysis), config.plan.to_scales(analysis), scorer, context, None)
     if factorizing and channel_ratio(config) == 0:  # factorization alone: no scoring pass
@@ -138,7 +138,7 @@ def scoring_summary(choice: ChannelChoice, config: PruneConfig) -> dict:
     """Which scorer ran, on what data, and how the budget was met (for the report)."""
     context = choice.context
     summary = {"scorer": "plan" if config.plan is not None else choice.scorer, "data": context.calibration.source,
-               "samples": context.calibration.count}
+               "samples": context.fit_data().count}
     if context.allocation is not None and config.plan is None:
         summary.update(context.allocation.summary(config.pfp_mode))
     if choice.budget is not None:
@@ -187,7 +187,7 @@ def step_summary(macs_kept: float, choice: ChannelChoice, recovery: dict) -> dic
 def factorize_stage(pruned: onnx.ModelProto, baseline: Baseline, settings: LowRankSettings, config: PruneConfig):
     """Factorize the channel-pruned model; (model, ranks for the plan, report section)."""
     loaded = baseline.loaded
-    result = factorize_model(pruned, loaded.input_shapes, baseline.calibration, settings, loaded.cost["macs"],
+    result = factorize_model(pruned, loaded.input_shapes, baseline.fit_data, settings, loaded.cost["macs"],
                              baseline.largest_batch)
     if not result.plan and config.plan is None and channel_ratio(config) == 0:
         raise NothingToPrune(nothing_factorized_message(result.report))
@@ -211,12 +211,12 @@ def recover_stage(pruned: onnx.ModelProto, baseline: Baseline, masks: dict, conf
     loaded, calibration = baseline.loaded, baseline.calibration
     method = recovery_method(config, calibration)
     pruned, recovery = recover(loaded.model, pruned, calibration, method, masks, loaded.shapes, baseline.run_batch,
-                               config.seed)
+                               config.seed, hold_out=baseline.held_out)
     if calibration.source == "synthetic" and method != "none":
         recovery["note"] = "fitted on synthetic inputs: give --calib with real samples for a meaningful fit"
     sections = {"recovery": recovery}
     if config.finetune_steps:
-        pruned, sections["finetune"] = finetune(pruned, loaded.model, calibration, config.finetune_steps,
+        pruned, sections["finetune"] = finetune(pruned, loaded.model, baseline.fit_data, config.finetune_steps,
                                                 lr=config.finetune_lr, batch_size=baseline.largest_batch,
                                                 seed=config.seed)
         if calibration.source == "synthetic":

@@ -22,7 +22,8 @@ from .errors import NothingToPrune, UsageError
 from .pipeline import prune
 from .progress import bar
 from .plan import Plan
-from .report import report_header
+from .report import measured_on, report_header
+from .validate.compare import worst_channel
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def sweep(model, config: PruneConfig, settings: list[dict], sensitivity: bool = 
     """Prune `model` at every setting (overrides of `config`); the sweep table as plain data."""
     checks_off = {"gates": None, "mobile": False, "plan": None}
     config = replace(config, **checks_off)
-    baseline = prepare(model, config)
+    baseline = prepare(model, replace(config, **settings[0]))  # a swept --rank fits the data too
     runs = bar(label="sweep", total=len(settings))
     rows, curves, first, error = [], {}, None, None
     for setting in settings:
@@ -117,7 +118,7 @@ def _curve(gp, report: dict) -> dict:
 def measures(report: dict) -> dict:
     """The sweep table's columns, from one prune report."""
     before, after, fid = report["before"], report["after"], report["fidelity"]
-    accuracy, latency = report.get("accuracy"), report.get("latency")
+    accuracy, latency, worst = report.get("accuracy"), report.get("latency"), worst_channel(fid)
     return {
         "params": after["params"],
         "macs": after["macs"],
@@ -127,6 +128,7 @@ def measures(report: dict) -> dict:
         "cosine": min(f["cosine"] for f in fid["per_output"].values()),
         "rel_l2": max(f["rel_l2"] for f in fid["per_output"].values()),
         "top1_agreement": fid.get("top1_agreement"),
+        "worst_channel_error": worst[1]["rel_l2"] if worst else None,
         "accuracy": accuracy["after"] if accuracy else None,
         "accuracy_drop": accuracy["drop"] if accuracy else None,
         "latency_ms": latency["after"]["median_ms"] if latency else None,
@@ -165,6 +167,7 @@ def plot_png(table: dict) -> bytes:
                           textcoords="offset points")
     left.set(xlabel="fraction of the original MACs kept", ylabel=metric, title="settings", ylim=(0, 1.05))
     left.grid(alpha=0.3)
+    _plot_worst_channel(left, [r for r in table["settings"] if r.get("worst_channel_error") is not None])
     left.legend(fontsize=8)
     for curve in table["sensitivity"]:
         points = [p for p in curve["points"] if "rank" not in p or p["rank"] == curve["points"][0].get("rank")]
@@ -182,6 +185,20 @@ def plot_png(table: dict) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def _plot_worst_channel(axes, rows: list[dict]) -> None:
+    """The worst channel's error against MACs kept, dashed, on its own axis at the right of `axes`."""
+    if not rows:
+        return
+    errors = axes.twinx()
+    errors.set_prop_cycle(color=["tab:red", "tab:purple", "tab:brown", "tab:pink"])  # apart from the metric's
+    for label, series in _series(rows).items():
+        errors.plot([r["macs_kept"] for r in series], [r["worst_channel_error"] for r in series], "s--",
+                    label=f"worst channel rel. error{label}")
+    top = max(r["worst_channel_error"] for r in rows)
+    errors.set(ylabel="worst channel rel. L2 error (dashed)", ylim=(0, max(1.05, 1.05 * top)))
+    errors.legend(fontsize=8, loc="lower right")
 
 
 def _setting_label(row: dict) -> str:
@@ -202,16 +219,18 @@ def format_table(table: dict) -> str:
     metric = table["metric"]
     has_rank = any("rank" in r for r in table["settings"])
     header = f"{'filters':>8}" + (f"{'rank':>7}" if has_rank else "") + \
-        f"{'MACs kept':>11}{'params kept':>13}{'cosine':>9}{'top-1':>8}{'accuracy':>10}{'latency ms':>12}{'speedup':>9}"
-    lines = [f"sweep of {table['model']}: {len(table['settings'])} settings, measured on {table['data']['samples']} "
-             f"{table['data']['source']} samples", header]
+        f"{'MACs kept':>11}{'params kept':>13}{'cosine':>9}{'worst ch.':>10}{'top-1':>8}{'accuracy':>10}{'latency ms':>12}" \
+        f"{'speedup':>9}"
+    lines = [f"sweep of {table['model']}: {len(table['settings'])} settings, measured on {measured_on(table['data'])}",
+             header]
     for r in table["settings"]:
         setting = f"{r['filters']:>8.2f}" + (f"{str(r.get('rank', '-')):>7}" if has_rank else "")
         if "error" in r:
             lines.append(f"{setting}  not pruned: {r['error']}")
             continue
         lines.append(setting + f"{r['macs_kept']:>11.1%}{r['params_kept']:>13.1%}{r['cosine']:>9.4f}"
-                     + _opt(r["top1_agreement"], 8, ".1%") + _opt(r["accuracy"], 10, ".2%")
+                     + _opt(r["worst_channel_error"], 10, ".4f") + _opt(r["top1_agreement"], 8, ".1%")
+                     + _opt(r["accuracy"], 10, ".2%")
                      + _opt(r["latency_ms"], 12, ".3f") + _opt(r["speedup"], 9, ".2f"))
     if table["sensitivity"]:
         lines += ["", f"sensitivity ({metric} with only this group pruned, at each setting):"]

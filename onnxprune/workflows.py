@@ -43,7 +43,7 @@ def finetune(model, teacher, config: PruneConfig, loss: str = "mse", frozen: tup
     result against the teacher exactly as `prune` validates its output."""
     baseline = prepare(teacher, config)
     student = model if isinstance(model, onnx.ModelProto) else load_model(model)
-    tuned, section = distil(student, baseline.loaded.model, baseline.calibration, config.finetune_steps,
+    tuned, section = distil(student, baseline.loaded.model, baseline.fit_data, config.finetune_steps,
                             config.finetune_lr, baseline.largest_batch, config.seed, loss, frozen)
     report, ort_model = evaluate_result(baseline, tuned, config.gates, config.latency, config.mobile)
     report.update({**report_header(), "finetune": section, "seed": config.seed,

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
 from tests.builders import (  # noqa: E402,F401  (re-exported for the tests and benches)
-    CONV_INPUT, DEFAULT_OPSET, Builder, make_model, random_input, run, weights_as_constants,
+    CONV_INPUT, DEFAULT_OPSET, Builder, make_model, random_input, run, weights_as_constants, x_input,
 )
 import tests.ops  # noqa: E402
 from tests.ops.test_conv import conv_chain, grouped, residual_downsample  # noqa: E402,F401  (used by name)
@@ -35,6 +35,22 @@ FAMILIES = tuple(module for module in (importlib.import_module(f"tests.ops.{info
                                        for info in pkgutil.iter_modules(tests.ops.__path__)
                                        if info.name.startswith("test_"))
                  if hasattr(module, "BUILDERS"))
+
+
+def mixed_scale_head(nhwc: bool = False, scale: float = 300.0) -> onnx.ModelProto:
+    """A detector-like head: one output concatenating 4 large-valued channels (a 1x1 conv of the input
+    times `scale`, like box coordinates) with 18 small-valued ones (like class scores) behind the only
+    prunable group (16 hidden channels), so pruning damages the small block alone. `nhwc`: the output
+    transposed to [batch, H, W, 22]."""
+    b = Builder(seed=3)
+    big = b.node("Mul", "boxes", [b.conv("box_conv", "x", 3, 4, k=1), b.const("box_scale", scale)])
+    hidden = b.relu("relu1", b.conv("conv1", "x", 3, 16))
+    small = b.conv("cls_conv", hidden, 16, 18, k=1)
+    head = b.node("Concat", "concat", [big, small], axis=1)
+    if nhwc:
+        head = b.node("Transpose", "nhwc", [head], perm=[0, 2, 3, 1])
+    b.output(head)
+    return b.model(x_input([1, 3, 8, 8]), [("y", [1, 8, 8, 22] if nhwc else [1, 22, 8, 8])])
 
 
 def all_builders() -> dict[str, Callable[[], onnx.ModelProto]]:

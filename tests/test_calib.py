@@ -58,7 +58,8 @@ def test_npz_named_with_labels_and_sample_cap(tmp_path):
                    "--report", tmp_path / "r.json", *FAST])
     assert result.exit_code == 0, result.output
     report = _report(tmp_path / "r.json")
-    assert report["data"] == {"source": "calibration", "samples": 40}
+    # no fit used the data (l1, no recovery): nothing is held out
+    assert report["data"] == {"source": "calibration", "samples": 40, "held_out": False, "in_sample": False}
     assert "accuracy" in report  # the labels came along
 
 
@@ -118,7 +119,8 @@ def test_data_loader_script(tmp_path):
                    "--report", tmp_path / "r.json", "--recover", "none", "--filters", "0.25", "-q"])
     assert result.exit_code == 0, result.output
     report = _report(tmp_path / "r.json")
-    assert report["data"]["samples"] == 24 and report["scoring"]["scorer"] == "obs"
+    assert report["data"]["samples"] + report["fidelity"]["in_sample"]["samples"] == 24
+    assert report["scoring"]["scorer"] == "obs"
 
 
 class Reader:

@@ -30,7 +30,9 @@ def test_prune_writes_a_smaller_validated_model_and_report(tmp_path):
     assert data["after"]["size_bytes"] == out.stat().st_size
     assert set(data["fidelity"]) >= {"cosine", "max_abs_diff", "top1_agreement", "rel_l2", "per_output"}
     assert 0 <= data["fidelity"]["top1_agreement"] <= 1
-    assert data["data"] == {"source": "calibration", "samples": 256}
+    # measured on the held-out fifth of the calibration samples, the in-sample figures beside them
+    assert data["data"] == {"source": "calibration", "samples": 51, "held_out": True, "in_sample": False}
+    assert data["fidelity"]["in_sample"]["samples"] == 205
     assert data["seed"] == 0 and data["version"]
     assert any(g["prunable"] and g["channels_after"] < g["channels"] for g in data["groups"])
     assert all("reasons" in g for g in data["groups"] if not g["prunable"])

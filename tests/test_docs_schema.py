@@ -20,7 +20,7 @@ SWEEP_HEADING = "## The sweep report"
 DETAILED = ("fidelity", "gates", "accuracy", "latency", "mobile")
 # objects keyed by names that depend on the model (outputs) or on onnxruntime (providers)
 NAMED_CHILDREN = {"mobile.execution_providers": "<provider>"}
-OPAQUE = {"fidelity.per_output"}
+OPAQUE = {"fidelity.per_output", "fidelity.in_sample.per_output"}
 
 
 def documented(text: str) -> dict[str, str]:
@@ -91,6 +91,17 @@ def test_every_prune_report_key_is_documented(tmp_path):
     assert report["schema_version"] == SCHEMA_VERSION
     prune_docs, _ = doc_parts()
     check(report, prune_docs, DETAILED)
+
+
+def test_every_key_of_a_report_on_held_out_samples_is_documented(tmp_path):
+    report_path = tmp_path / "report.json"
+    result = CliRunner().invoke(main, [str(MODEL), str(tmp_path / "out.onnx"), "--filters", "0.25", "--calib", str(EVAL),
+                                       "--scorer", "l1", "--recover", "bias", "--min-cosine", "0",
+                                       "--report", str(report_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert report["data"]["held_out"] and "in_sample" in report["fidelity"]
+    check(report, doc_parts()[0], DETAILED)
 
 
 def test_every_sweep_report_key_is_documented(tmp_path):

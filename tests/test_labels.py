@@ -145,3 +145,11 @@ def test_cli_labels_without_real_inputs_is_a_usage_error(tmp_path):
     np.save(labels, np.zeros(8, dtype=np.int64))
     result = CliRunner().invoke(main, [str(MODEL), str(tmp_path / "o.onnx"), "--labels", str(labels)])
     assert result.exit_code == 2 and "--labels needs" in result.output
+
+
+def test_a_result_that_gets_every_sample_wrong_has_no_relative_change():
+    """Accuracy after 0 (a small held-out set can show it): delta is undefined, not a division by zero."""
+    labels = np.array([0, 0, 1, 1])
+    section = evaluate_labels(scores_for(labels, 2), scores_for(1 - labels, 2), labels, "y")
+    assert section["after"] == 0.0 and section["distortion"]["intensification"] is None
+    assert all(r["relative_change"] is None for r in section["per_class"])

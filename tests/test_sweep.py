@@ -90,8 +90,8 @@ def test_without_matplotlib_the_plot_is_refused_before_any_work(tmp_path, monkey
 
 def test_one_data_load_and_one_reference_pass_serve_every_setting(tmp_path, monkeypatch):
     """The model and calibration data are read once, channels are scored once (a data-informed scorer's
-    activation pass included), and the original model runs once over the data, however many settings
-    and sensitivity runs there are."""
+    activation pass included), and the original model runs once over the data (over its two parts: the
+    held-out samples and the rest), however many settings and sensitivity runs there are."""
     calib = tmp_path / "calib16.npz"
     with np.load(CALIB) as data:
         np.savez(calib, input=data["input"][:16], labels=data["labels"][:16])
@@ -131,8 +131,8 @@ def test_one_data_load_and_one_reference_pass_serve_every_setting(tmp_path, monk
     table = sweep(str(MODEL), PruneConfig(calibration=str(calib)), settings_grid([0.2, 0.25]))
     runs = len(table["settings"]) + sum(len(c["points"]) for c in table["sensitivity"])
     assert runs >= 4
-    assert counts == {"load": 1, "load_calibration": 1, "score": 1, "original_runs": 1}
-    assert len(baselines) == 1
+    assert counts == {"load": 1, "load_calibration": 1, "score": 1, "original_runs": 2}
+    assert len(baselines) == 1 and baselines[0].held_out
 
 
 def test_rank_settings_extend_the_grid():

@@ -45,26 +45,53 @@ def input_specs(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> list[In
     return specs
 
 
-class CalibrationSet:
-    """Samples for every model input, stacked on axis 0; `labels` when the data came with them."""
+# Every fifth calibration sample is held out of every fit (scoring statistics, factor and layer fits,
+# fine-tuning): fits are checked on them and, without --eval, the result's fidelity is measured there.
+HOLD_OUT_EVERY = 5
 
-    def __init__(self, arrays: dict[str, np.ndarray], labels: np.ndarray | None = None, source: str = "calibration"):
-        self.arrays = arrays
+
+def held_out(sample: np.ndarray) -> np.ndarray:
+    """Whether each calibration sample, by its index in the set, is one of the held-out ones."""
+    return sample % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
+
+
+class CalibrationSet:
+    """Samples for every model input, stacked on axis 0; `labels` when the data came with them. A part
+    of another set (`part`) shares its arrays and holds the indices of its samples (`index`)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], labels: np.ndarray | None = None, source: str = "calibration",
+                 index: np.ndarray | None = None):
+        self._arrays = arrays
         self.labels = labels
         self.source = source  # "calibration" or "synthetic"
+        self.index = index  # the samples of `arrays` this set holds, in order (None: all of them)
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Input name -> samples (for a part, a copy of its samples)."""
+        if self.index is None:
+            return self._arrays
+        return {name: a[self.index] for name, a in self._arrays.items()}
 
     @property
     def count(self) -> int:
-        return len(next(iter(self.arrays.values())))
+        return len(self.index) if self.index is not None else len(next(iter(self._arrays.values())))
 
     def batches(self, batch_size: int):
         """Feed dicts of at most `batch_size` samples, in order."""
         for start in range(0, self.count, batch_size):
-            yield {name: a[start:start + batch_size] for name, a in self.arrays.items()}
+            rows = slice(start, start + batch_size) if self.index is None else self.index[start:start + batch_size]
+            yield {name: a[rows] for name, a in self._arrays.items()}
+
+    def part(self, held: bool) -> "CalibrationSet":
+        """The held-out samples (`held`), or the others: the ones fits may use. No array is copied."""
+        pick = np.flatnonzero(held_out(np.arange(self.count)) == held)
+        labels = None if self.labels is None else self.labels[pick]
+        return CalibrationSet(self._arrays, labels, self.source, pick if self.index is None else self.index[pick])
 
     def head(self, count: int) -> "CalibrationSet":
         labels = None if self.labels is None else self.labels[:count]
-        return CalibrationSet({k: v[:count] for k, v in self.arrays.items()}, labels, self.source)
+        return CalibrationSet(next(self.batches(count)), labels, self.source)
 
 
 def load_calibration(source, specs: list[InputSpec], preprocess=None, samples: int | None = None,

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..calib.data import held_out
 from .lstsq import Update, relative
 
 
 class BiasFit:
-    def __init__(self, view, seed: int = 0, **_):
+    def __init__(self, view, seed: int = 0, hold_out: bool = False, **_):
         self.view = view
+        self.hold_out = hold_out  # leave the held-out samples (calib.data.held_out) out of the shift
+        self.seen = 0  # samples so far
         channels = view.weight.shape[0] * view.weight.shape[2]
         self.count = 0
         self.diff_sum = np.zeros(channels)
@@ -27,6 +30,11 @@ class BiasFit:
         if self.view.out_mask is not None:
             target = target[:, self.view.out_mask]
         diff = target - self.view.outputs(y_pruned, rows)
+        if self.hold_out:  # rows are sample-major: each sample's output positions in turn
+            sample = self.seen + np.arange(diff.shape[0]) // max(diff.shape[0] // y_pruned.shape[0], 1)
+            fit = ~held_out(sample)
+            diff, target = diff[fit], target[fit]
+        self.seen += y_pruned.shape[0]
         self.count += diff.shape[0]
         self.diff_sum += diff.sum(0)
         self.diff_sq += float(np.sum(diff * diff))

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..calib.data import held_out
+
 DEFAULT_RIDGE = 1e-4  # relative to the mean input variance: keeps collinear/constant inputs finite
 # Candidates, chosen per layer on held-out samples. The ridge pulls towards the layer's current weights,
 # so the largest leave them as they are and only re-fit the bias (what --recover bias does).
 RIDGE_GRID = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 1e3)
-HOLD_OUT_EVERY = 5  # every fifth calibration sample validates the fit
 ROWS_PER_FEATURE = 64  # sampled output positions per input feature, over the whole calibration set
 MIN_ROWS = 4096
 MAX_BATCH_ELEMENTS = 8_000_000  # rows x features per batch (bounds the im2col buffer)
@@ -153,10 +154,13 @@ class LstsqFit:
     Every fifth calibration sample is held out: the ridge strength is the one of RIDGE_GRID whose fit on
     the other samples reconstructs the held-out ones best, and a fit that does not beat the current
     weights there is not used. So a layer with few rows per feature (a classifier head or a
-    squeeze-excite conv sees one row per sample) is not over-fitted to the calibration set."""
+    squeeze-excite conv sees one row per sample) is not over-fitted to the calibration set. The final
+    fit, at the chosen ridge, uses every sample, or with `hold_out` only the others."""
 
-    def __init__(self, view, seed, batches: int, ridge: float | None = None, rows_per_feature: int = ROWS_PER_FEATURE):
+    def __init__(self, view, seed, batches: int, ridge: float | None = None, rows_per_feature: int = ROWS_PER_FEATURE,
+                 hold_out: bool = False):
         self.view, self.ridge = view, ridge
+        self.hold_out = hold_out  # the final fit leaves the held-out samples out too (else it uses every sample)
         groups, features, outputs = view.weight.shape
         wanted = -(-max(MIN_ROWS, rows_per_feature * features) // max(batches, 1))
         self.rows_per_batch = max(64, min(wanted, MAX_BATCH_ELEMENTS // max(features * groups, 1)))
@@ -175,7 +179,7 @@ class LstsqFit:
         total = view.row_count(y_pruned.shape)
         take = min(total, self.rows_per_batch)
         rows = np.arange(total) if take == total else np.sort(self.rng.choice(total, take, replace=False))
-        held = (self.seen + rows // max(total // y_pruned.shape[0], 1)) % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
+        held = held_out(self.seen + rows // max(total // y_pruned.shape[0], 1))
         self.seen += y_pruned.shape[0]
         features = view.features(x, y_pruned.shape, rows).astype(np.float64)
         groups, _, outputs = view.weight.shape
@@ -209,19 +213,20 @@ class LstsqFit:
                           "its attributes are not supported by recovery")
         intercept = self.view.bias is not None
         current = (self.view.weight, self._current_bias())
-        everything = self.fit.merged(self.held)
-        before = relative(everything.residual(*current), self.energy.sum())
+        basis = self.fit if self.hold_out else self.fit.merged(self.held)
+        energy = self.energy[0] if self.hold_out else self.energy.sum()
+        before = relative(basis.residual(*current), energy)
         ridge, held_before, held_after = self._choose_ridge(current, intercept)
         if held_after is not None and not held_after < held_before:
             return Update(None, None, before, before, "kept: the fit did not lower the error on held-out samples",
                           ridge=ridge, held_out=(held_before, held_before))
-        weight, bias = everything.solve(ridge, intercept, prior=self.view.weight)
-        after = relative(everything.residual(weight, bias), self.energy.sum())
+        weight, bias = basis.solve(ridge, intercept, prior=self.view.weight)
+        after = relative(basis.residual(weight, bias), energy)
         if not (np.isfinite(weight).all() and np.isfinite(bias).all()) or not after < before:
             return Update(None, None, before, before, "kept: the fit did not lower the error", ridge=ridge)
         return Update(weight, bias.reshape(-1) if intercept else None, before, after, ridge=ridge,
                       held_out=(held_before, held_after) if held_after is not None else None,
-                      corrected=spread_corrected(everything, weight, bias) if intercept else None)
+                      corrected=spread_corrected(basis, weight, bias) if intercept else None)
 
     def _choose_ridge(self, current, intercept: bool) -> tuple[float, float | None, float | None]:
         """(ridge, held-out error of the current weights, of the best fit); no hold-out: a fixed ridge."""

@@ -21,12 +21,12 @@ import numpy as np
 import onnx
 
 from ..calib.capture import capture_session
-from ..calib.data import CalibrationSet
+from ..calib.data import HOLD_OUT_EVERY, CalibrationSet
 from ..progress import bar as progress_bar
 from ..validate.compare import run_model
 from .bias import BiasFit
 from .layers import Initializers, find_layers
-from .lstsq import HOLD_OUT_EVERY, ROWS_PER_FEATURE, LstsqFit, relative
+from .lstsq import ROWS_PER_FEATURE, LstsqFit, relative
 from .stream import Stream
 
 METHODS = ("none", "bias", "lstsq")
@@ -36,16 +36,17 @@ FITS = {"bias": BiasFit, "lstsq": LstsqFit}
 def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, calibration, method: str = "lstsq",
             output_masks: dict | None = None, original_shapes: dict | None = None, batch_size: int = 32,
             seed: int = 0, ridge: float | None = None, rows_per_feature: int = ROWS_PER_FEATURE,
-            progress: bool = True) -> tuple[onnx.ModelProto, dict]:
+            progress: bool = True, hold_out: bool = False) -> tuple[onnx.ModelProto, dict]:
     """A copy of `pruned` whose changed layers reproduce `original`'s outputs on `calibration` (`pruned`
     itself when that did not help), and the `recovery` report. `output_masks`: kept-channel mask of every
     tensor that lost channels; `ridge`: a fixed ridge strength for lstsq (None: chosen per layer on
-    held-out calibration samples)."""
+    held-out calibration samples); `hold_out`: fit no layer to the held-out samples (they only choose the
+    ridge and which model is kept), as when the result's fidelity is measured on them."""
     model = onnx.ModelProto()
     model.CopyFrom(pruned)
     views, skipped = find_layers(original, model, original_shapes or {}, output_masks or {})
     report = {"method": method, "ridge": (ridge if ridge is not None else "held-out") if method == "lstsq" else None,
-              "samples": calibration.count,
+              "samples": calibration.part(held=False).count if hold_out else calibration.count,
               "source": calibration.source, "layers": list(skipped), "passes": 0}
     if method == "none" or not views:
         return model, _summarise(report)
@@ -60,7 +61,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, calibration, met
         for level in levels:
             members = [v for v in views if v.level == level]
             fits = [FITS[method](v, seed=[seed, level, i], batches=batches, ridge=ridge,
-                                 rows_per_feature=rows_per_feature) for i, v in enumerate(members)]
+                                 rows_per_feature=rows_per_feature, hold_out=hold_out) for i, v in enumerate(members)]
             _accumulate(pruned_stream, original_stream, members, fits)
             for view, fit in zip(members, fits):
                 update = fit.finish()
@@ -115,12 +116,9 @@ def with_corrections(model: onnx.ModelProto, corrections: list) -> onnx.ModelPro
     return copy
 
 
-def held_out(calibration: CalibrationSet) -> CalibrationSet:
-    """The calibration samples fits hold out (every HOLD_OUT_EVERY-th); all of them when there are too few."""
-    if calibration.count < HOLD_OUT_EVERY:
-        return calibration
-    pick = slice(HOLD_OUT_EVERY - 1, None, HOLD_OUT_EVERY)
-    return CalibrationSet({k: v[pick] for k, v in calibration.arrays.items()}, source=calibration.source)
+def held_out_samples(calibration: CalibrationSet) -> CalibrationSet:
+    """The calibration samples fits hold out; all of them when there are too few to hold any out."""
+    return calibration if calibration.count < HOLD_OUT_EVERY else calibration.part(held=True)
 
 
 def output_errors(original: onnx.ModelProto, candidates: list[onnx.ModelProto], calibration: CalibrationSet,
@@ -129,7 +127,7 @@ def output_errors(original: onnx.ModelProto, candidates: list[onnx.ModelProto], 
     relative L2 for floating-point outputs, the fraction of differing values for others (class ids)."""
     sess = capture_session(original)
     fixed_batch = any(isinstance(i.shape[0], int) for i in sess.get_inputs() if i.shape)
-    samples = calibration if fixed_batch else held_out(calibration)  # a fixed batch needs whole batches
+    samples = calibration if fixed_batch else held_out_samples(calibration)  # a fixed batch needs whole batches
     reference = run_model(sess, samples, batch_size)
     errors = []
     for candidate in candidates:

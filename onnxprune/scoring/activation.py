@@ -22,7 +22,7 @@ def tensor_stats(analysis, context, axes: dict[str, int]) -> dict[str, ChannelSt
     names = sorted(axes)
     stats = {name: ChannelStats(axes[name]) for name in names}
     batch = capture_batch_size(analysis.shapes, names, context.batch_size, context.fixed_batch)
-    for acts in stream_activations(context.model, names, context.calibration, batch, progress="activation statistics"):
+    for acts in stream_activations(context.model, names, context.fit_data(), batch, progress="activation statistics"):
         for name in names:
             stats[name].update(acts[name])
     return stats

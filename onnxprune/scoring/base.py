@@ -36,6 +36,7 @@ class Allocation(ABC):
 class Scorer:
     score: Callable  # (analysis, context) -> {group index: scores}
     allocates: bool = False  # leaves an Allocation in context.allocation: the scorer meets budgets itself
+    uses_data: bool = True  # reads the calibration data (False: weights only)
 
 
 SCORERS: dict[str, Scorer] = {}
@@ -52,11 +53,17 @@ class ScoringContext:
     fixed_batch: int | None = None  # the model's fixed batch size, when its input has one
     pfp_points: int | None = None  # (input, position) points per layer for PFP (None: from a work budget)
     allocation: Allocation | None = None  # set by a scorer that brings its own budget
+    hold_out: bool = False  # keep the held-out calibration samples (calib.data.held_out) out of the scores
+
+    def fit_data(self):
+        """The calibration samples a scorer may fit its statistics to. A scorer that checks itself on the
+        held-out samples (obs) reads `calibration` and leaves them out of its fit itself."""
+        return self.calibration.part(held=False) if self.hold_out else self.calibration
 
 
-def register_scorer(name: str, allocates: bool = False):
+def register_scorer(name: str, allocates: bool = False, uses_data: bool = True):
     def decorate(fn):
-        SCORERS[name] = Scorer(fn, allocates)
+        SCORERS[name] = Scorer(fn, allocates, uses_data)
         return fn
 
     return decorate

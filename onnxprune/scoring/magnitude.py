@@ -20,19 +20,19 @@ def _filter_norms(analysis, order: int) -> dict[int, np.ndarray]:
     return scores
 
 
-@register_scorer("l1")
+@register_scorer("l1", uses_data=False)
 def l1(analysis, context):
     """Sum over the group's filters of their L1 norms."""
     return _filter_norms(analysis, 1)
 
 
-@register_scorer("l2")
+@register_scorer("l2", uses_data=False)
 def l2(analysis, context):
     """Sum over the group's filters of their L2 norms."""
     return _filter_norms(analysis, 2)
 
 
-@register_scorer("bn")
+@register_scorer("bn", uses_data=False)
 def bn_scale(analysis, context):
     """|gamma| of the normalisation layers in the group (Network Slimming); L1 where a group has none."""
     fallback = _filter_norms(analysis, 1)
@@ -55,7 +55,7 @@ def bn_scale(analysis, context):
     return scores
 
 
-@register_scorer("random")
+@register_scorer("random", uses_data=False)
 def random(analysis, context):
     """Uniform random scores from --seed: the baseline any scorer must beat."""
     rng = np.random.default_rng(context.seed)

@@ -40,9 +40,9 @@ import numpy as np
 
 from ..allocate import round_keep
 from ..calib.capture import stream_activations
+from ..calib.data import held_out
 from ..calib.stats import capture_batch_size
 from ..errors import UsageError
-from ..recover.lstsq import HOLD_OUT_EVERY
 from .base import Allocation, register_scorer
 from .consumers import Consumer, choose_points, find_consumers
 from .sensitivity import output_curves
@@ -175,7 +175,7 @@ class GramFold:
         per_batch = max(64, min(-(-wanted // max(batches, 1)), MAX_BATCH_ELEMENTS // features))
         self.chosen = choose_points(consumer, samples, per_batch * batches, rng)
         self.gram = np.zeros((features, features))  # rows of the fit samples
-        self.held = np.zeros((features, features))  # rows of every HOLD_OUT_EVERY-th sample
+        self.held = np.zeros((features, features))  # rows of the held-out samples (calib.data.held_out)
         self.count = self.held_count = 0
 
     def add(self, activation: np.ndarray, start: int, size: int) -> None:
@@ -184,7 +184,7 @@ class GramFold:
             return
         x = self.consumer.points(activation, flat)
         x = np.concatenate([x.astype(np.float64), np.ones((len(x), 1))], axis=1)
-        held = (start + flat // self.consumer.positions) % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
+        held = held_out(start + flat // self.consumer.positions)
         fit = x[~held]
         self.gram += fit.T @ fit
         self.held += x[held].T @ x[held]

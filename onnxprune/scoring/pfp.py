@@ -268,7 +268,7 @@ def sensitivities(analysis, context) -> tuple[np.ndarray, list[Consumer], int]:
     unit_sens = np.zeros(len(analysis.label), dtype=np.float64)
     if not consumers:
         return unit_sens, consumers, 0
-    calibration = context.calibration
+    calibration = context.fit_data()
     count = points_per_layer(consumers, calibration.count, context.pfp_points)
     folds = [LayerFold(c, choose_points(c, calibration.count, count, np.random.default_rng([context.seed, i])))
              for i, c in enumerate(consumers)]

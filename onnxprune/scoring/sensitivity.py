@@ -20,7 +20,7 @@ import onnx
 from ..calib.capture import capture_session
 from ..calib.data import CalibrationSet
 from ..recover.layers import Initializers, layer_view, node_consumers
-from ..recover.passes import held_out
+from ..recover.passes import held_out_samples
 from ..validate.compare import run_model
 from .consumers import flip_kernel
 
@@ -64,7 +64,7 @@ def output_curves(model, calibration: CalibrationSet, fixed_batch: int | None, p
 def _samples(calibration: CalibrationSet, fixed_batch: int | None, measurements: int) -> CalibrationSet:
     """Held-out samples (absent from the Gram matrices the curves come from), as many as the budget gives
     each of `measurements`, whole batches of a fixed batch size."""
-    pool = calibration if fixed_batch else held_out(calibration)
+    pool = calibration if fixed_batch else held_out_samples(calibration)
     share = BUDGET_PASSES * calibration.count // max(measurements, 1)
     count = min(max(share, MIN_SAMPLES), SAMPLES, pool.count)
     if fixed_batch:

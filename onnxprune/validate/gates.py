@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..errors import UsageError
+from .compare import worst_channel
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class Gates:
     max_accuracy_drop: float | None = None  # accuracy before minus after, as a fraction (needs labels)
     min_speedup: float | None = None  # measured latency before / after
     max_macs: float | None = None  # MACs after / MACs before
+    max_channel_error: float | None = None  # highest relative L2 error of one channel of any output
 
     @property
     def needs_labels(self) -> bool:
@@ -37,6 +39,7 @@ OPTIONS = {
     "max_accuracy_drop": "--max-accuracy-drop",
     "min_speedup": "--min-speedup",
     "max_macs": "--max-macs",
+    "max_channel_error": "--max-channel-error",
     "ort_conversion": "--mobile",
 }
 
@@ -106,12 +109,22 @@ def _macs(report):
     return (after / before if before else 1.0), f"MACs kept ({after:,} of {before:,})"
 
 
+def _channel_error(report):
+    worst = worst_channel(report["fidelity"])
+    if worst is None:
+        raise UsageError("--max-channel-error needs a floating-point output with a channel axis and this model has "
+                         "none of rank 2 or more: name the axis with --output-axis NAME:AXIS, or use --min-cosine")
+    name, channel, _ = worst
+    return channel["rel_l2"], f"relative L2 error of channel {channel['index']} of output '{name}' (the worst)"
+
+
 MEASURES = {
     "min_cosine": _cosine,
     "min_top1_agreement": _top1,
     "max_accuracy_drop": _accuracy_drop,
     "min_speedup": _speedup,
     "max_macs": _macs,
+    "max_channel_error": _channel_error,
 }
 
 

@@ -102,7 +102,8 @@ def recall_distortion(recall_before: np.ndarray, recall_after: np.ndarray,
     present = ~np.isnan(recall_before)
     comparable = present & (recall_before > 0) & (accuracy_after > 0) & (accuracy_before > 0)
     delta = np.full(recall_before.shape, np.nan)
-    delta[comparable] = (recall_after[comparable] / recall_before[comparable]) * (accuracy_before / accuracy_after) - 1
+    if comparable.any():  # none when accuracy after is 0 (the ratio of accuracies is undefined)
+        delta[comparable] = (recall_after[comparable] / recall_before[comparable]) * (accuracy_before / accuracy_after) - 1
     below = comparable & (recall_before < accuracy_before)
     above = comparable & (recall_before > accuracy_before)
     intensified = (below & (delta < 0)) | (above & (delta > 0))
