@@ -79,11 +79,14 @@ class BiasSlot:
     additive: bool = False  # the slot is added after the fitted tensor (MatMul -> Add)
 
     def write(self, inits: Initializers, bias: np.ndarray, shape: tuple) -> None:
+        inits.set(self.node, self.index, self.values(inits, bias, shape))
+
+    def values(self, inits: Initializers, bias: np.ndarray, shape: tuple) -> np.ndarray:
+        """What the slot's initializer holds for the output to carry offset `bias`."""
         if self.additive:
             old = inits.get(self.node.input[self.index])
-            inits.set(self.node, self.index, (old.reshape(-1) + bias).reshape(old.shape))
-        else:
-            inits.set(self.node, self.index, (bias / self.scale).reshape(shape))
+            return (old.reshape(-1) + bias).reshape(old.shape)
+        return (bias / self.scale).reshape(shape)
 
 
 @dataclass
@@ -130,9 +133,16 @@ class LinearView:
     def write(self, inits: Initializers, weight: np.ndarray | None, bias: np.ndarray | None) -> None:
         """Store fitted `weight` [groups, features, outputs per group] and `bias` [channels] (None: keep)."""
         if weight is not None:
-            inits.set(self.node, 1, self.handler.from_matrix(self.layout, weight / self.layout.scale))
+            inits.set(self.node, 1, self.weight_values(weight))
         if bias is not None and self.bias is not None:
-            self.bias.write(inits, bias, self.attrs.get("bias_shape", bias.shape))
+            self.bias.write(inits, bias, self.bias_shape(bias))
+
+    def weight_values(self, weight: np.ndarray) -> np.ndarray:
+        """The op's weight tensor for `weight` as [groups, features, outputs per group]."""
+        return self.handler.from_matrix(self.layout, weight / self.layout.scale)
+
+    def bias_shape(self, bias: np.ndarray) -> tuple:
+        return self.attrs.get("bias_shape", bias.shape)
 
 
 # ---------------------------------------------------------------- finding the layers

@@ -45,7 +45,7 @@ from ..calib.stats import capture_batch_size
 from ..errors import UsageError
 from .base import Allocation, register_scorer
 from .consumers import Consumer, choose_points, find_consumers
-from .sensitivity import output_curves
+from .sensitivity import SHARES, OutputProbe, measured_points, rescaled
 
 log = logging.getLogger(__name__)
 
@@ -76,19 +76,20 @@ class Problem:
     held: np.ndarray | None = None  # Gram matrix of held-out rows: the curve is measured there
     original: np.ndarray | None = None  # the weights before any removal (set by `copy`)
     held_energy: float = 0.0  # tr(W H_held W^T) of those weights (set by `copy`)
+    held_sse: float = 0.0  # tr(D H_held D^T), D the change of the weights since then (kept by `remove`)
     consumer: Consumer | None = None  # the layer, and which of its conv blocks this is
     block: int = 0
 
     def copy(self) -> "Problem":
         held_energy = quadratic(self.weight, self.held) if self.held is not None else 0.0
         return Problem(self.weight.copy(), self.hinv.copy(), self.columns, self.energy, self.held,
-                       self.weight.copy(), held_energy, self.consumer, self.block)
+                       self.weight.copy(), held_energy, 0.0, self.consumer, self.block)
 
     def held_error(self) -> float:
         """The relative output error of the current (updated) weights on the held-out rows."""
         if not self.held_energy > 0:
             return 0.0
-        return max(quadratic(self.original - self.weight, self.held), 0.0) / self.held_energy
+        return max(self.held_sse, 0.0) / self.held_energy
 
     def unit_costs(self, units: np.ndarray) -> np.ndarray:
         """eps of removing each of `units` alone (relative to the output energy); units the layer does
@@ -116,10 +117,21 @@ class Problem:
         inverse = np.linalg.inv(self.hinv[np.ix_(s, s)])
         w_s = self.weight[:, s]
         cost = float(np.einsum("os,st,ot->", w_s, inverse, w_s, optimize=True))
-        self.weight -= (w_s @ inverse) @ self.hinv[s, :]
+        step, rows = w_s @ inverse, self.hinv[s, :]  # the weights change by -step @ rows
+        if self.held is not None and self.held_energy > 0 and self.original is not None:
+            self._add_held_change(step, rows)
+        self.weight -= step @ rows
         self.hinv -= (self.hinv[:, s] @ inverse) @ self.hinv[s, :]
         self.weight[:, s] = 0.0
         return max(cost, 0.0) / self.energy
+
+    def _add_held_change(self, step: np.ndarray, rows: np.ndarray) -> None:
+        """Keep held_sse = tr(D H D^T) as the change D = W_before - W grows by U = step @ rows, without an
+        [outputs, features] x [features, features] product per removal:
+        tr((D + U) H (D + U)^T) - tr(D H D^T) = 2 tr(step (rows H) D^T) + tr(step (rows H rows^T) step^T)."""
+        projected = rows @ self.held  # [s, features]
+        cross = (self.original - self.weight) @ projected.T  # D H rows^T: [outputs, s]
+        self.held_sse += 2.0 * float(np.sum(step * cross)) + float(np.sum(step * (step @ (projected @ rows.T))))
 
 
 def quadratic(weight: np.ndarray, gram: np.ndarray) -> float:
@@ -134,18 +146,25 @@ def damped_inverse(gram: np.ndarray) -> np.ndarray:
     return np.linalg.inv((damped + damped.T) / 2)
 
 
-def greedy_removal(problems: list[Problem], channels: int, steps: int = REMOVAL_STEPS) -> tuple[np.ndarray, np.ndarray]:
+def removal_batch(channels: int, steps: int = REMOVAL_STEPS) -> int:
+    """Units `greedy_removal` removes at once from a group of `channels`."""
+    return max(1, -(-(channels - 1) // steps))
+
+
+def greedy_removal(problems: list[Problem], channels: int, steps: int = REMOVAL_STEPS,
+                   snapshots: dict[int, list] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Remove all but one of `channels` units from the problems (copies are changed, not these), the
-    cheapest summed cost first, in about `steps` batches. Returns (removal order [channels - 1], error
+    cheapest summed cost first, in batches of `removal_batch`. Returns (removal order [channels - 1], error
     curve [channels]: curve[r] is the summed relative error after removing the first r units). The curve is
     measured on the held-out rows of problems that have them (the removal cost on the rows it was chosen
     on flatters a layer whose inputs are nearly collinear on the calibration data), else it is the exact
-    joint cost; it never decreases."""
+    joint cost; it never decreases. `snapshots`: for each of its keys r that ends a batch, filled with the
+    problems' updated weights after removing r units."""
     work = [p.copy() for p in problems]
     alive = np.ones(channels, dtype=bool)
     order, curve = [], [0.0]
     spent = np.zeros(len(work))  # each problem's exact cost of its removals so far
-    batch = max(1, -(-(channels - 1) // steps))
+    batch = removal_batch(channels, steps)
     while alive.sum() > 1:
         units = np.flatnonzero(alive)
         costs = sum((p.unit_costs(units) for p in work), np.zeros(len(units)))
@@ -159,6 +178,8 @@ def greedy_removal(problems: list[Problem], channels: int, steps: int = REMOVAL_
         curve.extend(curve[-1] + (reached - curve[-1]) * share)
         order.extend(chosen.tolist())
         alive[chosen] = False
+        if snapshots is not None and len(order) in snapshots:
+            snapshots[len(order)] = [p.weight.copy() for p in work]
     return np.array(order, dtype=np.int64), np.array(curve)
 
 
@@ -347,6 +368,18 @@ def gram_folds(analysis, context, consumers: list[Consumer]) -> list[GramFold]:
     return folds
 
 
+def _group_curve(problems: list[Problem], channels: int, probe: OutputProbe) -> tuple[np.ndarray, np.ndarray]:
+    """A group's unit scores (its removal order: the last removed scores highest) and its error curve,
+    rescaled to the model's outputs by the probe's measurements."""
+    points = measured_points(channels, removal_batch(channels), channels - keep_choices(channels, 1)[0])
+    snapshots = dict.fromkeys(points)
+    order, curve = greedy_removal(problems, channels, snapshots=snapshots)
+    errors = [probe.error(problems, snapshots[r]) for r in points]
+    rank = np.full(channels, float(channels))
+    rank[order] = np.arange(len(order))
+    return rank, rescaled(curve, points, errors)
+
+
 @register_scorer("obs", allocates=True)
 def obs(analysis, context):
     """Units ranked by their greedy structured-OBS removal order (the last removed scores highest)."""
@@ -359,23 +392,17 @@ def obs(analysis, context):
         for g, problem in fold.problems(analysis):
             by_group.setdefault(g, []).append(problem)
     stats = ObsStats(layers=len(folds), rows=max((f.count for f in folds), default=0))
-    scores, orders = {}, {}
-    for group in analysis.prunable_groups():
-        problems = by_group.get(group.index)
-        if not problems or group.channels < 2:
-            stats.unread.append(group.index)
-            scores[group.index] = np.ones(group.channels)
-            continue
-        order, curve = greedy_removal(problems, group.channels)
-        rank = np.full(group.channels, float(group.channels))  # the survivor scores highest
-        rank[order] = np.arange(len(order))
-        scores[group.index] = rank
-        stats.curves[group.index] = curve
-        orders[group.index] = order
-    if stats.curves:
-        most_removed = {g: len(c) - keep_choices(len(c), 1)[0] for g, c in stats.curves.items()}
-        stats.curves, stats.sensitivity_samples = output_curves(
-            context.model, context.calibration, context.fixed_batch, by_group, orders, stats.curves, most_removed)
+    groups = [g for g in analysis.prunable_groups() if by_group.get(g.index) and g.channels > 1]
+    scores = {}
+    if groups:
+        with OutputProbe(context.model, context.calibration, context.fixed_batch,
+                         [f.consumer.node.outputs[0].name for f in folds], len(groups) * len(SHARES)) as probe:
+            for group in groups:
+                scores[group.index], stats.curves[group.index] = _group_curve(by_group[group.index], group.channels,
+                                                                              probe)
+            stats.sensitivity_samples = probe.samples.count
+    stats.unread = [g.index for g in analysis.prunable_groups() if g.index not in scores]
+    scores = {g.index: scores.get(g.index, np.ones(g.channels)) for g in analysis.prunable_groups()}
     context.allocation = stats
     unread = [g for g in stats.unread if analysis.groups[g].channels > 1]
     if unread:

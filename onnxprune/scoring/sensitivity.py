@@ -5,21 +5,31 @@ very different damage at the outputs: on the PP-OCR direction classifier, obs sp
 first layers (8 -> 4 channels of the stem), whose local error was small, and lost 21% of top-1 agreement
 where an allocation that spared them lost 9%. Sensitivity analysis (Li et al. 2017, "Pruning Filters for
 Efficient ConvNets", section 3.2: prune each layer alone and measure) answers it directly: for every
-group, the model runs on held-out calibration samples with that group alone cut, at SHARES of its
+group, the model runs on held-out calibration samples with that group alone cut, at about SHARES of its
 channels, its consumer layers carrying the OBS-updated weights (what the recovery will re-fit), and the
 squared relative error of its outputs is measured. The ratio to the local curve at those points (the
 group's gain) rescales its curve, linearly interpolated in between, so the allocation compares output
 errors per MAC.
+
+One copy of the model is kept, with an explicit (zero) bias on every consumer that has none, so every
+measurement only replaces some initializers' values in place, writes the file and restores them. (Giving
+onnxruntime replacement initializers instead is silently ignored where its optimizers fold a weight into
+a new one: the NCHWc layout transformer, a Conv followed by Mul or Add.)
 """
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from ..calib.capture import capture_session
 from ..calib.data import CalibrationSet
-from ..recover.layers import Initializers, layer_view, node_consumers
+from ..io import EXTERNAL_DATA_THRESHOLD, model_size_bytes, write_model
+from ..recover.layers import Initializers, LinearView, layer_view, node_consumers
 from ..recover.passes import held_out_samples
 from ..validate.compare import run_model
 from .consumers import flip_kernel
@@ -31,34 +41,122 @@ BUDGET_PASSES = 8  # all measurements together run at most this many passes' wor
 TINY = 1e-12
 
 
-def output_curves(model, calibration: CalibrationSet, fixed_batch: int | None, problems: dict[int, list],
-                  orders: dict[int, np.ndarray], curves: dict[int, np.ndarray],
-                  most_removed: dict[int, int]) -> tuple[dict[int, np.ndarray], int]:
-    """Each group's curve (`curves[g][r]`: local error after removing its first r units of `orders[g]`)
-    rescaled to the squared relative error of the model's outputs, measured with the group cut alone.
-    `problems[g]`: its consumers as obs Problems; `most_removed[g]`: the largest cut the allocation may
-    make. `model`: a ModelProto, or a file to load it from; it is not changed. Returns the curves and the
-    samples each measurement ran."""
-    original = model.load() if hasattr(model, "load") else model
-    samples = _samples(calibration, fixed_batch, len(curves) * len(SHARES))
-    batch = fixed_batch or 8
-    reference = run_model(capture_session(original), samples, batch, label="sensitivity reference")
-    scaled = {}
-    for g, curve in curves.items():
-        points = sorted({min(max(round(share * len(curve)), 1), most_removed[g]) for share in SHARES})
-        points = [r for r in points if r >= 1]
-        gains = []
-        for removed in points:
-            trial = _with_removal(original, problems[g], orders[g][:removed])
-            error = _output_error(reference, run_model(capture_session(trial), samples, batch, label="sensitivity"))
-            local = curve[removed]
-            gains.append(error / local if local > TINY else 1.0)
-        if not gains:
-            scaled[g] = curve
-            continue
-        removed = np.arange(len(curve))
-        scaled[g] = curve * np.interp(removed, [0, *points], [gains[0], *gains])
-    return scaled, samples.count
+class OutputProbe:
+    """The original model on held-out calibration samples, run with some consumers' weights replaced.
+    A context manager: its file is removed on exit."""
+
+    def __init__(self, model, calibration: CalibrationSet, fixed_batch: int | None, layers: list[str],
+                 measurements: int):
+        """`model`: a ModelProto, or a file to load it from (not changed); `layers`: the output names of the
+        consumers whose weights may be replaced; `measurements`: how many `error` calls to budget for."""
+        if hasattr(model, "load"):
+            probe = model.load()
+        else:
+            probe = onnx.ModelProto()
+            probe.CopyFrom(model)
+        inits = Initializers(probe)
+        consumers = node_consumers(probe)
+        nodes = {node.output[0]: node for node in probe.graph.node}
+        self.views: dict[str, LinearView] = {}
+        for name in layers:
+            view = layer_view(nodes[name], inits, consumers)
+            if isinstance(view, str) or any(inits.uses.get(n, 0) != 1 for n in _replaced_names(view)):
+                continue  # not re-fittable, or a weight shared with another node: left as it is
+            slot = view.bias
+            if slot is not None and not slot.additive and slot.node.input[slot.index:slot.index + 1] in ([], [""]):
+                slot.write(inits, slot.current, view.bias_shape(slot.current))  # a named zero bias to replace
+            self.views[name] = view
+        self.probe, self.inits = probe, inits
+        self.small = model_size_bytes(probe) < EXTERNAL_DATA_THRESHOLD  # the values replaced keep their sizes
+        self.folder = tempfile.TemporaryDirectory(prefix="onnxprune-sensitivity-")
+        self.path = Path(self.folder.name) / "model.onnx"
+        self.samples = _samples(calibration, fixed_batch, measurements)
+        self.batch = fixed_batch or 8
+        self.reference = self._run({})
+
+    def __enter__(self) -> "OutputProbe":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.folder.cleanup()
+
+    def error(self, problems: list, weights: list[np.ndarray]) -> float:
+        """The outputs' squared relative error with each problem's block given `weights` (obs layout)."""
+        return _output_error(self.reference, self._run(self._initializers(problems, weights)))
+
+    def _run(self, replaced: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The model's outputs on the samples with the initializers `replaced` (name -> values)."""
+        originals = {name: onnx.TensorProto() for name in replaced}
+        for name, values in replaced.items():
+            tensor = self.inits.by_name[name]
+            originals[name].CopyFrom(tensor)
+            tensor.CopyFrom(numpy_helper.from_array(values, name))
+        try:
+            if self.small:
+                self.path.write_bytes(self.probe.SerializeToString())
+            else:
+                write_model(self.probe, self.path)
+        finally:
+            for name, tensor in originals.items():
+                self.inits.by_name[name].CopyFrom(tensor)
+        return run_model(capture_session(self.path), self.samples, self.batch, label="sensitivity")
+
+    def _initializers(self, problems: list, weights: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """The replaced initializers: every changed layer's weight and bias tensors."""
+        changed: dict[str, tuple[LinearView, np.ndarray, np.ndarray | None]] = {}
+        for problem, weight in zip(problems, weights):
+            view = self.views.get(problem.consumer.node.outputs[0].name)
+            if view is None:
+                continue
+            if view.output not in changed:
+                bias = None if view.bias is None else (
+                    np.zeros_like(view.bias.current) if view.bias.additive else view.bias.current.copy())
+                changed[view.output] = (view, view.weight.copy(), bias)
+            _, matrix, bias = changed[view.output]
+            _set_block(matrix, bias, problem, weight)
+        arrays = {}
+        for view, matrix, bias in changed.values():
+            arrays[view.node.input[1]] = view.weight_values(matrix)
+            if bias is not None:
+                slot = view.bias
+                arrays[slot.node.input[slot.index]] = slot.values(self.inits, bias, view.bias_shape(bias))
+        return {name: np.ascontiguousarray(a, dtype=self.inits.get(name).dtype) for name, a in arrays.items()}
+
+
+def _replaced_names(view: LinearView) -> list[str]:
+    """The initializers a measurement replaces for this layer (a missing bias gets a name of its own)."""
+    slot = view.bias
+    bias = [] if slot is None else slot.node.input[slot.index:slot.index + 1]
+    return [view.node.input[1], *(name for name in bias if name)]
+
+
+def _set_block(matrix: np.ndarray, bias: np.ndarray | None, problem, weight: np.ndarray) -> None:
+    """Write one conv block's [outputs, features + bias] weights (the obs layout) into the layer's
+    [groups, features, outputs per group] matrix and its bias."""
+    features = weight[:, :-1]
+    layout = problem.consumer.layout
+    if layout.transposed:  # obs reads a transposed conv with its kernel flipped
+        features = flip_kernel(features.reshape((len(features), -1) + layout.kernel)).reshape(len(features), -1)
+    matrix[problem.block] = features.T
+    if bias is not None:
+        per_block = matrix.shape[2]
+        bias[problem.block * per_block:(problem.block + 1) * per_block] = weight[:, -1]
+
+
+def measured_points(channels: int, batch: int, most_removed: int) -> list[int]:
+    """Removal counts to measure a group at: the batch ends (multiples of `batch`) nearest to SHARES of
+    its channels, at most `most_removed`."""
+    ends = [min(max(round(share * channels / batch), 1) * batch, most_removed // batch * batch) for share in SHARES]
+    return sorted({r for r in ends if r >= 1})
+
+
+def rescaled(curve: np.ndarray, points: list[int], errors: list[float]) -> np.ndarray:
+    """`curve` times the gain (measured error / curve) at `points`, linearly interpolated between them
+    (constant before the first and after the last)."""
+    if not points:
+        return curve
+    gains = [error / curve[r] if curve[r] > TINY else 1.0 for r, error in zip(points, errors)]
+    return curve * np.interp(np.arange(len(curve)), points, gains)
 
 
 def _samples(calibration: CalibrationSet, fixed_batch: int | None, measurements: int) -> CalibrationSet:
@@ -70,42 +168,6 @@ def _samples(calibration: CalibrationSet, fixed_batch: int | None, measurements:
     if fixed_batch:
         count = max(count // fixed_batch, 1) * fixed_batch
     return pool.head(count)
-
-
-def _with_removal(model: onnx.ModelProto, problems: list, units: np.ndarray) -> onnx.ModelProto:
-    """A copy of `model` whose consumers of the group read none of `units`, the rest re-fitted (OBS)."""
-    trial = onnx.ModelProto()
-    trial.CopyFrom(model)
-    inits = Initializers(trial)
-    consumers = node_consumers(trial)
-    nodes = {node.output[0]: node for node in trial.graph.node}
-    for problem in problems:
-        updated = problem.copy()
-        updated.remove(units)
-        node = nodes[problem.consumer.node.outputs[0].name]
-        if inits.uses.get(node.input[1], 0) != 1:
-            continue  # a shared weight: left as it is
-        view = layer_view(node, inits, consumers)
-        if isinstance(view, str):
-            continue
-        _write_block(view, inits, problem, updated.weight)
-    return trial
-
-
-def _write_block(view, inits: Initializers, problem, weight: np.ndarray) -> None:
-    """Write one conv block's [outputs, features + bias] weights (the obs layout) into the layer."""
-    features = weight[:, :-1]
-    layout = problem.consumer.layout
-    if layout.transposed:  # obs reads a transposed conv with its kernel flipped
-        features = flip_kernel(features.reshape((len(features), -1) + layout.kernel)).reshape(len(features), -1)
-    matrix = view.weight.copy()
-    matrix[problem.block] = features.T
-    bias = None
-    if view.bias is not None:
-        bias = view.bias.current.copy() if not view.bias.additive else np.zeros_like(view.bias.current)
-        per_block = matrix.shape[2]
-        bias[problem.block * per_block:(problem.block + 1) * per_block] = weight[:, -1]
-    view.write(inits, matrix, bias)
 
 
 def _output_error(reference: dict, outputs: dict) -> float:
