@@ -98,7 +98,8 @@ def choose(baseline: Baseline, analysis: Analysis, config: PruneConfig, factoriz
     scorer = scorer_name(config, baseline.calibration)
     context = ScoringContext(seed=config.seed, calibration=baseline.calibration, model=baseline.loaded.model,
                              batch_size=config.calib_batch, pfp_points=config.pfp_points,
-                             fixed_batch=baseline.fixed_batch, hold_out=baseline.held_out)
+                             fixed_batch=baseline.fixed_batch, hold_out=baseline.held_out,
+                             allocating=counts is None)
     if config.plan is not None:
         return ChannelChoice(config.plan.to_keep(analysis), config.plan.to_scales(analysis), scorer, context, None)
     if factorizing and channel_ratio(config) == 0:  # factorization alone: no scoring pass

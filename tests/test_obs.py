@@ -150,3 +150,18 @@ def test_the_curve_is_measured_on_held_out_rows():
         change = problem.weight - fitted
         expected.append(float(np.einsum("of,fg,og->", change, problem.held, change)) / held_energy)
     np.testing.assert_allclose(curve[1:], np.maximum.accumulate(expected), rtol=1e-6)
+
+
+def test_given_counts_skip_the_curves_and_keep_the_ranking():
+    """A step of --steps has its counts already: obs ranks the units as it would, and measures nothing."""
+    from onnxprune.calib import CalibrationSet
+    from onnxprune.scoring import ScoringContext, score
+
+    model = models.conv_chain()
+    analysis = analyze_model(load(model))
+    calibration = CalibrationSet(_calib(model, samples=40))
+    contexts = [ScoringContext(calibration=calibration, model=model, fixed_batch=1, allocating=a) for a in (True, False)]
+    ranked, given = (score(analysis, "obs", c) for c in contexts)
+    assert all(np.array_equal(ranked[g], given[g]) for g in ranked)
+    assert contexts[0].allocation.curves and not contexts[1].allocation.curves
+    assert contexts[0].allocation.sensitivity_samples > 0 == contexts[1].allocation.sensitivity_samples

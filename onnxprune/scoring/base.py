@@ -53,6 +53,7 @@ class ScoringContext:
     fixed_batch: int | None = None  # the model's fixed batch size, when its input has one
     pfp_points: int | None = None  # (input, position) points per layer for PFP (None: from a work budget)
     allocation: Allocation | None = None  # set by a scorer that brings its own budget
+    allocating: bool = True  # False: the keep counts are given (a step of --steps), only the ranking is used
     hold_out: bool = False  # keep the held-out calibration samples (calib.data.held_out) out of the scores
 
     def fit_data(self):

@@ -375,9 +375,19 @@ def _group_curve(problems: list[Problem], channels: int, probe: OutputProbe) -> 
     snapshots = dict.fromkeys(points)
     order, curve = greedy_removal(problems, channels, snapshots=snapshots)
     errors = [probe.error(problems, snapshots[r]) for r in points]
+    return _rank(order, channels), rescaled(curve, points, errors)
+
+
+def greedy_order_scores(problems: list[Problem], channels: int) -> np.ndarray:
+    """A group's unit scores alone (no curve, no measurement)."""
+    return _rank(greedy_removal(problems, channels)[0], channels)
+
+
+def _rank(order: np.ndarray, channels: int) -> np.ndarray:
+    """Scores from a removal order: the last removed scores highest, the survivor above all."""
     rank = np.full(channels, float(channels))
     rank[order] = np.arange(len(order))
-    return rank, rescaled(curve, points, errors)
+    return rank
 
 
 @register_scorer("obs", allocates=True)
@@ -394,7 +404,9 @@ def obs(analysis, context):
     stats = ObsStats(layers=len(folds), rows=max((f.count for f in folds), default=0))
     groups = [g for g in analysis.prunable_groups() if by_group.get(g.index) and g.channels > 1]
     scores = {}
-    if groups:
+    if groups and not context.allocating:  # the counts are given: the ranking alone is used
+        scores = {g.index: greedy_order_scores(by_group[g.index], g.channels) for g in groups}
+    elif groups:
         with OutputProbe(context.model, context.calibration, context.fixed_batch,
                          [f.consumer.node.outputs[0].name for f in folds], len(groups) * len(SHARES)) as probe:
             for group in groups:
