@@ -133,7 +133,7 @@ def _weights_are_not_inputs(model: onnx.ModelProto) -> bool:
     if dropped:
         del model.graph.input[:]
         model.graph.input.extend(inputs)
-    model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(model.opset_import))
+    model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(model.opset_import, ignore_unknown=True))
     return dropped
 
 
