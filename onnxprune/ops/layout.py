@@ -189,9 +189,11 @@ class FlattenHandler(Handler):
 @register("Reshape")
 class ReshapeHandler(Handler):
     """Maps channels when the reshape keeps the channel axis and what follows it (merging leading dims),
-    keeps what precedes it and merges it with trailing dims (a flatten), or splits it into several axes
-    (the first half of a channel shuffle; channel j of every block is then kept or removed together).
-    Anything else blocks."""
+    keeps what precedes it and merges it with trailing dims (a flatten), or splits it into blocks. Blocks
+    that are merged back (through Transposes only: a channel shuffle) keep channel j of every block
+    together; blocks that go on apart (attention heads: [B, S, heads, head_dim]) are units, each block
+    kept or removed whole and tracked on the block axis. Anything else blocks. A target computed by a
+    Concat (Shape/Gather exports) needs a constant or -1 at the channel entries."""
 
     multi_axis = True
 
@@ -209,63 +211,115 @@ class ReshapeHandler(Handler):
             ctx.block(x.ids, f"Reshape '{node.name}': {list(in_shape)} -> {list(out_shape)} mixes the channel axis with others")
             return
         axis, ids = mapped
-        if const_input(node, 1) is None and _computed_entry(node.inputs[1], axis, ctx) != -1:
-            ctx.block(x.ids, f"Reshape '{node.name}': target shape is computed and its channel entry is not -1")
+        if ids.ndim > x.ids.ndim:
+            ids = _blocks(ids, node.outputs[0], ctx)
+        if const_input(node, 1) is None and any(_target_piece(node.inputs[1], axis + i, ctx.shape) is None
+                                                for i in range(ids.ndim)):
+            ctx.block(x.ids, f"Reshape '{node.name}': target shape is computed and its channel entry is not a constant")
             return
-        if ids.ndim > x.ids.ndim:  # the channel axis was split into blocks: prune the same j in every block
-            rows = ids.reshape(-1, ids.shape[-1])
-            for row in rows[1:]:
-                ctx.join(rows[0], row)
         ctx.set(node.outputs[0], type(x)(axis, ids))
 
     def rewrite(self, node, rw):
         mask = rw.mask(node.outputs[0])
-        if mask is None or not isinstance(node.inputs[1], gs.Constant):
-            return  # a computed target has -1 at the channel entry (checked in propagate)
-        target = node.inputs[1].values.copy()
+        if mask is None:
+            return
         axis = rw.tracked_axis(node.outputs[0])
-        for i in range(mask.ndim):
-            if target[axis + i] > 0:
-                others = tuple(a for a in range(mask.ndim) if a != i)
-                target[axis + i] = mask.any(axis=others).sum() if others else mask.sum()
-        rw.set_input(node, 1, target)
+        counts = {axis + i: int(mask.any(axis=tuple(a for a in range(mask.ndim) if a != i)).sum())
+                  for i in range(mask.ndim)}
+        if isinstance(node.inputs[1], gs.Constant):
+            rw.set_input(node, 1, _with_counts(node.inputs[1].values, counts, 0))
+            return
+        concat = node.inputs[1].inputs[0]  # a computed target: a Concat with constant channel entries
+        pieces, offset = list(concat.inputs), 0
+        for i, piece in enumerate(concat.inputs):
+            if isinstance(piece, gs.Constant):
+                pieces[i] = _with_counts(piece.values, counts, offset)
+                offset += len(piece.values)
+            else:
+                offset += rw.analysis.shapes[piece.name][0]
+        if any(isinstance(p, np.ndarray) and not np.array_equal(p, old.values) for p, old in zip(pieces, concat.inputs)):
+            node.inputs[1] = rw.add_node("Concat", pieces, axis=0)  # its own copy: other Reshapes may read it
 
 
-def _computed_entry(target: gs.Tensor, position: int, ctx):
+def _with_counts(target: np.ndarray, counts: dict[int, int], offset: int) -> np.ndarray:
+    """Target-shape entries `target` (starting at position `offset`) with the positive entries at the
+    positions of `counts` replaced by those counts (0 copies a dim and -1 is inferred: they stay)."""
+    target = target.copy()
+    for position, count in counts.items():
+        k = position - offset
+        if 0 <= k < len(target) and target[k] > 0:
+            target[k] = count
+    return target
+
+
+def _blocks(ids: np.ndarray, tensor: gs.Tensor, ctx) -> np.ndarray:
+    """Channel ids split into blocks, `ids` shaped [blocks, ...]: joined so that the reshape can be
+    sliced, and the ids the output then carries."""
+    if _merged_back(tensor):  # a channel shuffle: prune the same j in every block
+        rows = ids.reshape(-1, ids.shape[-1])
+        for row in rows[1:]:
+            ctx.join(rows[0], row)
+        return ids
+    blocks = ids.reshape(ids.shape[0], -1)  # blocks go on apart (heads): each block is one unit
+    ctx.join(np.repeat(blocks[:, 0], blocks.shape[1] - 1), blocks[:, 1:])
+    return blocks[:, 0]
+
+
+def _merged_back(tensor: gs.Tensor) -> bool:
+    """Whether every consumer of `tensor` is a Reshape, or a Transpose whose output is merged back."""
+    consumers = tensor.outputs
+    return bool(consumers) and all(
+        c.op == "Reshape" or (c.op == "Transpose" and _merged_back(c.outputs[0])) for c in consumers)
+
+
+def _target_piece(target: gs.Tensor, position: int, shape_of):
     """The value at `position` of a target shape built by Concat from pieces (PyTorch's
-    ``x.view(x.size(0), -1)``), when that piece is a constant; else None."""
+    ``x.view(x.size(0), -1)``, or ``[B, S, heads, head_dim]`` from Shape/Gather), when that piece is a
+    constant; else None."""
     producer = target.inputs[0] if target.inputs else None
     if producer is None or producer.op != "Concat":
         return None
     offset = 0
     for piece in producer.inputs:
-        shape = ctx.shape(piece)
+        shape = shape_of(piece)
         if shape is None or len(shape) != 1:
             return None
         if offset <= position < offset + shape[0]:
-            values = ctx.const(piece)
-            return None if values is None else int(values[position - offset])
+            return int(piece.values[position - offset]) if isinstance(piece, gs.Constant) else None
         offset += shape[0]
     return None
 
 
 def reshape_map(ids, in_shape, out_shape, axis):
     """(output axis, output ids) for a reshape, or None when the channels cannot be followed."""
-    span = ids.ndim  # input axes the channels occupy
     tail = len(in_shape) - axis
     if len(out_shape) >= tail and out_shape[len(out_shape) - tail:] == in_shape[axis:]:
         return len(out_shape) - tail, ids
-    if out_shape[:axis] != in_shape[:axis] or len(out_shape) <= axis:
-        return None
-    for hi in range(axis + span, len(in_shape) + 1):  # merge the channel axes with trailing dims
-        if int(np.prod(in_shape[axis:hi], dtype=np.int64)) == out_shape[axis] and out_shape[axis + 1:] == in_shape[hi:]:
-            return axis, np.repeat(ids.reshape(-1), int(np.prod(in_shape[axis + span:hi], dtype=np.int64)))
-    if span == 1:  # split the channel axis into blocks
-        for n in range(2, len(out_shape) - axis + 1):
-            if int(np.prod(out_shape[axis:axis + n], dtype=np.int64)) == in_shape[axis] \
-                    and out_shape[axis + n:] == in_shape[axis + 1:]:
-                return axis, ids.reshape(out_shape[axis:axis + n])
+    lead = _prod(in_shape[:axis])
+    for start in reversed(range(len(out_shape))):  # the leading dims may be regrouped: [S, C] -> [1, S, ...]
+        if _prod(out_shape[:start]) == lead:
+            mapped = _map_channel_dims(ids, in_shape[axis:], out_shape[start:])
+            if mapped is not None:
+                return start, mapped
     return None
+
+
+def _map_channel_dims(ids, dims, out_dims):
+    """The ids over `out_dims` when the channel axes (first in `dims`) merge with trailing dims or the
+    channel axis splits into blocks, the rest unchanged; else None."""
+    span = ids.ndim  # input axes the channels occupy
+    for hi in range(span, len(dims) + 1):  # merge the channel axes with trailing dims
+        if _prod(dims[:hi]) == out_dims[0] and out_dims[1:] == dims[hi:]:
+            return np.repeat(ids.reshape(-1), _prod(dims[span:hi]))
+    if span == 1:  # split the channel axis into blocks
+        for n in range(2, len(out_dims) + 1):
+            if _prod(out_dims[:n]) == dims[0] and out_dims[n:] == dims[1:]:
+                return ids.reshape(out_dims[:n])
+    return None
+
+
+def _prod(dims) -> int:
+    return int(np.prod(dims, dtype=np.int64))
 
 
 @register("Transpose")

@@ -1,0 +1,156 @@
+"""Multi-head attention as exporters write it: heads are units of head_dim channels shared by the Q, K
+and V projections' output columns and the output projection's input rows; the Reshapes' head count
+shrinks with them. Variants: the scale on Q or on the scores, K pre-transposed, Gemm projections, a
+fused QKV projection split three ways, Reshape targets computed by Shape/Gather/Concat, opsets 13-18."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+
+from onnxprune import PruneConfig, inspect, prune
+from onnxprune.loading import load
+from onnxprune.plan import Plan
+from onnxprune.stages import analyze_model
+from onnxprune.validate.cost import model_cost
+from tests.builders import Builder, random_input, run
+from tests.oracle import family_tests
+
+SEQ, HEADS, HEAD_DIM = 5, 4, 8
+HIDDEN = HEADS * HEAD_DIM
+
+
+class AttentionBuilder(Builder):
+    """A Builder with the pieces of an exported attention block over x [1, SEQ, HIDDEN]."""
+
+    def __init__(self, seed: int, opset: int, gemm: bool, computed: bool):
+        super().__init__(seed, opset=opset)
+        self.gemm, self.computed = gemm, computed
+
+    def linear(self, name: str, x: str, n: int) -> str:
+        """x @ W + b: Gemm(transB) on 2-D rows, or MatMul then Add."""
+        if self.gemm:
+            weight = self.randn(f"{name}.weight", [n, HIDDEN], 1 / math.sqrt(HIDDEN))
+            return self.node("Gemm", name, [x, weight, self.randn(f"{name}.bias", [n], 0.1)], transB=1)
+        return self.add_bias(f"{name}_bias", self.matmul(name, x, HIDDEN, n), n)
+
+    def reshape(self, name: str, x: str, dims: list[int]) -> str:
+        """Reshape to [1, SEQ, *dims]: a literal target, or one built from Shape(x) as torch exports it."""
+        if not self.computed:
+            return self.node("Reshape", name, [x, self.const(f"{name}.shape", [0, 0, *dims] if not self.gemm
+                                                              else [1, SEQ, *dims], np.int64)])
+        pieces = [self._dim(name, x, i) for i in (0, 1)]
+        target = self.node("Concat", f"{name}_target", pieces + [self.const(f"{name}.dims", dims, np.int64)], axis=0)
+        return self.node("Reshape", name, [x, target])
+
+    def _dim(self, name: str, x: str, index: int) -> str:
+        """Shape(x)[index] as a 1-element vector (Shape -> Gather -> Unsqueeze)."""
+        shape = self.node("Shape", f"{name}_shape{index}", [x])
+        dim = self.node("Gather", f"{name}_gather{index}", [shape, self.const(f"{name}.index{index}", index, np.int64)],
+                        axis=0)
+        if self.opset >= 13:
+            return self.node("Unsqueeze", f"{name}_unsqueeze{index}", [dim, self.const(f"{name}.axes{index}", [0], np.int64)])
+        return self.node("Unsqueeze", f"{name}_unsqueeze{index}", [dim], axes=[0])
+
+
+def attention(seed: int = 0, *, opset: int = 17, scale_on_q: bool = False, k_transposed: bool = False,
+              gemm: bool = False, fused_qkv: bool = False, computed: bool = False):
+    """x [1,5,32] (Gemm: reshaped to [5,32]) -> q, k, v projections (32->32) -> Reshape [B,S,4,8] -> Transpose to
+    [B,4,S,8] (K to [B,4,8,S]: by a second Transpose, or pre-transposed by one) -> scores Q K^T -> scaled
+    by 1/sqrt(8) (on the scores, or on Q) -> + mask -> Softmax -> context with V -> Transpose back ->
+    Reshape [B,S,32] -> out projection (32->32) -> y. fused_qkv: one projection (32->96) split in three.
+
+    Prunable: the 4 heads (units of 8 channels of q, k and v, and 8 input rows of out).
+    """
+    b = AttentionBuilder(seed, opset, gemm, computed)
+    x = b.node("Reshape", "rows", ["x", b.const("rows.shape", [SEQ, HIDDEN], np.int64)]) if gemm else "x"
+    if fused_qkv:
+        qkv = b.linear("qkv", x, 3 * HIDDEN)
+        if opset >= 18:
+            q, k, v = b.node("Split", "split_qkv", [qkv], n_out=3, axis=-1, num_outputs=3)
+        else:
+            q, k, v = b.node("Split", "split_qkv", [qkv, b.const("split_qkv.split", [HIDDEN] * 3, np.int64)],
+                             n_out=3, axis=-1)
+    else:
+        q, k, v = (b.linear(name, x, HIDDEN) for name in ("q", "k", "v"))
+    if scale_on_q:
+        q = b.node("Mul", "scale", [q, b.const("scale.value", 1 / math.sqrt(HEAD_DIM))])
+    heads = [b.reshape(f"{name}_heads", t, [HEADS, HEAD_DIM]) for name, t in (("q", q), ("k", k), ("v", v))]
+    q, k, v = (b.node("Transpose", f"{name}_t", [t], perm=[0, 2, 1, 3]) for name, t in zip("qkv", heads))
+    if k_transposed:
+        k = b.node("Transpose", "k_tt", [heads[1]], perm=[0, 2, 3, 1])
+    else:
+        k = b.node("Transpose", "k_tt", [k], perm=[0, 1, 3, 2])
+    scores = b.node("MatMul", "scores", [q, k])
+    if not scale_on_q:
+        scores = b.node("Div", "scale", [scores, b.const("scale.value", math.sqrt(HEAD_DIM))])
+    mask = b.const("mask", np.where(np.arange(SEQ) < SEQ - 1, 0.0, -1e4).reshape(1, 1, 1, SEQ))
+    probs = b.node("Softmax", "softmax", [b.node("Add", "masked", [scores, mask])], axis=-1)
+    context = b.node("Transpose", "context_t", [b.node("MatMul", "context", [probs, v])], perm=[0, 2, 1, 3])
+    merged = b.reshape("merge_heads", context, [HIDDEN]) if not gemm else \
+        b.node("Reshape", "merge_heads", [context, b.const("merge_heads.shape", [SEQ, HIDDEN], np.int64)])
+    b.output(b.linear("out", merged, HIDDEN))
+    return b.model([("x", [1, SEQ, HIDDEN])], name="attention")
+
+
+def _variant(**options):
+    return lambda seed=0: attention(seed, **options)
+
+
+BUILDERS = {
+    "attention": attention,
+    "attention_scale_on_q": _variant(scale_on_q=True),
+    "attention_k_pretransposed": _variant(k_transposed=True),
+    "attention_gemm": _variant(gemm=True),
+    "attention_fused_qkv": _variant(fused_qkv=True),
+    "attention_fused_qkv_opset18": _variant(fused_qkv=True, opset=18),
+    "attention_computed_shapes": _variant(computed=True),
+    "attention_computed_shapes_opset13": _variant(computed=True, opset=13, k_transposed=True),
+}
+BLOCKED: dict[str, str] = {}
+
+test_pruning_dead_channels_is_exact, _ = family_tests(BUILDERS, BLOCKED)
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_the_heads_are_the_units_of_one_group(name):
+    (group,) = [g for g in inspect(BUILDERS[name]())["groups"] if g["prunable"]]
+    assert group["channels"] == HEADS
+    expected = ["qkv"] if "fused" in name else ["q", "k", "v"]
+    assert group["sources"] == expected
+
+
+def test_a_head_whose_value_columns_are_zero_is_removed_exactly():
+    """The issue's oracle: zero head 2's V columns and V bias; outputs do not change without that head."""
+    model = attention(seed=3)
+    loaded = load(model)
+    analysis = analyze_model(loaded)
+    nodes = {n.name: n for n in analysis.graph.nodes}
+    columns = slice(2 * HEAD_DIM, 3 * HEAD_DIM)
+    for node, index in ((nodes["v"], 1), (nodes["v_bias"], 1)):
+        values = node.inputs[index].values.copy()
+        values[..., columns] = 0
+        node.inputs[index] = gs.Constant(node.inputs[index].name + "_zeroed", values)
+    (group,) = analysis.prunable_groups()
+    plan = Plan.from_keep(analysis, {group.index: np.array([0, 1, 3])})
+    zeroed = gs.export_onnx(analysis.graph)
+    zeroed.ir_version = loaded.model.ir_version
+    result = prune(zeroed, PruneConfig(plan=plan))
+    feed = random_input(zeroed)
+    np.testing.assert_allclose(run(result.model, feed)[0], run(zeroed, feed)[0], rtol=1e-5, atol=1e-5)
+    reshapes = {n.name: n for n in result.model.graph.node if n.op_type == "Reshape"}
+    assert set(reshapes) == {"q_heads", "k_heads", "v_heads", "merge_heads"}
+
+
+def test_the_score_and_context_products_count_in_the_cost():
+    full = model_cost(attention(), {"x": [1, SEQ, HIDDEN]})["macs"]
+    result = prune(attention(), PruneConfig(filters=0.5))
+    after = result.report["after"]["macs"]
+    projections = 4 * SEQ * HIDDEN * HIDDEN  # q, k, v, out at full size
+    products = 2 * HEADS * SEQ * SEQ * HEAD_DIM  # scores and context
+    elementwise = 3 * SEQ * HIDDEN + 3 * HEADS * SEQ * SEQ + SEQ * HIDDEN  # biases, scale/mask/softmax, out bias
+    assert full == projections + products + elementwise
+    assert after == projections // 2 + products // 2 + (3 * SEQ * HIDDEN + 3 * HEADS * SEQ * SEQ) // 2 + SEQ * HIDDEN
