@@ -3,14 +3,24 @@
 BiasGelu, FastGelu and QuickGelu are an activation of `x + bias`: channels pass, the bias is sliced.
 SkipLayerNormalization and SkipSimplifiedLayerNormalization normalise `input + skip + bias` over the
 last axis: channels there (the hidden size) are blocked; on another axis input and skip are joined.
-EmbedLayerNormalization reads token ids and embedding tables: no channels reach it. Attention and
-MultiHeadAttention block the channels reaching them (their heads are not pruned yet).
+EmbedLayerNormalization reads token ids and embedding tables: no channels reach it.
+
+Attention (com.microsoft) projects its input with one packed weight [input, Q | K | V columns] and
+bias, attends per head and writes [B, S, V hidden]: its output is a source whose units are the heads
+(head_size channels each); pruning heads slices each head's Q, K and V columns and bias and sets
+`num_heads` (and `qkv_hidden_sizes`). Channels reaching its input (the hidden size) are blocked, as are
+graphs that read its key/value cache. MultiHeadAttention blocks the channels reaching it.
 """
 
 from __future__ import annotations
 
-from .base import Handler, register
+import numpy as np
+
+from .base import Handler, attr, const_input, has_input, register
 from .elementwise import BroadcastHandler
+
+MICROSOFT = "com.microsoft"
+ATTENTION_BIAS = 5  # Attention's input of per-head additive score biases [B or 1, heads or 1, S, T]
 
 
 @register("BiasGelu", "FastGelu", "QuickGelu")
@@ -46,7 +56,79 @@ class EmbedNormHandler(Handler):
         ctx.block_unexpected(node, channel_inputs=())
 
 
-@register("Attention", "MultiHeadAttention")
-class FusedAttentionHandler(Handler):
+@register("MultiHeadAttention")
+class MultiHeadAttentionHandler(Handler):
     def propagate(self, node, ctx):
         ctx.block_inputs(node, "fused attention: its heads are not pruned yet")
+
+
+def qkv_sizes(attrs: dict, packed: int) -> list[int]:
+    """The widths of the Q, K and V columns of Attention's packed weight."""
+    sizes = attrs.get("qkv_hidden_sizes")
+    return [int(n) for n in sizes] if sizes is not None and len(sizes) else [packed // 3] * 3
+
+
+@register("Attention")
+class AttentionHandler(Handler):
+    def propagate(self, node, ctx):
+        ctx.block_inputs(node, "fused attention: its input features (the hidden size) are not pruned")
+        weight, shape = const_input(node, 1), ctx.shape(node.outputs[0])
+        reason = self._refusal(node, weight, shape)
+        if reason is not None:
+            ctx.block_inputs(node, reason)
+            return
+        heads = int(attr(node, "num_heads"))
+        ids = ctx.new_source(node, node.outputs[0], shape[-1], axis=len(shape) - 1).reshape(heads, -1)
+        ctx.join(np.repeat(ids[:, 0], ids.shape[1] - 1), ids[:, 1:])  # a head is one unit
+
+    @staticmethod
+    def _refusal(node, weight, out_shape) -> str | None:
+        """Why the heads of this node cannot be pruned, or None."""
+        if node.domain != MICROSOFT:
+            return "ONNX's own Attention is not supported yet"
+        if weight is None or weight.ndim != 2 or (has_input(node, 2) and const_input(node, 2) is None):
+            return "fused attention: weight or bias is not a constant"
+        if out_shape is None:
+            return "fused attention: output shape unknown"
+        if any(out.name for out in node.outputs[1:]):
+            return "fused attention: its key/value cache (present) is read"
+        if has_input(node, ATTENTION_BIAS) and const_input(node, ATTENTION_BIAS) is None:
+            return "fused attention: a computed per-head score bias"
+        sizes, heads = qkv_sizes(node.attrs, weight.shape[1]), int(attr(node, "num_heads", 0))
+        if heads < 1 or any(n % heads for n in sizes) or sum(sizes) != weight.shape[1]:
+            return "fused attention: packed weight does not split into num_heads heads"
+        return None
+
+    def rewrite(self, node, rw):
+        mask = rw.mask(node.outputs[0])
+        if mask is None:
+            return
+        heads = int(attr(node, "num_heads"))
+        kept = mask.reshape(heads, -1)[:, 0]
+        sizes = qkv_sizes(node.attrs, node.inputs[1].values.shape[1])
+        columns = np.concatenate([np.repeat(kept, n // heads) for n in sizes])
+        rw.set_input(node, 1, node.inputs[1].values[:, columns])
+        if has_input(node, 2):
+            rw.set_input(node, 2, node.inputs[2].values[columns])
+        bias = const_input(node, ATTENTION_BIAS) if has_input(node, ATTENTION_BIAS) else None
+        if bias is not None and bias.shape[1] == heads:
+            rw.set_input(node, ATTENTION_BIAS, bias[:, kept])
+        rw.set_attr(node, "num_heads", int(kept.sum()))
+        if "qkv_hidden_sizes" in node.attrs:
+            rw.set_attr(node, "qkv_hidden_sizes", [n // heads * int(kept.sum()) for n in sizes])
+
+    def filter_weights(self, node):
+        """Per output channel: its V column, and the Q and K columns at the same place of its head."""
+        weight = node.inputs[1].values
+        q, k, v = qkv_sizes(node.attrs, weight.shape[1])
+        if not q == k == v:
+            return weight[:, q + k:].T
+        return np.concatenate([weight[:, :q].T, weight[:, q:q + k].T, weight[:, q + k:].T], axis=1)
+
+    def macs(self, op, attrs, in_shape, weight_shape, out_shape):
+        """The packed projection, then per head the scores (Q K^T) and the context (weights V)."""
+        if not (in_shape and out_shape and weight_shape) or len(weight_shape) != 2:
+            return None
+        rows = int(np.prod(in_shape[:-1], dtype=np.int64))
+        q, _, v = qkv_sizes(attrs, weight_shape[1])
+        return rows * in_shape[-1] * weight_shape[1] + rows * in_shape[-2] * (q + v)

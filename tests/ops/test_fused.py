@@ -1,14 +1,20 @@
 """onnxruntime's fused ops (com.microsoft domain, as onnxruntime.transformers.optimizer writes them):
-BiasGelu, FastGelu and QuickGelu pass channels and slice their bias; SkipLayerNormalization blocks the
-hidden size it normalises; a model importing the com.microsoft opset loads and inspects."""
+Attention's heads are pruned by slicing its packed Q, K, V weight per head; BiasGelu, FastGelu and
+QuickGelu pass channels and slice their bias; SkipLayerNormalization blocks the hidden size it
+normalises; a model importing the com.microsoft opset loads and inspects."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
+from onnx import helper, numpy_helper
 
-from onnxprune import inspect
+from onnxprune import PruneConfig, inspect, prune
+from onnxprune.loading import load
+from onnxprune.plan import Plan
+from onnxprune.stages import analyze_model
+from onnxprune.validate.cost import node_macs
 from tests.builders import Builder
 from tests.oracle import family_tests
 
@@ -62,7 +68,31 @@ def blocked_skip_layer_norm(seed: int = 0):
                    domains=MICROSOFT)
 
 
+HEADS = 4
+
+
+def fused_attention(seed: int = 0, qkv_hidden_sizes=None, score_bias: bool = False):
+    """x [1,5,16] -> Attention(num_heads 4, packed weight [16, q+k+v], bias, a padding mask) -> out(v->16).
+
+    Prunable: the 4 heads (head_size V channels each; their Q, K, V columns and bias go with them).
+    qkv_hidden_sizes: Q, K and V widths (default 16 each); score_bias: a constant per-head score bias.
+    """
+    b = Builder(seed)
+    sizes = qkv_hidden_sizes or [16, 16, 16]
+    inputs = ["x", b.randn("attention.weight", [16, sum(sizes)], 0.25), b.randn("attention.bias", [sum(sizes)], 0.1),
+              b.const("attention.mask", [[1, 1, 1, 1, 0]], np.int32)]
+    if score_bias:
+        inputs += ["", b.randn("attention.score_bias", [1, HEADS, 5, 5], 0.5)]
+    extra = {"qkv_hidden_sizes": sizes} if qkv_hidden_sizes else {}
+    h = b.node("Attention", "attention", inputs, domain="com.microsoft", num_heads=HEADS, **extra)
+    b.output(b.matmul("out", h, sizes[2], 16))
+    return b.model([("x", SEQUENCE)], outputs=[("y", SEQUENCE)], name="fused_attention", domains=MICROSOFT)
+
+
 BUILDERS = {
+    "fused_attention": fused_attention,
+    "fused_attention_qkv_sizes": lambda seed=0: fused_attention(seed, qkv_hidden_sizes=[16, 16, 24]),
+    "fused_attention_score_bias": lambda seed=0: fused_attention(seed, score_bias=True),
     "fused_ffn": fused_ffn,
     "fast_gelu": fast_gelu,
     "blocked_skip_layer_norm": blocked_skip_layer_norm,
@@ -79,3 +109,32 @@ def test_a_model_importing_the_microsoft_opset_inspects_with_its_coverage():
     assert not any("no handler" in r for r in reasons), reasons
     assert [g["channels"] for g in report["groups"] if g["prunable"]] == [32]
     assert np.isclose(report["coverage"], 32 / (32 + 16 + 8))
+
+
+def test_the_fused_attention_heads_are_one_group_of_four_units():
+    (group,) = [g for g in inspect(fused_attention())["groups"] if g["prunable"]]
+    assert (group["sources"], group["channels"]) == (["attention"], HEADS)
+
+
+def test_pruning_heads_slices_the_packed_weight_per_head_and_sets_num_heads():
+    model = fused_attention(qkv_hidden_sizes=[16, 16, 24], score_bias=True)
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    analysis = analyze_model(load(model))
+    (group,) = analysis.prunable_groups()
+    result = prune(model, PruneConfig(plan=Plan.from_keep(analysis, {group.index: np.array([0, 2])})))
+    (node,) = [n for n in result.model.graph.node if n.op_type == "Attention"]
+    pruned = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert (attrs["num_heads"], list(attrs["qkv_hidden_sizes"])) == (2, [8, 8, 12])
+    # Q and K heads are 4 columns wide, V heads 6: keep heads 0 and 2 of each
+    columns = np.r_[0:4, 8:12, 16:20, 24:28, 32:38, 44:50]
+    np.testing.assert_array_equal(pruned[node.input[1]], weights["attention.weight"][:, columns])
+    np.testing.assert_array_equal(pruned[node.input[2]], weights["attention.bias"][columns])
+    np.testing.assert_array_equal(pruned[node.input[5]], weights["attention.score_bias"][:, [0, 2]])
+
+
+def test_fused_attention_macs_count_the_projection_scores_and_context():
+    shapes = {"x": (1, 5, 16), "w": (16, 56), "y": (1, 5, 24)}
+    node = helper.make_node("Attention", ["x", "w"], ["y"], domain="com.microsoft", num_heads=4,
+                            qkv_hidden_sizes=[16, 16, 24])
+    assert node_macs(node, shapes, {}) == 5 * 16 * 56 + 5 * 5 * 16 + 5 * 5 * 24
