@@ -89,15 +89,30 @@ def fused_attention(seed: int = 0, qkv_hidden_sizes=None, score_bias: bool = Fal
     return b.model([("x", SEQUENCE)], outputs=[("y", SEQUENCE)], name="fused_attention", domains=MICROSOFT)
 
 
+def blocked_multi_head_attention(seed: int = 0):
+    """x [1,5,16] -> q, k, v (16->16) -> MultiHeadAttention(num_heads 4) -> out(16->16).
+
+    Blocked: MultiHeadAttention's heads are not pruned yet.
+    """
+    b = Builder(seed)
+    q, k, v = (b.matmul(name, "x", 16, 16) for name in "qkv")
+    h = b.node("MultiHeadAttention", "attention", [q, k, v], domain="com.microsoft", num_heads=HEADS)
+    b.output(b.matmul("out", h, 16, 16))
+    return b.model([("x", SEQUENCE)], outputs=[("y", SEQUENCE)], name="blocked_multi_head_attention",
+                   domains=MICROSOFT)
+
+
 BUILDERS = {
     "fused_attention": fused_attention,
+    "blocked_multi_head_attention": blocked_multi_head_attention,
     "fused_attention_qkv_sizes": lambda seed=0: fused_attention(seed, qkv_hidden_sizes=[16, 16, 24]),
     "fused_attention_score_bias": lambda seed=0: fused_attention(seed, score_bias=True),
     "fused_ffn": fused_ffn,
     "fast_gelu": fast_gelu,
     "blocked_skip_layer_norm": blocked_skip_layer_norm,
 }
-BLOCKED = {"blocked_skip_layer_norm": "normalises across the channel axis (the hidden size)"}
+BLOCKED = {"blocked_skip_layer_norm": "normalises across the channel axis (the hidden size)",
+           "blocked_multi_head_attention": "MultiHeadAttention 'attention': fused attention: its heads are not pruned yet"}
 
 test_pruning_dead_channels_is_exact, test_blocked_patterns_are_left_whole_with_a_reason = \
     family_tests(BUILDERS, BLOCKED)
