@@ -191,8 +191,9 @@ class ReshapeHandler(Handler):
     """Maps channels when the reshape keeps the channel axis and what follows it (merging leading dims),
     keeps what precedes it and merges it with trailing dims (a flatten), or splits it into blocks. Blocks
     that are merged back (through Transposes only: a channel shuffle) keep channel j of every block
-    together; blocks that go on apart (attention heads: [B, S, heads, head_dim]) are units, each block
-    kept or removed whole and tracked on the block axis. Anything else blocks. A target computed by a
+    together; blocks that go on apart (attention heads: [B, S, heads, head_dim], or [B, S, 3, heads,
+    head_dim] from a packed QKV projection) are units, each head kept or removed whole (with its Q, K
+    and V parts when packed) and tracked on the heads axis. Anything else blocks. A target computed by a
     Concat (Shape/Gather exports) needs a constant or -1 at the channel entries."""
 
     multi_axis = True
@@ -212,7 +213,8 @@ class ReshapeHandler(Handler):
             return
         axis, ids = mapped
         if ids.ndim > x.ids.ndim:
-            ids = _blocks(ids, node.outputs[0], ctx)
+            offset, ids = _blocks(ids, node.outputs[0], ctx)
+            axis += offset
         if const_input(node, 1) is None and any(_target_piece(node.inputs[1], axis + i, ctx.shape) is None
                                                 for i in range(ids.ndim)):
             ctx.block(x.ids, f"Reshape '{node.name}': target shape is computed and its channel entry is not a constant")
@@ -252,17 +254,19 @@ def _with_counts(target: np.ndarray, counts: dict[int, int], offset: int) -> np.
     return target
 
 
-def _blocks(ids: np.ndarray, tensor: gs.Tensor, ctx) -> np.ndarray:
-    """Channel ids split into blocks, `ids` shaped [blocks, ...]: joined so that the reshape can be
-    sliced, and the ids the output then carries."""
+def _blocks(ids: np.ndarray, tensor: gs.Tensor, ctx) -> tuple[int, np.ndarray]:
+    """Channel ids split into blocks, `ids` shaped like the split axes: joined so that the reshape can be
+    sliced; (the first output axis that carries channels, counted from the split, and its ids)."""
     if _merged_back(tensor):  # a channel shuffle: prune the same j in every block
         rows = ids.reshape(-1, ids.shape[-1])
         for row in rows[1:]:
             ctx.join(rows[0], row)
-        return ids
-    blocks = ids.reshape(ids.shape[0], -1)  # blocks go on apart (heads): each block is one unit
-    ctx.join(np.repeat(blocks[:, 0], blocks.shape[1] - 1), blocks[:, 1:])
-    return blocks[:, 0]
+        return 0, ids
+    # The blocks go on apart: [heads, head_dim], or [3, heads, head_dim] for a packed QKV projection.
+    # The axis before the last is the unit axis: each of its positions is one unit, tracked there alone.
+    units = np.moveaxis(ids, -2, 0).reshape(ids.shape[-2], -1)
+    ctx.join(np.repeat(units[:, 0], units.shape[1] - 1), units[:, 1:])
+    return ids.ndim - 2, units[:, 0]
 
 
 def _merged_back(tensor: gs.Tensor) -> bool:

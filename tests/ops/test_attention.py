@@ -1,7 +1,8 @@
 """Multi-head attention as exporters write it: heads are units of head_dim channels shared by the Q, K
 and V projections' output columns and the output projection's input rows; the Reshapes' head count
 shrinks with them. Variants: the scale on Q or on the scores, K pre-transposed, Gemm projections, a
-fused QKV projection split three ways, Reshape targets computed by Shape/Gather/Concat, opsets 13-18.
+fused QKV projection split three ways or reshaped to [B, S, 3, heads, head_dim] and taken apart, Reshape
+targets computed by Shape/Gather/Concat, opsets 13-18.
 Grouped-query attention (K/V heads shared by several Q heads) is left whole with its reason."""
 
 from __future__ import annotations
@@ -58,17 +59,38 @@ class AttentionBuilder(Builder):
         return self.node("Unsqueeze", f"{name}_unsqueeze{index}", [dim], axes=[0])
 
 
+def packed_heads(b: AttentionBuilder, qkv: str) -> list[str]:
+    """[B, S, 3*32] -> Reshape [B, S, 3, 4, 8] -> Transpose(2,0,3,1,4) -> Slice and Squeeze axis 0
+    three times: Q, K, V as [B, 4, S, 8] (timm's and PaddlePaddle's spelling)."""
+    heads = b.node("Transpose", "qkv_t", [b.reshape("qkv_heads", qkv, [3, HEADS, HEAD_DIM])], perm=[2, 0, 3, 1, 4])
+    parts = []
+    for i, name in enumerate("qkv"):
+        bounds = [b.const(f"{name}_slice.{key}", [value], np.int64) for key, value in (("starts", i), ("ends", i + 1),
+                                                                                     ("axes", 0))]
+        part = b.node("Slice", f"{name}_slice", [heads, *bounds])
+        parts.append(b.node("Squeeze", f"{name}_t", [part, b.const(f"{name}_t.axes", [0], np.int64)]))
+    return parts
+
+
 def attention(seed: int = 0, *, opset: int = 17, scale_on_q: bool = False, k_transposed: bool = False,
-              gemm: bool = False, fused_qkv: bool = False, computed: bool = False):
+              gemm: bool = False, fused_qkv: bool = False, computed: bool = False, packed: bool = False):
     """x [1,5,32] (Gemm: reshaped to [5,32]) -> q, k, v projections (32->32) -> Reshape [B,S,4,8] -> Transpose to
     [B,4,S,8] (K to [B,4,8,S]: by a second Transpose, or pre-transposed by one) -> scores Q K^T -> scaled
     by 1/sqrt(8) (on the scores, or on Q) -> + mask -> Softmax -> context with V -> Transpose back ->
     Reshape [B,S,32] -> out projection (32->32) -> y. fused_qkv: one projection (32->96) split in three.
 
+    packed: the fused projection reshaped to [B, S, 3, 4, 8] and taken apart after a Transpose (see
+    `packed_heads`), the scale on Q.
+
     Prunable: the 4 heads (units of 8 channels of q, k and v, and 8 input rows of out).
     """
     b = AttentionBuilder(seed, opset, gemm, computed)
     x = b.node("Reshape", "rows", ["x", b.const("rows.shape", [SEQ, HIDDEN], np.int64)]) if gemm else "x"
+    if packed:
+        q, k, v = packed_heads(b, b.linear("qkv", x, 3 * HIDDEN))
+        q = b.node("Mul", "scale", [q, b.const("scale.value", 1 / math.sqrt(HEAD_DIM))])
+        k = b.node("Transpose", "k_tt", [k], perm=[0, 1, 3, 2])
+        return _attend(b, q, k, v, scaled=True, gemm=gemm)
     if fused_qkv:
         qkv = b.linear("qkv", x, 3 * HIDDEN)
         if opset >= 18:
@@ -86,8 +108,14 @@ def attention(seed: int = 0, *, opset: int = 17, scale_on_q: bool = False, k_tra
         k = b.node("Transpose", "k_tt", [heads[1]], perm=[0, 2, 3, 1])
     else:
         k = b.node("Transpose", "k_tt", [k], perm=[0, 1, 3, 2])
+    return _attend(b, q, k, v, scaled=scale_on_q, gemm=gemm)
+
+
+def _attend(b: AttentionBuilder, q: str, k: str, v: str, scaled: bool, gemm: bool):
+    """Q [B,4,S,8], K^T [B,4,8,S], V [B,4,S,8] -> scores (scaled unless `scaled`), mask, Softmax, context,
+    heads merged back -> out projection = y."""
     scores = b.node("MatMul", "scores", [q, k])
-    if not scale_on_q:
+    if not scaled:
         scores = b.node("Div", "scale", [scores, b.const("scale.value", math.sqrt(HEAD_DIM))])
     mask = b.const("mask", np.where(np.arange(SEQ) < SEQ - 1, 0.0, -1e4).reshape(1, 1, 1, SEQ))
     probs = b.node("Softmax", "softmax", [b.node("Add", "masked", [scores, mask])], axis=-1)
@@ -135,6 +163,8 @@ BUILDERS = {
     "attention_fused_qkv_opset18": _variant(fused_qkv=True, opset=18),
     "attention_computed_shapes": _variant(computed=True),
     "attention_computed_shapes_opset13": _variant(computed=True, opset=13, k_transposed=True),
+    "attention_packed_heads": _variant(packed=True),
+    "attention_packed_heads_computed": _variant(packed=True, computed=True),
     "blocked_grouped_query": grouped_query,
 }
 BLOCKED = {"blocked_grouped_query": "Expand 'k_repeat': no handler for this op type"}
@@ -147,7 +177,7 @@ test_pruning_dead_channels_is_exact, test_blocked_patterns_are_left_whole_with_a
 def test_the_heads_are_the_units_of_one_group(name):
     (group,) = [g for g in inspect(BUILDERS[name]())["groups"] if g["prunable"]]
     assert group["channels"] == HEADS
-    expected = ["qkv"] if "fused" in name else ["q", "k", "v"]
+    expected = ["qkv"] if "fused" in name or "packed" in name else ["q", "k", "v"]
     assert group["sources"] == expected
 
 
