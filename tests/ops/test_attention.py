@@ -15,6 +15,7 @@ from onnx import numpy_helper
 import pytest
 
 from onnxprune import PruneConfig, inspect, prune
+from onnxprune.allocate import keep_counts
 from onnxprune.loading import load
 from onnxprune.plan import Plan
 from onnxprune.stages import analyze_model
@@ -234,3 +235,12 @@ def test_data_informed_scorers_remove_the_head_that_contributes_nothing(scorer):
     (group,) = result.plan.groups
     assert group.keep == [0, 2, 3]
     assert result.report["fidelity"]["max_abs_diff"] < 1e-5
+
+
+def test_round_to_counts_the_channels_of_a_head():
+    """--round-to 8 keeps heads of 8 channels at any count (it used to round 4 heads up to all 4)."""
+    analysis = analyze_model(load(attention()))
+    (group,) = analysis.prunable_groups()
+    assert group.width == HEAD_DIM
+    scores = {group.index: np.arange(HEADS, dtype=float)}
+    assert keep_counts(analysis, scores, 0.3, False, round_to=8) == {group.index: 3}
