@@ -1,4 +1,5 @@
-"""Ops that move, cut or merge axes: Concat, Split, Slice, Flatten, Reshape, Transpose, (Un)Squeeze, Shape."""
+"""Ops that move, cut or merge axes: Concat, Split, Slice, Flatten, Reshape, Expand, Transpose, (Un)Squeeze,
+Shape."""
 
 from __future__ import annotations
 
@@ -215,8 +216,7 @@ class ReshapeHandler(Handler):
         if ids.ndim > x.ids.ndim:
             offset, ids = _blocks(ids, node.outputs[0], ctx)
             axis += offset
-        if const_input(node, 1) is None and any(_target_piece(node.inputs[1], axis + i, ctx.shape) is None
-                                                for i in range(ids.ndim)):
+        if not _entries_known(node, range(axis, axis + ids.ndim), ctx.shape):
             ctx.block(x.ids, f"Reshape '{node.name}': target shape is computed and its channel entry is not a constant")
             return
         ctx.set(node.outputs[0], type(x)(axis, ids))
@@ -228,19 +228,65 @@ class ReshapeHandler(Handler):
         axis = rw.tracked_axis(node.outputs[0])
         counts = {axis + i: int(mask.any(axis=tuple(a for a in range(mask.ndim) if a != i)).sum())
                   for i in range(mask.ndim)}
-        if isinstance(node.inputs[1], gs.Constant):
-            rw.set_input(node, 1, _with_counts(node.inputs[1].values, counts, 0))
+        set_shape_entries(node, counts, rw)
+
+
+@register("Expand")
+class ExpandHandler(Handler):
+    """Broadcasting to a shape (grouped-query attention repeats K/V heads so): channels on an axis that
+    is not expanded pass; the shape's entry there is updated."""
+
+    def propagate(self, node, ctx):
+        ctx.block_unexpected(node, channel_inputs=(0,))
+        x = ctx.channels(node.inputs[0])
+        if x is None:
             return
-        concat = node.inputs[1].inputs[0]  # a computed target: a Concat with constant channel entries
-        pieces, offset = list(concat.inputs), 0
-        for i, piece in enumerate(concat.inputs):
-            if isinstance(piece, gs.Constant):
-                pieces[i] = _with_counts(piece.values, counts, offset)
-                offset += len(piece.values)
-            else:
-                offset += rw.analysis.shapes[piece.name][0]
-        if any(isinstance(p, np.ndarray) and not np.array_equal(p, old.values) for p, old in zip(pieces, concat.inputs)):
-            node.inputs[1] = rw.add_node("Concat", pieces, axis=0)  # its own copy: other Reshapes may read it
+        in_shape, out_shape, target = (ctx.shape(t) for t in (node.inputs[0], node.outputs[0], node.inputs[1]))
+        if in_shape is None or out_shape is None or target is None:
+            ctx.block(x.ids, f"Expand '{node.name}': shape unknown")
+            return
+        axis = x.axis + len(out_shape) - len(in_shape)
+        if out_shape[axis] != in_shape[x.axis]:
+            ctx.block(x.ids, f"Expand '{node.name}': expands the channel axis")
+            return
+        if not _entries_known(node, [axis - len(out_shape) + target[0]], ctx.shape):
+            ctx.block(x.ids, f"Expand '{node.name}': target shape is computed and its channel entry is not a constant")
+            return
+        ctx.set(node.outputs[0], type(x)(axis, x.ids))
+
+    def rewrite(self, node, rw):
+        mask = rw.mask(node.outputs[0])
+        if mask is not None:
+            length = _vector_length(node.inputs[1], rw.analysis.shapes)
+            set_shape_entries(node, {rw.tracked_axis(node.outputs[0]) - rw.rank(node.outputs[0]) + length: int(mask.sum())}, rw)
+
+
+def _entries_known(node, positions, shape_of) -> bool:
+    """Whether the shape input (input 1) of `node` is a constant, or a Concat with a constant piece at
+    each of `positions` (positions before the vector's start are not in it)."""
+    return const_input(node, 1) is not None or all(
+        p < 0 or _target_piece(node.inputs[1], p, shape_of) is not None for p in positions)
+
+
+def set_shape_entries(node, counts: dict[int, int], rw) -> None:
+    """Give the shape input (input 1) of `node` the counts at their positions: a constant is replaced; a
+    computed one (a Concat with constant pieces there) is read from a copy of that Concat, since other
+    nodes may read it."""
+    if isinstance(node.inputs[1], gs.Constant):
+        rw.set_input(node, 1, _with_counts(node.inputs[1].values, counts, 0))
+        return
+    concat = node.inputs[1].inputs[0]
+    pieces, offset = list(concat.inputs), 0
+    for i, piece in enumerate(concat.inputs):
+        if isinstance(piece, gs.Constant):
+            pieces[i] = _with_counts(piece.values, counts, offset)
+        offset += _vector_length(piece, rw.analysis.shapes)
+    if any(isinstance(p, np.ndarray) and not np.array_equal(p, old.values) for p, old in zip(pieces, concat.inputs)):
+        node.inputs[1] = rw.add_node("Concat", pieces, axis=0)
+
+
+def _vector_length(tensor: gs.Tensor, shapes: dict) -> int:
+    return len(tensor.values) if isinstance(tensor, gs.Constant) else shapes[tensor.name][0]
 
 
 def _with_counts(target: np.ndarray, counts: dict[int, int], offset: int) -> np.ndarray:

@@ -3,7 +3,8 @@ and V projections' output columns and the output projection's input rows; the Re
 shrinks with them. Variants: the scale on Q or on the scores, K pre-transposed, Gemm projections, a
 fused QKV projection split three ways or reshaped to [B, S, 3, heads, head_dim] and taken apart, Reshape
 targets computed by Shape/Gather/Concat, opsets 13-18.
-Grouped-query attention (K/V heads shared by several Q heads) is left whole with its reason."""
+Grouped-query attention (K/V heads repeated by Expand for several Q heads): a unit is a K/V head and
+the Q heads that share it."""
 
 from __future__ import annotations
 
@@ -127,13 +128,14 @@ def _attend(b: AttentionBuilder, q: str, k: str, v: str, scaled: bool, gemm: boo
     return b.model([("x", [1, SEQ, HIDDEN])], name="attention")
 
 
-def grouped_query(seed: int = 0):
+def grouped_query(seed: int = 0, computed: bool = False):
     """Grouped-query attention: q (32->32, 4 heads), k and v (32->16, 2 heads each, repeated twice by
     Unsqueeze -> Expand -> Reshape, as repeat_kv exports) -> scores, Softmax, context -> out (32->32).
 
-    Blocked: the shared K/V heads are left whole (Expand has no handler) and with them Q's heads.
+    Prunable: 2 units, each a K/V head and the 2 Q heads that share it (the Expand's and the Reshapes'
+    head counts shrink together). computed: the shapes built by Shape/Gather/Concat.
     """
-    b = AttentionBuilder(seed, 17, gemm=False, computed=False)
+    b = AttentionBuilder(seed, 17, gemm=False, computed=computed)
     q = b.node("Transpose", "q_t", [b.reshape("q_heads", b.linear("q", "x", HIDDEN), [HEADS, HEAD_DIM])],
                perm=[0, 2, 1, 3])
     shared = []
@@ -142,7 +144,10 @@ def grouped_query(seed: int = 0):
                       [HEADS // 2, HEAD_DIM])
         h = b.node("Unsqueeze", f"{name}_unsqueeze", [b.node("Transpose", f"{name}_t", [h], perm=[0, 2, 1, 3]),
                                                       b.const(f"{name}.axes", [2], np.int64)])
-        h = b.node("Expand", f"{name}_repeat", [h, b.const(f"{name}.repeat", [1, HEADS // 2, 2, SEQ, HEAD_DIM], np.int64)])
+        dims = [HEADS // 2, 2, SEQ, HEAD_DIM]
+        repeat = b.node("Concat", f"{name}_repeat_shape", [b._dim(f"{name}_repeat", h, 0), b.const(
+            f"{name}.repeat", dims, np.int64)], axis=0) if computed else b.const(f"{name}.repeat", [1, *dims], np.int64)
+        h = b.node("Expand", f"{name}_repeat", [h, repeat])
         shared.append(b.node("Reshape", f"{name}_shared", [h, b.const(f"{name}.shared", [1, HEADS, SEQ, HEAD_DIM], np.int64)]))
     k = b.node("Transpose", "k_tt", [shared[0]], perm=[0, 1, 3, 2])
     probs = b.node("Softmax", "softmax", [b.node("MatMul", "scores", [q, k])], axis=-1)
@@ -166,18 +171,18 @@ BUILDERS = {
     "attention_computed_shapes_opset13": _variant(computed=True, opset=13, k_transposed=True),
     "attention_packed_heads": _variant(packed=True),
     "attention_packed_heads_computed": _variant(packed=True, computed=True),
-    "blocked_grouped_query": grouped_query,
+    "grouped_query": grouped_query,
+    "grouped_query_computed_shapes": lambda seed=0: grouped_query(seed, computed=True),
 }
-BLOCKED = {"blocked_grouped_query": "Expand 'k_repeat': no handler for this op type"}
+BLOCKED: dict[str, str] = {}
 
-test_pruning_dead_channels_is_exact, test_blocked_patterns_are_left_whole_with_a_reason = \
-    family_tests(BUILDERS, BLOCKED)
+test_pruning_dead_channels_is_exact, _ = family_tests(BUILDERS, BLOCKED)
 
 
-@pytest.mark.parametrize("name", sorted(set(BUILDERS) - set(BLOCKED)))
+@pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_the_heads_are_the_units_of_one_group(name):
     (group,) = [g for g in inspect(BUILDERS[name]())["groups"] if g["prunable"]]
-    assert group["channels"] == HEADS
+    assert group["channels"] == (HEADS // 2 if name.startswith("grouped_query") else HEADS)
     expected = ["qkv"] if "fused" in name or "packed" in name else ["q", "k", "v"]
     assert group["sources"] == expected
 
