@@ -9,7 +9,9 @@ Attention (com.microsoft) projects its input with one packed weight [input, Q | 
 bias, attends per head and writes [B, S, V hidden]: its output is a source whose units are the heads
 (head_size channels each); pruning heads slices each head's Q, K and V columns and bias and sets
 `num_heads` (and `qkv_hidden_sizes`). Channels reaching its input (the hidden size) are blocked, as are
-graphs that read its key/value cache. MultiHeadAttention blocks the channels reaching it.
+graphs that read its key/value cache. MultiHeadAttention reads Q, K and V projected apart, [B, S, width]
+each: a head is one unit of the three, its output carries V's channels, and pruning heads slices its
+packed bias and sets `num_heads` (packed or cached inputs are blocked).
 """
 
 from __future__ import annotations
@@ -59,7 +61,54 @@ class EmbedNormHandler(Handler):
 @register("MultiHeadAttention")
 class MultiHeadAttentionHandler(Handler):
     def propagate(self, node, ctx):
-        ctx.block_inputs(node, "fused attention: its heads are not pruned yet")
+        maps = [ctx.channels(t) if has_input(node, i) else None for i, t in enumerate(node.inputs[:3])]
+        ctx.block_unexpected(node, channel_inputs=(0, 1, 2))
+        reason = self._refusal(node, maps, ctx)
+        if reason is not None:
+            ctx.block_inputs(node, reason)
+            return
+        heads = [m.ids.reshape(int(attr(node, "num_heads")), -1) for m in maps]
+        for part in heads:
+            ctx.join(np.repeat(part[:, 0], part.shape[1] - 1), part[:, 1:])
+        ctx.join(heads[0][:, 0], heads[1][:, 0])
+        ctx.join(heads[0][:, 0], heads[2][:, 0])
+        ctx.set(node.outputs[0], maps[2])  # output channel c is the attention-weighted V channel c
+
+    @staticmethod
+    def _refusal(node, maps, ctx) -> str | None:
+        if node.domain != MICROSOFT:
+            return "not onnxruntime's MultiHeadAttention"
+        if any(m is None for m in maps):
+            return "fused attention: query, key and value are not all projections carrying channels"
+        ranks = [len(ctx.shape(t) or ()) for t in node.inputs[:3]]
+        if any(rank != 3 or m.axis != 2 for rank, m in zip(ranks, maps)):
+            return "fused attention: packed or cached query, key or value"
+        if any(has_input(node, i) for i in range(6, len(node.inputs))) or any(o.name for o in node.outputs[1:]):
+            return "fused attention: its key/value cache is read or written"
+        for index in (3, ATTENTION_BIAS):
+            if has_input(node, index) and const_input(node, index) is None:
+                return "fused attention: a computed bias"
+        if any(len(m.ids) % int(attr(node, "num_heads", 0) or len(m.ids) + 1) for m in maps):
+            return "fused attention: query, key or value does not split into num_heads heads"
+        return None
+
+    def rewrite(self, node, rw):
+        masks = [rw.mask(t) for t in node.inputs[:3]]
+        if masks[0] is None:
+            return
+        heads = int(attr(node, "num_heads"))
+        kept = masks[0].reshape(heads, -1)[:, 0]
+        if has_input(node, 3):
+            rw.set_input(node, 3, node.inputs[3].values[np.concatenate(masks)])
+        slice_head_bias(node, rw, heads, kept)
+        rw.set_attr(node, "num_heads", int(kept.sum()))
+
+
+def slice_head_bias(node, rw, heads: int, kept: np.ndarray) -> None:
+    """Keep the kept heads of a constant per-head score bias [B or 1, heads or 1, S, T], if any."""
+    bias = const_input(node, ATTENTION_BIAS) if has_input(node, ATTENTION_BIAS) else None
+    if bias is not None and bias.shape[1] == heads:
+        rw.set_input(node, ATTENTION_BIAS, bias[:, kept])
 
 
 def qkv_sizes(attrs: dict, packed: int) -> list[int]:
@@ -110,9 +159,7 @@ class AttentionHandler(Handler):
         rw.set_input(node, 1, node.inputs[1].values[:, columns])
         if has_input(node, 2):
             rw.set_input(node, 2, node.inputs[2].values[columns])
-        bias = const_input(node, ATTENTION_BIAS) if has_input(node, ATTENTION_BIAS) else None
-        if bias is not None and bias.shape[1] == heads:
-            rw.set_input(node, ATTENTION_BIAS, bias[:, kept])
+        slice_head_bias(node, rw, heads, kept)
         rw.set_attr(node, "num_heads", int(kept.sum()))
         if "qkv_hidden_sizes" in node.attrs:
             rw.set_attr(node, "qkv_hidden_sizes", [n // heads * int(kept.sum()) for n in sizes])

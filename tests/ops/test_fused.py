@@ -1,5 +1,6 @@
 """onnxruntime's fused ops (com.microsoft domain, as onnxruntime.transformers.optimizer writes them):
-Attention's heads are pruned by slicing its packed Q, K, V weight per head; BiasGelu, FastGelu and
+Attention's heads are pruned by slicing its packed Q, K, V weight per head, MultiHeadAttention's by
+its projections; BiasGelu, FastGelu and
 QuickGelu pass channels and slice their bias; SkipLayerNormalization blocks the hidden size it
 normalises; a model importing the com.microsoft opset loads and inspects."""
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from onnx import helper, numpy_helper
 
 from onnxprune import PruneConfig, inspect, prune
@@ -89,22 +91,29 @@ def fused_attention(seed: int = 0, qkv_hidden_sizes=None, score_bias: bool = Fal
     return b.model([("x", SEQUENCE)], outputs=[("y", SEQUENCE)], name="fused_attention", domains=MICROSOFT)
 
 
-def blocked_multi_head_attention(seed: int = 0):
-    """x [1,5,16] -> q, k, v (16->16) -> MultiHeadAttention(num_heads 4) -> out(16->16).
+def multi_head_attention(seed: int = 0, cached: bool = False):
+    """x [1,5,16] -> q, k (16->16), v (16->24) -> MultiHeadAttention(num_heads 4, packed bias [56], a
+    constant per-head score bias) -> out(24->16).
 
-    Blocked: MultiHeadAttention's heads are not pruned yet.
+    Prunable: the 4 heads (4 channels of q and of k, 6 of v each). cached: its present key is an output
+    too: blocked.
     """
     b = Builder(seed)
-    q, k, v = (b.matmul(name, "x", 16, 16) for name in "qkv")
-    h = b.node("MultiHeadAttention", "attention", [q, k, v], domain="com.microsoft", num_heads=HEADS)
-    b.output(b.matmul("out", h, 16, 16))
-    return b.model([("x", SEQUENCE)], outputs=[("y", SEQUENCE)], name="blocked_multi_head_attention",
-                   domains=MICROSOFT)
+    q, k, v = (b.matmul(name, "x", 16, n) for name, n in (("q", 16), ("k", 16), ("v", 24)))
+    inputs = [q, k, v, b.randn("attention.bias", [56], 0.1), "", b.randn("attention.score_bias", [1, HEADS, 5, 5], 0.5)]
+    outputs = 2 if cached else 1
+    h = b.node("MultiHeadAttention", "attention", inputs, n_out=outputs, domain="com.microsoft", num_heads=HEADS)
+    b.output(b.matmul("out", h[0] if cached else h, 24, 16))
+    if cached:
+        b.output(h[1], "present_key")
+    names = [("y", SEQUENCE)] + ([("present_key", [1, HEADS, 5, 4])] if cached else [])
+    return b.model([("x", SEQUENCE)], outputs=names, name="multi_head_attention", domains=MICROSOFT)
 
 
 BUILDERS = {
     "fused_attention": fused_attention,
-    "blocked_multi_head_attention": blocked_multi_head_attention,
+    "multi_head_attention": multi_head_attention,
+    "blocked_multi_head_attention_cached": lambda seed=0: multi_head_attention(seed, cached=True),
     "fused_attention_qkv_sizes": lambda seed=0: fused_attention(seed, qkv_hidden_sizes=[16, 16, 24]),
     "fused_attention_score_bias": lambda seed=0: fused_attention(seed, score_bias=True),
     "fused_ffn": fused_ffn,
@@ -112,7 +121,7 @@ BUILDERS = {
     "blocked_skip_layer_norm": blocked_skip_layer_norm,
 }
 BLOCKED = {"blocked_skip_layer_norm": "normalises across the channel axis (the hidden size)",
-           "blocked_multi_head_attention": "MultiHeadAttention 'attention': fused attention: its heads are not pruned yet"}
+           "blocked_multi_head_attention_cached": "its key/value cache is read or written"}
 
 test_pruning_dead_channels_is_exact, test_blocked_patterns_are_left_whole_with_a_reason = \
     family_tests(BUILDERS, BLOCKED)
@@ -126,9 +135,10 @@ def test_a_model_importing_the_microsoft_opset_inspects_with_its_coverage():
     assert np.isclose(report["coverage"], 32 / (32 + 16 + 8))
 
 
-def test_the_fused_attention_heads_are_one_group_of_four_units():
-    (group,) = [g for g in inspect(fused_attention())["groups"] if g["prunable"]]
-    assert (group["sources"], group["channels"]) == (["attention"], HEADS)
+@pytest.mark.parametrize("build,sources", [(fused_attention, ["attention"]), (multi_head_attention, ["q", "k", "v"])])
+def test_the_fused_attention_heads_are_one_group_of_four_units(build, sources):
+    (group,) = [g for g in inspect(build())["groups"] if g["prunable"]]
+    assert (group["sources"], group["channels"]) == (sources, HEADS)
 
 
 def test_pruning_heads_slices_the_packed_weight_per_head_and_sets_num_heads():
