@@ -351,6 +351,18 @@ def reshape_map(ids, in_shape, out_shape, axis):
             mapped = _map_channel_dims(ids, in_shape[axis:], out_shape[start:])
             if mapped is not None:
                 return start, mapped
+    return _merge_with_outer(ids, in_shape, out_shape, axis) if ids.ndim == 1 else None
+
+
+def _merge_with_outer(ids, in_shape, out_shape, axis):
+    """(output axis, ids) when the channel axis merges with dims before it (and maybe after it):
+    [S, B, directions, hidden] -> [S, B, directions * hidden]; else None."""
+    for lo in range(axis - 1, -1, -1):
+        for hi in range(axis + 1, len(in_shape) + 1):
+            start = len(out_shape) - len(in_shape[hi:]) - 1
+            if start >= 0 and out_shape[start + 1:] == in_shape[hi:] and out_shape[start] == _prod(in_shape[lo:hi]) \
+                    and _prod(out_shape[:start]) == _prod(in_shape[:lo]):
+                return start, _merge_ids(ids, in_shape, axis, lo, hi)
     return None
 
 
