@@ -116,6 +116,12 @@ class Handler:
         """Multiply-accumulates at these shapes (any may be None: unknown); None when they do not say."""
         return None
 
+    def cost_parts(self, node: gs.Node) -> list[tuple[float, gs.Tensor, gs.Tensor]] | None:
+        """For a source whose MACs do not all scale with its input and output channels: (share of its
+        MACs, the tensor whose kept fraction scales the share on the input side, likewise the output
+        side) per part; None: one part, input 0 and output 0."""
+        return None
+
 
 def filters(handler: Handler, layout: WeightLayout, weight: np.ndarray) -> np.ndarray:
     """The weight as [outputs, features]: row o is what output channel o reads (grouped: its group's)."""

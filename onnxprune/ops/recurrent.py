@@ -70,6 +70,12 @@ class RecurrentHandler(Handler):
             rw.set_input(node, PEEPHOLES, node.inputs[PEEPHOLES].values[:, np.tile(keep, 3)])
         rw.set_attr(node, "hidden_size", int(keep.sum()))
 
+    def cost_parts(self, node):
+        """The input product scales with the features and the units, the recurrent one with the units twice."""
+        w, r = (node.inputs[i].values.size for i in (1, 2))
+        y = next(t for t in node.outputs if t.name)
+        return [(w / (w + r), node.inputs[0], y), (r / (w + r), y, y)]
+
     def filter_weights(self, node):
         """Per hidden unit: its rows of every gate of W and R, both directions."""
         gates, hidden = GATES[node.op], int(attr(node, "hidden_size"))

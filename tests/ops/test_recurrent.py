@@ -15,6 +15,7 @@ import pytest
 from onnx import helper
 
 from onnxprune.ops.recurrent import GATES
+from onnxprune.plan import Plan
 from onnxprune.validate.cost import node_macs
 from tests.builders import Builder
 from tests.oracle import family_tests
@@ -85,3 +86,20 @@ def test_a_recurrent_layer_costs_its_input_and_recurrent_products_per_step(op, g
     node = helper.make_node(op, ["x", "w", "r"], ["y"], hidden_size=hidden)
     per_step = gates * hidden * features + gates * hidden * hidden
     assert node_macs(node, shapes, {}) == steps * batch * per_step
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_the_mac_estimate_of_a_plan_is_the_pruned_models(name):
+    """The recurrent product shrinks with the kept units twice (the input product with features x units)."""
+    from onnxprune import PruneConfig, prune
+    from onnxprune.budget import CostModel
+    from onnxprune.loading import load
+    from onnxprune.stages import analyze_model
+    from tests.oracle import drop_every_other
+
+    model = BUILDERS[name]()
+    analysis = analyze_model(load(model))
+    keep = drop_every_other(analysis)
+    counts = {g: len(k) for g, k in keep.items()}
+    result = prune(model, PruneConfig(plan=Plan.from_keep(analysis, keep)))
+    assert CostModel.build(analysis).macs(counts) == pytest.approx(result.report["after"]["macs"])
