@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .attention import OnnxAttention
 from .base import Handler, attr, const_input, has_input, register
 from .elementwise import BroadcastHandler
 
@@ -119,7 +120,14 @@ def qkv_sizes(attrs: dict, packed: int) -> list[int]:
 
 @register("Attention")
 class AttentionHandler(Handler):
+    """onnxruntime's Attention; ONNX's own (the default domain, opset 23) is `OnnxAttention`'s."""
+
+    onnx = OnnxAttention()
+
     def propagate(self, node, ctx):
+        if node.domain != MICROSOFT:
+            self.onnx.propagate(node, ctx)
+            return
         ctx.block_inputs(node, "fused attention: its input features (the hidden size) are not pruned")
         weight, shape = const_input(node, 1), ctx.shape(node.outputs[0])
         reason = self._refusal(node, weight, shape)
@@ -133,8 +141,6 @@ class AttentionHandler(Handler):
     @staticmethod
     def _refusal(node, weight, out_shape) -> str | None:
         """Why the heads of this node cannot be pruned, or None."""
-        if node.domain != MICROSOFT:
-            return "ONNX's own Attention is not supported yet"
         if weight is None or weight.ndim != 2 or (has_input(node, 2) and const_input(node, 2) is None):
             return "fused attention: weight or bias is not a constant"
         if out_shape is None:
@@ -149,6 +155,9 @@ class AttentionHandler(Handler):
         return None
 
     def rewrite(self, node, rw):
+        if node.domain != MICROSOFT:
+            self.onnx.rewrite(node, rw)
+            return
         mask = rw.mask(node.outputs[0])
         if mask is None:
             return
@@ -174,7 +183,9 @@ class AttentionHandler(Handler):
 
     def macs(self, op, attrs, in_shape, weight_shape, out_shape):
         """The packed projection, then per head the scores (Q K^T) and the context (weights V)."""
-        if not (in_shape and out_shape and weight_shape) or len(weight_shape) != 2:
+        if weight_shape and len(weight_shape) > 2:  # ONNX's own: K where the packed weight would be
+            return self.onnx.macs(op, attrs, in_shape, weight_shape, out_shape)
+        if not (in_shape and out_shape and weight_shape):
             return None
         rows = int(np.prod(in_shape[:-1], dtype=np.int64))
         q, _, v = qkv_sizes(attrs, weight_shape[1])

@@ -4,7 +4,7 @@ shrinks with them. Variants: the scale on Q or on the scores, K pre-transposed, 
 fused QKV projection split three ways or reshaped to [B, S, 3, heads, head_dim] and taken apart, Reshape
 targets computed by Shape/Gather/Concat, opsets 13-18.
 Grouped-query attention (K/V heads repeated by Expand for several Q heads): a unit is a K/V head and
-the Q heads that share it."""
+the Q heads that share it. ONNX's own Attention (opset 23) on [B, S, features] and [B, heads, S, size]."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 import pytest
 
 from onnxprune import PruneConfig, inspect, prune
@@ -20,7 +20,7 @@ from onnxprune.allocate import keep_counts
 from onnxprune.loading import load
 from onnxprune.plan import Plan
 from onnxprune.stages import analyze_model
-from onnxprune.validate.cost import model_cost
+from onnxprune.validate.cost import model_cost, node_macs
 from tests.builders import Builder, random_input, run
 from tests.oracle import family_tests
 
@@ -156,6 +156,28 @@ def grouped_query(seed: int = 0, computed: bool = False):
     return b.model([("x", [1, SEQ, HIDDEN])], name="grouped_query")
 
 
+def onnx_attention(seed: int = 0, kv_heads: int = HEADS, four_d: bool = False):
+    """ONNX's own Attention (opset 23): x [1,5,32] -> q (32->32), k and v (32->8*kv_heads) -> Attention
+    (with a constant per-head mask [4, 5, 5]) on [B, S, features] with q_num_heads 4 and kv_num_heads,
+    or (four_d) on [B, heads, S, 8] after Reshape and Transpose -> out (32->32).
+
+    Prunable: the K/V heads, each with the Q heads that share it (4 // kv_heads of them).
+    """
+    b = AttentionBuilder(seed, 23, gemm=False, computed=False)
+    widths = {"q": HIDDEN, "k": kv_heads * HEAD_DIM, "v": kv_heads * HEAD_DIM}
+    q, k, v = (b.add_bias(f"{name}_bias", b.matmul(name, "x", HIDDEN, n), n) for name, n in widths.items())
+    mask = b.randn("mask", [HEADS, SEQ, SEQ], 0.5)
+    if not four_d:
+        h = b.node("Attention", "attention", [q, k, v, mask], q_num_heads=HEADS, kv_num_heads=kv_heads)
+    else:
+        q, k, v = (b.node("Transpose", f"{name}_t", [b.reshape(f"{name}_heads", t, [n // HEAD_DIM, HEAD_DIM])],
+                          perm=[0, 2, 1, 3]) for (name, n), t in zip(widths.items(), (q, k, v)))
+        h = b.node("Attention", "attention", [q, k, v, mask])
+        h = b.reshape("merge_heads", b.node("Transpose", "context_t", [h], perm=[0, 2, 1, 3]), [HIDDEN])
+    b.output(b.linear("out", h, HIDDEN))
+    return b.model([("x", [1, SEQ, HIDDEN])], name="onnx_attention")
+
+
 def _variant(**options):
     return lambda seed=0: attention(seed, **options)
 
@@ -173,6 +195,10 @@ BUILDERS = {
     "attention_packed_heads_computed": _variant(packed=True, computed=True),
     "grouped_query": grouped_query,
     "grouped_query_computed_shapes": lambda seed=0: grouped_query(seed, computed=True),
+    "onnx_attention": onnx_attention,
+    "onnx_attention_grouped_query": lambda seed=0: onnx_attention(seed, kv_heads=2),
+    "onnx_attention_4d": lambda seed=0: onnx_attention(seed, four_d=True),
+    "onnx_attention_4d_grouped_query": lambda seed=0: onnx_attention(seed, kv_heads=2, four_d=True),
 }
 BLOCKED: dict[str, str] = {}
 
@@ -182,7 +208,7 @@ test_pruning_dead_channels_is_exact, _ = family_tests(BUILDERS, BLOCKED)
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_the_heads_are_the_units_of_one_group(name):
     (group,) = [g for g in inspect(BUILDERS[name]())["groups"] if g["prunable"]]
-    assert group["channels"] == (HEADS // 2 if name.startswith("grouped_query") else HEADS)
+    assert group["channels"] == (HEADS // 2 if "grouped_query" in name else HEADS)
     expected = ["qkv"] if "fused" in name or "packed" in name else ["q", "k", "v"]
     assert group["sources"] == expected
 
@@ -249,3 +275,9 @@ def test_round_to_counts_the_channels_of_a_head():
     assert group.width == HEAD_DIM
     scores = {group.index: np.arange(HEADS, dtype=float)}
     assert keep_counts(analysis, scores, 0.3, False, round_to=8) == {group.index: 3}
+
+
+def test_onnx_attention_macs_are_the_scores_and_the_context():
+    shapes = {"q": (1, SEQ, HIDDEN), "k": (1, SEQ, HIDDEN // 2), "y": (1, SEQ, HIDDEN)}
+    node = helper.make_node("Attention", ["q", "k", "v"], ["y"], q_num_heads=HEADS, kv_num_heads=HEADS // 2)
+    assert node_macs(node, shapes, {}) == 2 * HEADS * SEQ * SEQ * HEAD_DIM
