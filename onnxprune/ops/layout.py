@@ -1,5 +1,5 @@
-"""Ops that move, cut or merge axes: Concat, Split, Slice, Flatten, Reshape, Expand, Transpose, (Un)Squeeze,
-Shape."""
+"""Ops that move, cut or merge axes: Concat, Split, Slice, Flatten, Reshape, Expand, Gather, Transpose,
+(Un)Squeeze, Shape."""
 
 from __future__ import annotations
 
@@ -382,6 +382,28 @@ def _map_channel_dims(ids, dims, out_dims):
 
 def _prod(dims) -> int:
     return int(np.prod(dims, dtype=np.int64))
+
+
+@register("Gather")
+class GatherHandler(Handler):
+    """Picking positions along an axis that carries no channels (a class token `x[:, 0]`, one part of a
+    packed Q/K/V) keeps the channels, on an axis shifted by the indices' rank; along the channel axis it
+    blocks."""
+
+    def propagate(self, node, ctx):
+        ctx.block_unexpected(node, channel_inputs=(0,))
+        x = ctx.channels(node.inputs[0])
+        if x is None:
+            return
+        shape, indices = ctx.shape(node.inputs[0]), ctx.shape(node.inputs[1])
+        if shape is None or indices is None:
+            ctx.block(x.ids, f"Gather '{node.name}': shape unknown")
+            return
+        axis = normalize_axis(int(attr(node, "axis", 0)), len(shape))
+        if axis == x.axis:
+            ctx.block(x.ids, f"Gather '{node.name}': gathers along the channel axis")
+            return
+        ctx.set(node.outputs[0], type(x)(x.axis if x.axis < axis else x.axis + len(indices) - 1, x.ids))
 
 
 @register("Transpose")

@@ -61,10 +61,14 @@ class AttentionBuilder(Builder):
         return self.node("Unsqueeze", f"{name}_unsqueeze{index}", [dim], axes=[0])
 
 
-def packed_heads(b: AttentionBuilder, qkv: str) -> list[str]:
+def packed_heads(b: AttentionBuilder, qkv: str, gather: bool) -> list[str]:
     """[B, S, 3*32] -> Reshape [B, S, 3, 4, 8] -> Transpose(2,0,3,1,4) -> Slice and Squeeze axis 0
-    three times: Q, K, V as [B, 4, S, 8] (timm's and PaddlePaddle's spelling)."""
+    three times (PaddlePaddle's spelling), or Gather index i on axis 0 (torch's ``qkv[i]``): Q, K, V as
+    [B, 4, S, 8]."""
     heads = b.node("Transpose", "qkv_t", [b.reshape("qkv_heads", qkv, [3, HEADS, HEAD_DIM])], perm=[2, 0, 3, 1, 4])
+    if gather:
+        return [b.node("Gather", f"{name}_t", [heads, b.const(f"{name}_t.index", i, np.int64)], axis=0)
+                for i, name in enumerate("qkv")]
     parts = []
     for i, name in enumerate("qkv"):
         bounds = [b.const(f"{name}_slice.{key}", [value], np.int64) for key, value in (("starts", i), ("ends", i + 1),
@@ -75,21 +79,22 @@ def packed_heads(b: AttentionBuilder, qkv: str) -> list[str]:
 
 
 def attention(seed: int = 0, *, opset: int = 17, scale_on_q: bool = False, k_transposed: bool = False,
-              gemm: bool = False, fused_qkv: bool = False, computed: bool = False, packed: bool = False):
+              gemm: bool = False, fused_qkv: bool = False, computed: bool = False, packed: bool = False,
+              gather: bool = False):
     """x [1,5,32] (Gemm: reshaped to [5,32]) -> q, k, v projections (32->32) -> Reshape [B,S,4,8] -> Transpose to
     [B,4,S,8] (K to [B,4,8,S]: by a second Transpose, or pre-transposed by one) -> scores Q K^T -> scaled
     by 1/sqrt(8) (on the scores, or on Q) -> + mask -> Softmax -> context with V -> Transpose back ->
     Reshape [B,S,32] -> out projection (32->32) -> y. fused_qkv: one projection (32->96) split in three.
 
     packed: the fused projection reshaped to [B, S, 3, 4, 8] and taken apart after a Transpose (see
-    `packed_heads`), the scale on Q.
+    `packed_heads`; gather: by Gather), the scale on Q.
 
     Prunable: the 4 heads (units of 8 channels of q, k and v, and 8 input rows of out).
     """
     b = AttentionBuilder(seed, opset, gemm, computed)
     x = b.node("Reshape", "rows", ["x", b.const("rows.shape", [SEQ, HIDDEN], np.int64)]) if gemm else "x"
     if packed:
-        q, k, v = packed_heads(b, b.linear("qkv", x, 3 * HIDDEN))
+        q, k, v = packed_heads(b, b.linear("qkv", x, 3 * HIDDEN), gather)
         q = b.node("Mul", "scale", [q, b.const("scale.value", 1 / math.sqrt(HEAD_DIM))])
         k = b.node("Transpose", "k_tt", [k], perm=[0, 1, 3, 2])
         return _attend(b, q, k, v, scaled=True, gemm=gemm)
@@ -193,6 +198,7 @@ BUILDERS = {
     "attention_computed_shapes_opset13": _variant(computed=True, opset=13, k_transposed=True),
     "attention_packed_heads": _variant(packed=True),
     "attention_packed_heads_computed": _variant(packed=True, computed=True),
+    "attention_packed_heads_gather": _variant(packed=True, gather=True),
     "grouped_query": grouped_query,
     "grouped_query_computed_shapes": lambda seed=0: grouped_query(seed, computed=True),
     "onnx_attention": onnx_attention,
