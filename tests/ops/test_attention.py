@@ -287,3 +287,11 @@ def test_onnx_attention_macs_are_the_scores_and_the_context():
     shapes = {"q": (1, SEQ, HIDDEN), "k": (1, SEQ, HIDDEN // 2), "y": (1, SEQ, HIDDEN)}
     node = helper.make_node("Attention", ["q", "k", "v"], ["y"], q_num_heads=HEADS, kv_num_heads=HEADS // 2)
     assert node_macs(node, shapes, {}) == 2 * HEADS * SEQ * SEQ * HEAD_DIM
+
+
+def test_the_output_projection_is_refitted_after_heads_are_removed():
+    calibration = {"x": np.random.default_rng(0).standard_normal((64, SEQ, HIDDEN)).astype(np.float32)}
+    report = prune(attention(), PruneConfig(filters=0.5, calibration=calibration, recover="lstsq")).report
+    (layer,) = report["recovery"]["layers"]
+    assert (layer["name"], layer["status"]) == ("out", "recovered")
+    assert layer["error_after"] < layer["error_before"]
