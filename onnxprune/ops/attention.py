@@ -71,8 +71,12 @@ class OnnxAttention(Handler):
             rw.set_input(node, MASK, np.compress(kept_q, mask, axis=mask.ndim - 3))
 
     def macs(self, op, attrs, in_shape, weight_shape, out_shape):
-        """Per Q head the scores (Q K^T) and the context (weights V): (Q's and the output's elements) x
-        the keys' length."""
-        if not (in_shape and weight_shape and out_shape):
-            return None
-        return (int(np.prod(in_shape, dtype=np.int64)) + int(np.prod(out_shape, dtype=np.int64))) * weight_shape[-2]
+        return product_macs(in_shape, weight_shape, out_shape)
+
+
+def product_macs(query_shape, key_shape, out_shape) -> int | None:
+    """Per Q head the scores (Q K^T) and the context (weights V): (Q's and the output's elements) x
+    the keys' length (the axis before the last of K)."""
+    if not (query_shape and key_shape and out_shape):
+        return None
+    return (int(np.prod(query_shape, dtype=np.int64)) + int(np.prod(out_shape, dtype=np.int64))) * key_shape[-2]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .attention import OnnxAttention
+from .attention import OnnxAttention, product_macs
 from .base import Handler, attr, const_input, has_input, register
 from .elementwise import BroadcastHandler
 
@@ -103,6 +103,9 @@ class MultiHeadAttentionHandler(Handler):
             rw.set_input(node, 3, node.inputs[3].values[np.concatenate(masks)])
         slice_head_bias(node, rw, heads, kept)
         rw.set_attr(node, "num_heads", int(kept.sum()))
+
+    def macs(self, op, attrs, in_shape, weight_shape, out_shape):
+        return product_macs(in_shape, weight_shape, out_shape)
 
 
 def slice_head_bias(node, rw, heads: int, kept: np.ndarray) -> None:

@@ -158,6 +158,12 @@ def test_pruning_heads_slices_the_packed_weight_per_head_and_sets_num_heads():
     np.testing.assert_array_equal(pruned[node.input[5]], weights["attention.score_bias"][:, [0, 2]])
 
 
+def test_multi_head_attention_macs_are_the_scores_and_the_context():
+    shapes = {"q": (1, 5, 16), "k": (1, 5, 16), "y": (1, 5, 24)}
+    node = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["y"], domain="com.microsoft", num_heads=4)
+    assert node_macs(node, shapes, {}) == 5 * 5 * 16 + 5 * 5 * 24
+
+
 def test_fused_attention_macs_count_the_projection_scores_and_context():
     shapes = {"x": (1, 5, 16), "w": (16, 56), "y": (1, 5, 24)}
     node = helper.make_node("Attention", ["x", "w"], ["y"], domain="com.microsoft", num_heads=4,
