@@ -2,7 +2,7 @@
 and V projections' output columns and the output projection's input rows; the Reshapes' head count
 shrinks with them. Variants: the scale on Q or on the scores, K pre-transposed, Gemm projections, a
 fused QKV projection split three ways or reshaped to [B, S, 3, heads, head_dim] and taken apart, Reshape
-targets computed by Shape/Gather/Concat, opsets 13-18.
+targets computed by Shape/Gather/Concat, opsets 11-18 (and 23 for ONNX's own Attention).
 Grouped-query attention (K/V heads repeated by Expand for several Q heads): a unit is a K/V head and
 the Q heads that share it. ONNX's own Attention (opset 23) on [B, S, features] and [B, heads, S, size]."""
 
@@ -196,6 +196,7 @@ BUILDERS = {
     "attention_fused_qkv_opset18": _variant(fused_qkv=True, opset=18),
     "attention_computed_shapes": _variant(computed=True),
     "attention_computed_shapes_opset13": _variant(computed=True, opset=13, k_transposed=True),
+    "attention_computed_shapes_opset11": _variant(computed=True, opset=11),
     "attention_packed_heads": _variant(packed=True),
     "attention_packed_heads_computed": _variant(packed=True, computed=True),
     "attention_packed_heads_gather": _variant(packed=True, gather=True),
