@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Handler, attr, const_input, has_input
+from .base import Handler, attr, const_input, has_input, join_rows
 
 MASK, PAST = 3, (4, 5)
 
@@ -26,7 +26,7 @@ class OnnxAttention(Handler):
             return
         q, k, v = (ids.reshape(count, -1) for ids, count in zip((m.ids for m in maps), self._head_counts(node, maps)))
         for part in (q, k, v):  # a head is one unit
-            ctx.join(np.repeat(part[:, 0], part.shape[1] - 1), part[:, 1:])
+            join_rows(ctx, part)
         shared = np.arange(len(q)) // (len(q) // len(k))  # the K/V head of every Q head
         ctx.join(q[:, 0], k[shared, 0])
         ctx.join(k[:, 0], v[:, 0])

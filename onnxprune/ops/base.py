@@ -207,5 +207,10 @@ def pass_through(node: gs.Node, ctx, input_index: int = 0, outputs=(0,)) -> None
             ctx.set(node.outputs[o], cmap)
 
 
+def join_rows(ctx, ids: np.ndarray) -> None:
+    """Make each row of `ids` [units, channels per unit] one unit (an attention head)."""
+    ctx.join(np.repeat(ids[:, 0], ids.shape[1] - 1), ids[:, 1:])
+
+
 def normalize_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from .attention import OnnxAttention, product_macs
-from .base import Handler, attr, const_input, has_input, register
+from .base import Handler, attr, const_input, has_input, join_rows, register
 from .elementwise import BroadcastHandler
 
 MICROSOFT = "com.microsoft"
@@ -70,7 +70,7 @@ class MultiHeadAttentionHandler(Handler):
             return
         heads = [m.ids.reshape(int(attr(node, "num_heads")), -1) for m in maps]
         for part in heads:
-            ctx.join(np.repeat(part[:, 0], part.shape[1] - 1), part[:, 1:])
+            join_rows(ctx, part)
         ctx.join(heads[0][:, 0], heads[1][:, 0])
         ctx.join(heads[0][:, 0], heads[2][:, 0])
         ctx.set(node.outputs[0], maps[2])  # output channel c is the attention-weighted V channel c
@@ -89,7 +89,8 @@ class MultiHeadAttentionHandler(Handler):
         for index in (3, ATTENTION_BIAS):
             if has_input(node, index) and const_input(node, index) is None:
                 return "fused attention: a computed bias"
-        if any(len(m.ids) % int(attr(node, "num_heads", 0) or len(m.ids) + 1) for m in maps):
+        heads = int(attr(node, "num_heads", 0))
+        if heads < 1 or any(len(m.ids) % heads for m in maps):
             return "fused attention: query, key or value does not split into num_heads heads"
         return None
 
@@ -139,7 +140,7 @@ class AttentionHandler(Handler):
             return
         heads = int(attr(node, "num_heads"))
         ids = ctx.new_source(node, node.outputs[0], shape[-1], axis=len(shape) - 1).reshape(heads, -1)
-        ctx.join(np.repeat(ids[:, 0], ids.shape[1] - 1), ids[:, 1:])  # a head is one unit
+        join_rows(ctx, ids)  # a head is one unit
 
     @staticmethod
     def _refusal(node, weight, out_shape) -> str | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import Handler, attr, const_input, has_input, normalize_axis, pass_through, register
+from .base import Handler, attr, const_input, has_input, join_rows, normalize_axis, pass_through, register
 
 
 @register("Concat")
@@ -311,7 +311,7 @@ def _blocks(ids: np.ndarray, tensor: gs.Tensor, ctx) -> tuple[int, np.ndarray]:
     # The blocks go on apart: [heads, head_dim], or [3, heads, head_dim] for a packed QKV projection.
     # The axis before the last is the unit axis: each of its positions is one unit, tracked there alone.
     units = np.moveaxis(ids, -2, 0).reshape(ids.shape[-2], -1)
-    ctx.join(np.repeat(units[:, 0], units.shape[1] - 1), units[:, 1:])
+    join_rows(ctx, units)
     return ids.ndim - 2, units[:, 0]
 
 
