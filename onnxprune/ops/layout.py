@@ -200,14 +200,10 @@ class ReshapeHandler(Handler):
     multi_axis = True
 
     def propagate(self, node, ctx):
-        ctx.block_unexpected(node, channel_inputs=(0,))
-        x = ctx.channels(node.inputs[0])
-        if x is None:
+        found = _tracked_input(node, ctx, (node.inputs[0], node.outputs[0]))
+        if found is None:
             return
-        in_shape, out_shape = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
-        if in_shape is None or out_shape is None:
-            ctx.block(x.ids, f"Reshape '{node.name}': shape unknown")
-            return
+        x, (in_shape, out_shape) = found
         mapped = reshape_map(x.ids, list(in_shape), list(out_shape), x.axis)
         if mapped is None:
             ctx.block(x.ids, f"Reshape '{node.name}': {list(in_shape)} -> {list(out_shape)} mixes the channel axis with others")
@@ -237,14 +233,10 @@ class ExpandHandler(Handler):
     is not expanded pass; the shape's entry there is updated."""
 
     def propagate(self, node, ctx):
-        ctx.block_unexpected(node, channel_inputs=(0,))
-        x = ctx.channels(node.inputs[0])
-        if x is None:
+        found = _tracked_input(node, ctx, (node.inputs[0], node.outputs[0], node.inputs[1]))
+        if found is None:
             return
-        in_shape, out_shape, target = (ctx.shape(t) for t in (node.inputs[0], node.outputs[0], node.inputs[1]))
-        if in_shape is None or out_shape is None or target is None:
-            ctx.block(x.ids, f"Expand '{node.name}': shape unknown")
-            return
+        x, (in_shape, out_shape, target) = found
         axis = x.axis + len(out_shape) - len(in_shape)
         if out_shape[axis] != in_shape[x.axis]:
             ctx.block(x.ids, f"Expand '{node.name}': expands the channel axis")
@@ -259,6 +251,20 @@ class ExpandHandler(Handler):
         if mask is not None:
             length = _vector_length(node.inputs[1], rw.analysis.shapes)
             set_shape_entries(node, {rw.tracked_axis(node.outputs[0]) - rw.rank(node.outputs[0]) + length: int(mask.sum())}, rw)
+
+
+def _tracked_input(node, ctx, tensors):
+    """(input 0's channels, the shapes of `tensors`) after blocking channels at the other inputs; None when
+    input 0 carries none, or a shape is unknown (its channels then blocked)."""
+    ctx.block_unexpected(node, channel_inputs=(0,))
+    x = ctx.channels(node.inputs[0])
+    if x is None:
+        return None
+    shapes = [ctx.shape(t) for t in tensors]
+    if any(shape is None for shape in shapes):
+        ctx.block(x.ids, f"{node.op} '{node.name}': shape unknown")
+        return None
+    return x, shapes
 
 
 def _entries_known(node, positions, shape_of) -> bool:
@@ -391,14 +397,10 @@ class GatherHandler(Handler):
     blocks."""
 
     def propagate(self, node, ctx):
-        ctx.block_unexpected(node, channel_inputs=(0,))
-        x = ctx.channels(node.inputs[0])
-        if x is None:
+        found = _tracked_input(node, ctx, node.inputs[:2])
+        if found is None:
             return
-        shape, indices = ctx.shape(node.inputs[0]), ctx.shape(node.inputs[1])
-        if shape is None or indices is None:
-            ctx.block(x.ids, f"Gather '{node.name}': shape unknown")
-            return
+        x, (shape, indices) = found
         axis = normalize_axis(int(attr(node, "axis", 0)), len(shape))
         if axis == x.axis:
             ctx.block(x.ids, f"Gather '{node.name}': gathers along the channel axis")
