@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 AUTO_ROUND_TO = 8  # onnxruntime's CPU convolutions are fastest at multiples of 8 (docs/architecture.md)
 AUTO_ROUND_MIN_CHANNELS = 16
 
 
-def round_keep(keep: int, channels: int, round_to: int | None) -> int:
-    """Round a keep count to a multiple of `round_to` (auto: 8 for groups of 16+ channels)."""
-    step = round_to if round_to is not None else (AUTO_ROUND_TO if channels >= AUTO_ROUND_MIN_CHANNELS else 1)
+def round_keep(keep: int, channels: int, round_to: int | None, width: int = 1) -> int:
+    """Round a keep count of units, each `width` channels wide, so that the channels kept are a multiple
+    of `round_to` (auto: 8 for groups of 16+ channels); units of 8 channels (attention heads) need none."""
+    step = round_to if round_to is not None else (AUTO_ROUND_TO if channels * width >= AUTO_ROUND_MIN_CHANNELS else 1)
+    step //= math.gcd(step, width)
     if step > 1 and keep < channels:
         keep = max(step, int(round(keep / step)) * step)
     return int(min(max(keep, 1), channels))
@@ -24,7 +28,7 @@ def keep_counts(analysis, scores: dict[int, np.ndarray], ratio: float, global_ra
         raw = {g.index: g.channels - int(np.floor(ratio * g.channels + 1e-9)) for g in groups}
     else:
         raw = _global_counts(groups, scores, ratio)
-    return {g.index: round_keep(raw[g.index], g.channels, round_to) for g in groups}
+    return {g.index: round_keep(raw[g.index], g.channels, round_to, g.width) for g in groups}
 
 
 def _global_counts(groups, scores, ratio) -> dict[int, int]:

@@ -7,8 +7,9 @@
   bisected instead.
 
 MACs are estimated from the analysis without rewriting: every Conv/Gemm/MatMul that creates channels
-costs (its MACs) x (kept fraction of its input channels) x (kept fraction of its output channels), every
-other computing op its MACs times the kept fraction of the channels it carries. A group keeping k of C
+costs (its MACs) x (kept fraction of its input channels) x (kept fraction of its output channels) (a
+recurrent layer's recurrent product: x its output fraction twice, `Handler.cost_parts`), every other
+computing op its MACs times the kept fraction of the channels it carries. A group keeping k of C
 units is taken to keep k/C of the positions its units occupy in each tensor (exact but for Split/Slice).
 """
 
@@ -21,6 +22,7 @@ import numpy as np
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from .allocate import keep_counts, select
+from .ops import handler_for
 from .validate.cost import node_macs
 
 
@@ -61,6 +63,14 @@ class CostModel:
         for node in analysis.graph.nodes:
             macs = node_macs(OnnxExporter.export_node(node), analysis.shapes, {})
             if not macs:
+                continue
+            handler = handler_for(node.op)
+            parts = handler.cost_parts(node) if handler is not None and id(node) in sources else None
+            if parts is not None:
+                for share, tensor_in, tensor_out in parts:
+                    base.append(macs * share)
+                    ins.append(row(tensor_in))
+                    outs.append(row(tensor_out))
                 continue
             out_row = row(node.outputs[0]) if node.outputs else -1
             in_row = row(node.inputs[0]) if node.inputs else -1

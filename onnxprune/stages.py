@@ -127,7 +127,7 @@ def step_counts(analysis: Analysis, final: dict[tuple, tuple[int, int]], step: i
     for group in analysis.prunable_groups():
         channels, kept = final.get(_sources(group), (group.channels, group.channels))
         share = round(channels * (kept / channels) ** (step / steps)) if step < steps else kept
-        counts[group.index] = int(np.clip(round_keep(share, channels, round_to), kept, group.channels))
+        counts[group.index] = int(np.clip(round_keep(share, channels, round_to, group.width), kept, group.channels))
     return counts
 
 

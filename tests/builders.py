@@ -47,22 +47,24 @@ def make_model(
     initializers: Sequence[onnx.TensorProto] = (),
     opset: int = DEFAULT_OPSET,
     name: str = "model",
+    domains: dict[str, int] | None = None,
 ) -> onnx.ModelProto:
     """Assemble a checked model.
 
     ``inputs``/``outputs`` items are ValueInfoProtos, ``(name, shape[, elem_type])`` tuples or bare
     names (float32, shape unknown).  Output shapes left unknown are filled in by strict shape
     inference, so every graph output ends up with a static shape.  The IR version is the lowest
-    that ``opset`` needs.
+    that ``opset`` needs. ``domains``: further opsets to import (``{"com.microsoft": 1}`` for
+    onnxruntime's fused ops, whose outputs shape inference leaves open: give the graph output's shape).
     """
     graph = helper.make_graph(
         list(nodes), name, [_value_info(i) for i in inputs], [_value_info(o) for o in outputs],
         initializer=list(initializers),
     )
-    opsets = [helper.make_opsetid("", opset)]
+    opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in (domains or {}).items()]
     model = helper.make_model(
         graph, opset_imports=opsets, producer_name="onnxprune-tests",
-        ir_version=helper.find_min_ir_version_for(opsets),
+        ir_version=helper.find_min_ir_version_for(opsets, ignore_unknown=True),
     )
     inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     for out, inf in zip(model.graph.output, inferred.graph.output):
@@ -141,9 +143,9 @@ class Builder:
     def add_bias(self, name, x, n) -> str:
         return self.node("Add", name, [x, self.randn(f"{name}.bias", [n], 0.1)])
 
-    def model(self, inputs, outputs=("y",), name="model", opset=None) -> onnx.ModelProto:
+    def model(self, inputs, outputs=("y",), name="model", opset=None, domains=None) -> onnx.ModelProto:
         return make_model(self.nodes, inputs, outputs, self.inits,
-                          opset=opset or self.opset, name=name)
+                          opset=opset or self.opset, name=name, domains=domains)
 
     def output(self, tensor: str, name: str = "y") -> None:
         """Rename the tensor ``tensor`` (last produced by some node) to the graph output ``name``."""

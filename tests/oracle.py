@@ -1,7 +1,8 @@
 """The exactness oracle: make some channels contribute nothing, prune exactly those, compare outputs.
 
 Channels contribute nothing when every layer that consumes them (a weighted op reading them as input
-features: Conv, ConvTranspose, Gemm, MatMul, ...) has zero weights for them. Then removing those channels, with every
+features: Conv, ConvTranspose, Gemm, MatMul, ...; a recurrent layer's W reading its input features, and
+its R reading its own hidden units at the next step) has zero weights for them. Then removing those channels, with every
 per-channel constant, group count, split size and reshape target updated, must not change any output.
 """
 
@@ -16,6 +17,7 @@ from onnxprune import PruneConfig, inspect, prune
 from onnxprune.errors import NothingToPrune
 from onnxprune.loading import load
 from onnxprune.ops.base import weighted, weighted_ops, zero_inputs
+from onnxprune.ops.recurrent import GATES
 from onnxprune.stages import analyze_model
 from onnxprune.plan import Plan
 from onnxprune.rewrite import keep_masks
@@ -42,6 +44,14 @@ def _zero_inputs(node: gs.Node, mask: np.ndarray, is_source: bool) -> None:
     node.inputs[1] = gs.Constant(node.inputs[1].name + "_oracle", values)
 
 
+def _zero_recurrence(node: gs.Node, masks: dict) -> None:
+    """Zero a recurrent layer's W columns of dropped input features and R columns of dropped units."""
+    hidden = masks.get(node.outputs[0].name)
+    for index, mask in ((1, masks.get(node.inputs[0].name)), (2, hidden)):
+        if mask is not None and isinstance(node.inputs[index], gs.Constant):
+            node.inputs[index] = gs.Constant(node.inputs[index].name + "_oracle", node.inputs[index].values * mask)
+
+
 def zero_dropped(model, keep_fn=drop_every_other, input_shapes=None):
     """(zeroed model, plan dropping exactly the zeroed channels)."""
     loaded = load(model, input_shapes)
@@ -52,6 +62,8 @@ def zero_dropped(model, keep_fn=drop_every_other, input_shapes=None):
     for node in analysis.graph.nodes:
         if node.op in weighted_ops() and node.inputs[0].name in masks and isinstance(node.inputs[1], gs.Constant):
             _zero_inputs(node, masks[node.inputs[0].name], id(node) in sources)
+        if node.op in GATES:
+            _zero_recurrence(node, masks)
     analysis.graph.cleanup()
     zeroed = gs.export_onnx(analysis.graph)
     zeroed.ir_version = loaded.model.ir_version

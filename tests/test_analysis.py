@@ -90,6 +90,16 @@ def test_round_keep(keep, channels, step, expected):
     assert round_keep(keep, channels, step) == expected
 
 
+@pytest.mark.parametrize("keep,units,step,width,expected", [
+    (11, 16, None, 64, 11),  # 16 heads of 64 channels: any head count keeps a multiple of 8 channels
+    (11, 16, 8, 64, 11), (3, 4, None, 8, 3),
+    (5, 32, None, 2, 4), (7, 32, 8, 4, 8),  # units of 2 (4) channels: multiples of 4 (2) units
+    (3, 4, None, 4, 4),  # 16 channels in all, in units of 4: the step of 8 channels is 2 units
+])
+def test_round_keep_counts_the_channels_of_units_several_wide(keep, units, step, width, expected):
+    assert round_keep(keep, units, step, width) == expected
+
+
 def test_uniform_and_global_keep_counts():
     analysis = analysis_of(models.residual_downsample())
     prunable = analysis.prunable_groups()

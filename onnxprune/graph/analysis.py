@@ -69,6 +69,15 @@ class Group:
     def name(self) -> str:
         return self.sources[0].node.name
 
+    @property
+    def width(self) -> int:
+        """Channels one unit holds in a source (an attention head: head_dim); 1 unless every source's
+        channels divide evenly among the units."""
+        counts = [s.count for s in self.sources]
+        if any(count % self.channels for count in counts):
+            return 1
+        return min(counts) // self.channels
+
 
 class AnalysisContext:
     """What handlers read (constants, shapes, channel maps) and write (maps, joins, blocks, sources)."""

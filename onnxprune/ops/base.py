@@ -116,6 +116,12 @@ class Handler:
         """Multiply-accumulates at these shapes (any may be None: unknown); None when they do not say."""
         return None
 
+    def cost_parts(self, node: gs.Node) -> list[tuple[float, gs.Tensor, gs.Tensor]] | None:
+        """For a source whose MACs do not all scale with its input and output channels: (share of its
+        MACs, the tensor whose kept fraction scales the share on the input side, likewise the output
+        side) per part; None: one part, input 0 and output 0."""
+        return None
+
 
 def filters(handler: Handler, layout: WeightLayout, weight: np.ndarray) -> np.ndarray:
     """The weight as [outputs, features]: row o is what output channel o reads (grouped: its group's)."""
@@ -199,6 +205,11 @@ def pass_through(node: gs.Node, ctx, input_index: int = 0, outputs=(0,)) -> None
     for o in outputs:
         if o < len(node.outputs) and node.outputs[o].name:
             ctx.set(node.outputs[o], cmap)
+
+
+def join_rows(ctx, ids: np.ndarray) -> None:
+    """Make each row of `ids` [units, channels per unit] one unit (an attention head)."""
+    ctx.join(np.repeat(ids[:, 0], ids.shape[1] - 1), ids[:, 1:])
 
 
 def normalize_axis(axis: int, rank: int) -> int:

@@ -1,11 +1,12 @@
-"""Ops that move, cut or merge axes: Concat, Split, Slice, Flatten, Reshape, Transpose, (Un)Squeeze, Shape."""
+"""Ops that move, cut or merge axes: Concat, Split, Slice, Flatten, Reshape, Expand, Gather, Transpose,
+(Un)Squeeze, Shape."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import Handler, attr, const_input, has_input, normalize_axis, pass_through, register
+from .base import Handler, attr, const_input, has_input, join_rows, normalize_axis, pass_through, register
 
 
 @register("Concat")
@@ -189,83 +190,222 @@ class FlattenHandler(Handler):
 @register("Reshape")
 class ReshapeHandler(Handler):
     """Maps channels when the reshape keeps the channel axis and what follows it (merging leading dims),
-    keeps what precedes it and merges it with trailing dims (a flatten), or splits it into several axes
-    (the first half of a channel shuffle; channel j of every block is then kept or removed together).
-    Anything else blocks."""
+    keeps what precedes it and merges it with trailing dims (a flatten), or splits it into blocks. Blocks
+    that are merged back (through Transposes only: a channel shuffle) keep channel j of every block
+    together; blocks that go on apart (attention heads: [B, S, heads, head_dim], or [B, S, 3, heads,
+    head_dim] from a packed QKV projection) are units, each head kept or removed whole (with its Q, K
+    and V parts when packed) and tracked on the heads axis. Anything else blocks. A target computed by a
+    Concat (Shape/Gather exports) needs a constant or -1 at the channel entries."""
 
     multi_axis = True
 
     def propagate(self, node, ctx):
-        ctx.block_unexpected(node, channel_inputs=(0,))
-        x = ctx.channels(node.inputs[0])
-        if x is None:
+        found = _tracked_input(node, ctx, (node.inputs[0], node.outputs[0]))
+        if found is None:
             return
-        in_shape, out_shape = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
-        if in_shape is None or out_shape is None:
-            ctx.block(x.ids, f"Reshape '{node.name}': shape unknown")
-            return
+        x, (in_shape, out_shape) = found
         mapped = reshape_map(x.ids, list(in_shape), list(out_shape), x.axis)
         if mapped is None:
             ctx.block(x.ids, f"Reshape '{node.name}': {list(in_shape)} -> {list(out_shape)} mixes the channel axis with others")
             return
         axis, ids = mapped
-        if const_input(node, 1) is None and _computed_entry(node.inputs[1], axis, ctx) != -1:
-            ctx.block(x.ids, f"Reshape '{node.name}': target shape is computed and its channel entry is not -1")
+        if ids.ndim > x.ids.ndim:
+            offset, ids = _blocks(ids, node.outputs[0], ctx)
+            axis += offset
+        if not _entries_known(node, range(axis, axis + ids.ndim), ctx.shape):
+            ctx.block(x.ids, f"Reshape '{node.name}': target shape is computed and its channel entry is not a constant")
             return
-        if ids.ndim > x.ids.ndim:  # the channel axis was split into blocks: prune the same j in every block
-            rows = ids.reshape(-1, ids.shape[-1])
-            for row in rows[1:]:
-                ctx.join(rows[0], row)
         ctx.set(node.outputs[0], type(x)(axis, ids))
 
     def rewrite(self, node, rw):
         mask = rw.mask(node.outputs[0])
-        if mask is None or not isinstance(node.inputs[1], gs.Constant):
-            return  # a computed target has -1 at the channel entry (checked in propagate)
-        target = node.inputs[1].values.copy()
+        if mask is None:
+            return
         axis = rw.tracked_axis(node.outputs[0])
-        for i in range(mask.ndim):
-            if target[axis + i] > 0:
-                others = tuple(a for a in range(mask.ndim) if a != i)
-                target[axis + i] = mask.any(axis=others).sum() if others else mask.sum()
-        rw.set_input(node, 1, target)
+        counts = {axis + i: int(mask.any(axis=tuple(a for a in range(mask.ndim) if a != i)).sum())
+                  for i in range(mask.ndim)}
+        set_shape_entries(node, counts, rw)
 
 
-def _computed_entry(target: gs.Tensor, position: int, ctx):
+@register("Expand")
+class ExpandHandler(Handler):
+    """Broadcasting to a shape (grouped-query attention repeats K/V heads so): channels on an axis that
+    is not expanded pass; the shape's entry there is updated."""
+
+    def propagate(self, node, ctx):
+        found = _tracked_input(node, ctx, (node.inputs[0], node.outputs[0], node.inputs[1]))
+        if found is None:
+            return
+        x, (in_shape, out_shape, target) = found
+        axis = x.axis + len(out_shape) - len(in_shape)
+        if out_shape[axis] != in_shape[x.axis]:
+            ctx.block(x.ids, f"Expand '{node.name}': expands the channel axis")
+            return
+        if not _entries_known(node, [axis - len(out_shape) + target[0]], ctx.shape):
+            ctx.block(x.ids, f"Expand '{node.name}': target shape is computed and its channel entry is not a constant")
+            return
+        ctx.set(node.outputs[0], type(x)(axis, x.ids))
+
+    def rewrite(self, node, rw):
+        mask = rw.mask(node.outputs[0])
+        if mask is not None:
+            length = _vector_length(node.inputs[1], rw.analysis.shapes)
+            set_shape_entries(node, {rw.tracked_axis(node.outputs[0]) - rw.rank(node.outputs[0]) + length: int(mask.sum())}, rw)
+
+
+def _tracked_input(node, ctx, tensors):
+    """(input 0's channels, the shapes of `tensors`) after blocking channels at the other inputs; None when
+    input 0 carries none, or a shape is unknown (its channels then blocked)."""
+    ctx.block_unexpected(node, channel_inputs=(0,))
+    x = ctx.channels(node.inputs[0])
+    if x is None:
+        return None
+    shapes = [ctx.shape(t) for t in tensors]
+    if any(shape is None for shape in shapes):
+        ctx.block(x.ids, f"{node.op} '{node.name}': shape unknown")
+        return None
+    return x, shapes
+
+
+def _entries_known(node, positions, shape_of) -> bool:
+    """Whether the shape input (input 1) of `node` is a constant, or a Concat with a constant piece at
+    each of `positions` (positions before the vector's start are not in it)."""
+    return const_input(node, 1) is not None or all(
+        p < 0 or _target_piece(node.inputs[1], p, shape_of) is not None for p in positions)
+
+
+def set_shape_entries(node, counts: dict[int, int], rw) -> None:
+    """Give the shape input (input 1) of `node` the counts at their positions: a constant is replaced; a
+    computed one (a Concat with constant pieces there) is read from a copy of that Concat, since other
+    nodes may read it."""
+    if isinstance(node.inputs[1], gs.Constant):
+        rw.set_input(node, 1, _with_counts(node.inputs[1].values, counts, 0))
+        return
+    concat = node.inputs[1].inputs[0]
+    pieces, offset = list(concat.inputs), 0
+    for i, piece in enumerate(concat.inputs):
+        if isinstance(piece, gs.Constant):
+            pieces[i] = _with_counts(piece.values, counts, offset)
+        offset += _vector_length(piece, rw.analysis.shapes)
+    if any(isinstance(p, np.ndarray) and not np.array_equal(p, old.values) for p, old in zip(pieces, concat.inputs)):
+        node.inputs[1] = rw.add_node("Concat", pieces, axis=0)
+
+
+def _vector_length(tensor: gs.Tensor, shapes: dict) -> int:
+    return len(tensor.values) if isinstance(tensor, gs.Constant) else shapes[tensor.name][0]
+
+
+def _with_counts(target: np.ndarray, counts: dict[int, int], offset: int) -> np.ndarray:
+    """Target-shape entries `target` (starting at position `offset`) with the positive entries at the
+    positions of `counts` replaced by those counts (0 copies a dim and -1 is inferred: they stay)."""
+    target = target.copy()
+    for position, count in counts.items():
+        k = position - offset
+        if 0 <= k < len(target) and target[k] > 0:
+            target[k] = count
+    return target
+
+
+def _blocks(ids: np.ndarray, tensor: gs.Tensor, ctx) -> tuple[int, np.ndarray]:
+    """Channel ids split into blocks, `ids` shaped like the split axes: joined so that the reshape can be
+    sliced; (the first output axis that carries channels, counted from the split, and its ids)."""
+    if _merged_back(tensor):  # a channel shuffle: prune the same j in every block
+        rows = ids.reshape(-1, ids.shape[-1])
+        for row in rows[1:]:
+            ctx.join(rows[0], row)
+        return 0, ids
+    # The blocks go on apart: [heads, head_dim], or [3, heads, head_dim] for a packed QKV projection.
+    # The axis before the last is the unit axis: each of its positions is one unit, tracked there alone.
+    units = np.moveaxis(ids, -2, 0).reshape(ids.shape[-2], -1)
+    join_rows(ctx, units)
+    return ids.ndim - 2, units[:, 0]
+
+
+def _merged_back(tensor: gs.Tensor) -> bool:
+    """Whether every consumer of `tensor` is a Reshape, or a Transpose whose output is merged back."""
+    consumers = tensor.outputs
+    return bool(consumers) and all(
+        c.op == "Reshape" or (c.op == "Transpose" and _merged_back(c.outputs[0])) for c in consumers)
+
+
+def _target_piece(target: gs.Tensor, position: int, shape_of):
     """The value at `position` of a target shape built by Concat from pieces (PyTorch's
-    ``x.view(x.size(0), -1)``), when that piece is a constant; else None."""
+    ``x.view(x.size(0), -1)``, or ``[B, S, heads, head_dim]`` from Shape/Gather), when that piece is a
+    constant; else None."""
     producer = target.inputs[0] if target.inputs else None
     if producer is None or producer.op != "Concat":
         return None
     offset = 0
     for piece in producer.inputs:
-        shape = ctx.shape(piece)
+        shape = shape_of(piece)
         if shape is None or len(shape) != 1:
             return None
         if offset <= position < offset + shape[0]:
-            values = ctx.const(piece)
-            return None if values is None else int(values[position - offset])
+            return int(piece.values[position - offset]) if isinstance(piece, gs.Constant) else None
         offset += shape[0]
     return None
 
 
 def reshape_map(ids, in_shape, out_shape, axis):
     """(output axis, output ids) for a reshape, or None when the channels cannot be followed."""
-    span = ids.ndim  # input axes the channels occupy
     tail = len(in_shape) - axis
     if len(out_shape) >= tail and out_shape[len(out_shape) - tail:] == in_shape[axis:]:
         return len(out_shape) - tail, ids
-    if out_shape[:axis] != in_shape[:axis] or len(out_shape) <= axis:
-        return None
-    for hi in range(axis + span, len(in_shape) + 1):  # merge the channel axes with trailing dims
-        if int(np.prod(in_shape[axis:hi], dtype=np.int64)) == out_shape[axis] and out_shape[axis + 1:] == in_shape[hi:]:
-            return axis, np.repeat(ids.reshape(-1), int(np.prod(in_shape[axis + span:hi], dtype=np.int64)))
-    if span == 1:  # split the channel axis into blocks
-        for n in range(2, len(out_shape) - axis + 1):
-            if int(np.prod(out_shape[axis:axis + n], dtype=np.int64)) == in_shape[axis] \
-                    and out_shape[axis + n:] == in_shape[axis + 1:]:
-                return axis, ids.reshape(out_shape[axis:axis + n])
+    lead = _prod(in_shape[:axis])
+    for start in reversed(range(len(out_shape))):  # the leading dims may be regrouped: [S, C] -> [1, S, ...]
+        if _prod(out_shape[:start]) == lead:
+            mapped = _map_channel_dims(ids, in_shape[axis:], out_shape[start:])
+            if mapped is not None:
+                return start, mapped
+    return _merge_with_outer(ids, in_shape, out_shape, axis) if ids.ndim == 1 else None
+
+
+def _merge_with_outer(ids, in_shape, out_shape, axis):
+    """(output axis, ids) when the channel axis merges with dims before it (and maybe after it):
+    [S, B, directions, hidden] -> [S, B, directions * hidden]; else None."""
+    for lo in range(axis - 1, -1, -1):
+        for hi in range(axis + 1, len(in_shape) + 1):
+            start = len(out_shape) - len(in_shape[hi:]) - 1
+            if start >= 0 and out_shape[start + 1:] == in_shape[hi:] and out_shape[start] == _prod(in_shape[lo:hi]) \
+                    and _prod(out_shape[:start]) == _prod(in_shape[:lo]):
+                return start, _merge_ids(ids, in_shape, axis, lo, hi)
     return None
+
+
+def _map_channel_dims(ids, dims, out_dims):
+    """The ids over `out_dims` when the channel axes (first in `dims`) merge with trailing dims or the
+    channel axis splits into blocks, the rest unchanged; else None."""
+    span = ids.ndim  # input axes the channels occupy
+    for hi in range(span, len(dims) + 1):  # merge the channel axes with trailing dims
+        if _prod(dims[:hi]) == out_dims[0] and out_dims[1:] == dims[hi:]:
+            return np.repeat(ids.reshape(-1), _prod(dims[span:hi]))
+    if span == 1:  # split the channel axis into blocks
+        for n in range(2, len(out_dims) + 1):
+            if _prod(out_dims[:n]) == dims[0] and out_dims[n:] == dims[1:]:
+                return ids.reshape(out_dims[:n])
+    return None
+
+
+def _prod(dims) -> int:
+    return int(np.prod(dims, dtype=np.int64))
+
+
+@register("Gather")
+class GatherHandler(Handler):
+    """Picking positions along an axis that carries no channels (a class token `x[:, 0]`, one part of a
+    packed Q/K/V) keeps the channels, on an axis shifted by the indices' rank; along the channel axis it
+    blocks."""
+
+    def propagate(self, node, ctx):
+        found = _tracked_input(node, ctx, node.inputs[:2])
+        if found is None:
+            return
+        x, (shape, indices) = found
+        axis = normalize_axis(int(attr(node, "axis", 0)), len(shape))
+        if axis == x.axis:
+            ctx.block(x.ids, f"Gather '{node.name}': gathers along the channel axis")
+            return
+        ctx.set(node.outputs[0], type(x)(x.axis if x.axis < axis else x.axis + len(indices) - 1, x.ids))
 
 
 @register("Transpose")

@@ -2,7 +2,9 @@
 
 MatMul `A[..., K] @ W[K, N]`: channels tracked on the last axis of A are consumed by W's rows; channels
 tracked on any other axis of A pass through (the product acts on the last axis only). A MatMul of two
-computed tensors (attention scores) has no constant weight and blocks the channels reaching it.
+computed tensors (attention's scores and context) has no weight: channels on a batch axis (attention
+heads) pass, joined when both operands carry them, as do A's rows and B's columns; channels on the
+contracted axis are blocked.
 
 Weight layout: a 2-D matrix, [input features, outputs] (Gemm with transB: [outputs, input features]);
 Gemm scales it by alpha. One output row per row of A (Gemm) or per position of A's leading axes (MatMul).
@@ -110,6 +112,9 @@ class MatMulHandler(MatrixWeight):
     def propagate(self, node, ctx):
         weight = const_input(node, 1)
         x = ctx.channels(node.inputs[0])
+        if weight is None and const_input(node, 0) is None:
+            propagate_product(node, ctx)
+            return
         if weight is None or weight.ndim != 2:
             ctx.block_inputs(node, "MatMul without a constant 2-D weight (e.g. attention)")
             return
@@ -138,3 +143,48 @@ class MatMulHandler(MatrixWeight):
 
     def filter_weights(self, node):
         return node.inputs[1].values.T
+
+
+def propagate_product(node, ctx) -> None:
+    """A MatMul of two computed operands: channels on a batch axis, A's rows or B's columns pass to the
+    output (joined when both operands carry them on one batch axis); contracted channels are blocked."""
+    tracked = [(i, m) for i, t in enumerate(node.inputs) if (m := ctx.channels(t)) is not None]
+    if not tracked:
+        return
+    shapes = [ctx.shape(t) for t in node.inputs]
+    out_shape = ctx.shape(node.outputs[0])
+    if out_shape is None or any(shape is None or len(shape) < 2 for shape in shapes):
+        ctx.block_inputs(node, "product of computed operands with unknown or 1-D shapes")
+        return
+    rank = len(out_shape)
+    landed = {_product_axis(i, m.axis, len(shapes[i]), rank) for i, m in tracked}
+    if None in landed:
+        ctx.block_inputs(node, "channels are contracted with a computed operand")
+        return
+    if len(landed) > 1:
+        ctx.block_inputs(node, "operands carry channels on different axes")
+        return
+    axis, (first_index, first) = landed.pop(), tracked[0]
+    if len(tracked) == 2:
+        if len(tracked[1][1].ids) != len(first.ids):
+            ctx.block_inputs(node, "operands carry different channel counts")
+            return
+        ctx.join(first.ids, tracked[1][1].ids)
+    elif axis < rank - 2 and _batch_dim(shapes[1 - first_index], axis, rank) != 1:
+        ctx.block_inputs(node, f"operand '{node.inputs[1 - first_index].name}' spans the channels but is not tracked")
+        return
+    ctx.set(node.outputs[0], type(first)(axis, first.ids))
+
+
+def _product_axis(operand: int, axis: int, rank: int, out_rank: int) -> int | None:
+    """The output axis of a MatMul that channels on `axis` of operand 0 (A) or 1 (B) reach; None when
+    contracted. Batch axes align from the right; A's rows and B's columns keep their place."""
+    if axis == (rank - 1 if operand == 0 else rank - 2):
+        return None
+    return axis + out_rank - rank
+
+
+def _batch_dim(shape, axis: int, out_rank: int) -> int:
+    """The size of `shape` at output batch axis `axis` (1 where it broadcasts for want of axes)."""
+    offset = axis - (out_rank - len(shape))
+    return shape[offset] if offset >= 0 else 1

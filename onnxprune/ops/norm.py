@@ -3,7 +3,8 @@
 BatchNormalization and InstanceNormalization act per channel: channels pass through and their
 parameters are sliced. GroupNormalization normalises over groups of channels, so a whole group is kept
 or removed (its channels are joined) and `num_groups` shrinks. LayerNormalization and LRN mix the
-channels they normalise over: channels on a normalised axis are blocked, others pass through.
+channels they normalise over: channels on a normalised axis are blocked, others pass through
+(onnxruntime's SimplifiedLayerNormalization, an RMSNorm, like LayerNormalization).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class GroupNormHandler(Handler):
         return scale if len(scale) != groups else None
 
 
-@register("LayerNormalization", "LpNormalization", "LRN", "MeanVarianceNormalization")
+@register("LayerNormalization", "SimplifiedLayerNormalization", "LpNormalization", "LRN", "MeanVarianceNormalization")
 class CrossChannelNormHandler(Handler):
     """Normalises over some axes: channels there are blocked, channels elsewhere pass through."""
 
@@ -92,7 +93,7 @@ class CrossChannelNormHandler(Handler):
             ctx.block(x.ids, f"{node.op} '{node.name}': input shape unknown")
             return
         rank = len(shape)
-        if node.op == "LayerNormalization":
+        if node.op in ("LayerNormalization", "SimplifiedLayerNormalization"):  # the latter: onnxruntime's RMSNorm
             mixed = range(normalize_axis(int(attr(node, "axis", -1)), rank), rank)
         elif node.op == "LpNormalization":
             mixed = [normalize_axis(int(attr(node, "axis", -1)), rank)]

@@ -63,6 +63,15 @@ class RewriteContext:
     def set_attr(node: gs.Node, name: str, value) -> None:
         node.attrs[name] = value
 
+    def add_node(self, op: str, inputs: list, **attrs) -> gs.Variable:
+        """A new node of the graph reading `inputs` (tensors, or arrays made constants); its output."""
+        name = self._unique(op.lower())
+        tensors = [t if isinstance(t, gs.Tensor) else gs.Constant(self._unique(f"{name}_input{i}"), np.asarray(t))
+                   for i, t in enumerate(inputs)]
+        output = gs.Variable(self._unique(f"{name}_out"))
+        self.analysis.graph.nodes.append(gs.Node(op, name, dict(attrs), tensors, [output]))
+        return output
+
     def _unique(self, base: str) -> str:
         name, i = f"{base}_pruned", 1
         while name in self._names:

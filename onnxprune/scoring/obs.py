@@ -281,10 +281,11 @@ class ObsStats(Allocation):
         at a price, each group keeps the count minimising its error curve - lambda x what it saves, so the
         budget goes where error per MAC is lowest. Groups keep at least MIN_KEEP_FRACTION and round_to."""
         channels = {g.index: g.channels for g in analysis.prunable_groups()}
+        widths = {g.index: g.width for g in analysis.prunable_groups()}
         curved = [g for g in channels if g in self.curves]
         full = target.measure(channels)
         saving = {g: max(full - target.measure({**channels, g: channels[g] - 1}), 1e-12) for g in curved}
-        choices = {g: keep_choices(channels[g], round_to) for g in curved}
+        choices = {g: keep_choices(channels[g], round_to, widths[g]) for g in curved}
 
         def counts_at(log_price: float) -> dict[int, int]:
             counts = dict(channels)
@@ -346,10 +347,11 @@ def fill_slack(counts: dict[int, int], curved: list[int], choices: dict[int, np.
         counts = best
 
 
-def keep_choices(channels: int, round_to) -> np.ndarray:
-    """Keep counts a group may take: rounded as round_to says, at least MIN_KEEP_FRACTION of it."""
+def keep_choices(channels: int, round_to, width: int = 1) -> np.ndarray:
+    """Keep counts a group of units `width` channels wide may take: rounded as round_to says, at least
+    MIN_KEEP_FRACTION of it."""
     floor = max(int(np.ceil(MIN_KEEP_FRACTION * channels)), 1)
-    return np.array(sorted({round_keep(k, channels, round_to) for k in range(floor, channels + 1)}))
+    return np.array(sorted({round_keep(k, channels, round_to, width) for k in range(floor, channels + 1)}))
 
 
 def gram_folds(analysis, context, consumers: list[Consumer]) -> list[GramFold]:

@@ -86,6 +86,7 @@ class PFPStats(Allocation):
         """Keep counts for every prunable group and a summary {eps, achieved}: the smallest eps (most
         channels kept) whose counts meet `target`. Groups no consumer reads keep all their channels."""
         channels = {g.index: g.channels for g in analysis.prunable_groups()}
+        widths = {g.index: g.width for g in analysis.prunable_groups()}
         groups = pfp_groups(analysis, scores, self)
         fixed = {g: c for g, c in channels.items() if g in self.unread}
         limit = target.limit
@@ -94,18 +95,18 @@ class PFPStats(Allocation):
             return dict(channels), {"eps": 0.0, "target": float(limit), "achieved": float(measure(channels)),
                                     "unit": target.unit}
         lo, hi = np.log(EPS_RANGE[0]), np.log(EPS_RANGE[1])
-        if measure(counts_for_eps(groups, float(np.exp(lo)), channels, round_to)) <= limit:
+        if measure(counts_for_eps(groups, float(np.exp(lo)), channels, widths, round_to)) <= limit:
             hi = lo  # even the smallest error keeps within the target
         for _ in range(BISECTION_STEPS):
             if hi - lo < 1e-9:
                 break
             mid = (lo + hi) / 2
-            if measure(counts_for_eps(groups, float(np.exp(mid)), channels, round_to)) <= limit:
+            if measure(counts_for_eps(groups, float(np.exp(mid)), channels, widths, round_to)) <= limit:
                 hi = mid
             else:
                 lo = mid
         eps = float(np.exp(hi))
-        counts = {**fixed, **counts_for_eps(groups, eps, channels, round_to)}
+        counts = {**fixed, **counts_for_eps(groups, eps, channels, widths, round_to)}
         achieved = measure(counts)
         if achieved > limit:
             log.warning("pfp: the target cannot be met (each group keeps at least one channel)")
@@ -150,8 +151,10 @@ def pfp_groups(analysis, scores: dict[int, np.ndarray], stats: PFPStats) -> list
     return found
 
 
-def counts_for_eps(groups: list[PFPGroup], eps: float, channels: dict[int, int], round_to) -> dict[int, int]:
-    return {g.index: round_keep(keep_for_eps(eps, g.probabilities, g.alpha, g.total), channels[g.index], round_to)
+def counts_for_eps(groups: list[PFPGroup], eps: float, channels: dict[int, int], widths: dict[int, int],
+                   round_to) -> dict[int, int]:
+    return {g.index: round_keep(keep_for_eps(eps, g.probabilities, g.alpha, g.total), channels[g.index], round_to,
+                                widths[g.index])
             for g in groups}
 
 

@@ -1,5 +1,6 @@
 """Data movement: Concat, Split, Slice, Reshape (to literal and computed shapes, the channel shuffle),
-Transpose, pass-through ops (Dropout, Identity, Cast); a graph output and TopK (blocked). Moving data
+Transpose, Gather off the channel axis, pass-through ops (Dropout, Identity, Cast); a graph output, TopK
+and Gather of channels (blocked). Moving data
 costs nothing."""
 
 from __future__ import annotations
@@ -119,6 +120,23 @@ def transpose_matmul(seed: int = 0) -> onnx.ModelProto:
     return b.model(x_input([1, 3, 8, 8]), name="transpose_matmul")
 
 
+def gather_token(seed: int = 0, channel_axis: bool = False) -> onnx.ModelProto:
+    """x [1,5,16] -> fc1(16->32) -> Relu -> Gather(axis 1, index 0: the class token) -> fc2(32->8).
+    channel_axis: Gather(axis 2, indices [0, 2, 4]) -> fc2(3->8) instead.
+
+    Prunable: fc1's 32 channels (the token's features). channel_axis: blocked (gathers channels).
+    """
+    b = Builder(seed)
+    h = b.relu("relu1", b.matmul("fc1", "x", 16, 32))
+    if channel_axis:
+        h = b.node("Gather", "pick", [h, b.const("pick.indices", [0, 2, 4], np.int64)], axis=2)
+        b.output(b.matmul("fc2", h, 3, 8))
+    else:
+        h = b.node("Gather", "pick", [h, b.const("pick.index", 0, np.int64)], axis=1)
+        b.output(b.matmul("fc2", h, 32, 8))
+    return b.model([("x", [1, 5, 16])], name="gather_token")
+
+
 def passthrough(seed: int = 0) -> onnx.ModelProto:
     """conv1(3->8) -> Dropout (inference) -> Identity -> Cast(to float) -> conv2(8->4).
 
@@ -168,6 +186,8 @@ BUILDERS = {
     "transpose_nhwc": transpose_nhwc,
     "transpose_matmul": transpose_matmul,
     "passthrough": passthrough,
+    "gather_token": gather_token,
+    "blocked_gather_channels": functools.partial(gather_token, channel_axis=True),
     "blocked_graph_output": blocked_graph_output,
     "blocked_topk": blocked_topk,
 }
@@ -175,6 +195,7 @@ BLOCKED = {
     "blocked_shape_read": "the channel count is read",
     "blocked_graph_output": "graph output 'feat'",
     "blocked_topk": "no handler",
+    "blocked_gather_channels": "gathers along the channel axis",
 }
 
 test_pruning_dead_channels_is_exact, test_blocked_patterns_are_left_whole_with_a_reason = \

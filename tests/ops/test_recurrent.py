@@ -1,12 +1,81 @@
-"""Recurrent layers (LSTM, GRU, RNN): no handler, so their channels are blocked; the cost model counts
-the input and recurrent matrix products of every step."""
+"""Recurrent layers (LSTM, GRU, RNN): hidden units are pruned (their gate rows of W, R and B, their
+column of R, their channel of Y in both directions) and input features are sliced from W; the cost model
+counts the input and recurrent matrix products of every step.
+
+The oracle also zeroes a dropped unit's column of R (tests/oracle.py): only then does the unit contribute
+nothing, since its state feeds every gate of the next step.
+"""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 from onnx import helper
 
+from onnxprune.ops.recurrent import GATES
+from onnxprune.plan import Plan
 from onnxprune.validate.cost import node_macs
+from tests.builders import Builder
+from tests.oracle import family_tests
+
+STEPS, FEATURES, HIDDEN = 6, 8, 12
+
+
+def _recurrent(b: Builder, op: str, name: str, x: str, features: int, directions: int, states: bool = False):
+    """An op layer over x [steps, 1, features] -> Y [steps, directions, 1, HIDDEN]."""
+    gates = GATES[op]
+    inputs = [x, b.randn(f"{name}.W", [directions, gates * HIDDEN, features], 1 / math.sqrt(features)),
+              b.randn(f"{name}.R", [directions, gates * HIDDEN, HIDDEN], 1 / math.sqrt(HIDDEN)),
+              b.randn(f"{name}.B", [directions, 2 * gates * HIDDEN], 0.1)]
+    if states:  # constant initial states and LSTM's peepholes
+        inputs += ["", b.randn(f"{name}.initial_h", [directions, 1, HIDDEN], 0.5),
+                   b.randn(f"{name}.initial_c", [directions, 1, HIDDEN], 0.5), b.randn(f"{name}.P", [directions, 3 * HIDDEN], 0.3)]
+    direction = "bidirectional" if directions == 2 else "forward"
+    return b.node(op, name, inputs, n_out=1, hidden_size=HIDDEN, direction=direction)
+
+
+def _features(b: Builder, name: str, y: str, directions: int) -> str:
+    """Y [steps, directions, 1, hidden] -> [steps, 1, directions * hidden] (Transpose, Reshape)."""
+    y = b.node("Transpose", f"{name}_t", [y], perm=[0, 2, 1, 3])
+    return b.node("Reshape", f"{name}_merge", [y, b.const(f"{name}_merge.shape", [0, 0, -1], np.int64)])
+
+
+def recurrent(seed: int = 0, op: str = "LSTM", directions: int = 2, layers: int = 1, states: bool = False):
+    """x [1, 6, 8] -> proj(8->16) -> Relu -> Transpose to [6, 1, 16] -> `layers` op layers (hidden 12,
+    `directions`; their Y merged to [6, 1, directions * 12]) -> Transpose to [1, 6, ...] -> out(->5).
+
+    Prunable: proj's 16 channels (W's columns), each layer's 12 hidden units (both directions).
+    """
+    b = Builder(seed)
+    h = b.relu("relu1", b.matmul("proj", "x", FEATURES, 16))
+    h, features = b.node("Transpose", "time_major", [h], perm=[1, 0, 2]), 16
+    for i in range(layers):
+        h = _features(b, f"rnn{i}", _recurrent(b, op, f"rnn{i}", h, features, directions, states), directions)
+        features = directions * HIDDEN
+    h = b.node("Transpose", "batch_major", [h], perm=[1, 0, 2])
+    b.output(b.matmul("out", h, features, 5))
+    return b.model([("x", [1, STEPS, FEATURES])], name=f"recurrent_{op.lower()}")
+
+
+BUILDERS = {
+    "lstm_bidirectional_stacked": lambda seed=0: recurrent(seed, layers=2),
+    "lstm_states_peepholes": lambda seed=0: recurrent(seed, directions=1, states=True),
+    "gru": lambda seed=0: recurrent(seed, op="GRU"),
+    "rnn": lambda seed=0: recurrent(seed, op="RNN", directions=1),
+}
+BLOCKED: dict[str, str] = {}
+
+test_pruning_dead_channels_is_exact, _ = family_tests(BUILDERS, BLOCKED)
+
+
+def test_every_hidden_unit_and_input_feature_is_prunable():
+    from onnxprune import inspect
+
+    groups = inspect(BUILDERS["lstm_bidirectional_stacked"]())["groups"]
+    assert [(g["sources"], g["channels"], g["prunable"]) for g in groups] == [
+        (["proj"], 16, True), (["rnn0"], HIDDEN, True), (["rnn1"], HIDDEN, True), (["out"], 5, False)]
 
 
 @pytest.mark.parametrize("op,gates", [("LSTM", 4), ("GRU", 3), ("RNN", 1)])
@@ -17,3 +86,20 @@ def test_a_recurrent_layer_costs_its_input_and_recurrent_products_per_step(op, g
     node = helper.make_node(op, ["x", "w", "r"], ["y"], hidden_size=hidden)
     per_step = gates * hidden * features + gates * hidden * hidden
     assert node_macs(node, shapes, {}) == steps * batch * per_step
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_the_mac_estimate_of_a_plan_is_the_pruned_models(name):
+    """The recurrent product shrinks with the kept units twice (the input product with features x units)."""
+    from onnxprune import PruneConfig, prune
+    from onnxprune.budget import CostModel
+    from onnxprune.loading import load
+    from onnxprune.stages import analyze_model
+    from tests.oracle import drop_every_other
+
+    model = BUILDERS[name]()
+    analysis = analyze_model(load(model))
+    keep = drop_every_other(analysis)
+    counts = {g: len(k) for g, k in keep.items()}
+    result = prune(model, PruneConfig(plan=Plan.from_keep(analysis, keep)))
+    assert CostModel.build(analysis).macs(counts) == pytest.approx(result.report["after"]["macs"])

@@ -1,0 +1,196 @@
+"""onnxruntime's fused ops (domain com.microsoft), as `onnxruntime.transformers.optimizer` writes them.
+
+BiasGelu, FastGelu and QuickGelu are an activation of `x + bias`: channels pass, the bias is sliced.
+SkipLayerNormalization and SkipSimplifiedLayerNormalization normalise `input + skip + bias` over the
+last axis: channels there (the hidden size) are blocked; on another axis input and skip are joined.
+EmbedLayerNormalization reads token ids and embedding tables: no channels reach it.
+
+Attention (com.microsoft) projects its input with one packed weight [input, Q | K | V columns] and
+bias, attends per head and writes [B, S, V hidden]: its output is a source whose units are the heads
+(head_size channels each); pruning heads slices each head's Q, K and V columns and bias and sets
+`num_heads` (and `qkv_hidden_sizes`). Channels reaching its input (the hidden size) are blocked, as are
+graphs that read its key/value cache. MultiHeadAttention reads Q, K and V projected apart, [B, S, width]
+each: a head is one unit of the three, its output carries V's channels, and pruning heads slices its
+packed bias and sets `num_heads` (packed or cached inputs are blocked).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .attention import OnnxAttention, product_macs
+from .base import Handler, attr, const_input, has_input, join_rows, register
+from .elementwise import BroadcastHandler
+
+MICROSOFT = "com.microsoft"
+ATTENTION_BIAS = 5  # Attention's input of per-head additive score biases [B or 1, heads or 1, S, T]
+
+
+@register("BiasGelu", "FastGelu", "QuickGelu")
+class BiasActivationHandler(BroadcastHandler):
+    """An activation of `input + bias` (bias optional): the broadcast of an Add, then a unary op."""
+
+
+@register("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
+class SkipNormHandler(BroadcastHandler):
+    """LayerNorm (or RMSNorm) over the last axis of `input + skip + bias`."""
+
+    def propagate(self, node, ctx):
+        tracked = [(t, m) for t in node.inputs[:2] if (m := ctx.channels(t)) is not None]
+        ctx.block_unexpected(node, channel_inputs=(0, 1))
+        if not tracked:
+            return
+        ranks = [len(ctx.shape(t) or ()) for t, _ in tracked]
+        if any(rank == 0 or m.axis == rank - 1 for rank, (_, m) in zip(ranks, tracked)):
+            ctx.block_inputs(node, "normalises across the channel axis (the hidden size)", positions=(0, 1))
+            return
+        super().propagate(node, ctx)
+        cmap = ctx.channels(node.outputs[0])
+        for out in node.outputs[1:]:  # mean, inverse deviation, the sum: they keep the leading axes
+            if cmap is not None and out.name:
+                ctx.set(out, cmap)
+
+
+@register("EmbedLayerNormalization")
+class EmbedNormHandler(Handler):
+    """Embedding lookups from token ids: channels reaching it cannot be sliced."""
+
+    def propagate(self, node, ctx):
+        ctx.block_unexpected(node, channel_inputs=())
+
+
+@register("MultiHeadAttention")
+class MultiHeadAttentionHandler(Handler):
+    def propagate(self, node, ctx):
+        maps = [ctx.channels(t) if has_input(node, i) else None for i, t in enumerate(node.inputs[:3])]
+        ctx.block_unexpected(node, channel_inputs=(0, 1, 2))
+        reason = self._refusal(node, maps, ctx)
+        if reason is not None:
+            ctx.block_inputs(node, reason)
+            return
+        heads = [m.ids.reshape(int(attr(node, "num_heads")), -1) for m in maps]
+        for part in heads:
+            join_rows(ctx, part)
+        ctx.join(heads[0][:, 0], heads[1][:, 0])
+        ctx.join(heads[0][:, 0], heads[2][:, 0])
+        ctx.set(node.outputs[0], maps[2])  # output channel c is the attention-weighted V channel c
+
+    @staticmethod
+    def _refusal(node, maps, ctx) -> str | None:
+        if node.domain != MICROSOFT:
+            return "not onnxruntime's MultiHeadAttention"
+        if any(m is None for m in maps):
+            return "fused attention: query, key and value are not all projections carrying channels"
+        ranks = [len(ctx.shape(t) or ()) for t in node.inputs[:3]]
+        if any(rank != 3 or m.axis != 2 for rank, m in zip(ranks, maps)):
+            return "fused attention: packed or cached query, key or value"
+        if any(has_input(node, i) for i in range(6, len(node.inputs))) or any(o.name for o in node.outputs[1:]):
+            return "fused attention: its key/value cache is read or written"
+        for index in (3, ATTENTION_BIAS):
+            if has_input(node, index) and const_input(node, index) is None:
+                return "fused attention: a computed bias"
+        heads = int(attr(node, "num_heads", 0))
+        if heads < 1 or any(len(m.ids) % heads for m in maps):
+            return "fused attention: query, key or value does not split into num_heads heads"
+        return None
+
+    def rewrite(self, node, rw):
+        masks = [rw.mask(t) for t in node.inputs[:3]]
+        if masks[0] is None:
+            return
+        heads = int(attr(node, "num_heads"))
+        kept = masks[0].reshape(heads, -1)[:, 0]
+        if has_input(node, 3):
+            rw.set_input(node, 3, node.inputs[3].values[np.concatenate(masks)])
+        slice_head_bias(node, rw, heads, kept)
+        rw.set_attr(node, "num_heads", int(kept.sum()))
+
+    def macs(self, op, attrs, in_shape, weight_shape, out_shape):
+        return product_macs(in_shape, weight_shape, out_shape)
+
+
+def slice_head_bias(node, rw, heads: int, kept: np.ndarray) -> None:
+    """Keep the kept heads of a constant per-head score bias [B or 1, heads or 1, S, T], if any."""
+    bias = const_input(node, ATTENTION_BIAS) if has_input(node, ATTENTION_BIAS) else None
+    if bias is not None and bias.shape[1] == heads:
+        rw.set_input(node, ATTENTION_BIAS, bias[:, kept])
+
+
+def qkv_sizes(attrs: dict, packed: int) -> list[int]:
+    """The widths of the Q, K and V columns of Attention's packed weight."""
+    sizes = attrs.get("qkv_hidden_sizes")
+    return [int(n) for n in sizes] if sizes is not None and len(sizes) else [packed // 3] * 3
+
+
+@register("Attention")
+class AttentionHandler(Handler):
+    """onnxruntime's Attention; ONNX's own (the default domain, opset 23) is `OnnxAttention`'s."""
+
+    onnx = OnnxAttention()
+
+    def propagate(self, node, ctx):
+        if node.domain != MICROSOFT:
+            self.onnx.propagate(node, ctx)
+            return
+        ctx.block_inputs(node, "fused attention: its input features (the hidden size) are not pruned")
+        weight, shape = const_input(node, 1), ctx.shape(node.outputs[0])
+        reason = self._refusal(node, weight, shape)
+        if reason is not None:
+            ctx.block_inputs(node, reason)
+            return
+        heads = int(attr(node, "num_heads"))
+        ids = ctx.new_source(node, node.outputs[0], shape[-1], axis=len(shape) - 1).reshape(heads, -1)
+        join_rows(ctx, ids)  # a head is one unit
+
+    @staticmethod
+    def _refusal(node, weight, out_shape) -> str | None:
+        """Why the heads of this node cannot be pruned, or None."""
+        if weight is None or weight.ndim != 2 or (has_input(node, 2) and const_input(node, 2) is None):
+            return "fused attention: weight or bias is not a constant"
+        if out_shape is None:
+            return "fused attention: output shape unknown"
+        if any(out.name for out in node.outputs[1:]):
+            return "fused attention: its key/value cache (present) is read"
+        if has_input(node, ATTENTION_BIAS) and const_input(node, ATTENTION_BIAS) is None:
+            return "fused attention: a computed per-head score bias"
+        sizes, heads = qkv_sizes(node.attrs, weight.shape[1]), int(attr(node, "num_heads", 0))
+        if heads < 1 or any(n % heads for n in sizes) or sum(sizes) != weight.shape[1]:
+            return "fused attention: packed weight does not split into num_heads heads"
+        return None
+
+    def rewrite(self, node, rw):
+        if node.domain != MICROSOFT:
+            self.onnx.rewrite(node, rw)
+            return
+        mask = rw.mask(node.outputs[0])
+        if mask is None:
+            return
+        heads = int(attr(node, "num_heads"))
+        kept = mask.reshape(heads, -1)[:, 0]
+        sizes = qkv_sizes(node.attrs, node.inputs[1].values.shape[1])
+        columns = np.concatenate([np.repeat(kept, n // heads) for n in sizes])
+        rw.set_input(node, 1, node.inputs[1].values[:, columns])
+        if has_input(node, 2):
+            rw.set_input(node, 2, node.inputs[2].values[columns])
+        slice_head_bias(node, rw, heads, kept)
+        rw.set_attr(node, "num_heads", int(kept.sum()))
+        if "qkv_hidden_sizes" in node.attrs:
+            rw.set_attr(node, "qkv_hidden_sizes", [n // heads * int(kept.sum()) for n in sizes])
+
+    def filter_weights(self, node):
+        """Per output channel: its V column, and the Q and K columns at the same place of its head."""
+        weight = node.inputs[1].values
+        q, k, v = qkv_sizes(node.attrs, weight.shape[1])
+        if not q == k == v:
+            return weight[:, q + k:].T
+        return np.concatenate([weight[:, :q].T, weight[:, q:q + k].T, weight[:, q + k:].T], axis=1)
+
+    def macs(self, op, attrs, in_shape, weight_shape, out_shape):
+        """The packed projection, then per head the scores (Q K^T) and the context (weights V)."""
+        if weight_shape and len(weight_shape) > 2:  # ONNX's own: K where the packed weight would be
+            return self.onnx.macs(op, attrs, in_shape, weight_shape, out_shape)
+        if not (in_shape and out_shape and weight_shape):
+            return None
+        rows = int(np.prod(in_shape[:-1], dtype=np.int64))
+        q, _, v = qkv_sizes(attrs, weight_shape[1])
+        return rows * in_shape[-1] * weight_shape[1] + rows * in_shape[-2] * (q + v)

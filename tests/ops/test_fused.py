@@ -1,0 +1,171 @@
+"""onnxruntime's fused ops (com.microsoft domain, as onnxruntime.transformers.optimizer writes them):
+Attention's heads are pruned by slicing its packed Q, K, V weight per head, MultiHeadAttention's by
+its projections; BiasGelu, FastGelu and
+QuickGelu pass channels and slice their bias; SkipLayerNormalization blocks the hidden size it
+normalises; a model importing the com.microsoft opset loads and inspects."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from onnx import helper, numpy_helper
+
+from onnxprune import PruneConfig, inspect, prune
+from onnxprune.loading import load
+from onnxprune.plan import Plan
+from onnxprune.stages import analyze_model
+from onnxprune.validate.cost import node_macs
+from tests.builders import Builder
+from tests.oracle import family_tests
+
+MICROSOFT = {"com.microsoft": 1}
+SEQUENCE = [1, 5, 16]
+
+
+def _skip_layer_norm(b: Builder, name: str, x: str, skip: str, width: int) -> str:
+    """SkipLayerNormalization(x, skip, gamma, beta, bias) over the last axis."""
+    params = [b.const(f"{name}.gamma", b.rng.uniform(0.5, 1.5, width)), b.randn(f"{name}.beta", [width], 0.1),
+              b.randn(f"{name}.bias", [width], 0.1)]
+    return b.node("SkipLayerNormalization", name, [x, skip, *params], domain="com.microsoft", epsilon=1e-5)
+
+
+def fused_ffn(seed: int = 0):
+    """x [1,5,16] -> fc1(16->32) -> BiasGelu(bias[32]) -> fc2(32->16) -> SkipLayerNormalization(skip x)
+    -> fc3(16->8): a fused BERT feed-forward block.
+
+    Prunable: fc1's 32 channels (BiasGelu's bias is sliced). fc2's 16 are blocked by the normalisation.
+    """
+    b = Builder(seed)
+    h = b.node("BiasGelu", "gelu1", [b.matmul("fc1", "x", 16, 32), b.randn("gelu1.bias", [32], 0.1)],
+               domain="com.microsoft")
+    h = _skip_layer_norm(b, "skip_norm1", b.matmul("fc2", h, 32, 16), "x", 16)
+    b.output(b.matmul("fc3", h, 16, 8))
+    return b.model([("x", SEQUENCE)], outputs=[("y", [1, 5, 8])], name="fused_ffn", domains=MICROSOFT)
+
+
+def fast_gelu(seed: int = 0):
+    """x [1,5,16] -> fc1(16->32) -> FastGelu(bias[32]) -> fc2(32->24) -> QuickGelu -> fc3(24->8).
+
+    Prunable: fc1's 32 channels and fc2's 24.
+    """
+    b = Builder(seed)
+    h = b.node("FastGelu", "gelu1", [b.matmul("fc1", "x", 16, 32), b.randn("gelu1.bias", [32], 0.1)],
+               domain="com.microsoft")
+    h = b.node("QuickGelu", "gelu2", [b.matmul("fc2", h, 32, 24)], domain="com.microsoft", alpha=1.702)
+    b.output(b.node("MatMul", "fc3", [h, b.randn("fc3.weight", [24, 8], 1 / math.sqrt(24))]))
+    return b.model([("x", SEQUENCE)], outputs=[("y", [1, 5, 8])], name="fast_gelu", domains=MICROSOFT)
+
+
+def blocked_skip_layer_norm(seed: int = 0):
+    """x [1,5,16] -> fc1(16->16) -> SkipLayerNormalization(skip x) -> fc2(16->8).
+
+    Blocked: fc1's channels are the hidden size the normalisation mixes.
+    """
+    b = Builder(seed)
+    h = _skip_layer_norm(b, "skip_norm1", b.matmul("fc1", "x", 16, 16), "x", 16)
+    b.output(b.matmul("fc2", h, 16, 8))
+    return b.model([("x", SEQUENCE)], outputs=[("y", [1, 5, 8])], name="blocked_skip_layer_norm",
+                   domains=MICROSOFT)
+
+
+HEADS = 4
+
+
+def fused_attention(seed: int = 0, qkv_hidden_sizes=None, score_bias: bool = False):
+    """x [1,5,16] -> Attention(num_heads 4, packed weight [16, q+k+v], bias, a padding mask) -> out(v->16).
+
+    Prunable: the 4 heads (head_size V channels each; their Q, K, V columns and bias go with them).
+    qkv_hidden_sizes: Q, K and V widths (default 16 each); score_bias: a constant per-head score bias.
+    """
+    b = Builder(seed)
+    sizes = qkv_hidden_sizes or [16, 16, 16]
+    inputs = ["x", b.randn("attention.weight", [16, sum(sizes)], 0.25), b.randn("attention.bias", [sum(sizes)], 0.1),
+              b.const("attention.mask", [[1, 1, 1, 1, 0]], np.int32)]
+    if score_bias:
+        inputs += ["", b.randn("attention.score_bias", [1, HEADS, 5, 5], 0.5)]
+    extra = {"qkv_hidden_sizes": sizes} if qkv_hidden_sizes else {}
+    h = b.node("Attention", "attention", inputs, domain="com.microsoft", num_heads=HEADS, **extra)
+    b.output(b.matmul("out", h, sizes[2], 16))
+    return b.model([("x", SEQUENCE)], outputs=[("y", SEQUENCE)], name="fused_attention", domains=MICROSOFT)
+
+
+def multi_head_attention(seed: int = 0, cached: bool = False):
+    """x [1,5,16] -> q, k (16->16), v (16->24) -> MultiHeadAttention(num_heads 4, packed bias [56], a
+    constant per-head score bias) -> out(24->16).
+
+    Prunable: the 4 heads (4 channels of q and of k, 6 of v each). cached: its present key is an output
+    too: blocked.
+    """
+    b = Builder(seed)
+    q, k, v = (b.matmul(name, "x", 16, n) for name, n in (("q", 16), ("k", 16), ("v", 24)))
+    inputs = [q, k, v, b.randn("attention.bias", [56], 0.1), "", b.randn("attention.score_bias", [1, HEADS, 5, 5], 0.5)]
+    outputs = 2 if cached else 1
+    h = b.node("MultiHeadAttention", "attention", inputs, n_out=outputs, domain="com.microsoft", num_heads=HEADS)
+    b.output(b.matmul("out", h[0] if cached else h, 24, 16))
+    if cached:
+        b.output(h[1], "present_key")
+    names = [("y", SEQUENCE)] + ([("present_key", [1, HEADS, 5, 4])] if cached else [])
+    return b.model([("x", SEQUENCE)], outputs=names, name="multi_head_attention", domains=MICROSOFT)
+
+
+BUILDERS = {
+    "fused_attention": fused_attention,
+    "multi_head_attention": multi_head_attention,
+    "blocked_multi_head_attention_cached": lambda seed=0: multi_head_attention(seed, cached=True),
+    "fused_attention_qkv_sizes": lambda seed=0: fused_attention(seed, qkv_hidden_sizes=[16, 16, 24]),
+    "fused_attention_score_bias": lambda seed=0: fused_attention(seed, score_bias=True),
+    "fused_ffn": fused_ffn,
+    "fast_gelu": fast_gelu,
+    "blocked_skip_layer_norm": blocked_skip_layer_norm,
+}
+BLOCKED = {"blocked_skip_layer_norm": "normalises across the channel axis (the hidden size)",
+           "blocked_multi_head_attention_cached": "its key/value cache is read or written"}
+
+test_pruning_dead_channels_is_exact, test_blocked_patterns_are_left_whole_with_a_reason = \
+    family_tests(BUILDERS, BLOCKED)
+
+
+def test_a_model_importing_the_microsoft_opset_inspects_with_its_coverage():
+    report = inspect(fused_ffn())
+    reasons = [r for g in report["groups"] for r in g.get("reasons", [])]
+    assert not any("no handler" in r for r in reasons), reasons
+    assert [g["channels"] for g in report["groups"] if g["prunable"]] == [32]
+    assert np.isclose(report["coverage"], 32 / (32 + 16 + 8))
+
+
+@pytest.mark.parametrize("build,sources", [(fused_attention, ["attention"]), (multi_head_attention, ["q", "k", "v"])])
+def test_the_fused_attention_heads_are_one_group_of_four_units(build, sources):
+    (group,) = [g for g in inspect(build())["groups"] if g["prunable"]]
+    assert (group["sources"], group["channels"]) == (sources, HEADS)
+
+
+def test_pruning_heads_slices_the_packed_weight_per_head_and_sets_num_heads():
+    model = fused_attention(qkv_hidden_sizes=[16, 16, 24], score_bias=True)
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    analysis = analyze_model(load(model))
+    (group,) = analysis.prunable_groups()
+    result = prune(model, PruneConfig(plan=Plan.from_keep(analysis, {group.index: np.array([0, 2])})))
+    (node,) = [n for n in result.model.graph.node if n.op_type == "Attention"]
+    pruned = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert (attrs["num_heads"], list(attrs["qkv_hidden_sizes"])) == (2, [8, 8, 12])
+    # Q and K heads are 4 columns wide, V heads 6: keep heads 0 and 2 of each
+    columns = np.r_[0:4, 8:12, 16:20, 24:28, 32:38, 44:50]
+    np.testing.assert_array_equal(pruned[node.input[1]], weights["attention.weight"][:, columns])
+    np.testing.assert_array_equal(pruned[node.input[2]], weights["attention.bias"][columns])
+    np.testing.assert_array_equal(pruned[node.input[5]], weights["attention.score_bias"][:, [0, 2]])
+
+
+def test_multi_head_attention_macs_are_the_scores_and_the_context():
+    shapes = {"q": (1, 5, 16), "k": (1, 5, 16), "y": (1, 5, 24)}
+    node = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["y"], domain="com.microsoft", num_heads=4)
+    assert node_macs(node, shapes, {}) == 5 * 5 * 16 + 5 * 5 * 24
+
+
+def test_fused_attention_macs_count_the_projection_scores_and_context():
+    shapes = {"x": (1, 5, 16), "w": (16, 56), "y": (1, 5, 24)}
+    node = helper.make_node("Attention", ["x", "w"], ["y"], domain="com.microsoft", num_heads=4,
+                            qkv_hidden_sizes=[16, 16, 24])
+    assert node_macs(node, shapes, {}) == 5 * 16 * 56 + 5 * 5 * 16 + 5 * 5 * 24
