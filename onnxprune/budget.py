@@ -160,18 +160,24 @@ def ratio_for_macs(analysis, scores, target_macs: float, global_ranking: bool, r
                    cost: CostModel | None = None) -> tuple[dict[int, int], dict]:
     """Keep counts from the smallest --filters ratio whose estimated MACs meet `target_macs`."""
     cost = cost or CostModel.build(analysis)
-    limit = target_macs * cost.full
+    return ratio_for_target(analysis, scores, Target(target_macs * cost.full, cost.macs, "macs"), global_ranking,
+                            round_to)
+
+
+def ratio_for_target(analysis, scores, target: Target, global_ranking: bool, round_to) -> tuple[dict[int, int], dict]:
+    """Keep counts from the smallest --filters ratio whose measure meets `target`."""
     lo, hi = 0.0, 1.0 - 1e-9
-    if cost.macs(keep_counts(analysis, scores, lo, global_ranking, round_to)) <= limit:
+    if target.measure(keep_counts(analysis, scores, lo, global_ranking, round_to)) <= target.limit:
         hi = lo
     for _ in range(60):
         mid = (lo + hi) / 2
-        if cost.macs(keep_counts(analysis, scores, mid, global_ranking, round_to)) <= limit:
+        if target.measure(keep_counts(analysis, scores, mid, global_ranking, round_to)) <= target.limit:
             hi = mid
         else:
             lo = mid
     counts = keep_counts(analysis, scores, hi, global_ranking, round_to)
-    return counts, {"filters": hi, "target": float(limit), "achieved": cost.macs(counts), "unit": "macs"}
+    return counts, {"filters": hi, "target": float(target.limit), "achieved": target.measure(counts),
+                    "unit": target.unit}
 
 
 # ---------------------------------------------------------------- counts and channels for any scorer
@@ -179,30 +185,34 @@ def ratio_for_macs(analysis, scores, target_macs: float, global_ranking: bool, r
 
 def choose_channels(analysis, scores: dict[int, np.ndarray], context, *, filters: float, global_ranking: bool,
                     round_to, target_macs: float | None, pfp_mode: str = "topk", seed: int = 0,
-                    counts: dict[int, int] | None = None
+                    counts: dict[int, int] | None = None, target: Target | None = None
                     ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], dict | None]:
     """(kept unit positions per group, per-unit weight scales, budget summary). A scorer that brings its
     own allocation (`context.allocation`) meets the target itself; otherwise the --filters ratio does.
-    `counts`: keep counts decided already (a step of --steps); the scores only choose which units."""
+    `counts`: keep counts decided already (a step of --steps); the scores only choose which units.
+    `target`: a target given whole (a latency budget) instead of `filters` or `target_macs`."""
     allocation = context.allocation
     summary = None
     if counts is None:
-        counts, summary = _keep_counts(analysis, scores, context, filters, global_ranking, round_to, target_macs)
+        counts, summary = _keep_counts(analysis, scores, context, filters, global_ranking, round_to, target_macs,
+                                       target)
     keep = select(analysis, scores, counts)
     if allocation is not None:
         return (*allocation.select(analysis, scores, counts, keep, pfp_mode, seed), summary)
     return keep, {}, summary
 
 
-def _keep_counts(analysis, scores, context, filters, global_ranking, round_to, target_macs):
+def _keep_counts(analysis, scores, context, filters, global_ranking, round_to, target_macs, target=None):
     """(keep count per group, budget summary or None) for the target."""
     allocation = context.allocation
     if allocation is not None:
-        counts, summary = allocation.keep_counts(analysis, scores, budget_target(analysis, filters, target_macs),
-                                                 round_to)
+        target = target or budget_target(analysis, filters, target_macs)
+        counts, summary = allocation.keep_counts(analysis, scores, target, round_to)
         if global_ranking:
             context.notes.append(allocation.global_note)
         return counts, summary
+    if target is not None:
+        return ratio_for_target(analysis, scores, target, global_ranking, round_to)
     if target_macs is not None:
         return ratio_for_macs(analysis, scores, target_macs, global_ranking, round_to)
     return keep_counts(analysis, scores, filters, global_ranking, round_to), None

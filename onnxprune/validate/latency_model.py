@@ -145,8 +145,9 @@ def layer_model(layer: TimedLayer, k_in: int, k_out: int) -> onnx.ModelProto:
     input_shape = list(layer.input_shape)
     input_shape[layer.data_axis] = k_in
     node = helper.make_node(layer.op, ["x", "w", "b"][:len(inits) + 1], ["y"], **layer.attrs)
-    graph = helper.make_graph([node], "layer", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, input_shape)],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, input_shape)
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    graph = helper.make_graph([node], "layer", [x], [y], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", layer.opset)])
 
 
@@ -212,14 +213,17 @@ class LatencyCache:
         os.replace(tmp, self.path)
 
 
-def layer_fits(layers: list[TimedLayer], threads: int, cache: LatencyCache, timer=time_layer) -> tuple[list[LayerFit], bool]:
-    """(a fit per layer, whether they came from the cache); `timer(layer, threads)` times one layer."""
+def layer_fits(layers: list[TimedLayer], threads: int, cache: LatencyCache, timer=time_layer,
+               write: bool = True) -> tuple[list[LayerFit], bool]:
+    """(a fit per layer, whether they came from the cache); `timer(layer, threads)` times one layer. New fits
+    are written to the cache unless `write` is False (then `cache.put(cache_key(layers, threads), fits)`)."""
     key = cache_key(layers, threads)
     fits = cache.get(key)
     if fits is not None:
         return fits, True
     fits = [timer(layer, threads) for layer in layers]
-    cache.put(key, fits)
+    if write:
+        cache.put(key, fits)
     return fits, False
 
 
