@@ -4,8 +4,10 @@ the `--target-latency` / `--target-speedup` rounds, and the report's predicted f
 The original is timed once when the model is built (`LatencyConfig` runs, median): a speed-up target is
 that figure over X. Each round allocates to a predicted-ms limit (`budget.LatencyPredictor.target`), cuts
 the channels, and measures the cut model against the original, interleaved; on a miss the saving still
-needed is scaled by the round's measured saving over its predicted one (`LatencyBudget.tightened`) and
-the next round aims at that, at most `ROUNDS` times. When even every group at its floor is predicted
+needed is scaled by the round's measured saving over its predicted one (`LatencyBudget.retargeted`) and
+the next round aims at that, at most `ROUNDS` times; a round faster than the goal by more than
+`TOLERANCE` likewise aims at a larger allocation. The result is the slowest round that met the goal (else
+the last). When even every group at its floor is predicted
 slower than the limit, the target is out of reach (`TargetOutOfReach`, exit 1).
 """
 
@@ -25,6 +27,7 @@ from .validate.latency import LatencyConfig, compare_latency, time_runs
 from .validate.latency_model import LatencyCache, cache_key, layer_fits, timed_layers
 
 ROUNDS = 3
+TOLERANCE = 0.05  # a round that is faster than the goal by more than this tries a larger allocation
 
 
 class TargetOutOfReach(ValidationFailed):
@@ -41,6 +44,7 @@ class LatencyBudget:
     cached: bool
     limit_ms: float = 0.0  # the predicted ms the next allocation aims at
     rounds: list[dict] = field(default_factory=list)
+    chosen: int = -1  # the round whose allocation is the result
     save: Callable[[], None] = lambda: None  # writes new layer fits to the cache (when the run succeeds)
 
     def target(self) -> Target | None:
@@ -68,18 +72,20 @@ class LatencyBudget:
         self.rounds.append({"limit_ms": self.limit_ms, "predicted_ms": predicted,
                             "measured_ms": after, "original_ms": before, "speedup": before / after,
                             "target_ms": goal})
-        met = after <= goal
-        if not met:
-            self.limit_ms = self.tightened(predicted, before, after, goal)
-        return met
+        met, close = after <= goal, after >= goal * (1 - TOLERANCE)
+        if not (met and close):
+            self.limit_ms = self.retargeted(predicted, before, after, goal)
+        return met, close
 
-    def tightened(self, predicted: float, before: float, after: float, goal: float) -> float:
+    def retargeted(self, predicted: float, before: float, after: float, goal: float) -> float:
         """The next predicted-ms limit: the saving measured was `ratio` times the saving predicted, so the
-        saving still needed is predicted at 1 / ratio of it (else, when nothing was saved, the prediction
-        scaled by goal / measured); always below this round's prediction."""
+        saving the goal needs is predicted at 1 / ratio of it (else, when nothing was saved, the prediction
+        scaled by goal / measured); below this round's prediction after a miss, above it when too fast."""
         ratio = (before - after) / (self.original_ms - predicted) if predicted < self.original_ms else 0.0
         limit = self.original_ms - (before - goal) / ratio if ratio > 0 else predicted * goal / after
-        return min(limit, predicted * (1 - 1e-6))
+        if after > goal:
+            return min(limit, predicted * (1 - 1e-6))
+        return max(limit, predicted * (1 + 1e-6))
 
     def section(self, counts: dict[int, int], measured: dict | None) -> dict:
         """The report's predicted figures beside the measured ones of `measured` (compare_latency's)."""
@@ -95,9 +101,9 @@ class LatencyBudget:
             after = measured["after"]["median_ms"]
             out["prediction_error"] = predicted / after - 1.0
         if self.target_ms is not None:
-            out.update({"target_ms": self.rounds[-1]["target_ms"] if self.rounds else self.target_ms,
-                        "asked": self.asked, "rounds": self.rounds,
-                        "met": bool(self.rounds) and self.rounds[-1]["measured_ms"] <= self.rounds[-1]["target_ms"]})
+            chosen = self.rounds[self.chosen]
+            out.update({"target_ms": chosen["target_ms"], "asked": self.asked, "rounds": self.rounds,
+                        "chosen_round": self.chosen, "met": chosen["measured_ms"] <= chosen["target_ms"]})
         return out
 
 
@@ -131,13 +137,18 @@ def counts_of(keep: dict[int, np.ndarray]) -> dict[int, int]:
 def latency_rounds(baseline: Baseline, analysis, config: PruneConfig, budget: LatencyBudget, factorizing: bool):
     """The channel choice for a latency target: allocate to the predicted limit, cut, measure; on a miss
     tighten and try again (`ROUNDS` at most). Out of reach in the first round: `TargetOutOfReach`."""
-    for _ in range(ROUNDS):
+    best = None  # (measured ms, round, choice) of the slowest round that met the goal
+    for index in range(ROUNDS):
         choice = choose(baseline, analysis, config, factorizing, target=budget.target())
         at_floor = choice.budget is not None and choice.budget["achieved"] > choice.budget["target"] * (1 + 1e-9)
         if not budget.rounds:
             budget.check_reachable(choice.budget)
         cut, _ = rewrite_channels(analyze_model(baseline.loaded, config.exclude), choice,
                                   baseline.loaded.model.ir_version)
-        if budget.measure_round(baseline, cut, counts_of(choice.keep)) or at_floor:
+        met, close = budget.measure_round(baseline, cut, counts_of(choice.keep))
+        if met and (best is None or budget.rounds[-1]["measured_ms"] > best[0]):
+            best = (budget.rounds[-1]["measured_ms"], index, choice)
+        if (met and close) or (at_floor and not met):
             break
-    return choice
+    budget.chosen = best[1] if best is not None else len(budget.rounds) - 1
+    return best[2] if best is not None else choice
