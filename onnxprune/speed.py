@@ -5,9 +5,9 @@ The original is timed once when the model is built (`LatencyConfig` runs, median
 that figure over X. Each round allocates to a predicted-ms limit (`budget.LatencyPredictor.target`), cuts
 the channels, and measures the cut model against the original, interleaved; on a miss the saving still
 needed is scaled by the round's measured saving over its predicted one (`LatencyBudget.retargeted`) and
-the next round aims at that, at most `ROUNDS` times; a round faster than the goal by more than
-`TOLERANCE` likewise aims at a larger allocation. The result is the slowest round that met the goal (else
-the last). When even every group at its floor is predicted
+the next round aims at that, at most `ROUNDS` times. A round within `TOLERANCE` (5%) of the goal meets
+it; one faster by more likewise aims at a larger allocation. The result is the slowest round that met
+the goal (else the last). When even every group at its floor is predicted
 slower than the limit, the target is out of reach (`TargetOutOfReach`, exit 1).
 """
 
@@ -27,7 +27,7 @@ from .validate.latency import LatencyConfig, compare_latency, time_runs
 from .validate.latency_model import LatencyCache, cache_key, layer_fits, timed_layers
 
 ROUNDS = 3
-TOLERANCE = 0.05  # a round that is faster than the goal by more than this tries a larger allocation
+TOLERANCE = 0.05  # a round within this share of the goal meets it; one faster by more tries a larger allocation
 
 
 class TargetOutOfReach(ValidationFailed):
@@ -72,7 +72,7 @@ class LatencyBudget:
         self.rounds.append({"limit_ms": self.limit_ms, "predicted_ms": predicted,
                             "measured_ms": after, "original_ms": before, "speedup": before / after,
                             "target_ms": goal})
-        met, close = after <= goal, after >= goal * (1 - TOLERANCE)
+        met, close = after <= goal * (1 + TOLERANCE), after >= goal * (1 - TOLERANCE)
         if not (met and close):
             self.limit_ms = self.retargeted(predicted, before, after, goal)
         return met, close
@@ -80,12 +80,30 @@ class LatencyBudget:
     def retargeted(self, predicted: float, before: float, after: float, goal: float) -> float:
         """The next predicted-ms limit: the saving measured was `ratio` times the saving predicted, so the
         saving the goal needs is predicted at 1 / ratio of it (else, when nothing was saved, the prediction
-        scaled by goal / measured); below this round's prediction after a miss, above it when too fast."""
+        scaled by goal / measured); below this round's prediction after a miss; when too fast, above this
+        round's limit by at least the measured excess (the allocation may have stopped well short of it).
+        Once one round was too fast and a larger limit too slow, the limit is interpolated between them."""
+        bracket = self.bracket()
+        if bracket is not None:
+            return bracket
         ratio = (before - after) / (self.original_ms - predicted) if predicted < self.original_ms else 0.0
         limit = self.original_ms - (before - goal) / ratio if ratio > 0 else predicted * goal / after
         if after > goal:
             return min(limit, predicted * (1 - 1e-6))
-        return max(limit, predicted * (1 + 1e-6))
+        return max(limit, self.limit_ms + (goal - after) * self.original_ms / before)
+
+    def bracket(self) -> float | None:
+        """The limit at which measured / goal reaches 1, linear between the too-fast round with the largest
+        limit and the too-slow round with the smallest, when the first limit is below the second."""
+        fast = [r for r in self.rounds if r["measured_ms"] < r["target_ms"]]
+        slow = [r for r in self.rounds if r["measured_ms"] > r["target_ms"]]
+        if not fast or not slow:
+            return None
+        a, b = max(fast, key=lambda r: r["limit_ms"]), min(slow, key=lambda r: r["limit_ms"])
+        if a["limit_ms"] >= b["limit_ms"]:
+            return None
+        ra, rb = a["measured_ms"] / a["target_ms"], b["measured_ms"] / b["target_ms"]
+        return a["limit_ms"] + (1 - ra) / (rb - ra) * (b["limit_ms"] - a["limit_ms"])
 
     def section(self, counts: dict[int, int], measured: dict | None) -> dict:
         """The report's predicted figures beside the measured ones of `measured` (compare_latency's)."""
@@ -103,7 +121,7 @@ class LatencyBudget:
         if self.target_ms is not None:
             chosen = self.rounds[self.chosen]
             out.update({"target_ms": chosen["target_ms"], "asked": self.asked, "rounds": self.rounds,
-                        "chosen_round": self.chosen, "met": chosen["measured_ms"] <= chosen["target_ms"]})
+                        "chosen_round": self.chosen, "met": chosen["measured_ms"] <= chosen["target_ms"] * (1 + TOLERANCE)})
         return out
 
 
