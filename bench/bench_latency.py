@@ -17,15 +17,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from onnxprune import PruneConfig, prune  # noqa: E402
-from onnxprune.calib import CalibrationSet  # noqa: E402
 from onnxprune.validate.latency import LatencyConfig  # noqa: E402
 
 HEADER = ("| model | setting | MACs kept | predicted ms | measured ms | error | speed-up | of ideal | rounds | "
@@ -66,28 +63,12 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp"), help="where the latency fits are cached")
     args = parser.parse_args()
-    from eval_recovery import mnist_ink, real_inputs
+    from eval_recovery import model_data
 
     print(HEADER, flush=True)
-    for name in args.models.split(","):
+    for name, path, calibration, evaluation, shapes in model_data(args.models.split(","), args.calib, args.eval):
         cache = args.cache_dir / f"bench_latency_{name}.latency.json"
-        if name == "mnist":
-            with np.load(ROOT / "models" / "mnist_calib.npz") as c, np.load(ROOT / "models" / "mnist_eval.npz") as e:
-                calibration = CalibrationSet({"input": c["input"]})
-                evaluation = CalibrationSet({"input": e["input"]}, e["labels"], "evaluation")
-            run_model(name, ROOT / "models" / "mnist_resnet.onnx", calibration, evaluation, {}, args.threads, cache)
-            continue
-        from real_models import ModelUnavailable, fetch, input_shapes
-
-        try:
-            path = fetch(name)
-        except ModelUnavailable as exc:
-            print(f"| {name} | unavailable: {exc} |")
-            continue
-        calibration = CalibrationSet(real_inputs(name, args.calib, 1, mnist_ink(ROOT / "models" / "mnist_calib.npz")))
-        evaluation = CalibrationSet(real_inputs(name, args.eval, 2, mnist_ink(ROOT / "models" / "mnist_eval.npz")),
-                                    source="evaluation")
-        run_model(name, path, calibration, evaluation, input_shapes(name), args.threads, cache)
+        run_model(name, path, calibration, evaluation, shapes, args.threads, cache)
     return 0
 
 
