@@ -203,7 +203,8 @@ EVALUATION = OptionGroup([
                  help="Timed runs per model (median reported), after the warm-up runs."),
     click.option("--latency-warmup", type=click.IntRange(min=0), default=DEFAULT_WARMUP, show_default=True),
     click.option("--threads", type=click.IntRange(min=0), default=DEFAULT_THREADS, show_default=True,
-                 help="onnxruntime intra-op threads for the latency measurement (0: onnxruntime's default)."),
+                 help="onnxruntime intra-op threads for the latency measurement and the latency model "
+                      "(0: onnxruntime's default)."),
 ], _evaluation_config)
 
 LATENCY_BUDGET = OptionGroup([
