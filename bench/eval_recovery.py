@@ -171,6 +171,14 @@ def main() -> int:
     METHODS[:] = args.methods.split(",")
     names = args.models.split(",")
     print(HEADER, flush=True)
+    for name, path, calibration, evaluation, shapes in model_data(names, args.calib, args.eval):
+        run_model(name, path, calibration, evaluation, shapes, chosen)
+    return 0
+
+
+def model_data(names: list[str], calib: int, evaluate: int):
+    """(name, path, calibration, evaluation, input shapes) of each model: MNIST's own digits, the real models'
+    inputs from `real_inputs`; a real model that cannot be fetched is a table row saying so."""
     digits_calib = mnist_ink(ROOT / "models" / "mnist_calib.npz")
     digits_eval = mnist_ink(ROOT / "models" / "mnist_eval.npz")
     for name in names:
@@ -178,7 +186,7 @@ def main() -> int:
             with np.load(ROOT / "models" / "mnist_calib.npz") as c, np.load(ROOT / "models" / "mnist_eval.npz") as e:
                 calibration = CalibrationSet({"input": c["input"]})
                 evaluation = CalibrationSet({"input": e["input"]}, e["labels"], "evaluation")
-            run_model(name, ROOT / "models" / "mnist_resnet.onnx", calibration, evaluation, {}, chosen)
+            yield name, ROOT / "models" / "mnist_resnet.onnx", calibration, evaluation, {}
             continue
         from real_models import ModelUnavailable, fetch, input_shapes
 
@@ -187,10 +195,9 @@ def main() -> int:
         except ModelUnavailable as exc:
             print(f"| {name} | unavailable: {exc} |")
             continue
-        calibration = CalibrationSet(real_inputs(name, args.calib, 1, digits_calib))
-        evaluation = CalibrationSet(real_inputs(name, args.eval, 2, digits_eval), source="evaluation")
-        run_model(name, path, calibration, evaluation, input_shapes(name), chosen)
-    return 0
+        calibration = CalibrationSet(real_inputs(name, calib, 1, digits_calib))
+        evaluation = CalibrationSet(real_inputs(name, evaluate, 2, digits_eval), source="evaluation")
+        yield name, path, calibration, evaluation, input_shapes(name)
 
 
 if __name__ == "__main__":

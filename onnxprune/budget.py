@@ -15,7 +15,7 @@ units is taken to keep k/C of the positions its units occupy in each tensor (exa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -36,6 +36,7 @@ class CostModel:
     base: np.ndarray  # MACs of every costed node at full size
     inputs: np.ndarray  # tensor row of the fraction that scales the node's input side (-1: none)
     outputs: np.ndarray  # likewise for the output side
+    nodes: list[str]  # the node of each entry of `base`
 
     @classmethod
     def build(cls, analysis) -> "CostModel":
@@ -59,7 +60,7 @@ class CostModel:
             return rows[tensor.name]
 
         sources = {id(s.node) for g in analysis.groups for s in g.sources}
-        base, ins, outs = [], [], []
+        base, ins, outs, names = [], [], [], []
         for node in analysis.graph.nodes:
             macs = node_macs(OnnxExporter.export_node(node), analysis.shapes, {})
             if not macs:
@@ -71,6 +72,7 @@ class CostModel:
                     base.append(macs * share)
                     ins.append(row(tensor_in))
                     outs.append(row(tensor_out))
+                    names.append(node.name)
                 continue
             out_row = row(node.outputs[0]) if node.outputs else -1
             in_row = row(node.inputs[0]) if node.inputs else -1
@@ -79,29 +81,66 @@ class CostModel:
             base.append(macs)
             ins.append(in_row)
             outs.append(out_row)
+            names.append(node.name)
         share_matrix = np.array(shares).reshape(len(shares), len(groups))
         channels = np.array([analysis.groups[g].channels for g in groups], dtype=np.float64)
         return cls(groups, channels, share_matrix, np.array(base, dtype=np.float64),
-                   np.array(ins, dtype=np.int64), np.array(outs, dtype=np.int64))
+                   np.array(ins, dtype=np.int64), np.array(outs, dtype=np.int64), names)
 
     @property
     def full(self) -> float:
         return float(self.base.sum())
 
-    def macs(self, counts: dict[int, int]) -> float:
+    def fractions(self, counts: dict[int, int]) -> np.ndarray:
+        """Kept fraction of each tracked tensor's positions, then 1 (row -1: no tracked channels)."""
         kept = np.array([counts.get(g, c) for g, c in zip(self.groups, self.channels)], dtype=np.float64)
         fraction = 1.0 - (self.removed_share * (1.0 - kept / self.channels)).sum(1)  # no BLAS: see scoring/pfp.py
-        fraction = np.append(fraction, 1.0)  # row -1: no tracked channels
+        return np.append(fraction, 1.0)
+
+    def macs(self, counts: dict[int, int]) -> float:
+        fraction = self.fractions(counts)
         return float((self.base * fraction[self.inputs] * fraction[self.outputs]).sum())
 
 
 @dataclass
 class Target:
-    """What an allocation must meet: `measure(counts) <= limit`, counted in `unit` ("channels" or "macs")."""
+    """What an allocation must meet: `measure(counts) <= limit`, counted in `unit` ("channels", "macs" or
+    "ms"). `smooth`, when given, is the measure without steps, for the saving of one channel."""
 
     limit: float
     measure: Callable[[dict[int, int]], float]
     unit: str
+    smooth: Callable[[dict[int, int]], float] | None = None
+
+
+@dataclass
+class LatencyPredictor:
+    """Predicted whole-model ms of keep counts: the original's measured ms, each timed layer's fitted time
+    at its kept channels in place of its fitted time at full size (validate/latency_model.py). The other
+    ops are taken to cost what they cost in the original."""
+
+    cost: CostModel
+    fits: list  # validate.latency_model.LayerFit, one per timed layer
+    entries: np.ndarray  # the CostModel entry of each fit
+    original_ms: float
+
+    @classmethod
+    def build(cls, cost: CostModel, fits: list, original_ms: float) -> "LatencyPredictor":
+        entry = {name: i for i, name in reversed(list(enumerate(cost.nodes)))}
+        fits = [f for f in fits if f.name in entry]
+        return cls(cost, fits, np.array([entry[f.name] for f in fits], dtype=np.int64), original_ms)
+
+    def ms(self, counts: dict[int, int], stepped: bool = True) -> float:
+        fraction = self.cost.fractions(counts)
+        f_in, f_out = fraction[self.cost.inputs[self.entries]], fraction[self.cost.outputs[self.entries]]
+        total = self.original_ms
+        for fit, a, b in zip(self.fits, f_in, f_out):
+            smooth = fit if stepped else replace(fit, multiple=1)
+            total += float(smooth.predict(a * fit.c_in, b * fit.c_out) - fit.predict(fit.c_in, fit.c_out))
+        return total
+
+    def target(self, limit_ms: float) -> Target:
+        return Target(limit_ms, self.ms, "ms", lambda counts: self.ms(counts, stepped=False))
 
 
 def budget_target(analysis, filters: float | None, target_macs: float | None, cost: CostModel | None = None) -> Target:
@@ -121,18 +160,24 @@ def ratio_for_macs(analysis, scores, target_macs: float, global_ranking: bool, r
                    cost: CostModel | None = None) -> tuple[dict[int, int], dict]:
     """Keep counts from the smallest --filters ratio whose estimated MACs meet `target_macs`."""
     cost = cost or CostModel.build(analysis)
-    limit = target_macs * cost.full
+    return ratio_for_target(analysis, scores, Target(target_macs * cost.full, cost.macs, "macs"), global_ranking,
+                            round_to)
+
+
+def ratio_for_target(analysis, scores, target: Target, global_ranking: bool, round_to) -> tuple[dict[int, int], dict]:
+    """Keep counts from the smallest --filters ratio whose measure meets `target`."""
     lo, hi = 0.0, 1.0 - 1e-9
-    if cost.macs(keep_counts(analysis, scores, lo, global_ranking, round_to)) <= limit:
+    if target.measure(keep_counts(analysis, scores, lo, global_ranking, round_to)) <= target.limit:
         hi = lo
     for _ in range(60):
         mid = (lo + hi) / 2
-        if cost.macs(keep_counts(analysis, scores, mid, global_ranking, round_to)) <= limit:
+        if target.measure(keep_counts(analysis, scores, mid, global_ranking, round_to)) <= target.limit:
             hi = mid
         else:
             lo = mid
     counts = keep_counts(analysis, scores, hi, global_ranking, round_to)
-    return counts, {"filters": hi, "target": float(limit), "achieved": cost.macs(counts), "unit": "macs"}
+    return counts, {"filters": hi, "target": float(target.limit), "achieved": target.measure(counts),
+                    "unit": target.unit}
 
 
 # ---------------------------------------------------------------- counts and channels for any scorer
@@ -140,30 +185,34 @@ def ratio_for_macs(analysis, scores, target_macs: float, global_ranking: bool, r
 
 def choose_channels(analysis, scores: dict[int, np.ndarray], context, *, filters: float, global_ranking: bool,
                     round_to, target_macs: float | None, pfp_mode: str = "topk", seed: int = 0,
-                    counts: dict[int, int] | None = None
+                    counts: dict[int, int] | None = None, target: Target | None = None
                     ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], dict | None]:
     """(kept unit positions per group, per-unit weight scales, budget summary). A scorer that brings its
     own allocation (`context.allocation`) meets the target itself; otherwise the --filters ratio does.
-    `counts`: keep counts decided already (a step of --steps); the scores only choose which units."""
+    `counts`: keep counts decided already (a step of --steps); the scores only choose which units.
+    `target`: a target given whole (a latency budget) instead of `filters` or `target_macs`."""
     allocation = context.allocation
     summary = None
     if counts is None:
-        counts, summary = _keep_counts(analysis, scores, context, filters, global_ranking, round_to, target_macs)
+        counts, summary = _keep_counts(analysis, scores, context, filters, global_ranking, round_to, target_macs,
+                                       target)
     keep = select(analysis, scores, counts)
     if allocation is not None:
         return (*allocation.select(analysis, scores, counts, keep, pfp_mode, seed), summary)
     return keep, {}, summary
 
 
-def _keep_counts(analysis, scores, context, filters, global_ranking, round_to, target_macs):
+def _keep_counts(analysis, scores, context, filters, global_ranking, round_to, target_macs, target=None):
     """(keep count per group, budget summary or None) for the target."""
     allocation = context.allocation
     if allocation is not None:
-        counts, summary = allocation.keep_counts(analysis, scores, budget_target(analysis, filters, target_macs),
-                                                 round_to)
+        target = target or budget_target(analysis, filters, target_macs)
+        counts, summary = allocation.keep_counts(analysis, scores, target, round_to)
         if global_ranking:
             context.notes.append(allocation.global_note)
         return counts, summary
+    if target is not None:
+        return ratio_for_target(analysis, scores, target, global_ranking, round_to)
     if target_macs is not None:
         return ratio_for_macs(analysis, scores, target_macs, global_ranking, round_to)
     return keep_counts(analysis, scores, filters, global_ranking, round_to), None

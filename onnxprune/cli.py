@@ -183,7 +183,8 @@ RECOVERY = OptionGroup([
 
 def _evaluation_config(v: dict) -> dict:
     latency = None
-    if v["latency"] or v.get("min_speedup") is not None:  # a speedup gate measures with these settings too
+    implied = [v.get(k) for k in ("min_speedup", "target_latency", "target_speedup")]
+    if v["latency"] or v.get("predict_latency") or any(x is not None for x in implied):  # measured with these too
         latency = LatencyConfig(runs=v["latency_runs"], warmup=v["latency_warmup"], threads=v["threads"])
     return {"evaluation": v["eval_data"], "labels": v["labels"], "latency": latency,
             "output_axes": dict(parse_output_axis(text) for text in v["output_axes"])}
@@ -202,8 +203,21 @@ EVALUATION = OptionGroup([
                  help="Timed runs per model (median reported), after the warm-up runs."),
     click.option("--latency-warmup", type=click.IntRange(min=0), default=DEFAULT_WARMUP, show_default=True),
     click.option("--threads", type=click.IntRange(min=0), default=DEFAULT_THREADS, show_default=True,
-                 help="onnxruntime intra-op threads for the latency measurement (0: onnxruntime's default)."),
+                 help="onnxruntime intra-op threads for the latency measurement and the latency model "
+                      "(0: onnxruntime's default)."),
 ], _evaluation_config)
+
+LATENCY_BUDGET = OptionGroup([
+    click.option("--target-latency", type=float, default=None, metavar="MS",
+                 help="Prune to this measured onnxruntime CPU latency (--threads) instead of a channel or MACs "
+                      "budget: each layer is timed at a few widths, the channels go where error per ms saved is "
+                      "lowest, and the result is measured (a few rounds if it misses). Implies --latency."),
+    click.option("--target-speedup", type=float, default=None, metavar="X",
+                 help="Likewise, to X times faster than the original measured in the same run."),
+    click.option("--predict-latency", is_flag=True,
+                 help="Build the latency model and report its prediction beside the measured latency."),
+], lambda v: {"target_latency": v["target_latency"], "target_speedup": v["target_speedup"],
+              "predict_latency": v["predict_latency"]})
 
 GATES = OptionGroup([
     _fraction("--min-cosine", "Fail unless every output's cosine similarity to the original's is at least X."),
@@ -326,6 +340,7 @@ def finish(result, model: Path, output: Path, values: dict, summary: Callable[[d
 @LOWRANK
 @RECOVERY
 @EVALUATION
+@LATENCY_BUDGET
 @GATES
 @INPUT_SHAPES
 @EXCLUDE
@@ -334,10 +349,16 @@ def prune_command(model, output, filters, report_path, plan_out, plan_in, **valu
     """Remove channels from MODEL, validate with onnxruntime, write OUTPUT."""
     check_outputs([model], output, report_path, plan_out, values["summary_md"],
                   ort_path(output) if values["mobile"] else None)
-    config = config_from(values, CHANNELS, SEED, CALIBRATION, LOWRANK, RECOVERY, EVALUATION, GATES, INPUT_SHAPES,
-                         EXCLUDE, filters=filters, plan=_read_plan(plan_in) if plan_in else None)
+    config = config_from(values, CHANNELS, SEED, CALIBRATION, LOWRANK, RECOVERY, EVALUATION, LATENCY_BUDGET, GATES,
+                         INPUT_SHAPES, EXCLUDE, filters=filters, plan=_read_plan(plan_in) if plan_in else None,
+                         latency_cache=latency_cache_path(output))
     result = prune(model, config)
     finish(result, model, output, values, format_summary, report_path, plan_out)
+
+
+def latency_cache_path(output: Path) -> Path:
+    """The latency model's cache beside OUTPUT: out.onnx -> out.latency.json."""
+    return output.with_suffix(".latency.json")
 
 
 def _read_plan(path: Path) -> Plan:

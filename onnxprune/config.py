@@ -25,6 +25,10 @@ class PruneConfig:
     rank: float | str | None = None  # low-rank factorization after channel pruning: fraction of each layer's rank, or "auto"
     lowrank_error: float = DEFAULT_MAX_ERROR  # with rank "auto": each layer's largest relative error
     target_macs: float | None = None  # fraction of the original MACs to keep; with rank "auto" the ranks meet it
+    target_latency: float | None = None  # ms the result must run in, as the latency model predicts and measured
+    target_speedup: float | None = None  # or: the original's measured ms divided by this
+    predict_latency: bool = False  # build the latency model (implied by a latency target) and report its error
+    latency_cache: str | os.PathLike | None = None  # the latency model's layer fits are cached in this file
     global_ranking: bool = False
     scorer: str | None = None  # None: "pfp" when calibration data is given, else "l1" (see `scorer_name`)
     pfp_mode: str = "topk"  # pfp: keep the top channels, or "sample" them with the paper's re-weighting
@@ -63,6 +67,7 @@ def check_config(config: PruneConfig) -> None:
     if config.target_macs is not None and not 0.0 < config.target_macs <= 1.0:
         raise UsageError(f"--target-macs {config.target_macs} is outside (0, 1]: give the fraction of MACs to keep, "
                          "e.g. 0.5")
+    check_latency_target(config)
     if config.steps < 1:
         raise UsageError(f"--steps {config.steps}: give a positive number of steps")
     if config.steps > 1 and (config.plan is not None or config.pfp_mode == "sample" or config.rank is not None):
@@ -84,11 +89,37 @@ def check_config(config: PruneConfig) -> None:
                              "target): drop --target-macs or use --rank auto")
 
 
+def check_latency_target(config: PruneConfig) -> None:
+    latency, speedup = config.target_latency, config.target_speedup
+    if config.predict_latency and config.steps > 1:
+        raise UsageError("--predict-latency predicts one step's result: use one step")
+    if latency is None and speedup is None:
+        return
+    if latency is not None and speedup is not None:
+        raise UsageError("--target-latency and --target-speedup are two ways to say one budget: give one")
+    if latency is not None and not latency > 0:
+        raise UsageError(f"--target-latency {latency} is not a time: give the milliseconds to reach, e.g. 20")
+    if speedup is not None and not speedup > 1:
+        raise UsageError(f"--target-speedup {speedup} asks for no speed-up: give a factor above 1, e.g. 1.5")
+    clash = [name for name, given in (("--target-macs", config.target_macs is not None),
+                                      ("--filters", config.filters is not None), ("--rank", config.rank is not None),
+                                      ("--plan-in", config.plan is not None), ("--steps", config.steps > 1))
+             if given]
+    if clash:
+        raise UsageError(f"a latency target is the whole budget: it cannot be combined with {', '.join(clash)}; "
+                         "drop one")
+
+
+def latency_wanted(config: PruneConfig) -> bool:
+    """Whether the run builds the latency model."""
+    return config.predict_latency or config.target_latency is not None or config.target_speedup is not None
+
+
 def channel_ratio(config: PruneConfig) -> float:
     """--filters as given; when not given, 0.5, or 0 when low-rank or a MACs target is asked for."""
     if config.filters is not None:
         return config.filters
-    return 0.0 if config.rank is not None or config.target_macs is not None else 0.5
+    return 0.0 if config.rank is not None or config.target_macs is not None else 0.5  # a latency target: its own
 
 
 def scorer_name(config: PruneConfig, calibration: CalibrationSet) -> str:
@@ -133,4 +164,5 @@ def config_section(config: PruneConfig, scorer: str, input_shapes: dict) -> dict
     return {"filters": channel_ratio(config), "global": config.global_ranking, "scorer": scorer,
             "round_to": config.round_to, "exclude": list(config.exclude), "input_shapes": input_shapes,
             "plan_given": config.plan is not None, "rank": config.rank, "lowrank_error": config.lowrank_error,
-            "target_macs": config.target_macs, "output_axes": dict(config.output_axes)}
+            "target_macs": config.target_macs, "target_latency": config.target_latency,
+            "target_speedup": config.target_speedup, "output_axes": dict(config.output_axes)}

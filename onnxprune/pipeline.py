@@ -14,15 +14,17 @@ from dataclasses import dataclass, replace
 import onnx
 
 from .baseline import Baseline, prepare
-from .config import PruneConfig, check_config, config_section, lowrank_settings
+from .config import PruneConfig, check_config, config_section, latency_wanted, lowrank_settings
 from .errors import NothingToPrune
 from .plan import Plan
 from .recover.training import require_training
 from .report import report_header
+from .speed import counts_of, latency_budget, latency_rounds
 from .stages import (analyze_model, choose, compose_masks, factorize_stage, group_summary, nothing_prunable_message,
                      final_counts, recover_stage, rewrite_channels, scoring_summary, step_counts,
                      step_summary)
 from .validate.gates import evaluate_gates
+from .validate.latency import LatencyConfig
 from .validate.result import evaluate_result
 
 
@@ -48,6 +50,8 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
     loaded model, data and reference outputs) as `config` says; validate; report."""
     config = config or PruneConfig()
     check_config(config)
+    if latency_wanted(config) and config.latency is None:  # the result is measured against the prediction
+        config = replace(config, latency=LatencyConfig())
     if config.finetune_steps:
         require_training()  # fail before any work when onnxruntime-training is missing
     timings = {}
@@ -58,14 +62,20 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
 
     lowrank = lowrank_settings(config)
     step_reports, current, total_masks, plan, macs_kept, whole, final = [], baseline, {}, None, [1.0], None, None
+    speed = None
     for step in range(config.steps):
         with timed(timings, "analyze", add=True):
             analysis = analyze_model(current.loaded, config.exclude)
             if not analysis.prunable_groups() and lowrank is None:
                 raise NothingToPrune(nothing_prunable_message(analysis))
+        if step == 0 and latency_wanted(config):
+            with timed(timings, "latency_model"):
+                speed = latency_budget(baseline, analysis, config)
 
         with timed(timings, "score", add=True):
-            if config.steps == 1:
+            if speed is not None and speed.target_ms is not None:
+                choice = latency_rounds(current, analysis, config, speed, factorizing=lowrank is not None)
+            elif config.steps == 1:
                 choice = choose(current, analysis, config, factorizing=lowrank is not None)
             else:  # the whole target is allocated once, on the original; the steps approach it
                 if whole is None:
@@ -81,6 +91,8 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
                 group_reports = [group_summary(g, len(choice.keep[g.index]) if g.index in choice.keep else None)
                                  for g in analysis.groups]
                 coverage = analysis.coverage()
+            if speed is not None:
+                kept_counts = counts_of(choice.keep)
             pruned, masks = rewrite_channels(analysis, choice, loaded.model.ir_version)
             total_masks = compose_masks(total_masks, masks)
             del analysis
@@ -119,6 +131,9 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         **recovery_report,
     })
+    if speed is not None:
+        report["latency"].update(speed.section(kept_counts, report["latency"]))
+        speed.save()
     if lowrank_report is not None:
         report["lowrank"] = lowrank_report
     if step_reports:

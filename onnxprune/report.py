@@ -68,6 +68,19 @@ def _row(label: str, before: int, after: int, unit: str = "") -> str:
     return f"  {label:<10}{before:>16,}{unit} -> {after:>14,}{unit}  ({_change(before, after)})"
 
 
+def latency_model_line(latency: dict) -> str:
+    """The latency model's prediction beside the measurement, and a latency target's rounds."""
+    line = (f"  predicted {latency['model_original_ms']:>13.3f} ms -> {latency['predicted_ms']:>11.3f} ms"
+            f"  (speedup {latency['predicted_speedup']:.2f}x, error {100 * latency['prediction_error']:+.1f}% of the "
+            f"measured; MACs kept {100 * latency['macs_kept']:.1f}%; {latency['model']['layers']} layers timed"
+            f"{', from the cache' if latency['model']['cached'] else ''})")
+    if "rounds" in latency:
+        rounds = ", ".join(f"{r['measured_ms']:.3f}" for r in latency["rounds"])
+        line += (f"\n  target    {latency['asked']}: {latency['target_ms']:.3f} ms "
+                 f"{'met' if latency['met'] else 'missed'}; measured per round {rounds} ms")
+    return line
+
+
 def format_summary(report: dict, model, output) -> str:
     before, after, fid = report["before"], report["after"], report["fidelity"]
     groups = report["groups"]
@@ -136,8 +149,11 @@ def format_scoring(report: dict) -> list[str]:
     line += f" on {scoring['samples']} {scoring['data']} samples"
     budget = scoring.get("budget")
     if budget:
-        unit = "MACs" if budget["unit"] == "macs" else "channels kept"
-        line += f"; budget {budget['achieved']:,.0f} of {budget['target']:,.0f} {unit}"
+        if budget["unit"] == "ms":
+            line += f"; budget {budget['achieved']:.3f} of {budget['target']:.3f} ms predicted"
+        else:
+            unit = "MACs" if budget["unit"] == "macs" else "channels kept"
+            line += f"; budget {budget['achieved']:,.0f} of {budget['target']:,.0f} {unit}"
         if "eps" in budget:
             line += f" (eps {budget['eps']:.3g})"
     return [line]
@@ -240,6 +256,8 @@ def format_checks(report: dict) -> list[str]:
     if latency:
         lines.append(f"  latency   {latency['before']['median_ms']:>13.3f} ms -> {latency['after']['median_ms']:>11.3f} ms"
                      f"  (speedup {latency['speedup']:.2f}x; median of {latency['runs']}, {latency['threads']} thread(s))")
+        if "predicted_ms" in latency:
+            lines.append(latency_model_line(latency))
     mobile = report.get("mobile")
     if mobile:
         lines.append(f"  mobile    {mobile['verdict']}")

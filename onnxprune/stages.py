@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 
 from .baseline import Baseline
 from .allocate import round_keep
-from .budget import choose_channels
+from .budget import Target, choose_channels
 from .config import PruneConfig, channel_ratio, recovery_method, scorer_name
 from .errors import NothingToPrune
 from .graph import Analysis, analyze
@@ -92,9 +92,9 @@ class ChannelChoice:
 
 
 def choose(baseline: Baseline, analysis: Analysis, config: PruneConfig, factorizing: bool,
-           counts: dict[int, int] | None = None) -> ChannelChoice:
+           counts: dict[int, int] | None = None, target: Target | None = None) -> ChannelChoice:
     """Kept channels: from the config's plan, all of them when only factorizing, else scored and allocated
-    (or, given `counts` per group, scored only to pick which)."""
+    (or, given `counts` per group, scored only to pick which; given a `target`, allocated to meet it)."""
     scorer = scorer_name(config, baseline.calibration)
     context = ScoringContext(seed=config.seed, calibration=baseline.calibration, model=baseline.loaded.model,
                              batch_size=config.calib_batch, pfp_points=config.pfp_points,
@@ -109,7 +109,7 @@ def choose(baseline: Baseline, analysis: Analysis, config: PruneConfig, factoriz
     keep, scales, budget = choose_channels(
         analysis, scores, context, filters=channel_ratio(config), global_ranking=config.global_ranking,
         round_to=config.round_to, target_macs=config.target_macs if config.rank is None else None,
-        pfp_mode=config.pfp_mode, seed=config.seed, counts=counts)
+        pfp_mode=config.pfp_mode, seed=config.seed, counts=counts, target=target)
     return ChannelChoice(keep, scales, scorer, context, budget)
 
 

@@ -19,7 +19,7 @@ SWEEP_HEADING = "## The sweep report"
 # sections documented key by key; other sections (owned by other stages) are documented as a whole
 DETAILED = ("fidelity", "gates", "accuracy", "latency", "mobile")
 # objects keyed by names that depend on the model (outputs) or on onnxruntime (providers)
-NAMED_CHILDREN = {"mobile.execution_providers": "<provider>"}
+NAMED_CHILDREN = {"mobile.execution_providers": "<provider>", "latency.model.multiples": "<multiple>"}
 OPAQUE = {"fidelity.per_output", "fidelity.in_sample.per_output"}
 
 
@@ -91,6 +91,16 @@ def test_every_prune_report_key_is_documented(tmp_path):
     assert report["schema_version"] == SCHEMA_VERSION
     prune_docs, _ = doc_parts()
     check(report, prune_docs, DETAILED)
+
+
+def test_every_key_of_a_latency_target_report_is_documented(tmp_path):
+    report_path = tmp_path / "report.json"
+    result = CliRunner().invoke(main, [str(MODEL), str(tmp_path / "out.onnx"), "--target-speedup", "1.1",
+                                       "--min-cosine", "0", "--latency-runs", "3", "--report", str(report_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert "rounds" in report["latency"]
+    check(report, doc_parts()[0], DETAILED)
 
 
 def test_every_key_of_a_report_on_held_out_samples_is_documented(tmp_path):

@@ -284,7 +284,8 @@ class ObsStats(Allocation):
         widths = {g.index: g.width for g in analysis.prunable_groups()}
         curved = [g for g in channels if g in self.curves]
         full = target.measure(channels)
-        saving = {g: max(full - target.measure({**channels, g: channels[g] - 1}), 1e-12) for g in curved}
+        smooth = target.smooth or target.measure  # a stepped measure (ms) may save nothing for one channel
+        saving = {g: max(smooth(channels) - smooth({**channels, g: channels[g] - 1}), 1e-12) for g in curved}
         choices = {g: keep_choices(channels[g], round_to, widths[g]) for g in curved}
 
         def counts_at(log_price: float) -> dict[int, int]:

@@ -1,0 +1,172 @@
+"""Latency as the budget: the latency model of this run (validate/latency_model.py, `budget.LatencyPredictor`),
+the `--target-latency` / `--target-speedup` rounds, and the report's predicted figures.
+
+The original is timed once when the model is built (`LatencyConfig` runs, median): a speed-up target is
+that figure over X. Each round allocates to a predicted-ms limit (`budget.LatencyPredictor.target`), cuts
+the channels, and measures the cut model against the original, interleaved; on a miss the saving still
+needed is scaled by the round's measured saving over its predicted one (`LatencyBudget.retargeted`) and
+the next round aims at that, at most `ROUNDS` times. A round within `TOLERANCE` (5%) of the goal meets
+it; one faster by more likewise aims at a larger allocation. The result is the slowest round that met
+the goal (else the last). When even every group at its floor is predicted
+slower than the limit, the target is out of reach (`TargetOutOfReach`, exit 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .baseline import Baseline
+from .budget import CostModel, LatencyPredictor, Target
+from .config import PruneConfig, latency_wanted
+from .errors import ValidationFailed
+from .stages import analyze_model, choose, rewrite_channels
+from .validate.latency import LatencyConfig, compare_latency, time_runs
+from .validate.latency_model import LatencyCache, cache_key, layer_fits, timed_layers
+
+ROUNDS = 3
+TOLERANCE = 0.05  # a round within this share of the goal meets it; one faster by more tries a larger allocation
+
+
+class TargetOutOfReach(ValidationFailed):
+    """The latency model predicts the target slower than the smallest allocation allows (exit 1)."""
+
+
+@dataclass
+class LatencyBudget:
+    predictor: LatencyPredictor
+    timing: LatencyConfig
+    original_ms: float  # measured when the model was built
+    target_ms: float | None  # None: the model only predicts (--predict-latency)
+    asked: str  # the option as given, for messages
+    cached: bool
+    limit_ms: float = 0.0  # the predicted ms the next allocation aims at
+    rounds: list[dict] = field(default_factory=list)
+    chosen: int = -1  # the round whose allocation is the result
+    save: Callable[[], None] = lambda: None  # writes new layer fits to the cache (when the run succeeds)
+
+    def target(self) -> Target | None:
+        return None if self.target_ms is None else self.predictor.target(self.limit_ms)
+
+    def check_reachable(self, summary: dict | None) -> None:
+        """Refuse a target the allocation could not meet even at every group's floor."""
+        if summary is None or summary["achieved"] <= summary["target"] * (1 + 1e-9):
+            return
+        reached = summary["achieved"]
+        raise TargetOutOfReach(
+            f"{self.asked} is out of reach: the smallest allocation is predicted at {reached:.3f} ms, a "
+            f"{self.original_ms / reached:.2f}x speed-up over the original's measured {self.original_ms:.3f} ms; "
+            f"ask for at least {reached:.3f} ms or at most a {self.original_ms / reached:.2f}x speed-up")
+
+    def measure_round(self, baseline: Baseline, pruned, counts: dict[int, int]) -> bool:
+        """Time the cut model against the original; record the round; on a miss, tighten the limit."""
+        measured = compare_latency(baseline.session(self.timing.threads), pruned, baseline.single_batch(),
+                                   self.timing)
+        before, after = measured["before"]["median_ms"], measured["after"]["median_ms"]
+        goal = self.target_ms  # a speed-up target: over the original as measured in this round
+        if not self.asked.startswith("--target-latency"):
+            goal = before * self.target_ms / self.original_ms
+        predicted = self.predictor.ms(counts)
+        self.rounds.append({"limit_ms": self.limit_ms, "predicted_ms": predicted,
+                            "measured_ms": after, "original_ms": before, "speedup": before / after,
+                            "target_ms": goal})
+        met, close = after <= goal * (1 + TOLERANCE), after >= goal * (1 - TOLERANCE)
+        if not (met and close):
+            self.limit_ms = self.retargeted(predicted, before, after, goal)
+        return met, close
+
+    def retargeted(self, predicted: float, before: float, after: float, goal: float) -> float:
+        """The next predicted-ms limit: the saving measured was `ratio` times the saving predicted, so the
+        saving the goal needs is predicted at 1 / ratio of it (else, when nothing was saved, the prediction
+        scaled by goal / measured); below this round's prediction after a miss; when too fast, above this
+        round's limit by at least the measured excess (the allocation may have stopped well short of it).
+        Once one round was too fast and a larger limit too slow, the limit is interpolated between them."""
+        bracket = self.bracket()
+        if bracket is not None:
+            return bracket
+        ratio = (before - after) / (self.original_ms - predicted) if predicted < self.original_ms else 0.0
+        limit = self.original_ms - (before - goal) / ratio if ratio > 0 else predicted * goal / after
+        if after > goal:
+            return min(limit, predicted * (1 - 1e-6))
+        return max(limit, self.limit_ms + (goal - after) * self.original_ms / before)
+
+    def bracket(self) -> float | None:
+        """The limit at which measured / goal reaches 1, linear between the too-fast round with the largest
+        limit and the too-slow round with the smallest, when the first limit is below the second."""
+        fast = [r for r in self.rounds if r["measured_ms"] < r["target_ms"]]
+        slow = [r for r in self.rounds if r["measured_ms"] > r["target_ms"]]
+        if not fast or not slow:
+            return None
+        a, b = max(fast, key=lambda r: r["limit_ms"]), min(slow, key=lambda r: r["limit_ms"])
+        if a["limit_ms"] >= b["limit_ms"]:
+            return None
+        ra, rb = a["measured_ms"] / a["target_ms"], b["measured_ms"] / b["target_ms"]
+        return a["limit_ms"] + (1 - ra) / (rb - ra) * (b["limit_ms"] - a["limit_ms"])
+
+    def section(self, counts: dict[int, int], measured: dict | None) -> dict:
+        """The report's predicted figures beside the measured ones of `measured` (compare_latency's)."""
+        predicted = self.predictor.ms(counts)
+        fits = self.predictor.fits
+        out = {"predicted_ms": predicted, "model_original_ms": self.original_ms,
+               "predicted_speedup": self.original_ms / predicted,
+               "macs_kept": self.predictor.cost.macs(counts) / self.predictor.cost.full,
+               "model": {"layers": len(fits), "cached": self.cached,
+                         "multiples": dict(zip(*np.unique([f.multiple for f in fits], return_counts=True)))}}
+        out["model"]["multiples"] = {str(k): int(v) for k, v in out["model"]["multiples"].items()}
+        if measured is not None:
+            after = measured["after"]["median_ms"]
+            out["prediction_error"] = predicted / after - 1.0
+        if self.target_ms is not None:
+            chosen = self.rounds[self.chosen]
+            out.update({"target_ms": chosen["target_ms"], "asked": self.asked, "rounds": self.rounds,
+                        "chosen_round": self.chosen, "met": chosen["measured_ms"] <= chosen["target_ms"] * (1 + TOLERANCE)})
+        return out
+
+
+def latency_budget(baseline: Baseline, analysis, config: PruneConfig) -> LatencyBudget | None:
+    """The latency model of this run (None when no option asks for it): the original timed, each layer's
+    fit measured or read from `config.latency_cache`."""
+    if not latency_wanted(config):
+        return None
+    timing = config.latency or LatencyConfig()
+    seconds = time_runs({"original": baseline.session(timing.threads)}, baseline.single_batch(), timing)["original"]
+    original_ms = float(np.median(seconds)) * 1e3
+    layers, cache = timed_layers(analysis), LatencyCache(config.latency_cache)
+    fits, cached = layer_fits(layers, timing.threads, cache, write=False)
+    predictor = LatencyPredictor.build(CostModel.build(analysis), fits, original_ms)
+    if config.target_latency is not None:
+        target, asked = config.target_latency, f"--target-latency {config.target_latency:g} ms"
+    elif config.target_speedup is not None:
+        target, asked = original_ms / config.target_speedup, f"--target-speedup {config.target_speedup:g}"
+    else:
+        target, asked = None, "--predict-latency"
+    budget = LatencyBudget(predictor, timing, original_ms, target, asked, cached, target or 0.0)
+    if not cached:
+        budget.save = lambda: cache.put(cache_key(layers, timing.threads), fits)
+    return budget
+
+
+def counts_of(keep: dict[int, np.ndarray]) -> dict[int, int]:
+    return {g: len(k) for g, k in keep.items()}
+
+
+def latency_rounds(baseline: Baseline, analysis, config: PruneConfig, budget: LatencyBudget, factorizing: bool):
+    """The channel choice for a latency target: allocate to the predicted limit, cut, measure; on a miss
+    tighten and try again (`ROUNDS` at most). Out of reach in the first round: `TargetOutOfReach`."""
+    best = None  # (measured ms, round, choice) of the slowest round that met the goal
+    for index in range(ROUNDS):
+        choice = choose(baseline, analysis, config, factorizing, target=budget.target())
+        at_floor = choice.budget is not None and choice.budget["achieved"] > choice.budget["target"] * (1 + 1e-9)
+        if not budget.rounds:
+            budget.check_reachable(choice.budget)
+        cut, _ = rewrite_channels(analyze_model(baseline.loaded, config.exclude), choice,
+                                  baseline.loaded.model.ir_version)
+        met, close = budget.measure_round(baseline, cut, counts_of(choice.keep))
+        if met and (best is None or budget.rounds[-1]["measured_ms"] > best[0]):
+            best = (budget.rounds[-1]["measured_ms"], index, choice)
+        if (met and close) or (at_floor and not met):
+            break
+    budget.chosen = best[1] if best is not None else len(budget.rounds) - 1
+    return best[2] if best is not None else choice

@@ -1,0 +1,160 @@
+"""--target-latency / --target-speedup / --predict-latency on a fake timer: the layers' timings are synthetic and
+a model's "measured" latency is a function of its MACs, so the rounds are deterministic (speed figures are
+bench/'s)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+import onnxprune.speed as speed
+import onnxprune.validate.result as result_module
+from onnxprune import PruneConfig, prune
+from onnxprune.cli import main
+from onnxprune.errors import UsageError
+from onnxprune.validate import latency_model as lm
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+MNIST, CALIB = MODELS / "mnist_resnet.onnx", MODELS / "mnist_calib.npz"
+REMAINDER_MS = 1.0  # what the other ops cost
+
+
+def conv_widths(model) -> dict[str, tuple[int, int]]:
+    """(input channels, output channels) of each Conv, by name."""
+    weights = {t.name: t.dims for t in model.graph.initializer}
+    return {n.name: (weights[n.input[1]][1], weights[n.input[1]][0]) for n in model.graph.node if n.op_type == "Conv"}
+
+
+ORIGINAL = conv_widths(onnx.load(str(MNIST)))
+
+
+def fake_ms(model) -> float:
+    """A model's "measured" ms: the other ops' REMAINDER_MS, and per Conv 1 ms at full width, of which 0.3 ms
+    stay and 0.7 ms scale with its channels in steps of 8."""
+    total = REMAINDER_MS
+    for name, (c_in, c_out) in conv_widths(model).items():
+        full_in, full_out = ORIGINAL[name]
+        p_in, p_out = min(np.ceil(c_in / 8) * 8, full_in) / full_in, min(np.ceil(c_out / 8) * 8, full_out) / full_out
+        total += 0.3 + 0.7 * p_in * p_out
+    return float(total)
+
+
+FULL_MS = fake_ms(onnx.load(str(MNIST)))
+
+
+def fake_fit(layer, threads):
+    """Synthetic timings in which all of every layer's 1 ms scales with its channels, in steps of 8: the
+    model predicts more saved than `fake_ms` measures."""
+    k_in, k_out = lm.sample_counts(layer.c_in, layer.c_out)
+    p_in, p_out = np.ceil(k_in / 8) * 8 / layer.c_in, np.ceil(k_out / 8) * 8 / layer.c_out
+    return lm.fit_layer(layer.name, layer.c_in, layer.c_out, k_in, k_out, p_in * p_out)
+
+
+@pytest.fixture
+def fake_timer(monkeypatch):
+    calls = {"layers": 0}
+
+    def fits(layers, threads, cache, timer=None, write=True):
+        def counted(layer, threads):
+            calls["layers"] += 1
+            return fake_fit(layer, threads)
+        return lm.layer_fits(layers, threads, cache, counted, write)
+
+    def compare(original_session, pruned, feed, config):
+        after = fake_ms(pruned)
+        return {"before": {"median_ms": FULL_MS, "p90_ms": 0.0},
+                "after": {"median_ms": after, "p90_ms": 0.0}, "speedup": (FULL_MS) / after,
+                "runs": 1, "warmup": 0, "threads": config.threads, "batch": 1}
+
+    monkeypatch.setattr(speed, "layer_fits", fits)
+    monkeypatch.setattr(speed, "compare_latency", compare)
+    monkeypatch.setattr(result_module, "compare_latency", compare)
+    monkeypatch.setattr(speed, "time_runs", lambda sessions, feed, config: {
+        name: np.full(3, (FULL_MS) / 1e3) for name in sessions})
+    return calls
+
+
+def test_the_rounds_tighten_until_the_measured_speedup_is_met(fake_timer):
+    report = prune(str(MNIST), PruneConfig(calibration=str(CALIB), target_speedup=1.5, recover="none")).report
+    latency = report["latency"]
+    rounds = latency["rounds"]
+    within = 1 + speed.TOLERANCE
+    assert rounds[0]["measured_ms"] > rounds[0]["target_ms"] * within  # the fake over-promises: round 1 misses
+    assert latency["met"] and rounds[-1]["measured_ms"] <= rounds[-1]["target_ms"] * within
+    assert len(rounds) <= speed.ROUNDS
+    assert rounds[1]["limit_ms"] < rounds[0]["predicted_ms"]
+    assert latency["speedup"] >= 1.5 / within
+    assert latency["prediction_error"] == pytest.approx(latency["predicted_ms"] / latency["after"]["median_ms"] - 1)
+    assert report["scoring"]["budget"]["unit"] == "ms"
+
+
+def test_a_result_much_faster_than_the_goal_is_loosened_and_the_slowest_that_met_it_kept(fake_timer, monkeypatch):
+    def generous(original_session, pruned, feed, config):  # saves twice what fake_ms says: the model under-promises
+        after = FULL_MS - 2 * (FULL_MS - fake_ms(pruned))
+        return {"before": {"median_ms": FULL_MS, "p90_ms": 0.0}, "after": {"median_ms": after, "p90_ms": 0.0},
+                "speedup": FULL_MS / after, "runs": 1, "warmup": 0, "threads": config.threads, "batch": 1}
+
+    monkeypatch.setattr(speed, "compare_latency", generous)
+    monkeypatch.setattr(result_module, "compare_latency", generous)
+    latency = prune(str(MNIST), PruneConfig(scorer="l1", round_to=1, target_speedup=1.25)).report["latency"]
+    rounds = latency["rounds"]
+    fast = [i for i, r in enumerate(rounds[:-1]) if r["measured_ms"] < r["target_ms"] * (1 - speed.TOLERANCE)]
+    assert fast and all(rounds[i + 1]["limit_ms"] > rounds[i]["predicted_ms"] for i in fast)  # then aims slower
+    too_fast, too_slow, between = rounds  # here round 2 overshoots: round 3 aims between the two
+    assert too_slow["measured_ms"] > too_slow["target_ms"] * (1 + speed.TOLERANCE)
+    assert too_fast["limit_ms"] < between["limit_ms"] < too_slow["limit_ms"]
+    met = [r["measured_ms"] for r in rounds if r["measured_ms"] <= r["target_ms"] * (1 + speed.TOLERANCE)]
+    assert latency["met"] and rounds[latency["chosen_round"]]["measured_ms"] == max(met)
+    assert latency["after"]["median_ms"] == max(met)
+
+
+def test_a_target_latency_in_ms_is_met_with_the_ratio_scorer_too(fake_timer):
+    report = prune(str(MNIST), PruneConfig(scorer="l1", target_latency=7.0)).report
+    assert report["latency"]["met"] and report["latency"]["after"]["median_ms"] <= 7.0 * (1 + speed.TOLERANCE)
+    assert report["scoring"]["budget"]["unit"] == "ms"
+
+
+def test_an_unreachable_target_exits_1_naming_what_was_reached_and_writes_nothing(fake_timer, tmp_path):
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, [str(MNIST), str(out), "--target-speedup", "50"])
+    assert result.exit_code == 1, result.output
+    assert "--target-speedup 50 is out of reach" in result.output and "speed-up over the original" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_cli_caches_the_fits_beside_the_output_and_a_plan_in_run_reuses_them(fake_timer, tmp_path):
+    out, plan = tmp_path / "out.onnx", tmp_path / "plan.json"
+    args = [str(MNIST), str(out), "--target-speedup", "1.3", "--scorer", "l1", "--report", str(tmp_path / "r.json")]
+    result = CliRunner().invoke(main, args + ["--plan-out", str(plan)])
+    assert result.exit_code == 0, result.output
+    layers = fake_timer["layers"]
+    assert (tmp_path / "out.latency.json").exists() and layers > 0 and "predicted" in result.output
+    result = CliRunner().invoke(main, [str(MNIST), str(out), "--plan-in", str(plan), "--predict-latency", "--report",
+                                       str(tmp_path / "r2.json")])
+    assert result.exit_code == 0, result.output
+    again = json.loads((tmp_path / "r2.json").read_text())["latency"]
+    first = json.loads((tmp_path / "r.json").read_text())["latency"]
+    assert fake_timer["layers"] == layers and again["model"]["cached"]
+    assert again["predicted_ms"] == pytest.approx(first["predicted_ms"])
+    result = CliRunner().invoke(main, [str(MNIST), str(out), "--plan-in", str(plan), "--predict-latency",
+                                       "--threads", "2"])
+    assert result.exit_code == 0 and fake_timer["layers"] == 2 * layers  # other threads: measured anew
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(target_latency=5.0, target_speedup=2.0), "give one"),
+    (dict(target_speedup=1.0), "above 1"),
+    (dict(target_latency=0.0), "milliseconds"),
+    (dict(target_speedup=2.0, target_macs=0.5), "--target-macs"),
+    (dict(target_speedup=2.0, filters=0.3), "--filters"),
+    (dict(target_speedup=2.0, steps=2), "--steps"),
+    (dict(predict_latency=True, steps=2), "one step"),
+])
+def test_latency_options_that_clash_are_refused_before_any_work(options, message):
+    with pytest.raises(UsageError, match=message):
+        prune("does-not-exist.onnx", PruneConfig(**options))

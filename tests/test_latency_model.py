@@ -1,0 +1,113 @@
+"""The measured latency model: the fit on synthetic timings, layers built alone, the cache's key, and the
+whole-model prediction from keep counts. No test here times anything for its figure (bench/ does)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onnxprune.budget import CostModel, LatencyPredictor
+from onnxprune.loading import load
+from onnxprune.runtime import session
+from onnxprune.stages import analyze_model
+from onnxprune.validate import latency_model as lm
+
+MNIST = Path(__file__).resolve().parents[1] / "models" / "mnist_resnet.onnx"
+
+
+def synthetic_ms(k_in, k_out, c_in, c_out, multiple):
+    p_in = np.ceil(np.asarray(k_in) / multiple) * multiple / c_in
+    p_out = np.ceil(np.asarray(k_out) / multiple) * multiple / c_out
+    return 0.05 + 2.0 * p_in * p_out + 0.3 * p_in + 0.1 * p_out
+
+
+@pytest.mark.parametrize("multiple", [1, 4, 8, 16])
+def test_the_fit_finds_the_step_of_synthetic_timings(multiple):
+    k_in, k_out = lm.sample_counts(96, 128)
+    fit = lm.fit_layer("conv", 96, 128, k_in, k_out, synthetic_ms(k_in, k_out, 96, 128, multiple))
+    assert fit.multiple == multiple
+    unseen_in, unseen_out = np.array([70, 33, 96]), np.array([128, 100, 41])
+    np.testing.assert_allclose(fit.predict(unseen_in, unseen_out),
+                               synthetic_ms(unseen_in, unseen_out, 96, 128, multiple), rtol=1e-6)
+
+
+def test_a_step_is_flat_below_the_multiple_and_drops_past_it():
+    k_in, k_out = lm.sample_counts(64, 64)
+    fit = lm.fit_layer("conv", 64, 64, k_in, k_out, synthetic_ms(k_in, k_out, 64, 64, 8))
+    times = fit.predict(64, np.array([48, 41, 40]))
+    assert times[0] == pytest.approx(times[1]) and times[2] < times[1]
+
+
+def test_noise_does_not_buy_a_larger_step():
+    k_in, k_out = lm.sample_counts(64, 64)
+    noise = np.random.default_rng(0).normal(0, 1e-4, len(k_in))
+    fit = lm.fit_layer("conv", 64, 64, k_in, k_out, synthetic_ms(k_in, k_out, 64, 64, 1) + noise)
+    assert fit.multiple == 1
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    loaded = load(str(MNIST), {})
+    return analyze_model(loaded)
+
+
+def test_a_layer_alone_runs_at_other_channel_counts(mnist):
+    layers = lm.timed_layers(mnist)
+    assert len(layers) >= 6 and all(layer.op == "Conv" for layer in layers)
+    layer = max(layers, key=lambda layer: layer.c_in)
+    model = lm.layer_model(layer, layer.c_in // 2, 5)
+    shape = list(layer.input_shape)
+    shape[layer.data_axis] = layer.c_in // 2
+    out = session(model).run(None, {"x": np.zeros(shape, np.float32)})[0]
+    assert out.shape[1] == 5
+
+
+class CountingTimer:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, layer, threads):
+        self.calls += 1
+        k_in, k_out = lm.sample_counts(layer.c_in, layer.c_out)
+        return lm.fit_layer(layer.name, layer.c_in, layer.c_out, k_in, k_out,
+                            synthetic_ms(k_in, k_out, layer.c_in, layer.c_out, 1) * threads)
+
+
+def test_the_cache_is_reused_only_for_the_same_layers_shapes_and_threads(mnist, tmp_path):
+    layers = lm.timed_layers(mnist)
+    cache, timer = lm.LatencyCache(tmp_path / "out.latency.json"), CountingTimer()
+    fits, cached = lm.layer_fits(layers, 1, cache, timer)
+    assert not cached and timer.calls == len(layers)
+    again, cached = lm.layer_fits(layers, 1, lm.LatencyCache(tmp_path / "out.latency.json"), timer)
+    assert cached and timer.calls == len(layers) and again == fits
+    _, cached = lm.layer_fits(layers, 2, cache, timer)
+    assert not cached and timer.calls == 2 * len(layers)
+    wider = [replace(layer, input_shape=(layer.input_shape[0], layer.input_shape[1], 32, 32)) for layer in layers]
+    _, cached = lm.layer_fits(wider, 1, cache, timer)
+    assert not cached and timer.calls == 3 * len(layers)
+    _, cached = lm.layer_fits(layers, 2, cache, timer)  # every entry is kept
+    assert cached and timer.calls == 3 * len(layers)
+
+
+def test_a_broken_cache_file_is_measured_anew(mnist, tmp_path):
+    path = tmp_path / "out.latency.json"
+    path.write_text("{not json")
+    timer = CountingTimer()
+    _, cached = lm.layer_fits(lm.timed_layers(mnist), 1, lm.LatencyCache(path), timer)
+    assert not cached and timer.calls > 0
+
+
+def test_the_prediction_replaces_each_layer_s_time_at_full_size(mnist):
+    cost = CostModel.build(mnist)
+    layers = lm.timed_layers(mnist)
+    fits = [CountingTimer()(layer, 1) for layer in layers]
+    predictor = LatencyPredictor.build(cost, fits, original_ms=10.0)
+    full = {g.index: g.channels for g in mnist.prunable_groups()}
+    assert predictor.ms(full) == pytest.approx(10.0)
+    half = {g: c // 2 for g, c in full.items()}
+    stem_in = {f.name: f.c_in if f.c_in == 1 else f.c_in / 2 for f in fits}  # the stem reads the image
+    expected = 10.0 + sum(float(f.predict(stem_in[f.name], f.c_out / 2) - f.predict(f.c_in, f.c_out)) for f in fits)
+    assert predictor.ms(half) == pytest.approx(expected) and predictor.ms(half) < 10.0
