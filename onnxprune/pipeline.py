@@ -14,14 +14,14 @@ from dataclasses import dataclass, replace
 import onnx
 
 from .baseline import Baseline, prepare
-from .config import PruneConfig, check_config, config_section, lowrank_settings
+from .config import PruneConfig, check_config, config_section, lowrank_settings, sparsity_settings
 from .errors import NothingToPrune
 from .plan import Plan
 from .recover.training import require_training
 from .report import report_header
 from .stages import (analyze_model, choose, compose_masks, factorize_stage, group_summary, nothing_prunable_message,
-                     final_counts, recover_stage, rewrite_channels, scoring_summary, step_counts,
-                     step_summary)
+                     final_counts, recover_stage, rewrite_channels, scoring_summary, sparsify_stage,
+                     step_counts, step_summary)
 from .validate.gates import evaluate_gates
 from .validate.result import evaluate_result
 
@@ -57,19 +57,21 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
     loaded = baseline.loaded
 
     lowrank = lowrank_settings(config)
+    sparsity = sparsity_settings(config, baseline.calibration)
+    weights_only = lowrank is not None or sparsity is not None  # channels may stay whole
     step_reports, current, total_masks, plan, macs_kept, whole, final = [], baseline, {}, None, [1.0], None, None
     for step in range(config.steps):
         with timed(timings, "analyze", add=True):
             analysis = analyze_model(current.loaded, config.exclude)
-            if not analysis.prunable_groups() and lowrank is None:
+            if not analysis.prunable_groups() and not weights_only:
                 raise NothingToPrune(nothing_prunable_message(analysis))
 
         with timed(timings, "score", add=True):
             if config.steps == 1:
-                choice = choose(current, analysis, config, factorizing=lowrank is not None)
+                choice = choose(current, analysis, config, factorizing=weights_only)
             else:  # the whole target is allocated once, on the original; the steps approach it
                 if whole is None:
-                    whole = choose(current, analysis, config, factorizing=lowrank is not None)
+                    whole = choose(current, analysis, config, factorizing=weights_only)
                     final = final_counts(analysis, whole)
                 counts = step_counts(analysis, final, step + 1, config.steps, config.round_to)
                 choice = replace(choose(current, analysis, config, lowrank is not None, counts), budget=whole.budget)
@@ -97,6 +99,10 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
             current = baseline.pruned_to(pruned)
             macs_kept.append(current.loaded.cost["macs"] / loaded.cost["macs"])
             step_reports.append(step_summary(macs_kept[-1], choice, recovery_report))
+    sparsity_report = None
+    if sparsity is not None:  # weights are zeroed last: recovery's dense re-fit would fill them in again
+        with timed(timings, "sparsity"):
+            pruned, sparsity_report = sparsify_stage(pruned, baseline, sparsity)
     if config.steps > 1:  # the groups' channels after the last step
         kept = {tuple(gp.sources): len(gp.keep) for gp in plan.groups}
         for summary in group_reports:
@@ -121,6 +127,8 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
     })
     if lowrank_report is not None:
         report["lowrank"] = lowrank_report
+    if sparsity_report is not None:
+        report["sparsity"] = sparsity_report
     if step_reports:
         report["steps"] = step_reports
     report["gates"] = evaluate_gates(report, config.gates)

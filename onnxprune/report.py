@@ -79,6 +79,7 @@ def format_summary(report: dict, model, output) -> str:
         f"  groups    {len(prunable)} prunable of {len(groups)} (coverage {report['coverage']:.1%}), {changed} pruned",
         *format_scoring(report),
         *format_lowrank(report),
+        *format_sparsity(report),
         _row("params", before["params"], after["params"]),
         _row("MACs", before["macs"], after["macs"]),
         _row("size", before["size_bytes"], after["size_bytes"], " B"),
@@ -141,6 +142,21 @@ def format_scoring(report: dict) -> list[str]:
         if "eps" in budget:
             line += f" (eps {budget['eps']:.3g})"
     return [line]
+
+
+def format_sparsity(report: dict) -> list[str]:
+    """Terminal lines of the sparsity stage: weights zeroed, in how many layers, worst layer error."""
+    sparsity = report.get("sparsity")
+    if not sparsity:
+        return []
+    line = (f"  sparsity  {sparsity['zeros']:,} of {sparsity['weights']:,} weights zeroed ({sparsity['achieved']:.1%}, "
+            f"{sparsity['pattern']}, {sparsity['method']}) in {sparsity['sparsified']} layers, worst layer error "
+            f"{sparsity['worst_error']:.3f}")
+    lines = [line]
+    if sparsity["skipped"]:
+        skipped = [layer for layer in sparsity["layers"] if layer["status"] == "skipped"]
+        lines.append(f"            {len(skipped)} layers left dense, e.g. {skipped[0]['node']}: {skipped[0]['reason']}")
+    return lines
 
 
 def format_lowrank(report: dict) -> list[str]:

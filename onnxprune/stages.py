@@ -19,6 +19,7 @@ from .graph import Analysis, analyze
 from .loading import Loaded, copied_messages
 from .lowrank import LowRankSettings, factorize_model
 from .recover import recover
+from .sparsity import SparsitySettings, sparsify_model
 from .recover.training import finetune
 from .rewrite import apply_channel_plan, apply_unit_scales, keep_masks
 from .scoring import ScoringContext
@@ -147,7 +148,7 @@ def scoring_summary(choice: ChannelChoice, config: PruneConfig) -> dict:
     return summary
 
 
-# ---------------------------------------------------------------- rewrite, factorize, recover
+# ---------------------------------------------------------------- rewrite, factorize, recover, sparsify
 
 
 def rewrite_channels(analysis: Analysis, choice: ChannelChoice, ir_version: int) -> tuple[onnx.ModelProto, dict]:
@@ -205,6 +206,12 @@ def nothing_factorized_message(report: dict) -> str:
         return "nothing to factorize: the model has no Conv, Gemm or MatMul layer"
     return (f"nothing to factorize: none of {len(report['layers'])} layers qualifies ({top}); "
             "try a lower --rank or a higher --lowrank-error")
+
+
+def sparsify_stage(model: onnx.ModelProto, baseline: Baseline, settings: SparsitySettings):
+    """Zero weights of the pruned (and recovered) model; (model, report section)."""
+    result = sparsify_model(model, baseline.loaded.input_shapes, baseline.fit_data, settings, baseline.largest_batch)
+    return result.model, result.report
 
 
 def recover_stage(pruned: onnx.ModelProto, baseline: Baseline, masks: dict, config: PruneConfig):

@@ -17,7 +17,7 @@ MODEL = ROOT / "models" / "mnist_resnet.onnx"
 EVAL = ROOT / "models" / "mnist_calib.npz"
 SWEEP_HEADING = "## The sweep report"
 # sections documented key by key; other sections (owned by other stages) are documented as a whole
-DETAILED = ("fidelity", "gates", "accuracy", "latency", "mobile")
+DETAILED = ("fidelity", "gates", "accuracy", "latency", "mobile", "sparsity")
 # objects keyed by names that depend on the model (outputs) or on onnxruntime (providers)
 NAMED_CHILDREN = {"mobile.execution_providers": "<provider>"}
 OPAQUE = {"fidelity.per_output", "fidelity.in_sample.per_output"}
@@ -97,7 +97,7 @@ def test_every_key_of_a_report_on_held_out_samples_is_documented(tmp_path):
     report_path = tmp_path / "report.json"
     result = CliRunner().invoke(main, [str(MODEL), str(tmp_path / "out.onnx"), "--filters", "0.25", "--calib", str(EVAL),
                                        "--scorer", "l1", "--recover", "bias", "--min-cosine", "0",
-                                       "--report", str(report_path)])
+                                       "--sparsity", "0.3", "--report", str(report_path)])
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
     assert report["data"]["held_out"] and "in_sample" in report["fidelity"]

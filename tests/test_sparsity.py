@@ -1,0 +1,216 @@
+"""Weight sparsity: the patterns' masks exactly, the OBS cost and update against brute force, the stage on
+Conv, Gemm and MatMul layers, the default model and the CLI."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from onnxprune import PruneConfig, prune
+from onnxprune.cli import main
+from onnxprune.errors import UsageError
+from onnxprune.ops.base import weighted
+from onnxprune.sparsity import check_sparsity, parse_pattern
+from onnxprune.sparsity.patterns import Pattern, keep_mask
+from onnxprune.sparsity.solve import allocate, damped, optimal_update, weight_costs
+from test_lowrank import calibration_for, conv_model, gemm_model, matmul_model
+
+MNIST = "models/mnist_resnet.onnx"
+MNIST_CALIB = "models/mnist_calib.npz"
+MNIST_EVAL = "models/mnist_eval.npz"
+
+
+# ------------------------------------------------------------------ patterns
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (3, 8), (1, 2)])
+def test_n_of_m_keeps_exactly_n_in_every_run_and_the_costliest(n, m):
+    costs = np.random.default_rng(n * m).random((6, 4 * m))
+    keep = keep_mask(costs, Pattern("nm", n, m), 0.0)
+    runs, kept = costs.reshape(6, 4, m), keep.reshape(6, 4, m)
+    assert (kept.sum(axis=2) == n).all()
+    lowest_kept = np.where(kept, runs, np.inf).min(axis=2)
+    highest_dropped = np.where(kept, -np.inf, runs).max(axis=2)
+    assert (lowest_kept > highest_dropped).all()
+
+
+@pytest.mark.parametrize("rows, cols", [(4, 1), (2, 3), (1, 8)])
+def test_blocks_go_whole_and_the_cheapest_by_summed_cost(rows, cols):
+    costs = np.random.default_rng(rows + cols).random((4 * rows, 5 * cols))
+    keep = keep_mask(costs, Pattern("block", rows, cols), 0.35)
+    blocks = keep.reshape(4, rows, 5, cols)
+    assert (blocks.all(axis=(1, 3)) | ~blocks.any(axis=(1, 3))).all()  # every block kept or dropped whole
+    kept_blocks = blocks.all(axis=(1, 3))
+    assert (~kept_blocks).sum() == round(0.35 * 20)
+    sums = costs.reshape(4, rows, 5, cols).sum(axis=(1, 3))
+    assert sums[kept_blocks].min() >= sums[~kept_blocks].max()
+
+
+def test_unstructured_drops_the_share_asked_and_the_cheapest():
+    costs = np.random.default_rng(0).random((7, 11))
+    keep = keep_mask(costs, Pattern("unstructured"), 0.6)
+    assert (~keep).sum() == round(0.6 * 77)
+    assert costs[keep].min() >= costs[~keep].max()
+
+
+def test_allocation_meets_the_budget_under_one_threshold():
+    rng = np.random.default_rng(3)
+    costs = [rng.random(100) * 3, rng.random(400), rng.random(50) * 0.1]
+    fractions = allocate(costs, [1, 1, 1], 0.5, 0.99)
+    removed = sum(f * c.size for f, c in zip(fractions, costs))
+    assert removed == pytest.approx(0.5 * 550, abs=1)
+    assert fractions[2] > fractions[1] > fractions[0]  # the cheap layer gives most
+
+
+@pytest.mark.parametrize("text, expected", [("unstructured", Pattern("unstructured")), ("2:4", Pattern("nm", 2, 4)),
+                                            ("block:4x1", Pattern("block", 4, 1)), (" Block:2X2 ", Pattern("block", 2, 2))])
+def test_patterns_parse(text, expected):
+    assert parse_pattern(text) == expected
+
+
+@pytest.mark.parametrize("sparsity, pattern, message", [
+    (0.5, "4:2", "--sparsity-pattern '4:2'"), (0.5, "block:1x1", "--sparsity-pattern"), (0.5, "dense", "N:M"),
+    (1.0, None, "outside (0, 1)"), (0.0, None, "outside (0, 1)"), (0.6, "2:4", "disagrees"),
+    (None, "block:4x1", "needs --sparsity"),
+])
+def test_bad_sparsity_settings_are_usage_errors(sparsity, pattern, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_sparsity(sparsity, pattern, None)
+
+
+def test_n_of_m_alone_sets_the_sparsity():
+    assert check_sparsity(None, "2:4", None) == (0.5, Pattern("nm", 2, 4))
+
+
+# ------------------------------------------------------------------ the OBS cost and update
+
+
+def _layer(seed=0, outputs=5, features=7, samples=300):
+    rng = np.random.default_rng(seed)
+    mixing = rng.standard_normal((features, features)) * np.linspace(0.2, 2.0, features)  # correlated, scaled
+    x = rng.standard_normal((samples, features)) @ mixing
+    return rng.standard_normal((outputs, features)), x.T @ x / samples
+
+
+def _brute_force(weight, keep, h):
+    """Each row's kept weights fitted by least squares to the row's output under H (H = L L^T)."""
+    root = np.linalg.cholesky(h).T  # ||root v||^2 = v^T H v
+    out = np.zeros_like(weight)
+    for r in range(len(weight)):
+        kept = np.flatnonzero(keep[r])
+        out[r, kept] = np.linalg.lstsq(root[:, kept], root @ weight[r], rcond=None)[0]
+    return out
+
+
+def test_optimal_update_matches_least_squares_per_row():
+    weight, gram = _layer()
+    keep = np.random.default_rng(1).random(weight.shape) > 0.5
+    updated = optimal_update(weight, keep, gram)
+    assert (updated[~keep] == 0).all()
+    np.testing.assert_allclose(updated, _brute_force(weight, keep, damped(gram)), rtol=1e-8, atol=1e-10)
+
+
+def test_obs_cost_is_the_error_of_removing_one_weight_with_the_update():
+    weight, gram = _layer(seed=2)
+    h = damped(gram)
+    costs = weight_costs(weight, gram) * np.sum((weight @ gram) * weight)  # undo the normalisation
+    for r, c in [(0, 0), (2, 3), (4, 6)]:
+        keep = np.ones(weight.shape, dtype=bool)
+        keep[r, c] = False
+        change = _brute_force(weight, keep, h)[r] - weight[r]
+        assert costs[r, c] == pytest.approx(change @ h @ change, rel=1e-8)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_update_lowers_every_row_error_of_zeroing_alone(seed):
+    weight, gram = _layer(seed=seed, outputs=40)
+    keep = np.random.default_rng(seed + 10).random(weight.shape) > 0.3
+    h = damped(gram)
+    row_errors = lambda new: np.einsum("of,fg,og->o", new - weight, h, new - weight)  # noqa: E731
+    assert (row_errors(optimal_update(weight, keep, gram)) <= row_errors(np.where(keep, weight, 0.0)) + 1e-12).all()
+
+
+# ------------------------------------------------------------------ the stage
+
+
+def _weights(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_magnitude_zeroes_weights_in_place_through_gemm_alpha_and_transB():
+    model = gemm_model(trans_b=1, alpha=0.7)
+    result = prune(model, PruneConfig(sparsity=0.5, sparsity_method="magnitude"))
+    before = _weights(model)["B"]
+    after = _weights(result.model)[result.model.graph.node[0].input[1]]
+    assert after.shape == before.shape
+    zero = after == 0
+    assert zero.sum() == result.report["sparsity"]["zeros"] == before.size // 2
+    np.testing.assert_array_equal(after[~zero], before[~zero])
+    assert np.abs(before[zero]).max() <= np.abs(before[~zero]).min()
+
+
+@pytest.mark.parametrize("build, scales", [(lambda: conv_model(pads=[1, 1, 1, 1]), np.linspace(0.1, 3, 8)[:, None, None]),
+                                           (lambda: matmul_model(), np.linspace(0.1, 3, 16))])
+def test_obs_beats_magnitude_on_inputs_of_unequal_scale(build, scales):
+    """Magnitude sees the weights only; OBS weighs them by what their inputs carry (held-out samples)."""
+    model = build()
+    calibration = calibration_for(model, count=64, scales=scales)
+    errors = {}
+    for method in ("magnitude", "obs"):
+        result = prune(model, PruneConfig(sparsity=0.6, sparsity_method=method, calibration=calibration,
+                                          recover="none"))
+        assert result.report["sparsity"]["achieved"] == pytest.approx(0.6, abs=0.01)
+        errors[method] = result.report["fidelity"]["rel_l2"]
+    assert errors["obs"] < 0.7 * errors["magnitude"]
+
+
+def test_sparsity_alone_removes_no_channel_and_obs_keeps_the_accuracy():
+    reports = {}
+    for method in ("magnitude", "obs"):
+        reports[method] = prune(MNIST, PruneConfig(sparsity=0.5, sparsity_method=method, calibration=MNIST_CALIB,
+                                                   evaluation=MNIST_EVAL)).report
+    for report in reports.values():
+        assert report["after"]["macs"] == report["before"]["macs"]
+        assert all(g["channels_after"] == g["channels"] for g in report["groups"] if g["prunable"])
+        assert report["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-3)
+    assert reports["obs"]["accuracy"]["drop"] <= 0.005
+    assert reports["obs"]["fidelity"]["rel_l2"] < 0.5 * reports["magnitude"]["fidelity"]["rel_l2"]
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def test_cli_n_of_m_after_channel_pruning(tmp_path):
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    run = CliRunner().invoke(main, [MNIST, str(out), "--filters", "0.25", "--sparsity-pattern", "2:4",
+                                    "--calib", MNIST_CALIB, "--calib-samples", "64", "--report", str(report)])
+    assert run.exit_code == 0, run.output
+    assert "sparsity  " in run.output and "(50.0%, 2:4, obs)" in run.output
+    data = json.loads(report.read_text())
+    assert any(g["channels_after"] < g["channels"] for g in data["groups"] if g["prunable"])
+    model = onnx.load(str(out))
+    weights = _weights(model)
+    for layer in data["sparsity"]["layers"]:
+        if layer["status"] != "sparsified":
+            continue
+        node = next(n for n in model.graph.node if n.name == layer["node"])
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        w = weights[node.input[1]]
+        handler, layout = weighted(node.op_type, attrs, w.shape)
+        runs = handler.to_matrix(layout, w)[0].T.reshape(-1, 4)  # [outputs, features] in runs of 4
+        assert ((runs != 0).sum(axis=1) <= 2).all(), layer["node"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sparsity", "1.5"], "--sparsity 1.5 is outside"),
+    (["--sparsity", "0.5", "--sparsity-pattern", "3:2"], "--sparsity-pattern '3:2'"),
+    (["--sparsity", "0.5", "--steps", "2"], "one step"),
+])
+def test_cli_bad_sparsity_options_exit_2(tmp_path, args, message):
+    run = CliRunner().invoke(main, [MNIST, str(tmp_path / "out.onnx"), *args])
+    assert run.exit_code == 2, run.output
+    assert message in run.output and len(run.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out.onnx").exists()
