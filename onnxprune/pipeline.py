@@ -21,7 +21,7 @@ from .recover.training import require_training
 from .report import report_header
 from .stages import (analyze_model, choose, compose_masks, factorize_stage, group_summary, nothing_prunable_message,
                      final_counts, recover_stage, rewrite_channels, scoring_summary, sparsify_stage,
-                     step_counts, step_summary)
+                     step_counts, step_summary, store_stage)
 from .validate.gates import evaluate_gates
 from .validate.result import evaluate_result
 
@@ -129,6 +129,7 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
         report["lowrank"] = lowrank_report
     if sparsity_report is not None:
         report["sparsity"] = sparsity_report
+        pruned = store_stage(pruned, report)  # after validation, which the ONNX checker must pass dense
     if step_reports:
         report["steps"] = step_reports
     report["gates"] = evaluate_gates(report, config.gates)

@@ -153,6 +153,11 @@ def format_sparsity(report: dict) -> list[str]:
             f"{sparsity['pattern']}, {sparsity['method']}) in {sparsity['sparsified']} layers, worst layer error "
             f"{sparsity['worst_error']:.3f}")
     lines = [line]
+    storage = sparsity.get("storage", {})
+    if "stored_bytes" in storage:
+        lines.append(f"            stored {storage['stored_bytes']:,} B ({storage['sparse_initializers']} tensors sparse; "
+                     f"dense {storage['dense_bytes']:,} B), gzip {storage['gzip_bytes']:,} B "
+                     f"(dense gzip {storage['dense_gzip_bytes']:,} B)")
     if sparsity["skipped"]:
         skipped = [layer for layer in sparsity["layers"] if layer["status"] == "skipped"]
         lines.append(f"            {len(skipped)} layers left dense, e.g. {skipped[0]['node']}: {skipped[0]['reason']}")

@@ -19,7 +19,9 @@ from .graph import Analysis, analyze
 from .loading import Loaded, copied_messages
 from .lowrank import LowRankSettings, factorize_model
 from .recover import recover
+from .io import EXTERNAL_DATA_THRESHOLD, model_size_bytes
 from .sparsity import SparsitySettings, sparsify_model
+from .sparsity.storage import store_sparse
 from .recover.training import finetune
 from .rewrite import apply_channel_plan, apply_unit_scales, keep_masks
 from .scoring import ScoringContext
@@ -212,6 +214,18 @@ def sparsify_stage(model: onnx.ModelProto, baseline: Baseline, settings: Sparsit
     """Zero weights of the pruned (and recovered) model; (model, report section)."""
     result = sparsify_model(model, baseline.loaded.input_shapes, baseline.fit_data, settings, baseline.largest_batch)
     return result.model, result.report
+
+
+def store_stage(model: onnx.ModelProto, report: dict) -> onnx.ModelProto:
+    """The validated sparse model with its zeros stored sparse where that is smaller; the report's
+    `sparsity.storage` and `after.size_bytes` say what the file takes. A model written with external data
+    stays dense."""
+    if model_size_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
+        report["sparsity"]["storage"] = {"note": "stored dense: too large for one protobuf file"}
+        return model
+    stored, report["sparsity"]["storage"] = store_sparse(model)
+    report["after"]["size_bytes"] = report["sparsity"]["storage"]["stored_bytes"]
+    return stored
 
 
 def recover_stage(pruned: onnx.ModelProto, baseline: Baseline, masks: dict, config: PruneConfig):
