@@ -30,6 +30,7 @@ from .recover.training import LOSSES, export_training, require_training
 from .report import (format_finetune_summary, format_inspect, format_markdown, format_summary, title,
                      write_bytes_atomic, write_json_atomic)
 from .scoring import SCORERS
+from .quantize import FORMATS as QUANTIZE_FORMATS
 from .sparsity import METHODS as SPARSITY_METHODS
 from .sweep import format_table, parse_values, plot_png, require_matplotlib, settings_grid, sweep
 from .validate.compare import parse_output_axis
@@ -175,8 +176,12 @@ SPARSITY = OptionGroup([
     click.option("--sparsity-method", type=click.Choice(SPARSITY_METHODS), default=None,
                  help="Which weights go: the OBS saliency with the optimal update of the rest (needs --calib), or "
                       "magnitude [default: obs with --calib, else magnitude]."),
+    click.option("--quantize", type=click.Choice(QUANTIZE_FORMATS), default=None,
+                 help="Then quantize the result with onnxruntime's static QDQ quantization (int8 weights per channel, "
+                      "int8 activations with ranges from the calibration data); validated and gated as the output, "
+                      "the pruned-only figures beside it."),
 ], lambda v: {"sparsity": v["sparsity"], "sparsity_pattern": v["sparsity_pattern"],
-              "sparsity_method": v["sparsity_method"]})
+              "sparsity_method": v["sparsity_method"], "quantize": v["quantize"]})
 
 RECOVERY = OptionGroup([
     click.option("--recover", type=click.Choice(RECOVERY_METHODS), default=None,

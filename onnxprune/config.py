@@ -12,6 +12,7 @@ from .lowrank import DEFAULT_MAX_ERROR, LowRankSettings, check_rank
 from .plan import Plan
 from .recover import FINETUNE_LR, METHODS as RECOVERY_METHODS
 from .scoring import SCORERS
+from .quantize import check_quantize
 from .sparsity import SparsitySettings, check_sparsity
 from .validate.gates import Gates
 from .validate.latency import LatencyConfig
@@ -53,6 +54,7 @@ class PruneConfig:
     sparsity: float | None = None  # share of the weights of Conv/Gemm/MatMul layers to zero, last (after recovery)
     sparsity_pattern: str | None = None  # unstructured (default), N:M or block:RxC
     sparsity_method: str | None = None  # obs or magnitude; None: obs with calibration data, else magnitude
+    quantize: str | None = None  # "int8": hand the result to onnxruntime's static QDQ quantization
 
 
 def check_filters(filters: float) -> None:
@@ -82,6 +84,12 @@ def check_config(config: PruneConfig) -> None:
         check_sparsity(config.sparsity, config.sparsity_pattern, config.sparsity_method)
         if config.steps > 1:
             raise UsageError("--sparsity zeroes weights once, after the last step: use one step with it")
+    check_quantize(config.quantize)
+    if config.quantize and config.calibration is None:
+        raise UsageError("--quantize needs --calib data: the int8 activation ranges are measured on it")
+    if config.quantize and sparsity_asked(config):
+        raise UsageError("--quantize with --sparsity is not supported yet (the int8 weights would be stored dense): "
+                         "use one of them")
     if config.plan is None and config.rank is not None:
         rank = check_rank(config.rank)
         if not 0 < config.lowrank_error < 1:
@@ -156,4 +164,4 @@ def config_section(config: PruneConfig, scorer: str, input_shapes: dict) -> dict
             "round_to": config.round_to, "exclude": list(config.exclude), "input_shapes": input_shapes,
             "plan_given": config.plan is not None, "rank": config.rank, "lowrank_error": config.lowrank_error,
             "target_macs": config.target_macs, "output_axes": dict(config.output_axes),
-            "sparsity": config.sparsity, "sparsity_pattern": config.sparsity_pattern}
+            "sparsity": config.sparsity, "sparsity_pattern": config.sparsity_pattern, "quantize": config.quantize}

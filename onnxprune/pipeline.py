@@ -21,7 +21,7 @@ from .recover.training import require_training
 from .report import report_header
 from .stages import (analyze_model, choose, compose_masks, factorize_stage, group_summary, nothing_prunable_message,
                      final_counts, recover_stage, rewrite_channels, scoring_summary, sparsify_stage,
-                     step_counts, step_summary, store_stage)
+                     step_counts, step_summary, store_stage, pruned_only_summary, quantize_stage)
 from .validate.gates import evaluate_gates
 from .validate.result import evaluate_result
 
@@ -112,7 +112,14 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
     if baseline is not model and loaded.path is not None:
         loaded.model = None  # not needed any more (and re-readable from its file): free it for validation
         gc.collect()
-    with timed(timings, "validate"):
+    quantize_report = None
+    if config.quantize:  # the pruned model validated alone, then handed to onnxruntime's quantization
+        with timed(timings, "validate"):
+            pruned_only = pruned_only_summary(evaluate_result(baseline, pruned, None, config.latency, False)[0])
+        with timed(timings, "quantize"):
+            pruned, quantize_report = quantize_stage(pruned, baseline)
+        quantize_report["pruned_only"] = pruned_only
+    with timed(timings, "validate", add=True):
         report, ort_model = evaluate_result(baseline, pruned, config.gates, config.latency, config.mobile)
     report.update({
         **report_header(),
@@ -127,6 +134,8 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
     })
     if lowrank_report is not None:
         report["lowrank"] = lowrank_report
+    if quantize_report is not None:
+        report["quantize"] = quantize_report
     if sparsity_report is not None:
         report["sparsity"] = sparsity_report
         pruned = store_stage(pruned, report)  # after validation, which the ONNX checker must pass dense

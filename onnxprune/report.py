@@ -80,6 +80,7 @@ def format_summary(report: dict, model, output) -> str:
         *format_scoring(report),
         *format_lowrank(report),
         *format_sparsity(report),
+        *format_quantize(report),
         _row("params", before["params"], after["params"]),
         _row("MACs", before["macs"], after["macs"]),
         _row("size", before["size_bytes"], after["size_bytes"], " B"),
@@ -142,6 +143,25 @@ def format_scoring(report: dict) -> list[str]:
         if "eps" in budget:
             line += f" (eps {budget['eps']:.3g})"
     return [line]
+
+
+def format_quantize(report: dict) -> list[str]:
+    """Terminal lines of the int8 hand-off: the pruned-only figures beside the quantized output's."""
+    quantize = report.get("quantize")
+    if not quantize:
+        return []
+    alone, fid = quantize["pruned_only"], report["fidelity"]
+    accuracy = report.get("accuracy") or {}
+
+    def figures(size, cosine, acc, latency):
+        return (f"size {size:,} B, cosine {cosine:.4f}" + (f", accuracy {acc:.2%}" if acc is not None else "")
+                + (f", latency {latency:.3f} ms" if latency is not None else ""))
+
+    latency = report.get("latency", {}).get("after", {}).get("median_ms")
+    return [f"  int8      {quantize['format']} by onnxruntime (weights {quantize['weights']}, activations "
+            f"{quantize['activations']}, {quantize['samples']} calibration samples); the rows below are the quantized output's",
+            f"            pruned only: {figures(alone['size_bytes'], alone['fidelity']['cosine'], alone.get('accuracy'), alone.get('latency_ms'))}",
+            f"            quantized:   {figures(report['after']['size_bytes'], fid['cosine'], accuracy.get('after'), latency)}"]
 
 
 def format_sparsity(report: dict) -> list[str]:

@@ -18,6 +18,7 @@ from .errors import NothingToPrune
 from .graph import Analysis, analyze
 from .loading import Loaded, copied_messages
 from .lowrank import LowRankSettings, factorize_model
+from .quantize import quantize_int8
 from .recover import recover
 from .io import EXTERNAL_DATA_THRESHOLD, model_size_bytes
 from .sparsity import SparsitySettings, sparsify_model
@@ -226,6 +227,23 @@ def store_stage(model: onnx.ModelProto, report: dict) -> onnx.ModelProto:
     stored, report["sparsity"]["storage"] = store_sparse(model)
     report["after"]["size_bytes"] = report["sparsity"]["storage"]["stored_bytes"]
     return stored
+
+
+def quantize_stage(model: onnx.ModelProto, baseline: Baseline) -> tuple[onnx.ModelProto, dict]:
+    """The pruned model quantized to int8 by onnxruntime, with activation ranges from the samples the fits
+    used; (model, the report's `quantize` settings)."""
+    return quantize_int8(model, baseline.fit_data, baseline.run_batch)
+
+
+def pruned_only_summary(report: dict) -> dict:
+    """What the pruned model scored before quantization, for the report's `quantize.pruned_only`."""
+    summary = {"size_bytes": report["after"]["size_bytes"],
+               "fidelity": {k: report["fidelity"][k] for k in ("cosine", "rel_l2", "max_abs_diff", "top1_agreement")}}
+    if report.get("accuracy"):
+        summary["accuracy"] = report["accuracy"]["after"]
+    if "latency" in report:
+        summary["latency_ms"] = report["latency"]["after"]["median_ms"]
+    return summary
 
 
 def recover_stage(pruned: onnx.ModelProto, baseline: Baseline, masks: dict, config: PruneConfig):

@@ -266,3 +266,46 @@ def test_sparse_storage_round_trips_through_onnxruntime_exactly(build):
     sparse_out = session(stored).run(None, feed)
     for a, b in zip(dense_out, sparse_out):
         np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------ the int8 hand-off
+
+
+def test_cli_quantize_writes_the_validated_int8_model_beside_the_pruned_figures(tmp_path):
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    run = CliRunner().invoke(main, [MNIST, str(out), "--filters", "0.5", "--quantize", "int8", "--calib", MNIST_CALIB,
+                                    "--eval", MNIST_EVAL, "--report", str(report)])
+    assert run.exit_code == 0, run.output
+    data = json.loads(report.read_text())
+    model = onnx.load(str(out))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in model.graph.node}
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer)
+    alone = data["quantize"]["pruned_only"]
+    assert out.stat().st_size == data["after"]["size_bytes"] < 0.6 * alone["size_bytes"]
+    assert data["accuracy"]["after"] >= alone["accuracy"] - 0.01  # int8 costs at most a point here
+    assert data["fidelity"]["cosine"] != alone["fidelity"]["cosine"]  # measured on the quantized model
+    feed = {"input": np.load(MNIST_EVAL)["input"][:100]}
+    labels = np.load(MNIST_EVAL)["labels"][:100]
+    accuracy = float((session(out).run(None, feed)[0].argmax(1) == labels).mean())
+    assert accuracy >= 0.9
+    assert "pruned only: size" in run.output and "quantized:   size" in run.output
+
+
+def test_cli_quantized_output_is_gated(tmp_path):
+    out = tmp_path / "out.onnx"
+    run = CliRunner().invoke(main, [MNIST, str(out), "--filters", "0.25", "--quantize", "int8", "--calib", MNIST_CALIB,
+                                    "--calib-samples", "64", "--scorer", "l1", "--min-cosine", "0.99999"])
+    assert run.exit_code == 1, run.output
+    assert "validation failed" in run.output and not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quantize", "int8"], "--quantize needs --calib"),
+    (["--quantize", "int8", "--sparsity", "0.5", "--calib", MNIST_CALIB], "not supported yet"),
+    (["--quantize", "int4"], "'int4' is not"),
+])
+def test_cli_bad_quantize_options_exit_2(tmp_path, args, message):
+    run = CliRunner().invoke(main, [MNIST, str(tmp_path / "out.onnx"), *args])
+    assert run.exit_code == 2, run.output
+    assert message in run.output
+    assert not (tmp_path / "out.onnx").exists()
