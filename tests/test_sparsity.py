@@ -18,7 +18,7 @@ from onnxprune.sparsity.patterns import Pattern, keep_mask
 from onnxprune.runtime import session
 from onnxprune.sparsity.solve import allocate, damped, optimal_update, weight_costs
 from onnxprune.sparsity.storage import sparse_form, store_sparse
-from test_lowrank import calibration_for, conv_model, gemm_model, matmul_model
+from test_lowrank import calibration_for, conv_model, gemm_model, matmul_model, mixed_model
 
 MNIST = "models/mnist_resnet.onnx"
 MNIST_CALIB = "models/mnist_calib.npz"
@@ -187,6 +187,15 @@ def test_sparsity_alone_removes_no_channel_and_obs_keeps_the_accuracy():
         assert report["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-3)
     assert reports["obs"]["accuracy"]["drop"] <= 0.005
     assert reports["obs"]["fidelity"]["rel_l2"] < 0.5 * reports["magnitude"]["fidelity"]["rel_l2"]
+
+
+def test_grouped_convs_stay_dense_with_their_reason():
+    model = mixed_model()
+    report = prune(model, PruneConfig(sparsity=0.5, sparsity_method="magnitude")).report["sparsity"]
+    rows = {row["node"]: row for row in report["layers"]}
+    assert rows["dw"]["status"] == "skipped" and "group=16" in rows["dw"]["reason"]
+    assert rows["conv1"]["status"] == rows["pw"]["status"] == "sparsified"
+    assert rows["attention"]["status"] == "skipped"  # no constant weight
 
 
 # ------------------------------------------------------------------ CLI

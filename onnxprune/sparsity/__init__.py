@@ -72,7 +72,9 @@ def sparsify_model(model: onnx.ModelProto, input_shapes: dict, calibration: Cali
     graph = gs.import_onnx(model)
     layers = find_layers(graph, shapes, settings.exclude, factorizing=False)
     for layer in layers:
-        if not layer.reason:
+        if layer.layout is not None and layer.layout.groups != 1:  # the low-rank stage's reason speaks of factors
+            layer.reason = f"grouped conv (group={layer.layout.groups}): not sparsified yet"
+        elif not layer.reason:
             layer.reason = settings.pattern.fits(layer.out_features, layer.in_features)
     candidates = [layer for layer in layers if not layer.reason]
     if not candidates:
