@@ -87,9 +87,6 @@ def check_config(config: PruneConfig) -> None:
     check_quantize(config.quantize)
     if config.quantize and config.calibration is None:
         raise UsageError("--quantize needs --calib data: the int8 activation ranges are measured on it")
-    if config.quantize and sparsity_asked(config):
-        raise UsageError("--quantize with --sparsity is not supported yet (the int8 weights would be stored dense): "
-                         "use one of them")
     if config.plan is None and config.rank is not None:
         rank = check_rank(config.rank)
         if not 0 < config.lowrank_error < 1:

@@ -15,6 +15,7 @@ from onnxprune.errors import UsageError
 from onnxprune.ops.base import weighted
 from onnxprune.sparsity import check_sparsity, parse_pattern
 from onnxprune.sparsity.patterns import Pattern, keep_mask
+from onnxprune.quantize import quantize_int8
 from onnxprune.runtime import session
 from onnxprune.sparsity.solve import allocate, damped, optimal_update, weight_costs
 from onnxprune.sparsity.storage import sparse_form, store_sparse
@@ -300,6 +301,18 @@ def test_cli_quantize_writes_the_validated_int8_model_beside_the_pruned_figures(
     assert "pruned only: size" in run.output and "quantized:   size" in run.output
 
 
+def test_a_sparse_int8_model_round_trips_exactly():
+    model = _sparse_weights(matmul_model(k=64, n=96), np.random.default_rng(2), keep=0.1)
+    calibration = calibration_for(model, count=16)
+    quantized, _ = quantize_int8(model, calibration, 8)
+    stored, storage = store_sparse(quantized)
+    assert "int8" in {numpy_helper.to_array(t.values).dtype.name for t in stored.graph.sparse_initializer}
+    assert storage["stored_bytes"] < storage["dense_bytes"]
+    feed = calibration.arrays
+    for a, b in zip(session(quantized).run(None, feed), session(stored).run(None, feed)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_cli_quantized_output_is_gated(tmp_path):
     out = tmp_path / "out.onnx"
     run = CliRunner().invoke(main, [MNIST, str(out), "--filters", "0.25", "--quantize", "int8", "--calib", MNIST_CALIB,
@@ -310,7 +323,6 @@ def test_cli_quantized_output_is_gated(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--quantize", "int8"], "--quantize needs --calib"),
-    (["--quantize", "int8", "--sparsity", "0.5", "--calib", MNIST_CALIB], "not supported yet"),
     (["--quantize", "int4"], "'int4' is not"),
 ])
 def test_cli_bad_quantize_options_exit_2(tmp_path, args, message):

@@ -45,14 +45,14 @@ def sparse_form(values: np.ndarray, name: str) -> onnx.SparseTensorProto | None:
 
 
 def store_sparse(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
-    """A copy of `model` with every floating initializer that is smaller sparse moved to
+    """A copy of `model` with every numeric initializer (float, or a quantized model's int8) that is smaller sparse moved to
     `sparse_initializer`, and the report's storage figures (bytes dense and stored, each also gzipped)."""
     stored = onnx.ModelProto()
     stored.CopyFrom(model)
     kept, moved, index_types = [], [], set()
     for tensor in stored.graph.initializer:
         values = numpy_helper.to_array(tensor) if tensor.data_location != onnx.TensorProto.EXTERNAL else None
-        sparse = sparse_form(values, tensor.name) if values is not None and values.dtype.kind == "f" else None
+        sparse = sparse_form(values, tensor.name) if values is not None and values.dtype.kind in "fiu" else None
         if sparse is None:
             kept.append(tensor)
         else:
