@@ -30,6 +30,8 @@ from .recover.training import LOSSES, export_training, require_training
 from .report import (format_finetune_summary, format_inspect, format_markdown, format_summary, title,
                      write_bytes_atomic, write_json_atomic)
 from .scoring import SCORERS
+from .quantize import FORMATS as QUANTIZE_FORMATS
+from .sparsity import METHODS as SPARSITY_METHODS
 from .sweep import format_table, parse_values, plot_png, require_matplotlib, settings_grid, sweep
 from .validate.compare import parse_output_axis
 from .validate.gates import Gates, describe, failed_checks
@@ -163,6 +165,23 @@ LOWRANK = OptionGroup([
                  help="Fraction of the original MACs to keep, in (0, 1]. With --rank auto the ranks are chosen to "
                       "meet it (after --filters, if given), minimizing the worst layer error."),
 ], lambda v: {"rank": check_rank(v["rank"]) if v["rank"] is not None else None, "lowrank_error": v["lowrank_error"], "target_macs": v["target_macs"]})
+
+SPARSITY = OptionGroup([
+    click.option("--sparsity", type=float, default=None, metavar="S",
+                 help="Zero share S of the weights of Conv/Gemm/MatMul layers (after channel pruning and recovery; "
+                      "alone it removes no channel), each layer's share from one global budget."),
+    click.option("--sparsity-pattern", default=None, metavar="P",
+                 help="unstructured, N:M (N weights kept of every M consecutive inputs, e.g. 2:4) or block:RxC "
+                      "(whole blocks of R outputs by C inputs) [default: unstructured]."),
+    click.option("--sparsity-method", type=click.Choice(SPARSITY_METHODS), default=None,
+                 help="Which weights go: the OBS saliency with the optimal update of the rest (needs --calib), or "
+                      "magnitude [default: obs with --calib, else magnitude]."),
+    click.option("--quantize", type=click.Choice(QUANTIZE_FORMATS), default=None,
+                 help="Then quantize the result with onnxruntime's static QDQ quantization (int8 weights per channel, "
+                      "int8 activations with ranges from the calibration data); validated and gated as the output, "
+                      "the pruned-only figures beside it."),
+], lambda v: {"sparsity": v["sparsity"], "sparsity_pattern": v["sparsity_pattern"],
+              "sparsity_method": v["sparsity_method"], "quantize": v["quantize"]})
 
 RECOVERY = OptionGroup([
     click.option("--recover", type=click.Choice(RECOVERY_METHODS), default=None,
@@ -329,7 +348,7 @@ def finish(result, model: Path, output: Path, values: dict, summary: Callable[[d
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option("--filters", type=float, default=None, metavar="R",
               help="Fraction of channels to remove from each prunable group (of all of them with --global), "
-                   "in [0, 1) [default: 0.5, or 0 with --rank or --target-macs].")
+                   "in [0, 1) [default: 0.5, or 0 with --rank, --sparsity or --target-macs].")
 @CHANNELS
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None, help="Write the JSON report here.")
 @click.option("--plan-out", type=click.Path(path_type=Path), default=None, help="Write the kept channels as a JSON plan.")
@@ -338,6 +357,7 @@ def finish(result, model: Path, output: Path, values: dict, summary: Callable[[d
 @SEED
 @CALIBRATION
 @LOWRANK
+@SPARSITY
 @RECOVERY
 @EVALUATION
 @LATENCY_BUDGET
@@ -349,8 +369,8 @@ def prune_command(model, output, filters, report_path, plan_out, plan_in, **valu
     """Remove channels from MODEL, validate with onnxruntime, write OUTPUT."""
     check_outputs([model], output, report_path, plan_out, values["summary_md"],
                   ort_path(output) if values["mobile"] else None)
-    config = config_from(values, CHANNELS, SEED, CALIBRATION, LOWRANK, RECOVERY, EVALUATION, LATENCY_BUDGET, GATES,
-                         INPUT_SHAPES, EXCLUDE, filters=filters, plan=_read_plan(plan_in) if plan_in else None,
+    config = config_from(values, CHANNELS, SEED, CALIBRATION, LOWRANK, SPARSITY, RECOVERY, EVALUATION, LATENCY_BUDGET,
+                         GATES, INPUT_SHAPES, EXCLUDE, filters=filters, plan=_read_plan(plan_in) if plan_in else None,
                          latency_cache=latency_cache_path(output))
     result = prune(model, config)
     finish(result, model, output, values, format_summary, report_path, plan_out)

@@ -12,6 +12,8 @@ from .lowrank import DEFAULT_MAX_ERROR, LowRankSettings, check_rank
 from .plan import Plan
 from .recover import FINETUNE_LR, METHODS as RECOVERY_METHODS
 from .scoring import SCORERS
+from .quantize import check_quantize
+from .sparsity import SparsitySettings, check_sparsity
 from .validate.gates import Gates
 from .validate.latency import LatencyConfig
 
@@ -53,6 +55,10 @@ class PruneConfig:
     steps: int = 1  # reach the target in this many prune-and-recover steps, re-scoring after each
     finetune_steps: int = 0  # distillation steps through onnxruntime-training after recovery (needs that package)
     finetune_lr: float = FINETUNE_LR
+    sparsity: float | None = None  # share of the weights of Conv/Gemm/MatMul layers to zero, last (after recovery)
+    sparsity_pattern: str | None = None  # unstructured (default), N:M or block:RxC
+    sparsity_method: str | None = None  # obs or magnitude; None: obs with calibration data, else magnitude
+    quantize: str | None = None  # "int8": hand the result to onnxruntime's static QDQ quantization
 
 
 def check_filters(filters: float) -> None:
@@ -79,6 +85,13 @@ def check_config(config: PruneConfig) -> None:
         raise UsageError(f"--pfp-mode {config.pfp_mode!r}: choose {' or '.join(PFP_MODES)}")
     if config.recover is not None and config.recover not in RECOVERY_METHODS:
         raise UsageError(f"unknown recovery method '{config.recover}': choose one of {', '.join(RECOVERY_METHODS)}")
+    if sparsity_asked(config):
+        check_sparsity(config.sparsity, config.sparsity_pattern, config.sparsity_method)
+        if config.steps > 1:
+            raise UsageError("--sparsity zeroes weights once, after the last step: use one step with it")
+    check_quantize(config.quantize)
+    if config.quantize and config.calibration is None:
+        raise UsageError("--quantize needs --calib data: the int8 activation ranges are measured on it")
     if config.plan is None and config.rank is not None:
         rank = check_rank(config.rank)
         if not 0 < config.lowrank_error < 1:
@@ -116,10 +129,10 @@ def latency_wanted(config: PruneConfig) -> bool:
 
 
 def channel_ratio(config: PruneConfig) -> float:
-    """--filters as given; when not given, 0.5, or 0 when low-rank or a MACs target is asked for."""
+    """--filters as given; when not given, 0.5, or 0 when low-rank, sparsity or a MACs target is asked for."""
     if config.filters is not None:
         return config.filters
-    return 0.0 if config.rank is not None or config.target_macs is not None else 0.5  # a latency target: its own
+    return 0.0 if config.rank is not None or config.target_macs is not None or sparsity_asked(config) else 0.5
 
 
 def scorer_name(config: PruneConfig, calibration: CalibrationSet) -> str:
@@ -145,7 +158,7 @@ def fits_calibration(config: PruneConfig, calibration: CalibrationSet) -> bool:
     scorer = SCORERS.get(scorer_name(config, calibration))  # an unknown name is refused by the scoring stage
     scored_on_data = config.plan is None and (scorer is None or scorer.uses_data)
     return (scored_on_data or recovery_method(config, calibration) != "none" or config.rank is not None
-            or config.finetune_steps > 0)
+            or config.finetune_steps > 0 or (sparsity_asked(config) and config.sparsity_method != "magnitude"))
 
 
 def lowrank_settings(config: PruneConfig) -> LowRankSettings | None:
@@ -159,10 +172,25 @@ def lowrank_settings(config: PruneConfig) -> LowRankSettings | None:
                            config.seed)
 
 
+def sparsity_asked(config: PruneConfig) -> bool:
+    return config.sparsity is not None or config.sparsity_pattern is not None
+
+
+def sparsity_settings(config: PruneConfig, calibration: CalibrationSet) -> SparsitySettings | None:
+    """What the sparsity stage does, or None without --sparsity / --sparsity-pattern. The method defaults
+    to obs with calibration data, else magnitude."""
+    if not sparsity_asked(config):
+        return None
+    sparsity, pattern = check_sparsity(config.sparsity, config.sparsity_pattern, config.sparsity_method)
+    method = config.sparsity_method or ("obs" if calibration.source != "synthetic" else "magnitude")
+    return SparsitySettings(sparsity, pattern, method, tuple(config.exclude), config.seed)
+
+
 def config_section(config: PruneConfig, scorer: str, input_shapes: dict) -> dict:
     """The report's "config": the settings as resolved (defaults filled in)."""
     return {"filters": channel_ratio(config), "global": config.global_ranking, "scorer": scorer,
             "round_to": config.round_to, "exclude": list(config.exclude), "input_shapes": input_shapes,
             "plan_given": config.plan is not None, "rank": config.rank, "lowrank_error": config.lowrank_error,
             "target_macs": config.target_macs, "target_latency": config.target_latency,
-            "target_speedup": config.target_speedup, "output_axes": dict(config.output_axes)}
+            "target_speedup": config.target_speedup, "output_axes": dict(config.output_axes),
+            "sparsity": config.sparsity, "sparsity_pattern": config.sparsity_pattern, "quantize": config.quantize}

@@ -282,7 +282,7 @@ def model_size_bytes(model: onnx.ModelProto) -> int:
     try:
         return model.ByteSize()
     except Exception:  # google.protobuf.message.EncodeError
-        return sum(t.ByteSize() for t in model.graph.initializer)
+        return sum(t.ByteSize() for t in [*model.graph.initializer, *model.graph.sparse_initializer])
 
 
 def check_output_path(out: str | os.PathLike, inp: str | os.PathLike | None = None) -> None:

@@ -14,15 +14,15 @@ from dataclasses import dataclass, replace
 import onnx
 
 from .baseline import Baseline, prepare
-from .config import PruneConfig, check_config, config_section, latency_wanted, lowrank_settings
+from .config import PruneConfig, check_config, config_section, latency_wanted, lowrank_settings, sparsity_settings
 from .errors import NothingToPrune
 from .plan import Plan
 from .recover.training import require_training
 from .report import report_header
 from .speed import counts_of, latency_budget, latency_rounds
 from .stages import (analyze_model, choose, compose_masks, factorize_stage, group_summary, nothing_prunable_message,
-                     final_counts, recover_stage, rewrite_channels, scoring_summary, step_counts,
-                     step_summary)
+                     final_counts, recover_stage, rewrite_channels, scoring_summary, sparsify_stage,
+                     step_counts, step_summary, store_stage, pruned_only_summary, quantize_stage)
 from .validate.gates import evaluate_gates
 from .validate.latency import LatencyConfig
 from .validate.result import evaluate_result
@@ -61,12 +61,14 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
     loaded = baseline.loaded
 
     lowrank = lowrank_settings(config)
+    sparsity = sparsity_settings(config, baseline.calibration)
+    weights_only = lowrank is not None or sparsity is not None  # channels may stay whole
     step_reports, current, total_masks, plan, macs_kept, whole, final = [], baseline, {}, None, [1.0], None, None
     speed = None
     for step in range(config.steps):
         with timed(timings, "analyze", add=True):
             analysis = analyze_model(current.loaded, config.exclude)
-            if not analysis.prunable_groups() and lowrank is None:
+            if not analysis.prunable_groups() and not weights_only:
                 raise NothingToPrune(nothing_prunable_message(analysis))
         if step == 0 and latency_wanted(config):
             with timed(timings, "latency_model"):
@@ -74,12 +76,12 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
 
         with timed(timings, "score", add=True):
             if speed is not None and speed.target_ms is not None:
-                choice = latency_rounds(current, analysis, config, speed, factorizing=lowrank is not None)
+                choice = latency_rounds(current, analysis, config, speed, factorizing=weights_only)
             elif config.steps == 1:
-                choice = choose(current, analysis, config, factorizing=lowrank is not None)
+                choice = choose(current, analysis, config, factorizing=weights_only)
             else:  # the whole target is allocated once, on the original; the steps approach it
                 if whole is None:
-                    whole = choose(current, analysis, config, factorizing=lowrank is not None)
+                    whole = choose(current, analysis, config, factorizing=weights_only)
                     final = final_counts(analysis, whole)
                 counts = step_counts(analysis, final, step + 1, config.steps, config.round_to)
                 choice = replace(choose(current, analysis, config, lowrank is not None, counts), budget=whole.budget)
@@ -109,6 +111,10 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
             current = baseline.pruned_to(pruned)
             macs_kept.append(current.loaded.cost["macs"] / loaded.cost["macs"])
             step_reports.append(step_summary(macs_kept[-1], choice, recovery_report))
+    sparsity_report = None
+    if sparsity is not None:  # weights are zeroed last: recovery's dense re-fit would fill them in again
+        with timed(timings, "sparsity"):
+            pruned, sparsity_report = sparsify_stage(pruned, baseline, sparsity)
     if config.steps > 1:  # the groups' channels after the last step
         kept = {tuple(gp.sources): len(gp.keep) for gp in plan.groups}
         for summary in group_reports:
@@ -118,7 +124,14 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
     if baseline is not model and loaded.path is not None:
         loaded.model = None  # not needed any more (and re-readable from its file): free it for validation
         gc.collect()
-    with timed(timings, "validate"):
+    quantize_report = None
+    if config.quantize:  # the pruned model validated alone, then handed to onnxruntime's quantization
+        with timed(timings, "validate"):
+            pruned_only = pruned_only_summary(evaluate_result(baseline, pruned, None, config.latency, False)[0])
+        with timed(timings, "quantize"):
+            pruned, quantize_report = quantize_stage(pruned, baseline)
+        quantize_report["pruned_only"] = pruned_only
+    with timed(timings, "validate", add=True):
         report, ort_model = evaluate_result(baseline, pruned, config.gates, config.latency, config.mobile)
     report.update({
         **report_header(),
@@ -136,6 +149,11 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
         speed.save()
     if lowrank_report is not None:
         report["lowrank"] = lowrank_report
+    if quantize_report is not None:
+        report["quantize"] = quantize_report
+    if sparsity_report is not None:
+        report["sparsity"] = sparsity_report
+        pruned = store_stage(pruned, report)  # after validation, which the ONNX checker must pass dense
     if step_reports:
         report["steps"] = step_reports
     report["gates"] = evaluate_gates(report, config.gates)

@@ -92,6 +92,8 @@ def format_summary(report: dict, model, output) -> str:
         f"  groups    {len(prunable)} prunable of {len(groups)} (coverage {report['coverage']:.1%}), {changed} pruned",
         *format_scoring(report),
         *format_lowrank(report),
+        *format_sparsity(report),
+        *format_quantize(report),
         _row("params", before["params"], after["params"]),
         _row("MACs", before["macs"], after["macs"]),
         _row("size", before["size_bytes"], after["size_bytes"], " B"),
@@ -157,6 +159,45 @@ def format_scoring(report: dict) -> list[str]:
         if "eps" in budget:
             line += f" (eps {budget['eps']:.3g})"
     return [line]
+
+
+def format_quantize(report: dict) -> list[str]:
+    """Terminal lines of the int8 hand-off: the pruned-only figures beside the quantized output's."""
+    quantize = report.get("quantize")
+    if not quantize:
+        return []
+    alone, fid = quantize["pruned_only"], report["fidelity"]
+    accuracy = report.get("accuracy") or {}
+
+    def figures(size, cosine, acc, latency):
+        return (f"size {size:,} B, cosine {cosine:.4f}" + (f", accuracy {acc:.2%}" if acc is not None else "")
+                + (f", latency {latency:.3f} ms" if latency is not None else ""))
+
+    latency = report.get("latency", {}).get("after", {}).get("median_ms")
+    return [f"  int8      {quantize['format']} by onnxruntime (weights {quantize['weights']}, activations "
+            f"{quantize['activations']}, {quantize['samples']} calibration samples); the rows below are the quantized output's",
+            f"            pruned only: {figures(alone['size_bytes'], alone['fidelity']['cosine'], alone.get('accuracy'), alone.get('latency_ms'))}",
+            f"            quantized:   {figures(report['after']['size_bytes'], fid['cosine'], accuracy.get('after'), latency)}"]
+
+
+def format_sparsity(report: dict) -> list[str]:
+    """Terminal lines of the sparsity stage: weights zeroed, in how many layers, worst layer error."""
+    sparsity = report.get("sparsity")
+    if not sparsity:
+        return []
+    line = (f"  sparsity  {sparsity['zeros']:,} of {sparsity['weights']:,} weights zeroed ({sparsity['achieved']:.1%}, "
+            f"{sparsity['pattern']}, {sparsity['method']}) in {sparsity['sparsified']} layers, worst layer error "
+            f"{sparsity['worst_error']:.3f}")
+    lines = [line]
+    storage = sparsity.get("storage", {})
+    if "stored_bytes" in storage:
+        lines.append(f"            stored {storage['stored_bytes']:,} B ({storage['sparse_initializers']} tensors sparse; "
+                     f"dense {storage['dense_bytes']:,} B), gzip {storage['gzip_bytes']:,} B "
+                     f"(dense gzip {storage['dense_gzip_bytes']:,} B)")
+    if sparsity["skipped"]:
+        skipped = [layer for layer in sparsity["layers"] if layer["status"] == "skipped"]
+        lines.append(f"            {len(skipped)} layers left dense, e.g. {skipped[0]['node']}: {skipped[0]['reason']}")
+    return lines
 
 
 def format_lowrank(report: dict) -> list[str]:

@@ -18,7 +18,11 @@ from .errors import NothingToPrune
 from .graph import Analysis, analyze
 from .loading import Loaded, copied_messages
 from .lowrank import LowRankSettings, factorize_model
+from .quantize import quantize_int8
 from .recover import recover
+from .io import EXTERNAL_DATA_THRESHOLD, model_size_bytes
+from .sparsity import SparsitySettings, sparsify_model
+from .sparsity.storage import store_sparse
 from .recover.training import finetune
 from .rewrite import apply_channel_plan, apply_unit_scales, keep_masks
 from .scoring import ScoringContext
@@ -147,7 +151,7 @@ def scoring_summary(choice: ChannelChoice, config: PruneConfig) -> dict:
     return summary
 
 
-# ---------------------------------------------------------------- rewrite, factorize, recover
+# ---------------------------------------------------------------- rewrite, factorize, recover, sparsify
 
 
 def rewrite_channels(analysis: Analysis, choice: ChannelChoice, ir_version: int) -> tuple[onnx.ModelProto, dict]:
@@ -205,6 +209,41 @@ def nothing_factorized_message(report: dict) -> str:
         return "nothing to factorize: the model has no Conv, Gemm or MatMul layer"
     return (f"nothing to factorize: none of {len(report['layers'])} layers qualifies ({top}); "
             "try a lower --rank or a higher --lowrank-error")
+
+
+def sparsify_stage(model: onnx.ModelProto, baseline: Baseline, settings: SparsitySettings):
+    """Zero weights of the pruned (and recovered) model; (model, report section)."""
+    result = sparsify_model(model, baseline.loaded.input_shapes, baseline.fit_data, settings, baseline.largest_batch)
+    return result.model, result.report
+
+
+def store_stage(model: onnx.ModelProto, report: dict) -> onnx.ModelProto:
+    """The validated sparse model with its zeros stored sparse where that is smaller; the report's
+    `sparsity.storage` and `after.size_bytes` say what the file takes. A model written with external data
+    stays dense."""
+    if model_size_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
+        report["sparsity"]["storage"] = {"note": "stored dense: too large for one protobuf file"}
+        return model
+    stored, report["sparsity"]["storage"] = store_sparse(model)
+    report["after"]["size_bytes"] = report["sparsity"]["storage"]["stored_bytes"]
+    return stored
+
+
+def quantize_stage(model: onnx.ModelProto, baseline: Baseline) -> tuple[onnx.ModelProto, dict]:
+    """The pruned model quantized to int8 by onnxruntime, with activation ranges from the samples the fits
+    used; (model, the report's `quantize` settings)."""
+    return quantize_int8(model, baseline.fit_data, baseline.run_batch)
+
+
+def pruned_only_summary(report: dict) -> dict:
+    """What the pruned model scored before quantization, for the report's `quantize.pruned_only`."""
+    summary = {"size_bytes": report["after"]["size_bytes"],
+               "fidelity": {k: report["fidelity"][k] for k in ("cosine", "rel_l2", "max_abs_diff", "top1_agreement")}}
+    if report.get("accuracy"):
+        summary["accuracy"] = report["accuracy"]["after"]
+    if "latency" in report:
+        summary["latency_ms"] = report["latency"]["after"]["median_ms"]
+    return summary
 
 
 def recover_stage(pruned: onnx.ModelProto, baseline: Baseline, masks: dict, config: PruneConfig):

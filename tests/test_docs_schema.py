@@ -17,7 +17,7 @@ MODEL = ROOT / "models" / "mnist_resnet.onnx"
 EVAL = ROOT / "models" / "mnist_calib.npz"
 SWEEP_HEADING = "## The sweep report"
 # sections documented key by key; other sections (owned by other stages) are documented as a whole
-DETAILED = ("fidelity", "gates", "accuracy", "latency", "mobile")
+DETAILED = ("fidelity", "gates", "accuracy", "latency", "mobile", "sparsity", "quantize")
 # objects keyed by names that depend on the model (outputs) or on onnxruntime (providers)
 NAMED_CHILDREN = {"mobile.execution_providers": "<provider>", "latency.model.multiples": "<multiple>"}
 OPAQUE = {"fidelity.per_output", "fidelity.in_sample.per_output"}
@@ -107,11 +107,20 @@ def test_every_key_of_a_report_on_held_out_samples_is_documented(tmp_path):
     report_path = tmp_path / "report.json"
     result = CliRunner().invoke(main, [str(MODEL), str(tmp_path / "out.onnx"), "--filters", "0.25", "--calib", str(EVAL),
                                        "--scorer", "l1", "--recover", "bias", "--min-cosine", "0",
-                                       "--report", str(report_path)])
+                                       "--sparsity", "0.3", "--report", str(report_path)])
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
     assert report["data"]["held_out"] and "in_sample" in report["fidelity"]
     check(report, doc_parts()[0], DETAILED)
+
+
+def test_every_key_of_a_quantized_report_is_documented(tmp_path):
+    report_path = tmp_path / "report.json"
+    result = CliRunner().invoke(main, [str(MODEL), str(tmp_path / "out.onnx"), "--filters", "0.25", "--calib", str(EVAL),
+                                       "--calib-samples", "64", "--scorer", "l1", "--quantize", "int8", "--latency", "--min-cosine", "0",
+                                       "--latency-runs", "3", "--report", str(report_path)])
+    assert result.exit_code == 0, result.output
+    check(json.loads(report_path.read_text()), doc_parts()[0], DETAILED)
 
 
 def test_every_sweep_report_key_is_documented(tmp_path):

@@ -73,8 +73,9 @@ def layer_name(node: gs.Node) -> str:
     return node.name or node.outputs[0].name
 
 
-def find_layers(graph: gs.Graph, shapes: dict[str, tuple], exclude=()) -> list[Layer]:
-    """Every Conv, Gemm and MatMul of `graph`, in graph order, as a candidate or with its skip reason."""
+def find_layers(graph: gs.Graph, shapes: dict[str, tuple], exclude=(), factorizing: bool = True) -> list[Layer]:
+    """Every Conv, Gemm and MatMul of `graph`, in graph order, as a candidate or with its skip reason
+    (`factorizing`: also a layer no rank makes cheaper; the sparsity stage takes those too)."""
     layers = []
     nodes = [node for node in graph.nodes if node.op in ("Conv", "Gemm", "MatMul")]
     uses = Counter(layer_name(node) for node in nodes)
@@ -85,7 +86,7 @@ def find_layers(graph: gs.Graph, shapes: dict[str, tuple], exclude=()) -> list[L
         pattern = next((p for p in exclude if fnmatch.fnmatchcase(layer.name, p)), None)
         if pattern is not None and not layer.reason:
             layer.reason = f"excluded by --exclude {pattern}"
-        if not layer.reason and layer.break_even_rank(1) < 1:
+        if factorizing and not layer.reason and layer.break_even_rank(1) < 1:
             layer.reason = f"{layer.in_features}x{layer.out_features} map: no rank lowers its MACs and params"
         layers.append(layer)
     return layers

@@ -1,0 +1,332 @@
+"""Weight sparsity: the patterns' masks exactly, the OBS cost and update against brute force, the stage on
+Conv, Gemm and MatMul layers, the default model and the CLI."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from onnxprune import PruneConfig, prune
+from onnxprune.cli import main
+from onnxprune.errors import UsageError
+from onnxprune.ops.base import weighted
+from onnxprune.sparsity import check_sparsity, parse_pattern
+from onnxprune.sparsity.patterns import Pattern, keep_mask
+from onnxprune.quantize import quantize_int8
+from onnxprune.runtime import session
+from onnxprune.sparsity.solve import allocate, damped, optimal_update, weight_costs
+from onnxprune.sparsity.storage import sparse_form, store_sparse
+from test_lowrank import calibration_for, conv_model, gemm_model, matmul_model, mixed_model
+
+MNIST = "models/mnist_resnet.onnx"
+MNIST_CALIB = "models/mnist_calib.npz"
+MNIST_EVAL = "models/mnist_eval.npz"
+
+
+# ------------------------------------------------------------------ patterns
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (3, 8), (1, 2)])
+def test_n_of_m_keeps_exactly_n_in_every_run_and_the_costliest(n, m):
+    costs = np.random.default_rng(n * m).random((6, 4 * m))
+    keep = keep_mask(costs, Pattern("nm", n, m), 0.0)
+    runs, kept = costs.reshape(6, 4, m), keep.reshape(6, 4, m)
+    assert (kept.sum(axis=2) == n).all()
+    lowest_kept = np.where(kept, runs, np.inf).min(axis=2)
+    highest_dropped = np.where(kept, -np.inf, runs).max(axis=2)
+    assert (lowest_kept > highest_dropped).all()
+
+
+@pytest.mark.parametrize("rows, cols", [(4, 1), (2, 3), (1, 8)])
+def test_blocks_go_whole_and_the_cheapest_by_summed_cost(rows, cols):
+    costs = np.random.default_rng(rows + cols).random((4 * rows, 5 * cols))
+    keep = keep_mask(costs, Pattern("block", rows, cols), 0.35)
+    blocks = keep.reshape(4, rows, 5, cols)
+    assert (blocks.all(axis=(1, 3)) | ~blocks.any(axis=(1, 3))).all()  # every block kept or dropped whole
+    kept_blocks = blocks.all(axis=(1, 3))
+    assert (~kept_blocks).sum() == round(0.35 * 20)
+    sums = costs.reshape(4, rows, 5, cols).sum(axis=(1, 3))
+    assert sums[kept_blocks].min() >= sums[~kept_blocks].max()
+
+
+def test_unstructured_drops_the_share_asked_and_the_cheapest():
+    costs = np.random.default_rng(0).random((7, 11))
+    keep = keep_mask(costs, Pattern("unstructured"), 0.6)
+    assert (~keep).sum() == round(0.6 * 77)
+    assert costs[keep].min() >= costs[~keep].max()
+
+
+def test_allocation_meets_the_budget_under_one_threshold():
+    rng = np.random.default_rng(3)
+    costs = [rng.random(100) * 3, rng.random(400), rng.random(50) * 0.1]
+    fractions = allocate(costs, [1, 1, 1], 0.5, 0.99)
+    removed = sum(f * c.size for f, c in zip(fractions, costs))
+    assert removed == pytest.approx(0.5 * 550, abs=1)
+    assert fractions[2] > fractions[1] > fractions[0]  # the cheap layer gives most
+
+
+@pytest.mark.parametrize("text, expected", [("unstructured", Pattern("unstructured")), ("2:4", Pattern("nm", 2, 4)),
+                                            ("block:4x1", Pattern("block", 4, 1)), (" Block:2X2 ", Pattern("block", 2, 2))])
+def test_patterns_parse(text, expected):
+    assert parse_pattern(text) == expected
+
+
+@pytest.mark.parametrize("sparsity, pattern, message", [
+    (0.5, "4:2", "--sparsity-pattern '4:2'"), (0.5, "block:1x1", "--sparsity-pattern"), (0.5, "dense", "N:M"),
+    (1.0, None, "outside (0, 1)"), (0.0, None, "outside (0, 1)"), (0.6, "2:4", "disagrees"),
+    (None, "block:4x1", "needs --sparsity"),
+])
+def test_bad_sparsity_settings_are_usage_errors(sparsity, pattern, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_sparsity(sparsity, pattern, None)
+
+
+def test_n_of_m_alone_sets_the_sparsity():
+    assert check_sparsity(None, "2:4", None) == (0.5, Pattern("nm", 2, 4))
+
+
+# ------------------------------------------------------------------ the OBS cost and update
+
+
+def _layer(seed=0, outputs=5, features=7, samples=300):
+    rng = np.random.default_rng(seed)
+    mixing = rng.standard_normal((features, features)) * np.linspace(0.2, 2.0, features)  # correlated, scaled
+    x = rng.standard_normal((samples, features)) @ mixing
+    return rng.standard_normal((outputs, features)), x.T @ x / samples
+
+
+def _brute_force(weight, keep, h):
+    """Each row's kept weights fitted by least squares to the row's output under H (H = L L^T)."""
+    root = np.linalg.cholesky(h).T  # ||root v||^2 = v^T H v
+    out = np.zeros_like(weight)
+    for r in range(len(weight)):
+        kept = np.flatnonzero(keep[r])
+        out[r, kept] = np.linalg.lstsq(root[:, kept], root @ weight[r], rcond=None)[0]
+    return out
+
+
+def test_optimal_update_matches_least_squares_per_row():
+    weight, gram = _layer()
+    keep = np.random.default_rng(1).random(weight.shape) > 0.5
+    updated = optimal_update(weight, keep, gram)
+    assert (updated[~keep] == 0).all()
+    np.testing.assert_allclose(updated, _brute_force(weight, keep, damped(gram)), rtol=1e-8, atol=1e-10)
+
+
+def test_obs_cost_is_the_error_of_removing_one_weight_with_the_update():
+    weight, gram = _layer(seed=2)
+    h = damped(gram)
+    costs = weight_costs(weight, gram) * np.sum((weight @ gram) * weight)  # undo the normalisation
+    for r, c in [(0, 0), (2, 3), (4, 6)]:
+        keep = np.ones(weight.shape, dtype=bool)
+        keep[r, c] = False
+        change = _brute_force(weight, keep, h)[r] - weight[r]
+        assert costs[r, c] == pytest.approx(change @ h @ change, rel=1e-8)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_update_lowers_every_row_error_of_zeroing_alone(seed):
+    weight, gram = _layer(seed=seed, outputs=40)
+    keep = np.random.default_rng(seed + 10).random(weight.shape) > 0.3
+    h = damped(gram)
+    row_errors = lambda new: np.einsum("of,fg,og->o", new - weight, h, new - weight)  # noqa: E731
+    assert (row_errors(optimal_update(weight, keep, gram)) <= row_errors(np.where(keep, weight, 0.0)) + 1e-12).all()
+
+
+# ------------------------------------------------------------------ the stage
+
+
+def _weights(model):
+    """Every initializer as an array, sparse ones made dense."""
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for sparse in model.graph.sparse_initializer:
+        values, indices = numpy_helper.to_array(sparse.values), numpy_helper.to_array(sparse.indices)
+        dense = np.zeros(tuple(sparse.dims), dtype=values.dtype)
+        dense[np.unravel_index(indices, dense.shape) if indices.ndim == 1 else tuple(indices.T)] = values
+        weights[sparse.values.name] = dense
+    return weights
+
+
+def test_magnitude_zeroes_weights_in_place_through_gemm_alpha_and_transB():
+    model = gemm_model(trans_b=1, alpha=0.7)
+    result = prune(model, PruneConfig(sparsity=0.5, sparsity_method="magnitude"))
+    before = _weights(model)["B"]
+    after = _weights(result.model)[result.model.graph.node[0].input[1]]
+    assert after.shape == before.shape
+    zero = after == 0
+    assert zero.sum() == result.report["sparsity"]["zeros"] == before.size // 2
+    np.testing.assert_array_equal(after[~zero], before[~zero])
+    assert np.abs(before[zero]).max() <= np.abs(before[~zero]).min()
+
+
+@pytest.mark.parametrize("build, scales", [(lambda: conv_model(pads=[1, 1, 1, 1]), np.linspace(0.1, 3, 8)[:, None, None]),
+                                           (lambda: matmul_model(), np.linspace(0.1, 3, 16))])
+def test_obs_beats_magnitude_on_inputs_of_unequal_scale(build, scales):
+    """Magnitude sees the weights only; OBS weighs them by what their inputs carry (held-out samples)."""
+    model = build()
+    calibration = calibration_for(model, count=64, scales=scales)
+    errors = {}
+    for method in ("magnitude", "obs"):
+        result = prune(model, PruneConfig(sparsity=0.6, sparsity_method=method, calibration=calibration,
+                                          recover="none"))
+        assert result.report["sparsity"]["achieved"] == pytest.approx(0.6, abs=0.01)
+        errors[method] = result.report["fidelity"]["rel_l2"]
+    assert errors["obs"] < 0.7 * errors["magnitude"]
+
+
+def test_sparsity_alone_removes_no_channel_and_obs_keeps_the_accuracy():
+    reports = {}
+    for method in ("magnitude", "obs"):
+        reports[method] = prune(MNIST, PruneConfig(sparsity=0.5, sparsity_method=method, calibration=MNIST_CALIB,
+                                                   evaluation=MNIST_EVAL)).report
+    for report in reports.values():
+        assert report["after"]["macs"] == report["before"]["macs"]
+        assert all(g["channels_after"] == g["channels"] for g in report["groups"] if g["prunable"])
+        assert report["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-3)
+    assert reports["obs"]["accuracy"]["drop"] <= 0.005
+    assert reports["obs"]["fidelity"]["rel_l2"] < 0.5 * reports["magnitude"]["fidelity"]["rel_l2"]
+
+
+def test_grouped_convs_stay_dense_with_their_reason():
+    model = mixed_model()
+    report = prune(model, PruneConfig(sparsity=0.5, sparsity_method="magnitude")).report["sparsity"]
+    rows = {row["node"]: row for row in report["layers"]}
+    assert rows["dw"]["status"] == "skipped" and "group=16" in rows["dw"]["reason"]
+    assert rows["conv1"]["status"] == rows["pw"]["status"] == "sparsified"
+    assert rows["attention"]["status"] == "skipped"  # no constant weight
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def test_cli_n_of_m_after_channel_pruning(tmp_path):
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    run = CliRunner().invoke(main, [MNIST, str(out), "--filters", "0.25", "--sparsity-pattern", "2:4",
+                                    "--calib", MNIST_CALIB, "--calib-samples", "64", "--report", str(report)])
+    assert run.exit_code == 0, run.output
+    assert "sparsity  " in run.output and "(50.0%, 2:4, obs)" in run.output
+    data = json.loads(report.read_text())
+    storage = data["sparsity"]["storage"]
+    assert out.stat().st_size == storage["stored_bytes"] == data["after"]["size_bytes"] < storage["dense_bytes"]
+    assert f"stored {out.stat().st_size:,} B" in run.output
+    assert any(g["channels_after"] < g["channels"] for g in data["groups"] if g["prunable"])
+    model = onnx.load(str(out))
+    weights = _weights(model)
+    for layer in data["sparsity"]["layers"]:
+        if layer["status"] != "sparsified":
+            continue
+        node = next(n for n in model.graph.node if n.name == layer["node"])
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        w = weights[node.input[1]]
+        handler, layout = weighted(node.op_type, attrs, w.shape)
+        runs = handler.to_matrix(layout, w)[0].T.reshape(-1, 4)  # [outputs, features] in runs of 4
+        assert ((runs != 0).sum(axis=1) <= 2).all(), layer["node"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sparsity", "1.5"], "--sparsity 1.5 is outside"),
+    (["--sparsity", "0.5", "--sparsity-pattern", "3:2"], "--sparsity-pattern '3:2'"),
+    (["--sparsity", "0.5", "--steps", "2"], "one step"),
+])
+def test_cli_bad_sparsity_options_exit_2(tmp_path, args, message):
+    run = CliRunner().invoke(main, [MNIST, str(tmp_path / "out.onnx"), *args])
+    assert run.exit_code == 2, run.output
+    assert message in run.output and len(run.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out.onnx").exists()
+
+
+# ------------------------------------------------------------------ sparse storage
+
+
+def _sparse_weights(model, rng, keep=0.3):
+    """`model` with 1 - `keep` of every floating initializer zeroed at random."""
+    for tensor in model.graph.initializer:
+        values = numpy_helper.to_array(tensor)
+        tensor.CopyFrom(numpy_helper.from_array(np.where(rng.random(values.shape) < keep, values, 0), tensor.name))
+    return model
+
+
+@pytest.mark.parametrize("shape, expected", [((10, 12), ("int8", 1)), ((100, 120, 3), ("int8", 3)),
+                                             ((20, 40, 3, 3), ("int16", 1)), ((300, 400), ("int32", 1))])
+def test_the_smallest_index_form_is_used(shape, expected):
+    values = np.where(np.random.default_rng(0).random(shape) < 0.2, 1.0, 0.0).astype(np.float32)
+    sparse = sparse_form(values, "w")
+    indices = numpy_helper.to_array(sparse.indices)
+    assert (indices.dtype.name, indices.shape[1] if indices.ndim == 2 else 1) == expected
+    assert len(indices) == np.count_nonzero(values)
+
+
+def test_a_tensor_with_few_zeros_stays_dense():
+    values = np.where(np.random.default_rng(0).random((40, 50)) < 0.7, 1.0, 0.0).astype(np.float32)
+    assert sparse_form(values, "w") is None  # 30% zeros: int16 indices make it larger
+
+
+@pytest.mark.parametrize("build", [lambda: conv_model(c_in=120, c_out=100, kernel=(3,), spatial=(8,)),
+                                   lambda: gemm_model(), lambda: matmul_model(k=64, n=96)])
+def test_sparse_storage_round_trips_through_onnxruntime_exactly(build):
+    model = _sparse_weights(build(), np.random.default_rng(1))
+    stored, storage = store_sparse(model)
+    assert storage["sparse_initializers"] >= 1 and storage["stored_bytes"] < storage["dense_bytes"]
+    assert len(stored.graph.sparse_initializer) == storage["sparse_initializers"]
+    feed = {name: x for name, x in calibration_for(model, count=4).arrays.items()}
+    dense_out = session(model).run(None, feed)
+    sparse_out = session(stored).run(None, feed)
+    for a, b in zip(dense_out, sparse_out):
+        np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------ the int8 hand-off
+
+
+def test_cli_quantize_writes_the_validated_int8_model_beside_the_pruned_figures(tmp_path):
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    run = CliRunner().invoke(main, [MNIST, str(out), "--filters", "0.5", "--quantize", "int8", "--calib", MNIST_CALIB,
+                                    "--eval", MNIST_EVAL, "--report", str(report)])
+    assert run.exit_code == 0, run.output
+    data = json.loads(report.read_text())
+    model = onnx.load(str(out))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in model.graph.node}
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer)
+    alone = data["quantize"]["pruned_only"]
+    assert out.stat().st_size == data["after"]["size_bytes"] < 0.6 * alone["size_bytes"]
+    assert data["accuracy"]["after"] >= alone["accuracy"] - 0.01  # int8 costs at most a point here
+    assert data["fidelity"]["cosine"] != alone["fidelity"]["cosine"]  # measured on the quantized model
+    feed = {"input": np.load(MNIST_EVAL)["input"][:100]}
+    labels = np.load(MNIST_EVAL)["labels"][:100]
+    accuracy = float((session(out).run(None, feed)[0].argmax(1) == labels).mean())
+    assert accuracy >= 0.9
+    assert "pruned only: size" in run.output and "quantized:   size" in run.output
+
+
+def test_a_sparse_int8_model_round_trips_exactly():
+    model = _sparse_weights(matmul_model(k=64, n=96), np.random.default_rng(2), keep=0.1)
+    calibration = calibration_for(model, count=16)
+    quantized, _ = quantize_int8(model, calibration, 8)
+    stored, storage = store_sparse(quantized)
+    assert "int8" in {numpy_helper.to_array(t.values).dtype.name for t in stored.graph.sparse_initializer}
+    assert storage["stored_bytes"] < storage["dense_bytes"]
+    feed = calibration.arrays
+    for a, b in zip(session(quantized).run(None, feed), session(stored).run(None, feed)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_cli_quantized_output_is_gated(tmp_path):
+    out = tmp_path / "out.onnx"
+    run = CliRunner().invoke(main, [MNIST, str(out), "--filters", "0.25", "--quantize", "int8", "--calib", MNIST_CALIB,
+                                    "--calib-samples", "64", "--scorer", "l1", "--min-cosine", "0.99999"])
+    assert run.exit_code == 1, run.output
+    assert "validation failed" in run.output and not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quantize", "int8"], "--quantize needs --calib"),
+    (["--quantize", "int4"], "'int4' is not"),
+])
+def test_cli_bad_quantize_options_exit_2(tmp_path, args, message):
+    run = CliRunner().invoke(main, [MNIST, str(tmp_path / "out.onnx"), *args])
+    assert run.exit_code == 2, run.output
+    assert message in run.output
+    assert not (tmp_path / "out.onnx").exists()
