@@ -146,7 +146,6 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
     })
     if speed is not None:
         report["latency"].update(speed.section(kept_counts, report["latency"]))
-        speed.save()
     if lowrank_report is not None:
         report["lowrank"] = lowrank_report
     if quantize_report is not None:
@@ -157,4 +156,6 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
     if step_reports:
         report["steps"] = step_reports
     report["gates"] = evaluate_gates(report, config.gates)
+    if speed is not None and report["gates"]["passed"]:  # a failed gate writes nothing, the cache neither
+        speed.save()
     return PruneResult(pruned, plan, report, ort_model)

@@ -146,6 +146,13 @@ def test_the_cli_caches_the_fits_beside_the_output_and_a_plan_in_run_reuses_them
     assert result.exit_code == 0 and fake_timer["layers"] == 2 * layers  # other threads: measured anew
 
 
+def test_a_failed_gate_writes_no_latency_cache_either(fake_timer, tmp_path):
+    result = CliRunner().invoke(main, [str(MNIST), str(tmp_path / "out.onnx"), "--target-speedup", "1.3",
+                                       "--scorer", "l1", "--min-cosine", "0.999999"])
+    assert result.exit_code == 1, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(target_latency=5.0, target_speedup=2.0), "give one"),
     (dict(target_speedup=1.0), "above 1"),
