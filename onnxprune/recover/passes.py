@@ -132,11 +132,12 @@ def output_errors(original: onnx.ModelProto, candidates: list[onnx.ModelProto], 
     errors = []
     for candidate in candidates:
         outputs = run_model(capture_session(candidate), samples, batch_size)
-        errors.append(max((_output_error(reference[n], outputs[n]) for n in reference), default=0.0))
+        errors.append(max((output_error(reference[n], outputs[n]) for n in reference), default=0.0))
     return errors
 
 
-def _output_error(reference: np.ndarray, result: np.ndarray) -> float:
+def output_error(reference: np.ndarray, result: np.ndarray) -> float:
+    """Relative L2 error of a floating-point output; the fraction of differing values of another."""
     if not np.issubdtype(reference.dtype, np.floating):
         return float(np.mean(reference != result)) if reference.size else 0.0
     reference, result = reference.astype(np.float64), result.astype(np.float64)

@@ -30,7 +30,7 @@ from ..calib.capture import capture_session
 from ..calib.data import CalibrationSet
 from ..io import EXTERNAL_DATA_THRESHOLD, model_size_bytes, write_model
 from ..recover.layers import Initializers, LinearView, layer_view, node_consumers
-from ..recover.passes import held_out_samples
+from ..recover.passes import held_out_samples, output_error
 from ..validate.compare import run_model
 from .consumers import flip_kernel
 
@@ -171,13 +171,7 @@ def _samples(calibration: CalibrationSet, fixed_batch: int | None, measurements:
 
 
 def _output_error(reference: dict, outputs: dict) -> float:
-    """Mean over the floating-point outputs of the squared relative error."""
-    errors = []
-    for name, expected in reference.items():
-        if not np.issubdtype(expected.dtype, np.floating):
-            continue
-        expected = expected.astype(np.float64)
-        energy = float(np.sum(expected ** 2))
-        if energy > 0:
-            errors.append(float(np.sum((outputs[name].astype(np.float64) - expected) ** 2)) / energy)
+    """Mean over the floating-point outputs (not all zero) of the squared relative error."""
+    errors = [output_error(expected, outputs[name]) ** 2 for name, expected in reference.items()
+              if np.issubdtype(expected.dtype, np.floating) and np.any(expected)]
     return float(np.mean(errors)) if errors else 0.0
