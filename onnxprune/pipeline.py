@@ -63,7 +63,7 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
     lowrank = lowrank_settings(config)
     sparsity = sparsity_settings(config, baseline.calibration)
     weights_only = lowrank is not None or sparsity is not None  # channels may stay whole
-    step_reports, current, total_masks, plan, macs_kept, whole, final = [], baseline, {}, None, [1.0], None, None
+    step_reports, current, total_masks, plan, whole, final = [], baseline, {}, None, None, None
     speed = None
     for step in range(config.steps):
         with timed(timings, "analyze", add=True):
@@ -109,8 +109,7 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
             pruned, recovery_report = recover_stage(pruned, baseline, total_masks, config)
         if config.steps > 1:
             current = baseline.pruned_to(pruned)
-            macs_kept.append(current.loaded.cost["macs"] / loaded.cost["macs"])
-            step_reports.append(step_summary(macs_kept[-1], choice, recovery_report))
+            step_reports.append(step_summary(current.loaded.cost["macs"] / loaded.cost["macs"], choice, recovery_report))
     sparsity_report = None
     if sparsity is not None:  # weights are zeroed last: recovery's dense re-fit would fill them in again
         with timed(timings, "sparsity"):
