@@ -43,7 +43,7 @@ class Plan:
             if group.index in keep:
                 kept = np.sort(keep[group.index])
                 scale = (scales or {}).get(group.index)
-                groups.append(GroupPlan([s.node.name for s in group.sources], group.channels,
+                groups.append(GroupPlan(list(source_names(group)), group.channels,
                                         [int(k) for k in kept],
                                         None if scale is None else [float(scale[k]) for k in kept]))
         return cls(groups)
@@ -51,7 +51,7 @@ class Plan:
     def to_scales(self, analysis) -> dict[int, np.ndarray]:
         """Per-unit weight factors of the groups that have them (1 for units without), for the rewrite."""
         keep = self.to_keep(analysis)
-        by_sources = {tuple(s.node.name for s in g.sources): g for g in analysis.groups}
+        by_sources = {source_names(g): g for g in analysis.groups}
         scales = {}
         for gp in self.groups:
             if gp.scale is None:
@@ -67,7 +67,7 @@ class Plan:
 
     def to_keep(self, analysis) -> dict[int, np.ndarray]:
         """Resolve against a fresh analysis of the same model; refuse a plan made for another model."""
-        by_sources = {tuple(s.node.name for s in g.sources): g for g in analysis.groups}
+        by_sources = {source_names(g): g for g in analysis.groups}
         keep = {}
         for gp in self.groups:
             group = by_sources.get(tuple(gp.sources))
@@ -104,3 +104,9 @@ class Plan:
             raise UsageError(f"plan version {data.get('version')} is not supported (expected {PLAN_VERSION})")
         return cls([GroupPlan(**g) for g in data["groups"]], data["version"],
                    [LowRankPlan(**entry) for entry in data.get("lowrank", [])])
+
+
+def source_names(group) -> tuple[str, ...]:
+    """The names of the layers whose output channels form an analysis group: what identifies it in a plan
+    (and across the steps of --steps)."""
+    return tuple(s.node.name for s in group.sources)

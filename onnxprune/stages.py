@@ -18,6 +18,7 @@ from .errors import NothingToPrune
 from .graph import Analysis, analyze
 from .loading import Loaded, copied_messages
 from .lowrank import LowRankSettings, factorize_model
+from .plan import source_names
 from .quantize import quantize_int8
 from .recover import recover
 from .io import EXTERNAL_DATA_THRESHOLD, model_size_bytes
@@ -57,7 +58,7 @@ def fold_constants(graph: gs.Graph) -> None:
 def group_summary(group, kept: int | None = None) -> dict:
     summary = {
         "name": group.name,
-        "sources": [s.node.name for s in group.sources],
+        "sources": list(source_names(group)),
         "members": group.members,
         "channels": group.channels,
         "prunable": group.prunable,
@@ -119,7 +120,7 @@ def choose(baseline: Baseline, analysis: Analysis, config: PruneConfig, factoriz
 
 def final_counts(analysis: Analysis, choice: ChannelChoice) -> dict[tuple, tuple[int, int]]:
     """Per group (by its source layers): (channels, channels kept) of a choice made for the whole target."""
-    return {_sources(g): (g.channels, len(choice.keep[g.index])) for g in analysis.prunable_groups()
+    return {source_names(g): (g.channels, len(choice.keep[g.index])) for g in analysis.prunable_groups()
             if g.index in choice.keep}
 
 
@@ -129,14 +130,10 @@ def step_counts(analysis: Analysis, final: dict[tuple, tuple[int, int]], step: i
     round; the last step keeps exactly F, so N steps end at the MACs one step reaches."""
     counts = {}
     for group in analysis.prunable_groups():
-        channels, kept = final.get(_sources(group), (group.channels, group.channels))
+        channels, kept = final.get(source_names(group), (group.channels, group.channels))
         share = round(channels * (kept / channels) ** (step / steps)) if step < steps else kept
         counts[group.index] = int(np.clip(round_keep(share, channels, round_to, group.width), kept, group.channels))
     return counts
-
-
-def _sources(group) -> tuple:
-    return tuple(s.node.name for s in group.sources)
 
 
 def scoring_summary(choice: ChannelChoice, config: PruneConfig) -> dict:
