@@ -13,6 +13,7 @@ slower than the limit, the target is out of reach (`TargetOutOfReach`, exit 1).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -124,8 +125,7 @@ class LatencyBudget:
                "predicted_speedup": self.original_ms / predicted,
                "macs_kept": self.predictor.cost.macs(counts) / self.predictor.cost.full,
                "model": {"layers": len(fits), "cached": self.cached,
-                         "multiples": dict(zip(*np.unique([f.multiple for f in fits], return_counts=True)))}}
-        out["model"]["multiples"] = {str(k): int(v) for k, v in out["model"]["multiples"].items()}
+                         "multiples": {str(m): n for m, n in sorted(Counter(f.multiple for f in fits).items())}}}
         if measured is not None:
             after = measured["after"]["median_ms"]
             out["prediction_error"] = predicted / after - 1.0
