@@ -24,7 +24,7 @@ from .budget import CostModel, LatencyPredictor, Target
 from .config import PruneConfig, latency_wanted
 from .errors import ValidationFailed
 from .stages import analyze_model, choose, rewrite_channels
-from .validate.latency import LatencyConfig, compare_latency, time_runs
+from .validate.latency import LatencyConfig, compare_latency, summarize, time_runs
 from .validate.latency_model import LatencyCache, cache_key, layer_fits, timed_layers
 
 ROUNDS = 3
@@ -143,7 +143,7 @@ def latency_budget(baseline: Baseline, analysis, config: PruneConfig) -> Latency
         return None
     timing = config.latency or LatencyConfig()
     seconds = time_runs({"original": baseline.session(timing.threads)}, baseline.single_batch(), timing)["original"]
-    original_ms = float(np.median(seconds)) * 1e3
+    original_ms = summarize(seconds)["median_ms"]
     layers, cache = timed_layers(analysis), LatencyCache(config.latency_cache)
     fits, cached = layer_fits(layers, timing.threads, cache, write=False)
     predictor = LatencyPredictor.build(CostModel.build(analysis), fits, original_ms)
