@@ -15,7 +15,7 @@ units is taken to keep k/C of the positions its units occupy in each tensor (exa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -123,6 +123,12 @@ class LatencyPredictor:
     fits: list  # validate.latency_model.LayerFit, one per timed layer
     entries: np.ndarray  # the CostModel entry of each fit
     original_ms: float
+    full_ms: list = field(init=False)  # each fit's time at full size
+    smooth_fits: list = field(init=False)  # each fit without its steps (multiple 1)
+
+    def __post_init__(self):  # once, not at every measure of the allocation's search
+        self.full_ms = [fit.predict(fit.c_in, fit.c_out) for fit in self.fits]
+        self.smooth_fits = [replace(fit, multiple=1) for fit in self.fits]
 
     @classmethod
     def build(cls, cost: CostModel, fits: list, original_ms: float) -> "LatencyPredictor":
@@ -134,9 +140,9 @@ class LatencyPredictor:
         fraction = self.cost.fractions(counts)
         f_in, f_out = fraction[self.cost.inputs[self.entries]], fraction[self.cost.outputs[self.entries]]
         total = self.original_ms
-        for fit, a, b in zip(self.fits, f_in, f_out):
-            smooth = fit if stepped else replace(fit, multiple=1)
-            total += float(smooth.predict(a * fit.c_in, b * fit.c_out) - fit.predict(fit.c_in, fit.c_out))
+        used = self.fits if stepped else self.smooth_fits
+        for fit, timed, full, a, b in zip(self.fits, used, self.full_ms, f_in, f_out):
+            total += float(timed.predict(a * fit.c_in, b * fit.c_out) - full)
         return total
 
     def target(self, limit_ms: float) -> Target:

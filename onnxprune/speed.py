@@ -13,6 +13,7 @@ slower than the limit, the target is out of reach (`TargetOutOfReach`, exit 1).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -23,7 +24,7 @@ from .budget import CostModel, LatencyPredictor, Target
 from .config import PruneConfig, latency_wanted
 from .errors import ValidationFailed
 from .stages import analyze_model, choose, rewrite_channels
-from .validate.latency import LatencyConfig, compare_latency, time_runs
+from .validate.latency import LatencyConfig, compare_latency, summarize, time_runs
 from .validate.latency_model import LatencyCache, cache_key, layer_fits, timed_layers
 
 ROUNDS = 3
@@ -32,6 +33,16 @@ TOLERANCE = 0.05  # a round within this share of the goal meets it; one faster b
 
 class TargetOutOfReach(ValidationFailed):
     """The latency model predicts the target slower than the smallest allocation allows (exit 1)."""
+
+
+def short_of(summary: dict | None) -> bool:
+    """Whether an allocation's budget summary fell short of its target (every group at its floor)."""
+    return summary is not None and summary["achieved"] > summary["target"] * (1 + 1e-9)
+
+
+def met(measured_ms: float, target_ms: float) -> bool:
+    """Whether a measured time meets the goal, within `TOLERANCE`."""
+    return measured_ms <= target_ms * (1 + TOLERANCE)
 
 
 @dataclass
@@ -52,7 +63,7 @@ class LatencyBudget:
 
     def check_reachable(self, summary: dict | None) -> None:
         """Refuse a target the allocation could not meet even at every group's floor."""
-        if summary is None or summary["achieved"] <= summary["target"] * (1 + 1e-9):
+        if not short_of(summary):
             return
         reached = summary["achieved"]
         raise TargetOutOfReach(
@@ -60,8 +71,9 @@ class LatencyBudget:
             f"{self.original_ms / reached:.2f}x speed-up over the original's measured {self.original_ms:.3f} ms; "
             f"ask for at least {reached:.3f} ms or at most a {self.original_ms / reached:.2f}x speed-up")
 
-    def measure_round(self, baseline: Baseline, pruned, counts: dict[int, int]) -> bool:
-        """Time the cut model against the original; record the round; on a miss, tighten the limit."""
+    def measure_round(self, baseline: Baseline, pruned, counts: dict[int, int]) -> tuple[bool, bool]:
+        """Time the cut model against the original; record the round; on a miss, tighten the limit.
+        (met: no slower than the goal within `TOLERANCE`, close: no faster than it by more)."""
         measured = compare_latency(baseline.session(self.timing.threads), pruned, baseline.single_batch(),
                                    self.timing)
         before, after = measured["before"]["median_ms"], measured["after"]["median_ms"]
@@ -72,10 +84,10 @@ class LatencyBudget:
         self.rounds.append({"limit_ms": self.limit_ms, "predicted_ms": predicted,
                             "measured_ms": after, "original_ms": before, "speedup": before / after,
                             "target_ms": goal})
-        met, close = after <= goal * (1 + TOLERANCE), after >= goal * (1 - TOLERANCE)
-        if not (met and close):
+        reached, close = met(after, goal), after >= goal * (1 - TOLERANCE)
+        if not (reached and close):
             self.limit_ms = self.retargeted(predicted, before, after, goal)
-        return met, close
+        return reached, close
 
     def retargeted(self, predicted: float, before: float, after: float, goal: float) -> float:
         """The next predicted-ms limit: the saving measured was `ratio` times the saving predicted, so the
@@ -113,15 +125,14 @@ class LatencyBudget:
                "predicted_speedup": self.original_ms / predicted,
                "macs_kept": self.predictor.cost.macs(counts) / self.predictor.cost.full,
                "model": {"layers": len(fits), "cached": self.cached,
-                         "multiples": dict(zip(*np.unique([f.multiple for f in fits], return_counts=True)))}}
-        out["model"]["multiples"] = {str(k): int(v) for k, v in out["model"]["multiples"].items()}
+                         "multiples": {str(m): n for m, n in sorted(Counter(f.multiple for f in fits).items())}}}
         if measured is not None:
             after = measured["after"]["median_ms"]
             out["prediction_error"] = predicted / after - 1.0
         if self.target_ms is not None:
             chosen = self.rounds[self.chosen]
             out.update({"target_ms": chosen["target_ms"], "asked": self.asked, "rounds": self.rounds,
-                        "chosen_round": self.chosen, "met": chosen["measured_ms"] <= chosen["target_ms"] * (1 + TOLERANCE)})
+                        "chosen_round": self.chosen, "met": met(chosen["measured_ms"], chosen["target_ms"])})
         return out
 
 
@@ -132,7 +143,7 @@ def latency_budget(baseline: Baseline, analysis, config: PruneConfig) -> Latency
         return None
     timing = config.latency or LatencyConfig()
     seconds = time_runs({"original": baseline.session(timing.threads)}, baseline.single_batch(), timing)["original"]
-    original_ms = float(np.median(seconds)) * 1e3
+    original_ms = summarize(seconds)["median_ms"]
     layers, cache = timed_layers(analysis), LatencyCache(config.latency_cache)
     fits, cached = layer_fits(layers, timing.threads, cache, write=False)
     predictor = LatencyPredictor.build(CostModel.build(analysis), fits, original_ms)
@@ -158,15 +169,15 @@ def latency_rounds(baseline: Baseline, analysis, config: PruneConfig, budget: La
     best = None  # (measured ms, round, choice) of the slowest round that met the goal
     for index in range(ROUNDS):
         choice = choose(baseline, analysis, config, factorizing, target=budget.target())
-        at_floor = choice.budget is not None and choice.budget["achieved"] > choice.budget["target"] * (1 + 1e-9)
+        at_floor = short_of(choice.budget)
         if not budget.rounds:
             budget.check_reachable(choice.budget)
         cut, _ = rewrite_channels(analyze_model(baseline.loaded, config.exclude), choice,
                                   baseline.loaded.model.ir_version)
-        met, close = budget.measure_round(baseline, cut, counts_of(choice.keep))
-        if met and (best is None or budget.rounds[-1]["measured_ms"] > best[0]):
+        reached, close = budget.measure_round(baseline, cut, counts_of(choice.keep))
+        if reached and (best is None or budget.rounds[-1]["measured_ms"] > best[0]):
             best = (budget.rounds[-1]["measured_ms"], index, choice)
-        if (met and close) or (at_floor and not met):
+        if (reached and close) or (at_floor and not reached):
             break
     budget.chosen = best[1] if best is not None else len(budget.rounds) - 1
     return best[2] if best is not None else choice

@@ -165,3 +165,20 @@ def test_a_failed_gate_writes_no_latency_cache_either(fake_timer, tmp_path):
 def test_latency_options_that_clash_are_refused_before_any_work(options, message):
     with pytest.raises(UsageError, match=message):
         prune("does-not-exist.onnx", PruneConfig(**options))
+
+
+def test_the_cli_s_target_latency_is_met_and_reported(fake_timer, tmp_path):
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    result = CliRunner().invoke(main, [str(MNIST), str(out), "--target-latency", "7", "--scorer", "l1",
+                                       "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    latency = json.loads(report.read_text())["latency"]
+    assert latency["asked"] == "--target-latency 7 ms" and latency["met"] and "--target-latency 7 ms" in result.output
+    assert out.exists() and (tmp_path / "out.latency.json").exists()
+
+
+def test_the_cli_refuses_clashing_latency_options_with_exit_2(tmp_path):
+    result = CliRunner().invoke(main, [str(MNIST), str(tmp_path / "out.onnx"), "--target-latency", "5",
+                                       "--target-speedup", "2"])
+    assert result.exit_code == 2, result.output
+    assert "give one" in result.output and list(tmp_path.iterdir()) == []

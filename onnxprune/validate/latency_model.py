@@ -28,7 +28,7 @@ import onnx
 from onnx import helper
 
 from ..ops import weighted
-from .latency import LatencyConfig, latency_session, time_runs
+from .latency import LatencyConfig, latency_session, summarize, time_runs
 
 MULTIPLES = (1, 4, 8, 16, 32)
 TIMING = LatencyConfig(runs=7, warmup=2)
@@ -110,6 +110,12 @@ class TimedLayer:
     def c_out(self) -> int:
         return self.weight_shape[self.out_axis]
 
+    def input_shape_at(self, k_in: int) -> list:
+        """The input's shape with `k_in` channels."""
+        shape = list(self.input_shape)
+        shape[self.data_axis] = k_in
+        return shape
+
     def key(self) -> list:
         return [self.name, self.op, sorted((k, repr(v)) for k, v in self.attrs.items()), list(self.input_shape),
                 list(self.weight_shape)]
@@ -142,10 +148,8 @@ def layer_model(layer: TimedLayer, k_in: int, k_out: int) -> onnx.ModelProto:
     inits = [onnx.numpy_helper.from_array(rng.standard_normal(weight_shape).astype(np.float32), "w")]
     if layer.bias:
         inits.append(onnx.numpy_helper.from_array(rng.standard_normal(k_out).astype(np.float32), "b"))
-    input_shape = list(layer.input_shape)
-    input_shape[layer.data_axis] = k_in
     node = helper.make_node(layer.op, ["x", "w", "b"][:len(inits) + 1], ["y"], **layer.attrs)
-    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, input_shape)
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, layer.input_shape_at(k_in))
     y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
     graph = helper.make_graph([node], "layer", [x], [y], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", layer.opset)])
@@ -158,11 +162,9 @@ def time_layer(layer: TimedLayer, threads: int, timing: LatencyConfig = TIMING) 
     ms = []
     for a, b in zip(k_in, k_out):
         model = layer_model(layer, int(a), int(b))
-        shape = list(layer.input_shape)
-        shape[layer.data_axis] = int(a)
-        feed = {"x": rng.standard_normal(shape).astype(np.float32)}
+        feed = {"x": rng.standard_normal(layer.input_shape_at(int(a))).astype(np.float32)}
         seconds = time_runs({"layer": latency_session(model, threads)}, feed, timing)["layer"]
-        ms.append(float(np.median(seconds)) * 1e3)
+        ms.append(summarize(seconds)["median_ms"])
     return fit_layer(layer.name, layer.c_in, layer.c_out, k_in, k_out, ms)
 
 
