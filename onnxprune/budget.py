@@ -24,6 +24,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from .allocate import keep_counts, select
 from .ops import handler_for
 from .validate.cost import node_macs
+from .validate.latency_model import layer_label
 
 
 @dataclass
@@ -72,7 +73,7 @@ class CostModel:
                     base.append(macs * share)
                     ins.append(row(tensor_in))
                     outs.append(row(tensor_out))
-                    names.append(node.name)
+                    names.append(layer_label(node))
                 continue
             out_row = row(node.outputs[0]) if node.outputs else -1
             in_row = row(node.inputs[0]) if node.inputs else -1
@@ -81,7 +82,7 @@ class CostModel:
             base.append(macs)
             ins.append(in_row)
             outs.append(out_row)
-            names.append(node.name)
+            names.append(layer_label(node))
         share_matrix = np.array(shares).reshape(len(shares), len(groups))
         channels = np.array([analysis.groups[g].channels for g in groups], dtype=np.float64)
         return cls(groups, channels, share_matrix, np.array(base, dtype=np.float64),

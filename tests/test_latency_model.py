@@ -111,3 +111,21 @@ def test_the_prediction_replaces_each_layer_s_time_at_full_size(mnist):
     stem_in = {f.name: f.c_in if f.c_in == 1 else f.c_in / 2 for f in fits}  # the stem reads the image
     expected = 10.0 + sum(float(f.predict(stem_in[f.name], f.c_out / 2) - f.predict(f.c_in, f.c_out)) for f in fits)
     assert predictor.ms(half) == pytest.approx(expected) and predictor.ms(half) < 10.0
+
+
+def test_unnamed_nodes_are_predicted_as_named_ones():
+    """Layers are matched to the cost model by name, or by output when nodes have none."""
+    import onnx
+
+    unnamed = onnx.load(str(MNIST))
+    for node in unnamed.graph.node:
+        node.name = ""
+    predictions = []
+    for model in (str(MNIST), unnamed):
+        analysis = analyze_model(load(model, {}))
+        fits = [CountingTimer()(layer, 1) for layer in lm.timed_layers(analysis)]
+        predictor = LatencyPredictor.build(CostModel.build(analysis), fits, original_ms=10.0)
+        half = {g.index: g.channels // 2 for g in analysis.prunable_groups()}
+        predictions.append((len(predictor.fits), predictor.ms(half)))
+    assert predictions[1][0] == predictions[0][0] > 0
+    assert predictions[1][1] == pytest.approx(predictions[0][1])

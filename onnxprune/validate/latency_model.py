@@ -135,7 +135,7 @@ def timed_layer(node, shapes: dict, opset: int) -> TimedLayer | None:
     data_axis = layout.data_axis % len(shape)
     if shape[data_axis] != layout.in_channels:
         return None
-    return TimedLayer(node.name, node.op, dict(node.attrs), tuple(int(d) for d in shape), tuple(layout.shape),
+    return TimedLayer(layer_label(node), node.op, dict(node.attrs), tuple(int(d) for d in shape), tuple(layout.shape),
                       data_axis, layout.in_axis % len(layout.shape), layout.out_axis % len(layout.shape),
                       len(node.inputs) > 2, opset)
 
@@ -235,3 +235,9 @@ def timed_layers(analysis) -> list[TimedLayer]:
     layers = [timed_layer(node, analysis.shapes, analysis.graph.opset) for node in analysis.graph.nodes
               if id(node) in sources]
     return [layer for layer in layers if layer is not None]
+
+
+def layer_label(node) -> str:
+    """What names a graphsurgeon node's layer here and in the cost model: its name, or its first output's
+    when it has none (exporters may leave every node unnamed; output names are unique)."""
+    return node.name or node.outputs[0].name
