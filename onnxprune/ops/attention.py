@@ -24,13 +24,8 @@ class OnnxAttention(Handler):
         if reason is not None:
             ctx.block_inputs(node, f"ONNX Attention: {reason}")
             return
-        q, k, v = (ids.reshape(count, -1) for ids, count in zip((m.ids for m in maps), self._head_counts(node, maps)))
-        for part in (q, k, v):  # a head is one unit
-            join_rows(ctx, part)
-        shared = np.arange(len(q)) // (len(q) // len(k))  # the K/V head of every Q head
-        ctx.join(q[:, 0], k[shared, 0])
-        ctx.join(k[:, 0], v[:, 0])
-        ctx.set(node.outputs[0], type(maps[0])(maps[0].axis, v[shared].reshape(-1)))
+        heads = (m.ids.reshape(count, -1) for m, count in zip(maps, self._head_counts(node, maps)))
+        ctx.set(node.outputs[0], type(maps[0])(maps[0].axis, join_heads(ctx, *heads)))
 
     @staticmethod
     def _head_counts(node, maps) -> tuple[int, int, int]:
@@ -72,6 +67,18 @@ class OnnxAttention(Handler):
 
     def macs(self, op, attrs, in_shape, weight_shape, out_shape):
         return product_macs(in_shape, weight_shape, out_shape)
+
+
+def join_heads(ctx, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Join the heads of Q, K and V, each [heads, head_size] ids: a head is one unit, and K/V head g is
+    one unit with the Q heads that share it (g*r .. g*r+r-1, r = Q heads / K/V heads; r = 1 without
+    grouped-query sharing). The output's ids: for each Q head, its K/V head's value channels."""
+    for part in (q, k, v):
+        join_rows(ctx, part)
+    shared = np.arange(len(q)) // (len(q) // len(k))  # the K/V head of every Q head
+    ctx.join(q[:, 0], k[shared, 0])
+    ctx.join(k[:, 0], v[:, 0])
+    return v[shared].reshape(-1)
 
 
 def product_macs(query_shape, key_shape, out_shape) -> int | None:

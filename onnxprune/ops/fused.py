@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .attention import OnnxAttention, product_macs
+from .attention import OnnxAttention, join_heads, product_macs
 from .base import Handler, attr, const_input, has_input, join_rows, register
 from .elementwise import BroadcastHandler
 
@@ -68,11 +68,8 @@ class MultiHeadAttentionHandler(Handler):
         if reason is not None:
             ctx.block_inputs(node, reason)
             return
-        heads = [m.ids.reshape(int(attr(node, "num_heads")), -1) for m in maps]
-        for part in heads:
-            join_rows(ctx, part)
-        ctx.join(heads[0][:, 0], heads[1][:, 0])
-        ctx.join(heads[0][:, 0], heads[2][:, 0])
+        heads = (m.ids.reshape(int(attr(node, "num_heads")), -1) for m in maps)
+        join_heads(ctx, *heads)
         ctx.set(node.outputs[0], maps[2])  # output channel c is the attention-weighted V channel c
 
     @staticmethod

@@ -161,17 +161,26 @@ def grouped_query(seed: int = 0, computed: bool = False):
     return b.model([("x", [1, SEQ, HIDDEN])], name="grouped_query")
 
 
-def onnx_attention(seed: int = 0, kv_heads: int = HEADS, four_d: bool = False):
+def onnx_attention(seed: int = 0, kv_heads: int = HEADS, four_d: bool = False, mask_input: bool = False,
+                   present: bool = False):
     """ONNX's own Attention (opset 23): x [1,5,32] -> q (32->32), k and v (32->8*kv_heads) -> Attention
     (with a constant per-head mask [4, 5, 5]) on [B, S, features] with q_num_heads 4 and kv_num_heads,
     or (four_d) on [B, heads, S, 8] after Reshape and Transpose -> out (32->32).
 
-    Prunable: the K/V heads, each with the Q heads that share it (4 // kv_heads of them).
+    Prunable: the K/V heads, each with the Q heads that share it (4 // kv_heads of them). Blocked:
+    mask_input (the per-head mask is a model input), present (its present key is a model output).
     """
     b = AttentionBuilder(seed, 23, gemm=False, computed=False)
     widths = {"q": HIDDEN, "k": kv_heads * HEAD_DIM, "v": kv_heads * HEAD_DIM}
     q, k, v = (b.add_bias(f"{name}_bias", b.matmul(name, "x", HIDDEN, n), n) for name, n in widths.items())
-    mask = b.randn("mask", [HEADS, SEQ, SEQ], 0.5)
+    mask = "mask" if mask_input else b.randn("mask", [HEADS, SEQ, SEQ], 0.5)
+    inputs = [("x", [1, SEQ, HIDDEN])] + ([("mask", [1, HEADS, SEQ, SEQ])] if mask_input else [])
+    if present:
+        h, key = b.node("Attention", "attention", [q, k, v, mask], n_out=2, q_num_heads=HEADS, kv_num_heads=kv_heads)
+        b.output(b.linear("out", h, HIDDEN))
+        b.output(key, "present_key")
+        return b.model(inputs, outputs=[("y", [1, SEQ, HIDDEN]), ("present_key", [1, kv_heads, SEQ, HEAD_DIM])],
+                       name="onnx_attention")
     if not four_d:
         h = b.node("Attention", "attention", [q, k, v, mask], q_num_heads=HEADS, kv_num_heads=kv_heads)
     else:
@@ -180,7 +189,7 @@ def onnx_attention(seed: int = 0, kv_heads: int = HEADS, four_d: bool = False):
         h = b.node("Attention", "attention", [q, k, v, mask])
         h = b.reshape("merge_heads", b.node("Transpose", "context_t", [h], perm=[0, 2, 1, 3]), [HIDDEN])
     b.output(b.linear("out", h, HIDDEN))
-    return b.model([("x", [1, SEQ, HIDDEN])], name="onnx_attention")
+    return b.model(inputs, name="onnx_attention")
 
 
 def _variant(**options):
@@ -207,9 +216,17 @@ BUILDERS = {
     "onnx_attention_4d": lambda seed=0: onnx_attention(seed, four_d=True),
     "onnx_attention_4d_grouped_query": lambda seed=0: onnx_attention(seed, kv_heads=2, four_d=True),
 }
-BLOCKED: dict[str, str] = {}
+BLOCKED_BUILDERS = {
+    "blocked_onnx_attention_mask_input": lambda seed=0: onnx_attention(seed, mask_input=True),
+    "blocked_onnx_attention_present": lambda seed=0: onnx_attention(seed, present=True),
+}
+BLOCKED = {
+    "blocked_onnx_attention_mask_input": "ONNX Attention: a computed mask over the heads",
+    "blocked_onnx_attention_present": "past keys and values, or its present or QK outputs, are used",
+}
 
-test_pruning_dead_channels_is_exact, _ = family_tests(BUILDERS, BLOCKED)
+test_pruning_dead_channels_is_exact, test_blocked_patterns_are_left_whole_with_a_reason = \
+    family_tests(BUILDERS | BLOCKED_BUILDERS, BLOCKED)
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))

@@ -73,22 +73,25 @@ def blocked_skip_layer_norm(seed: int = 0):
 HEADS = 4
 
 
-def fused_attention(seed: int = 0, qkv_hidden_sizes=None, score_bias: bool = False):
+def fused_attention(seed: int = 0, qkv_hidden_sizes=None, score_bias: bool = False, score_bias_input: bool = False):
     """x [1,5,16] -> Attention(num_heads 4, packed weight [16, q+k+v], bias, a padding mask) -> out(v->16).
 
     Prunable: the 4 heads (head_size V channels each; their Q, K, V columns and bias go with them).
-    qkv_hidden_sizes: Q, K and V widths (default 16 each); score_bias: a constant per-head score bias.
+    qkv_hidden_sizes: Q, K and V widths (default 16 each); score_bias: a constant per-head score bias;
+    score_bias_input: the per-head score bias is a model input (blocked; x goes through fc0 (16->16) first,
+    so that the reason has channels to be shown on).
     """
     b = Builder(seed)
     sizes = qkv_hidden_sizes or [16, 16, 16]
-    inputs = ["x", b.randn("attention.weight", [16, sum(sizes)], 0.25), b.randn("attention.bias", [sum(sizes)], 0.1),
+    inputs = [b.matmul("fc0", "x", 16, 16) if score_bias_input else "x", b.randn("attention.weight", [16, sum(sizes)], 0.25), b.randn("attention.bias", [sum(sizes)], 0.1),
               b.const("attention.mask", [[1, 1, 1, 1, 0]], np.int32)]
-    if score_bias:
-        inputs += ["", b.randn("attention.score_bias", [1, HEADS, 5, 5], 0.5)]
+    if score_bias or score_bias_input:
+        inputs += ["", "score_bias" if score_bias_input else b.randn("attention.score_bias", [1, HEADS, 5, 5], 0.5)]
     extra = {"qkv_hidden_sizes": sizes} if qkv_hidden_sizes else {}
     h = b.node("Attention", "attention", inputs, domain="com.microsoft", num_heads=HEADS, **extra)
     b.output(b.matmul("out", h, sizes[2], 16))
-    return b.model([("x", SEQUENCE)], outputs=[("y", SEQUENCE)], name="fused_attention", domains=MICROSOFT)
+    inputs = [("x", SEQUENCE)] + ([("score_bias", [1, HEADS, 5, 5])] if score_bias_input else [])
+    return b.model(inputs, outputs=[("y", SEQUENCE)], name="fused_attention", domains=MICROSOFT)
 
 
 def multi_head_attention(seed: int = 0, cached: bool = False):
@@ -119,8 +122,9 @@ BUILDERS = {
     "fused_ffn": fused_ffn,
     "fast_gelu": fast_gelu,
     "blocked_skip_layer_norm": blocked_skip_layer_norm,
+    "blocked_fused_attention_score_bias_input": lambda seed=0: fused_attention(seed, score_bias_input=True),
 }
-BLOCKED = {"blocked_skip_layer_norm": "normalises across the channel axis (the hidden size)",
+BLOCKED = {"blocked_fused_attention_score_bias_input": "fused attention: a computed per-head score bias","blocked_skip_layer_norm": "normalises across the channel axis (the hidden size)",
            "blocked_multi_head_attention_cached": "its key/value cache is read or written"}
 
 test_pruning_dead_channels_is_exact, test_blocked_patterns_are_left_whole_with_a_reason = \

@@ -96,6 +96,24 @@ def reshape_computed(seed: int = 0, read_channels: bool = False) -> onnx.ModelPr
     return b.model(x_input([1, 3, 4, 4]), name="reshape_computed")
 
 
+def blocked_reshape_computed_channels(seed: int = 0) -> onnx.ModelProto:
+    """x [1,5,16] -> fc1(16->32) -> Relu -> Reshape to Concat(Shape(x)[0:2], Shape(x)[2:3] * 2) -> fc2(32->8):
+    the target's channel entry is computed (from x's features, not the channels).
+
+    Blocked: the channel entry cannot be updated.
+    """
+    b = Builder(seed)
+    h = b.relu("relu1", b.matmul("fc1", "x", 16, 32))
+    shape = b.node("Shape", "shape1", ["x"])
+    lead, features = (b.node("Slice", name, [shape, b.const(f"{name}.starts", [start], np.int64),
+                                             b.const(f"{name}.ends", [end], np.int64), b.const(f"{name}.axes", [0], np.int64)])
+                      for name, start, end in (("lead", 0, 2), ("features", 2, 3)))
+    width = b.node("Mul", "width", [features, b.const("width.factor", [2], np.int64)])
+    h = b.node("Reshape", "same", [h, b.node("Concat", "target", [lead, width], axis=0)])
+    b.output(b.matmul("fc2", h, 32, 8))
+    return b.model([("x", [1, 5, 16])], name="blocked_reshape_computed_channels")
+
+
 def transpose_nhwc(seed: int = 0) -> onnx.ModelProto:
     """TF-export style: x NHWC [1,8,8,3] -> Transpose(0,3,1,2) -> conv1(3->8) -> Relu -> conv2(8->4).
 
@@ -190,12 +208,14 @@ BUILDERS = {
     "blocked_gather_channels": functools.partial(gather_token, channel_axis=True),
     "blocked_graph_output": blocked_graph_output,
     "blocked_topk": blocked_topk,
+    "blocked_reshape_computed_channels": blocked_reshape_computed_channels,
 }
 BLOCKED = {
     "blocked_shape_read": "the channel count is read",
     "blocked_graph_output": "graph output 'feat'",
     "blocked_topk": "no handler",
     "blocked_gather_channels": "gathers along the channel axis",
+    "blocked_reshape_computed_channels": "target shape is computed and its channel entry is not a constant",
 }
 
 test_pruning_dead_channels_is_exact, test_blocked_patterns_are_left_whole_with_a_reason = \

@@ -91,6 +91,17 @@ def blocked_einsum(seed: int = 0) -> onnx.ModelProto:
     return b.model(x_input(), name="blocked_einsum")
 
 
+def blocked_scores(seed: int = 0) -> onnx.ModelProto:
+    """x [1,5,16] -> q, k (16->16) -> MatMul(q, Transpose(k)): attention scores [1,5,5] as the output.
+
+    Blocked: q's and k's channels are contracted with a computed operand.
+    """
+    b = Builder(seed)
+    q, k = (b.matmul(name, "x", 16, 16) for name in ("q", "k"))
+    b.output(b.node("MatMul", "scores", [q, b.node("Transpose", "k_t", [k], perm=[0, 2, 1])]))
+    return b.model([("x", [1, 5, 16])], outputs=[("y", [1, 5, 5])], name="blocked_scores")
+
+
 BUILDERS = {
     "flatten_gemm": flatten_gemm,
     "reshape_gemm": reshape_gemm,
@@ -98,8 +109,9 @@ BUILDERS = {
     "mlp": mlp,
     "mlp_gemm": mlp_gemm,
     "blocked_einsum": blocked_einsum,
+    "blocked_scores": blocked_scores,
 }
-BLOCKED = {"blocked_einsum": "Einsum 'einsum1'"}
+BLOCKED = {"blocked_einsum": "Einsum 'einsum1'", "blocked_scores": "channels are contracted with a computed operand"}
 
 test_pruning_dead_channels_is_exact, test_blocked_patterns_are_left_whole_with_a_reason = \
     family_tests(BUILDERS, BLOCKED)

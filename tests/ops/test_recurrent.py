@@ -103,3 +103,42 @@ def test_the_mac_estimate_of_a_plan_is_the_pruned_models(name):
     counts = {g: len(k) for g, k in keep.items()}
     result = prune(model, PruneConfig(plan=Plan.from_keep(analysis, keep)))
     assert CostModel.build(analysis).macs(counts) == pytest.approx(result.report["after"]["macs"])
+
+
+def _single_layer(layout: int = 0, state_input: bool = False):
+    """x -> proj(8->16) -> Relu -> one LSTM (forward, hidden 12) -> its Y_h; `state_input`: initial_h is a
+    model input; `layout` 1: batch-first (x [1, 6, 16], no transpose)."""
+    b = Builder(0)
+    h = b.relu("relu1", b.matmul("proj", "x", FEATURES, 16))
+    if layout == 0:
+        h = b.node("Transpose", "time_major", [h], perm=[1, 0, 2])
+    inputs = [h, b.randn("rnn.W", [1, 4 * HIDDEN, 16], 0.25), b.randn("rnn.R", [1, 4 * HIDDEN, HIDDEN], 0.3)]
+    if state_input:
+        inputs += ["", "", "h0"]
+    outputs = b.node("LSTM", "rnn", inputs, n_out=2, hidden_size=HIDDEN, layout=layout)
+    b.output(outputs[1])
+    state_shape = [1, 1, HIDDEN]
+    model_inputs = [("x", [1, STEPS, FEATURES])] + ([("h0", state_shape)] if state_input else [])
+    return b.model(model_inputs, outputs=[("y", state_shape)], name="single_lstm")
+
+
+def _reasons(groups, source):
+    return [(g["prunable"], " ".join(g.get("reasons", []))) for g in groups if g["sources"] == [source]]
+
+
+def test_an_initial_state_from_a_model_input_blocks_the_hidden_units_only():
+    from onnxprune import inspect
+
+    groups = inspect(_single_layer(state_input=True))["groups"]
+    [(prunable, reason)] = _reasons(groups, "rnn")
+    assert not prunable and "its initial state is not a constant" in reason
+    assert _reasons(groups, "proj")[0][0]
+
+
+def test_a_batch_first_layer_is_left_whole_with_its_reason():
+    from onnxprune import inspect
+
+    groups = inspect(_single_layer(layout=1))["groups"]
+    assert not any(g["sources"] == ["rnn"] for g in groups)
+    [(prunable, reason)] = _reasons(groups, "proj")
+    assert not prunable and "batch-first layout (layout=1) is not supported" in reason
