@@ -117,7 +117,7 @@ class Baseline:
     def single_batch(self) -> dict:
         """One feed (batch 1, or the model's fixed batch) for latency and the .ort check."""
         size = min(self.fixed_batch or 1, self.evaluation.count)
-        return next(self.evaluation.head(size).batches(size))
+        return next(self.evaluation.batches(size))
 
 
 def prepare(model, config: PruneConfig | None = None) -> Baseline:
