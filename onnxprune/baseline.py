@@ -17,10 +17,14 @@ from .runtime import run_batch_size, session
 from .scoring import score
 from .validate import run_model
 from .validate.compare import check_output_axes
-from .validate.gates import check_gate_requirements
+from .validate.gates import check_channel_gate, check_gate_requirements
 from .validate.labels import load_labels
 
 SYNTHETIC_SAMPLES = 8
+
+# output element types that may be floating-point (UNDEFINED: not declared)
+MAYBE_FLOATING = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                  onnx.TensorProto.UNDEFINED}
 
 
 @dataclass
@@ -113,7 +117,7 @@ class Baseline:
     def single_batch(self) -> dict:
         """One feed (batch 1, or the model's fixed batch) for latency and the .ort check."""
         size = min(self.fixed_batch or 1, self.evaluation.count)
-        return next(self.evaluation.head(size).batches(size))
+        return next(self.evaluation.batches(size))
 
 
 def prepare(model, config: PruneConfig | None = None) -> Baseline:
@@ -124,7 +128,10 @@ def prepare(model, config: PruneConfig | None = None) -> Baseline:
     calibration = _calibration(config, specs)
     evaluation = _evaluation(config, specs, calibration)
     check_gate_requirements(config.gates, evaluation.labels is not None)
-    check_output_axes(config.output_axes, {o.name: loaded.shapes.get(o.name) for o in loaded.model.graph.output})
+    output_shapes = {o.name: loaded.shapes.get(o.name) for o in loaded.model.graph.output}
+    check_output_axes(config.output_axes, output_shapes)
+    check_channel_gate(config.gates, {o.name: (output_shapes[o.name], o.type.tensor_type.elem_type in MAYBE_FLOATING)
+                                      for o in loaded.model.graph.output}, config.output_axes)
     fitted = config.evaluation is None and fits_calibration(config, calibration)
     in_sample = None
     if fitted and can_hold_out(calibration, fixed_batch(specs)):

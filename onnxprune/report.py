@@ -8,6 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from .validate.compare import worst_channel
 from .version import __version__
 
 # The JSON report's layout version (docs/report-schema.md). Adding a key keeps it; renaming, removing or
@@ -128,8 +129,6 @@ def measured_on(data: dict) -> str:
 
 def far_worse_channel(fid: dict) -> list[str]:
     """A line naming the worst channel of any output when it is far worse than its whole output."""
-    from .validate.compare import worst_channel
-
     worst = worst_channel(fid)
     if worst is None:
         return []

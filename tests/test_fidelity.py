@@ -225,3 +225,19 @@ def test_a_sweep_of_data_aware_ranks_is_measured_on_held_out_samples(tmp_path):
     table = sweep(str(MNIST), PruneConfig(calibration=str(data), scorer="l1", recover="none"),
                   settings_grid([0.0], [0.5]), sensitivity=False)
     assert table["data"] == {"source": "calibration", "samples": 4, "held_out": True, "in_sample": False}
+
+
+def test_the_channel_gate_on_a_model_without_a_channel_axis_is_refused_before_any_work(tmp_path):
+    model = models.mixed_scale_head()
+    graph = model.graph
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), "flat_shape"))
+    graph.node.append(onnx.helper.make_node("Reshape", ["y", "flat_shape"], ["flat"], name="flatten_all"))
+    graph.output[0].CopyFrom(onnx.helper.make_tensor_value_info("flat", onnx.TensorProto.FLOAT, [22 * 8 * 8]))
+    path = tmp_path / "flat.onnx"
+    onnx.save(model, str(path))
+    out = tmp_path / "out.onnx"
+    result = invoke(path, out, "--filters", "0.5", "--max-channel-error", "0.3")
+    assert result.exit_code == 2 and not out.exists(), result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert "--max-channel-error needs a floating-point output with a channel axis" in result.output
+    assert "--output-axis NAME:AXIS" in result.output

@@ -55,6 +55,12 @@ def held_out(sample: np.ndarray) -> np.ndarray:
     return sample % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
 
 
+def held_out_rows(rows: np.ndarray, total: int, samples: int, seen: int) -> np.ndarray:
+    """`held_out` for output rows of a batch: `rows` index its `total` rows, sample-major (each of its
+    `samples` samples' positions in turn), and `seen` samples came before it."""
+    return held_out(seen + rows // max(total // samples, 1))
+
+
 class CalibrationSet:
     """Samples for every model input, stacked on axis 0; `labels` when the data came with them. A part
     of another set (`part`) shares its arrays and holds the indices of its samples (`index`)."""

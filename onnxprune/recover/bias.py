@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..calib.data import held_out
+from ..calib.data import held_out_rows
 from .lstsq import Update, relative
 
 
@@ -31,8 +31,7 @@ class BiasFit:
             target = target[:, self.view.out_mask]
         diff = target - self.view.outputs(y_pruned, rows)
         if self.hold_out:  # rows are sample-major: each sample's output positions in turn
-            sample = self.seen + np.arange(diff.shape[0]) // max(diff.shape[0] // y_pruned.shape[0], 1)
-            fit = ~held_out(sample)
+            fit = ~held_out_rows(np.arange(diff.shape[0]), diff.shape[0], y_pruned.shape[0], self.seen)
             diff, target = diff[fit], target[fit]
         self.seen += y_pruned.shape[0]
         self.count += diff.shape[0]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..calib.data import held_out
+from ..calib.data import held_out_rows
 
 DEFAULT_RIDGE = 1e-4  # relative to the mean input variance: keeps collinear/constant inputs finite
 # Candidates, chosen per layer on held-out samples. The ridge pulls towards the layer's current weights,
@@ -179,7 +179,7 @@ class LstsqFit:
         total = view.row_count(y_pruned.shape)
         take = min(total, self.rows_per_batch)
         rows = np.arange(total) if take == total else np.sort(self.rng.choice(total, take, replace=False))
-        held = held_out(self.seen + rows // max(total // y_pruned.shape[0], 1))
+        held = held_out_rows(rows, total, y_pruned.shape[0], self.seen)
         self.seen += y_pruned.shape[0]
         features = view.features(x, y_pruned.shape, rows).astype(np.float64)
         groups, _, outputs = view.weight.shape

@@ -109,11 +109,14 @@ def _macs(report):
     return (after / before if before else 1.0), f"MACs kept ({after:,} of {before:,})"
 
 
+NO_CHANNEL_AXIS = ("--max-channel-error needs a floating-point output with a channel axis and this model has "
+                   "none of rank 2 or more: name the axis with --output-axis NAME:AXIS, or use --min-cosine")
+
+
 def _channel_error(report):
     worst = worst_channel(report["fidelity"])
     if worst is None:
-        raise UsageError("--max-channel-error needs a floating-point output with a channel axis and this model has "
-                         "none of rank 2 or more: name the axis with --output-axis NAME:AXIS, or use --min-cosine")
+        raise UsageError(NO_CHANNEL_AXIS)
     name, channel, _ = worst
     return channel["rel_l2"], f"relative L2 error of channel {channel['index']} of output '{name}' (the worst)"
 
@@ -126,6 +129,17 @@ MEASURES = {
     "max_macs": _macs,
     "max_channel_error": _channel_error,
 }
+
+
+def check_channel_gate(gates: Gates | None, outputs: dict[str, tuple[tuple | None, bool]], axes: dict[str, int]) -> None:
+    """Refuse before any work --max-channel-error when no output can have a channel axis. `outputs`: each
+    output's (inferred shape or None, whether it may be floating-point); `axes`: the --output-axis ones.
+    An output of unknown shape may have one: the gate then decides after the run."""
+    if gates is None or gates.max_channel_error is None:
+        return
+    if not any(floating and (shape is None or len(shape) >= 2 or name in axes)
+               for name, (shape, floating) in outputs.items()):
+        raise UsageError(NO_CHANNEL_AXIS)
 
 
 def check_gate_requirements(gates: Gates | None, has_labels: bool) -> None:
