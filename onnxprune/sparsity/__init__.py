@@ -22,7 +22,7 @@ from ..calib import CalibrationSet
 from ..errors import UsageError
 from ..lowrank.covariance import input_moments
 from ..lowrank.decompose import relative_error
-from ..lowrank.layers import Layer, find_layers
+from ..lowrank.layers import Layer, find_layers, layer_name
 from ..shapes import infer_shapes
 from .patterns import Pattern, keep_mask, parse_pattern, unit_costs
 from .solve import allocate, optimal_update, weight_costs
@@ -91,7 +91,7 @@ def sparsify_model(model: onnx.ModelProto, input_shapes: dict, calibration: Cali
                  allocate([unit_costs(c, settings.pattern) for c in costs],
                           [int(np.prod(settings.pattern.unit_shape()))] * len(candidates),
                           settings.sparsity, LAYER_CEILING))
-    nodes = {node.name or node.outputs[0].name: node for node in graph.nodes}
+    nodes = {layer_name(node): node for node in graph.nodes}
     rows = []
     for layer, weight, cost, fraction in zip(candidates, weights, costs, fractions):
         keep = keep_mask(cost, settings.pattern, fraction)
