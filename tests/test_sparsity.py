@@ -230,6 +230,7 @@ def test_cli_n_of_m_after_channel_pruning(tmp_path):
     (["--sparsity", "1.5"], "--sparsity 1.5 is outside"),
     (["--sparsity", "0.5", "--sparsity-pattern", "3:2"], "--sparsity-pattern '3:2'"),
     (["--sparsity", "0.5", "--steps", "2"], "one step"),
+    (["--sparsity-pattern", "3:7"], "no Conv, Gemm or MatMul layer takes the pattern 3:7"),  # found in the model
 ])
 def test_cli_bad_sparsity_options_exit_2(tmp_path, args, message):
     run = CliRunner().invoke(main, [MNIST, str(tmp_path / "out.onnx"), *args])
