@@ -331,3 +331,17 @@ def test_cli_bad_quantize_options_exit_2(tmp_path, args, message):
     assert run.exit_code == 2, run.output
     assert message in run.output
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_cli_quantization_onnxruntime_refuses_exits_3(tmp_path, monkeypatch):
+    import onnxruntime.quantization
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Unsupported op\ndetails")
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_static", refuse)
+    out = tmp_path / "out.onnx"
+    run = CliRunner().invoke(main, [MNIST, str(out), "--filters", "0.25", "--quantize", "int8", "--calib", MNIST_CALIB,
+                                    "--calib-samples", "64", "--scorer", "l1"])
+    assert run.exit_code == 3, run.output
+    assert "onnxruntime's quantization failed (Unsupported op): run without --quantize" in run.output
+    assert len(run.output.strip().splitlines()) == 1 and not out.exists()
