@@ -84,6 +84,11 @@ def test_bad_sparsity_settings_are_usage_errors(sparsity, pattern, message):
         check_sparsity(sparsity, pattern, None)
 
 
+def test_an_unknown_sparsity_method_is_a_usage_error():  # the API's path: the CLI's choice list refuses it first
+    with pytest.raises(UsageError, match="--sparsity-method 'random': choose obs or magnitude"):
+        check_sparsity(0.5, None, "random")
+
+
 def test_n_of_m_alone_sets_the_sparsity():
     assert check_sparsity(None, "2:4", None) == (0.5, Pattern("nm", 2, 4))
 
