@@ -84,6 +84,11 @@ def test_bad_sparsity_settings_are_usage_errors(sparsity, pattern, message):
         check_sparsity(sparsity, pattern, None)
 
 
+def test_an_unknown_sparsity_method_is_a_usage_error():  # the API's path: the CLI's choice list refuses it first
+    with pytest.raises(UsageError, match="--sparsity-method 'random': choose obs or magnitude"):
+        check_sparsity(0.5, None, "random")
+
+
 def test_n_of_m_alone_sets_the_sparsity():
     assert check_sparsity(None, "2:4", None) == (0.5, Pattern("nm", 2, 4))
 
@@ -230,6 +235,7 @@ def test_cli_n_of_m_after_channel_pruning(tmp_path):
     (["--sparsity", "1.5"], "--sparsity 1.5 is outside"),
     (["--sparsity", "0.5", "--sparsity-pattern", "3:2"], "--sparsity-pattern '3:2'"),
     (["--sparsity", "0.5", "--steps", "2"], "one step"),
+    (["--sparsity-pattern", "3:7"], "no Conv, Gemm or MatMul layer takes the pattern 3:7"),  # found in the model
 ])
 def test_cli_bad_sparsity_options_exit_2(tmp_path, args, message):
     run = CliRunner().invoke(main, [MNIST, str(tmp_path / "out.onnx"), *args])
@@ -330,3 +336,17 @@ def test_cli_bad_quantize_options_exit_2(tmp_path, args, message):
     assert run.exit_code == 2, run.output
     assert message in run.output
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_cli_quantization_onnxruntime_refuses_exits_3(tmp_path, monkeypatch):
+    import onnxruntime.quantization
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Unsupported op\ndetails")
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_static", refuse)
+    out = tmp_path / "out.onnx"
+    run = CliRunner().invoke(main, [MNIST, str(out), "--filters", "0.25", "--quantize", "int8", "--calib", MNIST_CALIB,
+                                    "--calib-samples", "64", "--scorer", "l1"])
+    assert run.exit_code == 3, run.output
+    assert "onnxruntime's quantization failed (Unsupported op): run without --quantize" in run.output
+    assert len(run.output.strip().splitlines()) == 1 and not out.exists()

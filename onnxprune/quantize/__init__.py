@@ -16,6 +16,7 @@ import onnx
 
 from ..calib import CalibrationSet
 from ..errors import ModelError, UsageError
+from ..io import write_model
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def quantize_int8(model: onnx.ModelProto, calibration: CalibrationSet, batch_siz
     reader = Reader()
     with tempfile.TemporaryDirectory(prefix="onnxprune-quantize-") as folder:
         source, prepared, target = (Path(folder) / name for name in ("in.onnx", "prepared.onnx", "out.onnx"))
-        onnx.save_model(model, str(source))
+        write_model(model, source)  # as the output is written: past 2 GB with its tensors beside it
         try:
             quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)  # ONNX shapes, and onnxruntime's fusions (BatchNorm into Conv)
             quantize_static(str(prepared), str(target), reader, quant_format=QuantFormat.QDQ, per_channel=True,

@@ -21,10 +21,11 @@ import onnx_graphsurgeon as gs
 from ..calib import CalibrationSet
 from ..errors import UsageError
 from ..lowrank.covariance import input_moments
-from ..lowrank.layers import Layer, find_layers
+from ..lowrank.decompose import relative_error
+from ..lowrank.layers import Layer, find_layers, layer_name
 from ..shapes import infer_shapes
 from .patterns import Pattern, keep_mask, parse_pattern, unit_costs
-from .solve import allocate, optimal_update, relative_error, weight_costs
+from .solve import allocate, optimal_update, weight_costs
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +91,14 @@ def sparsify_model(model: onnx.ModelProto, input_shapes: dict, calibration: Cali
                  allocate([unit_costs(c, settings.pattern) for c in costs],
                           [int(np.prod(settings.pattern.unit_shape()))] * len(candidates),
                           settings.sparsity, LAYER_CEILING))
-    nodes = {node.name or node.outputs[0].name: node for node in graph.nodes}
+    nodes = {layer_name(node): node for node in graph.nodes}
     rows = []
     for layer, weight, cost, fraction in zip(candidates, weights, costs, fractions):
         keep = keep_mask(cost, settings.pattern, fraction)
         gram = grams.get(layer.name)
         new = optimal_update(weight, keep, gram) if gram is not None else np.where(keep, weight, 0.0)
         _write(nodes[layer.name], layer, new)
-        rows.append(_row(layer, keep, relative_error(weight, new, gram), gram is not None))
+        rows.append(_row(layer, keep, relative_error(weight.T, new.T, gram), gram is not None))
     rows += [{"node": layer.name, "op": layer.op, "status": "skipped", "reason": layer.reason}
              for layer in layers if layer.reason]
     out = gs.export_onnx(graph)

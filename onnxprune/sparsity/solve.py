@@ -54,14 +54,6 @@ def optimal_update(weight: np.ndarray, keep: np.ndarray, gram: np.ndarray) -> np
     return out
 
 
-def relative_error(weight: np.ndarray, new: np.ndarray, gram: np.ndarray | None) -> float:
-    """The layer's relative output error after the change (under H), or the weights' without data."""
-    change = new - weight
-    if gram is None:
-        return float(np.sqrt(np.sum(change ** 2) / max(float(np.sum(weight ** 2)), 1e-30)))
-    return float(np.sqrt(quadratic(change, gram) / max(quadratic(weight, gram), 1e-30)))
-
-
 def allocate(unit_costs: list[np.ndarray], unit_sizes: list[int], sparsity: float, ceiling: float) -> list[float]:
     """Per layer, the fraction of its units to remove so that `sparsity` of all their weights go: one cost
     threshold for every layer (costs are relative to each layer's output, so comparable), no layer above
