@@ -139,11 +139,16 @@ def quadratic(weight: np.ndarray, gram: np.ndarray) -> float:
     return float(np.sum((weight @ gram) * weight))
 
 
-def damped_inverse(gram: np.ndarray) -> np.ndarray:
-    """(G + lambda I)^-1 with lambda = DAMP x the mean diagonal (the bias column is damped too, slightly)."""
+def damped(gram: np.ndarray) -> np.ndarray:
+    """G + lambda I with lambda = DAMP x the mean diagonal (OBC's dampening)."""
     scale = float(np.trace(gram)) / len(gram)
-    damped = gram + np.eye(len(gram)) * DAMP * (scale if scale > 0 else 1.0)
-    return np.linalg.inv((damped + damped.T) / 2)
+    return gram + np.eye(len(gram)) * DAMP * (scale if scale > 0 else 1.0)
+
+
+def damped_inverse(gram: np.ndarray) -> np.ndarray:
+    """(G + lambda I)^-1 (the bias column is damped too, slightly)."""
+    matrix = damped(gram)
+    return np.linalg.inv((matrix + matrix.T) / 2)
 
 
 def removal_batch(channels: int, steps: int = REMOVAL_STEPS) -> int:

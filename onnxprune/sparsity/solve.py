@@ -16,15 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..scoring.obs import DAMP, damped_inverse, quadratic
+from ..scoring.obs import damped, damped_inverse, quadratic
 
 SOLVE_BYTES = 256 << 20  # the [rows, features, features] systems solved at once
-
-
-def damped(gram: np.ndarray) -> np.ndarray:
-    """H + lambda I, lambda = DAMP x the mean diagonal (as obs damps its Gram matrices)."""
-    scale = float(np.trace(gram)) / len(gram)
-    return gram + np.eye(len(gram)) * DAMP * (scale if scale > 0 else 1.0)
 
 
 def weight_costs(weight: np.ndarray, gram: np.ndarray | None) -> np.ndarray:
