@@ -217,8 +217,9 @@ def finetune(model: onnx.ModelProto, teacher: onnx.ModelProto, calibration, step
 def _train_in_child(directory: Path, manifest: dict, calibration, steps: int, lr: float, batch_size: int, seed: int):
     """`_train` in a child process on the artifacts in `directory`; a crash there (a signal) or a failure of
     onnxruntime-training becomes a one-line NotTrainable, a bug of ours an InternalError."""
-    names = list(calibration.arrays)
-    np.savez(directory / "data.npz", *[calibration.arrays[name] for name in names])  # arr_0, arr_1, ...
+    arrays = calibration.arrays  # a part of a set copies its samples on every read
+    names = list(arrays)
+    np.savez(directory / "data.npz", *[arrays[name] for name in names])  # arr_0, arr_1, ...
     (directory / "job.json").write_text(json.dumps({"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
                                                     "names": names}))
     root = str(Path(__file__).resolve().parents[2])  # so the child imports this very onnxprune
@@ -299,7 +300,7 @@ def _train(api, directory: Path, manifest: dict, calibration, steps: int, lr: fl
 
 def _shuffled_batches(calibration, batch_size: int, steps: int, seed: int):
     rng = np.random.default_rng(seed)
-    count = calibration.count
+    count, arrays = calibration.count, calibration.arrays  # read once: a part copies its samples on every read
     size = min(batch_size, count)
     done = 0
     while done < steps:
@@ -308,7 +309,7 @@ def _shuffled_batches(calibration, batch_size: int, steps: int, seed: int):
             if done == steps:
                 return
             pick = order[start:start + size]
-            yield {name: array[pick] for name, array in calibration.arrays.items()}
+            yield {name: array[pick] for name, array in arrays.items()}
             done += 1
 
 
