@@ -33,7 +33,7 @@ from .scoring import SCORERS
 from .quantize import FORMATS as QUANTIZE_FORMATS
 from .sparsity import METHODS as SPARSITY_METHODS
 from .sweep import format_table, parse_values, plot_png, require_matplotlib, settings_grid, sweep
-from .validate.compare import parse_output_axis
+from .validate.compare import parse_output_axes
 from .validate.gates import Gates, describe, failed_checks
 from .validate.latency import DEFAULT_RUNS, DEFAULT_THREADS, DEFAULT_WARMUP, LatencyConfig
 from .version import __version__
@@ -206,7 +206,7 @@ def _evaluation_config(v: dict) -> dict:
     if v["latency"] or v.get("predict_latency") or any(x is not None for x in implied):  # measured with these too
         latency = LatencyConfig(runs=v["latency_runs"], warmup=v["latency_warmup"], threads=v["threads"])
     return {"evaluation": v["eval_data"], "labels": v["labels"], "latency": latency,
-            "output_axes": dict(parse_output_axis(text) for text in v["output_axes"])}
+            "output_axes": parse_output_axes(v["output_axes"])}
 
 
 EVALUATION = OptionGroup([

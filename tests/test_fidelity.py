@@ -106,10 +106,11 @@ def test_an_nhwc_output_needs_its_axis_named(tmp_path, nhwc_path):
 
 
 @pytest.mark.parametrize("axis, message", [("z:1", "unknown output(s) ['z']"), ("y:4", "y has 4 axes"),
-                                           ("y:last", "is not NAME:AXIS")])
+                                           ("y:last", "is not NAME:AXIS"), ("y:1 y:3", "names y twice")])
 def test_a_bad_output_axis_is_refused_before_any_work(tmp_path, nhwc_path, axis, message):
     out = tmp_path / "out.onnx"
-    result = invoke(nhwc_path, out, "--output-axis", axis)
+    options = [arg for text in axis.split() for arg in ("--output-axis", text)]
+    result = invoke(nhwc_path, out, *options)
     assert result.exit_code == 2 and message in result.output and not out.exists()
     assert len(result.output.strip().splitlines()) == 1
 

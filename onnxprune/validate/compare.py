@@ -78,6 +78,16 @@ def parse_output_axis(text: str) -> tuple[str, int]:
     return name, int(axis)
 
 
+def parse_output_axes(texts) -> dict[str, int]:
+    """Parse every ``NAME:AXIS``; an output named twice is refused (the last would silently win)."""
+    axes: dict[str, int] = {}
+    for name, axis in map(parse_output_axis, texts):
+        if name in axes:
+            raise UsageError(f"--output-axis names {name} twice ({axes[name]} and {axis}): give each output once")
+        axes[name] = axis
+    return axes
+
+
 def check_output_axes(axes: dict[str, int], shapes: dict[str, tuple | None]) -> None:
     """Refuse before any work an --output-axis naming no output, or an axis the output does not have
     (`shapes`: each output's inferred shape, None when unknown)."""
