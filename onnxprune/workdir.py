@@ -148,5 +148,6 @@ def _remove_run_folder(owner: int) -> None:
         return
     _, folder, fd = _run
     _run = None
+    _remove_claimed(folder)
     shutil.rmtree(folder, ignore_errors=True)
     os.close(fd)
