@@ -16,6 +16,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 try:
@@ -28,17 +29,19 @@ STAGING_PREFIX = ".onnxprune-"
 JOURNAL = "claims"  # lines "+PATH" (remove PATH if the run dies) and "-PATH" (keep it after all)
 
 _run: tuple[int, Path, int] | None = None  # (owner pid, folder, descriptor holding the lock)
+_making = threading.Lock()  # one run folder however many threads ask at once
 
 
 def run_folder() -> Path:
     """This process's run folder (created, after a sweep, on first use)."""
     global _run
-    if _run is None or _run[0] != os.getpid():  # a forked child makes its own
-        sweep()
-        folder, fd = _locked_folder()
-        _run = (os.getpid(), folder, fd)
-        atexit.register(_remove_run_folder, os.getpid())
-    return _run[1]
+    with _making:
+        if _run is None or _run[0] != os.getpid():  # a forked child makes its own
+            sweep()
+            folder, fd = _locked_folder()
+            _run = (os.getpid(), folder, fd)
+            atexit.register(_remove_run_folder, os.getpid())
+        return _run[1]
 
 
 def temp_folder(prefix: str) -> tempfile.TemporaryDirectory:
