@@ -100,11 +100,13 @@ def _check_location(tensor: onnx.TensorProto, base_dir: Path) -> None:
         raise ModelError(f"{where}, outside the model's folder '{base_dir}': {fix}")
     if path.is_symlink():
         raise ModelError(f"{where}, a symbolic link: onnx reads only regular files; copy the data file itself beside the model")
-    if not path.is_file():
+    if not path.exists():
         raise ModelError(
             f"external data file '{location}' of tensor '{tensor.name}' is missing next to the "
             f"model in '{base_dir}': copy it beside the .onnx file"
         )
+    if not path.is_file():
+        raise ModelError(f"{where}, not a regular file: put the data file itself there")
 
 
 def _external_tensors(model: onnx.ModelProto):

@@ -143,13 +143,16 @@ def external_data_at(tmp_path: Path, location: str) -> Path:
 
 
 @pytest.mark.parametrize("where, phrase", [("absolute", "an absolute path"), ("outside", "outside the model's folder"),
-                                           ("symlink", "a symbolic link")])
+                                           ("symlink", "a symbolic link"), ("folder", "not a regular file")])
 def test_refused_external_data_paths_say_why(tmp_path, where, phrase):
-    location = {"absolute": str(tmp_path / "model" / "ext.data"), "outside": "../ext.data", "symlink": "link.data"}[where]
+    location = {"absolute": str(tmp_path / "model" / "ext.data"), "outside": "../ext.data", "symlink": "link.data",
+                "folder": "folder.data"}[where]
     path = external_data_at(tmp_path, location)
     shutil.copy(path.parent / "ext.data", tmp_path / "ext.data")  # what "../ext.data" names: it exists
     if where == "symlink":
         (path.parent / "link.data").symlink_to(path.parent / "ext.data")
+    if where == "folder":
+        (path.parent / "folder.data").mkdir()
     before = sorted(p.name for p in tmp_path.rglob("*"))
     result = run(path, tmp_path / "out.onnx")
     assert_failed(result, 3, f"is at '{location}', {phrase}")
