@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import onnx
 from onnx import numpy_helper, version_converter
 
 from .errors import ModelError, UsageError
+from .workdir import publish, staging_path
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +76,37 @@ class ModelFile:
 
 def _load_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
     for tensor in _external_tensors(model):
-        location = _location(tensor)
-        if not (base_dir / location).is_file():
-            raise ModelError(
-                f"external data file '{location}' of tensor '{tensor.name}' is missing next to the "
-                f"model in '{base_dir}': copy it beside the .onnx file"
-            )
+        _check_location(tensor, base_dir)
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(base_dir))
+    except onnx.checker.ValidationError as exc:  # onnx refuses the file for a reason not checked above
+        raise ModelError(f"onnx refused the model's external data ({exc}): save the model again with its data "
+                         "in a plain file beside it") from None
     except Exception as exc:
         raise ModelError(f"could not read the model's external data ({exc}): the data file is truncated or corrupt") from None
+
+
+def _check_location(tensor: onnx.TensorProto, base_dir: Path) -> None:
+    """Refuse, saying why, an external-data path that onnx will not read: ONNX reads tensor data only from
+    a regular file inside the model's folder, named by a relative path."""
+    location = _location(tensor)
+    where = f"external data of tensor '{tensor.name}' is at '{location}'"
+    fix = ("ONNX reads tensor data only from files inside the model's folder: move the data file there and save "
+           "the model again with a relative location")
+    if Path(location).is_absolute():
+        raise ModelError(f"{where}, an absolute path: {fix}")
+    path = base_dir / location
+    if not path.resolve().is_relative_to(base_dir.resolve()):
+        raise ModelError(f"{where}, outside the model's folder '{base_dir}': {fix}")
+    if path.is_symlink():
+        raise ModelError(f"{where}, a symbolic link: onnx reads only regular files; copy the data file itself beside the model")
+    if not path.exists():
+        raise ModelError(
+            f"external data file '{location}' of tensor '{tensor.name}' is missing next to the "
+            f"model in '{base_dir}': copy it beside the .onnx file"
+        )
+    if not path.is_file():
+        raise ModelError(f"{where}, not a regular file: put the data file itself there")
 
 
 def _external_tensors(model: onnx.ModelProto):
@@ -307,21 +329,17 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> list[Path]:
     Returns the files written. Nothing is left behind if writing fails.
     """
     path = Path(path)
-    staging = Path(tempfile.mkdtemp(prefix=".onnxprune-", dir=path.resolve().parent))
+    staging = staging_path(path.resolve().parent)
     try:
-        staged = write_model(model, staging / path.name)
-        written = []
-        for file in staged:
-            target = path.parent / file.name
-            os.replace(file, target)
-            written.append(target)
+        staging.mkdir()
+        staged = write_model(model, staging / path.name)  # the model file first
+        written = [path.parent / file.name for file in staged]
+        publish(list(zip(staged, written))[::-1])
         return written
     except OSError as exc:
         raise UsageError(f"cannot write '{path}' ({exc.strerror or exc}): free space or choose another output path") from None
     finally:
-        for leftover in staging.iterdir():
-            leftover.unlink()
-        staging.rmdir()
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_model(model: onnx.ModelProto, path: Path) -> list[Path]:

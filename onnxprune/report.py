@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import re
 import os
-import tempfile
 from pathlib import Path
 
 from .validate.compare import worst_channel
 from .version import __version__
+from .workdir import staging_path
 
 # The JSON report's layout version (docs/report-schema.md). Adding a key keeps it; renaming, removing or
 # changing the meaning of one bumps it, so CI scripts that read reports can check what they get.
@@ -37,27 +37,17 @@ def report_header() -> dict:
 
 
 def write_json_atomic(path: str | os.PathLike, data) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".onnxprune-", suffix=".json", dir=path.resolve().parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_bytes_atomic(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".onnxprune-", suffix=path.suffix, dir=path.resolve().parent)
+    tmp = staging_path(path.resolve().parent, path.suffix)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from .io import write_model
+from .workdir import temp_folder
 
 MAX_BATCH = 32  # samples per run when memory allows more: larger batches are no faster on CPU
 RUN_BUDGET_BYTES = 96 << 20  # onnxruntime's buffers for one batch of a validation run: about 4x the model's
@@ -31,7 +31,7 @@ def on_disk(model: onnx.ModelProto | str | os.PathLike):
     if not isinstance(model, onnx.ModelProto):
         yield Path(model)
         return
-    with tempfile.TemporaryDirectory(prefix="onnxprune-") as tmp:
+    with temp_folder("session-") as tmp:
         path = Path(tmp) / "model.onnx"
         write_model(model, path)
         yield path

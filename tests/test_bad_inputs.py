@@ -125,3 +125,44 @@ def test_failure_during_save_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(io, "write_model", broken)
     assert_failed(run(MODEL, tmp_path / "out.onnx"), 2, "cannot write", "disk full")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def external_data_at(tmp_path: Path, location: str) -> Path:
+    """The MNIST model in tmp_path/model/ with its weights in a data file at `location` (set by hand)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    path = folder / "ext.onnx"
+    onnx.save_model(onnx.load(str(MODEL)), str(path), save_as_external_data=True, location="ext.data", size_threshold=0)
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("where, phrase", [("absolute", "an absolute path"), ("outside", "outside the model's folder"),
+                                           ("symlink", "a symbolic link"), ("folder", "not a regular file")])
+def test_refused_external_data_paths_say_why(tmp_path, where, phrase):
+    location = {"absolute": str(tmp_path / "model" / "ext.data"), "outside": "../ext.data", "symlink": "link.data",
+                "folder": "folder.data"}[where]
+    path = external_data_at(tmp_path, location)
+    shutil.copy(path.parent / "ext.data", tmp_path / "ext.data")  # what "../ext.data" names: it exists
+    if where == "symlink":
+        (path.parent / "link.data").symlink_to(path.parent / "ext.data")
+    if where == "folder":
+        (path.parent / "folder.data").mkdir()
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    result = run(path, tmp_path / "out.onnx")
+    assert_failed(result, 3, f"is at '{location}', {phrase}")
+    assert "truncated" not in result.output and "corrupt" not in result.output
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_a_truncated_external_data_file_is_called_so(tmp_path):
+    path = external_data_at(tmp_path, "ext.data")
+    data = path.parent / "ext.data"
+    data.write_bytes(data.read_bytes()[:1000])
+    assert_failed(run(path, tmp_path / "out.onnx"), 3, "truncated")
+    assert not (tmp_path / "out.onnx").exists()

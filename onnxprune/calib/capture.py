@@ -13,7 +13,6 @@ written to a temporary file, that copy freed before onnxruntime builds its own).
 from __future__ import annotations
 
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -27,6 +26,7 @@ import onnxruntime as ort
 from ..io import ModelFile, write_model
 from ..progress import bar
 from ..runtime import build_session, release_free_memory, with_outputs
+from ..workdir import temp_folder
 from .data import CalibrationSet
 
 
@@ -43,7 +43,7 @@ def probe_file(model: onnx.ModelProto | ModelFile, names: list[str]) -> Iterator
     """A temporary file holding `model` with `names` as extra graph outputs. A verbatim `ModelFile` is
     copied with the outputs appended (no proto parsed); another one is parsed again, the outputs added
     and written, and that proto freed before the block runs."""
-    with tempfile.TemporaryDirectory(prefix="onnxprune-") as tmp:
+    with temp_folder("probe-") as tmp:
         path = Path(tmp) / "probe.onnx"
         if isinstance(model, ModelFile) and model.verbatim:
             shutil.copyfile(model.path, path)

@@ -9,7 +9,6 @@ activations whose ranges (MinMax) come from our calibration data through its `Ca
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
 import onnx
@@ -17,6 +16,7 @@ import onnx
 from ..calib import CalibrationSet
 from ..errors import ModelError, UsageError
 from ..io import write_model
+from ..workdir import temp_folder
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def quantize_int8(model: onnx.ModelProto, calibration: CalibrationSet, batch_siz
             return next(self.batches, None)
 
     reader = Reader()
-    with tempfile.TemporaryDirectory(prefix="onnxprune-quantize-") as folder:
+    with temp_folder("quantize-") as folder:
         source, prepared, target = (Path(folder) / name for name in ("in.onnx", "prepared.onnx", "out.onnx"))
         write_model(model, source)  # as the output is written: past 2 GB with its tensors beside it
         try:

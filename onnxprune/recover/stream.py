@@ -22,6 +22,7 @@ from onnx import helper
 
 from ..calib.capture import capture_session
 from ..calib.data import CalibrationSet
+from ..workdir import temp_folder
 
 MEMORY_BUDGET_BYTES = 1 << 30  # frontier activations held in memory per stream; the rest goes to disk
 
@@ -42,7 +43,7 @@ class ActivationStore:
             self.in_memory += array.nbytes
             return
         if self.folder is None:
-            self.folder = tempfile.TemporaryDirectory(prefix="onnxprune-stream-")
+            self.folder = temp_folder("stream-")
         self.files += 1
         path = Path(self.folder.name) / f"{self.files}.npy"
         np.save(path, array)

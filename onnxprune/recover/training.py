@@ -24,7 +24,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import InternalError, ModelError, UsageError
+from ..workdir import publish, staging_path, temp_folder
 from . import FINETUNE_LR
 from .training_graph import (TEACHER_PREFIX, copy_model, decompose_for_training, dim_values, dynamic_pool_inputs,
                              float_outputs, fold_batchnorm, opset_of, ops_without_gradient, restore_decomposed,
@@ -157,7 +157,8 @@ def export_training(model: onnx.ModelProto, directory: str | os.PathLike, loss: 
     block = loss_block(onnxblock, loss, loss_outputs, teacher is not None, opset_of(model))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".onnxprune-training-", dir=directory))
+    staging = staging_path(directory)
+    staging.mkdir()
     try:
         try:
             artifacts.generate_artifacts(base, requires_grad=trainable, frozen_params=frozen_names, loss=block,
@@ -171,8 +172,8 @@ def export_training(model: onnx.ModelProto, directory: str | os.PathLike, loss: 
                     "trainable": trainable, "frozen": frozen_names, "batchnorm_folded": folded,
                     "spelled_out": spelled_out}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        for item in staging.iterdir():
-            os.replace(item, directory / item.name)
+        items = sorted(staging.iterdir(), key=lambda item: item.name == MANIFEST)  # the manifest last
+        publish([(item, directory / item.name) for item in items])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
@@ -203,7 +204,7 @@ def finetune(model: onnx.ModelProto, teacher: onnx.ModelProto, calibration, step
     if steps < 1:
         raise UsageError(f"--finetune-steps {steps}: give a positive number of steps")
     shapes = {name: [None] + list(array.shape[1:]) for name, array in calibration.arrays.items()}
-    with tempfile.TemporaryDirectory(prefix="onnxprune-finetune-") as tmp:
+    with temp_folder("finetune-") as tmp:
         manifest = export_training(model, tmp, loss, teacher, frozen, input_shapes=shapes)
         tuned, before, after, losses = _train_in_child(Path(tmp), manifest, calibration, steps, lr, batch_size, seed)
     tuned = _restore_metadata(restore_decomposed(_drop_unused(tuned), model), model)

@@ -19,7 +19,6 @@ a new one: the NCHWc layout transformer, a Conv followed by Mul or Add.)
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ from ..io import EXTERNAL_DATA_THRESHOLD, model_size_bytes, write_model
 from ..recover.layers import Initializers, LinearView, layer_view, node_consumers
 from ..recover.passes import held_out_samples, output_error
 from ..validate.compare import run_model
+from ..workdir import temp_folder
 from .consumers import flip_kernel
 
 SHARES = (0.25, 0.5)  # of a group's channels removed where its output error is measured
@@ -68,7 +68,7 @@ class OutputProbe:
             self.views[name] = view
         self.probe, self.inits = probe, inits
         self.small = model_size_bytes(probe) < EXTERNAL_DATA_THRESHOLD  # the values replaced keep their sizes
-        self.folder = tempfile.TemporaryDirectory(prefix="onnxprune-sensitivity-")
+        self.folder = temp_folder("sensitivity-")
         self.path = Path(self.folder.name) / "model.onnx"
         self.samples = _samples(calibration, fixed_batch, measurements)
         self.batch = fixed_batch or 8

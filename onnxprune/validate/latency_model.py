@@ -28,6 +28,7 @@ import onnx
 from onnx import helper
 
 from ..ops import weighted
+from ..workdir import staging_path
 from .latency import LatencyConfig, latency_session, summarize, time_runs
 
 MULTIPLES = (1, 4, 8, 16, 32)
@@ -210,7 +211,7 @@ class LatencyCache:
             return
         entries = self._entries()
         entries[key] = [asdict(f) for f in fits]
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        tmp = staging_path(self.path.parent, self.path.suffix)
         tmp.write_text(json.dumps({"version": CACHE_VERSION, "entries": entries}, indent=1))
         os.replace(tmp, self.path)
 

@@ -13,13 +13,13 @@ import contextlib
 import io
 import logging
 import pathlib
-import tempfile
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from ..io import write_model
+from ..workdir import temp_folder
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def quiet_ort_tools():
 def check_mobile(model: onnx.ModelProto, feed: dict[str, np.ndarray] | None = None) -> tuple[dict, bytes | None]:
     """(report section, .ort file bytes or None when the conversion failed)."""
     _import_ort_tools()  # before quieting: importing them sets their loggers' levels
-    with tempfile.TemporaryDirectory(prefix="onnxprune-mobile-") as tmp:
+    with temp_folder("mobile-") as tmp:
         path = pathlib.Path(tmp) / "model.onnx"
         write_model(model, path)
         with quiet_ort_tools():
