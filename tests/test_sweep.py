@@ -173,3 +173,10 @@ def test_a_setting_that_changes_nothing_is_a_row_saying_so(tmp_path):
 def test_bad_filter_lists_are_usage_errors(values):
     result = invoke("sweep", MODEL, "--filters", values)
     assert result.exit_code == 2 and "--filters" in result.output
+
+
+def test_without_ray_the_ray_option_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` raise ImportError
+    result = invoke("sweep", MODEL, "--filters", "0.5", "--report", tmp_path / "s.json", "--ray", "auto")
+    assert result.exit_code == 2 and "pip install 'onnxprune[ray]'" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "s.json").exists()
