@@ -6,6 +6,10 @@ fidelity (and accuracy with labels), MACs, params, file size and, with latency o
 Per-layer sensitivity prunes each channel group alone, exactly as that setting prunes it (the setting's
 plan restricted to the one group), and records the same measures.
 
+`run_setting` is everything one setting computes, from the baseline, the config and the setting alone:
+the local sweep calls it in a loop, `--ray` as one Ray task per setting (`cluster.ray_map`, which ships
+the baseline's model and data once), and `_table` makes the same table of either's results.
+
 Settings are PruneConfig overrides: `{"filters": 0.3}`, or `{"filters": 0.3, "rank": 0.5}` with low-rank
 factorization; `settings_grid` is the one place to extend.
 """
@@ -20,6 +24,7 @@ from .baseline import prepare
 from .cluster import ray_map
 from .config import PruneConfig, check_filters
 from .errors import NothingToPrune, UsageError
+from .io import EXTERNAL_DATA_THRESHOLD
 from .pipeline import prune
 from .progress import bar
 from .plan import Plan
@@ -73,7 +78,10 @@ def sweep(model, config: PruneConfig, settings: list[dict], sensitivity: bool = 
         for setting in settings:
             outcomes.append(run_setting((baseline, config, sensitivity), setting, runs))
     else:
-        shared = (baseline.portable(), _data_read(config, baseline), sensitivity)
+        if baseline.loaded.size_bytes >= EXTERNAL_DATA_THRESHOLD:
+            raise UsageError(f"--ray ships the model as one protobuf message, which cannot reach 2 GB (this one is "
+                             f"{baseline.loaded.size_bytes / 1e9:.1f} GB): sweep it without --ray")
+        shared = (baseline.portable(), _for_workers(config, baseline), sensitivity)
         outcomes = ray_map(run_setting, shared, settings, ray, whole_machines=config.latency is not None,
                            done=runs.update)
     runs.close()
@@ -85,7 +93,7 @@ def run_setting(shared: tuple, setting: dict, runs=None) -> dict:
     sensitivity): what a sweep computes per setting, on this machine or on a Ray worker alike. `runs`:
     a progress bar to count the setting and its sensitivity runs on."""
     baseline, config, sensitivity = shared
-    runs = runs or bar(label="setting", total=1)
+    runs = runs if runs is not None else bar(label="setting", total=1)  # on a Ray worker: never shown
     try:
         result = prune(baseline, replace(config, **setting))
     except NothingToPrune as exc:  # e.g. a rank at which no layer gets cheaper: a row saying so
@@ -105,7 +113,7 @@ def run_setting(shared: tuple, setting: dict, runs=None) -> dict:
     return {"row": {**setting, **measures(result.report)}, "error": None, "report": result.report, "points": points}
 
 
-def _data_read(config: PruneConfig, baseline) -> PruneConfig:
+def _for_workers(config: PruneConfig, baseline) -> PruneConfig:
     """`config` for workers that get the data in `baseline`: its data options are file paths they may not
     have, or readers that cannot be shipped (only whether calibration data was given still counts)."""
     return replace(config, calibration=baseline.calibration if config.calibration is not None else None,
