@@ -70,9 +70,9 @@ def worker_slots(ray, whole_machines: bool) -> list[dict]:
 
 def ray_map(fn: Callable, shared, items: list, address: str = "auto", whole_machines: bool = False,
             done: Callable = lambda: None) -> list:
-    """[fn(shared, item) for item in items], computed on Ray workers (see the module docstring). `fn` must
-    be importable on the workers (a module-level function of this package); `done()` is called as each
-    result arrives. An error raised by `fn` is raised here as it was raised there."""
+    """[fn(shared, item) for item in items], computed on Ray workers (see the module docstring). Ray
+    pickles `fn`: a module-level function by name, so the workers need this package installed. `done()`
+    is called as each result arrives. An error raised by `fn` is raised here as it was raised there."""
     ray = connect(address)
     from ray.exceptions import RayTaskError
     from ray.util import ActorPool
