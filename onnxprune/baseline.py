@@ -4,7 +4,7 @@ and `Baseline` keeps them with the original's outputs, sessions and scores for e
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx
 
@@ -112,6 +112,13 @@ class Baseline:
         scored from scratch (its reference outputs are not needed: every step is compared with the
         original's)."""
         return Baseline(load(model, self.loaded.input_shapes), self.specs, self.calibration, self.evaluation,
+                        self.output_axes, self.in_sample, self.evaluation_fitted)
+
+    def portable(self) -> "Baseline":
+        """This baseline as another machine can take it (a sweep's Ray workers): the model in memory
+        instead of a file path they may not have, the data already read, and none of what each process
+        computes for itself (sessions, reference outputs, scores)."""
+        return Baseline(replace(self.loaded, file=None), self.specs, self.calibration, self.evaluation,
                         self.output_axes, self.in_sample, self.evaluation_fitted)
 
     def single_batch(self) -> dict:

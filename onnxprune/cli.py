@@ -19,6 +19,7 @@ import click
 
 from . import progress
 from .calib.data import is_loader_script
+from .cluster import require_ray
 from .config import PFP_MODES, PruneConfig
 from .errors import InternalError, OnnxPruneError, UsageError, ValidationFailed
 from .io import check_output_path, load_model, parse_input_shape, save_model
@@ -414,21 +415,26 @@ def inspect_command(model, as_json, input_shapes, exclude, quiet):
               help="Write the sweep table as JSON here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a PNG plot here (needs matplotlib: pip install 'onnxprune[plot]').")
+@click.option("--ray", "ray_address", default=None, metavar="auto|ADDRESS",
+              help="Run the settings as tasks on a Ray cluster: 'auto' (RAY_ADDRESS, the cluster running here, "
+                   "else a new local one) or the cluster's address (needs pip install 'onnxprune[ray]').")
 @CALIBRATION
 @RECOVERY
 @EVALUATION
 @INPUT_SHAPES
 @EXCLUDE
 @command
-def sweep_command(model, filters_list, ranks_list, no_sensitivity, report_path, plot_path, **values):
+def sweep_command(model, filters_list, ranks_list, no_sensitivity, report_path, plot_path, ray_address, **values):
     """Prune MODEL at several settings; tabulate fidelity, accuracy, MACs, params, latency, sensitivity."""
     check_outputs([model], report_path, plot_path)
     if plot_path:
         require_matplotlib()
+    if ray_address:
+        require_ray()
     settings = settings_grid(parse_values(filters_list, "--filters") if filters_list else None,
                              parse_values(ranks_list, "--rank") if ranks_list else None)
     config = config_from(values, CHANNELS, SEED, CALIBRATION, RECOVERY, EVALUATION, INPUT_SHAPES, EXCLUDE)
-    table = sweep(model, config, settings, sensitivity=not no_sensitivity)
+    table = sweep(model, config, settings, sensitivity=not no_sensitivity, ray=ray_address)
     if report_path:
         write_json_atomic(report_path, table)
     if plot_path:

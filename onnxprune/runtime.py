@@ -23,6 +23,8 @@ from .workdir import temp_folder
 MAX_BATCH = 32  # samples per run when memory allows more: larger batches are no faster on CPU
 RUN_BUDGET_BYTES = 96 << 20  # onnxruntime's buffers for one batch of a validation run: about 4x the model's
 # largest tensor per sample (measured on ResNet-50: 430 MB at 32 samples of 3x224x224)
+intra_op_threads = 0  # onnxruntime's threads where a caller does not say; 0: one per core. A Ray worker sets
+# its share of the cores (cluster.py): workers side by side would otherwise each start one thread per core
 
 
 @contextmanager
@@ -47,6 +49,8 @@ def session(model: onnx.ModelProto | str | os.PathLike, threads: int = 0) -> ort
 
 def build_session(model: onnx.ModelProto | str | os.PathLike, options: ort.SessionOptions) -> ort.InferenceSession:
     """A CPU session for `model`, read from its file (see the module docstring)."""
+    if intra_op_threads and not options.intra_op_num_threads:
+        options.intra_op_num_threads = intra_op_threads
     with on_disk(model) as path:
         sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     release_free_memory()  # onnxruntime's working copies of the weights while it optimized the graph

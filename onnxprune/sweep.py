@@ -6,6 +6,10 @@ fidelity (and accuracy with labels), MACs, params, file size and, with latency o
 Per-layer sensitivity prunes each channel group alone, exactly as that setting prunes it (the setting's
 plan restricted to the one group), and records the same measures.
 
+`run_setting` is everything one setting computes, from the baseline, the config and the setting alone:
+the local sweep calls it in a loop, `--ray` as one Ray task per setting (`cluster.ray_map`, which ships
+the baseline's model and data once), and `_table` makes the same table of either's results.
+
 Settings are PruneConfig overrides: `{"filters": 0.3}`, or `{"filters": 0.3, "rank": 0.5}` with low-rank
 factorization; `settings_grid` is the one place to extend.
 """
@@ -17,8 +21,10 @@ import logging
 from dataclasses import replace
 
 from .baseline import prepare
+from .cluster import ray_map
 from .config import PruneConfig, check_filters
 from .errors import NothingToPrune, UsageError
+from .io import EXTERNAL_DATA_THRESHOLD
 from .pipeline import prune
 from .progress import bar
 from .plan import Plan
@@ -60,36 +66,70 @@ def settings_grid(filters: list | None, ranks: list | None = None) -> list[dict]
     return [{"filters": f, "rank": r} for f in filters for r in ranks]
 
 
-def sweep(model, config: PruneConfig, settings: list[dict], sensitivity: bool = True) -> dict:
-    """Prune `model` at every setting (overrides of `config`); the sweep table as plain data."""
+def sweep(model, config: PruneConfig, settings: list[dict], sensitivity: bool = True, ray: str | None = None) -> dict:
+    """Prune `model` at every setting (overrides of `config`); the sweep table as plain data. With `ray`
+    (a cluster's address, or 'auto'), the settings run as tasks on a Ray cluster (`cluster.ray_map`)."""
     checks_off = {"gates": None, "mobile": False, "plan": None}
     config = replace(config, **checks_off)
     baseline = prepare(model, replace(config, **settings[0]))  # a swept --rank fits the data too
     runs = bar(label="sweep", total=len(settings))
-    rows, curves, first, error = [], {}, None, None
-    for setting in settings:
-        try:
-            result = prune(baseline, replace(config, **setting))
-        except NothingToPrune as exc:  # e.g. a rank at which no layer gets cheaper: a row saying so
-            rows.append({**setting, "error": str(exc)})
-            error = error or exc
-            runs.update()
-            continue
-        first = first or result.report
-        rows.append({**setting, **measures(result.report)})
-        if sensitivity:
-            groups = _pruned_groups(result.plan)
-            runs.total += len(groups)
-            alone = replace(config, **setting, latency=None)
-            for gp in groups:
-                single = prune(baseline, replace(alone, plan=Plan([gp])))
-                point = {**setting, "channels_after": len(gp.keep), **measures(single.report)}
-                curves.setdefault(tuple(gp.sources), _curve(gp, result.report)).get("points").append(point)
-                runs.update()
-        runs.update()
+    if ray is None:
+        outcomes = []
+        for setting in settings:
+            outcomes.append(run_setting((baseline, config, sensitivity), setting, runs))
+    else:
+        if baseline.loaded.size_bytes >= EXTERNAL_DATA_THRESHOLD:
+            raise UsageError(f"--ray ships the model as one protobuf message, which cannot reach 2 GB (this one is "
+                             f"{baseline.loaded.size_bytes / 1e9:.1f} GB): sweep it without --ray")
+        shared = (baseline.portable(), _for_workers(config, baseline), sensitivity)
+        outcomes = ray_map(run_setting, shared, settings, ray, whole_machines=config.latency is not None,
+                           done=runs.update)
     runs.close()
-    if first is None:
-        raise error
+    return _table(model, config, outcomes)
+
+
+def run_setting(shared: tuple, setting: dict, runs=None) -> dict:
+    """One setting's row and its groups' sensitivity points, from `shared` = (baseline, config,
+    sensitivity): what a sweep computes per setting, on this machine or on a Ray worker alike. `runs`:
+    a progress bar to count the setting and its sensitivity runs on."""
+    baseline, config, sensitivity = shared
+    runs = runs if runs is not None else bar(label="setting", total=1)  # on a Ray worker: never shown
+    try:
+        result = prune(baseline, replace(config, **setting))
+    except NothingToPrune as exc:  # e.g. a rank at which no layer gets cheaper: a row saying so
+        runs.update()
+        return {"row": {**setting, "error": str(exc)}, "error": exc, "report": None, "points": []}
+    points = []
+    if sensitivity:
+        groups = _pruned_groups(result.plan)
+        runs.total += len(groups)
+        alone = replace(config, **setting, latency=None)
+        for gp in groups:
+            single = prune(baseline, replace(alone, plan=Plan([gp])))
+            points.append((_curve(gp, result.report), {**setting, "channels_after": len(gp.keep),
+                                                       **measures(single.report)}))
+            runs.update()
+    runs.update()
+    return {"row": {**setting, **measures(result.report)}, "error": None, "report": result.report, "points": points}
+
+
+def _for_workers(config: PruneConfig, baseline) -> PruneConfig:
+    """`config` for workers that get the data in `baseline`: its data options are file paths they may not
+    have, or readers that cannot be shipped (only whether calibration data was given still counts)."""
+    return replace(config, calibration=baseline.calibration if config.calibration is not None else None,
+                   evaluation=None, labels=None)
+
+
+def _table(model, config: PruneConfig, outcomes: list[dict]) -> dict:
+    """The sweep table from the settings' outcomes (`run_setting`), in the settings' order."""
+    reports = [o["report"] for o in outcomes if o["report"] is not None]
+    if not reports:
+        raise outcomes[0]["error"]
+    first = reports[0]
+    curves = {}
+    for outcome in outcomes:
+        for curve, point in outcome["points"]:
+            curves.setdefault(tuple(curve["sources"]), curve)["points"].append(point)
     order = {tuple(g["sources"]): i for i, g in enumerate(first["groups"])}
     return {
         **report_header(),
@@ -98,7 +138,7 @@ def sweep(model, config: PruneConfig, settings: list[dict], sensitivity: bool = 
         "metric": _metric(first),
         "baseline": {**first["before"], "accuracy": first["accuracy"]["before"] if first.get("accuracy") else None},
         "data": first["data"],
-        "settings": rows,
+        "settings": [o["row"] for o in outcomes],
         "sensitivity": sorted(curves.values(), key=lambda c: order.get(tuple(c["sources"]), len(order))),
         "config": {"scorer": config.scorer, "global": config.global_ranking, "round_to": config.round_to,
                    "exclude": list(config.exclude), "seed": config.seed},

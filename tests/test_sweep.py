@@ -173,3 +173,16 @@ def test_a_setting_that_changes_nothing_is_a_row_saying_so(tmp_path):
 def test_bad_filter_lists_are_usage_errors(values):
     result = invoke("sweep", MODEL, "--filters", values)
     assert result.exit_code == 2 and "--filters" in result.output
+
+
+def test_without_ray_the_ray_option_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` raise ImportError
+    result = invoke("sweep", MODEL, "--filters", "0.5", "--report", tmp_path / "s.json", "--ray", "auto")
+    assert result.exit_code == 2 and "pip install 'onnxprune[ray]'" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "s.json").exists()
+
+
+def test_a_model_too_big_for_one_protobuf_message_is_not_shipped_to_ray(monkeypatch):
+    monkeypatch.setattr(sweep_module, "EXTERNAL_DATA_THRESHOLD", 1000)  # the MNIST model as if it were 2 GB
+    with pytest.raises(UsageError, match="without --ray"):
+        sweep(str(MODEL), PruneConfig(), settings_grid([0.5]), ray="auto")
