@@ -234,7 +234,10 @@ def test_cli_n_of_m_after_channel_pruning(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--sparsity", "1.5"], "--sparsity 1.5 is outside"),
     (["--sparsity", "0.5", "--sparsity-pattern", "3:2"], "--sparsity-pattern '3:2'"),
-    (["--sparsity", "0.5", "--steps", "2"], "one step"),
+    (["--sparsity-pattern", "2:4", "--steps", "2"], "--sparsity-pattern 2:4 fixes it: use one step"),
+    (["--sparsity", "0.5", "--splicing"], "--splicing acts during fine-tuning: give --finetune-steps K"),
+    (["--splicing"], "--splicing decides which zeroed weights come back: it needs --sparsity S"),
+    (["--sparsity", "0.5", "--sparsity-method", "obs"], "--sparsity-method obs needs --calib data"),
     (["--sparsity-pattern", "3:7"], "no Conv, Gemm or MatMul layer takes the pattern 3:7"),  # found in the model
 ])
 def test_cli_bad_sparsity_options_exit_2(tmp_path, args, message):
