@@ -185,7 +185,10 @@ SPARSITY = OptionGroup([
                  help="Then quantize the result with onnxruntime's static QDQ quantization (int8 weights per channel, "
                       "int8 activations with ranges from the calibration data); validated and gated as the output, "
                       "the pruned-only figures beside it."),
-], lambda v: {"sparsity": v["sparsity"], "sparsity_pattern": v["sparsity_pattern"],
+    click.option("--quantize-exclude", multiple=True, metavar="NODE",
+                 help="With --quantize: leave the nodes matching this name glob float (repeatable); the report's "
+                      "quantize.worst_layers names the nodes that lose most."),
+], lambda v: {"quantize_exclude": tuple(v["quantize_exclude"]), "sparsity": v["sparsity"], "sparsity_pattern": v["sparsity_pattern"],
               "sparsity_method": v["sparsity_method"], "splicing": v["splicing"], "quantize": v["quantize"]})
 
 RECOVERY = OptionGroup([

@@ -60,6 +60,7 @@ class PruneConfig:
     sparsity_method: str | None = None  # obs or magnitude; None: obs with calibration data, else magnitude
     splicing: bool = False  # with --sparsity and fine-tuning: pruned weights may come back (Dynamic Network Surgery)
     quantize: str | None = None  # "int8": hand the result to onnxruntime's static QDQ quantization
+    quantize_exclude: tuple[str, ...] = ()  # node name globs left float by the quantization
 
 
 def check_filters(filters: float) -> None:
@@ -94,6 +95,8 @@ def check_config(config: PruneConfig) -> None:
         raise UsageError("--sparsity-method obs needs --calib data: the saliencies are measured on it; give --calib "
                          "or use --sparsity-method magnitude")
     check_quantize(config.quantize)
+    if config.quantize_exclude and not config.quantize:
+        raise UsageError("--quantize-exclude names nodes to leave float in --quantize int8: add --quantize int8")
     if config.quantize and config.calibration is None:
         raise UsageError("--quantize needs --calib data: the int8 activation ranges are measured on it")
     if config.plan is None and config.rank is not None:

@@ -131,7 +131,7 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
         with timed(timings, "validate"):
             pruned_only = pruned_only_summary(evaluate_result(baseline, pruned, None, config.latency, False)[0])
         with timed(timings, "quantize"):
-            pruned, quantize_report = quantize_stage(pruned, baseline)
+            pruned, quantize_report = quantize_stage(pruned, baseline, config.quantize_exclude)
         quantize_report["pruned_only"] = pruned_only
     with timed(timings, "validate", add=True):
         report, ort_model = evaluate_result(baseline, pruned, config.gates, config.latency, config.mobile)

@@ -251,10 +251,10 @@ def store_stage(model: onnx.ModelProto, report: dict) -> onnx.ModelProto:
     return stored
 
 
-def quantize_stage(model: onnx.ModelProto, baseline: Baseline) -> tuple[onnx.ModelProto, dict]:
-    """The pruned model quantized to int8 by onnxruntime, with activation ranges from the samples the fits
-    used; (model, the report's `quantize` settings)."""
-    return quantize_int8(model, baseline.fit_data, baseline.run_batch)
+def quantize_stage(model: onnx.ModelProto, baseline: Baseline, exclude: tuple[str, ...] = ()) -> tuple[onnx.ModelProto, dict]:
+    """The pruned model quantized to int8 by onnxruntime (nodes matching `exclude` left float), with
+    activation ranges from the samples the fits used; (model, the report's `quantize` settings)."""
+    return quantize_int8(model, baseline.fit_data, baseline.run_batch, exclude)
 
 
 def pruned_only_summary(report: dict) -> dict:

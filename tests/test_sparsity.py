@@ -330,8 +330,32 @@ def test_cli_quantized_output_is_gated(tmp_path):
     assert "validation failed" in run.output and not out.exists()
 
 
+def test_cli_quantize_exclude_leaves_the_nodes_float_and_the_report_names_the_worst(tmp_path):
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    run = CliRunner().invoke(main, [MNIST, str(out), "--filters", "0.25", "--quantize", "int8", "--calib", MNIST_CALIB,
+                                    "--calib-samples", "64", "--scorer", "l1", "--quantize-exclude", "/layer3/*",
+                                    "--report", str(report)])
+    assert run.exit_code == 0, run.output
+    quantize = json.loads(report.read_text())["quantize"]
+    assert quantize["excluded_nodes"] and all(n.startswith("/layer3/") for n in quantize["excluded_nodes"])
+    model = onnx.load(str(out))
+    produced = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:  # the excluded convs read a float weight, not a DequantizeLinear's output
+        if node.name.startswith("/layer3/") and node.op_type == "Conv":
+            assert produced.get(node.input[1]) is None or produced[node.input[1]].op_type != "DequantizeLinear"
+        elif node.op_type == "Conv":
+            assert produced[node.input[1]].op_type == "DequantizeLinear"
+    worst = quantize["worst_layers"]
+    assert 1 <= len(worst) <= 5 and [w["sqnr_db"] for w in worst] == sorted(w["sqnr_db"] for w in worst)
+    assert all(w["node"] for w in worst) and "most lost:" in run.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["--quantize", "int8"], "--quantize needs --calib"),
+    (["--quantize-exclude", "/fc/*"], "--quantize-exclude names nodes to leave float in --quantize int8"),
+    (["--filters", "0.25", "--scorer", "l1", "--calib-samples", "64", "--quantize", "int8", "--calib", MNIST_CALIB,
+      "--quantize-exclude", "nosuchnode"],
+     "--quantize-exclude 'nosuchnode' matches no node"),
     (["--quantize", "int4"], "'int4' is not"),
 ])
 def test_cli_bad_quantize_options_exit_2(tmp_path, args, message):
