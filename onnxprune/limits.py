@@ -35,7 +35,7 @@ from .lowrank.layers import find_layers
 from .recover.passes import output_error
 from .runtime import session
 from .shapes import infer_shapes
-from .sparsity import SparsitySettings, sparsify_model
+from .sparsity import MAX_FEATURES as SPARSITY_FEATURES, SparsitySettings, sparsify_model
 from .sparsity.solve import weight_costs
 from .stages import analyze_model, choose, group_summary
 from .sweep import require_matplotlib
@@ -83,7 +83,8 @@ def layer_limits(baseline, config: PruneConfig, error: float) -> tuple[list[dict
     shapes = infer_shapes(loaded.model, loaded.input_shapes)
     layers = [layer for layer in find_layers(gs.import_onnx(loaded.model), shapes, config.exclude, factorizing=False)
               if not layer.reason]
-    grams = input_moments(loaded.model, layers, shapes, baseline.fit_data, baseline.largest_batch, config.seed)
+    grams = input_moments(loaded.model, layers, shapes, baseline.fit_data, baseline.largest_batch, config.seed,
+                          SPARSITY_FEATURES)
     rows, curves = [], {}
     grid = np.linspace(0.0, 1.0, 101)
     for layer in layers:

@@ -17,7 +17,7 @@ from onnxprune.sparsity import check_sparsity, parse_pattern
 from onnxprune.sparsity.patterns import Pattern, keep_mask
 from onnxprune.quantize import quantize_int8
 from onnxprune.runtime import session
-from onnxprune.sparsity.solve import allocate, damped, optimal_update, weight_costs
+from onnxprune.sparsity.solve import allocate, damped, optimal_update, sequential_update, weight_costs
 from onnxprune.sparsity.storage import sparse_form, store_sparse
 from test_lowrank import calibration_for, conv_model, gemm_model, matmul_model, mixed_model
 
@@ -139,6 +139,28 @@ def test_the_update_lowers_every_row_error_of_zeroing_alone(seed):
     h = damped(gram)
     row_errors = lambda new: np.einsum("of,fg,og->o", new - weight, h, new - weight)  # noqa: E731
     assert (row_errors(optimal_update(weight, keep, gram)) <= row_errors(np.where(keep, weight, 0.0)) + 1e-12).all()
+
+
+def test_sequential_update_is_exact_when_only_the_first_column_goes():
+    """SparseGPT's sequential update spreads column j's error over the later columns only: with the first
+    column the only one dropped, that is the exact re-fit (the OBS update of one weight)."""
+    weight, gram = _layer(seed=5, outputs=6, features=9)
+    keep = np.ones(weight.shape, dtype=bool)
+    keep[:, 0] = False
+    np.testing.assert_allclose(sequential_update(weight, keep, gram, block=4),
+                               _brute_force(weight, keep, damped(gram)), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("block", [1, 3, 128])
+def test_sequential_update_lies_between_zeroing_and_the_exact_fit(block):
+    weight, gram = _layer(seed=6, outputs=30, features=11)
+    keep = np.random.default_rng(7).random(weight.shape) > 0.5
+    h = damped(gram)
+    error = lambda new: float(np.einsum("of,fg,og->", new - weight, h, new - weight))  # noqa: E731
+    sequential = sequential_update(weight, keep, gram, block=block)
+    assert (sequential[~keep] == 0).all()
+    assert error(optimal_update(weight, keep, gram)) < error(sequential) < error(np.where(keep, weight, 0.0))
+    np.testing.assert_allclose(sequential, sequential_update(weight, keep, gram, block=2), rtol=1e-9, atol=1e-12)
 
 
 # ------------------------------------------------------------------ the stage

@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
@@ -55,14 +56,12 @@ def quantize_int8(model: onnx.ModelProto, calibration: CalibrationSet, batch_siz
     with tempfile.TemporaryDirectory(prefix="onnxprune-quantize-") as folder:
         source, prepared, target = (Path(folder) / name for name in ("in.onnx", "prepared.onnx", "out.onnx"))
         write_model(model, source)  # as the output is written: past 2 GB with its tensors beside it
-        try:
+        with refused_as_model_error():
             quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)  # ONNX shapes, and onnxruntime's fusions (BatchNorm into Conv)
-            excluded = excluded_nodes(onnx.load_model(str(prepared), load_external_data=False), exclude)
+        excluded = excluded_nodes(onnx.load_model(str(prepared), load_external_data=False), exclude)
+        with refused_as_model_error():
             quantize_static(str(prepared), str(target), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
-        except Exception as exc:  # onnxruntime's tool raises plain exceptions for models it cannot handle
-            raise ModelError(f"onnxruntime's quantization failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): "
-                             "run without --quantize, or quantize the written model with onnxruntime yourself") from None
         quantized = onnx.load_model(str(target))
         worst = worst_layers(prepared, target, Path(folder), lambda: Reader(calibration.head(min(DEBUG_SAMPLES, calibration.count))))
     settings = {"format": "QDQ", "weights": "int8 per channel", "activations": "int8 per tensor", "calibrate_method": "MinMax",
@@ -70,6 +69,16 @@ def quantize_int8(model: onnx.ModelProto, calibration: CalibrationSet, batch_siz
                 "excluded_nodes": excluded, "worst_layers": worst}
     log.info("int8: quantized with onnxruntime's quantize_static on %d samples", calibration.count)
     return quantized, settings
+
+
+@contextmanager
+def refused_as_model_error():
+    """onnxruntime's tool raises plain exceptions for models it cannot handle: a one-line ModelError."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"onnxruntime's quantization failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): "
+                         "run without --quantize, or quantize the written model with onnxruntime yourself") from None
 
 
 def excluded_nodes(model: onnx.ModelProto, patterns: tuple[str, ...]) -> list[str]:

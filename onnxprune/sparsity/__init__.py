@@ -31,6 +31,7 @@ from .solve import allocate, optimal_update, weight_costs
 log = logging.getLogger(__name__)
 
 METHODS = ("obs", "magnitude")
+MAX_FEATURES = 6144  # wider layers get magnitude costs: their [features, features] statistics take 300 MB each
 LAYER_CEILING = 0.99  # no layer loses more than this share of its weights to the global budget
 
 
@@ -87,7 +88,7 @@ def sparsify_model(model: onnx.ModelProto, input_shapes: dict, calibration: Cali
     if settings.method != "obs" or calibration.source == "synthetic":
         grams = {}
     elif grams is None:
-        grams = input_moments(model, candidates, shapes, calibration, batch_size, settings.seed)
+        grams = input_moments(model, candidates, shapes, calibration, batch_size, settings.seed, MAX_FEATURES)
     weights = [layer.weight.T for layer in candidates]  # [outputs, features]
     costs = [weight_costs(w, grams.get(layer.name)) for w, layer in zip(weights, candidates)]
     fixed = settings.pattern.fixed_sparsity
