@@ -43,6 +43,7 @@ ROWS = {
     "sparse-0.91-4x400-lr1e-3": dict(sparsity=0.91, steps=4, finetune_steps=400, finetune_lr=1e-3),
     "sparse-0.91-4x400-lr1e-3-splice": dict(sparsity=0.91, steps=4, finetune_steps=400, finetune_lr=1e-3, splicing=True),
     "channels-0.7": dict(filters=0.7),
+    "channels-0.7-ft1600-lr1e-3": dict(filters=0.7, finetune_steps=1600, finetune_lr=1e-3),
     "rank-0.1": dict(rank=0.1),
 }
 
