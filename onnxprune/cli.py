@@ -39,6 +39,7 @@ from .validate.gates import Gates, describe, failed_checks
 from .validate.latency import DEFAULT_RUNS, DEFAULT_THREADS, DEFAULT_WARMUP, LatencyConfig
 from .version import __version__
 from .workflows import finetune, inspect
+from .limits import DEFAULT_ERROR as DEFAULT_LIMIT_ERROR, format_limits, limits, plot_limits
 
 
 class DefaultToPrune(click.Group):
@@ -177,12 +178,19 @@ SPARSITY = OptionGroup([
     click.option("--sparsity-method", type=click.Choice(SPARSITY_METHODS), default=None,
                  help="Which weights go: the OBS saliency with the optimal update of the rest (needs --calib), or "
                       "magnitude [default: obs with --calib, else magnitude]."),
+    click.option("--splicing", is_flag=True,
+                 help="With --sparsity and --finetune-steps: during fine-tuning, zeroed weights whose magnitude "
+                      "rises above the layer's upper threshold come back and kept ones below its lower threshold go "
+                      "(Dynamic Network Surgery); without it the zeros are held."),
     click.option("--quantize", type=click.Choice(QUANTIZE_FORMATS), default=None,
                  help="Then quantize the result with onnxruntime's static QDQ quantization (int8 weights per channel, "
                       "int8 activations with ranges from the calibration data); validated and gated as the output, "
                       "the pruned-only figures beside it."),
-], lambda v: {"sparsity": v["sparsity"], "sparsity_pattern": v["sparsity_pattern"],
-              "sparsity_method": v["sparsity_method"], "quantize": v["quantize"]})
+    click.option("--quantize-exclude", multiple=True, metavar="NODE",
+                 help="With --quantize: leave the nodes matching this name glob float (repeatable); the report's "
+                      "quantize.worst_layers names the nodes that lose most."),
+], lambda v: {"quantize_exclude": tuple(v["quantize_exclude"]), "sparsity": v["sparsity"], "sparsity_pattern": v["sparsity_pattern"],
+              "sparsity_method": v["sparsity_method"], "splicing": v["splicing"], "quantize": v["quantize"]})
 
 RECOVERY = OptionGroup([
     click.option("--recover", type=click.Choice(RECOVERY_METHODS), default=None,
@@ -190,7 +198,8 @@ RECOVERY = OptionGroup([
                       "calibration data: least squares, biases only, or not [default: lstsq with --calib, else none]."),
     click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
                  help="Reach the target in N prune-and-recover steps (each 1/N of the way, geometrically), "
-                      "re-scoring the pruned model and re-fitting it to the original after each."),
+                      "re-scoring the pruned model and re-fitting it to the original after each. With --sparsity "
+                      "the steps raise the weights' sparsity (channels are pruned in one step)."),
     click.option("--finetune-steps", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
                  help="Then run N distillation steps towards the original through onnxruntime-training "
                       "(needs its own environment; the error says how to set it up); with --steps, after "
@@ -392,13 +401,35 @@ def _read_plan(path: Path) -> Plan:
 @main.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--limits", "show_limits", is_flag=True,
+              help="Per channel group and per layer, the largest share removable at --limit-error, and the whole "
+                   "model's curves (needs --calib).")
+@click.option("--limit-error", type=float, default=DEFAULT_LIMIT_ERROR, show_default=True, metavar="E",
+              help="With --limits: the relative L2 output error allowed.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --limits: write the error curves as a PNG here (needs matplotlib).")
+@SEED
+@CALIBRATION
 @INPUT_SHAPES
 @EXCLUDE
 @command
-def inspect_command(model, as_json, input_shapes, exclude, quiet):
+def inspect_command(model, as_json, show_limits, limit_error, plot_path, input_shapes, exclude, quiet, **values):
     """Show MODEL's channel groups, what blocks them, coverage, params and MACs."""
-    info = inspect(model, _input_shapes(input_shapes), tuple(exclude))
-    click.echo(json.dumps(info, indent=1) if as_json else format_inspect(info, model))
+    if not show_limits:
+        if plot_path or values["calib"] or values["data_loader_script"]:
+            raise UsageError("--calib and --plot belong to --limits: add --limits, or leave them out")
+        info = inspect(model, _input_shapes(input_shapes), tuple(exclude))
+        click.echo(json.dumps(info, indent=1) if as_json else format_inspect(info, model))
+        return
+    check_outputs([model], plot_path)
+    if plot_path:
+        require_matplotlib()
+    config = config_from({**values, "input_shapes": input_shapes, "exclude": exclude}, SEED, CALIBRATION,
+                         INPUT_SHAPES, EXCLUDE)
+    table = limits(model, config, limit_error)
+    if plot_path:
+        write_bytes_atomic(plot_path, plot_limits(table))
+    click.echo(json.dumps(table, indent=1) if as_json else format_limits(table))
 
 
 @main.command("sweep")

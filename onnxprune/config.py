@@ -58,7 +58,9 @@ class PruneConfig:
     sparsity: float | None = None  # share of the weights of Conv/Gemm/MatMul layers to zero, last (after recovery)
     sparsity_pattern: str | None = None  # unstructured (default), N:M or block:RxC
     sparsity_method: str | None = None  # obs or magnitude; None: obs with calibration data, else magnitude
+    splicing: bool = False  # with --sparsity and fine-tuning: pruned weights may come back (Dynamic Network Surgery)
     quantize: str | None = None  # "int8": hand the result to onnxruntime's static QDQ quantization
+    quantize_exclude: tuple[str, ...] = ()  # node name globs left float by the quantization
 
 
 def check_filters(filters: float) -> None:
@@ -86,10 +88,15 @@ def check_config(config: PruneConfig) -> None:
     if config.recover is not None and config.recover not in RECOVERY_METHODS:
         raise UsageError(f"unknown recovery method '{config.recover}': choose one of {', '.join(RECOVERY_METHODS)}")
     if sparsity_asked(config):
-        check_sparsity(config.sparsity, config.sparsity_pattern, config.sparsity_method)
-        if config.steps > 1:
-            raise UsageError("--sparsity zeroes weights once, after the last step: use one step with it")
+        check_schedule(config, *check_sparsity(config.sparsity, config.sparsity_pattern, config.sparsity_method))
+    elif config.splicing:
+        raise UsageError("--splicing decides which zeroed weights come back: it needs --sparsity S")
+    if config.sparsity_method == "obs" and config.calibration is None:
+        raise UsageError("--sparsity-method obs needs --calib data: the saliencies are measured on it; give --calib "
+                         "or use --sparsity-method magnitude")
     check_quantize(config.quantize)
+    if config.quantize_exclude and not config.quantize:
+        raise UsageError("--quantize-exclude names nodes to leave float in --quantize int8: add --quantize int8")
     if config.quantize and config.calibration is None:
         raise UsageError("--quantize needs --calib data: the int8 activation ranges are measured on it")
     if config.plan is None and config.rank is not None:
@@ -100,6 +107,19 @@ def check_config(config: PruneConfig) -> None:
         if config.target_macs is not None and rank != "auto":
             raise UsageError("--target-macs with --rank needs --rank auto (the ranks are then chosen to meet the "
                              "target): drop --target-macs or use --rank auto")
+
+
+def check_schedule(config: PruneConfig, sparsity: float, pattern) -> None:
+    """--steps and --splicing with --sparsity: the steps raise the weights' sparsity (the channels are
+    pruned in one step), and splicing needs fine-tuning steps and the unstructured pattern."""
+    if config.steps > 1 and pattern.fixed_sparsity is not None:
+        raise UsageError(f"--steps raises the sparsity step by step, but --sparsity-pattern {pattern} fixes it: "
+                         "use one step (with --finetune-steps to fine-tune it)")
+    if config.splicing and not config.finetune_steps:
+        raise UsageError("--splicing acts during fine-tuning: give --finetune-steps K")
+    if config.splicing and pattern.kind != "unstructured":
+        raise UsageError(f"--splicing brings single weights back, which breaks --sparsity-pattern {pattern}: "
+                         "use the unstructured pattern")
 
 
 def check_latency_target(config: PruneConfig) -> None:
@@ -193,4 +213,5 @@ def config_section(config: PruneConfig, scorer: str, input_shapes: dict) -> dict
             "plan_given": config.plan is not None, "rank": config.rank, "lowrank_error": config.lowrank_error,
             "target_macs": config.target_macs, "target_latency": config.target_latency,
             "target_speedup": config.target_speedup, "output_axes": dict(config.output_axes),
-            "sparsity": config.sparsity, "sparsity_pattern": config.sparsity_pattern, "quantize": config.quantize}
+            "sparsity": config.sparsity, "sparsity_pattern": config.sparsity_pattern, "splicing": config.splicing,
+            "quantize": config.quantize}

@@ -62,6 +62,9 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
 
     lowrank = lowrank_settings(config)
     sparsity = sparsity_settings(config, baseline.calibration)
+    schedule = config  # with --sparsity, --steps and --finetune-steps are the weights' schedule; channels take one step
+    if sparsity is not None:
+        config = replace(config, steps=1, finetune_steps=0)
     weights_only = lowrank is not None or sparsity is not None  # channels may stay whole
     step_reports, current, total_masks, plan, whole, final = [], baseline, {}, None, None, None
     speed = None
@@ -113,7 +116,7 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
     sparsity_report = None
     if sparsity is not None:  # weights are zeroed last: recovery's dense re-fit would fill them in again
         with timed(timings, "sparsity"):
-            pruned, sparsity_report = sparsify_stage(pruned, baseline, sparsity)
+            pruned, sparsity_report = sparsify_stage(pruned, baseline, sparsity, schedule)
     if config.steps > 1:  # the groups' channels after the last step
         kept = {tuple(gp.sources): len(gp.keep) for gp in plan.groups}
         for summary in group_reports:
@@ -128,7 +131,7 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
         with timed(timings, "validate"):
             pruned_only = pruned_only_summary(evaluate_result(baseline, pruned, None, config.latency, False)[0])
         with timed(timings, "quantize"):
-            pruned, quantize_report = quantize_stage(pruned, baseline)
+            pruned, quantize_report = quantize_stage(pruned, baseline, config.quantize_exclude)
         quantize_report["pruned_only"] = pruned_only
     with timed(timings, "validate", add=True):
         report, ort_model = evaluate_result(baseline, pruned, config.gates, config.latency, config.mobile)
@@ -136,7 +139,7 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
         **report_header(),
         "groups": group_reports,
         "coverage": coverage,
-        "config": config_section(config, choice.scorer, loaded.input_shapes),
+        "config": config_section(schedule, choice.scorer, loaded.input_shapes),
         "scoring_notes": choice.context.notes,
         "scoring": scoring_summary(choice, config),
         "seed": config.seed,

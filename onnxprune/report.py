@@ -166,7 +166,17 @@ def format_quantize(report: dict) -> list[str]:
     return [f"  int8      {quantize['format']} by onnxruntime (weights {quantize['weights']}, activations "
             f"{quantize['activations']}, {quantize['samples']} calibration samples); the rows below are the quantized output's",
             f"            pruned only: {figures(alone['size_bytes'], alone['fidelity']['cosine'], alone.get('accuracy'), alone.get('latency_ms'))}",
-            f"            quantized:   {figures(report['after']['size_bytes'], fid['cosine'], accuracy.get('after'), latency)}"]
+            f"            quantized:   {figures(report['after']['size_bytes'], fid['cosine'], accuracy.get('after'), latency)}",
+            *_worst_layers(quantize)]
+
+
+def _worst_layers(quantize: dict) -> list[str]:
+    worst, excluded = quantize.get("worst_layers"), quantize.get("excluded_nodes")
+    lines = [f"            left float:  {', '.join(excluded)}"] if excluded else []
+    if isinstance(worst, list) and worst:
+        lines.append("            most lost:   " + ", ".join(f"{w['node'] or w['tensor']} ({w['sqnr_db']:.1f} dB)" for w in worst[:3])
+                     + " (SQNR against float; leave one float with --quantize-exclude NODE)")
+    return lines
 
 
 def format_sparsity(report: dict) -> list[str]:

@@ -4,7 +4,7 @@ and what earlier stages made: analyze, choose channels, rewrite, factorize, reco
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -22,9 +22,10 @@ from .plan import source_names
 from .quantize import quantize_int8
 from .recover import recover
 from .io import EXTERNAL_DATA_THRESHOLD, model_size_bytes
-from .sparsity import SparsitySettings, sparsify_model
+from .sparsity import SparsitySettings, recount, sparsify_model
 from .sparsity.storage import store_sparse
 from .recover.training import finetune
+from .recover.training_graph import fold_batchnorm
 from .rewrite import apply_channel_plan, apply_unit_scales, keep_masks
 from .scoring import ScoringContext
 
@@ -208,10 +209,34 @@ def nothing_factorized_message(report: dict) -> str:
             "try a lower --rank or a higher --lowrank-error")
 
 
-def sparsify_stage(model: onnx.ModelProto, baseline: Baseline, settings: SparsitySettings):
-    """Zero weights of the pruned (and recovered) model; (model, report section)."""
-    result = sparsify_model(model, baseline.loaded.input_shapes, baseline.fit_data, settings, baseline.largest_batch)
-    return result.model, result.report
+def sparsify_stage(model: onnx.ModelProto, baseline: Baseline, settings: SparsitySettings, config: PruneConfig):
+    """Zero weights of the pruned (and recovered) model; (model, report section). With --steps N the
+    sparsity rises in N steps (the share of weights kept falls geometrically, the last step at the target;
+    zeros cost nothing, so each step keeps the earlier zeros), and with --finetune-steps K every step is
+    fine-tuned towards the original with its zeros held (`recover.masks`; spliced with --splicing)."""
+    shapes, data, batch = baseline.loaded.input_shapes, baseline.fit_data, baseline.largest_batch
+    if config.steps == 1 and not config.finetune_steps:
+        result = sparsify_model(model, shapes, data, settings, batch)
+        return result.model, result.report
+    if config.finetune_steps:  # training folds BatchNorm into the convs: fold it first, so it trains these weights
+        model, _ = fold_batchnorm(model)
+    schedule = []
+    for step in range(1, config.steps + 1):
+        target = 1.0 - (1.0 - settings.sparsity) ** (step / config.steps)
+        result = sparsify_model(model, shapes, data, replace(settings, sparsity=target), batch)
+        model, entry = result.model, {"target": target, "achieved": result.report["achieved"],
+                                      "worst_error": result.report["worst_error"]}
+        if config.finetune_steps:
+            model, tuned = finetune(model, baseline.loaded.model, data, config.finetune_steps, lr=config.finetune_lr,
+                                    batch_size=batch, seed=config.seed + step, masked=tuple(result.dense),
+                                    dense=result.dense if config.splicing else None)
+            recount(result.report, model)
+            entry.update(finetune_loss={"before": tuned["loss_before"], "after": tuned["loss_after"]},
+                         after_finetune=result.report["achieved"])
+        schedule.append(entry)
+    result.report["schedule"] = {"steps": config.steps, "finetune_steps": config.finetune_steps,
+                                 "splicing": config.splicing, "each": schedule}
+    return model, result.report
 
 
 def store_stage(model: onnx.ModelProto, report: dict) -> onnx.ModelProto:
@@ -226,10 +251,10 @@ def store_stage(model: onnx.ModelProto, report: dict) -> onnx.ModelProto:
     return stored
 
 
-def quantize_stage(model: onnx.ModelProto, baseline: Baseline) -> tuple[onnx.ModelProto, dict]:
-    """The pruned model quantized to int8 by onnxruntime, with activation ranges from the samples the fits
-    used; (model, the report's `quantize` settings)."""
-    return quantize_int8(model, baseline.fit_data, baseline.run_batch)
+def quantize_stage(model: onnx.ModelProto, baseline: Baseline, exclude: tuple[str, ...] = ()) -> tuple[onnx.ModelProto, dict]:
+    """The pruned model quantized to int8 by onnxruntime (nodes matching `exclude` left float), with
+    activation ranges from the samples the fits used; (model, the report's `quantize` settings)."""
+    return quantize_int8(model, baseline.fit_data, baseline.run_batch, exclude)
 
 
 def pruned_only_summary(report: dict) -> dict:

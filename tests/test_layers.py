@@ -18,7 +18,7 @@ LAYERS = [
     {"errors", "version", "workdir", "io", "runtime", "shapes", "progress", "ops", "graph", "plan", "cluster"},  # foundations
     {"calib", "scoring", "allocate", "budget", "rewrite", "lowrank", "sparsity", "quantize", "recover", "validate", "report"},  # stages
     {"config", "loading", "baseline", "stages", "speed"},  # what a run of the stages shares
-    {"pipeline", "workflows", "sweep", "onnxprune"},  # workflows, and the API the package root exports
+    {"pipeline", "workflows", "sweep", "limits", "onnxprune"},  # workflows, and the API the package root exports
     {"cli"},
 ]
 

@@ -17,7 +17,7 @@ from onnxprune.sparsity import check_sparsity, parse_pattern
 from onnxprune.sparsity.patterns import Pattern, keep_mask
 from onnxprune.quantize import quantize_int8
 from onnxprune.runtime import session
-from onnxprune.sparsity.solve import allocate, damped, optimal_update, weight_costs
+from onnxprune.sparsity.solve import allocate, damped, optimal_update, sequential_update, weight_costs
 from onnxprune.sparsity.storage import sparse_form, store_sparse
 from test_lowrank import calibration_for, conv_model, gemm_model, matmul_model, mixed_model
 
@@ -141,6 +141,28 @@ def test_the_update_lowers_every_row_error_of_zeroing_alone(seed):
     assert (row_errors(optimal_update(weight, keep, gram)) <= row_errors(np.where(keep, weight, 0.0)) + 1e-12).all()
 
 
+def test_sequential_update_is_exact_when_only_the_first_column_goes():
+    """SparseGPT's sequential update spreads column j's error over the later columns only: with the first
+    column the only one dropped, that is the exact re-fit (the OBS update of one weight)."""
+    weight, gram = _layer(seed=5, outputs=6, features=9)
+    keep = np.ones(weight.shape, dtype=bool)
+    keep[:, 0] = False
+    np.testing.assert_allclose(sequential_update(weight, keep, gram, block=4),
+                               _brute_force(weight, keep, damped(gram)), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("block", [1, 3, 128])
+def test_sequential_update_lies_between_zeroing_and_the_exact_fit(block):
+    weight, gram = _layer(seed=6, outputs=30, features=11)
+    keep = np.random.default_rng(7).random(weight.shape) > 0.5
+    h = damped(gram)
+    error = lambda new: float(np.einsum("of,fg,og->", new - weight, h, new - weight))  # noqa: E731
+    sequential = sequential_update(weight, keep, gram, block=block)
+    assert (sequential[~keep] == 0).all()
+    assert error(optimal_update(weight, keep, gram)) < error(sequential) < error(np.where(keep, weight, 0.0))
+    np.testing.assert_allclose(sequential, sequential_update(weight, keep, gram, block=2), rtol=1e-9, atol=1e-12)
+
+
 # ------------------------------------------------------------------ the stage
 
 
@@ -234,7 +256,10 @@ def test_cli_n_of_m_after_channel_pruning(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--sparsity", "1.5"], "--sparsity 1.5 is outside"),
     (["--sparsity", "0.5", "--sparsity-pattern", "3:2"], "--sparsity-pattern '3:2'"),
-    (["--sparsity", "0.5", "--steps", "2"], "one step"),
+    (["--sparsity-pattern", "2:4", "--steps", "2"], "--sparsity-pattern 2:4 fixes it: use one step"),
+    (["--sparsity", "0.5", "--splicing"], "--splicing acts during fine-tuning: give --finetune-steps K"),
+    (["--splicing"], "--splicing decides which zeroed weights come back: it needs --sparsity S"),
+    (["--sparsity", "0.5", "--sparsity-method", "obs"], "--sparsity-method obs needs --calib data"),
     (["--sparsity-pattern", "3:7"], "no Conv, Gemm or MatMul layer takes the pattern 3:7"),  # found in the model
 ])
 def test_cli_bad_sparsity_options_exit_2(tmp_path, args, message):
@@ -327,8 +352,32 @@ def test_cli_quantized_output_is_gated(tmp_path):
     assert "validation failed" in run.output and not out.exists()
 
 
+def test_cli_quantize_exclude_leaves_the_nodes_float_and_the_report_names_the_worst(tmp_path):
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    run = CliRunner().invoke(main, [MNIST, str(out), "--filters", "0.25", "--quantize", "int8", "--calib", MNIST_CALIB,
+                                    "--calib-samples", "64", "--scorer", "l1", "--quantize-exclude", "/layer3/*",
+                                    "--report", str(report)])
+    assert run.exit_code == 0, run.output
+    quantize = json.loads(report.read_text())["quantize"]
+    assert quantize["excluded_nodes"] and all(n.startswith("/layer3/") for n in quantize["excluded_nodes"])
+    model = onnx.load(str(out))
+    produced = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:  # the excluded convs read a float weight, not a DequantizeLinear's output
+        if node.name.startswith("/layer3/") and node.op_type == "Conv":
+            assert produced.get(node.input[1]) is None or produced[node.input[1]].op_type != "DequantizeLinear"
+        elif node.op_type == "Conv":
+            assert produced[node.input[1]].op_type == "DequantizeLinear"
+    worst = quantize["worst_layers"]
+    assert 1 <= len(worst) <= 5 and [w["sqnr_db"] for w in worst] == sorted(w["sqnr_db"] for w in worst)
+    assert all(w["node"] for w in worst) and "most lost:" in run.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["--quantize", "int8"], "--quantize needs --calib"),
+    (["--quantize-exclude", "/fc/*"], "--quantize-exclude names nodes to leave float in --quantize int8"),
+    (["--filters", "0.25", "--scorer", "l1", "--calib-samples", "64", "--quantize", "int8", "--calib", MNIST_CALIB,
+      "--quantize-exclude", "nosuchnode"],
+     "--quantize-exclude 'nosuchnode' matches no node"),
     (["--quantize", "int4"], "'int4' is not"),
 ])
 def test_cli_bad_quantize_options_exit_2(tmp_path, args, message):

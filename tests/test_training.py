@@ -165,6 +165,72 @@ def test_steps_fine_tune_after_every_step(files, tmp_path):
     check_model(onnx.load(str(tmp_path / "out.onnx")))
 
 
+def _zeroed(model, share=0.6, seed=0):
+    """A copy of `model` with `share` of each conv/fc weight zeroed at random; (model, their names)."""
+    model = onnx.load_from_string(model.SerializeToString())
+    rng, names = np.random.default_rng(seed), []
+    for tensor in model.graph.initializer:
+        if tensor.name in ("conv1.weight", "conv2.weight", "fc.weight"):
+            values = numpy_helper.to_array(tensor).copy()
+            values[rng.random(values.shape) < share] = 0.0
+            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+            names.append(tensor.name)
+    return model, tuple(names)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_masked_zeros_stay_exactly_zero_through_fine_tuning(masked):
+    teacher = conv_bn_relu_gemm(seed=3)
+    student, names = _zeroed(teacher)
+    tuned, report = finetune(student, teacher, calibration(), steps=8, lr=1e-2, batch_size=16,
+                             masked=names if masked else ())
+    before, after = initializers(student), initializers(tuned)
+    for name in names:  # BatchNorm is folded into the convs for training: a zero stays a zero, others scale
+        moved = ~np.isclose(before[name], after[name])
+        if masked:
+            assert np.array_equal(after[name] == 0, before[name] == 0), name
+            assert moved[before[name] != 0].mean() > 0.5, name  # the kept weights trained
+        else:  # without the masks, AdamW moves the zeros too: what the masks prevent
+            assert np.count_nonzero(after[name] == 0) < np.count_nonzero(before[name] == 0), name
+    assert ("masks" in report) == masked
+
+
+def test_splicing_through_fine_tuning_reports_the_zeros_it_leaves():
+    teacher = conv_bn_relu_gemm(seed=3)
+    student, names = _zeroed(teacher, share=0.5)
+    dense = {name: value for name, value in initializers(teacher).items() if name in names}
+    tuned, report = finetune(student, teacher, calibration(), steps=10, lr=3e-2, batch_size=16, masked=names,
+                             dense=dense)
+    after = initializers(tuned)
+    zeros = sum(int(np.count_nonzero(after[name] == 0)) for name in names)
+    assert report["masks"]["splicing"] and report["masks"]["zeros"] == zeros
+    before = initializers(student)
+    changed = sum(int(np.count_nonzero((after[n] == 0) != (before[n] == 0))) for n in names)
+    assert changed > 0  # the thresholds brought weights back or took them (dense values differ from the mask)
+
+
+def test_sparsity_schedule_raises_the_sparsity_and_holds_it(files, tmp_path):
+    """--sparsity 0.6 --steps 2 --finetune-steps 5: two steps to the target, each fine-tuned, the zeros held."""
+    report_path, out = tmp_path / "report.json", tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, [str(files["teacher"]), str(out), "--sparsity", "0.6", "--calib",
+                                       str(files["calib"]), "--steps", "2", "--finetune-steps", "5",
+                                       "--report", str(report_path)])
+    assert result.exit_code == 0, result.output
+    sparsity = json.loads(report_path.read_text())["sparsity"]
+    each = sparsity["schedule"]["each"]
+    assert len(each) == 2 and each[0]["target"] == pytest.approx(1 - 0.4 ** 0.5) and each[1]["target"] == 0.6
+    for step in each:  # the fine-tuning kept every zero of its step
+        assert step["after_finetune"] == pytest.approx(step["achieved"])
+        assert step["finetune_loss"]["after"] <= step["finetune_loss"]["before"]
+    assert sparsity["achieved"] == pytest.approx(0.6, abs=0.02)
+    model = onnx.load(str(out))
+    zeros_of = {name: int(np.count_nonzero(w == 0)) for name, w in initializers(model).items()}
+    zeros_of.update({t.values.name: int(np.prod(t.dims)) - int(np.count_nonzero(numpy_helper.to_array(t.values)))
+                     for t in model.graph.sparse_initializer})
+    zeros = sum(zeros_of[r["initializer"]] for r in sparsity["layers"] if r["status"] == "sparsified")
+    assert zeros == sparsity["zeros"]
+
+
 def test_the_teacher_computes_its_inference_outputs_in_training_steps():
     """onnxruntime-training runs a training graph's BatchNormalization on batch statistics, the teacher's
     too; folded, the teacher gives in training steps the targets it gives at inference: a student equal to

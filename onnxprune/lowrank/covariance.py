@@ -79,16 +79,18 @@ class PatchSampler:
 
 
 def input_moments(model: onnx.ModelProto, layers: list[Layer], shapes: dict[str, tuple],
-                  calibration: CalibrationSet, max_batch: int, seed: int) -> dict[str, np.ndarray]:
-    """E[x^T x] of each layer's input features, by layer name, in one pass over `calibration`."""
+                  calibration: CalibrationSet, max_batch: int, seed: int,
+                  max_features: int = MAX_FEATURES) -> dict[str, np.ndarray]:
+    """E[x^T x] of each layer's input features, by layer name, in one pass over `calibration` (layers of
+    more than `max_features` features are left out)."""
     rng = np.random.default_rng(seed)
-    too_wide = [layer.name for layer in layers if layer.in_features > MAX_FEATURES]
+    too_wide = [layer.name for layer in layers if layer.in_features > max_features]
     if too_wide:
-        log.info("%d layers have more than %d input features: their factors use the weights only (%s, ...)",
-                 len(too_wide), MAX_FEATURES, too_wide[0])
+        log.info("%d layers have more than %d input features: they use the weights only (%s, ...)",
+                 len(too_wide), max_features, too_wide[0])
     moments, key_of = {}, {}  # layers reading the same features (Q, K and V projections) share one
     for layer in layers:
-        if layer.in_features > MAX_FEATURES:
+        if layer.in_features > max_features:
             continue
         key = (layer.input_name, layer.op == "Conv", layer.kernel, repr(sorted(layer.conv_attrs.items())),
                layer.input_transposed)

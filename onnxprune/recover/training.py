@@ -34,6 +34,7 @@ from onnx import helper, numpy_helper
 from ..errors import InternalError, ModelError, UsageError
 from ..workdir import publish, staging_path, temp_folder
 from . import FINETUNE_LR
+from .masks import HeldWeights
 from .training_graph import (TEACHER_PREFIX, copy_model, decompose_for_training, dim_values, dynamic_pool_inputs,
                              float_outputs, fold_batchnorm, opset_of, ops_without_gradient, restore_decomposed,
                              teacher_for_training, trainable_parameters, with_input_shapes, with_teacher)
@@ -197,32 +198,45 @@ def _reason(exc: Exception) -> str:
 
 
 def finetune(model: onnx.ModelProto, teacher: onnx.ModelProto, calibration, steps: int, lr: float = FINETUNE_LR,
-             batch_size: int = 32, seed: int = 0, loss: str = "mse", frozen: tuple[str, ...] = ()):
+             batch_size: int = 32, seed: int = 0, loss: str = "mse", frozen: tuple[str, ...] = (),
+             masked: tuple[str, ...] = (), dense: dict[str, np.ndarray] | None = None):
     """`steps` AdamW distillation steps of `model` towards `teacher` on `calibration` (shuffled with
-    `seed`), in a child process; (fine-tuned inference model, report section)."""
+    `seed`), in a child process; (fine-tuned inference model, report section). The zeros of the
+    initializers named in `masked` stay zero (`masks.HeldWeights`); with `dense` (their weights before
+    pruning, by name) they are spliced instead: weights may come back and go (Dynamic Network Surgery)."""
     require_training()
     if steps < 1:
         raise UsageError(f"--finetune-steps {steps}: give a positive number of steps")
     shapes = {name: [None] + list(array.shape[1:]) for name, array in calibration.arrays.items()}
     with temp_folder("finetune-") as tmp:
         manifest = export_training(model, tmp, loss, teacher, frozen, input_shapes=shapes)
-        tuned, before, after, losses = _train_in_child(Path(tmp), manifest, calibration, steps, lr, batch_size, seed)
+        missing = sorted(set(masked) - set(manifest["trainable"]))
+        if missing:
+            raise InternalError(f"masked weights are not trainable parameters: {missing[:3]}")
+        tuned, before, after, losses, held = _train_in_child(Path(tmp), manifest, calibration, steps, lr, batch_size,
+                                                             seed, masked, dense)
     tuned = _restore_metadata(restore_decomposed(_drop_unused(tuned), model), model)
     report = {"steps": steps, "lr": lr, "batch_size": batch_size, "loss": loss, "teacher": "original model",
               "loss_before": before, "loss_after": after, "first_step_loss": losses[0], "last_step_loss": losses[-1],
               "trainable_parameters": len(manifest["trainable"]), "frozen_parameters": len(manifest["frozen"]),
               "batchnorm_folded": manifest["batchnorm_folded"]}
+    if held:
+        report["masks"] = held
     return tuned, report
 
 
-def _train_in_child(directory: Path, manifest: dict, calibration, steps: int, lr: float, batch_size: int, seed: int):
+def _train_in_child(directory: Path, manifest: dict, calibration, steps: int, lr: float, batch_size: int, seed: int,
+                    masked: tuple[str, ...] = (), dense: dict[str, np.ndarray] | None = None):
     """`_train` in a child process on the artifacts in `directory`; a crash there (a signal) or a failure of
     onnxruntime-training becomes a one-line NotTrainable, a bug of ours an InternalError."""
     arrays = calibration.arrays  # a part of a set copies its samples on every read
     names = list(arrays)
     np.savez(directory / "data.npz", *[arrays[name] for name in names])  # arr_0, arr_1, ...
+    if dense is not None:
+        np.savez(directory / "dense.npz", **dense)
     (directory / "job.json").write_text(json.dumps({"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
-                                                    "names": names}))
+                                                    "names": names, "masked": list(masked),
+                                                    "splicing": dense is not None}))
     root = str(Path(__file__).resolve().parents[2])  # so the child imports this very onnxprune
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     started = time.perf_counter()
@@ -250,7 +264,7 @@ def _train_in_child(directory: Path, manifest: dict, calibration, steps: int, lr
         raise NotTrainable(f"the fine-tuning process exited with code {child.returncode} ({last}): prune without "
                            "fine-tuning (--finetune-steps 0), or fine-tune with `onnxprune export-training` artifacts")
     tuned = onnx.load(str(directory / "finetuned.onnx"))
-    return tuned, result["before"], result["after"], result["losses"]
+    return tuned, result["before"], result["after"], result["losses"], result.get("masks")
 
 
 def _child_main(directory: str) -> int:
@@ -268,9 +282,13 @@ def _child_main(directory: str) -> int:
         manifest = json.loads((directory / MANIFEST).read_text())
         with np.load(directory / "data.npz") as data:
             calibration = CalibrationSet({name: data[f"arr_{i}"] for i, name in enumerate(job["names"])})
-        before, after, losses = _train(api, directory, manifest, calibration, job["steps"], job["lr"],
-                                       job["batch_size"], job["seed"])
-        result = {"before": before, "after": after, "losses": losses}
+        dense = None
+        if job.get("splicing"):
+            with np.load(directory / "dense.npz") as stored:
+                dense = {name: stored[name] for name in stored.files}
+        before, after, losses, held = _train(api, directory, manifest, calibration, job["steps"], job["lr"],
+                                             job["batch_size"], job["seed"], job.get("masked", []), dense)
+        result = {"before": before, "after": after, "losses": losses, "masks": held}
     except RuntimeError as exc:  # onnxruntime's errors (Fail, RuntimeException, ...) derive from it
         result = {"kind": "runtime", "error": _reason(exc)}
     except Exception as exc:  # noqa: BLE001 -- reported by the parent as an internal error
@@ -279,14 +297,17 @@ def _child_main(directory: str) -> int:
     return 1 if "error" in result else 0
 
 
-def _train(api, directory: Path, manifest: dict, calibration, steps: int, lr: float, batch_size: int, seed: int):
+def _train(api, directory: Path, manifest: dict, calibration, steps: int, lr: float, batch_size: int, seed: int,
+           masked: list[str] = (), dense: dict[str, np.ndarray] | None = None):
     """Run the steps through the artifacts in `directory` and write finetuned.onnx there; (loss before,
-    after, step losses)."""
+    after, step losses, the held masks' summary or None). The `masked` parameters' masks are re-applied
+    after every optimizer step (spliced with `dense`)."""
     state = api.CheckpointState.load_checkpoint(str(directory / "checkpoint"))
     module = api.Module(str(directory / "training_model.onnx"), state, str(directory / "eval_model.onnx"))
     optimizer = api.Optimizer(str(directory / "optimizer_model.onnx"), module)
     optimizer.set_learning_rate(lr)
     inputs = manifest["inputs"]
+    held = HeldWeights(state.parameters, list(masked), dense) if masked else None
     before = _eval_loss(module, calibration, batch_size, inputs)
     module.train()
     losses = []
@@ -294,9 +315,11 @@ def _train(api, directory: Path, manifest: dict, calibration, steps: int, lr: fl
         losses.append(float(module(*[feed[n] for n in inputs])))
         optimizer.step()
         module.lazy_reset_grad()
+        if held is not None:
+            held.after_step()
     after = _eval_loss(module, calibration, batch_size, inputs)
     module.export_model_for_inferencing(str(directory / "finetuned.onnx"), manifest["outputs"])
-    return before, after, losses
+    return before, after, losses, held.summary() if held is not None else None
 
 
 def _shuffled_batches(calibration, batch_size: int, steps: int, seed: int):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
 from ..calib import CalibrationSet
 from ..errors import UsageError
@@ -30,6 +31,7 @@ from .solve import allocate, optimal_update, weight_costs
 log = logging.getLogger(__name__)
 
 METHODS = ("obs", "magnitude")
+MAX_FEATURES = 6144  # wider layers get magnitude costs: their [features, features] statistics take 300 MB each
 LAYER_CEILING = 0.99  # no layer loses more than this share of its weights to the global budget
 
 
@@ -64,11 +66,13 @@ def check_sparsity(sparsity: float | None, pattern: str | None, method: str | No
 class SparsityResult:
     model: onnx.ModelProto
     report: dict
+    dense: dict[str, np.ndarray]  # per sparsified weight initializer of `model`, its values before this stage
 
 
 def sparsify_model(model: onnx.ModelProto, input_shapes: dict, calibration: CalibrationSet,
-                   settings: SparsitySettings, batch_size: int = 32) -> SparsityResult:
-    """`model` (not modified) with weights zeroed as `settings` say, and the report section."""
+                   settings: SparsitySettings, batch_size: int = 32, grams: dict | None = None) -> SparsityResult:
+    """`model` (not modified) with weights zeroed as `settings` say, and the report section. `grams`: the
+    layers' input moments when already computed for this model (else measured here)."""
     shapes = infer_shapes(model, input_shapes)
     graph = gs.import_onnx(model)
     layers = find_layers(graph, shapes, settings.exclude, factorizing=False)
@@ -81,9 +85,10 @@ def sparsify_model(model: onnx.ModelProto, input_shapes: dict, calibration: Cali
     if not candidates:
         raise UsageError("--sparsity: no Conv, Gemm or MatMul layer takes the pattern "
                          f"{settings.pattern} ({_top_reason(layers)}); try --sparsity-pattern unstructured")
-    grams = {}
-    if settings.method == "obs" and calibration.source != "synthetic":
-        grams = input_moments(model, candidates, shapes, calibration, batch_size, settings.seed)
+    if settings.method != "obs" or calibration.source == "synthetic":
+        grams = {}
+    elif grams is None:
+        grams = input_moments(model, candidates, shapes, calibration, batch_size, settings.seed, MAX_FEATURES)
     weights = [layer.weight.T for layer in candidates]  # [outputs, features]
     costs = [weight_costs(w, grams.get(layer.name)) for w, layer in zip(weights, candidates)]
     fixed = settings.pattern.fixed_sparsity
@@ -92,13 +97,15 @@ def sparsify_model(model: onnx.ModelProto, input_shapes: dict, calibration: Cali
                           [int(np.prod(settings.pattern.unit_shape()))] * len(candidates),
                           settings.sparsity, LAYER_CEILING))
     nodes = {layer_name(node): node for node in graph.nodes}
-    rows = []
+    rows, dense = [], {}
     for layer, weight, cost, fraction in zip(candidates, weights, costs, fractions):
         keep = keep_mask(cost, settings.pattern, fraction)
         gram = grams.get(layer.name)
         new = optimal_update(weight, keep, gram) if gram is not None else np.where(keep, weight, 0.0)
-        _write(nodes[layer.name], layer, new)
-        rows.append(_row(layer, keep, relative_error(weight.T, new.T, gram), gram is not None))
+        before = np.array(nodes[layer.name].inputs[1].values)
+        name = _write(nodes[layer.name], layer, new)
+        dense[name] = before
+        rows.append(_row(layer, keep, relative_error(weight.T, new.T, gram), gram is not None) | {"initializer": name})
     rows += [{"node": layer.name, "op": layer.op, "status": "skipped", "reason": layer.reason}
              for layer in layers if layer.reason]
     out = gs.export_onnx(graph)
@@ -106,13 +113,15 @@ def sparsify_model(model: onnx.ModelProto, input_shapes: dict, calibration: Cali
     report = _report(rows, settings, bool(grams))
     log.info("sparsity: %.1f%% of %d weights zeroed in %d layers", 100 * report["achieved"], report["weights"],
              report["sparsified"])
-    return SparsityResult(out, report)
+    return SparsityResult(out, report, dense)
 
 
-def _write(node: gs.Node, layer: Layer, matrix: np.ndarray) -> None:
-    """The layer's weight tensor for `matrix` [outputs, features] (Gemm's alpha taken out again)."""
+def _write(node: gs.Node, layer: Layer, matrix: np.ndarray) -> str:
+    """The layer's weight tensor for `matrix` [outputs, features] (Gemm's alpha taken out again); its name."""
     values = layer.handler.from_matrix(layer.layout, matrix.T[None] / layer.layout.scale)
-    node.inputs[1] = gs.Constant(f"{layer.name}_sparse_weight", values.astype(layer.weight_dtype))
+    name = f"{layer.name}_sparse_weight"
+    node.inputs[1] = gs.Constant(name, values.astype(layer.weight_dtype))
+    return name
 
 
 def _row(layer: Layer, keep: np.ndarray, error: float, data_aware: bool) -> dict:
@@ -138,4 +147,19 @@ def _report(rows: list[dict], settings: SparsitySettings, data_aware: bool) -> d
             "layers": rows}
 
 
-__all__ = ["METHODS", "SparsitySettings", "check_sparsity", "parse_pattern", "sparsify_model"]
+def recount(report: dict, model: onnx.ModelProto) -> None:
+    """The report's zeros and sparsity per layer and in all, as `model`'s weights have them now (after
+    fine-tuning, where splicing may have brought weights back)."""
+    names = {row.get("initializer") for row in report["layers"]}
+    zeros = {t.name: int(np.count_nonzero(numpy_helper.to_array(t) == 0))
+             for t in model.graph.initializer if t.name in names}
+    for row in report["layers"]:
+        if row["status"] == "sparsified" and row["initializer"] in zeros:
+            row["zeros"] = zeros[row["initializer"]]
+            row["sparsity"] = row["zeros"] / row["weights"]
+    done = [r for r in report["layers"] if r["status"] == "sparsified"]
+    report["zeros"] = sum(r["zeros"] for r in done)
+    report["achieved"] = report["zeros"] / max(report["weights"], 1)
+
+
+__all__ = ["METHODS", "SparsitySettings", "check_sparsity", "parse_pattern", "recount", "sparsify_model"]

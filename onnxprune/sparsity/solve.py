@@ -19,6 +19,8 @@ import numpy as np
 from ..scoring.obs import damped, damped_inverse, quadratic
 
 SOLVE_BYTES = 256 << 20  # the [rows, features, features] systems solved at once
+EXACT_FEATURES = 2304  # above, the exact per-row solve (rows x features^3) gives way to `sequential_update`
+BLOCK = 128  # columns per lazy batch of `sequential_update`
 
 
 def weight_costs(weight: np.ndarray, gram: np.ndarray | None) -> np.ndarray:
@@ -34,7 +36,9 @@ def weight_costs(weight: np.ndarray, gram: np.ndarray | None) -> np.ndarray:
 
 def optimal_update(weight: np.ndarray, keep: np.ndarray, gram: np.ndarray) -> np.ndarray:
     """The weights with the dropped ones (keep False) zeroed and each row's kept ones re-fitted to the row's
-    output under H = `gram` (damped)."""
+    output under H = `gram` (damped): exactly up to EXACT_FEATURES features, beyond by `sequential_update`."""
+    if gram.shape[0] > EXACT_FEATURES:
+        return sequential_update(weight, keep, gram)
     h = damped(gram)
     features = h.shape[0]
     out = np.where(keep, weight, 0.0)
@@ -45,6 +49,30 @@ def optimal_update(weight: np.ndarray, keep: np.ndarray, gram: np.ndarray) -> np
         system = k[:, :, None] * h[None] * k[:, None, :] + np.eye(features)[None] * (1.0 - k)[:, None, :]
         rhs = k * (dropped @ h)
         out[start:start + chunk] += k * np.linalg.solve(system, rhs[:, :, None])[:, :, 0]
+    return out
+
+
+def sequential_update(weight: np.ndarray, keep: np.ndarray, gram: np.ndarray, block: int = BLOCK) -> np.ndarray:
+    """SparseGPT's update (Frantar & Alistarh 2023, Algorithm 1, with the mask given): the features are
+    visited in order; each column's dropped weights are zeroed and their error spread over the columns not
+    yet visited through the upper Cholesky factor U of H^-1 (U^T U = H^-1, whose row j is the OBS update
+    for column j once the earlier columns are fixed). Within a block of `block` columns the update is
+    applied column by column, to the later blocks once per block (the lazy batch update). O(f^3 + rows f^2)
+    instead of the exact solve's rows f^3; the earlier columns are not re-fitted, so the error is somewhat
+    above the exact one's (tests/test_sparsity.py measures it)."""
+    upper = np.linalg.cholesky(damped_inverse(gram)).T
+    out = weight.astype(np.float64)  # a copy
+    features = out.shape[1]
+    for start in range(0, features, block):
+        end = min(start + block, features)
+        errors = np.zeros((out.shape[0], end - start))
+        for j in range(start, end):
+            dropped = ~keep[:, j]
+            error = np.where(dropped, out[:, j], 0.0) / upper[j, j]
+            out[:, j:end] -= error[:, None] * upper[j, j:end][None, :]
+            out[dropped, j] = 0.0  # exactly zero
+            errors[:, j - start] = error
+        out[:, end:] -= errors @ upper[start:end, end:]
     return out
 
 
