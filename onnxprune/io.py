@@ -365,13 +365,36 @@ def skeleton(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> onnx
 
 
 def model_size_bytes(model: onnx.ModelProto) -> int:
-    """Size as written: serialized, plus the bytes of mapped tensors; protobuf refuses to size a message
-    over 2 GB, so then sum the tensors."""
+    """Size as written: serialized, plus the bytes of mapped tensors. Computed from the tensors' sizes
+    (protobuf sizes a message by serializing it: a transient copy of every weight, and an error over 2 GB):
+    the model without initializers is sized, then each tensor added as a field of the graph."""
+    shell = _with_initializers(model, [])
+    graph = shell.graph.ByteSize()
+    tensors = graph + sum(_field_bytes(_serialized_bytes(t)) for t in model.graph.initializer)
     external = sum(_tensor_nbytes(t) for t in model.graph.initializer if mapped(t))
-    try:
-        return model.ByteSize() + external
-    except Exception:  # google.protobuf.message.EncodeError
-        return sum(t.ByteSize() for t in [*model.graph.initializer, *model.graph.sparse_initializer]) + external
+    return shell.ByteSize() - _field_bytes(graph) + _field_bytes(tensors) + external
+
+
+PACKED_4BIT = {getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, name)}
+
+
+def _serialized_bytes(tensor: onnx.TensorProto) -> int:
+    """A tensor's serialized size; with raw data, from its dims (the data is not copied to size it)."""
+    if not tensor.HasField("raw_data") or _tensor_nbytes(tensor) < EXTERNAL_MIN_BYTES:
+        return tensor.ByteSize()
+    shell = onnx.TensorProto()
+    for field in tensor.DESCRIPTOR.fields:  # not ListFields: it would copy raw_data out
+        value = getattr(tensor, field.name) if field.name != "raw_data" else None
+        if value is not None and (len(value) if field.is_repeated else tensor.HasField(field.name)):
+            _copy_field(shell, field, value)
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    raw = (count + 1) // 2 if tensor.data_type in PACKED_4BIT else _tensor_nbytes(tensor)
+    return shell.ByteSize() + _field_bytes(raw)
+
+
+def _field_bytes(length: int) -> int:
+    """A length-delimited field of `length` bytes whose tag takes one byte (field numbers under 16)."""
+    return 1 + max(1, (length.bit_length() + 6) // 7) + length
 
 
 def check_output_path(out: str | os.PathLike, inp: str | os.PathLike | None = None) -> None:
