@@ -72,8 +72,9 @@ class Baseline:
         return run_batch_size(self.fixed_batch)
 
     def session(self, threads: int = 0):
+        """A session of the original for latency measurement."""
         if threads not in self._sessions:
-            self._sessions[threads] = session(self.loaded.runnable, threads=threads)
+            self._sessions[threads] = session(self.loaded.runnable, threads=threads, timed=True)
         return self._sessions[threads]
 
     def scores(self, analysis, scorer: str, context, config: PruneConfig) -> dict:

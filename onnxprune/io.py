@@ -1,7 +1,11 @@
 """Loading, normalising and saving ONNX models.
 
 `load_model` returns a model that the rest of the pipeline can rely on: opset >= 11, weights held in
-initializers (``Constant`` and constant ``ConstantOfShape`` nodes folded), external data loaded.
+initializers (``Constant`` and constant ``ConstantOfShape`` nodes folded). External data is never read
+into the proto: each external initializer is *mapped* (its location made the data file's absolute path)
+and read through a memory map (`tensor_array`), so a model's weights take no memory of ours until used
+and a tensor over protobuf's 2 GB works. `write_model` writes mapped tensors, and every other large one,
+tensor by tensor to the output's data file.
 `infer_shapes` gives static shapes for analysis without serialising the weights, so it works on
 models over 2 GB. `save_model` writes atomically, with external data when the model is large.
 """
@@ -16,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper, version_converter
+import onnx_graphsurgeon as gs
+from onnx import helper, numpy_helper, version_converter
 
 from .errors import ModelError, UsageError
 from .workdir import publish, staging_path
@@ -54,7 +59,7 @@ def load_model_file(path: str | os.PathLike) -> tuple[onnx.ModelProto, int, Mode
         raise ModelError(f"'{path}' holds no graph nodes: it is empty, truncated or not an ONNX model")
     size = file_size(path, model)
     external = bool(_external_tensors(model))
-    _load_external_data(model, path.parent)
+    _map_external_data(model, path.parent)
     model, changed = _normalize(model)  # nobody else holds this proto: no need to copy it
     outputs = tuple(o.name for o in model.graph.output)
     return model, size, ModelFile(path, outputs, verbatim=not changed and not external)
@@ -74,14 +79,27 @@ class ModelFile:
         return load_model(self.path)
 
 
-def _load_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+def _map_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Map every external initializer (see the module docstring) after checking that its file holds its
+    bytes; external tensors elsewhere (node attributes, subgraphs) are few and small: loaded."""
     for tensor in _external_tensors(model):
         _check_location(tensor, base_dir)
+        location = _location(tensor)
+        file = (base_dir / location).resolve()
+        fields = _external_fields(tensor)
+        offset, length = int(fields.get("offset", 0)), _tensor_nbytes(tensor)
+        if "length" in fields and int(fields["length"]) != length or offset + length > file.stat().st_size:
+            raise ModelError(f"could not read the model's external data (tensor '{tensor.name}' lies outside "
+                             f"'{location}' or has the wrong length): the data file is truncated or corrupt")
+        del tensor.external_data[:]
+        for key, value in (("location", str(file)), ("offset", str(offset)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+    helpers = onnx.external_data_helper
     try:
-        onnx.external_data_helper.load_external_data_for_model(model, str(base_dir))
-    except onnx.checker.ValidationError as exc:  # onnx refuses the file for a reason not checked above
-        raise ModelError(f"onnx refused the model's external data ({exc}): save the model again with its data "
-                         "in a plain file beside it") from None
+        for tensor in helpers._get_all_tensors(model):  # what is not mapped
+            if helpers.uses_external_data(tensor) and not mapped(tensor):
+                helpers.load_external_data_for_tensor(tensor, str(base_dir))
     except Exception as exc:
         raise ModelError(f"could not read the model's external data ({exc}): the data file is truncated or corrupt") from None
 
@@ -107,6 +125,32 @@ def _check_location(tensor: onnx.TensorProto, base_dir: Path) -> None:
         )
     if not path.is_file():
         raise ModelError(f"{where}, not a regular file: put the data file itself there")
+
+
+def mapped(tensor: onnx.TensorProto) -> bool:
+    """Whether `tensor` is a mapped initializer: its bytes in a file named by absolute path."""
+    return tensor.data_location == onnx.TensorProto.EXTERNAL and os.path.isabs(_location(tensor))
+
+
+def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """The values of an initializer; of a mapped one, a read-only memory map of its bytes in the file."""
+    if not mapped(tensor):
+        return numpy_helper.to_array(tensor)
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    shape = tuple(tensor.dims)
+    if not _tensor_nbytes(tensor):
+        return np.zeros(shape, dtype=dtype)
+    return np.memmap(_location(tensor), dtype=dtype, mode="r", offset=int(_external_fields(tensor).get("offset", 0)),
+                     shape=shape)
+
+
+def _external_fields(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def _tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    return itemsize * int(np.prod(tensor.dims, dtype=np.int64))
 
 
 def _external_tensors(model: onnx.ModelProto):
@@ -174,7 +218,7 @@ def fold_constant_nodes(graph: onnx.GraphProto) -> int:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             tensor = _constant_node_value(node)
         elif node.op_type == "ConstantOfShape" and node.input and node.input[0] in known:
-            shape = numpy_helper.to_array(known[node.input[0]]).astype(np.int64)
+            shape = tensor_array(known[node.input[0]]).astype(np.int64)
             fill = np.zeros(1, dtype=np.float32)
             for attr in node.attribute:
                 if attr.name == "value":
@@ -208,6 +252,46 @@ def _constant_node_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
             values = attr.floats if attr.name == "value_floats" else attr.ints
             return numpy_helper.from_array(np.array(list(values), dtype=dtype))
     return None  # sparse or string constants stay as nodes
+
+
+# ---------------------------------------------------------------- graphsurgeon graphs of mapped models
+
+
+class MappedValues(gs.ir.tensor.LazyValues):
+    """The lazy values of a mapped initializer: loaded as a read-only memory map of its file."""
+
+    def load(self):
+        values = tensor_array(self.tensor)
+        if isinstance(values, np.memmap):
+            values.mapped_from = self.tensor  # what `export_graph` writes back while the map is unchanged
+        return values
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """`gs.import_onnx`, mapped initializers read through memory maps when their values are asked for."""
+    graph = gs.import_onnx(model)
+    for tensor in graph.tensors().values():
+        lazy = tensor._values if isinstance(tensor, gs.Constant) else None
+        if isinstance(lazy, gs.ir.tensor.LazyValues) and mapped(lazy.tensor):
+            tensor._values = MappedValues(lazy.tensor)
+            tensor.data_location = None  # else graphsurgeon marks the values that replace the map as external
+    return graph
+
+
+def unload_maps(graph: gs.Graph) -> None:
+    """Constants whose values are still their memory map go back to lazy values: the map is closed and
+    the pages read through it no longer count as our memory (a rewrite maps one tensor at a time)."""
+    for tensor in graph.tensors().values():
+        source = getattr(tensor._values, "mapped_from", None) if isinstance(tensor, gs.Constant) else None
+        if source is not None:
+            tensor._values = MappedValues(source)
+
+
+def export_graph(graph: gs.Graph) -> onnx.ModelProto:
+    """`gs.export_onnx`, a mapped initializer whose values are still its memory map written as the same
+    mapped tensor (a reference to the file, not a copy of its bytes)."""
+    unload_maps(graph)
+    return gs.export_onnx(graph)
 
 
 # ---------------------------------------------------------------- inputs and shapes
@@ -300,11 +384,36 @@ def skeleton(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> onnx
 
 
 def model_size_bytes(model: onnx.ModelProto) -> int:
-    """Serialized size; protobuf refuses to size a message over 2 GB, so then sum the tensors."""
-    try:
-        return model.ByteSize()
-    except Exception:  # google.protobuf.message.EncodeError
-        return sum(t.ByteSize() for t in [*model.graph.initializer, *model.graph.sparse_initializer])
+    """Size as written: serialized, plus the bytes of mapped tensors. Computed from the tensors' sizes
+    (protobuf sizes a message by serializing it: a transient copy of every weight, and an error over 2 GB):
+    the model without initializers is sized, then each tensor added as a field of the graph."""
+    shell = _with_initializers(model, [])
+    graph = shell.graph.ByteSize()
+    tensors = graph + sum(_field_bytes(_serialized_bytes(t)) for t in model.graph.initializer)
+    external = sum(_tensor_nbytes(t) for t in model.graph.initializer if mapped(t))
+    return shell.ByteSize() - _field_bytes(graph) + _field_bytes(tensors) + external
+
+
+PACKED_4BIT = {getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, name)}
+
+
+def _serialized_bytes(tensor: onnx.TensorProto) -> int:
+    """A tensor's serialized size; with raw data, from its dims (the data is not copied to size it)."""
+    if not tensor.HasField("raw_data") or _tensor_nbytes(tensor) < EXTERNAL_MIN_BYTES:
+        return tensor.ByteSize()
+    shell = onnx.TensorProto()
+    for field in tensor.DESCRIPTOR.fields:  # not ListFields: it would copy raw_data out
+        value = getattr(tensor, field.name) if field.name != "raw_data" else None
+        if value is not None and (len(value) if field.is_repeated else tensor.HasField(field.name)):
+            _copy_field(shell, field, value)
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    raw = (count + 1) // 2 if tensor.data_type in PACKED_4BIT else _tensor_nbytes(tensor)
+    return shell.ByteSize() + _field_bytes(raw)
+
+
+def _field_bytes(length: int) -> int:
+    """A length-delimited field of `length` bytes whose tag takes one byte (field numbers under 16)."""
+    return 1 + max(1, (length.bit_length() + 6) // 7) + length
 
 
 def check_output_path(out: str | os.PathLike, inp: str | os.PathLike | None = None) -> None:
@@ -332,7 +441,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> list[Path]:
     staging = staging_path(path.resolve().parent)
     try:
         staging.mkdir()
-        staged = write_model(model, staging / path.name)  # the model file first
+        staged = write_model(model, staging / path.name, copy_mapped=True)  # the model file first
         written = [path.parent / file.name for file in staged]
         publish(list(zip(staged, written))[::-1])
         return written
@@ -342,18 +451,107 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> list[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_model(model: onnx.ModelProto, path: Path) -> list[Path]:
-    """Write `model` to `path` (not atomically); returns the files written."""
-    if model_size_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+def serializable(model: onnx.ModelProto) -> bool:
+    """Whether `model` is whole as one protobuf message: no mapped tensors, and under protobuf's limit."""
+    return not any(mapped(t) for t in model.graph.initializer) and model_size_bytes(model) < EXTERNAL_DATA_THRESHOLD
+
+
+def write_model(model: onnx.ModelProto, path: Path, copy_mapped: bool = False,
+                external_above: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:
+    """Write `model` to `path` (not atomically); returns the files written. A model with mapped tensors
+    or over `external_above` bytes gets its tensors over EXTERNAL_MIN_BYTES written one by one to
+    '<name>.data' (`model` is not changed). Mapped tensors are read from a link to their file beside
+    `path` (`_link`: onnxruntime refuses absolute locations), or with `copy_mapped` (an output, or a model
+    for the checker, which refuses links) copied into '<name>.data'."""
+    if serializable(model) and model_size_bytes(model) < external_above:
         path.write_bytes(model.SerializeToString())
         return [path]
-    data_name = path.name + ".data"
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=1024)
-    # save_model converted the tensors of `model` to external references; load them back so the caller's
-    # model stays usable.
-    onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
-    return [p for p in (path, path.parent / data_name) if p.exists()]  # tiny tensors stay inline
+    data_path = path.parent / (path.name + ".data")
+    written, links, tensors = [path], {}, []
+    with open(data_path, "wb") as data:
+        for tensor in model.graph.initializer:
+            if mapped(tensor) and not copy_mapped:
+                source = _location(tensor)
+                if source not in links:
+                    links[source] = path.parent / f"{path.name}.{len(links)}.data"
+                    _link(Path(source), links[source])
+                    written.append(links[source])
+                tensors.append(_external_copy(tensor, links[source].name, int(_external_fields(tensor)["offset"])))
+            elif mapped(tensor) or (_tensor_nbytes(tensor) >= EXTERNAL_MIN_BYTES and tensor.data_type != onnx.TensorProto.STRING):
+                data.seek(-data.tell() % EXTERNAL_ALIGN, os.SEEK_CUR)  # page-aligned: onnxruntime maps it
+                tensors.append(_external_copy(tensor, data_path.name, data.tell()))
+                _write_tensor_bytes(tensor, data)
+            else:
+                tensors.append(tensor)
+        data.truncate()
+    if data_path.stat().st_size:
+        written.append(data_path)
+    else:
+        data_path.unlink()
+    path.write_bytes(_with_initializers(model, tensors).SerializeToString())
+    return written
+
+
+EXTERNAL_MIN_BYTES = 1024  # smaller tensors of a model written with external data stay in the .onnx file
+EXTERNAL_ALIGN = 4096
+COPY_CHUNK_BYTES = 64 << 20
+
+
+def _external_copy(tensor: onnx.TensorProto, location: str, offset: int) -> onnx.TensorProto:
+    """`tensor`'s name, type and dims, its data at `offset` in `location` (a file beside the model)."""
+    copy = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims, doc_string=tensor.doc_string)
+    copy.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(_tensor_nbytes(tensor)))):
+        entry = copy.external_data.add()
+        entry.key, entry.value = key, value
+    return copy
+
+
+def _write_tensor_bytes(tensor: onnx.TensorProto, out) -> None:
+    """Append the tensor's bytes to `out`: a mapped one copied from its file in chunks, never whole."""
+    if not mapped(tensor):
+        out.write(tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes())
+        return
+    left = _tensor_nbytes(tensor)
+    with open(_location(tensor), "rb") as source:
+        source.seek(int(_external_fields(tensor).get("offset", 0)))
+        while left:
+            chunk = source.read(min(left, COPY_CHUNK_BYTES))
+            if not chunk:
+                raise ModelError(f"the external data of tensor '{tensor.name}' was truncated while the model was written")
+            out.write(chunk)
+            left -= len(chunk)
+
+
+def _link(source: Path, target: Path) -> None:
+    """A hard link (onnxruntime refuses a symbolic link out of the model's folder), else a copy."""
+    target.unlink(missing_ok=True)  # written again to the same path
+    try:
+        os.link(source, target)
+    except OSError:  # another file system
+        shutil.copyfile(source, target)
+
+
+def _with_initializers(model: onnx.ModelProto, initializers: list) -> onnx.ModelProto:
+    """A new proto with `model`'s fields but these graph initializers (the old ones are not copied)."""
+    out = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(out, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(out.graph, field, value)
+    out.graph.initializer.extend(initializers)
+    return out
+
+
+def _copy_field(message, field, value) -> None:
+    if field.is_repeated:
+        getattr(message, field.name).extend(value)
+    elif field.message_type is not None:
+        getattr(message, field.name).CopyFrom(value)
+    else:
+        setattr(message, field.name, value)
 
 
 def file_size(path: str | os.PathLike, model: onnx.ModelProto | None = None) -> int:
@@ -367,6 +565,18 @@ def file_size(path: str | os.PathLike, model: onnx.ModelProto | None = None) -> 
         if (path.parent / location).is_file():
             total += (path.parent / location).stat().st_size
     return total
+
+
+def has_external_data(path: str | os.PathLike) -> bool:
+    """Whether the model file at `path` keeps initializers in external data (a file over
+    INLINE_CHECK_BYTES holds its weights itself and is not parsed to find out)."""
+    path = Path(path)
+    if path.stat().st_size > INLINE_CHECK_BYTES:
+        return False
+    return bool(_external_tensors(onnx.load(str(path), load_external_data=False)))
+
+
+INLINE_CHECK_BYTES = 64 << 20
 
 
 def _location(tensor: onnx.TensorProto) -> str:

@@ -21,7 +21,7 @@ from .lowrank import LowRankSettings, factorize_model
 from .plan import source_names
 from .quantize import quantize_int8
 from .recover import recover
-from .io import EXTERNAL_DATA_THRESHOLD, model_size_bytes
+from .io import EXTERNAL_DATA_THRESHOLD, export_graph, import_graph, model_size_bytes, unload_maps
 from .sparsity import SparsitySettings, recount, sparsify_model
 from .sparsity.storage import store_sparse
 from .recover.training import finetune
@@ -38,7 +38,7 @@ FOLD_LIMIT_BYTES = 256 << 20
 
 
 def analyze_model(loaded: Loaded, exclude=()) -> Analysis:
-    graph = gs.import_onnx(loaded.model)
+    graph = import_graph(loaded.model)
     graph.import_domains = copied_messages(graph.import_domains)  # export may add to them: never to the model's
     fold_constants(graph)
     graph.toposort()
@@ -155,9 +155,10 @@ def scoring_summary(choice: ChannelChoice, config: PruneConfig) -> dict:
 def rewrite_channels(analysis: Analysis, choice: ChannelChoice, ir_version: int) -> tuple[onnx.ModelProto, dict]:
     """Scale and slice `analysis.graph` in place; (the pruned model, kept-channel masks per tensor)."""
     masks = keep_masks(analysis, choice.keep)
+    unload_maps(analysis.graph)  # scoring read them all; slicing reads one at a time
     apply_unit_scales(analysis, choice.scales)
     apply_channel_plan(analysis, masks)
-    pruned = gs.export_onnx(analysis.graph)
+    pruned = export_graph(analysis.graph)
     pruned.ir_version = ir_version
     return pruned, masks
 

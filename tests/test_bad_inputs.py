@@ -118,7 +118,7 @@ def test_missing_input_file(tmp_path):
 def test_failure_during_save_leaves_nothing(tmp_path, monkeypatch):
     import onnxprune.io as io
 
-    def broken(model, path):
+    def broken(model, path, copy_mapped=False):
         path.write_bytes(b"partial")
         raise OSError("disk full")
 

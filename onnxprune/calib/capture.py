@@ -25,7 +25,7 @@ import onnxruntime as ort
 
 from ..io import ModelFile, write_model
 from ..progress import bar
-from ..runtime import build_session, release_free_memory, with_outputs
+from ..runtime import EXTERNAL_ABOVE_BYTES, build_session, release_free_memory, with_outputs
 from ..workdir import temp_folder
 from .data import CalibrationSet
 
@@ -52,7 +52,7 @@ def probe_file(model: onnx.ModelProto | ModelFile, names: list[str]) -> Iterator
         else:
             proto = model.load() if isinstance(model, ModelFile) else model
             with with_outputs(proto, names) as probe:
-                write_model(probe, path)
+                write_model(probe, path, external_above=EXTERNAL_ABOVE_BYTES)
             del proto, probe  # a proto parsed here is freed before onnxruntime builds its session
         yield path
 

@@ -10,10 +10,10 @@ import logging
 from dataclasses import dataclass, field
 
 import onnx
-import onnx_graphsurgeon as gs
 
 from ..calib import CalibrationSet
 from ..errors import UsageError
+from ..io import export_graph, import_graph
 from ..plan import LowRankPlan
 from .factorizer import Factorizer
 from ..shapes import infer_shapes
@@ -63,7 +63,7 @@ def factorize_model(model: onnx.ModelProto, input_shapes: dict[str, list[int]], 
                     batch_size: int = 32) -> LowRankResult:
     """Factorize the layers of `model` (not modified) as `settings` say."""
     shapes = infer_shapes(model, input_shapes)
-    graph = gs.import_onnx(model)
+    graph = import_graph(model)
     layers = find_layers(graph, shapes, settings.exclude)
     candidates = [layer for layer in layers if not layer.reason]
     data_aware = calibration.source != "synthetic"
@@ -86,7 +86,7 @@ def factorize_model(model: onnx.ModelProto, input_shapes: dict[str, list[int]], 
             reason = layer.reason or (choice if isinstance(choice, str) else "not in the plan")
             rows.append({"node": layer.name, "op": layer.op, "status": "skipped", "reason": reason})
     factorizer.finish()
-    out = gs.export_onnx(graph)
+    out = export_graph(graph)
     out.ir_version = model.ir_version
     report = _report(rows, mode_info, data_aware, moments)
     log.info("low-rank: %d of %d layers factorized (worst error %.3g, %s)", report["factorized"], len(rows),

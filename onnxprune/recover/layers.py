@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..io import tensor_array
 from ..ops.base import Handler, WeightLayout, weighted, weighted_ops
 
 LAYER_OPS = weighted_ops()
@@ -35,7 +36,7 @@ class Initializers:
 
     def get(self, name: str) -> np.ndarray | None:
         tensor = self.by_name.get(name)
-        return None if tensor is None else numpy_helper.to_array(tensor)
+        return None if tensor is None else tensor_array(tensor)
 
     def set(self, node: onnx.NodeProto, index: int, values: np.ndarray) -> None:
         """Give input `index` of `node` these values; a shared or missing initializer gets a new name."""

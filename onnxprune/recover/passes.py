@@ -38,17 +38,20 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, calibration, met
             seed: int = 0, ridge: float | None = None, rows_per_feature: int = ROWS_PER_FEATURE,
             progress: bool = True, hold_out: bool = False) -> tuple[onnx.ModelProto, dict]:
     """A copy of `pruned` whose changed layers reproduce `original`'s outputs on `calibration` (`pruned`
-    itself when that did not help), and the `recovery` report. `output_masks`: kept-channel mask of every
+    itself with method none or when that did not help), and the `recovery` report. `output_masks`: kept-channel mask of every
     tensor that lost channels; `ridge`: a fixed ridge strength for lstsq (None: chosen per layer on
     held-out calibration samples); `hold_out`: fit no layer to the held-out samples (they only choose the
     ridge and which model is kept), as when the result's fidelity is measured on them."""
+    report = {"method": method, "ridge": (ridge if ridge is not None else "held-out") if method == "lstsq" else None,
+              "samples": calibration.part(held=False).count if hold_out else calibration.count,
+              "source": calibration.source, "layers": [], "passes": 0}
+    if method == "none":  # no copy, no views: each holds its weight again in float64
+        return pruned, _summarise(report)
     model = onnx.ModelProto()
     model.CopyFrom(pruned)
     views, skipped = find_layers(original, model, original_shapes or {}, output_masks or {})
-    report = {"method": method, "ridge": (ridge if ridge is not None else "held-out") if method == "lstsq" else None,
-              "samples": calibration.part(held=False).count if hold_out else calibration.count,
-              "source": calibration.source, "layers": list(skipped), "passes": 0}
-    if method == "none" or not views:
+    report["layers"] = list(skipped)
+    if not views:
         return model, _summarise(report)
     inits = Initializers(model)
     levels = sorted({v.level for v in views})

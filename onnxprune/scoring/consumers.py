@@ -56,12 +56,25 @@ class Consumer:
         return self.layout.data_axis
 
     def channel_weight_sums(self) -> np.ndarray:
-        """Per input channel: sum of |W| over the output features (and kernel) that read it."""
-        magnitude = np.abs(self.weight.astype(np.float64))
+        """Per input channel: sum of |W| over the output features (and kernel) that read it; a weight
+        over SUM_BLOCK_BYTES in blocks of output features (it may be a memory map of gigabytes)."""
+        weight = self.weight
+        f = weight.shape[0]
+        outputs_per_group = f // self.groups
+        block = max(1, min(f, SUM_BLOCK_BYTES // max(1, 8 * weight[0].size)))
+        if self.kind != "linear":
+            block = max(outputs_per_group, block - block % outputs_per_group)  # whole groups per block
+        sums = []
+        for start in range(0, f, block):
+            magnitude = np.abs(np.asarray(weight[start:start + block], dtype=np.float64))
+            if self.kind == "linear":
+                sums.append(magnitude.sum(0))
+            else:
+                groups = len(magnitude) // outputs_per_group
+                sums.append(magnitude.reshape(groups, outputs_per_group, magnitude.shape[1], -1).sum((1, 3)))
         if self.kind == "linear":
-            return magnitude.sum(0)
-        f, per_group = magnitude.shape[:2]
-        return magnitude.reshape(self.groups, f // self.groups, per_group, -1).sum((1, 3)).reshape(-1)
+            return sums[0] if len(sums) == 1 else np.sum(sums, axis=0)
+        return np.concatenate(sums).reshape(-1)
 
     def batch_points(self, chosen: np.ndarray, start: int, size: int) -> np.ndarray:
         """Of the sorted flat points `chosen` (sample * positions + position, see `choose_points`), those of
@@ -78,6 +91,9 @@ class Consumer:
         if self.layout.transposed:
             rows = flip_kernel(rows.reshape((len(flat), -1) + self.layout.kernel))
         return rows.reshape(len(flat), -1)
+
+
+SUM_BLOCK_BYTES = 64 << 20
 
 
 def choose_points(consumer: Consumer, samples: int, count: int, rng) -> np.ndarray:

@@ -27,7 +27,7 @@ from onnx import numpy_helper
 
 from ..calib.capture import capture_session
 from ..calib.data import CalibrationSet
-from ..io import EXTERNAL_DATA_THRESHOLD, model_size_bytes, write_model
+from ..io import serializable, write_model
 from ..recover.layers import Initializers, LinearView, layer_view, node_consumers
 from ..recover.passes import held_out_samples, output_error
 from ..validate.compare import run_model
@@ -67,7 +67,7 @@ class OutputProbe:
                 slot.write(inits, slot.current, view.bias_shape(slot.current))  # a named zero bias to replace
             self.views[name] = view
         self.probe, self.inits = probe, inits
-        self.small = model_size_bytes(probe) < EXTERNAL_DATA_THRESHOLD  # the values replaced keep their sizes
+        self.small = serializable(probe)  # the values replaced keep their sizes
         self.folder = temp_folder("sensitivity-")
         self.path = Path(self.folder.name) / "model.onnx"
         self.samples = _samples(calibration, fixed_batch, measurements)

@@ -21,6 +21,7 @@ from onnx import numpy_helper
 
 from ..calib import CalibrationSet
 from ..errors import UsageError
+from ..io import export_graph, import_graph
 from ..lowrank.covariance import input_moments
 from ..lowrank.decompose import relative_error
 from ..lowrank.layers import Layer, find_layers, layer_name
@@ -74,7 +75,7 @@ def sparsify_model(model: onnx.ModelProto, input_shapes: dict, calibration: Cali
     """`model` (not modified) with weights zeroed as `settings` say, and the report section. `grams`: the
     layers' input moments when already computed for this model (else measured here)."""
     shapes = infer_shapes(model, input_shapes)
-    graph = gs.import_onnx(model)
+    graph = import_graph(model)
     layers = find_layers(graph, shapes, settings.exclude, factorizing=False)
     for layer in layers:
         if layer.layout is not None and layer.layout.groups != 1:  # the low-rank stage's reason speaks of factors
@@ -108,7 +109,7 @@ def sparsify_model(model: onnx.ModelProto, input_shapes: dict, calibration: Cali
         rows.append(_row(layer, keep, relative_error(weight.T, new.T, gram), gram is not None) | {"initializer": name})
     rows += [{"node": layer.name, "op": layer.op, "status": "skipped", "reason": layer.reason}
              for layer in layers if layer.reason]
-    out = gs.export_onnx(graph)
+    out = export_graph(graph)
     out.ir_version = model.ir_version
     report = _report(rows, settings, bool(grams))
     log.info("sparsity: %.1f%% of %d weights zeroed in %d layers", 100 * report["achieved"], report["weights"],

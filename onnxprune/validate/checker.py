@@ -5,16 +5,16 @@ from __future__ import annotations
 import onnx
 
 from ..errors import InternalError
-from ..io import EXTERNAL_DATA_THRESHOLD, model_size_bytes
-from ..runtime import on_disk
+from ..io import model_size_bytes, serializable
+from ..runtime import EXTERNAL_ABOVE_BYTES, on_disk
 
 
 def _checker_error(model) -> str | None:
     try:
-        if isinstance(model, onnx.ModelProto) and model_size_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+        if isinstance(model, onnx.ModelProto) and serializable(model) and model_size_bytes(model) < EXTERNAL_ABOVE_BYTES:
             onnx.checker.check_model(model, full_check=True)
-        else:
-            with on_disk(model) as path:
+        else:  # a large model is checked from a file with external data: the checker reads no weights then
+            with on_disk(model, copy_mapped=True) as path:  # the checker refuses linked data files
                 onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         return str(exc).strip().splitlines()[0]

@@ -27,7 +27,7 @@ class LatencyConfig:
 
 
 def latency_session(model, threads: int):
-    return session(model, threads=threads)
+    return session(model, threads=threads, timed=True)
 
 
 def time_runs(sessions: dict, feed: dict, config: LatencyConfig) -> dict[str, np.ndarray]:
