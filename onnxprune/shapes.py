@@ -28,6 +28,11 @@ def _static(value: onnx.ValueInfoProto):
 
 def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> dict[str, tuple]:
     """Shape of every tensor (initializers, inputs, node outputs) at the given input shapes."""
+    return complete_shapes(model, input_shapes, static_shapes(model, input_shapes))
+
+
+def static_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> dict[str, tuple]:
+    """The shapes ONNX shape inference gives (dims it cannot resolve are None), without onnxruntime."""
     try:
         inferred = shape_inference.infer_shapes(skeleton(model, input_shapes), data_prop=True)
     except Exception as exc:
@@ -42,6 +47,12 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> 
         shapes[name] = tuple(dims)
     for tensor in model.graph.initializer:
         shapes[tensor.name] = tuple(tensor.dims)
+    return shapes
+
+
+def complete_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]], shapes: dict[str, tuple]) -> dict[str, tuple]:
+    """`shapes` with what ONNX inference left open read off one onnxruntime run (see the module docstring)."""
+    shapes = dict(shapes)
     unknown = [o for node in model.graph.node for o in node.output
                if o and (shapes.get(o) is None or None in shapes[o])]
     if unknown:

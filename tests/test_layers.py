@@ -15,7 +15,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "onnxprune"
 
 LAYERS = [
-    {"errors", "version", "io", "runtime", "shapes", "progress", "ops", "graph", "plan"},  # foundations
+    {"errors", "version", "io", "runtime", "shapes", "vetting", "progress", "ops", "graph", "plan"},  # foundations
     {"calib", "scoring", "allocate", "budget", "rewrite", "lowrank", "sparsity", "quantize", "recover", "validate", "report"},  # stages
     {"config", "loading", "baseline", "stages", "speed"},  # what a run of the stages shares
     {"pipeline", "workflows", "sweep", "onnxprune"},  # workflows, and the API the package root exports

@@ -1,0 +1,48 @@
+"""What the ONNX checker lets through but onnxruntime cannot survive, checked before any session of a
+model we did not make: attributes each op handler knows to be unusable (`Handler.attribute_problem`:
+a stride, kernel or group of 0, an empty window output) and tensors larger than the machine's memory
+(from the inferred shapes). Then `runtime.first_run` creates the model's first session in a child process,
+where a native crash becomes a one-line error."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .errors import ModelError
+from .ops import handler_for
+from .runtime import available_memory
+
+
+def vet_model(model: onnx.ModelProto, shapes: dict[str, tuple]) -> None:
+    """Raise ModelError naming the first node whose attributes or tensor sizes make the model unusable."""
+    for node in model.graph.node:
+        handler = handler_for(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if handler is None:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        problem = handler.attribute_problem(node.op_type, attrs, [shapes.get(i) for i in node.input],
+                                            [shapes.get(o) for o in node.output])
+        if problem:
+            raise ModelError(f"{node.op_type} '{node.name}': {problem}: fix or re-export the model")
+    check_tensor_sizes(model, shapes)
+
+
+def check_tensor_sizes(model: onnx.ModelProto, shapes: dict[str, tuple]) -> None:
+    """No tensor a node computes may be larger than the memory available (counted at one byte per element,
+    so that no model that could run is refused)."""
+    memory = available_memory()
+    if memory is None:
+        return
+    for node in model.graph.node:
+        for name in node.output:
+            dims = shapes.get(name)
+            if not name or dims is None or any(d is None for d in dims):
+                continue
+            elements = float(np.prod(dims, dtype=np.float64))  # float: no int64 overflow on hostile dims
+            if elements > memory:
+                raise ModelError(
+                    f"tensor '{name}' computed by {node.op_type} '{node.name}' would hold {elements:.3g} elements "
+                    f"({'x'.join(str(d) for d in dims)}), more than the {memory / 2**30:.1f} GB of memory available: "
+                    "the node's attributes (pads, sizes, shapes) are wrong, or --input-shape is too large")
