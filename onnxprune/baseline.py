@@ -104,8 +104,10 @@ class Baseline:
             except Exception as exc:
                 if not is_onnxruntime_error(exc):
                     raise
+                advice = "the model is broken: fix or re-export it" if self.evaluation.source == "synthetic" else \
+                    "check that the data fits the model's inputs"
                 raise ModelError(f"onnxruntime cannot run the model on the {self.evaluation.source} data "
-                                 f"({short_message(exc)}): check that the data fits the model's inputs") from None
+                                 f"({short_message(exc)}): {advice}") from None
         return self._reference
 
     def reference_in_sample(self) -> dict:

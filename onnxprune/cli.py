@@ -41,7 +41,24 @@ from .workflows import finetune, inspect
 
 
 class DefaultToPrune(click.Group):
-    """`onnxprune IN OUT ...` means `onnxprune prune IN OUT ...`."""
+    """`onnxprune IN OUT ...` means `onnxprune prune IN OUT ...`; a usage error is one line, as every error."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            where = f": see '{exc.ctx.command_path} --help'" if getattr(exc, "ctx", None) is not None else ""
+            click.echo(f"error: {exc.format_message().rstrip('.')}{where}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):

@@ -47,7 +47,7 @@ def on_disk(model: onnx.ModelProto | str | os.PathLike):
 
 def session(model: onnx.ModelProto | str | os.PathLike, threads: int = 0) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: its errors reach the caller as exceptions, logged they would be said twice
     if threads:
         options.intra_op_num_threads = threads
     return build_session(model, options)
