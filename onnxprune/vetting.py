@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ModelError
 from .ops import handler_for
 from .runtime import available_memory
+
+
+FLOATING = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
 def vet_model(model: onnx.ModelProto, shapes: dict[str, tuple]) -> None:
@@ -27,6 +30,18 @@ def vet_model(model: onnx.ModelProto, shapes: dict[str, tuple]) -> None:
         if problem:
             raise ModelError(f"{node.op_type} '{node.name}': {problem}: fix or re-export the model")
     check_tensor_sizes(model, shapes)
+    check_weights_are_numbers(model)
+
+
+def check_weights_are_numbers(model: onnx.ModelProto) -> None:
+    """No floating-point initializer holds NaN (Inf may be meant: attention masks use it)."""
+    for tensor in model.graph.initializer:
+        if tensor.data_type not in FLOATING or tensor.data_location == TensorProto.EXTERNAL:
+            continue
+        values = numpy_helper.to_array(tensor)
+        if np.isnan(values).any():
+            raise ModelError(f"weight '{tensor.name}' holds {int(np.isnan(values).sum())} NaN values: the model is "
+                             "broken (a diverged training run or a bad export); fix or re-export it")
 
 
 def check_tensor_sizes(model: onnx.ModelProto, shapes: dict[str, tuple]) -> None:

@@ -125,3 +125,9 @@ def test_failure_during_save_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(io, "write_model", broken)
     assert_failed(run(MODEL, tmp_path / "out.onnx"), 2, "cannot write", "disk full")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_usage_error_is_one_line(tmp_path):
+    result = run(MODEL, tmp_path / "out.onnx", "--calib-batch", "0")
+    assert_failed(result, 2, "--calib-batch", "--help")
+    assert no_output_in(tmp_path)

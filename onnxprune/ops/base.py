@@ -229,7 +229,7 @@ def window_problem(attrs: dict, in_shape, out_shape) -> str | None:
     if any(p < 0 for p in pads):
         return f"pads {pads} must not be negative"
     spatial = tuple(out_shape or ())[2:]
-    if 0 in spatial:
+    if any(d is not None and d < 1 for d in spatial):
         window = "x".join(str(k) for k in attrs.get("kernel_shape") or []) or "its"
         size = "x".join(str(d) for d in tuple(in_shape or ())[2:]) or "?"
         return (f"its output would be empty ({'x'.join(str(d) for d in spatial)}): a {window} window (pads "
