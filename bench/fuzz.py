@@ -31,6 +31,8 @@ def main() -> int:
             outcome = run_case(make_case(seed, Path(tmp), heavy=args.heavy), Path(tmp))
         outcome.seed = seed
         outcomes.append(outcome)
+        if len(outcomes) % 100 == 0:
+            print(f"{len(outcomes)} cases, {time.perf_counter() - started:.0f} s", flush=True)
         if outcome.result in FAILURES:
             print(f"seed {seed}: {outcome.kind} ({outcome.note}): {outcome.result}: {outcome.message}", flush=True)
     elapsed = time.perf_counter() - started

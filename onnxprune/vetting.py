@@ -19,7 +19,31 @@ FLOATING = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorPr
 
 
 def vet_model(model: onnx.ModelProto, shapes: dict[str, tuple]) -> None:
-    """Raise ModelError naming the first node whose attributes or tensor sizes make the model unusable."""
+    """Raise ModelError naming the first weight, node or tensor that makes the model unusable."""
+    check_initializers(model)
+    check_attributes(model, shapes)
+    check_tensor_sizes(model, shapes)
+
+
+def check_initializers(model: onnx.ModelProto) -> None:
+    """Every initializer holds the values its dims say, and no floating-point one holds NaN (Inf may be
+    meant: attention masks use it)."""
+    for tensor in model.graph.initializer:
+        if tensor.data_location == TensorProto.EXTERNAL:
+            continue
+        try:
+            values = numpy_helper.to_array(tensor)
+        except Exception as exc:  # noqa: BLE001 - numpy and onnx raise several kinds on corrupt data
+            dims = "x".join(str(d) for d in tensor.dims) or "a scalar"
+            raise ModelError(f"weight '{tensor.name}' does not hold the values its dims ({dims}) say "
+                             f"({type(exc).__name__}): the file is corrupt or was edited; re-export it") from None
+        if tensor.data_type in FLOATING and np.isnan(values).any():
+            raise ModelError(f"weight '{tensor.name}' holds {int(np.isnan(values).sum())} NaN values: the model is "
+                             "broken (a diverged training run or a bad export); fix or re-export it")
+
+
+def check_attributes(model: onnx.ModelProto, shapes: dict[str, tuple]) -> None:
+    """What each node's handler finds wrong with its attributes at these shapes (`Handler.attribute_problem`)."""
     for node in model.graph.node:
         handler = handler_for(node.op_type) if node.domain in ("", "ai.onnx") else None
         if handler is None:
@@ -28,20 +52,11 @@ def vet_model(model: onnx.ModelProto, shapes: dict[str, tuple]) -> None:
         problem = handler.attribute_problem(node.op_type, attrs, [shapes.get(i) for i in node.input],
                                             [shapes.get(o) for o in node.output])
         if problem:
-            raise ModelError(f"{node.op_type} '{node.name}': {problem}: fix or re-export the model")
-    check_tensor_sizes(model, shapes)
-    check_weights_are_numbers(model)
+            raise ModelError(f"{label(node)}: {problem}: fix or re-export the model")
 
 
-def check_weights_are_numbers(model: onnx.ModelProto) -> None:
-    """No floating-point initializer holds NaN (Inf may be meant: attention masks use it)."""
-    for tensor in model.graph.initializer:
-        if tensor.data_type not in FLOATING or tensor.data_location == TensorProto.EXTERNAL:
-            continue
-        values = numpy_helper.to_array(tensor)
-        if np.isnan(values).any():
-            raise ModelError(f"weight '{tensor.name}' holds {int(np.isnan(values).sum())} NaN values: the model is "
-                             "broken (a diverged training run or a bad export); fix or re-export it")
+def label(node: onnx.NodeProto) -> str:
+    return f"{node.op_type} '{node.name}'" if node.name else f"an unnamed {node.op_type}"
 
 
 def check_tensor_sizes(model: onnx.ModelProto, shapes: dict[str, tuple]) -> None:
@@ -58,6 +73,6 @@ def check_tensor_sizes(model: onnx.ModelProto, shapes: dict[str, tuple]) -> None
             elements = float(np.prod(dims, dtype=np.float64))  # float: no int64 overflow on hostile dims
             if elements > memory:
                 raise ModelError(
-                    f"tensor '{name}' computed by {node.op_type} '{node.name}' would hold {elements:.3g} elements "
+                    f"tensor '{name}' computed by {label(node)} would hold {elements:.3g} elements "
                     f"({'x'.join(str(d) for d in dims)}), more than the {memory / 2**30:.1f} GB of memory available: "
                     "the node's attributes (pads, sizes, shapes) are wrong, or --input-shape is too large")

@@ -113,12 +113,19 @@ def mutate_attribute(model, rng) -> str:
         new = b"NOT_A_MODE"
     else:
         return f"{node.op_type}.{attr.name} left"
-    attr.CopyFrom(helper.make_attribute(attr.name, new))
+    attr.CopyFrom(helper.make_attribute(attr.name, new, attr_type=attr.type))
     return f"{node.op_type} '{node.name}' {attr.name}={new}"
 
 
 def mutate_dims(model, rng) -> str:
-    """An initializer's or an input's dims changed (its data left as it was)."""
+    """An initializer's or an input's dims changed (its data left as it was), or a ConstantOfShape's shape."""
+    inits = {t.name: t for t in model.graph.initializer}
+    shaped = [n for n in model.graph.node if n.op_type == "ConstantOfShape" and n.input and n.input[0] in inits]
+    if shaped and rng.random() < 0.5:
+        tensor = inits[shaped[rng.integers(len(shaped))].input[0]]
+        shape = [[10**6] * 4, [-3, 4], [0, 7], [2**62, 2]][rng.integers(4)]
+        tensor.CopyFrom(numpy_helper.from_array(np.array(shape, np.int64), tensor.name))
+        return f"ConstantOfShape '{tensor.name}' = {shape}"
     if rng.random() < 0.5 and model.graph.initializer:
         tensor = model.graph.initializer[rng.integers(len(model.graph.initializer))]
         dims = list(tensor.dims)
@@ -531,9 +538,9 @@ def tally(outcomes: list[Outcome]) -> str:
     used = [c for c in classes if any(o.result == c for o in outcomes)] or classes[:2]
     kinds = list(dict.fromkeys(o.kind for o in outcomes))
     width = max(len(k) for k in kinds + ["kind"])
-    rows = [f"{'kind':<{width}} " + " ".join(f"{c:>9}" for c in used) + f" {'total':>6}"]
+    rows = [f"{'kind':<{width}} " + " ".join(f"{c:>9}" for c in used) + f" {'total':>6} {'s/case':>7}"]
     for kind in kinds + ["all"]:
         mine = [o for o in outcomes if kind == "all" or o.kind == kind]
         rows.append(f"{kind:<{width}} " + " ".join(f"{sum(o.result == c for o in mine):>9}" for c in used)
-                    + f" {len(mine):>6}")
+                    + f" {len(mine):>6} {sum(o.seconds for o in mine) / len(mine):7.2f}")
     return "\n".join(rows)

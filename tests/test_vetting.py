@@ -97,3 +97,23 @@ def test_nan_weights_are_refused_by_name(tmp_path):
     path = tmp_path / "nan.onnx"
     onnx.save(model, str(path))
     assert_refused(run(path, tmp_path / "out.onnx"), f"weight '{weight.name}' holds 1 NaN values")
+
+
+def test_a_constant_of_terabytes_is_refused_not_allocated(tmp_path):
+    shape = numpy_helper.from_array(np.array([10**6, 10**6, 3, 3], np.int64), "w_shape")
+    nodes = [helper.make_node("ConstantOfShape", ["w_shape"], ["w"], name="make_w"),
+             helper.make_node("Conv", ["x", "w"], ["y"], name="conv", kernel_shape=[3, 3])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [shape])
+    path = tmp_path / "huge.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    assert_refused(run(path, tmp_path / "out.onnx"), "tensor 'w' computed by ConstantOfShape 'make_w' would hold 9e+12")
+
+
+def test_a_weight_shorter_than_its_dims_is_refused_by_name(tmp_path):
+    model = conv_pool()
+    model.graph.initializer[0].dims[1] = 9  # 8x3x3x3 values, declared 8x9x3x3
+    path = tmp_path / "short.onnx"
+    onnx.save(model, str(path))
+    assert_refused(run(path, tmp_path / "out.onnx"), f"weight '{model.graph.initializer[0].name}' does not hold "
+                                                     "the values its dims (8x9x3x3) say")
