@@ -8,7 +8,7 @@ copy of every weight, ~100 MB for a ResNet-50), while writing the file costs ~0.
 from __future__ import annotations
 
 import ctypes
-import logging
+import json
 import os
 import re
 import signal
@@ -25,8 +25,6 @@ from onnx import helper
 
 from .errors import ModelError
 from .io import write_model
-
-log = logging.getLogger(__name__)
 
 MAX_BATCH = 32  # samples per run when memory allows more: larger batches are no faster on CPU
 RUN_BUDGET_BYTES = 96 << 20  # onnxruntime's buffers for one batch of a validation run: about 4x the model's
@@ -85,21 +83,22 @@ def available_memory() -> int | None:
         return None
 
 
-# The child process of `first_run` (argv: the model file, an .npz of feeds): it says which step it
-# starts, and ends with "failed <step>: <onnxruntime's message>" when that step raises.
+# The child process of `first_run` (argv: the model file, an .npz of the feeds as arr_0, arr_1, ..., their
+# names as JSON): it says which step it starts, and ends with "failed <step>: <onnxruntime's message>"
+# when that step raises.
 _FIRST_RUN = """
-import sys
+import json, sys
 import numpy as np, onnxruntime as ort
 step = "session"
 try:
     print(step, flush=True)
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     sess = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
     step = "run"
     print(step, flush=True)
-    with np.load(sys.argv[2]) as feeds:
-        sess.run(None, dict(feeds))
+    with np.load(sys.argv[2]) as arrays:
+        sess.run(None, {name: arrays[f"arr_{i}"] for i, name in enumerate(json.loads(sys.argv[3]))})
 except Exception as exc:
     message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     print(f"failed {step}: {message}", flush=True)
@@ -111,9 +110,9 @@ def first_run(model: onnx.ModelProto | str | os.PathLike, feeds: dict[str, np.nd
     of onnxruntime on a broken or hostile model becomes a one-line ModelError, as does a model onnxruntime
     refuses to load. A run that raises is the data's or the model's fault: its message is returned."""
     with tempfile.TemporaryDirectory(prefix="onnxprune-first-run-") as tmp, on_disk(model) as path:
-        np.savez(Path(tmp) / "feeds.npz", **feeds)
-        child = subprocess.run([sys.executable, "-I", "-c", _FIRST_RUN, str(path), str(Path(tmp) / "feeds.npz")],
-                               capture_output=True, text=True, errors="replace")
+        np.savez(Path(tmp) / "feeds.npz", *feeds.values())
+        child = subprocess.run([sys.executable, "-I", "-c", _FIRST_RUN, str(path), str(Path(tmp) / "feeds.npz"),
+                                json.dumps(list(feeds))], capture_output=True, text=True, errors="replace")
     lines = child.stdout.strip().splitlines() or ["session"]
     if child.returncode < 0:
         try:

@@ -33,6 +33,7 @@ BUILT = ("conv_chain", "residual", "residual_downsample", "grouped", "depthwise"
 LIGHT_MODELS = ("light_squeezenet.onnx", "light_bvlc_alexnet.onnx")  # real topologies (bench only: larger)
 FAILURES = ("bug", "traceback", "signal", "hang", "multi-line", "invalid-output", "input-changed", "left-behind")
 TIMEOUT_S = 120
+OUTPUTS = ("out.onnx", "out.onnx.data", "out.latency.json")  # what a successful run may write
 
 
 @dataclass
@@ -164,6 +165,8 @@ def mutate_dtype(model, rng) -> str:
             replaced = numpy_helper.from_array(array.astype(helper.tensor_dtype_to_np_dtype(new)), tensor.name)
             tensor.CopyFrom(replaced)
         return f"initializer '{tensor.name}' as {TensorProto.DataType.Name(new)}"
+    if rng.random() < 0.3:
+        new = TensorProto.UNDEFINED
     model.graph.input[0].type.tensor_type.elem_type = new
     return f"input as {TensorProto.DataType.Name(new)}"
 
@@ -503,6 +506,9 @@ def classify(case, directory, before, after, code, stdout, stderr) -> tuple[str,
     if code == 4:
         return "bug", message
     if code == 0:
+        stray = [name for name in new if name not in OUTPUTS]
+        if stray:
+            return "left-behind", f"{stray} beside the output"
         if case.args[0] == "inspect":
             return "ok", ""
         problem = _invalid_output(directory / "out.onnx")

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..errors import DataError, OnnxPruneError, UsageError
+from ..errors import DataError, ModelError, OnnxPruneError, UsageError
 from ..io import graph_inputs
 from .images import load_image_folder, parse_preprocess
 
@@ -39,6 +39,9 @@ def input_specs(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> list[In
     specs = []
     for value in graph_inputs(model):
         tensor_type = value.type.tensor_type
+        if not value.type.HasField("tensor_type") or tensor_type.elem_type == onnx.TensorProto.UNDEFINED:
+            raise ModelError(f"input '{value.name}' is not a tensor of a known element type: onnxprune feeds "
+                             "models tensors only; re-export the model with tensor inputs")
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor_type.shape.dim]
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
         specs.append(InputSpec(value.name, dtype, dims, list(shapes[value.name])))
