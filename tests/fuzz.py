@@ -350,6 +350,7 @@ LOADERS = {
     "raises midway": "import numpy as np\ndef data():\n    yield {NAME: np.zeros(SHAPE, np.float32)}\n"
                      "    raise RuntimeError('disk gone')\n",
     "nothing": "def data():\n    return iter(())\n",
+    "endless": "import numpy as np\ndef data():\n    while True:\n        yield {NAME: np.zeros(SHAPE, np.float32)}\n",
     "syntax error": "def data(:\n",
     "import error": "import no_such_module_at_all\ndef data():\n    return []\n",
     "no function": "x = 1\n",

@@ -117,3 +117,13 @@ def test_a_weight_shorter_than_its_dims_is_refused_by_name(tmp_path):
     onnx.save(model, str(path))
     assert_refused(run(path, tmp_path / "out.onnx"), f"weight '{model.graph.initializer[0].name}' does not hold "
                                                      "the values its dims (8x9x3x3) say")
+
+
+def test_the_original_failing_on_its_data_is_the_models_fault(tmp_path):
+    model = conv_pool()
+    bias = next(t for t in model.graph.initializer if t.name == "conv1.bias")
+    bias.dims[:] = [8, 1]  # the same 8 values as a 2-D bias: the checker passes it, onnxruntime's Conv fails
+    path = tmp_path / "bias.onnx"
+    onnx.save(model, str(path))
+    assert_refused(run(path, tmp_path / "out.onnx"), "onnxruntime cannot run the model on the synthetic data",
+                   "bias must be a 1D tensor", "fix or re-export it")
