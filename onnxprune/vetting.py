@@ -60,8 +60,8 @@ def label(node: onnx.NodeProto) -> str:
 
 
 def check_tensor_sizes(model: onnx.ModelProto, shapes: dict[str, tuple]) -> None:
-    """No tensor a node computes may be larger than the memory available (counted at one byte per element,
-    so that no model that could run is refused)."""
+    """No tensor a node computes may take more than half the memory available (at 4 bytes an element, as
+    float32): onnxruntime holds it with the node's inputs, and the kernel would kill the process, or another."""
     memory = available_memory()
     if memory is None:
         return
@@ -70,9 +70,9 @@ def check_tensor_sizes(model: onnx.ModelProto, shapes: dict[str, tuple]) -> None
             dims = shapes.get(name)
             if not name or dims is None or any(d is None for d in dims):
                 continue
-            elements = float(np.prod(dims, dtype=np.float64))  # float: no int64 overflow on hostile dims
-            if elements > memory:
+            size = 4 * float(np.prod(dims, dtype=np.float64))  # float: no int64 overflow on hostile dims
+            if size > memory / 2:
                 raise ModelError(
-                    f"tensor '{name}' computed by {label(node)} would hold {elements:.3g} elements "
-                    f"({'x'.join(str(d) for d in dims)}), more than the {memory / 2**30:.1f} GB of memory available: "
+                    f"tensor '{name}' computed by {label(node)} ({'x'.join(str(d) for d in dims)}) would take "
+                    f"{size / 2**30:.3g} GB as float32, more than half the {memory / 2**30:.1f} GB of memory available: "
                     "the node's attributes (pads, sizes, shapes) are wrong, or --input-shape is too large")

@@ -147,7 +147,7 @@ def mutate_dims(model, rng) -> str:
     if choice == 0:
         dims[axis].dim_param = "free"
     else:
-        dims[axis].dim_value = [0, 3, 100_000][choice - 1]
+        dims[axis].dim_value = [0, 3, 10**8][choice - 1]
     return f"input '{value.name}' dim {axis} -> {dims[axis]}"
 
 

@@ -52,7 +52,7 @@ def conv_pool(**conv_attrs) -> onnx.ModelProto:
     ({"group": 2}, "group 2 does not divide its 3 input channels"),
     ({"pads": [-4, -4, -4, -4]}, "must not be negative"),
     ({"strides": [1000000, 1000000]}, "MaxPool 'pool': its output would be empty"),  # SIGFPE in onnxruntime
-    ({"pads": [1000000] * 4}, "more than the"),  # killed for memory
+    ({"pads": [1000000] * 4}, "more than half the"),  # killed for memory
 ])
 def test_hostile_attributes_are_refused_by_name(tmp_path, attrs, phrase):
     path = tmp_path / "hostile.onnx"
@@ -107,7 +107,7 @@ def test_a_constant_of_terabytes_is_refused_not_allocated(tmp_path):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [shape])
     path = tmp_path / "huge.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
-    assert_refused(run(path, tmp_path / "out.onnx"), "tensor 'w' computed by ConstantOfShape 'make_w' would hold 9e+12")
+    assert_refused(run(path, tmp_path / "out.onnx"), "tensor 'w' computed by ConstantOfShape 'make_w' (1000000x1000000x3x3) would take 3.35e+04 GB")
 
 
 def test_a_weight_shorter_than_its_dims_is_refused_by_name(tmp_path):
