@@ -125,7 +125,7 @@ EXCLUDE = OptionGroup([
 ], lambda v: {"exclude": tuple(v["exclude"])})
 
 SEED = OptionGroup([
-    click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random choice."),
+    click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed for every random choice."),
 ], lambda v: {"seed": v["seed"]})
 
 CHANNELS = OptionGroup([
@@ -491,7 +491,7 @@ def export_training_command(model, directory, teacher, loss, frozen, input_shape
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=FINETUNE_LR, show_default=True,
               help="AdamW learning rate.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None, help="Write the JSON report here.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the batch order.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the batch order.")
 @TRAINING
 @EVALUATION
 @GATES

@@ -142,3 +142,13 @@ def test_an_input_of_no_element_type(tmp_path, command):
     args = [path, tmp_path / "out.onnx"] if command == "prune" else ["inspect", path]
     assert_failed(run(*args), 3, "input 'input' is not a tensor of a known element type")
     assert no_output_in(tmp_path, keep={"untyped.onnx"})
+
+
+def test_a_negative_seed_is_a_usage_error(tmp_path):
+    from onnxprune import PruneConfig, prune
+    from onnxprune.errors import UsageError
+
+    assert_failed(run(MODEL, tmp_path / "out.onnx", "--seed", "-5"), 2, "--seed")
+    with pytest.raises(UsageError, match="--seed -5"):
+        prune(str(MODEL), PruneConfig(seed=-5))
+    assert no_output_in(tmp_path)
