@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 from .calib import fixed_batch, input_specs, synthetic
 from .io import ModelFile, load_model_file, model_size_bytes, normalize_model, resolve_input_shapes
 from .runtime import first_run, release_free_memory
-from .shapes import complete_shapes, static_shapes
+from .shapes import complete_shapes, static_shapes, unknown_shapes
 from .validate import model_cost
 from .vetting import vet_model
 
@@ -46,9 +46,11 @@ class Loaded:
         return self.path if self.path is not None else self.model
 
 
-def load(model: onnx.ModelProto | str | os.PathLike, input_shapes=None, vetted: bool = False) -> Loaded:
+def load(model: onnx.ModelProto | str | os.PathLike, input_shapes=None, vetted: bool = False,
+         runs: bool = True) -> Loaded:
     """The model loaded; unless `vetted` (a model onnxprune made), checked first where the ONNX checker
-    does not look (`vetting.vet_model`) and run once in a child process (`first_session`)."""
+    does not look (`vetting.vet_model`) and, when onnxruntime will run it (`runs`, or to complete its
+    shapes), run once in a child process (`first_session`)."""
     if isinstance(model, onnx.ModelProto):
         proto, size, file = normalize_model(model), model_size_bytes(model), None
     else:
@@ -58,7 +60,8 @@ def load(model: onnx.ModelProto | str | os.PathLike, input_shapes=None, vetted: 
     del proto  # `first_session` may free the parsed model
     if not vetted:
         vet_model(loaded.model, loaded.shapes)
-        first_session(loaded)
+        if runs or unknown_shapes(loaded.model, loaded.shapes):
+            first_session(loaded)
     loaded.shapes = complete_shapes(loaded.model, resolved, loaded.shapes)
     loaded.cost = model_cost(loaded.model, resolved, loaded.shapes)
     return loaded

@@ -53,11 +53,15 @@ def static_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) ->
 def complete_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]], shapes: dict[str, tuple]) -> dict[str, tuple]:
     """`shapes` with what ONNX inference left open read off one onnxruntime run (see the module docstring)."""
     shapes = dict(shapes)
-    unknown = [o for node in model.graph.node for o in node.output
-               if o and (shapes.get(o) is None or None in shapes[o])]
+    unknown = unknown_shapes(model, shapes)
     if unknown:
         shapes.update(_shapes_from_runtime(model, input_shapes, unknown))
     return shapes
+
+
+def unknown_shapes(model: onnx.ModelProto, shapes: dict[str, tuple]) -> list[str]:
+    """The node outputs whose shape `shapes` does not hold in full (what `complete_shapes` asks onnxruntime)."""
+    return [o for node in model.graph.node for o in node.output if o and (shapes.get(o) is None or None in shapes[o])]
 
 
 def _shapes_from_runtime(model, input_shapes, names) -> dict[str, tuple]:
