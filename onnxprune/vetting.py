@@ -20,9 +20,46 @@ FLOATING = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorPr
 
 def vet_model(model: onnx.ModelProto, shapes: dict[str, tuple]) -> None:
     """Raise ModelError naming the first weight, node or tensor that makes the model unusable."""
+    check_graph(model.graph)
     check_initializers(model)
     check_attributes(model, shapes)
     check_tensor_sizes(model, shapes)
+
+
+def check_graph(graph: onnx.GraphProto) -> None:
+    """Every tensor the nodes and graph outputs read is produced, once, by a node, a weight or a graph input,
+    and the nodes form no cycle (subgraphs are left to onnxruntime)."""
+    given = {t.name for t in graph.initializer} | {t.name for t in graph.sparse_initializer} | {i.name for i in graph.input}
+    producer = {}
+    for node in graph.node:
+        for name in filter(None, node.output):
+            if name in producer or name in given:
+                other = label(producer[name]) if name in producer else "a weight or graph input"
+                raise ModelError(f"tensor '{name}' is written by {label(node)} and by {other}: the model is broken; "
+                                 "fix or re-export it")
+            producer[name] = node
+    readers = [(label(node), name) for node in graph.node for name in node.input] + \
+        [(f"graph output '{o.name}'", o.name) for o in graph.output]
+    for reader, name in readers:
+        if name and name not in producer and name not in given:
+            raise ModelError(f"{reader} reads '{name}', which no node, weight or graph input produces: the model is "
+                             "broken; fix or re-export it")
+    waiting = [len({name for name in node.input if name in producer}) for node in graph.node]
+    consumers = {}
+    for index, node in enumerate(graph.node):
+        for name in {name for name in node.input if name in producer}:
+            consumers.setdefault(name, []).append(index)
+    ready = [index for index, count in enumerate(waiting) if count == 0]
+    for index in ready:  # grows while it is walked: Kahn's topological order
+        for name in filter(None, graph.node[index].output):
+            for consumer in consumers.get(name, []):
+                waiting[consumer] -= 1
+                if waiting[consumer] == 0:
+                    ready.append(consumer)
+    if len(ready) < len(graph.node):
+        stuck = next(node for node, count in zip(graph.node, waiting) if count > 0)
+        raise ModelError(f"{label(stuck)} is on a cycle (it reads, through other nodes, its own output): the model "
+                         "is broken; fix or re-export it")
 
 
 def check_initializers(model: onnx.ModelProto) -> None:

@@ -127,3 +127,18 @@ def test_the_original_failing_on_its_data_is_the_models_fault(tmp_path):
     onnx.save(model, str(path))
     assert_refused(run(path, tmp_path / "out.onnx"), "onnxruntime cannot run the model on the synthetic data",
                    "bias must be a 1D tensor", "fix or re-export it")
+
+
+@pytest.mark.parametrize("command", ["prune", "inspect"])
+@pytest.mark.parametrize("break_it, phrase", [
+    (lambda nodes: nodes[0].input.__setitem__(0, nodes[-1].output[0]), "is on a cycle"),
+    (lambda nodes: nodes[1].input.__setitem__(0, "nowhere"), "reads 'nowhere', which no node"),
+    (lambda nodes: nodes[-1].output.__setitem__(0, nodes[0].output[0]), "is written by"),
+])
+def test_a_broken_graph_is_refused_by_name(tmp_path, command, break_it, phrase):
+    model = conv_pool()
+    break_it(model.graph.node)
+    path = tmp_path / "broken.onnx"
+    onnx.save(model, str(path))
+    args = [path, tmp_path / "out.onnx"] if command == "prune" else ["inspect", path]
+    assert_refused(run(*args), phrase)
