@@ -11,9 +11,9 @@ import onnx
 from .calib import CalibrationSet, fixed_batch, input_specs, load_calibration, synthetic
 from .calib.data import HOLD_OUT_EVERY
 from .config import PruneConfig, fits_calibration
-from .errors import UsageError
+from .errors import ModelError, UsageError
 from .loading import Loaded, load, releasable, released_model, unparsed
-from .runtime import run_batch_size, session
+from .runtime import is_onnxruntime_error, run_batch_size, session, short_message
 from .scoring import score
 from .validate import run_model
 from .validate.compare import check_output_axes
@@ -97,10 +97,18 @@ class Baseline:
     def reference(self) -> dict:
         """The original model's outputs on the evaluation data (and on the in-sample part with it)."""
         if self._reference is None:  # a session not kept for later holds no memory after this
-            sess = self._sessions.get(0) or session(self.loaded.runnable)
-            self._reference = run_model(sess, self.evaluation, self.run_batch, "original outputs")
-            if self.held_out:
-                self._reference_in_sample = run_model(sess, self.in_sample, self.run_batch, "original outputs, in-sample")
+            try:
+                sess = self._sessions.get(0) or session(self.loaded.runnable)
+                self._reference = run_model(sess, self.evaluation, self.run_batch, "original outputs")
+                if self.held_out:
+                    self._reference_in_sample = run_model(sess, self.in_sample, self.run_batch, "original outputs, in-sample")
+            except Exception as exc:
+                if not is_onnxruntime_error(exc):
+                    raise
+                advice = "the model is broken: fix or re-export it" if self.evaluation.source == "synthetic" else \
+                    "check that the data fits the model's inputs"
+                raise ModelError(f"onnxruntime cannot run the model on the {self.evaluation.source} data "
+                                 f"({short_message(exc)}): {advice}") from None
         return self._reference
 
     def reference_in_sample(self) -> dict:
@@ -112,7 +120,7 @@ class Baseline:
         """A baseline for the next step of --steps: `model` (a pruned copy of this one's) with the same data,
         scored from scratch (its reference outputs are not needed: every step is compared with the
         original's)."""
-        return Baseline(load(model, self.loaded.input_shapes), self.specs, self.calibration, self.evaluation,
+        return Baseline(load(model, self.loaded.input_shapes, vetted=True), self.specs, self.calibration, self.evaluation,
                         self.output_axes, self.in_sample, self.evaluation_fitted)
 
     def portable(self) -> "Baseline":

@@ -43,7 +43,24 @@ from .limits import DEFAULT_ERROR as DEFAULT_LIMIT_ERROR, format_limits, limits,
 
 
 class DefaultToPrune(click.Group):
-    """`onnxprune IN OUT ...` means `onnxprune prune IN OUT ...`."""
+    """`onnxprune IN OUT ...` means `onnxprune prune IN OUT ...`; a usage error is one line, as every error."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            where = f": see '{exc.ctx.command_path} --help'" if getattr(exc, "ctx", None) is not None else ""
+            click.echo(f"error: {exc.format_message().rstrip('.')}{where}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
@@ -110,7 +127,7 @@ EXCLUDE = OptionGroup([
 ], lambda v: {"exclude": tuple(v["exclude"])})
 
 SEED = OptionGroup([
-    click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random choice."),
+    click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed for every random choice."),
 ], lambda v: {"seed": v["seed"]})
 
 CHANNELS = OptionGroup([
@@ -511,7 +528,7 @@ def export_training_command(model, directory, teacher, loss, frozen, input_shape
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=FINETUNE_LR, show_default=True,
               help="AdamW learning rate.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None, help="Write the JSON report here.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the batch order.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the batch order.")
 @TRAINING
 @EVALUATION
 @GATES

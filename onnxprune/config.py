@@ -76,6 +76,8 @@ def check_config(config: PruneConfig) -> None:
         raise UsageError(f"--target-macs {config.target_macs} is outside (0, 1]: give the fraction of MACs to keep, "
                          "e.g. 0.5")
     check_latency_target(config)
+    if not isinstance(config.seed, int) or config.seed < 0:
+        raise UsageError(f"--seed {config.seed}: give a non-negative integer")
     if config.steps < 1:
         raise UsageError(f"--steps {config.steps}: give a positive number of steps")
     if config.steps > 1 and (config.plan is not None or config.pfp_mode == "sample" or config.rank is not None):

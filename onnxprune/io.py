@@ -35,6 +35,7 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # Initializers at most this many elements keep their data in the shape-inference skeleton
 # (shape constants for Reshape, Split sizes, ...); bigger ones are only their dims.
 SKELETON_KEEP_ELEMENTS = 64
+FOLD_MAX_ELEMENTS = 1 << 30  # a larger ConstantOfShape is no weight (VGG-19's largest is 1e8 elements)
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -223,7 +224,8 @@ def fold_constant_nodes(graph: onnx.GraphProto) -> int:
             for attr in node.attribute:
                 if attr.name == "value":
                     fill = numpy_helper.to_array(attr.t)
-            tensor = numpy_helper.from_array(np.full(tuple(shape), fill.reshape(-1)[0], dtype=fill.dtype))
+            if _foldable(shape, fill):
+                tensor = numpy_helper.from_array(np.full(tuple(shape), fill.reshape(-1)[0], dtype=fill.dtype))
         if tensor is None:
             kept.append(node)
             continue
@@ -236,6 +238,13 @@ def fold_constant_nodes(graph: onnx.GraphProto) -> int:
         graph.node.extend(kept)
         log.info("folded %d constant nodes into initializers", folded)
     return folded
+
+
+def _foldable(shape: np.ndarray, fill: np.ndarray) -> bool:
+    """Whether a ConstantOfShape of this shape and fill value is worth an initializer; a broken or hostile
+    one (negative dims, terabytes) stays a node, for `vetting` to judge with the other tensors."""
+    return shape.ndim == 1 and fill.size == 1 and shape.min(initial=0) >= 0 and \
+        np.prod(shape, dtype=np.float64) <= FOLD_MAX_ELEMENTS
 
 
 def _constant_node_value(node: onnx.NodeProto) -> onnx.TensorProto | None:

@@ -5,18 +5,23 @@ from its file (`unparsed`, `released_model`, `detach_constants`)."""
 from __future__ import annotations
 
 import gc
+import logging
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 import onnx_graphsurgeon as gs
 
+from .calib import fixed_batch, input_specs, synthetic
 from .io import ModelFile, load_model_file, model_size_bytes, normalize_model, resolve_input_shapes
-from .runtime import release_free_memory
-from .shapes import infer_shapes
+from .runtime import first_run, release_free_memory
+from .shapes import complete_shapes, static_shapes, unknown_shapes
 from .validate import model_cost
+from .vetting import vet_model
+
+log = logging.getLogger(__name__)
 
 RELOAD_ABOVE_BYTES = 32 << 20  # below this, parsing a model twice costs more than its memory is worth
 
@@ -41,14 +46,37 @@ class Loaded:
         return self.path if self.path is not None else self.model
 
 
-def load(model: onnx.ModelProto | str | os.PathLike, input_shapes=None) -> Loaded:
+def load(model: onnx.ModelProto | str | os.PathLike, input_shapes=None, vetted: bool = False,
+         runs: bool = True) -> Loaded:
+    """The model loaded; unless `vetted` (a model onnxprune made), checked first where the ONNX checker
+    does not look (`vetting.vet_model`) and, when onnxruntime will run it (`runs`, or to complete its
+    shapes), run once in a child process (`first_session`)."""
     if isinstance(model, onnx.ModelProto):
         proto, size, file = normalize_model(model), model_size_bytes(model), None
     else:
         proto, size, file = load_model_file(model)
     resolved = resolve_input_shapes(proto, input_shapes)
-    shapes = infer_shapes(proto, resolved)
-    return Loaded(proto, resolved, shapes, size, model_cost(proto, resolved, shapes), file)
+    loaded = Loaded(proto, resolved, static_shapes(proto, resolved), size, file=file)
+    del proto  # `first_session` may free the parsed model
+    if not vetted:
+        vet_model(loaded.model, loaded.shapes)
+        if runs or unknown_shapes(loaded.model, loaded.shapes):
+            first_session(loaded)
+    loaded.shapes = complete_shapes(loaded.model, resolved, loaded.shapes)
+    loaded.cost = model_cost(loaded.model, resolved, loaded.shapes)
+    return loaded
+
+
+def first_session(loaded: Loaded) -> None:
+    """The model's first onnxruntime session, and one run on a synthetic sample, in a child process: a native
+    crash there, or a model onnxruntime refuses, is a one-line ModelError (`runtime.first_run`). A large
+    model from a file is not held parsed meanwhile."""
+    specs = input_specs(loaded.model, loaded.input_shapes)
+    feeds = synthetic(specs, fixed_batch(specs) or 1, seed=0).arrays
+    with unparsed(loaded) if releasable(loaded) else nullcontext():
+        failure = first_run(loaded.runnable, feeds)
+    if failure:
+        log.info("onnxruntime could not run the model on a synthetic sample (%s)", failure)
 
 
 def releasable(loaded: Loaded) -> bool:

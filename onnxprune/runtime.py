@@ -11,7 +11,12 @@ after the session is built instead of 0.68 GiB).
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import re
+import signal
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,6 +25,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from .errors import ModelError
 from .io import has_external_data, write_model
 from .workdir import temp_folder
 
@@ -51,7 +57,7 @@ def on_disk(model: onnx.ModelProto | str | os.PathLike, copy_mapped: bool = Fals
 def session(model: onnx.ModelProto | str | os.PathLike, threads: int = 0, timed: bool = False) -> ort.InferenceSession:
     """`timed`: a session for latency measurement, with onnxruntime's pre-packed weights in any case."""
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: its errors reach the caller as exceptions, logged they would be said twice
     if threads:
         options.intra_op_num_threads = threads
     return build_session(model, options, prepack=timed)
@@ -78,6 +84,82 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the machine can still hand out (MemAvailable), or None where that is unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+# The child process of `first_run` (argv: the model file, an .npz of the feeds as arr_0, arr_1, ..., their
+# names as JSON): it says which step it starts, and ends with "failed <step>: <onnxruntime's message>"
+# when that step raises.
+_FIRST_RUN = """
+import json, sys
+import numpy as np, onnxruntime as ort
+step = "session"
+try:
+    print(step, flush=True)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    sess = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+    step = "run"
+    print(step, flush=True)
+    with np.load(sys.argv[2]) as arrays:
+        sess.run(None, {name: arrays[f"arr_{i}"] for i, name in enumerate(json.loads(sys.argv[3]))})
+except Exception as exc:
+    message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    print(f"failed {step}: {message}", flush=True)
+"""
+
+
+def first_run(model: onnx.ModelProto | str | os.PathLike, feeds: dict[str, np.ndarray]) -> str | None:
+    """Create a session of `model` and run it once on `feeds`, in a child process, so that a native crash
+    of onnxruntime on a broken or hostile model becomes a one-line ModelError, as does a model onnxruntime
+    refuses to load. A run that raises is the data's or the model's fault: its message is returned."""
+    with temp_folder("first-run-") as tmp, on_disk(model) as path:
+        np.savez(Path(tmp) / "feeds.npz", *feeds.values())
+        child = subprocess.run([sys.executable, "-I", "-c", _FIRST_RUN, str(path), str(Path(tmp) / "feeds.npz"),
+                                json.dumps(list(feeds))], capture_output=True, text=True, errors="replace")
+    lines = child.stdout.strip().splitlines() or ["session"]
+    if child.returncode < 0:
+        try:
+            name = signal.Signals(-child.returncode).name
+        except ValueError:
+            name = f"signal {-child.returncode}"
+        memory = " (out of memory?)" if -child.returncode == signal.SIGKILL else ""
+        doing = "creating a session for" if lines[-1] == "session" else "running"
+        raise ModelError(f"onnxruntime crashed ({name}{memory}) {doing} the model once: the model is broken in a "
+                         "way the ONNX checker does not see; fix or re-export it")
+    failed = lines[-1] if lines[-1].startswith("failed ") else None
+    if failed and failed.startswith("failed session: "):
+        raise ModelError(f"onnxruntime cannot load the model ({short_message(failed[len('failed session: '):])}): "
+                         "fix or re-export it")
+    if child.returncode != 0:
+        last = (child.stderr.strip().splitlines() or ["no output"])[-1][-300:]
+        raise ModelError(f"the process trying the model in onnxruntime exited with code {child.returncode} ({last})")
+    return failed[len("failed run: "):] if failed else None
+
+
+def short_message(message: str) -> str:
+    """The first line of onnxruntime's message, without its '[ONNXRuntimeError] : 1 : FAIL : ' prefix."""
+    first = (str(message).strip().splitlines() or [""])[0]
+    return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first)
+
+
+def is_onnxruntime_error(exc: BaseException) -> bool:
+    """Whether onnxruntime raised `exc` (its exception classes derive from Exception only)."""
+    return type(exc).__module__.startswith("onnxruntime")
 
 
 @contextmanager

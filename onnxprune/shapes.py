@@ -28,6 +28,11 @@ def _static(value: onnx.ValueInfoProto):
 
 def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> dict[str, tuple]:
     """Shape of every tensor (initializers, inputs, node outputs) at the given input shapes."""
+    return complete_shapes(model, input_shapes, static_shapes(model, input_shapes))
+
+
+def static_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> dict[str, tuple]:
+    """The shapes ONNX shape inference gives (dims it cannot resolve are None), without onnxruntime."""
     try:
         inferred = shape_inference.infer_shapes(skeleton(model, input_shapes), data_prop=True)
     except Exception as exc:
@@ -42,11 +47,21 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> 
         shapes[name] = tuple(dims)
     for tensor in model.graph.initializer:
         shapes[tensor.name] = tuple(tensor.dims)
-    unknown = [o for node in model.graph.node for o in node.output
-               if o and (shapes.get(o) is None or None in shapes[o])]
+    return shapes
+
+
+def complete_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]], shapes: dict[str, tuple]) -> dict[str, tuple]:
+    """`shapes` with what ONNX inference left open read off one onnxruntime run (see the module docstring)."""
+    shapes = dict(shapes)
+    unknown = unknown_shapes(model, shapes)
     if unknown:
         shapes.update(_shapes_from_runtime(model, input_shapes, unknown))
     return shapes
+
+
+def unknown_shapes(model: onnx.ModelProto, shapes: dict[str, tuple]) -> list[str]:
+    """The node outputs whose shape `shapes` does not hold in full (what `complete_shapes` asks onnxruntime)."""
+    return [o for node in model.graph.node for o in node.output if o and (shapes.get(o) is None or None in shapes[o])]
 
 
 def _shapes_from_runtime(model, input_shapes, names) -> dict[str, tuple]:

@@ -21,7 +21,7 @@ from .validate.result import evaluate_result
 
 def inspect(model, input_shapes=None, exclude=()) -> dict:
     """Groups, coverage and cost of a model, as plain data (what `onnxprune inspect` prints)."""
-    loaded = load(model, input_shapes)
+    loaded = load(model, input_shapes, runs=False)  # analysis only: no session unless shapes need one
     analysis = analyze_model(loaded, exclude)
     return {
         "groups": [group_summary(g) for g in analysis.groups],

@@ -166,3 +166,30 @@ def test_a_truncated_external_data_file_is_called_so(tmp_path):
     data.write_bytes(data.read_bytes()[:1000])
     assert_failed(run(path, tmp_path / "out.onnx"), 3, "truncated")
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_usage_error_is_one_line(tmp_path):
+    result = run(MODEL, tmp_path / "out.onnx", "--calib-batch", "0")
+    assert_failed(result, 2, "--calib-batch", "--help")
+    assert no_output_in(tmp_path)
+
+
+@pytest.mark.parametrize("command", ["prune", "inspect"])
+def test_an_input_of_no_element_type(tmp_path, command):
+    model = onnx.load(str(MODEL))
+    model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.UNDEFINED
+    path = tmp_path / "untyped.onnx"
+    onnx.save(model, str(path))
+    args = [path, tmp_path / "out.onnx"] if command == "prune" else ["inspect", path]
+    assert_failed(run(*args), 3, "input 'input' is not a tensor of a known element type")
+    assert no_output_in(tmp_path, keep={"untyped.onnx"})
+
+
+def test_a_negative_seed_is_a_usage_error(tmp_path):
+    from onnxprune import PruneConfig, prune
+    from onnxprune.errors import UsageError
+
+    assert_failed(run(MODEL, tmp_path / "out.onnx", "--seed", "-5"), 2, "--seed")
+    with pytest.raises(UsageError, match="--seed -5"):
+        prune(str(MODEL), PruneConfig(seed=-5))
+    assert no_output_in(tmp_path)

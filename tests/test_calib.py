@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -249,3 +250,20 @@ def test_capture_streams_every_batch_and_leaves_the_model_as_it_was():
     assert [len(b[inner[0]]) for b in batches] == [2, 2, 1]
     assert set(batches[0]) == set(inner)
     assert model.SerializeToString() == before
+
+
+def test_an_endless_loader_is_stopped_with_a_one_line_error(tmp_path):
+    from click.testing import CliRunner
+
+    from onnxprune.cli import main
+    from onnxprune.calib.data import MAX_FEED_SAMPLES
+
+    script = tmp_path / "endless.py"
+    script.write_text("import numpy as np\ndef data():\n    while True:\n        yield {'input': np.zeros((1, 1, 28, 28), np.float32)}\n")
+    model = Path(__file__).resolve().parents[1] / "models" / "mnist_resnet.onnx"
+    result = CliRunner().invoke(main, [str(model), str(tmp_path / "out.onnx"), "-q", "--data-loader-script", f"{script}:data"])
+    assert result.exit_code == 3
+    message = result.stderr.strip()
+    assert message.startswith(f"error: {script}:data gave {MAX_FEED_SAMPLES + 1} samples (30 MB) and is still going")
+    assert message.endswith("--calib-samples N") and "\n" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["endless.py"]

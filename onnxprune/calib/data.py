@@ -13,8 +13,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..errors import DataError, OnnxPruneError, UsageError
+from ..errors import DataError, ModelError, OnnxPruneError, UsageError
 from ..io import graph_inputs
+from ..runtime import available_memory
 from .images import load_image_folder, parse_preprocess
 
 
@@ -39,6 +40,9 @@ def input_specs(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> list[In
     specs = []
     for value in graph_inputs(model):
         tensor_type = value.type.tensor_type
+        if not value.type.HasField("tensor_type") or tensor_type.elem_type == onnx.TensorProto.UNDEFINED:
+            raise ModelError(f"input '{value.name}' is not a tensor of a known element type: onnxprune feeds "
+                             "models tensors only; re-export the model with tensor inputs")
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor_type.shape.dim]
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
         specs.append(InputSpec(value.name, dtype, dims, list(shapes[value.name])))
@@ -48,6 +52,9 @@ def input_specs(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> list[In
 # Every fifth calibration sample is held out of every fit (scoring statistics, factor and layer fits,
 # fine-tuning): fits are checked on them and, without --eval, the result's fidelity is measured there.
 HOLD_OUT_EVERY = 5
+# A loader or iterable read without --calib-samples stops with an error past this many samples or a quarter
+# of the free memory: an endless generator (`while True: yield ...`) must not take the machine down.
+MAX_FEED_SAMPLES = 10_000
 
 
 def held_out(sample: np.ndarray) -> np.ndarray:
@@ -169,7 +176,7 @@ def from_feeds(feeds, specs: list[InputSpec], where: str, samples: int | None = 
     names = [s.name for s in specs]
     ranks = {s.name: len(s.shape) for s in specs}
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    count = 0
+    count, held, budget = 0, 0, (available_memory() or 8 << 30) // 4
     for index, feed in enumerate(_iterate(feeds, where)):
         if not isinstance(feed, dict):
             raise DataError(f"{where}: item {index} is a {type(feed).__name__}, not a dict: "
@@ -195,8 +202,12 @@ def from_feeds(feeds, specs: list[InputSpec], where: str, samples: int | None = 
             raise DataError(f"{where}: item {index} gives the inputs different batch sizes {sorted(sizes)}: "
                             "give each input the same number of samples")
         count += sizes.pop()
+        held += sum(parts[n][-1].nbytes for n in names)
         if samples is not None and count >= samples:
             break
+        if samples is None and (count > MAX_FEED_SAMPLES or held > budget):
+            raise DataError(f"{where} gave {count} samples ({held / 2**20:.0f} MB) and is still going: it may never "
+                            "end; read only the first N with --calib-samples N")
     if count == 0:
         raise DataError(f"{where} holds no samples: give at least one sample per input")
     return CalibrationSet({n: np.concatenate(parts[n]) for n in names})

@@ -116,6 +116,12 @@ class Handler:
         """Multiply-accumulates at these shapes (any may be None: unknown); None when they do not say."""
         return None
 
+    def attribute_problem(self, op: str, attrs: dict, in_shapes: list, out_shapes: list) -> str | None:
+        """What makes a node of this op unusable although the ONNX checker lets it through (a window,
+        stride or group of 0, an empty output), as a phrase, or None. `attrs` as in `weight_layout`;
+        the shapes are those of the node's inputs and outputs (None, or tuples with None for unknown dims)."""
+        return None
+
     def cost_parts(self, node: gs.Node) -> list[tuple[float, gs.Tensor, gs.Tensor]] | None:
         """For a source whose MACs do not all scale with its input and output channels: (share of its
         MACs, the tensor whose kept fraction scales the share on the input side, likewise the output
@@ -210,6 +216,25 @@ def pass_through(node: gs.Node, ctx, input_index: int = 0, outputs=(0,)) -> None
 def join_rows(ctx, ids: np.ndarray) -> None:
     """Make each row of `ids` [units, channels per unit] one unit (an attention head)."""
     ctx.join(np.repeat(ids[:, 0], ids.shape[1] - 1), ids[:, 1:])
+
+
+def window_problem(attrs: dict, in_shape, out_shape) -> str | None:
+    """`Handler.attribute_problem` of a sliding-window op (Conv, ConvTranspose, pooling): a kernel,
+    stride or dilation below 1, a negative pad, or an output with no positions."""
+    for name in ("kernel_shape", "strides", "dilations"):
+        values = list(attrs.get(name) or [])
+        if any(v < 1 for v in values):
+            return f"{name} {values} must be positive"
+    pads = list(attrs.get("pads") or [])
+    if any(p < 0 for p in pads):
+        return f"pads {pads} must not be negative"
+    spatial = tuple(out_shape or ())[2:]
+    if any(d is not None and d < 1 for d in spatial):
+        window = "x".join(str(k) for k in attrs.get("kernel_shape") or []) or "its"
+        size = "x".join(str(d) for d in tuple(in_shape or ())[2:]) or "?"
+        return (f"its output would be empty ({'x'.join(str(d) for d in spatial)}): a {window} window (pads "
+                f"{pads or 0}) does not fit its {size} input; a stride or kernel before it, or --input-shape, is wrong")
+    return None
 
 
 def normalize_axis(axis: int, rank: int) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import Handler, WeightLayout, attr, const_input, has_input, register, text
+from .base import Handler, WeightLayout, attr, const_input, has_input, register, text, window_problem
 
 
 @register("Conv", "ConvTranspose")
@@ -146,6 +146,16 @@ class ConvHandler(Handler):
         patches = conv_patches(layout, attrs, x, tuple(out_shape[2:]), rows)
         r, c, k = patches.shape
         return patches.reshape(r, layout.groups, (c // layout.groups) * k)
+
+    def attribute_problem(self, op, attrs, in_shapes, out_shapes):
+        group = int(attrs.get("group", 1))
+        if group < 1:
+            return f"group {group} must be positive"
+        x = in_shapes[0] if in_shapes else None
+        channels = x[1] if x is not None and len(x) > 1 else None
+        if channels and channels % group:
+            return f"group {group} does not divide its {channels} input channels"
+        return window_problem(attrs, x, out_shapes[0] if out_shapes else None)
 
     def macs(self, op, attrs, in_shape, weight_shape, out_shape):
         if weight_shape is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Handler, attr, const_input, has_input, normalize_axis, pass_through, register
+from .base import Handler, attr, const_input, has_input, normalize_axis, pass_through, register, window_problem
 
 
 @register("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool")
@@ -21,6 +21,11 @@ class PoolHandler(Handler):
             ctx.block(x.ids, f"{node.op} '{node.name}': its Indices output depends on channel positions")
             return
         pass_through(node, ctx)
+
+    def attribute_problem(self, op, attrs, in_shapes, out_shapes):
+        if op.startswith("Global") or op == "MaxRoiPool":
+            return None
+        return window_problem(attrs, in_shapes[0] if in_shapes else None, out_shapes[0] if out_shapes else None)
 
 
 REDUCE = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2",

@@ -1,0 +1,115 @@
+"""What the ONNX checker lets through but onnxruntime cannot survive, checked before any session of a
+model we did not make: attributes each op handler knows to be unusable (`Handler.attribute_problem`:
+a stride, kernel or group of 0, an empty window output) and tensors larger than the machine's memory
+(from the inferred shapes). Then `runtime.first_run` creates the model's first session in a child process,
+where a native crash becomes a one-line error."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .errors import ModelError
+from .ops import handler_for
+from .runtime import available_memory
+
+
+FLOATING = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+
+def vet_model(model: onnx.ModelProto, shapes: dict[str, tuple]) -> None:
+    """Raise ModelError naming the first weight, node or tensor that makes the model unusable."""
+    check_graph(model.graph)
+    check_initializers(model)
+    check_attributes(model, shapes)
+    check_tensor_sizes(model, shapes)
+
+
+def check_graph(graph: onnx.GraphProto) -> None:
+    """Every tensor the nodes and graph outputs read is produced, once, by a node, a weight or a graph input,
+    and the nodes form no cycle (subgraphs are left to onnxruntime)."""
+    given = {t.name for t in graph.initializer} | {t.name for t in graph.sparse_initializer} | {i.name for i in graph.input}
+    producer = {}
+    for node in graph.node:
+        for name in filter(None, node.output):
+            if name in producer or name in given:
+                other = label(producer[name]) if name in producer else "a weight or graph input"
+                raise ModelError(f"tensor '{name}' is written by {label(node)} and by {other}: the model is broken; "
+                                 "fix or re-export it")
+            producer[name] = node
+    readers = [(label(node), name) for node in graph.node for name in node.input] + \
+        [(f"graph output '{o.name}'", o.name) for o in graph.output]
+    for reader, name in readers:
+        if name and name not in producer and name not in given:
+            raise ModelError(f"{reader} reads '{name}', which no node, weight or graph input produces: the model is "
+                             "broken; fix or re-export it")
+    waiting = [len({name for name in node.input if name in producer}) for node in graph.node]
+    consumers = {}
+    for index, node in enumerate(graph.node):
+        for name in {name for name in node.input if name in producer}:
+            consumers.setdefault(name, []).append(index)
+    ready = [index for index, count in enumerate(waiting) if count == 0]
+    for index in ready:  # grows while it is walked: Kahn's topological order
+        for name in filter(None, graph.node[index].output):
+            for consumer in consumers.get(name, []):
+                waiting[consumer] -= 1
+                if waiting[consumer] == 0:
+                    ready.append(consumer)
+    if len(ready) < len(graph.node):
+        stuck = next(node for node, count in zip(graph.node, waiting) if count > 0)
+        raise ModelError(f"{label(stuck)} is on a cycle (it reads, through other nodes, its own output): the model "
+                         "is broken; fix or re-export it")
+
+
+def check_initializers(model: onnx.ModelProto) -> None:
+    """Every initializer holds the values its dims say, and no floating-point one holds NaN (Inf may be
+    meant: attention masks use it)."""
+    for tensor in model.graph.initializer:
+        if tensor.data_location == TensorProto.EXTERNAL:
+            continue
+        try:
+            values = numpy_helper.to_array(tensor)
+        except Exception as exc:  # noqa: BLE001 - numpy and onnx raise several kinds on corrupt data
+            dims = "x".join(str(d) for d in tensor.dims) or "a scalar"
+            raise ModelError(f"weight '{tensor.name}' does not hold the values its dims ({dims}) say "
+                             f"({type(exc).__name__}): the file is corrupt or was edited; re-export it") from None
+        if tensor.data_type in FLOATING and np.isnan(values).any():
+            raise ModelError(f"weight '{tensor.name}' holds {int(np.isnan(values).sum())} NaN values: the model is "
+                             "broken (a diverged training run or a bad export); fix or re-export it")
+
+
+def check_attributes(model: onnx.ModelProto, shapes: dict[str, tuple]) -> None:
+    """What each node's handler finds wrong with its attributes at these shapes (`Handler.attribute_problem`)."""
+    for node in model.graph.node:
+        handler = handler_for(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if handler is None:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        problem = handler.attribute_problem(node.op_type, attrs, [shapes.get(i) for i in node.input],
+                                            [shapes.get(o) for o in node.output])
+        if problem:
+            raise ModelError(f"{label(node)}: {problem}: fix or re-export the model")
+
+
+def label(node: onnx.NodeProto) -> str:
+    return f"{node.op_type} '{node.name}'" if node.name else f"an unnamed {node.op_type}"
+
+
+def check_tensor_sizes(model: onnx.ModelProto, shapes: dict[str, tuple]) -> None:
+    """No tensor a node computes may take more than half the memory available (at 4 bytes an element, as
+    float32): onnxruntime holds it with the node's inputs, and the kernel would kill the process, or another."""
+    memory = available_memory()
+    if memory is None:
+        return
+    for node in model.graph.node:
+        for name in node.output:
+            dims = shapes.get(name)
+            if not name or dims is None or any(d is None for d in dims):
+                continue
+            size = 4 * float(np.prod(dims, dtype=np.float64))  # float: no int64 overflow on hostile dims
+            if size > memory / 2:
+                raise ModelError(
+                    f"tensor '{name}' computed by {label(node)} ({'x'.join(str(d) for d in dims)}) would take "
+                    f"{size / 2**30:.3g} GB as float32, more than half the {memory / 2**30:.1f} GB of memory available: "
+                    "the node's attributes (pads, sizes, shapes) are wrong, or --input-shape is too large")
