@@ -32,6 +32,8 @@ class WeightLayout:
     data_axis: int = 1  # axis of the op's input tensor that carries the input channels (-1: the last)
     bias_input: int | None = None  # the op's input holding a per-output-channel bias, if it has one
     bias_scale: float = 1.0  # factor the op applies to that bias (Gemm's beta)
+    product_output: bool = True  # the op's output 0 is the rows of input x weight (+ bias); False: the
+    # product is internal (a recurrent layer's gate inputs), recovery computes it from the input
 
     @property
     def depthwise(self) -> bool:

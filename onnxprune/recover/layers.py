@@ -192,6 +192,10 @@ def _candidate(node, before, inits, original_weights, original_shapes, output_ma
     if signature is None or signature == input_signature(before.op_type, tuple(before_shape or ()), before_attrs):
         return None
     name = node.name or node.output[0]
+    if not weighted(node.op_type, attrs, weight.shape)[1].product_output:
+        skipped.append({"name": name, "op": node.op_type, "status": "skipped",
+                        "reason": "its output is not the product of its input and weight (a recurrent layer)"})
+        return None
     view = layer_view(node, inits, consumers, output_masks.get(node.output[0]))
     if isinstance(view, str):
         skipped.append({"name": name, "op": node.op_type, "status": "skipped", "reason": view})

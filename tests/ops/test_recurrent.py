@@ -105,34 +105,65 @@ def test_the_mac_estimate_of_a_plan_is_the_pruned_models(name):
     assert CostModel.build(analysis).macs(counts) == pytest.approx(result.report["after"]["macs"])
 
 
-def _single_layer(layout: int = 0, state_input: bool = False):
-    """x -> proj(8->16) -> Relu -> one LSTM (forward, hidden 12) -> its Y_h; `state_input`: initial_h is a
-    model input; `layout` 1: batch-first (x [1, 6, 16], no transpose)."""
+def _single_layer(layout: int = 0):
+    """x -> proj(8->16) -> Relu -> one LSTM (forward, hidden 12) -> its Y_h; `layout` 1: batch-first
+    (x [1, 6, 16], no transpose)."""
     b = Builder(0)
     h = b.relu("relu1", b.matmul("proj", "x", FEATURES, 16))
     if layout == 0:
         h = b.node("Transpose", "time_major", [h], perm=[1, 0, 2])
     inputs = [h, b.randn("rnn.W", [1, 4 * HIDDEN, 16], 0.25), b.randn("rnn.R", [1, 4 * HIDDEN, HIDDEN], 0.3)]
-    if state_input:
-        inputs += ["", "", "h0"]
     outputs = b.node("LSTM", "rnn", inputs, n_out=2, hidden_size=HIDDEN, layout=layout)
     b.output(outputs[1])
     state_shape = [1, 1, HIDDEN]
-    model_inputs = [("x", [1, STEPS, FEATURES])] + ([("h0", state_shape)] if state_input else [])
-    return b.model(model_inputs, outputs=[("y", state_shape)], name="single_lstm")
+    return b.model([("x", [1, STEPS, FEATURES])], outputs=[("y", state_shape)], name="single_lstm")
 
 
 def _reasons(groups, source):
     return [(g["prunable"], " ".join(g.get("reasons", []))) for g in groups if g["sources"] == [source]]
 
 
-def test_an_initial_state_from_a_model_input_blocks_the_hidden_units_only():
-    from onnxprune import inspect
+def streaming(seed: int = 0):
+    """The voice-activity model's pattern: x -> proj(8->16) -> Relu -> LSTM (forward, hidden 12) whose
+    initial states are model inputs h0, c0 and whose final states are graph outputs h, c; Y -> out(->3)."""
+    b = Builder(seed)
+    h = b.relu("relu1", b.matmul("proj", "x", FEATURES, 16))
+    h = b.node("Transpose", "time_major", [h], perm=[1, 0, 2])
+    inputs = [h, b.randn("rnn.W", [1, 4 * HIDDEN, 16], 0.25), b.randn("rnn.R", [1, 4 * HIDDEN, HIDDEN], 0.3),
+              b.randn("rnn.B", [1, 8 * HIDDEN], 0.1), "", "h0", "c0"]
+    y, y_h, y_c = b.node("LSTM", "rnn", inputs, n_out=3, hidden_size=HIDDEN)
+    y = b.node("Squeeze", "squeeze", [y, b.const("squeeze.axes", [1], np.int64)])
+    b.output(b.matmul("out", y, HIDDEN, 3))
+    b.output(y_h, "h")
+    b.output(y_c, "c")
+    state = [1, 1, HIDDEN]
+    return b.model([("x", [1, STEPS, FEATURES]), ("h0", state), ("c0", state)],
+                   outputs=[("y", [STEPS, 1, 3]), ("h", state), ("c", state)], name="streaming_lstm")
 
-    groups = inspect(_single_layer(state_input=True))["groups"]
-    [(prunable, reason)] = _reasons(groups, "rnn")
-    assert not prunable and "its initial state is not a constant" in reason
-    assert _reasons(groups, "proj")[0][0]
+
+def test_a_streaming_state_keeps_its_width_and_the_kept_units_are_exact():
+    """Initial states from model inputs are gathered to the kept units; the final states (graph outputs)
+    come back full width: the kept units' values exact, zeros at the removed ones."""
+    from onnxprune import PruneConfig, inspect, prune
+    from tests.builders import random_input, run
+    from tests.oracle import zero_dropped
+
+    assert all(g["prunable"] for g in inspect(streaming())["groups"] if g["sources"] in (["proj"], ["rnn"]))
+    zeroed, plan = zero_dropped(streaming())
+    [units] = [g for g in plan.groups if g.sources == ["rnn"]]
+    kept = np.zeros(HIDDEN, dtype=bool)
+    kept[units.keep] = True
+    assert 0 < kept.sum() < HIDDEN
+    pruned = prune(zeroed, PruneConfig(plan=plan)).model
+    assert [list(i.type.tensor_type.shape.dim) for i in pruned.graph.input] == \
+        [list(i.type.tensor_type.shape.dim) for i in zeroed.graph.input]
+    feed = random_input(zeroed, seed=1)
+    (y, h, c), (y_pruned, h_pruned, c_pruned) = run(zeroed, feed), run(pruned, feed)
+    np.testing.assert_allclose(y_pruned, y, rtol=1e-5, atol=1e-5)
+    for full, got in ((h, h_pruned), (c, c_pruned)):
+        assert got.shape == full.shape
+        np.testing.assert_allclose(got[..., kept], full[..., kept], rtol=1e-5, atol=1e-5)
+        assert not got[..., ~kept].any()
 
 
 def test_a_batch_first_layer_is_left_whole_with_its_reason():
