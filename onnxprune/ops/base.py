@@ -118,6 +118,19 @@ class Handler:
         """Multiply-accumulates at these shapes (any may be None: unknown); None when they do not say."""
         return None
 
+    def bias_offset(self, layout: WeightLayout, values: np.ndarray) -> np.ndarray | None:
+        """For a bias input that packs more than one offset per output (a recurrent layer's B): the offset
+        its outputs carry, [out_channels]; None when the bias input holds just that offset."""
+        return None
+
+    def with_bias_offset(self, layout: WeightLayout, values: np.ndarray | None, offset: np.ndarray) -> np.ndarray:
+        """The packed bias tensor (`values`, None: absent) changed so that its outputs carry `offset`."""
+        raise NotImplementedError
+
+    def product_mask(self, layout: WeightLayout, keep: np.ndarray) -> np.ndarray:
+        """`product_output` False: the kept columns of the product, given the kept channels of output 0."""
+        return keep
+
     def cost_parts(self, node: gs.Node) -> list[tuple[float, gs.Tensor, gs.Tensor]] | None:
         """For a source whose MACs do not all scale with its input and output channels: (share of its
         MACs, the tensor whose kept fraction scales the share on the input side, likewise the output

@@ -87,7 +87,22 @@ class RecurrentHandler(Handler):
             return None
         directions, rows, features = weight_shape
         return WeightLayout(op, weight_shape, features, directions * rows, in_axis=2, out_axis=1, data_axis=2,
-                            product_output=False)
+                            bias_input=3, product_output=False)
+
+    def bias_offset(self, layout, values):
+        """B is [directions, W's bias then R's]: both add to the gate inputs."""
+        input_bias, recurrent_bias = np.split(values.reshape(layout.shape[0], 2, -1), 2, axis=1)
+        return (input_bias + recurrent_bias).reshape(-1)
+
+    def with_bias_offset(self, layout, values, offset):
+        """W's bias takes the offset less R's (kept)."""
+        offset = offset.reshape(layout.shape[0], 1, -1)
+        recurrent_bias = np.zeros_like(offset) if values is None else values.reshape(layout.shape[0], 2, -1)[:, 1:]
+        return np.concatenate([offset - recurrent_bias, recurrent_bias], axis=1).reshape(layout.shape[0], -1)
+
+    def product_mask(self, layout, keep):
+        """Kept columns of the product: the kept units' rows of every gate, in each direction."""
+        return np.tile(keep, layout.shape[0] * GATES[layout.op])
 
     def to_matrix(self, layout, weight):
         return weight.reshape(-1, layout.in_channels).T[None]

@@ -173,3 +173,56 @@ def test_a_batch_first_layer_is_left_whole_with_its_reason():
     assert not any(g["sources"] == ["rnn"] for g in groups)
     [(prunable, reason)] = _reasons(groups, "proj")
     assert not prunable and "batch-first layout (layout=1) is not supported" in reason
+
+
+@pytest.mark.parametrize("scorer", ["wanda", "pfp", "obs"])
+def test_the_data_informed_scorers_read_the_units_a_recurrent_layer_consumes(scorer):
+    """A recurrent layer's W is a consumer like a MatMul's weight: units it reads with zero columns (and,
+    for its own units, zero columns of R) score below every other unit of their group."""
+    from onnxprune.calib import input_specs, load_calibration
+    from onnxprune.loading import load
+    from onnxprune.scoring import ScoringContext, score
+    from onnxprune.stages import analyze_model
+    from tests.oracle import drop_every_other, zero_dropped
+
+    zeroed, _ = zero_dropped(BUILDERS["lstm_bidirectional_stacked"]())
+    loaded = load(zeroed)
+    analysis = analyze_model(loaded)
+    x = np.random.default_rng(0).standard_normal((16, STEPS, FEATURES)).astype(np.float32)
+    calibration = load_calibration({"x": x}, input_specs(loaded.model, loaded.input_shapes))
+    scores = score(analysis, scorer, ScoringContext(calibration=calibration, model=loaded.model, fixed_batch=1))
+    keep = drop_every_other(analysis)
+    for group in analysis.prunable_groups():
+        if group.name in ("proj", "rnn0"):  # read by rnn0's and rnn1's W
+            dead = np.setdiff1d(np.arange(group.channels), keep[group.index])
+            assert scores[group.index][dead].max() < scores[group.index][keep[group.index]].min(), group.name
+
+
+def test_recovery_refits_a_recurrent_layer_to_the_originals_gate_inputs():
+    """A recurrent layer whose input lost channels is re-fitted to the original's product W x + B (its
+    output is not that product): with dead channels removed the target is met before any fit (so the
+    product, its kept rows and the packed bias are the original's); with live ones the fit lowers it."""
+    from onnxprune import PruneConfig, prune
+    from tests.oracle import zero_dropped
+
+    x = np.random.default_rng(0).standard_normal((40, STEPS, FEATURES)).astype(np.float32)
+    zeroed, plan = zero_dropped(BUILDERS["lstm_bidirectional_stacked"]())
+    layers = {l["name"]: l for l in prune(zeroed, PruneConfig(plan=plan, calibration={"x": x}, recover="lstsq"))
+              .report["recovery"]["layers"]}
+    assert layers["rnn0"]["error_before"] < 1e-5 and layers["rnn1"]["error_before"] < 1e-5
+    layers = {l["name"]: l for l in prune(BUILDERS["lstm_bidirectional_stacked"](), PruneConfig(
+        filters=0.5, scorer="l1", calibration={"x": x}, recover="lstsq")).report["recovery"]["layers"]}
+    for name in ("rnn0", "rnn1"):
+        assert layers[name]["status"] == "recovered" and layers[name]["error_after"] < layers[name]["error_before"]
+
+
+@pytest.mark.parametrize("op", sorted(GATES))
+def test_a_recurrent_layers_packed_bias_carries_the_offset_it_is_given(op):
+    from onnxprune.ops.base import weighted
+
+    gates, b = GATES[op], np.random.default_rng(0).standard_normal((2, 2 * GATES[op] * HIDDEN))
+    handler, layout = weighted(op, {}, (2, gates * HIDDEN, FEATURES))
+    offset = np.arange(2 * gates * HIDDEN, dtype=np.float64)
+    for values in (b, None):
+        np.testing.assert_allclose(handler.bias_offset(layout, handler.with_bias_offset(layout, values, offset)), offset)
+    np.testing.assert_allclose(handler.with_bias_offset(layout, b, offset)[:, gates * HIDDEN:], b[:, gates * HIDDEN:])
