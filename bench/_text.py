@@ -1,6 +1,7 @@
 """Rendered text lines for the CRNN benchmark (bench/train_crnn.py, bench/eval_crnn.py): random digit
-strings (a meter or serial-number reader; digits keep training within minutes on two shared cores) drawn with the DejaVu fonts the machine has (PIL), in random font, size,
-position and ink, with pixel noise. Sets are seeded: training, calibration and evaluation use disjoint
+strings (a meter or serial-number reader; digits keep training within minutes on two shared cores)
+drawn with the DejaVu fonts the machine has (PIL), in random font, size, position and ink, with pixel
+noise. Sets are seeded: training, calibration and evaluation use disjoint
 seeds, so no evaluated line was trained or calibrated on.
 """
 

@@ -6,8 +6,8 @@ bench/eval_crnn.py. Run with the training venv (torch):
 The model: five 3x3 Conv + BatchNorm + ReLU (16, 32, 64, 64, 128 channels; max-pools to height 2),
 the mean over the height, two bidirectional LSTMs (hidden 96), a linear classifier over 10 digits and
 CTC's blank; input [N, 1, 32, 64], output logits [N, 16 steps, 11]. Trained with CTC loss and Adam
-for a fixed wall-clock time on lines drawn afresh every step (--resume continues from the saved weights); the exact-match accuracy on 500 held-out
-lines (the evaluation seed) is printed before export.
+for a fixed wall-clock time on lines drawn afresh every step (--resume continues from the saved
+weights); the exact-match accuracy on 500 held-out lines (the evaluation seed) is printed before export.
 """
 
 from __future__ import annotations

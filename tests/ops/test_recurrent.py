@@ -31,7 +31,8 @@ def _recurrent(b: Builder, op: str, name: str, x: str, features: int, directions
               b.randn(f"{name}.B", [directions, 2 * gates * HIDDEN], 0.1)]
     if states:  # constant initial states and LSTM's peepholes
         inputs += ["", b.randn(f"{name}.initial_h", [directions, 1, HIDDEN], 0.5),
-                   b.randn(f"{name}.initial_c", [directions, 1, HIDDEN], 0.5), b.randn(f"{name}.P", [directions, 3 * HIDDEN], 0.3)]
+                   b.randn(f"{name}.initial_c", [directions, 1, HIDDEN], 0.5),
+                   b.randn(f"{name}.P", [directions, 3 * HIDDEN], 0.3)]
     direction = "bidirectional" if directions == 2 else "forward"
     return b.node(op, name, inputs, n_out=1, hidden_size=HIDDEN, direction=direction)
 
@@ -225,5 +226,6 @@ def test_a_recurrent_layers_packed_bias_carries_the_offset_it_is_given(op):
     handler, layout = weighted(op, {}, (2, gates * HIDDEN, FEATURES))
     offset = np.arange(2 * gates * HIDDEN, dtype=np.float64)
     for values in (b, None):
-        np.testing.assert_allclose(handler.bias_offset(layout, handler.with_bias_offset(layout, values, offset)), offset)
+        packed = handler.with_bias_offset(layout, values, offset)
+        np.testing.assert_allclose(handler.bias_offset(layout, packed), offset)
     np.testing.assert_allclose(handler.with_bias_offset(layout, b, offset)[:, gates * HIDDEN:], b[:, gates * HIDDEN:])
