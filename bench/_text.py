@@ -16,8 +16,7 @@ ALPHABET = "0123456789"  # class k + 1; class 0 is CTC's blank
 HEIGHT, WIDTH = 32, 64
 LENGTHS = (3, 5)
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
-FONT_NAMES = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf",
-              "DejaVuSansCondensed.ttf", "DejaVuSans-Oblique.ttf")
+FONT_NAMES = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf")
 MODEL = Path.home() / ".cache" / "onnxprune-bench" / "crnn.onnx"  # written by bench/train_crnn.py
 SEEDS = {"train": 0, "calib": 1, "eval": 2}
 

@@ -4,7 +4,7 @@ bench/eval_crnn.py. Run with the training venv (torch):
     /work/venv-train/bin/python bench/train_crnn.py [--minutes 8] [--out ~/.cache/onnxprune-bench/crnn.onnx]
 
 The model: five 3x3 Conv + BatchNorm + ReLU (16, 32, 64, 64, 128 channels; max-pools to height 2),
-the mean over the height, two bidirectional LSTMs (hidden 96), a linear classifier over 10 digits and
+the mean over the height, two bidirectional LSTMs (hidden 64), a linear classifier over 10 digits and
 CTC's blank; input [N, 1, 32, 64], output logits [N, 16 steps, 11]. Trained with CTC loss and Adam
 for a fixed wall-clock time on lines drawn afresh every step (--resume continues from the saved
 weights); the exact-match accuracy on 500 held-out lines (the evaluation seed) is printed before export.
@@ -27,7 +27,7 @@ from _text import ALPHABET, MODEL, SEEDS, decode, fonts, lines, render, strings 
 
 
 class CRNN(nn.Module):
-    def __init__(self, classes: int = len(ALPHABET) + 1, hidden: int = 96):
+    def __init__(self, classes: int = len(ALPHABET) + 1, hidden: int = 64):
         super().__init__()
         layers, channels = [], 1
         for width, pool in ((16, (2, 2)), (32, (2, 2)), (64, None), (64, (2, 1)), (128, (2, 1))):
@@ -75,7 +75,7 @@ def main() -> None:
     model = CRNN()
     if args.resume:
         model.load_state_dict(torch.load(weights))
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     ctc = nn.CTCLoss(blank=0, zero_infinity=True)
     start, step = time.monotonic(), 0
     deadline = start + 60 * args.minutes
