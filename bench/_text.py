@@ -1,7 +1,6 @@
-"""Rendered text lines for the CRNN benchmark (bench/train_crnn.py, bench/eval_crnn.py): random digit
-strings (a meter or serial-number reader; digits keep training within minutes on two shared cores)
-drawn with the DejaVu fonts the machine has (PIL), in random font, size, position and ink, with pixel
-noise. Sets are seeded: training, calibration and evaluation use disjoint
+"""Rendered text lines for the CRNN benchmark (bench/train_crnn.py, bench/eval_crnn.py): random strings
+of digits and lowercase letters drawn with the DejaVu fonts the machine has (PIL), in random font,
+size, position and ink, with pixel noise. Sets are seeded: training, calibration and evaluation use disjoint
 seeds, so no evaluated line was trained or calibrated on.
 """
 
@@ -12,11 +11,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-ALPHABET = "0123456789"  # class k + 1; class 0 is CTC's blank
-HEIGHT, WIDTH = 32, 64
-LENGTHS = (3, 5)
+ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"  # class k + 1; class 0 is CTC's blank
+HEIGHT, WIDTH = 32, 128
+LENGTHS = (3, 8)
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
-FONT_NAMES = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf")
+FONT_NAMES = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf",
+              "DejaVuSansCondensed.ttf", "DejaVuSans-Oblique.ttf")
 MODEL = Path.home() / ".cache" / "onnxprune-bench" / "crnn.onnx"  # written by bench/train_crnn.py
 SEEDS = {"train": 0, "calib": 1, "eval": 2}
 

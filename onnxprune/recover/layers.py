@@ -209,7 +209,7 @@ def find_layers(original: onnx.ModelProto, model: onnx.ModelProto, original_shap
 
 
 def _candidate(node, before, inits, original_weights, original_shapes, output_masks, consumers, skipped,
-               original_values=lambda name: None):
+               original_values):
     weight = inits.get(node.input[1]) if len(node.input) > 1 else None
     if before is None or weight is None or before.op_type not in LAYER_OPS or len(before.input) < 2:
         return None
@@ -289,7 +289,7 @@ def _bias_slot(node, inits, consumers, attrs, handler, layout):
         if not present:
             attrs["bias_shape"] = (channels,)
             return (BiasSlot(np.zeros(channels), node, index, scale) if scale else None), np.zeros(1)
-        packed = handler.bias_offset(layout, values) if present else None
+        packed = handler.bias_offset(layout, values)
         if packed is not None:
             return BiasSlot(packed.astype(np.float64), node, index, packed=(handler, layout)), np.zeros(1)
         if values.size == channels and values.shape[-1] == channels:
