@@ -37,7 +37,12 @@ def test_public_real_model_rewrite_is_exact(name):
     report = prune(zeroed, PruneConfig(plan=plan, input_shapes=shapes)).report
     assert report["after"]["macs"] < report["before"]["macs"]
     for output, fid in report["fidelity"]["per_output"].items():
+        if output in STATE_OUTPUTS.get(name, ()):
+            continue  # zeros at the removed units by design (tests/ops/test_recurrent.py checks the kept ones)
         assert fid["rel_l2"] < 1e-4, (output, fid)
+
+
+STATE_OUTPUTS = {"silero_vad": ("hn", "cn")}  # an LSTM's final state, widened back to its full width
 
 
 @pytest.mark.parametrize("ratio", [0.3, 0.5])

@@ -43,7 +43,8 @@ def _probe(model, calibration, layers):
     return OutputProbe(model, calibration, _batch(model), layers, measurements=4)
 
 
-@pytest.mark.parametrize("name", ["conv_chain", "grouped", "conv_transpose", "mlp", "mlp_gemm", "einsum_mlp"])
+@pytest.mark.parametrize("name", ["conv_chain", "grouped", "conv_transpose", "mlp", "mlp_gemm", "einsum_mlp",
+                                  "lstm_bidirectional_stacked"])
 def test_the_updated_weights_are_written_for_a_measurement(name):
     """Each consumer of the group, in the file a measurement ran, holds the OBS-updated weights and bias of
     its block, read back the way obs reads a layer; the unchanged weights measure no error, before and after."""

@@ -32,6 +32,8 @@ class WeightLayout:
     data_axis: int = 1  # axis of the op's input tensor that carries the input channels (-1: the last)
     bias_input: int | None = None  # the op's input holding a per-output-channel bias, if it has one
     bias_scale: float = 1.0  # factor the op applies to that bias (Gemm's beta)
+    product_output: bool = True  # the op's output 0 is the rows of input x weight (+ bias); False: the
+    # product is internal (a recurrent layer's gate inputs), recovery computes it from the input
 
     @property
     def depthwise(self) -> bool:
@@ -121,6 +123,19 @@ class Handler:
         stride or group of 0, an empty output), as a phrase, or None. `attrs` as in `weight_layout`;
         the shapes are those of the node's inputs and outputs (None, or tuples with None for unknown dims)."""
         return None
+
+    def bias_offset(self, layout: WeightLayout, values: np.ndarray) -> np.ndarray | None:
+        """For a bias input that packs more than one offset per output (a recurrent layer's B): the offset
+        its outputs carry, [out_channels]; None when the bias input holds just that offset."""
+        return None
+
+    def with_bias_offset(self, layout: WeightLayout, values: np.ndarray | None, offset: np.ndarray) -> np.ndarray:
+        """The packed bias tensor (`values`, None: absent) changed so that its outputs carry `offset`."""
+        raise NotImplementedError
+
+    def product_mask(self, layout: WeightLayout, keep: np.ndarray) -> np.ndarray:
+        """`product_output` False: the kept columns of the product, given the kept channels of output 0."""
+        return keep
 
     def cost_parts(self, node: gs.Node) -> list[tuple[float, gs.Tensor, gs.Tensor]] | None:
         """For a source whose MACs do not all scale with its input and output channels: (share of its

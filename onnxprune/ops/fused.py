@@ -133,11 +133,24 @@ class AttentionHandler(Handler):
         weight, shape = const_input(node, 1), ctx.shape(node.outputs[0])
         reason = self._refusal(node, weight, shape)
         if reason is not None:
-            ctx.block_inputs(node, reason)
+            self._refused_heads(node, ctx, weight, shape, reason)
             return
         heads = int(attr(node, "num_heads"))
         ids = ctx.new_source(node, node.outputs[0], shape[-1], axis=len(shape) - 1).reshape(heads, -1)
         join_rows(ctx, ids)  # a head is one unit
+
+    @staticmethod
+    def _refused_heads(node, ctx, weight, out_shape, reason: str) -> None:
+        """The heads as a group blocked with `reason`, so that `inspect` shows why (the input channels,
+        the hidden size, are blocked already); without a known output width, the inputs carry it."""
+        width = out_shape[-1] if out_shape else None
+        if width is None and weight is not None and weight.ndim == 2:
+            width = qkv_sizes(node.attrs, weight.shape[1])[2]
+        if width is None:
+            ctx.block_inputs(node, reason)
+            return
+        axis = len(out_shape) - 1 if out_shape else 2
+        ctx.block(ctx.new_source(node, node.outputs[0], int(width), axis=axis), f"{node.op} '{node.name}': {reason}")
 
     @staticmethod
     def _refusal(node, weight, out_shape) -> str | None:

@@ -78,12 +78,17 @@ class BiasSlot:
     index: int
     scale: float = 1.0  # Gemm's beta
     additive: bool = False  # the slot is added after the fitted tensor (MatMul -> Add)
+    packed: tuple | None = None  # (handler, layout) when the bias tensor packs more (a recurrent layer's B)
 
     def write(self, inits: Initializers, bias: np.ndarray, shape: tuple) -> None:
         inits.set(self.node, self.index, self.values(inits, bias, shape))
 
     def values(self, inits: Initializers, bias: np.ndarray, shape: tuple) -> np.ndarray:
         """What the slot's initializer holds for the output to carry offset `bias`."""
+        if self.packed is not None:
+            handler, layout = self.packed
+            name = self.node.input[self.index] if self.index < len(self.node.input) else ""
+            return handler.with_bias_offset(layout, inits.get(name) if name else None, bias)
         if self.additive:
             old = inits.get(self.node.input[self.index])
             return (old.reshape(-1) + bias).reshape(old.shape)
@@ -105,6 +110,21 @@ class LinearView:
     handler: Handler = field(repr=False)
     level: int = 0
     attrs: dict = field(default_factory=dict)
+    product_of: tuple | None = None  # layout.product_output False: (the original's input tensor, its weight
+    # matrix [groups, features, kept outputs]); the fit's target is that product, not an output tensor
+
+    def products(self, x: np.ndarray, x_original: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For a layer whose output is not its product: (the product with the current weights and bias,
+        the original's product), each [batch items, rows per item, outputs]."""
+        def product(inputs, matrix):
+            rows = self.handler.input_rows(self.layout, self.attrs, inputs, None, slice(None)).astype(np.float64)
+            y = np.einsum("rgf,gfo->rgo", rows, matrix).reshape(len(rows), -1)
+            return (y + self._bias()).reshape(-1, self.handler.positions(self.layout, inputs.shape), y.shape[-1])
+
+        return product(x, self.weight), product(x_original, self.product_of[1])
+
+    def _bias(self) -> np.ndarray:
+        return 0.0 if self.bias is None else self.bias.current
 
     @property
     def name(self) -> str:
@@ -167,6 +187,11 @@ def find_layers(original: onnx.ModelProto, model: onnx.ModelProto, original_shap
     original_producer = {o: n for n in original.graph.node for o in n.output}
     original_weights = {t.name: tuple(t.dims) for t in original.graph.initializer}
     consumers = node_consumers(model)
+    original_inits = {t.name: t for t in original.graph.initializer}
+
+    def original_values(name: str) -> np.ndarray | None:
+        return numpy_helper.to_array(original_inits[name]) if name in original_inits else None
+
     views, skipped = [], []
     level_of: dict[str, int] = {}
     for node in model.graph.node:
@@ -174,7 +199,8 @@ def find_layers(original: onnx.ModelProto, model: onnx.ModelProto, original_shap
         view = None
         if node.op_type in LAYER_OPS and node.domain in ("", "ai.onnx"):
             before = original_producer.get(node.output[0])
-            view = _candidate(node, before, inits, original_weights, original_shapes, output_masks, consumers, skipped)
+            view = _candidate(node, before, inits, original_weights, original_shapes, output_masks, consumers, skipped,
+                              original_values)
         if view is not None:
             view.level = level
             views.append(view)
@@ -183,7 +209,8 @@ def find_layers(original: onnx.ModelProto, model: onnx.ModelProto, original_shap
     return views, skipped
 
 
-def _candidate(node, before, inits, original_weights, original_shapes, output_masks, consumers, skipped):
+def _candidate(node, before, inits, original_weights, original_shapes, output_masks, consumers, skipped,
+               original_values):
     weight = inits.get(node.input[1]) if len(node.input) > 1 else None
     if before is None or weight is None or before.op_type not in LAYER_OPS or len(before.input) < 2:
         return None
@@ -193,10 +220,31 @@ def _candidate(node, before, inits, original_weights, original_shapes, output_ma
     if signature is None or signature == input_signature(before.op_type, tuple(before_shape or ()), before_attrs):
         return None
     name = node.name or node.output[0]
+    handler, layout = weighted(node.op_type, attrs, weight.shape)
+    if not layout.product_output:
+        return _product_view(node, before, inits, consumers, output_masks.get(node.output[0]), handler, layout,
+                             original_values, skipped)
     view = layer_view(node, inits, consumers, output_masks.get(node.output[0]))
     if isinstance(view, str):
         skipped.append({"name": name, "op": node.op_type, "status": "skipped", "reason": view})
         return None
+    return view
+
+
+def _product_view(node, before, inits, consumers, out_mask, handler, layout, original_values, skipped):
+    """The view of a layer whose output is not its product (a recurrent layer): the target is the original's
+    product, computed from the original's input and weights (its kept outputs)."""
+    original = original_values(before.input[1])
+    view = layer_view(node, inits, consumers)
+    if original is None or isinstance(view, str):
+        reason = view if isinstance(view, str) else "the original's weight is not a constant"
+        skipped.append({"name": node.name or node.output[0], "op": node.op_type, "status": "skipped", "reason": reason})
+        return None
+    _, original_layout = weighted(before.op_type, _attrs(before), original.shape)
+    matrix = handler.to_matrix(original_layout, original.astype(np.float64)) * original_layout.scale
+    if out_mask is not None:
+        matrix = matrix[..., handler.product_mask(layout, out_mask)]
+    view.product_of = (before.input[0], matrix)
     return view
 
 
@@ -208,7 +256,7 @@ def layer_view(node, inits: Initializers, consumers: dict, out_mask: np.ndarray 
         return f"weights are {weight.dtype}, not floating point"
     attrs = _attrs(node)
     handler, layout = weighted(node.op_type, attrs, weight.shape)
-    bias, offset = _bias_slot(node, inits, consumers, attrs, layout)
+    bias, offset = _bias_slot(node, inits, consumers, attrs, handler, layout)
     if bias is False:
         return "Gemm bias C is not per output channel"
     matrix = handler.to_matrix(layout, weight.astype(np.float64)) * layout.scale
@@ -228,7 +276,7 @@ def node_consumers(model: onnx.ModelProto) -> dict[str, list]:
     return consumers
 
 
-def _bias_slot(node, inits, consumers, attrs, layout):
+def _bias_slot(node, inits, consumers, attrs, handler, layout):
     """(BiasSlot or None, fixed offset); (False, None) when the bias cannot be handled."""
     channels, index = layout.out_channels, layout.bias_input
     if index is not None:
@@ -237,9 +285,14 @@ def _bias_slot(node, inits, consumers, attrs, layout):
         values = inits.get(node.input[index]) if present else None
         if present and values is None:
             return False, None
+        if not present and not layout.product_output:  # a packed bias (B) the handler writes whole
+            return BiasSlot(np.zeros(channels), node, index, packed=(handler, layout)), np.zeros(1)
         if not present:
             attrs["bias_shape"] = (channels,)
             return (BiasSlot(np.zeros(channels), node, index, scale) if scale else None), np.zeros(1)
+        packed = handler.bias_offset(layout, values)
+        if packed is not None:
+            return BiasSlot(packed.astype(np.float64), node, index, packed=(handler, layout)), np.zeros(1)
         if values.size == channels and values.shape[-1] == channels:
             attrs["bias_shape"] = values.shape
             return BiasSlot(values.reshape(-1).astype(np.float64) * scale, node, index, scale), np.zeros(1)

@@ -152,11 +152,14 @@ def _accumulate(pruned: Stream, original: Stream, members, fits) -> None:
     (the layers run with their current weights, and again with the re-fitted ones at the next level),
     their targets from the original's stream."""
     own = list(dict.fromkeys(n for v in members for n in (v.input, v.output)))
-    targets = list(dict.fromkeys(v.output for v in members))
+    targets = list(dict.fromkeys(v.product_of[0] if v.product_of else v.output for v in members))
     layers = frozenset(pruned.producer[v.output] for v in members)
     for acts, refs in zip(pruned.run(own, provisional=layers), original.run(targets)):
         for view, fit in zip(members, fits):
-            fit.add(acts[view.input], acts[view.output], refs[view.output])
+            if view.product_of:  # the output is not the product: both products computed from the inputs
+                fit.add(acts[view.input], *view.products(acts[view.input], refs[view.product_of[0]]))
+            else:
+                fit.add(acts[view.input], acts[view.output], refs[view.output])
 
 
 def _entry(view, update) -> dict:

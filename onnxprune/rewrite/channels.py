@@ -63,14 +63,19 @@ class RewriteContext:
     def set_attr(node: gs.Node, name: str, value) -> None:
         node.attrs[name] = value
 
-    def add_node(self, op: str, inputs: list, **attrs) -> gs.Variable:
-        """A new node of the graph reading `inputs` (tensors, or arrays made constants); its output."""
+    def add_node(self, op: str, inputs: list, output: gs.Variable | None = None, **attrs) -> gs.Variable:
+        """A new node of the graph reading `inputs` (tensors, or arrays made constants); its output (a
+        new tensor unless `output` is given)."""
         name = self._unique(op.lower())
         tensors = [t if isinstance(t, gs.Tensor) else gs.Constant(self._unique(f"{name}_input{i}"), np.asarray(t))
                    for i, t in enumerate(inputs)]
-        output = gs.Variable(self._unique(f"{name}_out"))
+        output = output if output is not None else self.new_tensor(f"{name}_out")
         self.analysis.graph.nodes.append(gs.Node(op, name, dict(attrs), tensors, [output]))
         return output
+
+    def new_tensor(self, base: str) -> gs.Variable:
+        """A new tensor with a name no other tensor has."""
+        return gs.Variable(self._unique(base))
 
     def _unique(self, base: str) -> str:
         name, i = f"{base}_pruned", 1

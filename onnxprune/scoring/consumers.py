@@ -1,10 +1,10 @@
 """Consumer layers of prunable channels, and the input patches they see.
 
 A *consumer* is a weighted op (Conv or ConvTranspose that is not depthwise: a depthwise conv passes
-channels on; Gemm; MatMul with a constant weight) whose input 0 carries tracked channels as its input
-features. Pruning a group removes input channels of its consumers, so the data-informed scorers measure
-what the consumers receive. The op handler's weight layout says how the weight and the input patches
-are laid out. Recurrent layers are not consumers here.
+channels on; Gemm; MatMul with a constant weight; a recurrent layer's W, whose product is its gates'
+input part) whose input 0 carries tracked channels as its input features. Pruning a group removes input
+channels of its consumers, so the data-informed scorers measure what the consumers receive. The op
+handler's weight layout says how the weight and the input patches are laid out.
 """
 
 from __future__ import annotations

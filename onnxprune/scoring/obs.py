@@ -261,9 +261,12 @@ def _layer_matrix(consumer: Consumer) -> tuple[np.ndarray, np.ndarray]:
     bias = np.zeros(weight.shape[0])
     index = layout.bias_input
     if index is not None and index < len(consumer.node.inputs) and hasattr(consumer.node.inputs[index], "values"):
-        values = np.asarray(consumer.node.inputs[index].values, dtype=np.float64).reshape(-1)
+        values = np.asarray(consumer.node.inputs[index].values, dtype=np.float64)
+        packed = consumer.handler.bias_offset(layout, values)  # a recurrent layer's B: W's and R's biases
+        if packed is not None:
+            values = packed
         if values.size == weight.shape[0]:
-            bias = values * layout.bias_scale
+            bias = values.reshape(-1) * layout.bias_scale
     return weight, bias
 
 

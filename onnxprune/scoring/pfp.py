@@ -317,7 +317,7 @@ def pfp(analysis, context):
     context.allocation = stats
     if stats.unread:
         context.notes.append(f"pfp: {len(stats.unread)} group(s) feed no Conv/Gemm/MatMul it can score "
-                             "(e.g. only an LSTM): left whole")
+                             "(e.g. only a ConvTranspose with auto_pad): left whole")
     return scores
 
 

@@ -78,8 +78,7 @@ def fused_attention(seed: int = 0, qkv_hidden_sizes=None, score_bias: bool = Fal
 
     Prunable: the 4 heads (head_size V channels each; their Q, K, V columns and bias go with them).
     qkv_hidden_sizes: Q, K and V widths (default 16 each); score_bias: a constant per-head score bias;
-    score_bias_input: the per-head score bias is a model input (blocked; x goes through fc0 (16->16) first,
-    so that the reason has channels to be shown on).
+    score_bias_input: the per-head score bias is a model input (blocked; x goes through fc0 (16->16) first).
     """
     b = Builder(seed)
     sizes = qkv_hidden_sizes or [16, 16, 16]
@@ -173,3 +172,16 @@ def test_fused_attention_macs_count_the_projection_scores_and_context():
     node = helper.make_node("Attention", ["x", "w"], ["y"], domain="com.microsoft", num_heads=4,
                             qkv_hidden_sizes=[16, 16, 24])
     assert node_macs(node, shapes, {}) == 5 * 16 * 56 + 5 * 5 * 16 + 5 * 5 * 24
+
+
+def test_a_refused_fused_attention_shows_its_heads_blocked_with_the_reason():
+    """Refused heads are a group of their own in `inspect`, even when no channels reach the op's input."""
+    b = Builder(0)
+    inputs = ["x", b.randn("attention.weight", [16, 48], 0.25), b.randn("attention.bias", [48], 0.1), "", "",
+              "score_bias"]
+    h = b.node("Attention", "attention", inputs, domain="com.microsoft", num_heads=HEADS)
+    b.output(b.matmul("out", h, 16, 16))
+    model = b.model([("x", SEQUENCE), ("score_bias", [1, HEADS, 5, 5])], outputs=[("y", SEQUENCE)],
+                    name="refused_attention", domains=MICROSOFT)
+    [group] = [g for g in inspect(model)["groups"] if g["sources"] == ["attention"]]
+    assert not group["prunable"] and any("a computed per-head score bias" in r for r in group["reasons"])

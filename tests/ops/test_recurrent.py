@@ -31,7 +31,8 @@ def _recurrent(b: Builder, op: str, name: str, x: str, features: int, directions
               b.randn(f"{name}.B", [directions, 2 * gates * HIDDEN], 0.1)]
     if states:  # constant initial states and LSTM's peepholes
         inputs += ["", b.randn(f"{name}.initial_h", [directions, 1, HIDDEN], 0.5),
-                   b.randn(f"{name}.initial_c", [directions, 1, HIDDEN], 0.5), b.randn(f"{name}.P", [directions, 3 * HIDDEN], 0.3)]
+                   b.randn(f"{name}.initial_c", [directions, 1, HIDDEN], 0.5),
+                   b.randn(f"{name}.P", [directions, 3 * HIDDEN], 0.3)]
     direction = "bidirectional" if directions == 2 else "forward"
     return b.node(op, name, inputs, n_out=1, hidden_size=HIDDEN, direction=direction)
 
@@ -105,34 +106,65 @@ def test_the_mac_estimate_of_a_plan_is_the_pruned_models(name):
     assert CostModel.build(analysis).macs(counts) == pytest.approx(result.report["after"]["macs"])
 
 
-def _single_layer(layout: int = 0, state_input: bool = False):
-    """x -> proj(8->16) -> Relu -> one LSTM (forward, hidden 12) -> its Y_h; `state_input`: initial_h is a
-    model input; `layout` 1: batch-first (x [1, 6, 16], no transpose)."""
+def _single_layer(layout: int = 0):
+    """x -> proj(8->16) -> Relu -> one LSTM (forward, hidden 12) -> its Y_h; `layout` 1: batch-first
+    (x [1, 6, 16], no transpose)."""
     b = Builder(0)
     h = b.relu("relu1", b.matmul("proj", "x", FEATURES, 16))
     if layout == 0:
         h = b.node("Transpose", "time_major", [h], perm=[1, 0, 2])
     inputs = [h, b.randn("rnn.W", [1, 4 * HIDDEN, 16], 0.25), b.randn("rnn.R", [1, 4 * HIDDEN, HIDDEN], 0.3)]
-    if state_input:
-        inputs += ["", "", "h0"]
     outputs = b.node("LSTM", "rnn", inputs, n_out=2, hidden_size=HIDDEN, layout=layout)
     b.output(outputs[1])
     state_shape = [1, 1, HIDDEN]
-    model_inputs = [("x", [1, STEPS, FEATURES])] + ([("h0", state_shape)] if state_input else [])
-    return b.model(model_inputs, outputs=[("y", state_shape)], name="single_lstm")
+    return b.model([("x", [1, STEPS, FEATURES])], outputs=[("y", state_shape)], name="single_lstm")
 
 
 def _reasons(groups, source):
     return [(g["prunable"], " ".join(g.get("reasons", []))) for g in groups if g["sources"] == [source]]
 
 
-def test_an_initial_state_from_a_model_input_blocks_the_hidden_units_only():
-    from onnxprune import inspect
+def streaming(seed: int = 0):
+    """The voice-activity model's pattern: x -> proj(8->16) -> Relu -> LSTM (forward, hidden 12) whose
+    initial states are model inputs h0, c0 and whose final states are graph outputs h, c; Y -> out(->3)."""
+    b = Builder(seed)
+    h = b.relu("relu1", b.matmul("proj", "x", FEATURES, 16))
+    h = b.node("Transpose", "time_major", [h], perm=[1, 0, 2])
+    inputs = [h, b.randn("rnn.W", [1, 4 * HIDDEN, 16], 0.25), b.randn("rnn.R", [1, 4 * HIDDEN, HIDDEN], 0.3),
+              b.randn("rnn.B", [1, 8 * HIDDEN], 0.1), "", "h0", "c0"]
+    y, y_h, y_c = b.node("LSTM", "rnn", inputs, n_out=3, hidden_size=HIDDEN)
+    y = b.node("Squeeze", "squeeze", [y, b.const("squeeze.axes", [1], np.int64)])
+    b.output(b.matmul("out", y, HIDDEN, 3))
+    b.output(y_h, "h")
+    b.output(y_c, "c")
+    state = [1, 1, HIDDEN]
+    return b.model([("x", [1, STEPS, FEATURES]), ("h0", state), ("c0", state)],
+                   outputs=[("y", [STEPS, 1, 3]), ("h", state), ("c", state)], name="streaming_lstm")
 
-    groups = inspect(_single_layer(state_input=True))["groups"]
-    [(prunable, reason)] = _reasons(groups, "rnn")
-    assert not prunable and "its initial state is not a constant" in reason
-    assert _reasons(groups, "proj")[0][0]
+
+def test_a_streaming_state_keeps_its_width_and_the_kept_units_are_exact():
+    """Initial states from model inputs are gathered to the kept units; the final states (graph outputs)
+    come back full width: the kept units' values exact, zeros at the removed ones."""
+    from onnxprune import PruneConfig, inspect, prune
+    from tests.builders import random_input, run
+    from tests.oracle import zero_dropped
+
+    assert all(g["prunable"] for g in inspect(streaming())["groups"] if g["sources"] in (["proj"], ["rnn"]))
+    zeroed, plan = zero_dropped(streaming())
+    [units] = [g for g in plan.groups if g.sources == ["rnn"]]
+    kept = np.zeros(HIDDEN, dtype=bool)
+    kept[units.keep] = True
+    assert 0 < kept.sum() < HIDDEN
+    pruned = prune(zeroed, PruneConfig(plan=plan)).model
+    assert [list(i.type.tensor_type.shape.dim) for i in pruned.graph.input] == \
+        [list(i.type.tensor_type.shape.dim) for i in zeroed.graph.input]
+    feed = random_input(zeroed, seed=1)
+    (y, h, c), (y_pruned, h_pruned, c_pruned) = run(zeroed, feed), run(pruned, feed)
+    np.testing.assert_allclose(y_pruned, y, rtol=1e-5, atol=1e-5)
+    for full, got in ((h, h_pruned), (c, c_pruned)):
+        assert got.shape == full.shape
+        np.testing.assert_allclose(got[..., kept], full[..., kept], rtol=1e-5, atol=1e-5)
+        assert not got[..., ~kept].any()
 
 
 def test_a_batch_first_layer_is_left_whole_with_its_reason():
@@ -142,3 +174,58 @@ def test_a_batch_first_layer_is_left_whole_with_its_reason():
     assert not any(g["sources"] == ["rnn"] for g in groups)
     [(prunable, reason)] = _reasons(groups, "proj")
     assert not prunable and "batch-first layout (layout=1) is not supported" in reason
+
+
+@pytest.mark.parametrize("scorer", ["wanda", "pfp", "obs"])
+def test_the_data_informed_scorers_read_the_units_a_recurrent_layer_consumes(scorer):
+    """A recurrent layer's W is a consumer like a MatMul's weight: units it reads with zero columns (and,
+    for its own units, zero columns of R) score below every other unit of their group."""
+    from onnxprune.calib import input_specs, load_calibration
+    from onnxprune.loading import load
+    from onnxprune.scoring import ScoringContext, score
+    from onnxprune.stages import analyze_model
+    from tests.oracle import drop_every_other, zero_dropped
+
+    zeroed, _ = zero_dropped(BUILDERS["lstm_bidirectional_stacked"]())
+    loaded = load(zeroed)
+    analysis = analyze_model(loaded)
+    x = np.random.default_rng(0).standard_normal((16, STEPS, FEATURES)).astype(np.float32)
+    calibration = load_calibration({"x": x}, input_specs(loaded.model, loaded.input_shapes))
+    scores = score(analysis, scorer, ScoringContext(calibration=calibration, model=loaded.model, fixed_batch=1))
+    keep = drop_every_other(analysis)
+    for group in analysis.prunable_groups():
+        if group.name in ("proj", "rnn0"):  # read by rnn0's and rnn1's W
+            dead = np.setdiff1d(np.arange(group.channels), keep[group.index])
+            assert scores[group.index][dead].max() < scores[group.index][keep[group.index]].min(), group.name
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_recovery_refits_a_recurrent_layer_to_the_originals_gate_inputs(name):
+    """A recurrent layer whose input lost channels is re-fitted to the original's product W x + B (its
+    output is not that product): with dead channels removed the target is met before any fit (so the
+    product, its kept rows and the packed bias are the original's); with live ones the fit lowers it."""
+    from onnxprune import PruneConfig, prune
+    from tests.oracle import zero_dropped
+
+    x = np.random.default_rng(0).standard_normal((40, STEPS, FEATURES)).astype(np.float32)
+    zeroed, plan = zero_dropped(BUILDERS[name]())
+    layers = [l for l in prune(zeroed, PruneConfig(plan=plan, calibration={"x": x}, recover="lstsq"))
+              .report["recovery"]["layers"] if l["name"].startswith("rnn")]
+    assert layers and all(l["error_before"] < 1e-5 for l in layers)
+    layers = [l for l in prune(BUILDERS[name](), PruneConfig(filters=0.5, scorer="l1", calibration={"x": x},
+                                                              recover="lstsq")).report["recovery"]["layers"]
+              if l["name"].startswith("rnn")]
+    assert layers and all(l["status"] == "recovered" and l["error_after"] < l["error_before"] for l in layers)
+
+
+@pytest.mark.parametrize("op", sorted(GATES))
+def test_a_recurrent_layers_packed_bias_carries_the_offset_it_is_given(op):
+    from onnxprune.ops.base import weighted
+
+    gates, b = GATES[op], np.random.default_rng(0).standard_normal((2, 2 * GATES[op] * HIDDEN))
+    handler, layout = weighted(op, {}, (2, gates * HIDDEN, FEATURES))
+    offset = np.arange(2 * gates * HIDDEN, dtype=np.float64)
+    for values in (b, None):
+        packed = handler.with_bias_offset(layout, values, offset)
+        np.testing.assert_allclose(handler.bias_offset(layout, packed), offset)
+    np.testing.assert_allclose(handler.with_bias_offset(layout, b, offset)[:, gates * HIDDEN:], b[:, gates * HIDDEN:])
