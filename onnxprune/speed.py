@@ -164,20 +164,24 @@ def counts_of(keep: dict[int, np.ndarray]) -> dict[int, int]:
 
 
 def latency_rounds(baseline: Baseline, analysis, config: PruneConfig, budget: LatencyBudget, factorizing: bool):
-    """The channel choice for a latency target: allocate to the predicted limit, cut, measure; on a miss
-    tighten and try again (`ROUNDS` at most). Out of reach in the first round: `TargetOutOfReach`."""
-    best = None  # (measured ms, round, choice) of the slowest round that met the goal
+    """(the channel choice for a latency target, its cut model and masks as `rewrite_channels` gives them):
+    allocate to the predicted limit, cut, measure; on a miss tighten and try again (`ROUNDS` at most). Out
+    of reach in the first round: `TargetOutOfReach`."""
+    best = None  # (measured ms, round, choice, (cut, masks)) of the slowest round that met the goal
     for index in range(ROUNDS):
         choice = choose(baseline, analysis, config, factorizing, target=budget.target())
         at_floor = short_of(choice.budget)
         if not budget.rounds:
             budget.check_reachable(choice.budget)
-        cut, _ = rewrite_channels(analyze_model(baseline.loaded, config.exclude), choice,
-                                  baseline.loaded.model.ir_version)
-        reached, close = budget.measure_round(baseline, cut, counts_of(choice.keep))
+        rewritten = rewrite_channels(analyze_model(baseline.loaded, config.exclude), choice,
+                                     baseline.loaded.model.ir_version)
+        reached, close = budget.measure_round(baseline, rewritten[0], counts_of(choice.keep))
         if reached and (best is None or budget.rounds[-1]["measured_ms"] > best[0]):
-            best = (budget.rounds[-1]["measured_ms"], index, choice)
+            best = (budget.rounds[-1]["measured_ms"], index, choice, rewritten)
         if (reached and close) or (at_floor and not reached):
             break
-    budget.chosen = best[1] if best is not None else len(budget.rounds) - 1
-    return best[2] if best is not None else choice
+    if best is None:
+        budget.chosen = len(budget.rounds) - 1
+        return choice, rewritten
+    budget.chosen = best[1]
+    return best[2], best[3]

@@ -113,6 +113,19 @@ def test_a_result_much_faster_than_the_goal_is_loosened_and_the_slowest_that_met
     assert latency["after"]["median_ms"] == max(met)
 
 
+def test_the_chosen_round_s_cut_model_is_the_result_not_cut_again(fake_timer, monkeypatch):
+    import onnxprune.pipeline as pipeline
+
+    cuts = []
+    original_rewrite = speed.rewrite_channels
+    monkeypatch.setattr(speed, "rewrite_channels", lambda *a: cuts.append(original_rewrite(*a)) or cuts[-1])
+    monkeypatch.setattr(pipeline, "rewrite_channels", lambda *a: pytest.fail("the chosen round was cut again"))
+    result = prune(str(MNIST), PruneConfig(scorer="l1", round_to=1, target_speedup=1.25, recover="none"))
+    chosen = cuts[result.report["latency"]["chosen_round"]][0]
+    assert conv_widths(result.model) == conv_widths(chosen)
+    assert fake_ms(result.model) == result.report["latency"]["after"]["median_ms"]
+
+
 def test_a_target_latency_in_ms_is_met_with_the_ratio_scorer_too(fake_timer):
     report = prune(str(MNIST), PruneConfig(scorer="l1", target_latency=7.0)).report
     assert report["latency"]["met"] and report["latency"]["after"]["median_ms"] <= 7.0 * (1 + speed.TOLERANCE)
