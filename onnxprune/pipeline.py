@@ -73,6 +73,8 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
         if step == 0 and latency_wanted(config):
             with timed(timings, "latency_model"):
                 speed = latency_budget(baseline, analysis, config)
+            if config.round_to == "auto":  # per group (the report's config says auto, latency.round_to which)
+                config = replace(config, round_to=speed.round_to_auto())
 
         with timed(timings, "score", add=True):
             if speed is not None and speed.target_ms is not None:

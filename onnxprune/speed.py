@@ -57,6 +57,12 @@ class LatencyBudget:
     rounds: list[dict] = field(default_factory=list)
     chosen: int = -1  # the round whose allocation is the result
     save: Callable[[], None] = lambda: None  # writes new layer fits to the cache (when the run succeeds)
+    multiples: dict[int, int] | None = None  # --round-to auto: each group's multiple
+
+    def round_to_auto(self) -> dict[int, int]:
+        """--round-to auto's multiple per group (`LatencyPredictor.favoured_multiples`)."""
+        self.multiples = self.predictor.favoured_multiples()
+        return self.multiples
 
     def target(self) -> Target | None:
         return None if self.target_ms is None else self.predictor.target(self.limit_ms)
@@ -126,6 +132,9 @@ class LatencyBudget:
                "macs_kept": self.predictor.cost.macs(counts) / self.predictor.cost.full,
                "model": {"layers": len(fits), "cached": self.cached,
                          "multiples": {str(m): n for m, n in sorted(Counter(f.multiple for f in fits).items())}}}
+        if self.multiples is not None:
+            chosen = Counter(self.multiples.values())
+            out["round_to"] = {str(m): n for m, n in sorted(chosen.items())}
         if measured is not None:
             after = measured["after"]["median_ms"]
             out["prediction_error"] = predicted / after - 1.0

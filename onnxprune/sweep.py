@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import io
 import logging
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 
 from .baseline import prepare
-from .config import PruneConfig, check_filters
+from .config import PruneConfig, check_filters, latency_wanted
 from .errors import NothingToPrune, UsageError
 from .pipeline import prune
 from .progress import bar
@@ -61,7 +63,13 @@ def settings_grid(filters: list | None, ranks: list | None = None) -> list[dict]
 
 
 def sweep(model, config: PruneConfig, settings: list[dict], sensitivity: bool = True) -> dict:
-    """Prune `model` at every setting (overrides of `config`); the sweep table as plain data."""
+    """Prune `model` at every setting (overrides of `config`); the sweep table as plain data. A latency
+    model (--round-to auto) is measured once and its fits reused by every setting: from
+    `config.latency_cache`, else a file that lasts the sweep."""
+    if latency_wanted(config) and config.latency_cache is None:
+        with tempfile.TemporaryDirectory(prefix="onnxprune-sweep-") as directory:
+            return sweep(model, replace(config, latency_cache=Path(directory) / "sweep.latency.json"), settings,
+                         sensitivity)
     checks_off = {"gates": None, "mobile": False, "plan": None}
     config = replace(config, **checks_off)
     baseline = prepare(model, replace(config, **settings[0]))  # a swept --rank fits the data too
@@ -80,7 +88,7 @@ def sweep(model, config: PruneConfig, settings: list[dict], sensitivity: bool = 
         if sensitivity:
             groups = _pruned_groups(result.plan)
             runs.total += len(groups)
-            alone = replace(config, **setting, latency=None)
+            alone = replace(config, **setting, latency=None, round_to=None)  # a plan: no rounding, no timing
             for gp in groups:
                 single = prune(baseline, replace(alone, plan=Plan([gp])))
                 point = {**setting, "channels_after": len(gp.keep), **measures(single.report)}

@@ -5,6 +5,7 @@ bench/'s)."""
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +48,15 @@ def fake_ms(model) -> float:
 FULL_MS = fake_ms(onnx.load(str(MNIST)))
 
 
+STEPS = {}  # layer name -> the channel step of its synthetic timings, when not 8
+
+
 def fake_fit(layer, threads):
-    """Synthetic timings in which all of every layer's 1 ms scales with its channels, in steps of 8: the
-    model predicts more saved than `fake_ms` measures."""
+    """Synthetic timings in which all of every layer's 1 ms scales with its channels, in steps of 8 (or
+    `STEPS`): the model predicts more saved than `fake_ms` measures."""
     k_in, k_out = lm.sample_counts(layer.c_in, layer.c_out)
-    p_in, p_out = np.ceil(k_in / 8) * 8 / layer.c_in, np.ceil(k_out / 8) * 8 / layer.c_out
+    step = STEPS.get(layer.name, 8)
+    p_in, p_out = np.ceil(k_in / step) * step / layer.c_in, np.ceil(k_out / step) * step / layer.c_out
     return lm.fit_layer(layer.name, layer.c_in, layer.c_out, k_in, k_out, p_in * p_out)
 
 
@@ -174,6 +179,9 @@ def test_a_failed_gate_writes_no_latency_cache_either(fake_timer, tmp_path):
     (dict(target_speedup=2.0, filters=0.3), "--filters"),
     (dict(target_speedup=2.0, steps=2), "--steps"),
     (dict(predict_latency=True, steps=2), "one step"),
+    (dict(round_to="auto", steps=2), "one step"),
+    (dict(round_to="eight"), "auto"),
+    (dict(round_to=0), "positive"),
 ])
 def test_latency_options_that_clash_are_refused_before_any_work(options, message):
     with pytest.raises(UsageError, match=message):
@@ -195,3 +203,43 @@ def test_the_cli_refuses_clashing_latency_options_with_exit_2(tmp_path):
                                        "--target-speedup", "2"])
     assert result.exit_code == 2, result.output
     assert "give one" in result.output and list(tmp_path.iterdir()) == []
+
+
+def test_round_to_auto_keeps_the_multiple_the_timings_step_at(fake_timer, tmp_path, monkeypatch):
+    """layer3/conv1 steps at 16, the others at 8: its 64 output channels are kept in sixteens (39 of 64 -> 32,
+    not 40), the others in eights; the fits are cached like a latency target's."""
+    monkeypatch.setitem(STEPS, "/layer3/conv1/Conv", 16)
+    out, report, plan = tmp_path / "out.onnx", tmp_path / "r.json", tmp_path / "plan.json"
+    result = CliRunner().invoke(main, [str(MNIST), str(out), "--filters", "0.4", "--scorer", "l1", "--round-to", "auto",
+                                       "--report", str(report), "--plan-out", str(plan)])
+    assert result.exit_code == 0, result.output
+    written = json.loads(report.read_text())
+    kept = {tuple(g["sources"]): len(g["keep"]) for g in json.loads(plan.read_text())["groups"]}
+    assert kept[("/layer3/conv1/Conv",)] == 32 and kept[("/layer2/conv1/Conv",)] == 16  # 32 - 12 = 20 -> 16
+    assert written["config"]["round_to"] == "auto" and written["latency"]["round_to"] == {"8": 4, "16": 2}
+    assert (tmp_path / "out.latency.json").exists() and fake_timer["layers"] > 0
+    result = CliRunner().invoke(main, [str(MNIST), str(out), "--round-to", "sixteen"])
+    assert result.exit_code == 2 and "neither a positive number" in result.output
+
+
+def test_a_sweep_measures_the_latency_model_once_and_reuses_the_cache_beside_its_report(fake_timer, tmp_path):
+    args = ["sweep", str(MNIST), "--filters", "0.3,0.5", "--scorer", "l1", "--round-to", "auto", "--no-sensitivity"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    once = fake_timer["layers"]
+    assert once == len(lm.timed_layers(analyze(MNIST)))
+    assert not list(Path(tempfile.gettempdir()).glob("onnxprune-sweep-*"))  # the sweep's own cache is gone
+    report = tmp_path / "sweep.json"
+    result = CliRunner().invoke(main, args + ["--report", str(report)])
+    assert result.exit_code == 0 and fake_timer["layers"] == 2 * once
+    assert (tmp_path / "sweep.latency.json").exists()
+    result = CliRunner().invoke(main, args + ["--report", str(report)])
+    assert result.exit_code == 0 and fake_timer["layers"] == 2 * once  # the cache beside the report
+    assert all(row["speedup"] is not None for row in json.loads(report.read_text())["settings"])
+
+
+def analyze(path):
+    from onnxprune.loading import load
+    from onnxprune.stages import analyze_model
+
+    return analyze_model(load(str(path), {}))

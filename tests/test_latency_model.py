@@ -129,3 +129,24 @@ def test_unnamed_nodes_are_predicted_as_named_ones():
         predictions.append((len(predictor.fits), predictor.ms(half)))
     assert predictions[1][0] == predictions[0][0] > 0
     assert predictions[1][1] == pytest.approx(predictions[0][1])
+
+
+def stepped_fit(layer, steps: dict):
+    """A fit of synthetic timings stepping at `steps[layer.name]` channels (1: none)."""
+    k_in, k_out = lm.sample_counts(layer.c_in, layer.c_out)
+    multiple = steps.get(layer.name, 1)
+    return lm.fit_layer(layer.name, layer.c_in, layer.c_out, k_in, k_out,
+                        synthetic_ms(k_in, k_out, layer.c_in, layer.c_out, multiple))
+
+
+def test_round_to_auto_takes_the_multiple_a_layer_s_timings_step_at(mnist):
+    """layer3/conv1 steps at 16: the groups it reads (32 channels) and writes (64) are rounded to 16; the
+    groups only step-free layers touch to 1; a step of 4 allows 4."""
+    sources = {g.index: {s.node.name for s in g.sources} for g in mnist.prunable_groups()}
+    by_source = {name: g for g, names in sources.items() for name in names}
+    written, read = by_source["/layer3/conv1/Conv"], by_source["/layer2/conv2/Conv"]
+    for step, expected in ((16, 16), (4, 4)):
+        fits = [stepped_fit(layer, {"/layer3/conv1/Conv": step}) for layer in lm.timed_layers(mnist)]
+        multiples = LatencyPredictor.build(CostModel.build(mnist), fits, original_ms=10.0).favoured_multiples()
+        assert multiples[written] == multiples[read] == expected
+        assert all(m == 1 for g, m in multiples.items() if g not in (written, read))
