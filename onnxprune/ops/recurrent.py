@@ -70,6 +70,12 @@ class RecurrentHandler(Handler):
             rw.set_input(node, PEEPHOLES, node.inputs[PEEPHOLES].values[:, np.tile(keep, 3)])
         rw.set_attr(node, "hidden_size", int(keep.sum()))
 
+    def timing_sides(self, node):
+        """X [steps, batch, features] -> hidden units; the recurrence multiplies units by units."""
+        if self._refusal(node) is not None:
+            return None
+        return 2, int(node.inputs[1].values.shape[2]), int(attr(node, "hidden_size")), "recurrent"
+
     def cost_parts(self, node):
         """The input product scales with the features and the units, the recurrent one with the units twice."""
         w, r = (node.inputs[i].values.size for i in (1, 2))
