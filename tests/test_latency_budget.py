@@ -218,6 +218,7 @@ def test_round_to_auto_keeps_the_multiple_the_timings_step_at(fake_timer, tmp_pa
     kept = {tuple(g["sources"]): len(g["keep"]) for g in json.loads(plan.read_text())["groups"]}
     assert kept[("/layer3/conv1/Conv",)] == 32 and kept[("/layer2/conv1/Conv",)] == 16  # 32 - 12 = 20 -> 16
     assert written["config"]["round_to"] == "auto" and written["latency"]["round_to"] == {"8": 4, "16": 2}
+    assert "round-to  auto: groups rounded to the measured multiple: 4 at 8, 2 at 16" in result.output
     assert (tmp_path / "out.latency.json").exists() and fake_timer["layers"] > 0
     result = CliRunner().invoke(main, [str(MNIST), str(out), "--round-to", "sixteen"])
     assert result.exit_code == 2 and "neither a positive number" in result.output
