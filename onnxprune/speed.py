@@ -1,8 +1,9 @@
 """Latency as the budget: the latency model of this run (validate/latency_model.py, `budget.LatencyPredictor`),
 the `--target-latency` / `--target-speedup` rounds, and the report's predicted figures.
 
-The original is timed once when the model is built (`LatencyConfig` runs, median): a speed-up target is
-that figure over X. Each round allocates to a predicted-ms limit (`budget.LatencyPredictor.target`), cuts
+The original is timed once when the model is built (`LatencyConfig` runs, median; at one thread in CPU
+time, `validate.latency.model_clock`, like the layers): a speed-up target is that figure over X, a
+`--target-latency` is brought to that clock by the original's wall time. Each round allocates to a predicted-ms limit (`budget.LatencyPredictor.target`), cuts
 the channels, and measures the cut model against the original, interleaved; on a miss the saving still
 needed is scaled by the round's measured saving over its predicted one (`LatencyBudget.retargeted`) and
 the next round aims at that, at most `ROUNDS` times. A round within `TOLERANCE` (5%) of the goal meets
@@ -27,7 +28,7 @@ from .budget import CostModel, LatencyPredictor, Target
 from .config import PruneConfig, latency_wanted
 from .errors import ValidationFailed
 from .stages import analyze_model, choose, rewrite_channels
-from .validate.latency import LatencyConfig, compare_latency, summarize, time_runs
+from .validate.latency import LatencyConfig, compare_latency, model_clock, summarize, time_runs
 from .validate.latency_model import LatencyCache, cache_key, layer_fits, timed_layers
 
 ROUNDS = 3
@@ -138,9 +139,9 @@ class LatencyBudget:
         if self.multiples is not None:
             chosen = Counter(self.multiples.values())
             out["round_to"] = {str(m): n for m, n in sorted(chosen.items())}
-        if measured is not None:
-            after = measured["after"]["median_ms"]
-            out["prediction_error"] = predicted / after - 1.0
+        if measured is not None:  # as shares of the original: the model's clock may not be the wall's
+            before, after = measured["before"]["median_ms"], measured["after"]["median_ms"]
+            out["prediction_error"] = (predicted / self.original_ms) / (after / before) - 1.0
         if self.target_ms is not None:
             chosen = self.rounds[self.chosen]
             out.update({"target_ms": chosen["target_ms"], "asked": self.asked, "rounds": self.rounds,
@@ -154,18 +155,22 @@ def latency_budget(baseline: Baseline, analysis, config: PruneConfig) -> Latency
     if not latency_wanted(config):
         return None
     timing = config.latency or LatencyConfig()
-    seconds = time_runs({"original": baseline.session(timing.threads)}, baseline.single_batch(), timing)["original"]
+    seconds = time_runs({"original": baseline.session(timing.threads)}, baseline.single_batch(), timing,
+                        model_clock(timing.threads))["original"]
     original_ms = summarize(seconds)["median_ms"]
     layers, cache = timed_layers(analysis), LatencyCache(config.latency_cache)
     fits, cached = layer_fits(layers, timing.threads, cache, write=False)
     predictor = LatencyPredictor.build(CostModel.build(analysis), fits, original_ms)
-    if config.target_latency is not None:
+    limit = None  # the first allocation's predicted ms
+    if config.target_latency is not None:  # wall ms: to the model's clock by the original's two times
         target, asked = config.target_latency, f"--target-latency {config.target_latency:g} ms"
+        wall = time_runs({"original": baseline.session(timing.threads)}, baseline.single_batch(), timing)["original"]
+        limit = target * original_ms / summarize(wall)["median_ms"]
     elif config.target_speedup is not None:
         target, asked = original_ms / config.target_speedup, f"--target-speedup {config.target_speedup:g}"
     else:
         target, asked = None, "--predict-latency"
-    budget = LatencyBudget(predictor, timing, original_ms, target, asked, cached, target or 0.0)
+    budget = LatencyBudget(predictor, timing, original_ms, target, asked, cached, limit or target or 0.0)
     if not cached:
         budget.save = lambda: cache.put(cache_key(layers, timing.threads), fits)
     return budget

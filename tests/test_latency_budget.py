@@ -80,7 +80,7 @@ def fake_timer(monkeypatch):
     monkeypatch.setattr(speed, "layer_fits", fits)
     monkeypatch.setattr(speed, "compare_latency", compare)
     monkeypatch.setattr(result_module, "compare_latency", compare)
-    monkeypatch.setattr(speed, "time_runs", lambda sessions, feed, config: {
+    monkeypatch.setattr(speed, "time_runs", lambda sessions, feed, config, clock=None: {
         name: np.full(3, (FULL_MS) / 1e3) for name in sessions})
     return calls
 
@@ -95,7 +95,8 @@ def test_the_rounds_tighten_until_the_measured_speedup_is_met(fake_timer):
     assert len(rounds) <= speed.ROUNDS
     assert rounds[1]["limit_ms"] < rounds[0]["predicted_ms"]
     assert latency["speedup"] >= 1.5 / within
-    assert latency["prediction_error"] == pytest.approx(latency["predicted_ms"] / latency["after"]["median_ms"] - 1)
+    measured_share = latency["after"]["median_ms"] / latency["before"]["median_ms"]
+    assert latency["prediction_error"] == pytest.approx(latency["predicted_ms"] / latency["model_original_ms"] / measured_share - 1)
     assert report["scoring"]["budget"]["unit"] == "ms"
 
 
@@ -250,9 +251,24 @@ def analyze(path):
 def test_a_target_predicted_out_of_reach_is_measured_before_it_is_refused(fake_timer, monkeypatch):
     """The original measured at 3x its compared time (a loaded machine): the fits' savings predict at most
     1.4x, the cut floor measures 2.5x, so 2x is met in the rounds."""
-    monkeypatch.setattr(speed, "time_runs", lambda sessions, feed, config: {
+    monkeypatch.setattr(speed, "time_runs", lambda sessions, feed, config, clock=None: {
         name: np.full(3, 3 * FULL_MS / 1e3) for name in sessions})
     latency = prune(str(MNIST), PruneConfig(scorer="l1", target_speedup=2.0, recover="none")).report["latency"]
     first = latency["rounds"][0]
     assert first["predicted_ms"] > first["limit_ms"]  # the floor, predicted short of the goal
     assert latency["met"] and latency["speedup"] >= 2.0 / (1 + speed.TOLERANCE)
+
+
+def test_a_target_in_wall_ms_is_brought_to_the_model_s_cpu_clock(fake_timer, monkeypatch):
+    """At one thread the model's times are CPU time: on a machine where the original's wall time is twice
+    its CPU time, --target-latency's first allocation aims at half the milliseconds asked."""
+    import time
+
+    def runs(sessions, feed, config, clock=time.perf_counter):
+        wall = clock is time.perf_counter
+        return {name: np.full(3, (2 if wall else 1) * FULL_MS / 1e3) for name in sessions}
+
+    monkeypatch.setattr(speed, "time_runs", runs)
+    latency = prune(str(MNIST), PruneConfig(scorer="l1", target_latency=8.0)).report["latency"]
+    assert latency["model_original_ms"] == pytest.approx(FULL_MS)
+    assert latency["rounds"][0]["limit_ms"] == pytest.approx(4.0)

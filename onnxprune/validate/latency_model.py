@@ -32,7 +32,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..ops import handler_for
-from .latency import LatencyConfig, latency_session, summarize, time_runs
+from .latency import LatencyConfig, latency_session, model_clock, summarize, time_runs
 
 MULTIPLES = (1, 4, 8, 16, 32)
 TIMING = LatencyConfig(runs=7, warmup=2)
@@ -196,7 +196,7 @@ def time_layer(layer: TimedLayer, threads: int, timing: LatencyConfig = TIMING) 
     for a, b in zip(k_in, k_out):
         model = layer_model(layer, int(a), int(b))
         feed = {"x": rng.standard_normal(layer.input_shape_at(int(a))).astype(np.float32)}
-        seconds = time_runs({"layer": latency_session(model, threads)}, feed, timing)["layer"]
+        seconds = time_runs({"layer": latency_session(model, threads)}, feed, timing, model_clock(threads))["layer"]
         ms.append(summarize(seconds)["median_ms"])
     return fit_layer(layer.name, layer.c_in, layer.c_out, k_in, k_out, ms, layer.kind)
 
