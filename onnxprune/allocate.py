@@ -10,6 +10,12 @@ AUTO_ROUND_TO = 8  # onnxruntime's CPU convolutions are fastest at multiples of 
 AUTO_ROUND_MIN_CHANNELS = 16
 
 
+def group_round_to(round_to: int | dict | None, group: int) -> int | None:
+    """The `round_to` of one group: `round_to` itself, or the group's entry when it maps groups to multiples
+    (--round-to auto, `budget.LatencyPredictor.favoured_multiples`; a group without one: None, the default)."""
+    return round_to.get(group) if isinstance(round_to, dict) else round_to
+
+
 def round_keep(keep: int, channels: int, round_to: int | None, width: int = 1) -> int:
     """Round a keep count of units, each `width` channels wide, so that the channels kept are a multiple
     of `round_to` (auto: 8 for groups of 16+ channels); units of 8 channels (attention heads) need none."""
@@ -28,7 +34,7 @@ def keep_counts(analysis, scores: dict[int, np.ndarray], ratio: float, global_ra
         raw = {g.index: g.channels - int(np.floor(ratio * g.channels + 1e-9)) for g in groups}
     else:
         raw = _global_counts(groups, scores, ratio)
-    return {g.index: round_keep(raw[g.index], g.channels, round_to, g.width) for g in groups}
+    return {g.index: round_keep(raw[g.index], g.channels, group_round_to(round_to, g.index), g.width) for g in groups}
 
 
 def _global_counts(groups, scores, ratio) -> dict[int, int]:

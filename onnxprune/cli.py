@@ -130,6 +130,17 @@ SEED = OptionGroup([
     click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed for every random choice."),
 ], lambda v: {"seed": v["seed"]})
 
+class RoundTo(click.ParamType):
+    name = "round_to"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, int):
+            return value
+        if str(value).isdigit() and int(value) >= 1:
+            return int(value)
+        self.fail(f"{value!r} is neither a positive number of channels nor auto", param, ctx)
+
+
 CHANNELS = OptionGroup([
     click.option("--global", "global_ranking", is_flag=True, help="Rank channels of all groups together."),
     click.option("--scorer", type=click.Choice(sorted(SCORERS)), default=None,
@@ -138,8 +149,10 @@ CHANNELS = OptionGroup([
                       "data, with per-layer budgets), wanda (|W| x input norm), activation (mean |a|), filter "
                       "L1/L2 norm, BatchNorm |gamma|, or random [default: obs with --calib or "
                       "--data-loader-script, else l1]."),
-    click.option("--round-to", type=click.IntRange(min=1), default=None,
-                 help="Keep channel counts at multiples of N [default: 8 for groups of 16+ channels]."),
+    click.option("--round-to", type=RoundTo(), default=None, metavar="N|auto",
+                 help="Keep channel counts at multiples of N, or per group at the multiple the latency model "
+                      "measured fastest (auto; builds it like --predict-latency) [default: 8 for groups of 16+ "
+                      "channels]."),
 ], lambda v: {"global_ranking": v["global_ranking"], "scorer": v["scorer"], "round_to": v["round_to"]})
 
 
@@ -230,7 +243,8 @@ RECOVERY = OptionGroup([
 def _evaluation_config(v: dict) -> dict:
     latency = None
     implied = [v.get(k) for k in ("min_speedup", "target_latency", "target_speedup")]
-    if v["latency"] or v.get("predict_latency") or any(x is not None for x in implied):  # measured with these too
+    modelled = v.get("predict_latency") or v.get("round_to") == "auto"  # the latency model is built
+    if v["latency"] or modelled or any(x is not None for x in implied):  # measured with these too
         latency = LatencyConfig(runs=v["latency_runs"], warmup=v["latency_warmup"], threads=v["threads"])
     return {"evaluation": v["eval_data"], "labels": v["labels"], "latency": latency,
             "output_axes": parse_output_axes(v["output_axes"])}
@@ -481,7 +495,8 @@ def sweep_command(model, filters_list, ranks_list, no_sensitivity, report_path, 
         require_ray()
     settings = settings_grid(parse_values(filters_list, "--filters") if filters_list else None,
                              parse_values(ranks_list, "--rank") if ranks_list else None)
-    config = config_from(values, CHANNELS, SEED, CALIBRATION, RECOVERY, EVALUATION, INPUT_SHAPES, EXCLUDE)
+    config = config_from(values, CHANNELS, SEED, CALIBRATION, RECOVERY, EVALUATION, INPUT_SHAPES, EXCLUDE,
+                         latency_cache=latency_cache_path(report_path) if report_path else None)
     table = sweep(model, config, settings, sensitivity=not no_sensitivity, ray=ray_address)
     if report_path:
         write_json_atomic(report_path, table)

@@ -38,7 +38,7 @@ class PruneConfig:
     calib_batch: int | None = None  # samples per activation-capture batch (None: from a memory budget)
     calib_samples: int | None = None  # use at most this many calibration samples
     preprocess: str | None = None  # for a directory of images: preset and/or key=value pairs (calib/images.py)
-    round_to: int | None = None  # None: 8 for groups of 16+ channels, else 1
+    round_to: int | str | None = None  # None: 8 for groups of 16+ channels, else 1; "auto": the latency model's
     exclude: tuple[str, ...] = ()
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     calibration: CalibrationSet | str | os.PathLike | None = None
@@ -78,6 +78,7 @@ def check_config(config: PruneConfig) -> None:
     check_latency_target(config)
     if not isinstance(config.seed, int) or config.seed < 0:
         raise UsageError(f"--seed {config.seed}: give a non-negative integer")
+    check_round_to(config)
     if config.steps < 1:
         raise UsageError(f"--steps {config.steps}: give a positive number of steps")
     if config.steps > 1 and (config.plan is not None or config.pfp_mode == "sample" or config.rank is not None):
@@ -145,9 +146,21 @@ def check_latency_target(config: PruneConfig) -> None:
                          "drop one")
 
 
+def check_round_to(config: PruneConfig) -> None:
+    round_to = config.round_to
+    if round_to == "auto":
+        if config.steps > 1:
+            raise UsageError("--round-to auto rounds to the multiples the latency model measured on the original: "
+                             "use one step, or a number")
+        return
+    if round_to is not None and (isinstance(round_to, (str, bool)) or not isinstance(round_to, int) or round_to < 1):
+        raise UsageError(f"--round-to {round_to!r}: give a positive number of channels, or auto")
+
+
 def latency_wanted(config: PruneConfig) -> bool:
-    """Whether the run builds the latency model."""
-    return config.predict_latency or config.target_latency is not None or config.target_speedup is not None
+    """Whether the run builds the latency model (--round-to auto reads its multiples)."""
+    return (config.predict_latency or config.target_latency is not None or config.target_speedup is not None
+            or config.round_to == "auto")
 
 
 def channel_ratio(config: PruneConfig) -> float:
@@ -211,7 +224,7 @@ def sparsity_settings(config: PruneConfig, calibration: CalibrationSet) -> Spars
 def config_section(config: PruneConfig, scorer: str, input_shapes: dict) -> dict:
     """The report's "config": the settings as resolved (defaults filled in)."""
     return {"filters": channel_ratio(config), "global": config.global_ranking, "scorer": scorer,
-            "round_to": config.round_to, "exclude": list(config.exclude), "input_shapes": input_shapes,
+            "round_to": "auto" if isinstance(config.round_to, dict) else config.round_to, "exclude": list(config.exclude), "input_shapes": input_shapes,
             "plan_given": config.plan is not None, "rank": config.rank, "lowrank_error": config.lowrank_error,
             "target_macs": config.target_macs, "target_latency": config.target_latency,
             "target_speedup": config.target_speedup, "output_axes": dict(config.output_axes),

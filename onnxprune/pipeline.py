@@ -67,7 +67,7 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
         config = replace(config, steps=1, finetune_steps=0)
     weights_only = lowrank is not None or sparsity is not None  # channels may stay whole
     step_reports, current, total_masks, plan, whole, final = [], baseline, {}, None, None, None
-    speed = None
+    speed, rewritten = None, None  # rewritten: the latency rounds' chosen cut (model, masks), not cut again
     for step in range(config.steps):
         with timed(timings, "analyze", add=True):
             analysis = analyze_model(current.loaded, config.exclude)
@@ -76,10 +76,12 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
         if step == 0 and latency_wanted(config):
             with timed(timings, "latency_model"):
                 speed = latency_budget(baseline, analysis, config)
+            if config.round_to == "auto":  # per group (the report's config says auto, latency.round_to which)
+                config = replace(config, round_to=speed.round_to_auto())
 
         with timed(timings, "score", add=True):
             if speed is not None and speed.target_ms is not None:
-                choice = latency_rounds(current, analysis, config, speed, factorizing=weights_only)
+                choice, rewritten = latency_rounds(current, analysis, config, speed, factorizing=weights_only)
             elif config.steps == 1:
                 choice = choose(current, analysis, config, factorizing=weights_only)
             else:  # the whole target is allocated once, on the original; the steps approach it
@@ -98,7 +100,7 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
                 coverage = analysis.coverage()
             if speed is not None:
                 kept_counts = counts_of(choice.keep)
-            pruned, masks = rewrite_channels(analysis, choice, loaded.model.ir_version)
+            pruned, masks = rewritten or rewrite_channels(analysis, choice, loaded.model.ir_version)
             total_masks = compose_masks(total_masks, masks)
             del analysis
             gc.collect()  # graphsurgeon graphs are reference cycles: free the weights now, not at some later gc

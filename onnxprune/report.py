@@ -65,6 +65,9 @@ def latency_model_line(latency: dict) -> str:
             f"  (speedup {latency['predicted_speedup']:.2f}x, error {100 * latency['prediction_error']:+.1f}% of the "
             f"measured; MACs kept {100 * latency['macs_kept']:.1f}%; {latency['model']['layers']} layers timed"
             f"{', from the cache' if latency['model']['cached'] else ''})")
+    if "round_to" in latency:
+        chosen = ", ".join(f"{n} at {m}" for m, n in latency["round_to"].items())
+        line += f"\n  round-to  auto: groups rounded to the measured multiple: {chosen}"
     if "rounds" in latency:
         rounds = ", ".join(f"{r['measured_ms']:.3f}" for r in latency["rounds"])
         line += (f"\n  target    {latency['asked']}: {latency['target_ms']:.3f} ms "

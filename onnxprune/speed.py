@@ -1,14 +1,18 @@
 """Latency as the budget: the latency model of this run (validate/latency_model.py, `budget.LatencyPredictor`),
 the `--target-latency` / `--target-speedup` rounds, and the report's predicted figures.
 
-The original is timed once when the model is built (`LatencyConfig` runs, median): a speed-up target is
-that figure over X. Each round allocates to a predicted-ms limit (`budget.LatencyPredictor.target`), cuts
+The original is timed once when the model is built (`LatencyConfig` runs, median; at one thread in CPU
+time, `validate.latency.model_clock`, like the layers): a speed-up target is that figure over X, a
+`--target-latency` is brought to that clock by the original's wall time. Each round allocates to a predicted-ms limit (`budget.LatencyPredictor.target`), cuts
 the channels, and measures the cut model against the original, interleaved; on a miss the saving still
 needed is scaled by the round's measured saving over its predicted one (`LatencyBudget.retargeted`) and
 the next round aims at that, at most `ROUNDS` times. A round within `TOLERANCE` (5%) of the goal meets
 it; one faster by more likewise aims at a larger allocation. The result is the slowest round that met
 the goal (else the last). When even every group at its floor is predicted
-slower than the limit, the target is out of reach (`TargetOutOfReach`, exit 1).
+slower than the limit, that smallest allocation is cut and measured: the prediction of a loaded machine's
+savings can be far off (short layer runs escape the contention that slows a whole model), and the
+rounds scale it by what was measured; only when the measured floor misses the goal too is the target
+out of reach (`TargetOutOfReach`, exit 1, naming the measured speed-up).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from .budget import CostModel, LatencyPredictor, Target
 from .config import PruneConfig, latency_wanted
 from .errors import ValidationFailed
 from .stages import analyze_model, choose, rewrite_channels
-from .validate.latency import LatencyConfig, compare_latency, summarize, time_runs
+from .validate.latency import LatencyConfig, compare_latency, model_clock, summarize, time_runs
 from .validate.latency_model import LatencyCache, cache_key, layer_fits, timed_layers
 
 ROUNDS = 3
@@ -57,19 +61,25 @@ class LatencyBudget:
     rounds: list[dict] = field(default_factory=list)
     chosen: int = -1  # the round whose allocation is the result
     save: Callable[[], None] = lambda: None  # writes new layer fits to the cache (when the run succeeds)
+    multiples: dict[int, int] | None = None  # --round-to auto: each group's multiple
+
+    def round_to_auto(self) -> dict[int, int]:
+        """--round-to auto's multiple per group (`LatencyPredictor.favoured_multiples`)."""
+        self.multiples = self.predictor.favoured_multiples()
+        return self.multiples
 
     def target(self) -> Target | None:
         return None if self.target_ms is None else self.predictor.target(self.limit_ms)
 
-    def check_reachable(self, summary: dict | None) -> None:
-        """Refuse a target the allocation could not meet even at every group's floor."""
-        if not short_of(summary):
-            return
-        reached = summary["achieved"]
+    def refuse(self) -> None:
+        """Refuse a target that the smallest allocation (every group at its floor), just measured, missed."""
+        last = self.rounds[-1]
+        before, after = last["original_ms"], last["measured_ms"]
         raise TargetOutOfReach(
-            f"{self.asked} is out of reach: the smallest allocation is predicted at {reached:.3f} ms, a "
-            f"{self.original_ms / reached:.2f}x speed-up over the original's measured {self.original_ms:.3f} ms; "
-            f"ask for at least {reached:.3f} ms or at most a {self.original_ms / reached:.2f}x speed-up")
+            f"{self.asked} is out of reach: the smallest allocation measured {after:.3f} ms (predicted "
+            f"{last['predicted_ms']:.3f} ms), a {before / after:.2f}x speed-up over the original's {before:.3f} ms "
+            f"measured beside it; ask for at least {after * self.original_ms / before:.3f} ms or at most a "
+            f"{before / after:.2f}x speed-up")
 
     def measure_round(self, baseline: Baseline, pruned, counts: dict[int, int]) -> tuple[bool, bool]:
         """Time the cut model against the original; record the round; on a miss, tighten the limit.
@@ -126,9 +136,12 @@ class LatencyBudget:
                "macs_kept": self.predictor.cost.macs(counts) / self.predictor.cost.full,
                "model": {"layers": len(fits), "cached": self.cached,
                          "multiples": {str(m): n for m, n in sorted(Counter(f.multiple for f in fits).items())}}}
-        if measured is not None:
-            after = measured["after"]["median_ms"]
-            out["prediction_error"] = predicted / after - 1.0
+        if self.multiples is not None:
+            chosen = Counter(self.multiples.values())
+            out["round_to"] = {str(m): n for m, n in sorted(chosen.items())}
+        if measured is not None:  # as shares of the original: the model's clock may not be the wall's
+            before, after = measured["before"]["median_ms"], measured["after"]["median_ms"]
+            out["prediction_error"] = (predicted / self.original_ms) / (after / before) - 1.0
         if self.target_ms is not None:
             chosen = self.rounds[self.chosen]
             out.update({"target_ms": chosen["target_ms"], "asked": self.asked, "rounds": self.rounds,
@@ -142,18 +155,22 @@ def latency_budget(baseline: Baseline, analysis, config: PruneConfig) -> Latency
     if not latency_wanted(config):
         return None
     timing = config.latency or LatencyConfig()
-    seconds = time_runs({"original": baseline.session(timing.threads)}, baseline.single_batch(), timing)["original"]
+    seconds = time_runs({"original": baseline.session(timing.threads)}, baseline.single_batch(), timing,
+                        model_clock(timing.threads))["original"]
     original_ms = summarize(seconds)["median_ms"]
     layers, cache = timed_layers(analysis), LatencyCache(config.latency_cache)
     fits, cached = layer_fits(layers, timing.threads, cache, write=False)
     predictor = LatencyPredictor.build(CostModel.build(analysis), fits, original_ms)
-    if config.target_latency is not None:
+    limit = None  # the first allocation's predicted ms
+    if config.target_latency is not None:  # wall ms: to the model's clock by the original's two times
         target, asked = config.target_latency, f"--target-latency {config.target_latency:g} ms"
+        wall = time_runs({"original": baseline.session(timing.threads)}, baseline.single_batch(), timing)["original"]
+        limit = target * original_ms / summarize(wall)["median_ms"]
     elif config.target_speedup is not None:
         target, asked = original_ms / config.target_speedup, f"--target-speedup {config.target_speedup:g}"
     else:
         target, asked = None, "--predict-latency"
-    budget = LatencyBudget(predictor, timing, original_ms, target, asked, cached, target or 0.0)
+    budget = LatencyBudget(predictor, timing, original_ms, target, asked, cached, limit or target or 0.0)
     if not cached:
         budget.save = lambda: cache.put(cache_key(layers, timing.threads), fits)
     return budget
@@ -164,20 +181,25 @@ def counts_of(keep: dict[int, np.ndarray]) -> dict[int, int]:
 
 
 def latency_rounds(baseline: Baseline, analysis, config: PruneConfig, budget: LatencyBudget, factorizing: bool):
-    """The channel choice for a latency target: allocate to the predicted limit, cut, measure; on a miss
-    tighten and try again (`ROUNDS` at most). Out of reach in the first round: `TargetOutOfReach`."""
-    best = None  # (measured ms, round, choice) of the slowest round that met the goal
+    """(the channel choice for a latency target, its cut model and masks as `rewrite_channels` gives them):
+    allocate to the predicted limit, cut, measure; on a miss tighten and try again (`ROUNDS` at most). Out
+    of reach (the first round's allocation, at every group's floor, measured slower than the goal):
+    `TargetOutOfReach`."""
+    best = None  # (measured ms, round, choice, (cut, masks)) of the slowest round that met the goal
     for index in range(ROUNDS):
         choice = choose(baseline, analysis, config, factorizing, target=budget.target())
         at_floor = short_of(choice.budget)
-        if not budget.rounds:
-            budget.check_reachable(choice.budget)
-        cut, _ = rewrite_channels(analyze_model(baseline.loaded, config.exclude), choice,
-                                  baseline.loaded.model.ir_version)
-        reached, close = budget.measure_round(baseline, cut, counts_of(choice.keep))
+        rewritten = rewrite_channels(analyze_model(baseline.loaded, config.exclude), choice,
+                                     baseline.loaded.model.ir_version)
+        reached, close = budget.measure_round(baseline, rewritten[0], counts_of(choice.keep))
+        if at_floor and not reached and index == 0:  # measured, not only predicted, out of reach
+            budget.refuse()
         if reached and (best is None or budget.rounds[-1]["measured_ms"] > best[0]):
-            best = (budget.rounds[-1]["measured_ms"], index, choice)
+            best = (budget.rounds[-1]["measured_ms"], index, choice, rewritten)
         if (reached and close) or (at_floor and not reached):
             break
-    budget.chosen = best[1] if best is not None else len(budget.rounds) - 1
-    return best[2] if best is not None else choice
+    if best is None:
+        budget.chosen = len(budget.rounds) - 1
+        return choice, rewritten
+    budget.chosen = best[1]
+    return best[2], best[3]

@@ -11,7 +11,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .baseline import Baseline
-from .allocate import round_keep
+from .allocate import group_round_to, round_keep
 from .budget import Target, choose_channels
 from .config import PruneConfig, channel_ratio, recovery_method, scorer_name
 from .errors import NothingToPrune
@@ -133,7 +133,7 @@ def step_counts(analysis: Analysis, final: dict[tuple, tuple[int, int]], step: i
     for group in analysis.prunable_groups():
         channels, kept = final.get(source_names(group), (group.channels, group.channels))
         share = round(channels * (kept / channels) ** (step / steps)) if step < steps else kept
-        counts[group.index] = int(np.clip(round_keep(share, channels, round_to, group.width), kept, group.channels))
+        counts[group.index] = int(np.clip(round_keep(share, channels, group_round_to(round_to, group.index), group.width), kept, group.channels))
     return counts
 
 

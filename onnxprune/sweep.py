@@ -19,10 +19,11 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import replace
+from pathlib import Path
 
 from .baseline import prepare
 from .cluster import ray_map
-from .config import PruneConfig, check_filters
+from .config import PruneConfig, check_filters, latency_wanted
 from .errors import NothingToPrune, UsageError
 from .io import EXTERNAL_DATA_THRESHOLD
 from .pipeline import prune
@@ -30,6 +31,7 @@ from .progress import bar
 from .plan import Plan
 from .report import measured_on, report_header
 from .validate.compare import worst_channel
+from .workdir import temp_folder
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,13 @@ def settings_grid(filters: list | None, ranks: list | None = None) -> list[dict]
 
 def sweep(model, config: PruneConfig, settings: list[dict], sensitivity: bool = True, ray: str | None = None) -> dict:
     """Prune `model` at every setting (overrides of `config`); the sweep table as plain data. With `ray`
-    (a cluster's address, or 'auto'), the settings run as tasks on a Ray cluster (`cluster.ray_map`)."""
+    (a cluster's address, or 'auto'), the settings run as tasks on a Ray cluster (`cluster.ray_map`). A
+    latency model (--round-to auto) is measured once and its fits reused by every setting: from
+    `config.latency_cache`, else a file that lasts the sweep."""
+    if latency_wanted(config) and config.latency_cache is None:
+        with temp_folder("sweep-") as directory:
+            return sweep(model, replace(config, latency_cache=Path(directory) / "sweep.latency.json"), settings,
+                         sensitivity, ray)
     checks_off = {"gates": None, "mobile": False, "plan": None}
     config = replace(config, **checks_off)
     baseline = prepare(model, replace(config, **settings[0]))  # a swept --rank fits the data too
@@ -103,7 +111,7 @@ def run_setting(shared: tuple, setting: dict, runs=None) -> dict:
     if sensitivity:
         groups = _pruned_groups(result.plan)
         runs.total += len(groups)
-        alone = replace(config, **setting, latency=None)
+        alone = replace(config, **setting, latency=None, round_to=None)  # a plan: no rounding, no timing
         for gp in groups:
             single = prune(baseline, replace(alone, plan=Plan([gp])))
             points.append((_curve(gp, result.report), {**setting, "channels_after": len(gp.keep),

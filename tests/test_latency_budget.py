@@ -5,6 +5,7 @@ bench/'s)."""
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +48,17 @@ def fake_ms(model) -> float:
 FULL_MS = fake_ms(onnx.load(str(MNIST)))
 
 
+STEPS = {}  # layer name -> the channel step of its synthetic timings, when not 8
+
+
 def fake_fit(layer, threads):
-    """Synthetic timings in which all of every layer's 1 ms scales with its channels, in steps of 8: the
-    model predicts more saved than `fake_ms` measures."""
+    """Synthetic timings in which all of every layer's 1 ms scales with its channels, in steps of 8 (or
+    `STEPS`): the model predicts more saved than `fake_ms` measures."""
     k_in, k_out = lm.sample_counts(layer.c_in, layer.c_out)
-    p_in, p_out = np.ceil(k_in / 8) * 8 / layer.c_in, np.ceil(k_out / 8) * 8 / layer.c_out
-    return lm.fit_layer(layer.name, layer.c_in, layer.c_out, k_in, k_out, p_in * p_out)
+    step = STEPS.get(layer.name, 8)
+    p_in, p_out = np.ceil(k_in / step) * step / layer.c_in, np.ceil(k_out / step) * step / layer.c_out
+    cost = 1.0 if layer.name in ORIGINAL else 0.0  # the Gemm head costs nothing in `fake_ms`
+    return lm.fit_layer(layer.name, layer.c_in, layer.c_out, k_in, k_out, cost * p_in * p_out)
 
 
 @pytest.fixture
@@ -74,7 +80,7 @@ def fake_timer(monkeypatch):
     monkeypatch.setattr(speed, "layer_fits", fits)
     monkeypatch.setattr(speed, "compare_latency", compare)
     monkeypatch.setattr(result_module, "compare_latency", compare)
-    monkeypatch.setattr(speed, "time_runs", lambda sessions, feed, config: {
+    monkeypatch.setattr(speed, "time_runs", lambda sessions, feed, config, clock=None: {
         name: np.full(3, (FULL_MS) / 1e3) for name in sessions})
     return calls
 
@@ -89,7 +95,8 @@ def test_the_rounds_tighten_until_the_measured_speedup_is_met(fake_timer):
     assert len(rounds) <= speed.ROUNDS
     assert rounds[1]["limit_ms"] < rounds[0]["predicted_ms"]
     assert latency["speedup"] >= 1.5 / within
-    assert latency["prediction_error"] == pytest.approx(latency["predicted_ms"] / latency["after"]["median_ms"] - 1)
+    measured_share = latency["after"]["median_ms"] / latency["before"]["median_ms"]
+    assert latency["prediction_error"] == pytest.approx(latency["predicted_ms"] / latency["model_original_ms"] / measured_share - 1)
     assert report["scoring"]["budget"]["unit"] == "ms"
 
 
@@ -111,6 +118,19 @@ def test_a_result_much_faster_than_the_goal_is_loosened_and_the_slowest_that_met
     met = [r["measured_ms"] for r in rounds if r["measured_ms"] <= r["target_ms"] * (1 + speed.TOLERANCE)]
     assert latency["met"] and rounds[latency["chosen_round"]]["measured_ms"] == max(met)
     assert latency["after"]["median_ms"] == max(met)
+
+
+def test_the_chosen_round_s_cut_model_is_the_result_not_cut_again(fake_timer, monkeypatch):
+    import onnxprune.pipeline as pipeline
+
+    cuts = []
+    original_rewrite = speed.rewrite_channels
+    monkeypatch.setattr(speed, "rewrite_channels", lambda *a: cuts.append(original_rewrite(*a)) or cuts[-1])
+    monkeypatch.setattr(pipeline, "rewrite_channels", lambda *a: pytest.fail("the chosen round was cut again"))
+    result = prune(str(MNIST), PruneConfig(scorer="l1", round_to=1, target_speedup=1.25, recover="none"))
+    chosen = cuts[result.report["latency"]["chosen_round"]][0]
+    assert conv_widths(result.model) == conv_widths(chosen)
+    assert fake_ms(result.model) == result.report["latency"]["after"]["median_ms"]
 
 
 def test_a_target_latency_in_ms_is_met_with_the_ratio_scorer_too(fake_timer):
@@ -161,6 +181,9 @@ def test_a_failed_gate_writes_no_latency_cache_either(fake_timer, tmp_path):
     (dict(target_speedup=2.0, filters=0.3), "--filters"),
     (dict(target_speedup=2.0, steps=2), "--steps"),
     (dict(predict_latency=True, steps=2), "one step"),
+    (dict(round_to="auto", steps=2), "one step"),
+    (dict(round_to="eight"), "auto"),
+    (dict(round_to=0), "positive"),
 ])
 def test_latency_options_that_clash_are_refused_before_any_work(options, message):
     with pytest.raises(UsageError, match=message):
@@ -182,3 +205,70 @@ def test_the_cli_refuses_clashing_latency_options_with_exit_2(tmp_path):
                                        "--target-speedup", "2"])
     assert result.exit_code == 2, result.output
     assert "give one" in result.output and list(tmp_path.iterdir()) == []
+
+
+def test_round_to_auto_keeps_the_multiple_the_timings_step_at(fake_timer, tmp_path, monkeypatch):
+    """layer3/conv1 steps at 16, the others at 8: its 64 output channels are kept in sixteens (39 of 64 -> 32,
+    not 40), the others in eights; the fits are cached like a latency target's."""
+    monkeypatch.setitem(STEPS, "/layer3/conv1/Conv", 16)
+    out, report, plan = tmp_path / "out.onnx", tmp_path / "r.json", tmp_path / "plan.json"
+    result = CliRunner().invoke(main, [str(MNIST), str(out), "--filters", "0.4", "--scorer", "l1", "--round-to", "auto",
+                                       "--report", str(report), "--plan-out", str(plan)])
+    assert result.exit_code == 0, result.output
+    written = json.loads(report.read_text())
+    kept = {tuple(g["sources"]): len(g["keep"]) for g in json.loads(plan.read_text())["groups"]}
+    assert kept[("/layer3/conv1/Conv",)] == 32 and kept[("/layer2/conv1/Conv",)] == 16  # 32 - 12 = 20 -> 16
+    assert written["config"]["round_to"] == "auto" and written["latency"]["round_to"] == {"8": 4, "16": 2}
+    assert "round-to  auto: groups rounded to the measured multiple: 4 at 8, 2 at 16" in result.output
+    assert (tmp_path / "out.latency.json").exists() and fake_timer["layers"] > 0
+    result = CliRunner().invoke(main, [str(MNIST), str(out), "--round-to", "sixteen"])
+    assert result.exit_code == 2 and "neither a positive number" in result.output
+
+
+def test_a_sweep_measures_the_latency_model_once_and_reuses_the_cache_beside_its_report(fake_timer, tmp_path):
+    args = ["sweep", str(MNIST), "--filters", "0.3,0.5", "--scorer", "l1", "--round-to", "auto", "--no-sensitivity"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    once = fake_timer["layers"]
+    assert once == len(lm.timed_layers(analyze(MNIST)))
+    assert not list(Path(tempfile.gettempdir()).glob("onnxprune-sweep-*"))  # the sweep's own cache is gone
+    report = tmp_path / "sweep.json"
+    result = CliRunner().invoke(main, args + ["--report", str(report)])
+    assert result.exit_code == 0 and fake_timer["layers"] == 2 * once
+    assert (tmp_path / "sweep.latency.json").exists()
+    result = CliRunner().invoke(main, args + ["--report", str(report)])
+    assert result.exit_code == 0 and fake_timer["layers"] == 2 * once  # the cache beside the report
+    assert all(row["speedup"] is not None for row in json.loads(report.read_text())["settings"])
+
+
+def analyze(path):
+    from onnxprune.loading import load
+    from onnxprune.stages import analyze_model
+
+    return analyze_model(load(str(path), {}))
+
+
+def test_a_target_predicted_out_of_reach_is_measured_before_it_is_refused(fake_timer, monkeypatch):
+    """The original measured at 3x its compared time (a loaded machine): the fits' savings predict at most
+    1.4x, the cut floor measures 2.5x, so 2x is met in the rounds."""
+    monkeypatch.setattr(speed, "time_runs", lambda sessions, feed, config, clock=None: {
+        name: np.full(3, 3 * FULL_MS / 1e3) for name in sessions})
+    latency = prune(str(MNIST), PruneConfig(scorer="l1", target_speedup=2.0, recover="none")).report["latency"]
+    first = latency["rounds"][0]
+    assert first["predicted_ms"] > first["limit_ms"]  # the floor, predicted short of the goal
+    assert latency["met"] and latency["speedup"] >= 2.0 / (1 + speed.TOLERANCE)
+
+
+def test_a_target_in_wall_ms_is_brought_to_the_model_s_cpu_clock(fake_timer, monkeypatch):
+    """At one thread the model's times are CPU time: on a machine where the original's wall time is twice
+    its CPU time, --target-latency's first allocation aims at half the milliseconds asked."""
+    import time
+
+    def runs(sessions, feed, config, clock=time.perf_counter):
+        wall = clock is time.perf_counter
+        return {name: np.full(3, (2 if wall else 1) * FULL_MS / 1e3) for name in sessions}
+
+    monkeypatch.setattr(speed, "time_runs", runs)
+    latency = prune(str(MNIST), PruneConfig(scorer="l1", target_latency=8.0)).report["latency"]
+    assert latency["model_original_ms"] == pytest.approx(FULL_MS)
+    assert latency["rounds"][0]["limit_ms"] == pytest.approx(4.0)

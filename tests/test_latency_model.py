@@ -56,7 +56,7 @@ def mnist():
 
 def test_a_layer_alone_runs_at_other_channel_counts(mnist):
     layers = lm.timed_layers(mnist)
-    assert len(layers) >= 6 and all(layer.op == "Conv" for layer in layers)
+    assert len(layers) >= 7 and {layer.op for layer in layers} == {"Conv", "Gemm"}  # the head reads pruned channels
     layer = max(layers, key=lambda layer: layer.c_in)
     model = lm.layer_model(layer, layer.c_in // 2, 5)
     shape = list(layer.input_shape)
@@ -71,9 +71,9 @@ class CountingTimer:
 
     def __call__(self, layer, threads):
         self.calls += 1
-        k_in, k_out = lm.sample_counts(layer.c_in, layer.c_out)
+        k_in, k_out = lm.sample_counts(layer.c_in, layer.c_out, layer.kind)
         return lm.fit_layer(layer.name, layer.c_in, layer.c_out, k_in, k_out,
-                            synthetic_ms(k_in, k_out, layer.c_in, layer.c_out, 1) * threads)
+                            synthetic_ms(k_in, k_out, layer.c_in, layer.c_out, 1) * threads, layer.kind)
 
 
 def test_the_cache_is_reused_only_for_the_same_layers_shapes_and_threads(mnist, tmp_path):
@@ -109,7 +109,9 @@ def test_the_prediction_replaces_each_layer_s_time_at_full_size(mnist):
     assert predictor.ms(full) == pytest.approx(10.0)
     half = {g: c // 2 for g, c in full.items()}
     stem_in = {f.name: f.c_in if f.c_in == 1 else f.c_in / 2 for f in fits}  # the stem reads the image
-    expected = 10.0 + sum(float(f.predict(stem_in[f.name], f.c_out / 2) - f.predict(f.c_in, f.c_out)) for f in fits)
+    head = {layer.name for layer in layers if layer.op == "Gemm"}  # writes the classes, which stay
+    out = {f.name: f.c_out if f.name in head else f.c_out / 2 for f in fits}
+    expected = 10.0 + sum(float(f.predict(stem_in[f.name], out[f.name]) - f.predict(f.c_in, f.c_out)) for f in fits)
     assert predictor.ms(half) == pytest.approx(expected) and predictor.ms(half) < 10.0
 
 
@@ -129,3 +131,63 @@ def test_unnamed_nodes_are_predicted_as_named_ones():
         predictions.append((len(predictor.fits), predictor.ms(half)))
     assert predictions[1][0] == predictions[0][0] > 0
     assert predictions[1][1] == pytest.approx(predictions[0][1])
+
+
+def stepped_fit(layer, steps: dict):
+    """A fit of synthetic timings stepping at `steps[layer.name]` channels (1: none)."""
+    k_in, k_out = lm.sample_counts(layer.c_in, layer.c_out)
+    multiple = steps.get(layer.name, 1)
+    return lm.fit_layer(layer.name, layer.c_in, layer.c_out, k_in, k_out,
+                        synthetic_ms(k_in, k_out, layer.c_in, layer.c_out, multiple))
+
+
+def test_round_to_auto_takes_the_multiple_a_layer_s_timings_step_at(mnist):
+    """layer3/conv1 steps at 16: the groups it reads (32 channels) and writes (64) are rounded to 16; the
+    groups only step-free layers touch to 1; a step of 4 allows 4."""
+    sources = {g.index: {s.node.name for s in g.sources} for g in mnist.prunable_groups()}
+    by_source = {name: g for g, names in sources.items() for name in names}
+    written, read = by_source["/layer3/conv1/Conv"], by_source["/layer2/conv2/Conv"]
+    for step, expected in ((16, 16), (4, 4)):
+        fits = [stepped_fit(layer, {"/layer3/conv1/Conv": step}) for layer in lm.timed_layers(mnist)]
+        multiples = LatencyPredictor.build(CostModel.build(mnist), fits, original_ms=10.0).favoured_multiples()
+        assert multiples[written] == multiples[read] == expected
+        assert all(m == 1 for g, m in multiples.items() if g not in (written, read))
+
+
+@pytest.mark.parametrize("builder, kinds", [
+    ("depthwise", {"dense", "depthwise"}),
+    ("lstm_states_peepholes", {"dense", "recurrent"}),
+    ("lstm_bidirectional_stacked", {"dense", "recurrent"}),
+])
+def test_depthwise_and_recurrent_layers_are_timed_alone_and_predicted(builder, kinds):
+    from tests.ops import test_conv, test_recurrent
+
+    model = {**test_conv.BUILDERS, **test_recurrent.BUILDERS}[builder]()
+    analysis = analyze_model(load(model, {}))
+    layers = lm.timed_layers(analysis)
+    assert {layer.kind for layer in layers} == kinds
+    for layer in layers:
+        k_in, k_out = lm.sample_counts(layer.c_in, layer.c_out, layer.kind)
+        for a, b in zip(k_in[:3], k_out[:3]):
+            feed = {"x": np.ones(layer.input_shape_at(int(a)), np.float32)}
+            y = session(lm.layer_model(layer, int(a), int(b))).run(None, feed)[0]
+            assert y.shape[{"Conv": 1, "LSTM": 3}.get(layer.op, -1)] == b
+    fits = [CountingTimer()(layer, 1) for layer in layers]
+    predictor = LatencyPredictor.build(CostModel.build(analysis), fits, original_ms=10.0)
+    assert len(predictor.fits) == len(layers)
+    full = {g.index: g.channels for g in analysis.prunable_groups()}
+    for fit in (f for f in fits if f.kind != "dense"):  # its prediction moves with its channels
+        group = next(g for g, c in full.items() if c == fit.c_out)
+        alone = LatencyPredictor.build(CostModel.build(analysis), [fit], original_ms=10.0)
+        assert alone.ms({**full, group: full[group] // 2}) < 10.0 == alone.ms(full)
+
+
+def test_a_recurrent_fit_has_the_units_twice():
+    k_in, k_out = lm.sample_counts(64, 96, "recurrent")
+    ms = 0.1 + 1.0 * (k_in / 64) * (k_out / 96) + 0.5 * (k_out / 96) ** 2
+    fit = lm.fit_layer("lstm", 64, 96, k_in, k_out, ms, "recurrent")
+    np.testing.assert_allclose(fit.predict(np.array([20, 64]), np.array([33, 50])),
+                               0.1 + np.array([20 / 64 * 33 / 96, 50 / 96]) + 0.5 * np.array([33, 50]) ** 2 / 96 ** 2,
+                               rtol=1e-6)
+    k, same = lm.sample_counts(32, 32, "depthwise")
+    assert (k == same).all() and len(k) >= 6  # a depthwise layer's outputs follow its inputs

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import Handler, WeightLayout, attr, const_input, has_input, register, text, window_problem
+from .base import Handler, WeightLayout, const_input, has_input, register, text, window_problem
 
 
 @register("Conv", "ConvTranspose")

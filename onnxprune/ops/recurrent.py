@@ -127,6 +127,12 @@ class RecurrentHandler(Handler):
         """Rows per batch item: the steps of X [steps, batch, features]."""
         return int(x_shape[0])
 
+    def timing_sides(self, node):
+        """X [steps, batch, features] -> hidden units; the recurrence multiplies units by units."""
+        if self._refusal(node) is not None:
+            return None
+        return 2, int(node.inputs[1].values.shape[2]), int(attr(node, "hidden_size")), "recurrent"
+
     def cost_parts(self, node):
         """The input product scales with the features and the units, the recurrent one with the units twice."""
         w, r = (node.inputs[i].values.size for i in (1, 2))

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..allocate import round_keep
+from ..allocate import group_round_to, round_keep
 from ..calib.capture import stream_activations
 from ..calib.data import held_out
 from ..calib.stats import capture_batch_size
@@ -295,7 +295,7 @@ class ObsStats(Allocation):
         full = target.measure(channels)
         smooth = target.smooth or target.measure  # a stepped measure (ms) may save nothing for one channel
         saving = {g: max(smooth(channels) - smooth({**channels, g: channels[g] - 1}), 1e-12) for g in curved}
-        choices = {g: keep_choices(channels[g], round_to, widths[g]) for g in curved}
+        choices = {g: keep_choices(channels[g], group_round_to(round_to, g), widths[g]) for g in curved}
 
         def counts_at(log_price: float) -> dict[int, int]:
             counts = dict(channels)

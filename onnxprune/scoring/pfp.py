@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..allocate import ensure_nonempty, round_keep
+from ..allocate import ensure_nonempty, group_round_to, round_keep
 from ..calib.capture import stream_activations
 from ..calib.stats import capture_batch_size
 from ..errors import UsageError
@@ -153,8 +153,8 @@ def pfp_groups(analysis, scores: dict[int, np.ndarray], stats: PFPStats) -> list
 
 def counts_for_eps(groups: list[PFPGroup], eps: float, channels: dict[int, int], widths: dict[int, int],
                    round_to) -> dict[int, int]:
-    return {g.index: round_keep(keep_for_eps(eps, g.probabilities, g.alpha, g.total), channels[g.index], round_to,
-                                widths[g.index])
+    return {g.index: round_keep(keep_for_eps(eps, g.probabilities, g.alpha, g.total), channels[g.index],
+                                group_round_to(round_to, g.index), widths[g.index])
             for g in groups}
 
 

@@ -30,8 +30,15 @@ def latency_session(model, threads: int):
     return session(model, threads=threads, timed=True)
 
 
-def time_runs(sessions: dict, feed: dict, config: LatencyConfig) -> dict[str, np.ndarray]:
-    """Seconds per run for each session, runs interleaved across the sessions after the warm-up."""
+def model_clock(threads: int):
+    """The clock the latency model times with: at one thread, onnxruntime runs on the calling thread, and its
+    CPU time is what the run costs however loaded the machine (a loaded machine preempts a whole model's
+    run but not a layer's short one, so wall medians do not add up); at several threads, wall time."""
+    return time.thread_time if threads == 1 else time.perf_counter
+
+
+def time_runs(sessions: dict, feed: dict, config: LatencyConfig, clock=time.perf_counter) -> dict[str, np.ndarray]:
+    """Seconds per run for each session (on `clock`), runs interleaved across the sessions after the warm-up."""
     outputs = {name: [o.name for o in sess.get_outputs()] for name, sess in sessions.items()}
     for _ in range(config.warmup):
         for name, sess in sessions.items():
@@ -39,9 +46,9 @@ def time_runs(sessions: dict, feed: dict, config: LatencyConfig) -> dict[str, np
     times = {name: np.empty(config.runs) for name in sessions}
     for i in range(config.runs):
         for name, sess in sessions.items():
-            start = time.perf_counter()
+            start = clock()
             sess.run(outputs[name], feed)
-            times[name][i] = time.perf_counter() - start
+            times[name][i] = clock() - start
     return times
 
 

@@ -1,13 +1,17 @@
 """A measured latency model: each prunable layer's onnxruntime CPU time as a function of its kept input and
 output channels, fitted to timings of the layer alone.
 
-Each Conv/Gemm/MatMul with a constant weight (one group, not transposed) is built as a one-node model at
-the analysed input shape and timed (`LatencyConfig`-style interleaved runs, median) at a few channel
+Each layer that reads or writes prunable channels and that its op handler can time alone
+(`Handler.timing_sides`: Conv/Gemm/MatMul with a constant weight, one group or depthwise; LSTM/GRU/RNN)
+is built as a one-node model at the analysed input shape, random weights, its handler's `rewrite` slicing
+it to the first k channels, and timed (`LatencyConfig`-style interleaved runs, median) at a few channel
 counts: all, and for each side at a multiple of 8 below 3/4 of the channels and one channel fewer, at
 one below 1/2 and 1, 5 and 9 channels fewer (which tells steps of 4, 8 and 16 apart), plus both sides at
-half. The fit (`fit_layer`) is, for the multiple m among `MULTIPLES` that fits
-best, time = a + b pin pout + c pin + d pout, with pin = ceil(k_in / m) m / C_in (pout likewise): the
-product term is compute, the single terms memory traffic, and m the step at which the kernels change.
+half (a depthwise layer: those counts on its one side). The fit (`fit_layer`) is, for the multiple m
+among `MULTIPLES` that fits best, time = a + b pin pout + c pin + d pout, with pin = ceil(k_in / m) m /
+C_in (pout likewise): the product term is compute, the single terms memory traffic, and m the step at
+which the kernels change. A recurrent layer has c pout^2 (the recurrence) in place of c pin; a depthwise
+one is a + b pout (its input channels are its output channels).
 
 Fits are cached in a JSON file (`LatencyCache`) keyed by the layers (names, shapes, attributes), the
 thread count and the machine, so a `--plan-in` run or a sweep beside the same output reuses them and a
@@ -25,55 +29,60 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
+import onnx_graphsurgeon as gs
 
-from ..ops import weighted
+from ..ops import handler_for
 from ..workdir import staging_path
-from .latency import LatencyConfig, latency_session, summarize, time_runs
+from .latency import LatencyConfig, latency_session, model_clock, summarize, time_runs
 
 MULTIPLES = (1, 4, 8, 16, 32)
 TIMING = LatencyConfig(runs=7, warmup=2)
-CACHE_VERSION = 1
-TIMED_OPS = ("Conv", "Gemm", "MatMul")
+CACHE_VERSION = 2
+KINDS = ("dense", "depthwise", "recurrent")  # Handler.timing_sides
 
 
 @dataclass(frozen=True)
 class LayerFit:
-    """One layer's time in ms: `coef` . [1, pin pout, pin, pout] at step `multiple` (see the module docstring)."""
+    """One layer's time in ms: `coef` . `features` at step `multiple` (see the module docstring)."""
 
     name: str
     c_in: int
     c_out: int
     multiple: int
     coef: tuple[float, float, float, float]
+    kind: str = "dense"
 
     def predict(self, k_in, k_out) -> np.ndarray:
-        return features(k_in, k_out, self.c_in, self.c_out, self.multiple) @ np.asarray(self.coef)
+        return features(k_in, k_out, self.c_in, self.c_out, self.multiple, self.kind) @ np.asarray(self.coef)
 
 
-def features(k_in, k_out, c_in: int, c_out: int, multiple: int) -> np.ndarray:
-    """[points, 4]: 1, pin pout, pin, pout with the kept counts padded up to `multiple`."""
+def features(k_in, k_out, c_in: int, c_out: int, multiple: int, kind: str = "dense") -> np.ndarray:
+    """[points, 4] with the kept counts padded up to `multiple`: 1, pin pout, pin, pout (a recurrent layer:
+    pout^2 for pin; a depthwise one: 1, pout, 0, 0)."""
     p_in = np.minimum(np.ceil(np.asarray(k_in, dtype=np.float64) / multiple) * multiple, c_in) / c_in
     p_out = np.minimum(np.ceil(np.asarray(k_out, dtype=np.float64) / multiple) * multiple, c_out) / c_out
     p_in, p_out = np.broadcast_arrays(p_in, p_out)
-    return np.stack([np.ones_like(p_in), p_in * p_out, p_in, p_out], axis=-1)
+    if kind == "depthwise":
+        return np.stack([np.ones_like(p_out), p_out, np.zeros_like(p_out), np.zeros_like(p_out)], axis=-1)
+    single = p_out * p_out if kind == "recurrent" else p_in
+    return np.stack([np.ones_like(p_in), p_in * p_out, single, p_out], axis=-1)
 
 
-def fit_layer(name: str, c_in: int, c_out: int, k_in, k_out, ms) -> LayerFit:
+def fit_layer(name: str, c_in: int, c_out: int, k_in, k_out, ms, kind: str = "dense") -> LayerFit:
     """The least-squares fit of the multiple in `MULTIPLES` (up to the smaller side) with the smallest
     residual; a larger multiple must cut it by a tenth to be chosen over a smaller one."""
     ms = np.asarray(ms, dtype=np.float64)
     best = None
     for multiple in (m for m in MULTIPLES if m <= max(1, min(c_in, c_out))):
-        x = features(k_in, k_out, c_in, c_out, multiple)
+        x = features(k_in, k_out, c_in, c_out, multiple, kind)
         coef = np.linalg.lstsq(x, ms, rcond=None)[0]
         residual = float(np.sum((x @ coef - ms) ** 2))
         if best is None or residual < 0.9 * best[0]:
             best = (residual, multiple, coef)
-    return LayerFit(name, int(c_in), int(c_out), best[1], tuple(float(c) for c in best[2]))
+    return LayerFit(name, int(c_in), int(c_out), best[1], tuple(float(c) for c in best[2]), kind)
 
 
-def sample_counts(c_in: int, c_out: int) -> tuple[np.ndarray, np.ndarray]:
+def sample_counts(c_in: int, c_out: int, kind: str = "dense") -> tuple[np.ndarray, np.ndarray]:
     """(k_in, k_out) at which a layer is timed: see the module docstring."""
     points = {(c_in, c_out), (max(1, c_in // 2), max(1, c_out // 2))}
     for fraction, below in ((0.75, (0, 1)), (0.5, (0, 1, 5, 9))):
@@ -82,6 +91,9 @@ def sample_counts(c_in: int, c_out: int) -> tuple[np.ndarray, np.ndarray]:
             for kept in {max(1, k - d) for d in below}:
                 points.add((kept, c_out) if side == 0 else (c_in, kept))
     k_in, k_out = np.array(sorted(points)).T
+    if kind == "depthwise":  # one side: output channels are the input's
+        k_in = np.unique(np.concatenate([k_in, k_out]))
+        k_out = k_in * c_out // c_in
     return k_in, k_out
 
 
@@ -96,20 +108,16 @@ class TimedLayer:
     op: str
     attrs: dict
     input_shape: tuple
-    weight_shape: tuple
+    constants: tuple  # per input after the first: (shape, dtype name) of a constant, None when omitted
+    outputs: tuple  # per output: whether it is produced (named)
     data_axis: int
-    in_axis: int
-    out_axis: int
-    bias: bool
+    c_out: int
+    kind: str  # KINDS
     opset: int
 
     @property
     def c_in(self) -> int:
         return self.input_shape[self.data_axis]
-
-    @property
-    def c_out(self) -> int:
-        return self.weight_shape[self.out_axis]
 
     def input_shape_at(self, k_in: int) -> list:
         """The input's shape with `k_in` channels."""
@@ -119,54 +127,79 @@ class TimedLayer:
 
     def key(self) -> list:
         return [self.name, self.op, sorted((k, repr(v)) for k, v in self.attrs.items()), list(self.input_shape),
-                list(self.weight_shape)]
+                [None if c is None else [list(c[0]), c[1]] for c in self.constants], list(self.outputs), self.kind]
 
 
 def timed_layer(node, shapes: dict, opset: int) -> TimedLayer | None:
     """The layer of a graphsurgeon node when it can be timed alone (see the module docstring), else None."""
-    if node.op not in TIMED_OPS or len(node.inputs) < 2 or not hasattr(node.inputs[1], "values"):
+    handler = handler_for(node.op)
+    shape = shapes.get(node.inputs[0].name) if node.inputs else None
+    sides = handler.timing_sides(node) if handler is not None else None
+    if sides is None or shape is None or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
         return None
-    shape = shapes.get(node.inputs[0].name)
-    found = weighted(node.op, node.attrs, node.inputs[1].shape)
-    if found is None or shape is None or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
+    if any(t.name and not isinstance(t, gs.Constant) for t in node.inputs[1:]):
+        return None  # a computed operand: not a layer alone
+    axis, c_in, c_out, kind = sides
+    data_axis = axis % len(shape)
+    if shape[data_axis] != c_in:
         return None
-    layout = found[1]
-    if layout.groups != 1 or layout.transposed or len(layout.shape) < 2:
-        return None
-    data_axis = layout.data_axis % len(shape)
-    if shape[data_axis] != layout.in_channels:
-        return None
-    return TimedLayer(layer_label(node), node.op, dict(node.attrs), tuple(int(d) for d in shape), tuple(layout.shape),
-                      data_axis, layout.in_axis % len(layout.shape), layout.out_axis % len(layout.shape),
-                      len(node.inputs) > 2, opset)
+    constants = tuple((tuple(t.values.shape), t.values.dtype.name) if t.name else None for t in node.inputs[1:])
+    return TimedLayer(layer_label(node), node.op, dict(node.attrs), tuple(int(d) for d in shape), constants,
+                      tuple(bool(t.name) for t in node.outputs), data_axis, int(c_out), kind, opset)
+
+
+class AloneRewrite:
+    """What a handler's `rewrite` sees when a layer alone keeps the first channels of its input and outputs."""
+
+    def __init__(self, masks: dict[str, np.ndarray]):
+        self.masks = masks
+
+    def mask(self, tensor) -> np.ndarray | None:
+        return self.masks.get(tensor.name)
+
+    @staticmethod
+    def is_source(node) -> bool:
+        return True
+
+    @staticmethod
+    def set_input(node, index: int, values: np.ndarray) -> None:
+        node.inputs[index] = gs.Constant(node.inputs[index].name, np.ascontiguousarray(values))
+
+    @staticmethod
+    def set_attr(node, name: str, value) -> None:
+        node.attrs[name] = value
 
 
 def layer_model(layer: TimedLayer, k_in: int, k_out: int) -> onnx.ModelProto:
-    """The layer alone with `k_in` input and `k_out` output channels, random weights."""
+    """The layer alone with `k_in` input and `k_out` output channels (a depthwise layer: k_in, and the
+    outputs that follow them), random weights sliced by its handler's `rewrite`."""
     rng = np.random.default_rng(0)
-    weight_shape = list(layer.weight_shape)
-    weight_shape[layer.in_axis], weight_shape[layer.out_axis] = k_in, k_out
-    inits = [onnx.numpy_helper.from_array(rng.standard_normal(weight_shape).astype(np.float32), "w")]
-    if layer.bias:
-        inits.append(onnx.numpy_helper.from_array(rng.standard_normal(k_out).astype(np.float32), "b"))
-    node = helper.make_node(layer.op, ["x", "w", "b"][:len(inits) + 1], ["y"], **layer.attrs)
-    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, layer.input_shape_at(k_in))
-    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
-    graph = helper.make_graph([node], "layer", [x], [y], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", layer.opset)])
+    x = gs.Variable("x", np.float32, layer.input_shape_at(k_in))
+    inputs = [x] + [gs.Variable("") if c is None else
+                    gs.Constant(f"c{i}", rng.standard_normal(c[0]).astype(c[1]) if c[0] else np.zeros(c[0], c[1]))
+                    for i, c in enumerate(layer.constants, 1)]
+    outputs = [gs.Variable(f"y{i}" if made else "", np.float32) for i, made in enumerate(layer.outputs)]
+    node = gs.Node(layer.op, "layer", dict(layer.attrs), inputs, outputs)
+    kept_in = np.arange(layer.c_in) < k_in
+    kept_out = np.repeat(kept_in, layer.c_out // layer.c_in) if layer.kind == "depthwise" \
+        else np.arange(layer.c_out) < k_out
+    masks = {"x": kept_in, **{t.name: kept_out for t in outputs if t.name}}
+    handler_for(layer.op).rewrite(node, AloneRewrite(masks))
+    graph = gs.Graph(nodes=[node], inputs=[x], outputs=[t for t in outputs if t.name], opset=layer.opset)
+    return gs.export_onnx(graph)
 
 
 def time_layer(layer: TimedLayer, threads: int, timing: LatencyConfig = TIMING) -> LayerFit:
     """Time `layer` alone at `sample_counts` and fit it."""
-    k_in, k_out = sample_counts(layer.c_in, layer.c_out)
+    k_in, k_out = sample_counts(layer.c_in, layer.c_out, layer.kind)
     rng = np.random.default_rng(0)
     ms = []
     for a, b in zip(k_in, k_out):
         model = layer_model(layer, int(a), int(b))
         feed = {"x": rng.standard_normal(layer.input_shape_at(int(a))).astype(np.float32)}
-        seconds = time_runs({"layer": latency_session(model, threads)}, feed, timing)["layer"]
+        seconds = time_runs({"layer": latency_session(model, threads)}, feed, timing, model_clock(threads))["layer"]
         ms.append(summarize(seconds)["median_ms"])
-    return fit_layer(layer.name, layer.c_in, layer.c_out, k_in, k_out, ms)
+    return fit_layer(layer.name, layer.c_in, layer.c_out, k_in, k_out, ms, layer.kind)
 
 
 # ---------------------------------------------------------------- the cache
@@ -204,7 +237,7 @@ class LatencyCache:
         entry = self._entries().get(key)
         if entry is None:
             return None
-        return [LayerFit(f["name"], f["c_in"], f["c_out"], f["multiple"], tuple(f["coef"])) for f in entry]
+        return [LayerFit(f["name"], f["c_in"], f["c_out"], f["multiple"], tuple(f["coef"]), f["kind"]) for f in entry]
 
     def put(self, key: str, fits: list[LayerFit]) -> None:
         if self.path is None:
@@ -231,10 +264,15 @@ def layer_fits(layers: list[TimedLayer], threads: int, cache: LatencyCache, time
 
 
 def timed_layers(analysis) -> list[TimedLayer]:
-    """The layers of the analysed graph that create prunable channels and can be timed alone."""
-    sources = {id(s.node) for g in analysis.prunable_groups() for s in g.sources}
+    """The layers of the analysed graph that read or write prunable channels and can be timed alone."""
+    prunable = {g.index for g in analysis.prunable_groups()}
+
+    def carries(tensor) -> bool:  # some of its channels belong to a prunable group
+        cmap = analysis.maps.get(tensor.name)
+        return cmap is not None and bool(np.isin(analysis.group_of[analysis.label[cmap.ids.ravel()]], list(prunable)).any())
+
     layers = [timed_layer(node, analysis.shapes, analysis.graph.opset) for node in analysis.graph.nodes
-              if id(node) in sources]
+              if node.inputs and node.outputs and (carries(node.inputs[0]) or carries(node.outputs[0]))]
     return [layer for layer in layers if layer is not None]
 
 
