@@ -242,3 +242,31 @@ def test_the_channel_gate_on_a_model_without_a_channel_axis_is_refused_before_an
     assert len(result.output.strip().splitlines()) == 1
     assert "--max-channel-error needs a floating-point output with a channel axis" in result.output
     assert "--output-axis NAME:AXIS" in result.output
+
+
+def test_an_output_with_its_batch_on_axis_1_is_joined_on_that_axis(tmp_path):
+    """CTC logits [steps, batch, classes]: the last, smaller batch differs on axis 1 (it was a ValueError, exit 4)."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name) for name, shape in
+             (("w1", (8, 3, 3, 3)), ("b1", (8,)), ("w2", (5, 8, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2"),
+             helper.make_node("ReduceMean", ["c2"], ["m"], axes=[2], keepdims=0, name="pool"),  # [N, 5, T]
+             helper.make_node("Transpose", ["m"], ["y"], perm=[2, 0, 1], name="to_steps_first")]  # [T, N, 5]
+    graph = helper.make_graph(nodes, "ctc", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 4, 6])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [6, "N", 5])], inits)
+    path = tmp_path / "ctc.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=rng.standard_normal((10, 3, 4, 6)).astype(np.float32))
+    from onnxprune.validate.compare import run_model
+
+    outputs = run_model(session(str(path)), CalibrationSet({"x": np.load(calib)["x"]}), 4)
+    assert outputs["y"].shape == (6, 10, 5)  # batches of 4, 4 and 2 lined up on axis 1
+    result = invoke(path, tmp_path / "out.onnx", "--filters", "0.5", "--calib", calib, "--calib-batch", "4",
+                    "--output-axis", "y:2")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out.onnx").exists()

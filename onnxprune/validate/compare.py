@@ -4,20 +4,31 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import ModelError, UsageError
 from ..progress import bar
 
 WORST_CHANNELS = 5  # channels each output lists in the report, worst first
 
 
 def run_model(sess, calibration, batch_size: int, label: str = "onnxruntime run") -> dict[str, np.ndarray]:
-    """All outputs over all samples, concatenated on axis 0 (scalars stacked)."""
+    """All outputs over all samples, the batches joined on axis 0, or on the one axis whose size changes
+    from batch to batch (an output with its batch elsewhere, e.g. CTC logits [steps, batch, classes])."""
     names = [o.name for o in sess.get_outputs()]
     collected = {n: [] for n in names}
     for feed in bar(calibration.batches(batch_size), label, total=-(-calibration.count // batch_size)):
         for name, value in zip(names, sess.run(names, feed)):
             collected[name].append(np.atleast_1d(value))
-    return {n: np.concatenate(v) if v[0].ndim else np.stack(v) for n, v in collected.items()}
+    return {n: _joined(n, v) for n, v in collected.items()}
+
+
+def _joined(name: str, chunks: list[np.ndarray]) -> np.ndarray:
+    shapes = {c.shape for c in chunks}
+    ranks = {len(s) for s in shapes}
+    varying = [axis for axis in range(min(ranks)) if len({s[axis] for s in shapes}) > 1] if len(ranks) == 1 else None
+    if varying is None or len(varying) > 1:
+        raise ModelError(f"output '{name}' changes shape between batches in more than one axis ({sorted(shapes)}): "
+                         "its samples cannot be lined up; give --calib-batch 1, or cut the model before that output")
+    return np.concatenate(chunks, axis=varying[0] if varying else 0)
 
 
 def output_fidelity(reference: np.ndarray, result: np.ndarray, axis: int | None = None) -> dict:
