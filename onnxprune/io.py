@@ -88,7 +88,10 @@ def _map_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
         location = _location(tensor)
         file = (base_dir / location).resolve()
         fields = _external_fields(tensor)
-        offset, length = int(fields.get("offset", 0)), _tensor_nbytes(tensor)
+        offset, length = _whole_number(fields.get("offset", "0")), _tensor_nbytes(tensor)
+        if offset is None or "length" in fields and _whole_number(fields["length"]) is None:
+            raise ModelError(f"the external data of tensor '{tensor.name}' has an offset or length that is negative or not a "
+                             "number: the model file is corrupt or was edited; re-export it")
         if "length" in fields and int(fields["length"]) != length or offset + length > file.stat().st_size:
             raise ModelError(f"could not read the model's external data (tensor '{tensor.name}' lies outside "
                              f"'{location}' or has the wrong length): the data file is truncated or corrupt")
@@ -103,6 +106,11 @@ def _map_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
                 helpers.load_external_data_for_tensor(tensor, str(base_dir))
     except Exception as exc:
         raise ModelError(f"could not read the model's external data ({exc}): the data file is truncated or corrupt") from None
+
+
+def _whole_number(text: str) -> int | None:
+    """`text` as a non-negative integer (an external-data offset or length), or None."""
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def _check_location(tensor: onnx.TensorProto, base_dir: Path) -> None:

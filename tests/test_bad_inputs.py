@@ -193,3 +193,13 @@ def test_a_negative_seed_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="--seed -5"):
         prune(str(MODEL), PruneConfig(seed=-5))
     assert no_output_in(tmp_path)
+
+
+@pytest.mark.parametrize("key, value", [("offset", "abc"), ("offset", "-8"), ("length", "12x")])
+def test_an_external_data_offset_or_length_that_is_no_number_is_the_models_fault(tmp_path, key, value):
+    path = external_data_at(tmp_path, "ext.data")
+    model = onnx.load(str(path), load_external_data=False)
+    model.graph.initializer[0].external_data.add(key=key, value=value)
+    onnx.save(model, str(path))
+    assert_failed(run(path, tmp_path / "out.onnx"), 3, "negative or not a number", model.graph.initializer[0].name)
+    assert not (tmp_path / "out.onnx").exists()
