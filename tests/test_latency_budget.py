@@ -272,3 +272,18 @@ def test_a_target_in_wall_ms_is_brought_to_the_model_s_cpu_clock(fake_timer, mon
     latency = prune(str(MNIST), PruneConfig(scorer="l1", target_latency=8.0)).report["latency"]
     assert latency["model_original_ms"] == pytest.approx(FULL_MS)
     assert latency["rounds"][0]["limit_ms"] == pytest.approx(4.0)
+
+
+def test_a_ray_worker_without_the_drivers_cache_folder_keeps_its_fits_in_its_own_run_folder(fake_timer, tmp_path):
+    """`sweep --ray --round-to auto`: the sweep's latency cache is a file on the driver's machine; a worker
+    on another machine (here: the folder gone) measures and caches the fits in its own run folder."""
+    from onnxprune import workdir
+    from onnxprune.baseline import prepare
+    from onnxprune.sweep import run_setting
+
+    config = PruneConfig(scorer="l1", round_to="auto", latency_cache=tmp_path / "driver" / "sweep.latency.json")
+    outcome = run_setting((prepare(str(MNIST), config), config, False), {"filters": 0.3})
+    assert outcome["error"] is None and outcome["row"]["macs_kept"] < 1 and fake_timer["layers"] > 0
+    local = workdir.run_folder() / "sweep.latency.json"
+    assert local.exists() and not (tmp_path / "driver").exists()
+    local.unlink()
