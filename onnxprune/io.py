@@ -82,9 +82,13 @@ class ModelFile:
 
 def _map_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
     """Map every external initializer (see the module docstring) after checking that its file holds its
-    bytes; external tensors elsewhere (node attributes, subgraphs) are few and small: loaded."""
+    bytes; external tensors elsewhere (node attributes, subgraphs) are few and small: loaded. Every
+    external tensor's location is checked first, while none is mapped (absolute) yet."""
+    helpers = onnx.external_data_helper
+    for tensor in helpers._get_all_tensors(model):
+        if helpers.uses_external_data(tensor):
+            _check_location(tensor, base_dir)
     for tensor in _external_tensors(model):
-        _check_location(tensor, base_dir)
         location = _location(tensor)
         file = (base_dir / location).resolve()
         fields = _external_fields(tensor)
@@ -99,7 +103,6 @@ def _map_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
         for key, value in (("location", str(file)), ("offset", str(offset)), ("length", str(length))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
-    helpers = onnx.external_data_helper
     try:
         for tensor in helpers._get_all_tensors(model):  # what is not mapped
             if helpers.uses_external_data(tensor) and not mapped(tensor):

@@ -203,3 +203,25 @@ def test_an_external_data_offset_or_length_that_is_no_number_is_the_models_fault
     onnx.save(model, str(path))
     assert_failed(run(path, tmp_path / "out.onnx"), 3, "negative or not a number", model.graph.initializer[0].name)
     assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("where, phrase", [("absolute", "an absolute path"), ("outside", "outside the model's folder")])
+def test_a_constant_nodes_external_data_path_is_refused_like_a_weights(tmp_path, where, phrase):
+    """External data in a node attribute (a Constant's value) is checked as an initializer's is: an absolute
+    path is not taken for one of our memory maps, one outside the folder is not called a corrupt file."""
+    from onnx import TensorProto, helper
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "c.data").write_bytes(bytes(64 * 32 * 4))
+    location = str(tmp_path / "c.data") if where == "absolute" else "../c.data"
+    value = TensorProto(name="c", data_type=TensorProto.FLOAT, dims=[64, 32], data_location=TensorProto.EXTERNAL)
+    value.external_data.add(key="location", value=location)
+    graph = helper.make_graph([helper.make_node("Constant", [], ["w"], value=value),
+                               helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])])
+    path = tmp_path / "model" / "const.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    result = run(path, tmp_path / "out.onnx")
+    assert_failed(result, 3, f"is at '{location}', {phrase}")
+    assert "corrupt" not in result.output and not (tmp_path / "out.onnx").exists()
