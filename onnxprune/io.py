@@ -94,11 +94,12 @@ def _map_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
         fields = _external_fields(tensor)
         offset, length = _whole_number(fields.get("offset", "0")), _tensor_nbytes(tensor)
         if offset is None or "length" in fields and _whole_number(fields["length"]) is None:
-            raise ModelError(f"the external data of tensor '{tensor.name}' has an offset or length that is negative or not a "
-                             "number: the model file is corrupt or was edited; re-export it")
+            raise ModelError(f"the external data of tensor '{tensor.name}' has an offset or length that is "
+                             "negative or not a number: the model file is corrupt or was edited; re-export it")
         if "length" in fields and int(fields["length"]) != length or offset + length > file.stat().st_size:
             raise ModelError(f"could not read the model's external data (tensor '{tensor.name}' lies outside "
-                             f"'{location}' or has the wrong length): the data file is truncated or corrupt")
+                             f"'{location}' or has the wrong length): the data file is truncated or corrupt; "
+                             "copy the complete data file beside the model or re-export it")
         del tensor.external_data[:]
         for key, value in (("location", str(file)), ("offset", str(offset)), ("length", str(length))):
             entry = tensor.external_data.add()
@@ -538,7 +539,8 @@ def _write_tensor_bytes(tensor: onnx.TensorProto, out) -> None:
         while left:
             chunk = source.read(min(left, COPY_CHUNK_BYTES))
             if not chunk:
-                raise ModelError(f"the external data of tensor '{tensor.name}' was truncated while the model was written")
+                raise ModelError(f"the external data of tensor '{tensor.name}' was truncated while the model was written: "
+                                 "leave the input's data file unchanged during the run and run again")
             out.write(chunk)
             left -= len(chunk)
 
