@@ -157,6 +157,23 @@ def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
                      shape=shape)
 
 
+def inlined(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with its mapped tensors' bytes held in the proto (a copy; `model` itself when none is
+    mapped): for a process that may not have the data file, such as a Ray worker on another machine."""
+    if not any(mapped(t) for t in model.graph.initializer):
+        return model
+    return _with_initializers(model, [_inline(t) if mapped(t) else t for t in model.graph.initializer])
+
+
+def _inline(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    whole = onnx.TensorProto()
+    whole.CopyFrom(tensor)
+    whole.ClearField("external_data")
+    whole.ClearField("data_location")
+    whole.raw_data = np.ascontiguousarray(tensor_array(tensor)).tobytes()
+    return whole
+
+
 def _external_fields(tensor: onnx.TensorProto) -> dict[str, str]:
     return {e.key: e.value for e in tensor.external_data}
 
@@ -405,26 +422,27 @@ def skeleton(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> onnx
 
 
 def model_size_bytes(model: onnx.ModelProto) -> int:
-    """Size as written: serialized, plus the bytes of mapped tensors. Computed from the tensors' sizes
-    (protobuf sizes a message by serializing it: a transient copy of every weight, and an error over 2 GB):
-    the model without initializers is sized, then each tensor added as a field of the graph."""
+    """Size serialized with every weight inline (a mapped tensor counted as if its bytes were in the proto,
+    so the size does not depend on where its data file is). Computed from the tensors' sizes (protobuf
+    sizes a message by serializing it: a transient copy of every weight, and an error over 2 GB): the
+    model without initializers is sized, then each tensor added as a field of the graph."""
     shell = _with_initializers(model, [])
     graph = shell.graph.ByteSize()
     tensors = graph + sum(_field_bytes(_serialized_bytes(t)) for t in model.graph.initializer)
-    external = sum(_tensor_nbytes(t) for t in model.graph.initializer if mapped(t))
-    return shell.ByteSize() - _field_bytes(graph) + _field_bytes(tensors) + external
+    return shell.ByteSize() - _field_bytes(graph) + _field_bytes(tensors)
 
 
 PACKED_4BIT = {getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, name)}
 
 
 def _serialized_bytes(tensor: onnx.TensorProto) -> int:
-    """A tensor's serialized size; with raw data, from its dims (the data is not copied to size it)."""
-    if not tensor.HasField("raw_data") or _tensor_nbytes(tensor) < EXTERNAL_MIN_BYTES:
+    """A tensor's serialized size; with raw data, from its dims (the data is not copied to size it); a
+    mapped one as if its bytes were raw data."""
+    if not mapped(tensor) and (not tensor.HasField("raw_data") or _tensor_nbytes(tensor) < EXTERNAL_MIN_BYTES):
         return tensor.ByteSize()
     shell = onnx.TensorProto()
     for field in tensor.DESCRIPTOR.fields:  # not ListFields: it would copy raw_data out
-        value = getattr(tensor, field.name) if field.name != "raw_data" else None
+        value = getattr(tensor, field.name) if field.name not in ("raw_data", "external_data", "data_location") else None
         if value is not None and (len(value) if field.is_repeated else tensor.HasField(field.name)):
             _copy_field(shell, field, value)
     count = int(np.prod(tensor.dims, dtype=np.int64))
