@@ -462,6 +462,12 @@ def check_output_path(out: str | os.PathLike, inp: str | os.PathLike | None = No
         raise UsageError(f"output '{out}' is the input model: choose another output path, the input is never overwritten")
     if inp is not None and out.resolve() == Path(inp).resolve():
         raise UsageError(f"output '{out}' is the input model: choose another output path, the input is never overwritten")
+    if inp is not None and Path(inp).is_file() and out.resolve().parent == Path(inp).resolve().parent:
+        taken = _data_files(inp)
+        for target in (out, out.parent / (out.name + ".data")):  # what `write_model` may write
+            if target.resolve() in taken:
+                raise UsageError(f"output '{out}' would overwrite '{target.name}', the input model's external data: "
+                                 "choose another output name or folder, the input is never overwritten")
     parent = out.resolve().parent
     if not parent.is_dir():
         raise UsageError(f"cannot write '{out}': directory '{parent}' does not exist")
@@ -614,6 +620,18 @@ def has_external_data(path: str | os.PathLike) -> bool:
     if path.stat().st_size > INLINE_CHECK_BYTES:
         return False
     return bool(_external_tensors(onnx.load(str(path), load_external_data=False)))
+
+
+def _data_files(path: str | os.PathLike) -> set[Path]:
+    """The external data files (resolved) that the model file at `path` names; none when it holds its
+    weights itself (see `has_external_data`) or cannot be read (loading it then says why)."""
+    try:
+        if not has_external_data(path):
+            return set()
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - a broken file is refused, with its reason, when it is loaded
+        return set()
+    return {(Path(path).parent / _location(t)).resolve() for t in _external_tensors(model)}
 
 
 INLINE_CHECK_BYTES = 64 << 20

@@ -225,3 +225,17 @@ def test_a_constant_nodes_external_data_path_is_refused_like_a_weights(tmp_path,
     result = run(path, tmp_path / "out.onnx")
     assert_failed(result, 3, f"is at '{location}', {phrase}")
     assert "corrupt" not in result.output and not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("output", ["ext.onnx", "ext.data"])
+def test_an_output_that_would_overwrite_the_inputs_external_data_is_refused(tmp_path, output):
+    """out.onnx writes out.onnx.data beside it: when the input's weights live in that file (or OUT names the
+    data file itself), the run is refused before any work, the input's data untouched."""
+    data = "ext.onnx.data" if output == "ext.onnx" else "ext.data"
+    path = external_data_at(tmp_path, data)
+    (path.parent / "ext.data").rename(path.parent / data)
+    model = path.parent / "model.onnx"
+    path.rename(model)
+    before = {p.name: p.read_bytes() for p in model.parent.iterdir()}
+    assert_failed(run(model, model.parent / output), 2, "the input model's external data")
+    assert {p.name: p.read_bytes() for p in model.parent.iterdir()} == before
