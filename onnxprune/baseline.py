@@ -12,6 +12,7 @@ from .calib import CalibrationSet, fixed_batch, input_specs, load_calibration, s
 from .calib.data import HOLD_OUT_EVERY
 from .config import PruneConfig, fits_calibration
 from .errors import ModelError, UsageError
+from .io import inlined
 from .loading import Loaded, load, releasable, released_model, unparsed
 from .runtime import is_onnxruntime_error, run_batch_size, session, short_message
 from .scoring import score
@@ -126,8 +127,9 @@ class Baseline:
     def portable(self) -> "Baseline":
         """This baseline as another machine can take it (a sweep's Ray workers): the model in memory
         instead of a file path they may not have, the data already read, and none of what each process
-        computes for itself (sessions, reference outputs, scores)."""
-        return Baseline(replace(self.loaded, file=None), self.specs, self.calibration, self.evaluation,
+        computes for itself (sessions, reference outputs, scores). Mapped weights are read into the model:
+        the data file is on this machine only."""
+        return Baseline(replace(self.loaded, model=inlined(self.loaded.model), file=None), self.specs, self.calibration, self.evaluation,
                         self.output_axes, self.in_sample, self.evaluation_fitted)
 
     def single_batch(self) -> dict:

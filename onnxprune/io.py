@@ -82,27 +82,39 @@ class ModelFile:
 
 def _map_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
     """Map every external initializer (see the module docstring) after checking that its file holds its
-    bytes; external tensors elsewhere (node attributes, subgraphs) are few and small: loaded."""
+    bytes; external tensors elsewhere (node attributes, subgraphs) are few and small: loaded. Every
+    external tensor's location is checked first, while none is mapped (absolute) yet."""
+    helpers = onnx.external_data_helper
+    for tensor in helpers._get_all_tensors(model):
+        if helpers.uses_external_data(tensor):
+            _check_location(tensor, base_dir)
     for tensor in _external_tensors(model):
-        _check_location(tensor, base_dir)
         location = _location(tensor)
         file = (base_dir / location).resolve()
         fields = _external_fields(tensor)
-        offset, length = int(fields.get("offset", 0)), _tensor_nbytes(tensor)
+        offset, length = _whole_number(fields.get("offset", "0")), _tensor_nbytes(tensor)
+        if offset is None or "length" in fields and _whole_number(fields["length"]) is None:
+            raise ModelError(f"the external data of tensor '{tensor.name}' has an offset or length that is "
+                             "negative or not a number: the model file is corrupt or was edited; re-export it")
         if "length" in fields and int(fields["length"]) != length or offset + length > file.stat().st_size:
             raise ModelError(f"could not read the model's external data (tensor '{tensor.name}' lies outside "
-                             f"'{location}' or has the wrong length): the data file is truncated or corrupt")
+                             f"'{location}' or has the wrong length): the data file is truncated or corrupt; "
+                             "copy the complete data file beside the model or re-export it")
         del tensor.external_data[:]
         for key, value in (("location", str(file)), ("offset", str(offset)), ("length", str(length))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
-    helpers = onnx.external_data_helper
     try:
         for tensor in helpers._get_all_tensors(model):  # what is not mapped
             if helpers.uses_external_data(tensor) and not mapped(tensor):
                 helpers.load_external_data_for_tensor(tensor, str(base_dir))
     except Exception as exc:
         raise ModelError(f"could not read the model's external data ({exc}): the data file is truncated or corrupt") from None
+
+
+def _whole_number(text: str) -> int | None:
+    """`text` as a non-negative integer (an external-data offset or length), or None."""
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def _check_location(tensor: onnx.TensorProto, base_dir: Path) -> None:
@@ -143,6 +155,23 @@ def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
         return np.zeros(shape, dtype=dtype)
     return np.memmap(_location(tensor), dtype=dtype, mode="r", offset=int(_external_fields(tensor).get("offset", 0)),
                      shape=shape)
+
+
+def inlined(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with its mapped tensors' bytes held in the proto (a copy; `model` itself when none is
+    mapped): for a process that may not have the data file, such as a Ray worker on another machine."""
+    if not any(mapped(t) for t in model.graph.initializer):
+        return model
+    return _with_initializers(model, [_inline(t) if mapped(t) else t for t in model.graph.initializer])
+
+
+def _inline(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    whole = onnx.TensorProto()
+    whole.CopyFrom(tensor)
+    whole.ClearField("external_data")
+    whole.ClearField("data_location")
+    whole.raw_data = np.ascontiguousarray(tensor_array(tensor)).tobytes()
+    return whole
 
 
 def _external_fields(tensor: onnx.TensorProto) -> dict[str, str]:
@@ -393,26 +422,27 @@ def skeleton(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> onnx
 
 
 def model_size_bytes(model: onnx.ModelProto) -> int:
-    """Size as written: serialized, plus the bytes of mapped tensors. Computed from the tensors' sizes
-    (protobuf sizes a message by serializing it: a transient copy of every weight, and an error over 2 GB):
-    the model without initializers is sized, then each tensor added as a field of the graph."""
+    """Size serialized with every weight inline (a mapped tensor counted as if its bytes were in the proto,
+    so the size does not depend on where its data file is). Computed from the tensors' sizes (protobuf
+    sizes a message by serializing it: a transient copy of every weight, and an error over 2 GB): the
+    model without initializers is sized, then each tensor added as a field of the graph."""
     shell = _with_initializers(model, [])
     graph = shell.graph.ByteSize()
     tensors = graph + sum(_field_bytes(_serialized_bytes(t)) for t in model.graph.initializer)
-    external = sum(_tensor_nbytes(t) for t in model.graph.initializer if mapped(t))
-    return shell.ByteSize() - _field_bytes(graph) + _field_bytes(tensors) + external
+    return shell.ByteSize() - _field_bytes(graph) + _field_bytes(tensors)
 
 
 PACKED_4BIT = {getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, name)}
 
 
 def _serialized_bytes(tensor: onnx.TensorProto) -> int:
-    """A tensor's serialized size; with raw data, from its dims (the data is not copied to size it)."""
-    if not tensor.HasField("raw_data") or _tensor_nbytes(tensor) < EXTERNAL_MIN_BYTES:
+    """A tensor's serialized size; with raw data, from its dims (the data is not copied to size it); a
+    mapped one as if its bytes were raw data."""
+    if not mapped(tensor) and (not tensor.HasField("raw_data") or _tensor_nbytes(tensor) < EXTERNAL_MIN_BYTES):
         return tensor.ByteSize()
     shell = onnx.TensorProto()
     for field in tensor.DESCRIPTOR.fields:  # not ListFields: it would copy raw_data out
-        value = getattr(tensor, field.name) if field.name != "raw_data" else None
+        value = getattr(tensor, field.name) if field.name not in ("raw_data", "external_data", "data_location") else None
         if value is not None and (len(value) if field.is_repeated else tensor.HasField(field.name)):
             _copy_field(shell, field, value)
     count = int(np.prod(tensor.dims, dtype=np.int64))
@@ -432,6 +462,12 @@ def check_output_path(out: str | os.PathLike, inp: str | os.PathLike | None = No
         raise UsageError(f"output '{out}' is the input model: choose another output path, the input is never overwritten")
     if inp is not None and out.resolve() == Path(inp).resolve():
         raise UsageError(f"output '{out}' is the input model: choose another output path, the input is never overwritten")
+    if inp is not None and Path(inp).is_file() and out.resolve().parent == Path(inp).resolve().parent:
+        taken = _data_files(inp)
+        for target in (out, out.parent / (out.name + ".data")):  # what `write_model` may write
+            if target.resolve() in taken:
+                raise UsageError(f"output '{out}' would overwrite '{target.name}', the input model's external data: "
+                                 "choose another output name or folder, the input is never overwritten")
     parent = out.resolve().parent
     if not parent.is_dir():
         raise UsageError(f"cannot write '{out}': directory '{parent}' does not exist")
@@ -527,7 +563,8 @@ def _write_tensor_bytes(tensor: onnx.TensorProto, out) -> None:
         while left:
             chunk = source.read(min(left, COPY_CHUNK_BYTES))
             if not chunk:
-                raise ModelError(f"the external data of tensor '{tensor.name}' was truncated while the model was written")
+                raise ModelError(f"the external data of tensor '{tensor.name}' was truncated while the model was written: "
+                                 "leave the input's data file unchanged during the run and run again")
             out.write(chunk)
             left -= len(chunk)
 
@@ -583,6 +620,18 @@ def has_external_data(path: str | os.PathLike) -> bool:
     if path.stat().st_size > INLINE_CHECK_BYTES:
         return False
     return bool(_external_tensors(onnx.load(str(path), load_external_data=False)))
+
+
+def _data_files(path: str | os.PathLike) -> set[Path]:
+    """The external data files (resolved) that the model file at `path` names; none when it holds its
+    weights itself (see `has_external_data`) or cannot be read (loading it then says why)."""
+    try:
+        if not has_external_data(path):
+            return set()
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - a broken file is refused, with its reason, when it is loaded
+        return set()
+    return {(Path(path).parent / _location(t)).resolve() for t in _external_tensors(model)}
 
 
 INLINE_CHECK_BYTES = 64 << 20

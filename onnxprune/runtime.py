@@ -147,7 +147,8 @@ def first_run(model: onnx.ModelProto | str | os.PathLike, feeds: dict[str, np.nd
                          "fix or re-export it")
     if child.returncode != 0:
         last = (child.stderr.strip().splitlines() or ["no output"])[-1][-300:]
-        raise ModelError(f"the process trying the model in onnxruntime exited with code {child.returncode} ({last})")
+        raise ModelError(f"the process trying the model in onnxruntime exited with code {child.returncode} ({last}): "
+                         "check that this Python runs onnxruntime (python -I -c 'import onnxruntime')")
     return failed[len("failed run: "):] if failed else None
 
 

@@ -31,7 +31,7 @@ from .progress import bar
 from .plan import Plan
 from .report import measured_on, report_header
 from .validate.compare import worst_channel
-from .workdir import temp_folder
+from .workdir import run_folder, temp_folder
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ def run_setting(shared: tuple, setting: dict, runs=None) -> dict:
     sensitivity): what a sweep computes per setting, on this machine or on a Ray worker alike. `runs`:
     a progress bar to count the setting and its sensitivity runs on."""
     baseline, config, sensitivity = shared
+    config = _cache_on_this_machine(config)
     runs = runs if runs is not None else bar(label="setting", total=1)  # on a Ray worker: never shown
     try:
         result = prune(baseline, replace(config, **setting))
@@ -123,9 +124,20 @@ def run_setting(shared: tuple, setting: dict, runs=None) -> dict:
 
 def _for_workers(config: PruneConfig, baseline) -> PruneConfig:
     """`config` for workers that get the data in `baseline`: its data options are file paths they may not
-    have, or readers that cannot be shipped (only whether calibration data was given still counts)."""
+    have, or readers that cannot be shipped (only whether calibration data was given still counts). The
+    latency cache is named by absolute path: a worker's working folder is not the driver's."""
+    cache = Path(config.latency_cache).absolute() if config.latency_cache is not None else None
     return replace(config, calibration=baseline.calibration if config.calibration is not None else None,
-                   evaluation=None, labels=None)
+                   evaluation=None, labels=None, latency_cache=cache)
+
+
+def _cache_on_this_machine(config: PruneConfig) -> PruneConfig:
+    """On a Ray worker of another machine the latency cache's folder (the driver's) does not exist: the
+    worker keeps its fits in its own run folder instead (they are per machine anyway: `cache_key`)."""
+    cache = config.latency_cache
+    if cache is None or Path(cache).parent.is_dir():
+        return config
+    return replace(config, latency_cache=run_folder() / Path(cache).name)
 
 
 def _table(model, config: PruneConfig, outcomes: list[dict]) -> dict:

@@ -193,3 +193,49 @@ def test_a_negative_seed_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="--seed -5"):
         prune(str(MODEL), PruneConfig(seed=-5))
     assert no_output_in(tmp_path)
+
+
+@pytest.mark.parametrize("key, value", [("offset", "abc"), ("offset", "-8"), ("length", "12x")])
+def test_an_external_data_offset_or_length_that_is_no_number_is_the_models_fault(tmp_path, key, value):
+    path = external_data_at(tmp_path, "ext.data")
+    model = onnx.load(str(path), load_external_data=False)
+    model.graph.initializer[0].external_data.add(key=key, value=value)
+    onnx.save(model, str(path))
+    assert_failed(run(path, tmp_path / "out.onnx"), 3, "negative or not a number", model.graph.initializer[0].name)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("where, phrase", [("absolute", "an absolute path"), ("outside", "outside the model's folder")])
+def test_a_constant_nodes_external_data_path_is_refused_like_a_weights(tmp_path, where, phrase):
+    """External data in a node attribute (a Constant's value) is checked as an initializer's is: an absolute
+    path is not taken for one of our memory maps, one outside the folder is not called a corrupt file."""
+    from onnx import TensorProto, helper
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "c.data").write_bytes(bytes(64 * 32 * 4))
+    location = str(tmp_path / "c.data") if where == "absolute" else "../c.data"
+    value = TensorProto(name="c", data_type=TensorProto.FLOAT, dims=[64, 32], data_location=TensorProto.EXTERNAL)
+    value.external_data.add(key="location", value=location)
+    graph = helper.make_graph([helper.make_node("Constant", [], ["w"], value=value),
+                               helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])])
+    path = tmp_path / "model" / "const.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    result = run(path, tmp_path / "out.onnx")
+    assert_failed(result, 3, f"is at '{location}', {phrase}")
+    assert "corrupt" not in result.output and not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("output", ["ext.onnx", "ext.data"])
+def test_an_output_that_would_overwrite_the_inputs_external_data_is_refused(tmp_path, output):
+    """out.onnx writes out.onnx.data beside it: when the input's weights live in that file (or OUT names the
+    data file itself), the run is refused before any work, the input's data untouched."""
+    data = "ext.onnx.data" if output == "ext.onnx" else "ext.data"
+    path = external_data_at(tmp_path, data)
+    (path.parent / "ext.data").rename(path.parent / data)
+    model = path.parent / "model.onnx"
+    path.rename(model)
+    before = {p.name: p.read_bytes() for p in model.parent.iterdir()}
+    assert_failed(run(model, model.parent / output), 2, "the input model's external data")
+    assert {p.name: p.read_bytes() for p in model.parent.iterdir()} == before

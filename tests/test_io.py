@@ -130,3 +130,28 @@ def test_computed_shapes_are_completed_by_onnxruntime():
     model = models.slice_()
     loaded = load(model)
     assert all(None not in loaded.shapes[o] for n in loaded.model.graph.node for o in n.output)
+
+
+def test_an_external_data_model_through_the_cli_and_a_mapped_one_in_the_first_run(tmp_path):
+    """The CLI's first session (a child process) reads the user's file with its data file; a mapped model in
+    memory goes to the child through a session folder (links to its data file) inside this run's folder.
+    The input folder is left as it was, the output gets its own data file, no temporary file stays."""
+    from click.testing import CliRunner
+
+    from onnxprune import runtime, workdir
+    from onnxprune.cli import main
+
+    source = tmp_path / "in" / "ext.onnx"
+    source.parent.mkdir()
+    onnx.save_model(models.residual(), str(source), save_as_external_data=True, location="ext.data", size_threshold=0)
+    out = tmp_path / "out" / "pruned.onnx"
+    out.parent.mkdir()
+    result = CliRunner().invoke(main, [str(source), str(out), "--filters", "0.5", "-q"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in source.parent.iterdir()) == ["ext.data", "ext.onnx"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["pruned.onnx", "pruned.onnx.data"]
+
+    mapped = io.load_model(source)
+    assert any(io.mapped(t) for t in mapped.graph.initializer)
+    assert runtime.first_run(mapped, models.random_input(mapped)) is None
+    assert not list(workdir.run_folder().glob("session-*")) and not list(workdir.run_folder().glob("first-run-*"))

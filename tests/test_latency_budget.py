@@ -5,7 +5,6 @@ bench/'s)."""
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from click.testing import CliRunner
 
 import onnxprune.speed as speed
 import onnxprune.validate.result as result_module
-from onnxprune import PruneConfig, prune
+from onnxprune import PruneConfig, prune, workdir
 from onnxprune.cli import main
 from onnxprune.errors import UsageError
 from onnxprune.validate import latency_model as lm
@@ -231,7 +230,7 @@ def test_a_sweep_measures_the_latency_model_once_and_reuses_the_cache_beside_its
     assert result.exit_code == 0, result.output
     once = fake_timer["layers"]
     assert once == len(lm.timed_layers(analyze(MNIST)))
-    assert not list(Path(tempfile.gettempdir()).glob("onnxprune-sweep-*"))  # the sweep's own cache is gone
+    assert not list(workdir.run_folder().glob("sweep-*"))  # the sweep's own cache is gone (temp_folder("sweep-"))
     report = tmp_path / "sweep.json"
     result = CliRunner().invoke(main, args + ["--report", str(report)])
     assert result.exit_code == 0 and fake_timer["layers"] == 2 * once
@@ -272,3 +271,17 @@ def test_a_target_in_wall_ms_is_brought_to_the_model_s_cpu_clock(fake_timer, mon
     latency = prune(str(MNIST), PruneConfig(scorer="l1", target_latency=8.0)).report["latency"]
     assert latency["model_original_ms"] == pytest.approx(FULL_MS)
     assert latency["rounds"][0]["limit_ms"] == pytest.approx(4.0)
+
+
+def test_a_ray_worker_without_the_drivers_cache_folder_keeps_its_fits_in_its_own_run_folder(fake_timer, tmp_path):
+    """`sweep --ray --round-to auto`: the sweep's latency cache is a file on the driver's machine; a worker
+    on another machine (here: the folder gone) measures and caches the fits in its own run folder."""
+    from onnxprune.baseline import prepare
+    from onnxprune.sweep import run_setting
+
+    config = PruneConfig(scorer="l1", round_to="auto", latency_cache=tmp_path / "driver" / "sweep.latency.json")
+    outcome = run_setting((prepare(str(MNIST), config), config, False), {"filters": 0.3})
+    assert outcome["error"] is None and outcome["row"]["macs_kept"] < 1 and fake_timer["layers"] > 0
+    local = workdir.run_folder() / "sweep.latency.json"
+    assert local.exists() and not (tmp_path / "driver").exists()
+    local.unlink()

@@ -186,3 +186,31 @@ def test_a_model_too_big_for_one_protobuf_message_is_not_shipped_to_ray(monkeypa
     monkeypatch.setattr(sweep_module, "EXTERNAL_DATA_THRESHOLD", 1000)  # the MNIST model as if it were 2 GB
     with pytest.raises(UsageError, match="without --ray"):
         sweep(str(MODEL), PruneConfig(), settings_grid([0.5]), ray="auto")
+
+
+def test_what_ray_workers_get_holds_the_weights_not_paths_to_this_machines_data_file(tmp_path):
+    """`Baseline.portable` (shipped to Ray workers, maybe on other machines): a model with external data,
+    read here through memory maps of its data file, travels with its weights; a worker without the file
+    prunes it as this machine does."""
+    import onnx
+
+    import models
+    from onnxprune import io
+    from onnxprune.baseline import prepare
+    from onnxprune.sweep import run_setting
+
+    source = tmp_path / "ext.onnx"
+    onnx.save_model(models.residual(), str(source), save_as_external_data=True, location="ext.data", size_threshold=0)
+    config = PruneConfig(seed=3)
+    here = prepare(str(source), config)
+    assert any(io.mapped(t) for t in here.loaded.model.graph.initializer)
+    shipped = here.portable()
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in shipped.loaded.model.graph.initializer)
+    for mine, theirs in zip(here.loaded.model.graph.initializer, shipped.loaded.model.graph.initializer):
+        np.testing.assert_array_equal(io.tensor_array(mine), io.tensor_array(theirs))
+    sizes = {io.model_size_bytes(here.loaded.model), io.model_size_bytes(shipped.loaded.model)}
+    assert sizes == {shipped.loaded.model.ByteSize()}  # the size reported does not depend on where the weights are
+    local = run_setting((here, config, False), {"filters": 0.5})["row"]
+    (tmp_path / "ext.data").rename(tmp_path / "elsewhere.data")  # as on another machine
+    remote = run_setting((shipped, config, False), {"filters": 0.5})["row"]
+    assert remote == local
