@@ -106,6 +106,7 @@ def available_memory() -> int | None:
 # when that step raises.
 _FIRST_RUN = """
 import json, sys
+sys.path[:0] = json.loads(sys.argv[4])  # the parent's import path (-I drops PYTHONPATH, which may hold onnxruntime)
 import numpy as np, onnxruntime as ort
 step = "session"
 try:
@@ -130,7 +131,8 @@ def first_run(model: onnx.ModelProto | str | os.PathLike, feeds: dict[str, np.nd
     with temp_folder("first-run-") as tmp, on_disk(model) as path:
         np.savez(Path(tmp) / "feeds.npz", *feeds.values())
         child = subprocess.run([sys.executable, "-I", "-c", _FIRST_RUN, str(path), str(Path(tmp) / "feeds.npz"),
-                                json.dumps(list(feeds))], capture_output=True, text=True, errors="replace")
+                                json.dumps(list(feeds)), json.dumps([p for p in sys.path if p])],
+                               capture_output=True, text=True, errors="replace")
     lines = child.stdout.strip().splitlines() or ["session"]
     if child.returncode < 0:
         try:

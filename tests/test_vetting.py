@@ -79,6 +79,16 @@ def test_a_native_crash_in_the_first_session_is_one_line(monkeypatch):
         first_run(conv_pool(), {"x": np.zeros((1, 3, 16, 16), np.float32)})
 
 
+def test_the_first_session_imports_from_this_process_path(tmp_path, monkeypatch):
+    """The child runs isolated (-I drops PYTHONPATH), so it gets this process's import path: an onnxruntime
+    found only on PYTHONPATH must not make every model 'broken'. Here the path holds a stand-in that fails."""
+    (tmp_path / "onnxruntime").mkdir()
+    (tmp_path / "onnxruntime" / "__init__.py").write_text("raise ImportError('the stand-in on the path')")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModelError, match="the stand-in on the path"):
+        first_run(conv_pool(), {"x": np.zeros((1, 3, 16, 16), np.float32)})
+
+
 def test_the_first_session_survives_a_real_sigfpe(tmp_path):
     """Unvetted, SqueezeNet with a Conv stride of 1000000 kills onnxruntime with SIGFPE (exit 136)."""
     model = onnx.load(str(LIGHT / "light_squeezenet.onnx"))
