@@ -102,14 +102,16 @@ def check_tensor_sizes(model: onnx.ModelProto, shapes: dict[str, tuple]) -> None
     memory = available_memory()
     if memory is None:
         return
-    for node in model.graph.node:
-        for name in node.output:
-            dims = shapes.get(name)
-            if not name or dims is None or any(d is None for d in dims):
-                continue
-            size = 4 * float(np.prod(dims, dtype=np.float64))  # float: no int64 overflow on hostile dims
-            if size > memory / 2:
-                raise ModelError(
-                    f"tensor '{name}' computed by {label(node)} ({'x'.join(str(d) for d in dims)}) would take "
-                    f"{size / 2**30:.3g} GB as float32, more than half the {memory / 2**30:.1f} GB of memory available: "
-                    "the node's attributes (pads, sizes, shapes) are wrong, or --input-shape is too large")
+    weights = {t.name for t in model.graph.initializer}
+    inputs = [(name, "a model input") for name in (i.name for i in model.graph.input) if name not in weights]
+    computed = [(name, f"computed by {label(node)}") for node in model.graph.node for name in node.output]
+    for name, origin in inputs + computed:
+        dims = shapes.get(name)
+        if not name or dims is None or any(d is None for d in dims):
+            continue
+        size = 4 * float(np.prod(dims, dtype=np.float64))  # float: no int64 overflow on hostile dims
+        if size > memory / 2:
+            raise ModelError(
+                f"tensor '{name}', {origin} ({'x'.join(str(d) for d in dims)}), would take "
+                f"{size / 2**30:.3g} GB as float32, more than half the {memory / 2**30:.1f} GB of memory available: "
+                "the model's input dims or the node's attributes (pads, sizes, shapes) are wrong, or --input-shape is too large")

@@ -117,7 +117,17 @@ def test_a_constant_of_terabytes_is_refused_not_allocated(tmp_path):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [shape])
     path = tmp_path / "huge.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
-    assert_refused(run(path, tmp_path / "out.onnx"), "tensor 'w' computed by ConstantOfShape 'make_w' (1000000x1000000x3x3) would take 3.35e+04 GB")
+    assert_refused(run(path, tmp_path / "out.onnx"), "tensor 'w', computed by ConstantOfShape 'make_w' (1000000x1000000x3x3), would take 3.35e+04 GB")
+
+
+def test_a_model_input_of_terabytes_is_refused_before_data_is_made(tmp_path):
+    """A fixed input dim of 10^8 channels: the synthetic sample for the first session was allocated first
+    (MemoryError, exit 4; fuzz seed 457)."""
+    model = conv_pool()
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 10**8
+    path = tmp_path / "wide_input.onnx"
+    onnx.save(model, str(path))
+    assert_refused(run(path, tmp_path / "out.onnx"), "tensor 'x', a model input (1x100000000x16x16), would take")
 
 
 def test_a_weight_shorter_than_its_dims_is_refused_by_name(tmp_path):
