@@ -81,7 +81,7 @@ def check_config(config: PruneConfig) -> None:
     check_round_to(config)
     if config.steps < 1:
         raise UsageError(f"--steps {config.steps}: give a positive number of steps")
-    if config.steps > 1 and (config.plan is not None or config.pfp_mode == "sample" or config.rank is not None):
+    if channel_steps(config) > 1 and (config.plan is not None or config.pfp_mode == "sample" or config.rank is not None):
         raise UsageError("--steps prunes channels step by step: it cannot apply a --plan-in, compose --pfp-mode "
                          "sample's weight scales or share a budget with --rank; use one step")
     if config.pfp_mode == "sample" and config.scorer not in (None, "pfp"):
@@ -127,7 +127,7 @@ def check_schedule(config: PruneConfig, sparsity: float, pattern) -> None:
 
 def check_latency_target(config: PruneConfig) -> None:
     latency, speedup = config.target_latency, config.target_speedup
-    if config.predict_latency and config.steps > 1:
+    if config.predict_latency and channel_steps(config) > 1:
         raise UsageError("--predict-latency predicts one step's result: use one step")
     if latency is None and speedup is None:
         return
@@ -139,7 +139,7 @@ def check_latency_target(config: PruneConfig) -> None:
         raise UsageError(f"--target-speedup {speedup} asks for no speed-up: give a factor above 1, e.g. 1.5")
     clash = [name for name, given in (("--target-macs", config.target_macs is not None),
                                       ("--filters", config.filters is not None), ("--rank", config.rank is not None),
-                                      ("--plan-in", config.plan is not None), ("--steps", config.steps > 1))
+                                      ("--plan-in", config.plan is not None), ("--steps", channel_steps(config) > 1))
              if given]
     if clash:
         raise UsageError(f"a latency target is the whole budget: it cannot be combined with {', '.join(clash)}; "
@@ -149,7 +149,7 @@ def check_latency_target(config: PruneConfig) -> None:
 def check_round_to(config: PruneConfig) -> None:
     round_to = config.round_to
     if round_to == "auto":
-        if config.steps > 1:
+        if channel_steps(config) > 1:
             raise UsageError("--round-to auto rounds to the multiples the latency model measured on the original: "
                              "use one step, or a number")
         return
@@ -209,6 +209,11 @@ def lowrank_settings(config: PruneConfig) -> LowRankSettings | None:
 
 def sparsity_asked(config: PruneConfig) -> bool:
     return config.sparsity is not None or config.sparsity_pattern is not None
+
+
+def channel_steps(config: PruneConfig) -> int:
+    """The steps channels are pruned in: with --sparsity, --steps is the weights' schedule and channels take one."""
+    return 1 if sparsity_asked(config) else config.steps
 
 
 def sparsity_settings(config: PruneConfig, calibration: CalibrationSet) -> SparsitySettings | None:

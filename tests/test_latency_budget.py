@@ -16,6 +16,7 @@ from click.testing import CliRunner
 import onnxprune.speed as speed
 import onnxprune.validate.result as result_module
 from onnxprune import PruneConfig, prune
+from onnxprune.config import check_config
 from onnxprune.cli import main
 from onnxprune.errors import UsageError
 from onnxprune.validate import latency_model as lm
@@ -272,3 +273,14 @@ def test_a_target_in_wall_ms_is_brought_to_the_model_s_cpu_clock(fake_timer, mon
     latency = prune(str(MNIST), PruneConfig(scorer="l1", target_latency=8.0)).report["latency"]
     assert latency["model_original_ms"] == pytest.approx(FULL_MS)
     assert latency["rounds"][0]["limit_ms"] == pytest.approx(4.0)
+
+
+def test_with_sparsity_the_steps_are_the_weights_so_the_channel_options_of_one_step_are_accepted(fake_timer):
+    """--sparsity makes --steps the weights' schedule and prunes channels in one step: --round-to auto (and
+    the other one-step channel options) are not refused; the channels follow the measured multiples."""
+    for options in (dict(predict_latency=True), dict(target_speedup=1.2, filters=None)):
+        check_config(PruneConfig(sparsity=0.3, steps=2, **options))
+    report = prune(str(MNIST), PruneConfig(filters=0.4, scorer="l1", round_to="auto", sparsity=0.3,
+                                           sparsity_method="magnitude", steps=2, recover="none")).report
+    assert report["config"]["round_to"] == "auto" and report["latency"]["round_to"]
+    assert [round(s["target"], 3) for s in report["sparsity"]["schedule"]["each"]] == [round(1 - 0.7 ** 0.5, 3), 0.3]
