@@ -229,7 +229,7 @@ def sparsity_settings(config: PruneConfig, calibration: CalibrationSet) -> Spars
 def config_section(config: PruneConfig, scorer: str, input_shapes: dict) -> dict:
     """The report's "config": the settings as resolved (defaults filled in)."""
     return {"filters": channel_ratio(config), "global": config.global_ranking, "scorer": scorer,
-            "round_to": "auto" if isinstance(config.round_to, dict) else config.round_to, "exclude": list(config.exclude), "input_shapes": input_shapes,
+            "round_to": config.round_to, "exclude": list(config.exclude), "input_shapes": input_shapes,
             "plan_given": config.plan is not None, "rank": config.rank, "lowrank_error": config.lowrank_error,
             "target_macs": config.target_macs, "target_latency": config.target_latency,
             "target_speedup": config.target_speedup, "output_axes": dict(config.output_axes),
