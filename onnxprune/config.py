@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .calib import CalibrationSet
 from .errors import UsageError
 from .lowrank import DEFAULT_MAX_ERROR, LowRankSettings, check_rank
@@ -76,8 +78,8 @@ def check_config(config: PruneConfig) -> None:
         raise UsageError(f"--target-macs {config.target_macs} is outside (0, 1]: give the fraction of MACs to keep, "
                          "e.g. 0.5")
     check_latency_target(config)
-    if not isinstance(config.seed, int) or config.seed < 0:
-        raise UsageError(f"--seed {config.seed}: give a non-negative integer")
+    if isinstance(config.seed, bool) or not isinstance(config.seed, (int, np.integer)) or config.seed < 0:
+        raise UsageError(f"--seed {config.seed!r}: give a non-negative integer")
     check_round_to(config)
     if config.steps < 1:
         raise UsageError(f"--steps {config.steps}: give a positive number of steps")
