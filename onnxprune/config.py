@@ -154,6 +154,8 @@ def check_round_to(config: PruneConfig) -> None:
         if channel_steps(config) > 1:
             raise UsageError("--round-to auto rounds to the multiples the latency model measured on the original: "
                              "use one step, or a number")
+        if config.plan is not None:
+            raise UsageError("--round-to auto rounds the channel counts, but --plan-in fixes them: drop --round-to")
         return
     if round_to is not None and (isinstance(round_to, (str, bool)) or not isinstance(round_to, int) or round_to < 1):
         raise UsageError(f"--round-to {round_to!r}: give a positive number of channels, or auto")

@@ -19,6 +19,7 @@ from onnxprune import PruneConfig, prune
 from onnxprune.config import check_config
 from onnxprune.cli import main
 from onnxprune.errors import UsageError
+from onnxprune.plan import Plan
 from onnxprune.validate import latency_model as lm
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -183,6 +184,7 @@ def test_a_failed_gate_writes_no_latency_cache_either(fake_timer, tmp_path):
     (dict(target_speedup=2.0, steps=2), "--steps"),
     (dict(predict_latency=True, steps=2), "one step"),
     (dict(round_to="auto", steps=2), "one step"),
+    (dict(round_to="auto", plan=Plan()), "--plan-in fixes them"),
     (dict(round_to="eight"), "auto"),
     (dict(round_to=0), "positive"),
 ])
