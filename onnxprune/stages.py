@@ -133,7 +133,8 @@ def step_counts(analysis: Analysis, final: dict[tuple, tuple[int, int]], step: i
     for group in analysis.prunable_groups():
         channels, kept = final.get(source_names(group), (group.channels, group.channels))
         share = round(channels * (kept / channels) ** (step / steps)) if step < steps else kept
-        counts[group.index] = int(np.clip(round_keep(share, channels, group_round_to(round_to, group.index), group.width), kept, group.channels))
+        rounded = round_keep(share, channels, group_round_to(round_to, group.index), group.width)
+        counts[group.index] = int(np.clip(rounded, kept, group.channels))
     return counts
 
 
