@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
-AUTO_ROUND_TO = 8  # onnxruntime's CPU convolutions are fastest at multiples of 8 (docs/architecture.md)
-AUTO_ROUND_MIN_CHANNELS = 16
+DEFAULT_ROUND_TO = 8  # without --round-to: onnxruntime's CPU convolutions are fastest at multiples of 8 (docs/architecture.md)
+DEFAULT_ROUND_MIN_CHANNELS = 16
 
 
 def group_round_to(round_to: int | dict | None, group: int) -> int | None:
@@ -18,8 +18,8 @@ def group_round_to(round_to: int | dict | None, group: int) -> int | None:
 
 def round_keep(keep: int, channels: int, round_to: int | None, width: int = 1) -> int:
     """Round a keep count of units, each `width` channels wide, so that the channels kept are a multiple
-    of `round_to` (auto: 8 for groups of 16+ channels); units of 8 channels (attention heads) need none."""
-    step = round_to if round_to is not None else (AUTO_ROUND_TO if channels * width >= AUTO_ROUND_MIN_CHANNELS else 1)
+    of `round_to` (None: 8 for groups of 16+ channels); units of 8 channels (attention heads) need none."""
+    step = round_to if round_to is not None else (DEFAULT_ROUND_TO if channels * width >= DEFAULT_ROUND_MIN_CHANNELS else 1)
     step //= math.gcd(step, width)
     if step > 1 and keep < channels:
         keep = max(step, int(round(keep / step)) * step)

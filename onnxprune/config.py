@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .calib import CalibrationSet
 from .errors import UsageError
 from .lowrank import DEFAULT_MAX_ERROR, LowRankSettings, check_rank
@@ -76,12 +78,12 @@ def check_config(config: PruneConfig) -> None:
         raise UsageError(f"--target-macs {config.target_macs} is outside (0, 1]: give the fraction of MACs to keep, "
                          "e.g. 0.5")
     check_latency_target(config)
-    if not isinstance(config.seed, int) or config.seed < 0:
-        raise UsageError(f"--seed {config.seed}: give a non-negative integer")
+    if isinstance(config.seed, bool) or not isinstance(config.seed, (int, np.integer)) or config.seed < 0:
+        raise UsageError(f"--seed {config.seed!r}: give a non-negative integer")
     check_round_to(config)
     if config.steps < 1:
         raise UsageError(f"--steps {config.steps}: give a positive number of steps")
-    if config.steps > 1 and (config.plan is not None or config.pfp_mode == "sample" or config.rank is not None):
+    if channel_steps(config) > 1 and (config.plan is not None or config.pfp_mode == "sample" or config.rank is not None):
         raise UsageError("--steps prunes channels step by step: it cannot apply a --plan-in, compose --pfp-mode "
                          "sample's weight scales or share a budget with --rank; use one step")
     if config.pfp_mode == "sample" and config.scorer not in (None, "pfp"):
@@ -127,7 +129,7 @@ def check_schedule(config: PruneConfig, sparsity: float, pattern) -> None:
 
 def check_latency_target(config: PruneConfig) -> None:
     latency, speedup = config.target_latency, config.target_speedup
-    if config.predict_latency and config.steps > 1:
+    if config.predict_latency and channel_steps(config) > 1:
         raise UsageError("--predict-latency predicts one step's result: use one step")
     if latency is None and speedup is None:
         return
@@ -139,7 +141,7 @@ def check_latency_target(config: PruneConfig) -> None:
         raise UsageError(f"--target-speedup {speedup} asks for no speed-up: give a factor above 1, e.g. 1.5")
     clash = [name for name, given in (("--target-macs", config.target_macs is not None),
                                       ("--filters", config.filters is not None), ("--rank", config.rank is not None),
-                                      ("--plan-in", config.plan is not None), ("--steps", config.steps > 1))
+                                      ("--plan-in", config.plan is not None), ("--steps", channel_steps(config) > 1))
              if given]
     if clash:
         raise UsageError(f"a latency target is the whole budget: it cannot be combined with {', '.join(clash)}; "
@@ -149,9 +151,11 @@ def check_latency_target(config: PruneConfig) -> None:
 def check_round_to(config: PruneConfig) -> None:
     round_to = config.round_to
     if round_to == "auto":
-        if config.steps > 1:
+        if channel_steps(config) > 1:
             raise UsageError("--round-to auto rounds to the multiples the latency model measured on the original: "
                              "use one step, or a number")
+        if config.plan is not None:
+            raise UsageError("--round-to auto rounds the channel counts, but --plan-in fixes them: drop --round-to")
         return
     if round_to is not None and (isinstance(round_to, (str, bool)) or not isinstance(round_to, int) or round_to < 1):
         raise UsageError(f"--round-to {round_to!r}: give a positive number of channels, or auto")
@@ -211,6 +215,11 @@ def sparsity_asked(config: PruneConfig) -> bool:
     return config.sparsity is not None or config.sparsity_pattern is not None
 
 
+def channel_steps(config: PruneConfig) -> int:
+    """The steps channels are pruned in: with --sparsity, --steps is the weights' schedule and channels take one."""
+    return 1 if sparsity_asked(config) else config.steps
+
+
 def sparsity_settings(config: PruneConfig, calibration: CalibrationSet) -> SparsitySettings | None:
     """What the sparsity stage does, or None without --sparsity / --sparsity-pattern. The method defaults
     to obs with calibration data, else magnitude."""
@@ -224,7 +233,7 @@ def sparsity_settings(config: PruneConfig, calibration: CalibrationSet) -> Spars
 def config_section(config: PruneConfig, scorer: str, input_shapes: dict) -> dict:
     """The report's "config": the settings as resolved (defaults filled in)."""
     return {"filters": channel_ratio(config), "global": config.global_ranking, "scorer": scorer,
-            "round_to": "auto" if isinstance(config.round_to, dict) else config.round_to, "exclude": list(config.exclude), "input_shapes": input_shapes,
+            "round_to": config.round_to, "exclude": list(config.exclude), "input_shapes": input_shapes,
             "plan_given": config.plan is not None, "rank": config.rank, "lowrank_error": config.lowrank_error,
             "target_macs": config.target_macs, "target_latency": config.target_latency,
             "target_speedup": config.target_speedup, "output_axes": dict(config.output_axes),

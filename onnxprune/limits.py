@@ -24,12 +24,12 @@ import io
 from dataclasses import replace
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from .baseline import prepare
 from .config import PruneConfig
 from .errors import UsageError
 from .graph import Analysis
+from .io import import_graph
 from .lowrank.covariance import input_moments
 from .lowrank.layers import find_layers
 from .recover.passes import output_error
@@ -81,7 +81,7 @@ def layer_limits(baseline, config: PruneConfig, error: float) -> tuple[list[dict
     and the curve (squared relative error against the share of weights removed, on a grid of 101)."""
     loaded = baseline.loaded
     shapes = infer_shapes(loaded.model, loaded.input_shapes)
-    layers = [layer for layer in find_layers(gs.import_onnx(loaded.model), shapes, config.exclude, factorizing=False)
+    layers = [layer for layer in find_layers(import_graph(loaded.model), shapes, config.exclude, factorizing=False)
               if not layer.reason]
     grams = input_moments(loaded.model, layers, shapes, baseline.fit_data, baseline.largest_batch, config.seed,
                           SPARSITY_FEATURES)

@@ -3,16 +3,16 @@ the `--target-latency` / `--target-speedup` rounds, and the report's predicted f
 
 The original is timed once when the model is built (`LatencyConfig` runs, median; at one thread in CPU
 time, `validate.latency.model_clock`, like the layers): a speed-up target is that figure over X, a
-`--target-latency` is brought to that clock by the original's wall time. Each round allocates to a predicted-ms limit (`budget.LatencyPredictor.target`), cuts
-the channels, and measures the cut model against the original, interleaved; on a miss the saving still
-needed is scaled by the round's measured saving over its predicted one (`LatencyBudget.retargeted`) and
-the next round aims at that, at most `ROUNDS` times. A round within `TOLERANCE` (5%) of the goal meets
-it; one faster by more likewise aims at a larger allocation. The result is the slowest round that met
-the goal (else the last). When even every group at its floor is predicted
-slower than the limit, that smallest allocation is cut and measured: the prediction of a loaded machine's
-savings can be far off (short layer runs escape the contention that slows a whole model), and the
-rounds scale it by what was measured; only when the measured floor misses the goal too is the target
-out of reach (`TargetOutOfReach`, exit 1, naming the measured speed-up).
+`--target-latency` is brought to that clock by the original's wall time. Each round allocates to a
+predicted-ms limit (`budget.LatencyPredictor.target`), cuts the channels, and measures the cut model
+against the original, interleaved; on a miss the saving still needed is scaled by the round's measured
+saving over its predicted one (`LatencyBudget.retargeted`) and the next round aims at that, at most
+`ROUNDS` times. A round within `TOLERANCE` (5%) of the goal meets it; one faster by more likewise aims at
+a larger allocation. The result is the slowest round that met the goal (else the last). When even every
+group at its floor is predicted slower than the limit, that smallest allocation is cut and measured: the
+prediction of a loaded machine's savings can be far off (short layer runs escape the contention that
+slows a whole model), and the rounds scale it by what was measured; only when the measured floor misses
+the goal too is the target out of reach (`TargetOutOfReach`, exit 1, naming the measured speed-up).
 """
 
 from __future__ import annotations

@@ -133,7 +133,8 @@ def step_counts(analysis: Analysis, final: dict[tuple, tuple[int, int]], step: i
     for group in analysis.prunable_groups():
         channels, kept = final.get(source_names(group), (group.channels, group.channels))
         share = round(channels * (kept / channels) ** (step / steps)) if step < steps else kept
-        counts[group.index] = int(np.clip(round_keep(share, channels, group_round_to(round_to, group.index), group.width), kept, group.channels))
+        rounded = round_keep(share, channels, group_round_to(round_to, group.index), group.width)
+        counts[group.index] = int(np.clip(rounded, kept, group.channels))
     return counts
 
 
@@ -224,12 +225,13 @@ def sparsify_stage(model: onnx.ModelProto, baseline: Baseline, settings: Sparsit
     schedule = []
     for step in range(1, config.steps + 1):
         target = 1.0 - (1.0 - settings.sparsity) ** (step / config.steps)
-        result = sparsify_model(model, shapes, data, replace(settings, sparsity=target), batch)
+        result = sparsify_model(model, shapes, data, replace(settings, sparsity=target), batch,
+                                keep_dense=config.splicing)
         model, entry = result.model, {"target": target, "achieved": result.report["achieved"],
                                       "worst_error": result.report["worst_error"]}
         if config.finetune_steps:
             model, tuned = finetune(model, baseline.loaded.model, data, config.finetune_steps, lr=config.finetune_lr,
-                                    batch_size=batch, seed=config.seed + step, masked=tuple(result.dense),
+                                    batch_size=batch, seed=config.seed + step, masked=result.sparsified,
                                     dense=result.dense if config.splicing else None)
             recount(result.report, model)
             entry.update(finetune_loss={"before": tuned["loss_before"], "after": tuned["loss_after"]},

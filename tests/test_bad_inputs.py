@@ -187,11 +187,14 @@ def test_an_input_of_no_element_type(tmp_path, command):
 
 def test_a_negative_seed_is_a_usage_error(tmp_path):
     from onnxprune import PruneConfig, prune
+    from onnxprune.config import check_config
     from onnxprune.errors import UsageError
 
     assert_failed(run(MODEL, tmp_path / "out.onnx", "--seed", "-5"), 2, "--seed")
-    with pytest.raises(UsageError, match="--seed -5"):
-        prune(str(MODEL), PruneConfig(seed=-5))
+    for seed in (-5, 1.5, True):
+        with pytest.raises(UsageError, match=f"--seed {seed}"):
+            prune(str(MODEL), PruneConfig(seed=seed))
+    check_config(PruneConfig(seed=__import__("numpy").int64(3)))  # a numpy integer is an integer
     assert no_output_in(tmp_path)
 
 

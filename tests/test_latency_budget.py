@@ -15,8 +15,10 @@ from click.testing import CliRunner
 import onnxprune.speed as speed
 import onnxprune.validate.result as result_module
 from onnxprune import PruneConfig, prune, workdir
+from onnxprune.config import check_config
 from onnxprune.cli import main
 from onnxprune.errors import UsageError
+from onnxprune.plan import Plan
 from onnxprune.validate import latency_model as lm
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -181,6 +183,7 @@ def test_a_failed_gate_writes_no_latency_cache_either(fake_timer, tmp_path):
     (dict(target_speedup=2.0, steps=2), "--steps"),
     (dict(predict_latency=True, steps=2), "one step"),
     (dict(round_to="auto", steps=2), "one step"),
+    (dict(round_to="auto", plan=Plan()), "--plan-in fixes them"),
     (dict(round_to="eight"), "auto"),
     (dict(round_to=0), "positive"),
 ])
@@ -285,3 +288,14 @@ def test_a_ray_worker_without_the_drivers_cache_folder_keeps_its_fits_in_its_own
     local = workdir.run_folder() / "sweep.latency.json"
     assert local.exists() and not (tmp_path / "driver").exists()
     local.unlink()
+
+
+def test_with_sparsity_the_steps_are_the_weights_so_the_channel_options_of_one_step_are_accepted(fake_timer):
+    """--sparsity makes --steps the weights' schedule and prunes channels in one step: --round-to auto (and
+    the other one-step channel options) are not refused; the channels follow the measured multiples."""
+    for options in (dict(predict_latency=True), dict(target_speedup=1.2, filters=None)):
+        check_config(PruneConfig(sparsity=0.3, steps=2, **options))
+    report = prune(str(MNIST), PruneConfig(filters=0.4, scorer="l1", round_to="auto", sparsity=0.3,
+                                           sparsity_method="magnitude", steps=2, recover="none")).report
+    assert report["config"]["round_to"] == "auto" and report["latency"]["round_to"]
+    assert [round(s["target"], 3) for s in report["sparsity"]["schedule"]["each"]] == [round(1 - 0.7 ** 0.5, 3), 0.3]

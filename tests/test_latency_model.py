@@ -191,3 +191,22 @@ def test_a_recurrent_fit_has_the_units_twice():
                                rtol=1e-6)
     k, same = lm.sample_counts(32, 32, "depthwise")
     assert (k == same).all() and len(k) >= 6  # a depthwise layer's outputs follow its inputs
+
+
+def test_a_layer_alone_keeps_its_integer_constants_as_they_are():
+    """An LSTM's sequence_lens is timed as given: random lengths (0 here) would time no step at all."""
+    import onnx
+    from onnx import numpy_helper
+
+    from tests.ops.test_recurrent import BUILDERS, STEPS
+
+    model = BUILDERS["lstm_states_peepholes"]()
+    node = next(n for n in model.graph.node if n.op_type == "LSTM")
+    node.input[4] = "lengths"
+    model.graph.initializer.append(numpy_helper.from_array(np.array([STEPS], np.int32), "lengths"))
+    [layer] = [l for l in lm.timed_layers(analyze_model(load(model, {}))) if l.op == "LSTM"]
+    alone = lm.layer_model(layer, layer.c_in // 2, layer.c_out // 2)
+    lengths = next(t for t in alone.graph.initializer if t.data_type == onnx.TensorProto.INT32)
+    assert numpy_helper.to_array(lengths).tolist() == [STEPS]
+    y = session(alone).run(None, {"x": np.ones(layer.input_shape_at(layer.c_in // 2), np.float32)})[0]
+    assert np.abs(y).min() > 0  # every step ran (past a sequence's length Y is zero)

@@ -75,3 +75,13 @@ def test_cli_limits_usage_errors_are_one_line(files, args, message):
     run = CliRunner().invoke(main, ["inspect", str(model), *[str(calib) if a == "CALIB" else a for a in args]])
     assert run.exit_code == 2, run.output
     assert message in run.output and len(run.output.strip().splitlines()) == 1
+
+
+def test_limits_of_a_model_with_external_data_match_the_embedded_ones(files, tmp_path):
+    """Its weights are memory maps (onnxprune.io): the layers' curves read them like embedded ones."""
+    model, calib = files
+    external = tmp_path / "external.onnx"
+    onnx.save(onnx.load(str(model)), str(external), save_as_external_data=True, location="external.data",
+              size_threshold=256)
+    embedded, mapped = (limits(str(m), PruneConfig(calibration=str(calib))) for m in (model, external))
+    assert mapped["layers"] and mapped["layers"] == embedded["layers"]

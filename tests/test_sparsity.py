@@ -399,3 +399,16 @@ def test_cli_quantization_onnxruntime_refuses_exits_3(tmp_path, monkeypatch):
     assert run.exit_code == 3, run.output
     assert "onnxruntime's quantization failed (Unsupported op): run without --quantize" in run.output
     assert len(run.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_the_weights_before_are_kept_only_when_asked():
+    """Splicing's start (the dense weights) is a copy of every sparsified weight: only with keep_dense."""
+    from onnxprune.calib import CalibrationSet
+    from onnxprune.sparsity import SparsitySettings, sparsify_model
+
+    model = gemm_model(trans_b=1, alpha=0.7)
+    data = CalibrationSet({"x": np.zeros((2, 8), np.float32)})
+    settings = SparsitySettings(0.5, method="magnitude")
+    plain, kept = (sparsify_model(model, {"x": [2, 8]}, data, settings, keep_dense=keep) for keep in (False, True))
+    assert plain.dense == {} and plain.sparsified == kept.sparsified == tuple(kept.dense) != ()
+    np.testing.assert_array_equal(kept.dense[kept.sparsified[0]], _weights(model)["B"])

@@ -190,7 +190,7 @@ def find_layers(original: onnx.ModelProto, model: onnx.ModelProto, original_shap
     original_inits = {t.name: t for t in original.graph.initializer}
 
     def original_values(name: str) -> np.ndarray | None:
-        return numpy_helper.to_array(original_inits[name]) if name in original_inits else None
+        return tensor_array(original_inits[name]) if name in original_inits else None
 
     views, skipped = [], []
     level_of: dict[str, int] = {}

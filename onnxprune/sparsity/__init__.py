@@ -67,13 +67,16 @@ def check_sparsity(sparsity: float | None, pattern: str | None, method: str | No
 class SparsityResult:
     model: onnx.ModelProto
     report: dict
-    dense: dict[str, np.ndarray]  # per sparsified weight initializer of `model`, its values before this stage
+    sparsified: tuple[str, ...]  # the weight initializers of `model` this stage zeroed weights of
+    dense: dict[str, np.ndarray]  # with `keep_dense`: per sparsified initializer, its values before this stage
 
 
 def sparsify_model(model: onnx.ModelProto, input_shapes: dict, calibration: CalibrationSet,
-                   settings: SparsitySettings, batch_size: int = 32, grams: dict | None = None) -> SparsityResult:
+                   settings: SparsitySettings, batch_size: int = 32, grams: dict | None = None,
+                   keep_dense: bool = False) -> SparsityResult:
     """`model` (not modified) with weights zeroed as `settings` say, and the report section. `grams`: the
-    layers' input moments when already computed for this model (else measured here)."""
+    layers' input moments when already computed for this model (else measured here); `keep_dense`: also
+    the weights before (splicing's start; a copy of every sparsified weight, so only when asked)."""
     shapes = infer_shapes(model, input_shapes)
     graph = import_graph(model)
     layers = find_layers(graph, shapes, settings.exclude, factorizing=False)
@@ -103,7 +106,7 @@ def sparsify_model(model: onnx.ModelProto, input_shapes: dict, calibration: Cali
         keep = keep_mask(cost, settings.pattern, fraction)
         gram = grams.get(layer.name)
         new = optimal_update(weight, keep, gram) if gram is not None else np.where(keep, weight, 0.0)
-        before = np.array(nodes[layer.name].inputs[1].values)
+        before = np.array(nodes[layer.name].inputs[1].values) if keep_dense else None
         name = _write(nodes[layer.name], layer, new)
         dense[name] = before
         rows.append(_row(layer, keep, relative_error(weight.T, new.T, gram), gram is not None) | {"initializer": name})
@@ -114,7 +117,7 @@ def sparsify_model(model: onnx.ModelProto, input_shapes: dict, calibration: Cali
     report = _report(rows, settings, bool(grams))
     log.info("sparsity: %.1f%% of %d weights zeroed in %d layers", 100 * report["achieved"], report["weights"],
              report["sparsified"])
-    return SparsityResult(out, report, dense)
+    return SparsityResult(out, report, tuple(dense), dense if keep_dense else {})
 
 
 def _write(node: gs.Node, layer: Layer, matrix: np.ndarray) -> str:

@@ -39,6 +39,7 @@ MULTIPLES = (1, 4, 8, 16, 32)
 TIMING = LatencyConfig(runs=7, warmup=2)
 CACHE_VERSION = 2
 KINDS = ("dense", "depthwise", "recurrent")  # Handler.timing_sides
+KEPT_VALUES = 1024  # a non-float constant input up to this size is timed with its own values
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,8 @@ class TimedLayer:
     op: str
     attrs: dict
     input_shape: tuple
-    constants: tuple  # per input after the first: (shape, dtype name) of a constant, None when omitted
+    constants: tuple  # per input after the first: (shape, dtype name[, values]) of a constant (`_constant`),
+    # None when omitted
     outputs: tuple  # per output: whether it is produced (named)
     data_axis: int
     c_out: int
@@ -127,7 +129,7 @@ class TimedLayer:
 
     def key(self) -> list:
         return [self.name, self.op, sorted((k, repr(v)) for k, v in self.attrs.items()), list(self.input_shape),
-                [None if c is None else [list(c[0]), c[1]] for c in self.constants], list(self.outputs), self.kind]
+                [None if c is None else [list(c[0]), *c[1:]] for c in self.constants], list(self.outputs), self.kind]
 
 
 def timed_layer(node, shapes: dict, opset: int) -> TimedLayer | None:
@@ -143,9 +145,25 @@ def timed_layer(node, shapes: dict, opset: int) -> TimedLayer | None:
     data_axis = axis % len(shape)
     if shape[data_axis] != c_in:
         return None
-    constants = tuple((tuple(t.values.shape), t.values.dtype.name) if t.name else None for t in node.inputs[1:])
+    constants = tuple(_constant(t) if t.name else None for t in node.inputs[1:])
     return TimedLayer(layer_label(node), node.op, dict(node.attrs), tuple(int(d) for d in shape), constants,
                       tuple(bool(t.name) for t in node.outputs), data_axis, int(c_out), kind, opset)
+
+
+def _constant(tensor: gs.Constant) -> tuple:
+    """A constant input as `TimedLayer.constants` keeps it: by shape and type (random values time alike),
+    and a small integer one with its values too (sequence lengths: random ones would time no steps)."""
+    values = tensor.values
+    if np.issubdtype(values.dtype, np.floating) or values.size > KEPT_VALUES:
+        return tuple(values.shape), values.dtype.name
+    return tuple(values.shape), values.dtype.name, tuple(values.ravel().tolist())
+
+
+def _constant_values(constant: tuple, rng) -> np.ndarray:
+    shape, dtype = constant[:2]
+    if len(constant) > 2:
+        return np.array(constant[2], dtype=dtype).reshape(shape)
+    return rng.standard_normal(shape).astype(dtype) if shape else np.zeros(shape, dtype)
 
 
 class AloneRewrite:
@@ -175,8 +193,7 @@ def layer_model(layer: TimedLayer, k_in: int, k_out: int) -> onnx.ModelProto:
     outputs that follow them), random weights sliced by its handler's `rewrite`."""
     rng = np.random.default_rng(0)
     x = gs.Variable("x", np.float32, layer.input_shape_at(k_in))
-    inputs = [x] + [gs.Variable("") if c is None else
-                    gs.Constant(f"c{i}", rng.standard_normal(c[0]).astype(c[1]) if c[0] else np.zeros(c[0], c[1]))
+    inputs = [x] + [gs.Variable("") if c is None else gs.Constant(f"c{i}", _constant_values(c, rng))
                     for i, c in enumerate(layer.constants, 1)]
     outputs = [gs.Variable(f"y{i}" if made else "", np.float32) for i, made in enumerate(layer.outputs)]
     node = gs.Node(layer.op, "layer", dict(layer.attrs), inputs, outputs)

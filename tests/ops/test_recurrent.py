@@ -229,3 +229,18 @@ def test_a_recurrent_layers_packed_bias_carries_the_offset_it_is_given(op):
         packed = handler.with_bias_offset(layout, values, offset)
         np.testing.assert_allclose(handler.bias_offset(layout, packed), offset)
     np.testing.assert_allclose(handler.with_bias_offset(layout, b, offset)[:, gates * HIDDEN:], b[:, gates * HIDDEN:])
+
+
+def test_a_recurrent_layer_of_a_model_with_external_data_is_recovered(tmp_path):
+    """The original's weights of a model with external data are memory maps: recovery's target product
+    reads them as such."""
+    import onnx
+
+    from onnxprune import PruneConfig, prune
+
+    path = tmp_path / "model.onnx"
+    onnx.save(BUILDERS["gru"](), str(path), save_as_external_data=True, location="model.data", size_threshold=1024)
+    x = np.random.default_rng(0).standard_normal((24, STEPS, FEATURES)).astype(np.float32)
+    layers = prune(path, PruneConfig(filters=0.5, scorer="l1", calibration={"x": x}, recover="lstsq")).report[
+        "recovery"]["layers"]
+    assert any(l["name"] == "rnn0" and l["status"] == "recovered" for l in layers), layers
