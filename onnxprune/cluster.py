@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 
 INSTALL = "pip install 'onnxprune[ray]'"
 
@@ -35,7 +35,7 @@ def connect(address: str):
             ray.init(address=None if address == "auto" else address, logging_level=logging.WARNING,
                      log_to_driver=False, include_dashboard=False)
         except ConnectionError as exc:
-            raise UsageError(f"--ray {address}: cannot reach a Ray cluster there ({exc}); start one with "
+            raise UsageError(f"--ray {address}: cannot reach a Ray cluster there ({first_line(exc)}); start one with "
                              "`ray start --head` or give its address, e.g. --ray 10.0.0.5:6379") from None
     return ray
 

@@ -43,3 +43,8 @@ class InternalError(Exception):
     """A bug in onnxprune: the rewrite produced an invalid model, an invariant broke."""
 
     exit_code = 4
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message for a one-line error: its first line, or its type's name when it has none."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

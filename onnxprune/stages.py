@@ -14,7 +14,7 @@ from .baseline import Baseline
 from .allocate import group_round_to, round_keep
 from .budget import Target, choose_channels
 from .config import PruneConfig, channel_ratio, recovery_method, scorer_name
-from .errors import NothingToPrune
+from .errors import NothingToPrune, first_line
 from .graph import Analysis, analyze
 from .loading import Loaded, copied_messages
 from .lowrank import LowRankSettings, factorize_model
@@ -53,7 +53,7 @@ def fold_constants(graph: gs.Graph) -> None:
     try:
         graph.fold_constants(fold_shapes=False, error_ok=False, size_threshold=FOLD_LIMIT_BYTES).cleanup()
     except Exception as exc:  # folding is an optimisation of the analysis, never a requirement
-        log.info("constant folding skipped: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        log.info("constant folding skipped: %s", first_line(exc))
 
 
 def group_summary(group, kept: int | None = None) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError, UsageError
+from ..errors import DataError, UsageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def _decode(Image, path: Path, size: tuple[int, int], channels: int, pre: Prepro
             img = _resize_crop(Image, img, size, pre.resize)
             pixels = np.asarray(img, dtype=np.float32)
     except (OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"cannot read image '{path}' ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): "
+        raise DataError(f"cannot read image '{path}' ({first_line(exc)}): "
                         "remove or replace the file") from None
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]

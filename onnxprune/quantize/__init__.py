@@ -22,7 +22,7 @@ from pathlib import Path
 import onnx
 
 from ..calib import CalibrationSet
-from ..errors import ModelError, UsageError
+from ..errors import ModelError, UsageError, first_line
 from ..io import write_model
 from ..workdir import temp_folder
 
@@ -77,7 +77,7 @@ def refused_as_model_error():
     try:
         yield
     except Exception as exc:  # noqa: BLE001
-        raise ModelError(f"onnxruntime's quantization failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): "
+        raise ModelError(f"onnxruntime's quantization failed ({first_line(exc)}): "
                          "run without --quantize, or quantize the written model with onnxruntime yourself") from None
 
 
@@ -108,7 +108,7 @@ def worst_layers(float_path: Path, qdq_path: Path, folder: Path, reader) -> list
             activations.append(debug.collect_activations(str(augmented), reader()))
         errors = debug.compute_activation_error(debug.create_activation_matching(activations[1], activations[0]))
     except Exception as exc:  # noqa: BLE001 -- onnxruntime's debug helpers; the report says why they are absent
-        return f"per-layer errors unavailable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        return f"per-layer errors unavailable: {first_line(exc)}"
     producer = {out: node.name for node in onnx.load_model(str(float_path), load_external_data=False).graph.node
                 for out in node.output}
     ranked = sorted((float(e["xmodel_err"]), name) for name, e in errors.items() if "xmodel_err" in e)

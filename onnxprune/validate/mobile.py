@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from ..errors import first_line
 from ..io import write_model
 from ..workdir import temp_folder
 
@@ -114,7 +115,7 @@ def convert_to_ort(path: pathlib.Path, out_dir: pathlib.Path, feed) -> tuple[dic
         ort_path = out_dir / path.with_suffix(".ort").name
         data = ort_path.read_bytes()
     except Exception as exc:  # the converter raises whatever onnxruntime raised
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = first_line(exc)
         return {"converted": False, "error": message}, None
     section = {"converted": True, "size_bytes": len(data), "optimization_style": "Fixed"}
     if feed is not None:
@@ -129,7 +130,7 @@ def _run_ort(data: bytes, onnx_path: pathlib.Path, feed) -> dict:
     try:
         ort_outputs = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"]).run(None, feed)
     except Exception as exc:
-        return {"runs": False, "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+        return {"runs": False, "error": first_line(exc)}
     onnx_outputs = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"]).run(None, feed)
     diff = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0))
                for a, b in zip(ort_outputs, onnx_outputs))
