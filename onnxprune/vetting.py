@@ -85,11 +85,25 @@ def check_attributes(model: onnx.ModelProto, shapes: dict[str, tuple]) -> None:
         handler = handler_for(node.op_type) if node.domain in ("", "ai.onnx") else None
         if handler is None:
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = attribute_values(node)
         problem = handler.attribute_problem(node.op_type, attrs, [shapes.get(i) for i in node.input],
                                             [shapes.get(o) for o in node.output])
         if problem:
             raise ModelError(f"{label(node)}: {problem}: fix or re-export the model")
+
+
+def attribute_values(node: onnx.NodeProto) -> dict:
+    """The node's attributes by name; one of no known type (bits flipped in the file) is a ModelError."""
+    values = {}
+    for attribute in node.attribute:
+        try:
+            values[attribute.name] = helper.get_attribute_value(attribute)
+        except Exception:  # noqa: BLE001 - onnx raises several kinds on an unknown attribute type
+            values[attribute.name] = None
+        if values[attribute.name] is None:
+            raise ModelError(f"{label(node)}: attribute '{attribute.name}' holds no value of a known type (the file "
+                             "is corrupt or was edited): fix or re-export the model")
+    return values
 
 
 def label(node: onnx.NodeProto) -> str:

@@ -109,6 +109,16 @@ def test_nan_weights_are_refused_by_name(tmp_path):
     assert_refused(run(path, tmp_path / "out.onnx"), f"weight '{weight.name}' holds 1 NaN values")
 
 
+def test_an_attribute_of_no_known_type_is_refused_by_name(tmp_path):
+    """Bits flipped in a Conv's `group` attribute left it of no type (TypeError, exit 4; fuzz seed 1638)."""
+    model = conv_pool(group=1)
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    next(a for a in conv.attribute if a.name == "group").type = onnx.AttributeProto.UNDEFINED
+    path = tmp_path / "untyped_attribute.onnx"
+    onnx.save(model, str(path))
+    assert_refused(run(path, tmp_path / "out.onnx"), "attribute 'group' holds no value of a known type")
+
+
 def test_a_constant_of_terabytes_is_refused_not_allocated(tmp_path):
     shape = numpy_helper.from_array(np.array([10**6, 10**6, 3, 3], np.int64), "w_shape")
     nodes = [helper.make_node("ConstantOfShape", ["w_shape"], ["w"], name="make_w"),
