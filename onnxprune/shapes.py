@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, shape_inference
 
-from .errors import ModelError
+from .errors import ModelError, first_line
 from .io import skeleton
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def static_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) ->
     try:
         inferred = shape_inference.infer_shapes(skeleton(model, input_shapes), data_prop=True)
     except Exception as exc:
-        raise ModelError(f"ONNX shape inference failed on the model ({str(exc).splitlines()[0]}): "
+        raise ModelError(f"ONNX shape inference failed on the model ({first_line(exc)}): "
                          "check --input-shape") from None
     shapes = {}
     for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
@@ -78,7 +78,7 @@ def _shapes_from_runtime(model, input_shapes, names) -> dict[str, tuple]:
         values = sess.run(names, feeds)
     except Exception as exc:
         log.info("could not complete shapes with onnxruntime (%s); %d tensors stay unknown",
-                 str(exc).splitlines()[0], len(names))
+                 first_line(exc), len(names))
         return {}
     log.info("onnxruntime supplied the shapes of %d tensors ONNX inference left open", len(names))
     return {name: tuple(np.shape(v)) for name, v in zip(names, values)}

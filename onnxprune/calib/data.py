@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..errors import DataError, ModelError, OnnxPruneError, UsageError
+from ..errors import DataError, ModelError, OnnxPruneError, UsageError, first_line
 from ..io import graph_inputs
 from ..runtime import available_memory
 from .images import load_image_folder, parse_preprocess
@@ -154,7 +154,7 @@ def _load_path(path: Path, specs: list[InputSpec], preprocess, samples: int | No
             with np.load(path, allow_pickle=False) as data:
                 arrays = {k: data[k] for k in data.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"cannot read calibration data '{path}' ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): "
+        raise DataError(f"cannot read calibration data '{path}' ({first_line(exc)}): "
                         "give an .npz or .npy file written by numpy") from None
     if path.suffix.lower() == ".npy" and len(specs) != 1:
         raise DataError(f"'{path}' is one array but the model has inputs {[s.name for s in specs]}: "

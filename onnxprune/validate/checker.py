@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx
 
-from ..errors import InternalError
+from ..errors import InternalError, first_line
 from ..io import model_size_bytes, serializable
 from ..runtime import EXTERNAL_ABOVE_BYTES, on_disk
 
@@ -17,7 +17,7 @@ def _checker_error(model) -> str | None:
             with on_disk(model, copy_mapped=True) as path:  # the checker refuses linked data files
                 onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        return str(exc).strip().splitlines()[0]
+        return first_line(exc)
     return None
 
 
