@@ -1,5 +1,5 @@
-"""SIGKILL at seeded points of a CLI run with calibration and recovery: no output, the inputs unchanged, and
-nothing of the killed runs left once a later run has completed (it sweeps what they left).
+"""SIGKILL at seeded points of a CLI run with calibration and recovery: no output (or a whole one, when the kill
+came after it was published), the inputs unchanged, and nothing of the killed runs left once a later run has completed (it sweeps what they left).
 
 The CLI runs in a subprocess with TMPDIR pointed at a private folder, so whatever a run leaves is counted.
 The kill times are drawn between the moment the first run made its run folder and its end; one more kill
@@ -10,6 +10,7 @@ what each kill left before the sweep.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL, CALIB = ROOT / "models" / "mnist_resnet.onnx", ROOT / "models" / "mnist_calib.npz"
@@ -104,6 +106,21 @@ def kill_in_calibration(setup: Setup, name: str) -> bool:
     return kill(proc)
 
 
+def complete_outputs(setup: Setup, name: str) -> set[str]:
+    """The files a killed run published (a kill can land after the model was published and before the
+    process ended, when a run is quicker than the first); each must be whole: the checker passes on the
+    model, the report parses."""
+    out = setup.root / "out"
+    published = {p.name for p in out.glob(f"{name}.*")}
+    assert published <= {f"{name}.onnx", f"{name}.json"}, published
+    if f"{name}.onnx" in published:
+        onnx.checker.check_model(str(out / f"{name}.onnx"), full_check=True)
+    if f"{name}.json" in published:
+        assert f"{name}.onnx" in published, "the report was published before the model"
+        json.loads((out / f"{name}.json").read_text())
+    return published
+
+
 def test_killed_runs_leave_no_output_and_the_next_run_removes_their_temporary_files(tmp_path):
     setup = Setup.make(tmp_path)
     before = setup.inputs()
@@ -113,18 +130,20 @@ def test_killed_runs_leave_no_output_and_the_next_run_removes_their_temporary_fi
     points = [(f"at{i}", lambda name, t=t: kill_after(setup, name, t))
               for i, t in enumerate(sorted(rng.uniform(made, took, size=3)))]
     points.append(("calibration", lambda name: kill_in_calibration(setup, name)))
-    killed = []
+    written = {f"{name}.{ext}" for name in ("first", "last") for ext in ("onnx", "json")}
+    killed_before_output = []
     for name, run in points:
-        if run(name):
-            killed.append(name)
-            assert not (tmp_path / "out" / f"{name}.onnx").exists() and not (tmp_path / "out" / f"{name}.json").exists()
+        killed = run(name)
+        published = complete_outputs(setup, name)
+        written |= published
+        if killed and not published:
+            killed_before_output.append(name)
         assert setup.inputs() == before
-    assert "calibration" in killed and len(killed) >= 2, f"only {killed} of the runs were killed before they ended"
+    assert "calibration" in killed_before_output and len(killed_before_output) >= 2, \
+        f"only {killed_before_output} of the runs were killed before their output appeared"
     last = setup.start("last")
     _, err = last.communicate()
     assert last.returncode == 0, err
     assert setup.leftovers("tmp") == {}
-    written = {f"{name}.{ext}" for name in ["first", "last"] + [n for n, _ in points if n not in killed]
-               for ext in ("onnx", "json")}
     assert set(setup.leftovers("out")) == written
     assert setup.inputs() == before
