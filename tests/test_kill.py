@@ -1,5 +1,6 @@
 """SIGKILL at seeded points of a CLI run with calibration and recovery: no output (or a whole one, when the kill
-came after it was published), the inputs unchanged, and nothing of the killed runs left once a later run has completed (it sweeps what they left).
+came after it was published), the inputs unchanged, and nothing of the killed runs left once a later run has
+completed (it sweeps what they left).
 
 The CLI runs in a subprocess with TMPDIR pointed at a private folder, so whatever a run leaves is counted.
 The kill times are drawn between the moment the first run made its run folder and its end; one more kill
