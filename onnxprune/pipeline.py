@@ -17,6 +17,7 @@ from .baseline import Baseline, prepare
 from .config import PruneConfig, check_config, config_section, latency_wanted, lowrank_settings, sparsity_settings
 from .errors import NothingToPrune
 from .plan import Plan
+from .quantize import excluded_nodes
 from .recover.training import require_training
 from .report import report_header
 from .speed import counts_of, latency_budget, latency_rounds
@@ -57,6 +58,8 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
     timings = {}
     with timed(timings, "load"):
         baseline = model if isinstance(model, Baseline) else prepare(model, config)
+        if lowrank_settings(config) is None:  # no node will be added: a glob matching none is refused now
+            excluded_nodes(baseline.loaded.model, config.quantize_exclude)
         baseline.reference()  # now, while the original is the only model in memory
     loaded = baseline.loaded
 

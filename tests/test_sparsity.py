@@ -412,3 +412,11 @@ def test_the_weights_before_are_kept_only_when_asked():
     plain, kept = (sparsify_model(model, {"x": [2, 8]}, data, settings, keep_dense=keep) for keep in (False, True))
     assert plain.dense == {} and plain.sparsified == kept.sparsified == tuple(kept.dense) != ()
     np.testing.assert_array_equal(kept.dense[kept.sparsified[0]], _weights(model)["B"])
+
+
+def test_cli_quantize_exclude_matching_no_node_is_refused_before_any_work(tmp_path, monkeypatch):
+    import onnxprune.baseline
+    monkeypatch.setattr(onnxprune.baseline.Baseline, "reference", lambda self: pytest.fail("calibration ran"))
+    run = CliRunner().invoke(main, [MNIST, str(tmp_path / "out.onnx"), "--filters", "0.25", "--quantize", "int8",
+                                    "--calib", MNIST_CALIB, "--quantize-exclude", "nosuchnode"])
+    assert run.exit_code == 2 and "--quantize-exclude 'nosuchnode' matches no node" in run.output, run.output
