@@ -248,6 +248,8 @@ def format_recovery(report: dict) -> list[str]:
     if finetune:
         lines.append(f"  finetune  {finetune['steps']} {finetune['loss']} distillation steps (lr {finetune['lr']:g}): "
                      f"loss {finetune['loss_before']:.4g} -> {finetune['loss_after']:.4g} on the calibration data")
+        if finetune.get("kept"):
+            lines.append(f"  kept      {finetune['kept']}")
     return lines
 
 

@@ -242,6 +242,15 @@ def sparsify_stage(model: onnx.ModelProto, baseline: Baseline, settings: Sparsit
     return model, result.report
 
 
+def kept_if_lower_loss(before: onnx.ModelProto, tuned: onnx.ModelProto, section: dict) -> onnx.ModelProto:
+    """The fine-tuned model when fine-tuning lowered the loss, else the model before it (a few Adam steps
+    can raise it above the least-squares fit's), said in the report's section."""
+    if section["loss_after"] <= section["loss_before"]:
+        return tuned
+    section["kept"] = "the model before fine-tuning: its steps raised the loss (give more steps or a lower --finetune-lr)"
+    return before
+
+
 def store_stage(model: onnx.ModelProto, report: dict) -> onnx.ModelProto:
     """The validated sparse model with its zeros stored sparse where that is smaller; the report's
     `sparsity.storage` and `after.size_bytes` say what the file takes. A model written with external data
@@ -281,9 +290,10 @@ def recover_stage(pruned: onnx.ModelProto, baseline: Baseline, masks: dict, conf
         recovery["note"] = "fitted on synthetic inputs: give --calib with real samples for a meaningful fit"
     sections = {"recovery": recovery}
     if config.finetune_steps:
-        pruned, sections["finetune"] = finetune(pruned, loaded.model, baseline.fit_data, config.finetune_steps,
-                                                lr=config.finetune_lr, batch_size=baseline.largest_batch,
-                                                seed=config.seed)
+        tuned, sections["finetune"] = finetune(pruned, loaded.model, baseline.fit_data, config.finetune_steps,
+                                               lr=config.finetune_lr, batch_size=baseline.largest_batch,
+                                               seed=config.seed)
+        pruned = kept_if_lower_loss(pruned, tuned, sections["finetune"])
         if calibration.source == "synthetic":
             sections["finetune"]["note"] = "trained on synthetic inputs: give --calib with real samples"
     return pruned, sections

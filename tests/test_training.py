@@ -356,3 +356,33 @@ def test_the_pp_ocr_models_fine_tune(name):
     assert tuned.graph.input[0].type.tensor_type.shape == teacher.graph.input[0].type.tensor_type.shape
     np.testing.assert_allclose(session(tuned).run(None, {"x": x[:1]})[0], session(teacher).run(None, {"x": x[:1]})[0],
                                atol=1e-3)
+
+
+def test_prune_keeps_the_recovered_model_when_fine_tuning_raises_the_loss(files, tmp_path):
+    """At a learning rate far too high the steps raise the loss: the least-squares fit is written instead."""
+    runs = {}
+    for name, extra in (("recovered", []), ("diverged", ["--finetune-steps", "3", "--finetune-lr", "1.0"])):
+        out, report = tmp_path / f"{name}.onnx", tmp_path / f"{name}.json"
+        result = CliRunner().invoke(main, [str(files["teacher"]), str(out), "--filters", "0.5", "--round-to", "1",
+                                           "--calib", str(files["calib"]), "--report", str(report), *extra])
+        assert result.exit_code == 0, result.output
+        runs[name] = (initializers(onnx.load(str(out))), json.loads(report.read_text()), result.output)
+    weights, report, output = runs["diverged"]
+    assert report["finetune"]["loss_after"] > report["finetune"]["loss_before"]
+    assert "raised the loss" in report["finetune"]["kept"] and "raised the loss" in output
+    assert weights.keys() == runs["recovered"][0].keys()
+    for name, values in weights.items():
+        np.testing.assert_array_equal(values, runs["recovered"][0][name])
+
+
+def test_prune_fine_tunes_a_model_with_external_data(files, tmp_path):
+    """The weights are memory-mapped from the data file; onnxruntime-training gets them in the proto."""
+    source = tmp_path / "external" / "teacher.onnx"
+    source.parent.mkdir()
+    onnx.save_model(onnx.load(str(files["teacher"])), str(source), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="teacher.data", size_threshold=0)
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, [str(source), str(out), "--filters", "0.5", "--round-to", "1",
+                                       "--calib", str(files["calib"]), "--finetune-steps", "5", "--finetune-lr", "1e-4"])
+    assert result.exit_code == 0, result.output
+    check_model(onnx.load(str(out)))

@@ -24,7 +24,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import InternalError, ModelError, UsageError
+from ..io import EXTERNAL_DATA_THRESHOLD, inlined, model_size_bytes
 from ..workdir import publish, staging_path, temp_folder
 from . import FINETUNE_LR
 from .masks import HeldWeights
@@ -126,7 +129,7 @@ def export_training(model: onnx.ModelProto, directory: str | os.PathLike, loss: 
     _, artifacts, onnxblock = require_training()
     if loss not in LOSSES:
         raise UsageError(f"unknown loss '{loss}': choose one of {', '.join(LOSSES)}")
-    model = with_input_shapes(model, input_shapes or {})
+    model = with_input_shapes(trainable_copy(model), input_shapes or {})
     model, folded = fold_batchnorm(model)
     model, spelled_out = decompose_for_training(model)
     outputs = float_outputs(model)
@@ -152,7 +155,7 @@ def export_training(model: onnx.ModelProto, directory: str | os.PathLike, loss: 
                            "input shapes (--input-shape NAME:DIMS; Python: input_shapes={name: dims}), or use `onnxprune finetune`, "
                            "which trains at the calibration data's shape")
     if teacher is not None:
-        teacher = teacher_for_training(teacher)
+        teacher = teacher_for_training(trainable_copy(teacher))
     base = with_teacher(model, teacher) if teacher is not None else copy_model(model)
     base.ir_version = min(base.ir_version, onnx.IR_VERSION)
     block = loss_block(onnxblock, loss, loss_outputs, teacher is not None, opset_of(model))
@@ -162,8 +165,9 @@ def export_training(model: onnx.ModelProto, directory: str | os.PathLike, loss: 
     staging.mkdir()
     try:
         try:
-            artifacts.generate_artifacts(base, requires_grad=trainable, frozen_params=frozen_names, loss=block,
-                                         optimizer=artifacts.OptimType.AdamW, artifact_directory=staging)
+            with native_stderr_logged():
+                artifacts.generate_artifacts(base, requires_grad=trainable, frozen_params=frozen_names, loss=block,
+                                             optimizer=artifacts.OptimType.AdamW, artifact_directory=staging)
         except Exception as exc:  # onnxruntime's C++ errors: keep the line that names the op
             raise NotTrainable(f"onnxruntime-training could not build the training graph: {_reason(exc)}") from None
         manifest = {"inputs": [i.name for i in model.graph.input], "outputs": [o.name for o in model.graph.output],
@@ -178,6 +182,36 @@ def export_training(model: onnx.ModelProto, directory: str | os.PathLike, loss: 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+@contextmanager
+def native_stderr_logged():
+    """Builds onnxruntime-training's graphs with the process's stderr in an anonymous file: its C++ graph
+    passes print every transformer at info level whatever the logger's severity. Their lines are logged
+    at debug level."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode(errors="replace")
+            if text:
+                log.debug("onnxruntime-training printed: %s", text[-2000:])
+
+
+def trainable_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with its weights in the proto: onnxruntime-training builds its graphs from one protobuf, so
+    memory-mapped external weights are read in, and a model over protobuf's 2 GB limit is refused."""
+    if model_size_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        raise NotTrainable(f"the model's weights ({model_size_bytes(model) / 1e9:.1f} GB) exceed the 2 GB "
+                           "onnxruntime-training builds its training graph in: fine-tune it in the framework it "
+                           "came from, or prune without --finetune-steps")
+    return inlined(model)
 
 
 def _dims(value) -> str:
