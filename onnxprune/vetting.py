@@ -11,10 +11,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ModelError
+from .io import mapped, tensor_array
 from .ops import handler_for
 from .runtime import available_memory
 
 
+NAN_SLICE = 1 << 24  # elements checked for NaN at once
 FLOATING = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
@@ -66,6 +68,10 @@ def check_initializers(model: onnx.ModelProto) -> None:
     """Every initializer holds the values its dims say, and no floating-point one holds NaN (Inf may be
     meant: attention masks use it)."""
     for tensor in model.graph.initializer:
+        if mapped(tensor):  # its size was checked against the data file when it was mapped
+            if tensor.data_type in FLOATING:
+                check_no_nan(tensor.name, tensor_array(tensor))
+            continue
         if tensor.data_location == TensorProto.EXTERNAL:
             continue
         try:
@@ -74,9 +80,17 @@ def check_initializers(model: onnx.ModelProto) -> None:
             dims = "x".join(str(d) for d in tensor.dims) or "a scalar"
             raise ModelError(f"weight '{tensor.name}' does not hold the values its dims ({dims}) say "
                              f"({type(exc).__name__}): the file is corrupt or was edited; re-export it") from None
-        if tensor.data_type in FLOATING and np.isnan(values).any():
-            raise ModelError(f"weight '{tensor.name}' holds {int(np.isnan(values).sum())} NaN values: the model is "
-                             "broken (a diverged training run or a bad export); fix or re-export it")
+        if tensor.data_type in FLOATING:
+            check_no_nan(tensor.name, values)
+
+
+def check_no_nan(name: str, values: np.ndarray) -> None:
+    """A ModelError when `values` hold NaN; read in slices, so a mapped weight is not copied whole."""
+    flat = values.reshape(-1)
+    nans = sum(int(np.isnan(flat[start:start + NAN_SLICE]).sum()) for start in range(0, flat.size, NAN_SLICE))
+    if nans:
+        raise ModelError(f"weight '{name}' holds {nans} NaN values: the model is broken (a diverged training run "
+                         "or a bad export); fix or re-export it")
 
 
 def check_attributes(model: onnx.ModelProto, shapes: dict[str, tuple]) -> None:

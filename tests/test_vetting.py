@@ -98,14 +98,16 @@ def test_the_first_session_survives_a_real_sigfpe(tmp_path):
         first_run(model, {"data_0": np.zeros((1, 3, 224, 224), np.float32)})
 
 
-def test_nan_weights_are_refused_by_name(tmp_path):
+@pytest.mark.parametrize("external", [False, True])
+def test_nan_weights_are_refused_by_name(tmp_path, external):
+    """In the proto, or in an external data file (memory-mapped, read in slices)."""
     model = conv_pool()
     weight = model.graph.initializer[0]
     values = numpy_helper.to_array(weight).copy()
     values.flat[3] = np.nan
     weight.CopyFrom(numpy_helper.from_array(values, weight.name))
     path = tmp_path / "nan.onnx"
-    onnx.save(model, str(path))
+    onnx.save_model(model, str(path), save_as_external_data=external, location="nan.data", size_threshold=0)
     assert_refused(run(path, tmp_path / "out.onnx"), f"weight '{weight.name}' holds 1 NaN values")
 
 
