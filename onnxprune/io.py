@@ -488,12 +488,26 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> list[Path]:
         staging.mkdir()
         staged = write_model(model, staging / path.name, copy_mapped=True)  # the model file first
         written = [path.parent / file.name for file in staged]
+        stale = [file for file in _data_files_of(path) if file not in written]
         publish(list(zip(staged, written))[::-1])
+        for file in stale:  # the replaced output's weights, which the new output does not read
+            file.unlink(missing_ok=True)
         return written
     except OSError as exc:
         raise UsageError(f"cannot write '{path}' ({exc.strerror or exc}): free space or choose another output path") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _data_files_of(path: Path) -> list[Path]:
+    """'<name>.data' beside `path` when the model file there (if any) reads it: the file `save_model`
+    writes a large output's weights to."""
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 -- no file, or not a model: nothing of ours to replace
+        return []
+    data = f"{path.name}.data"
+    return [path.parent / data] if any(_location(t) == data for t in _external_tensors(model)) else []
 
 
 def serializable(model: onnx.ModelProto) -> bool:

@@ -87,6 +87,21 @@ def test_models_over_the_protobuf_limit_are_saved_with_external_data(tmp_path, m
     assert all(t.data_location == onnx.TensorProto.DEFAULT for t in result.model.graph.initializer)
 
 
+def test_a_small_output_replacing_a_large_one_removes_its_data_file(tmp_path, monkeypatch):
+    """out.onnx written with out.onnx.data, then overwritten by a model in one file: the old weights go;
+    a data file the old output did not read is left alone."""
+    result = prune(models.flatten_gemm(), PruneConfig(filters=0.5, round_to=1))
+    out = tmp_path / "out.onnx"
+    with monkeypatch.context() as patch:
+        patch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 1000)
+        assert [p.name for p in io.save_model(result.model, out)] == ["out.onnx", "out.onnx.data"]
+    assert io.save_model(result.model, out) == [out]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
+    (tmp_path / "out.onnx.data").write_bytes(b"someone else's")
+    io.save_model(result.model, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "out.onnx.data"]
+
+
 def test_old_opset_is_converted(tmp_path):
     model = models.conv_bn_relu()
     model.opset_import[0].version = 9
