@@ -4,10 +4,11 @@ SkipLayerNormalization, BiasGelu; the fusion needs sympy: without it that row sa
 
 Per graph: coverage and the prunable heads and FFN neurons (`onnxprune inspect`); then for each scorer
 (obs, which allocates by error per MAC; wanda, at one ratio for every group) at each fraction of MACs
-kept (--target-macs, calibration inputs, lstsq recovery): the heads and FFN neurons kept, the cosine of the sentence embedding (the mean-pooled output) on held-out inputs
-(over the whole output, and the mean of each sentence's), the Spearman correlation of the similarities of
-every pair of held-out sentences (original against pruned), and onnxruntime latency at sequence length 128 (1 thread, median of 30 runs, original and pruned timed in
-alternation).
+kept (--target-macs, calibration inputs, lstsq recovery): the heads and FFN neurons kept, the cosine of
+the sentence embedding (the mean-pooled output) on held-out inputs (over the whole output, and the mean
+of each sentence's), the Spearman correlation of the similarities of every pair of held-out inputs
+(original against pruned), and onnxruntime latency at sequence length 128 (1 thread, median of 30 runs,
+original and pruned timed in alternation).
 
 Inputs (--text): real English sentences of the scikit-learn wheel, tokenized by the model's WordPiece
 tokenizer (bench/_sentences.py; needs `tokenizers`, the bench extra), disjoint calibration and evaluation
@@ -50,6 +51,7 @@ def tokens(count: int, length: int, seed: int) -> dict:
 def inputs(text: str | None, calib_samples: int, eval_samples: int) -> tuple[dict, dict, str]:
     """Calibration and evaluation feeds and what they are: real sentences unless `text` is "random"
     (when `text` is None and real ones cannot be had, random ids, saying why)."""
+    why = ""
     if text != "random":
         try:
             calibration, evaluation, _ = _sentences.feeds(calib_samples, eval_samples)
@@ -58,8 +60,6 @@ def inputs(text: str | None, calib_samples: int, eval_samples: int) -> tuple[dic
             if text == "real":
                 raise SystemExit(f"--text real: {error}") from None
             why = f" (no real sentences: {error})"
-    else:
-        why = ""
     return tokens(calib_samples, LENGTH, seed=0), tokens(eval_samples, LENGTH, seed=1), f"random token ids{why}"
 
 
