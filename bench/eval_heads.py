@@ -4,14 +4,19 @@ SkipLayerNormalization, BiasGelu; the fusion needs sympy: without it that row sa
 
 Per graph: coverage and the prunable heads and FFN neurons (`onnxprune inspect`); then for each scorer
 (obs, which allocates by error per MAC; wanda, at one ratio for every group) at each fraction of MACs
-kept (--target-macs, calibration inputs, lstsq recovery): the heads and FFN neurons kept, the cosine of the sentence embedding (the mean-pooled output) on held-out inputs, and
-onnxruntime latency at sequence length 128 (1 thread, median of 30 runs, original and pruned timed in
-alternation).
+kept (--target-macs, calibration inputs, lstsq recovery): the heads and FFN neurons kept, the cosine of
+the sentence embedding (the mean-pooled output) on held-out inputs (over the whole output, and the mean
+of each sentence's), the Spearman correlation of the similarities of every pair of held-out inputs
+(original against pruned), and onnxruntime latency at sequence length 128 (1 thread, median of 30 runs,
+original and pruned timed in alternation).
 
-Inputs: random token ids framed by [CLS] and [SEP], 16 long (no tokenizer ships with the model, so no
-real sentences): 64 calibrate, 32 others evaluate.
+Inputs (--text): real English sentences of the scikit-learn wheel, tokenized by the model's WordPiece
+tokenizer (bench/_sentences.py; needs `tokenizers`, the bench extra), disjoint calibration and evaluation
+sets; or random token ids framed by [CLS] and [SEP], 16 long. Real is the default when its tokenizer and
+text can be had; otherwise the script says why and uses random ids.
 
-    python bench/eval_heads.py [--macs 0.7,0.5] [--scorers obs,wanda] [--calib-samples 64] [--eval-samples 32]
+    python bench/eval_heads.py [--macs 0.7,0.5] [--scorers obs,wanda] [--calib-samples 128] [--eval-samples 64]
+                               [--text real|random]
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from onnxprune.runtime import session  # noqa: E402
 from onnxprune.validate.latency import LatencyConfig, summarize, time_runs  # noqa: E402
 from tests.real_models import fetch, input_shapes  # noqa: E402
 
+import _sentences  # noqa: E402
+
 LENGTH, LATENCY_LENGTH = 16, 128
 EMBEDDING = "461"  # the mean-pooled sentence embedding [batch, 384]
 
@@ -39,6 +46,25 @@ def tokens(count: int, length: int, seed: int) -> dict:
     ids = np.random.default_rng(seed).integers(1000, 20000, size=(count, length))
     ids[:, 0], ids[:, -1] = 101, 102  # [CLS] ... [SEP]
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def inputs(text: str | None, calib_samples: int, eval_samples: int) -> tuple[dict, dict, str]:
+    """Calibration and evaluation feeds and what they are: real sentences unless `text` is "random"
+    (when `text` is None and real ones cannot be had, random ids, saying why)."""
+    why = ""
+    if text != "random":
+        try:
+            calibration, evaluation, _ = _sentences.feeds(calib_samples, eval_samples)
+            return calibration, evaluation, f"real sentences, padded to {calibration['input_ids'].shape[1]} tokens"
+        except _sentences.TextUnavailable as error:
+            if text == "real":
+                raise SystemExit(f"--text real: {error}") from None
+            why = f" (no real sentences: {error})"
+    return tokens(calib_samples, LENGTH, seed=0), tokens(eval_samples, LENGTH, seed=1), f"random token ids{why}"
+
+
+def embeddings(model, feed: dict) -> np.ndarray:
+    return session(model, threads=1).run([EMBEDDING], feed)[0]
 
 
 def fused(path: Path, work: Path) -> tuple[Path | None, str]:
@@ -67,13 +93,14 @@ def latency(original, pruned) -> tuple[float, float]:
     return summarize(times["before"])["median_ms"], summarize(times["after"])["median_ms"]
 
 
-def rows(name: str, path: Path, macs: list[float], scorers: list[str], calib_samples: int, eval_samples: int):
-    shapes = {"input_ids": [1, LENGTH], "attention_mask": [1, LENGTH]}
+def rows(name: str, path: Path, macs: list[float], scorers: list[str], calibration: dict, evaluation: dict):
+    length = calibration["input_ids"].shape[1]
+    shapes = {"input_ids": [1, length], "attention_mask": [1, length]}
     info = onnxprune.inspect(str(path), shapes)
     yield (f"{name:<8}{'inspect':>16}{info['coverage']:>10.1%}{units(info['groups'], True, 'channels'):>7}"
            f"{units(info['groups'], False, 'channels'):>7}")
-    data = dict(calibration=tokens(calib_samples, LENGTH, seed=0), evaluation=tokens(eval_samples, LENGTH, seed=1),
-                input_shapes=shapes)
+    data = dict(calibration=calibration, evaluation=evaluation, input_shapes=shapes)
+    original = embeddings(str(path), evaluation)
     for scorer in scorers:
         for fraction in macs:
             result = onnxprune.prune(str(path), PruneConfig(target_macs=fraction, scorer=scorer, recover="lstsq", **data))
@@ -81,30 +108,37 @@ def rows(name: str, path: Path, macs: list[float], scorers: list[str], calib_sam
             groups = report["groups"]
             before_ms, after_ms = latency(str(path), result.model)
             kept = report["after"]["macs"] / report["before"]["macs"]
+            sentence_cosine, spearman = _sentences.agreement(original, embeddings(result.model, evaluation))
             yield (f"{name:<8}{f'{scorer} MACs {fraction:.0%}':>16}{kept:>10.1%}{units(groups, True, 'channels_after'):>7}"
                    f"{units(groups, False, 'channels_after'):>7}"
-                   f"{report['fidelity']['per_output'][EMBEDDING]['cosine']:>9.4f}{before_ms:>9.1f}{after_ms:>9.1f}")
+                   f"{report['fidelity']['per_output'][EMBEDDING]['cosine']:>9.4f}{sentence_cosine:>9.4f}{spearman:>9.4f}"
+                   f"{before_ms:>9.1f}{after_ms:>9.1f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--macs", default="0.7,0.5")
     parser.add_argument("--scorers", default="obs,wanda")
-    parser.add_argument("--calib-samples", type=int, default=64)
-    parser.add_argument("--eval-samples", type=int, default=32)
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--eval-samples", type=int, default=64)
+    parser.add_argument("--text", choices=("real", "random"), default=None,
+                        help="real sentences (the default when they can be had) or random token ids")
     args = parser.parse_args()
     macs = [float(m) for m in args.macs.split(",")]
     assert input_shapes("minilm")["input_ids"][0] == 1
     plain = fetch("minilm")
-    print(f"{'graph':<8}{'setting':>16}{'coverage':>10}{'heads':>7}{'FFN':>7}{'cosine':>9}{'ms/128':>9}{'pruned':>9}")
-    print(f"{'':<8}{'':>16}{'/ MACs':>10}{'':>7}{'':>7}{'(embed.)':>9}{'before':>9}{'ms/128':>9}")
+    calibration, evaluation, what = inputs(args.text, args.calib_samples, args.eval_samples)
+    print(f"inputs: {what}; {len(calibration['input_ids'])} calibrate, {len(evaluation['input_ids'])} others evaluate")
+    print(f"{'graph':<8}{'setting':>16}{'coverage':>10}{'heads':>7}{'FFN':>7}{'cosine':>9}{'sentence':>9}{'Spearman':>9}"
+          f"{'ms/128':>9}{'pruned':>9}")
+    print(f"{'':<8}{'':>16}{'/ MACs':>10}{'':>7}{'':>7}{'(embed.)':>9}{'cosine':>9}{'(pairs)':>9}{'before':>9}{'ms/128':>9}")
     with tempfile.TemporaryDirectory() as work:
         fused_path, why_not = fused(plain, Path(work))
         for name, path in (("plain", plain), ("fused", fused_path)):
             if path is None:
                 print(f"{name:<8}skipped: {why_not}")
                 continue
-            for line in rows(name, path, macs, args.scorers.split(","), args.calib_samples, args.eval_samples):
+            for line in rows(name, path, macs, args.scorers.split(","), calibration, evaluation):
                 print(line, flush=True)
 
 
