@@ -276,7 +276,9 @@ def format_inspect(info: dict, model) -> str:
         f"{'group':<32}{'channels':>9}  {'members':>7}  status",
     ]
     for g in groups:
-        status = "prunable" if g["prunable"] else "blocked: " + "; ".join(g["reasons"])
+        status = "blocked: " + "; ".join(g["reasons"]) if not g["prunable"] else (
+            f"prunable, inexact: {g['inexact'][0]}" + (f" (and {len(g['inexact']) - 1} more)" if len(g["inexact"]) > 1 else "")
+            if g.get("inexact") else "prunable")
         lines.append(f"{g['name'][:31]:<32}{g['channels']:>9}  {len(g['members']):>7}  {status}")
     return "\n".join(lines)
 
