@@ -448,11 +448,13 @@ class GatherHandler(Handler):
     """Picking positions along an axis that carries no channels (a class token `x[:, 0]`, one part of a
     packed Q/K/V) keeps the channels, on an axis shifted by the indices' rank; along the channel axis it
     blocks. With the hidden-size option, an embedding lookup (rows of a constant [tokens, width] table
-    picked by computed ids) is a source of `width` channels on the output's last axis: the table's columns."""
+    picked by computed ids) is a source of `width` channels on the output's last axis: the table's columns
+(a graph output carrying them keeps its width, `AnalysisContext.widen`)."""
 
     def propagate(self, node, ctx):
         if ctx.allows(HIDDEN) and self.embedding_table(node) is not None and ctx.shape(node.outputs[0]):
-            ctx.new_source(node, node.outputs[0], self.embedding_table(node).shape[1], len(ctx.shape(node.outputs[0])) - 1)
+            ctx.widen(ctx.new_source(node, node.outputs[0], self.embedding_table(node).shape[1],
+                                     len(ctx.shape(node.outputs[0])) - 1))
             return
         found = _tracked_input(node, ctx, node.inputs[:2])
         if found is None:
