@@ -172,3 +172,36 @@ def test_the_cli_flag_reaches_inspect_and_prune_and_its_plan_applies_again(tmp_p
     refused = runner.invoke(main, ["prune", str(path), str(tmp_path / "c.onnx"), *data,
                                    "--plan-in", str(tmp_path / "plan.json")])
     assert refused.exit_code == 2 and not (tmp_path / "c.onnx").exists()
+
+
+def embed_layer_norm(seed: int = 0):
+    """onnxruntime's EmbedLayerNormalization (word, position, segment tables, gamma, beta) -> fc1 16->32 ->
+    Relu -> fc2 32->16 -> SkipLayerNormalization(skip: the embedding) -> head 16->8."""
+    b = Builder(seed)
+    tables = [b.randn("word", [VOCAB, WIDTH]), b.randn("position", [SEQ, WIDTH]), b.randn("segment", [2, WIDTH])]
+    norm = [b.const("embed.gamma", b.rng.uniform(0.5, 1.5, WIDTH)), b.randn("embed.beta", [WIDTH], 0.1)]
+    h, _ = b.node("EmbedLayerNormalization", "embed", ["ids", "segments", *tables, *norm], n_out=2,
+                  domain="com.microsoft", epsilon=1e-5)
+    inner = b.relu("relu", b.matmul("fc1", h, WIDTH, FFN))
+    params = [b.const("norm.gamma", b.rng.uniform(0.5, 1.5, WIDTH)), b.randn("norm.beta", [WIDTH], 0.1)]
+    h = b.node("SkipLayerNormalization", "norm", [b.matmul("fc2", inner, FFN, WIDTH), h, *params],
+               domain="com.microsoft", epsilon=1e-5)
+    b.output(b.matmul("head", h, WIDTH, 8))
+    return b.model([("ids", [1, SEQ], TensorProto.INT32), ("segments", [1, SEQ], TensorProto.INT32)],
+                   outputs=[("y", [1, SEQ, 8])], name="embed_layer_norm", domains=MICROSOFT)
+
+
+def test_embed_layer_normalization_is_the_stream_source_of_a_fused_graph():
+    model = embed_layer_norm()
+    assert not any(g["prunable"] and g["channels"] == WIDTH for g in inspect(model)["groups"])
+    stream = next(g for g in inspect(model, hidden=True)["groups"] if "embed" in g["sources"])
+    assert stream["prunable"] and stream["sources"] == ["embed", "fc2"] and len(stream["inexact"]) == 2
+    rng = np.random.default_rng(0)
+    data = {"ids": rng.integers(0, VOCAB, (8, SEQ)).astype(np.int32), "segments": np.zeros((8, SEQ), np.int32)}
+    result = prune(model, PruneConfig(filters=0.25, round_to=1, scorer="l1", hidden=True, calibration=data,
+                                      recover="none"))
+    pruned = next(g for g in result.report["groups"] if "embed" in g["sources"])
+    assert pruned["channels_after"] == WIDTH - 4
+    word = next(t for t in result.model.graph.initializer if t.name == "word")
+    assert list(word.dims) == [VOCAB, WIDTH - 4]
+    assert run(result.model, {k: v[:1] for k, v in data.items()})[0].shape == (1, SEQ, 8)
