@@ -2,16 +2,20 @@
 FFN 1536), as exported (plain) and as fused by `onnxruntime.transformers.optimizer` (Attention,
 SkipLayerNormalization, BiasGelu; the fusion needs sympy: without it that row says so and is skipped).
 
-Per graph: coverage and the prunable heads and FFN neurons (`onnxprune inspect`); then for each scorer
-(obs, which allocates by error per MAC; wanda, at one ratio for every group) at each fraction of MACs
-kept (--target-macs, calibration inputs, lstsq recovery): the heads and FFN neurons kept, the cosine of the sentence embedding (the mean-pooled output) on held-out inputs, and
-onnxruntime latency at sequence length 128 (1 thread, median of 30 runs, original and pruned timed in
-alternation).
+Per graph: coverage and the prunable heads and FFN neurons (`onnxprune inspect`, also with `--hidden`);
+then for each scorer (obs, which allocates by error per MAC; wanda, at one ratio for every group) at each
+fraction of MACs kept (--target-macs, calibration inputs, lstsq recovery), without and with `--hidden`
+(the residual width pruned too): the heads, FFN neurons and hidden size kept, the cosine of the sentence
+embedding (the mean-pooled output; with --hidden its removed dimensions are zeros) on held-out inputs,
+the Spearman agreement of the held-out inputs' pairwise embedding similarities (the original's against
+the pruned model's, all pairs), and onnxruntime latency at sequence length 128 (1 thread, median of 30
+runs, original and pruned timed in alternation).
 
 Inputs: random token ids framed by [CLS] and [SEP], 16 long (no tokenizer ships with the model, so no
 real sentences): 64 calibrate, 32 others evaluate.
 
-    python bench/eval_heads.py [--macs 0.7,0.5] [--scorers obs,wanda] [--calib-samples 64] [--eval-samples 32]
+    python bench/eval_heads.py [--macs 0.7,0.5] [--scorers obs,wanda] [--hidden off,on] [--graphs plain,fused]
+                               [--calib-samples 64] [--eval-samples 32]
 """
 
 from __future__ import annotations
@@ -54,10 +58,26 @@ def fused(path: Path, work: Path) -> tuple[Path | None, str]:
     return out, ""
 
 
-def units(groups: list[dict], attention: bool, key: str) -> int:
-    """Heads (attention groups) or FFN neurons (the other prunable groups), before or after."""
-    return sum(g.get(key, g["channels"]) for g in groups
-               if g["prunable"] and ("attention" in g["name"].lower()) == attention)
+def units(groups: list[dict], kind: str, key: str) -> int:
+    """Heads (attention groups), the hidden size (the group of the embedding) or FFN neurons (the other
+    prunable groups), before or after."""
+    def kind_of(group):
+        name = group["name"].lower()
+        return "heads" if "attention" in name else "hidden" if "embed" in name else "ffn"
+    return sum(g.get(key, g["channels"]) for g in groups if g["prunable"] and kind_of(g) == kind)
+
+
+def similarity_spearman(original, pruned, feed: dict) -> float:
+    """Spearman correlation of the pairwise cosine similarities of the inputs' sentence embeddings."""
+    def pair_similarities(model):
+        run = session(model).run
+        embedding = np.concatenate([run([EMBEDDING], {k: v[i:i + 1] for k, v in feed.items()})[0]
+                                    for i in range(len(feed["input_ids"]))])
+        unit = embedding / np.linalg.norm(embedding, axis=1, keepdims=True)
+        return (unit @ unit.T)[np.triu_indices(len(unit), 1)]
+
+    ranks = [np.argsort(np.argsort(pair_similarities(m))) for m in (original, pruned)]
+    return float(np.corrcoef(*ranks)[0, 1])
 
 
 def latency(original, pruned) -> tuple[float, float]:
@@ -67,44 +87,60 @@ def latency(original, pruned) -> tuple[float, float]:
     return summarize(times["before"])["median_ms"], summarize(times["after"])["median_ms"]
 
 
-def rows(name: str, path: Path, macs: list[float], scorers: list[str], calib_samples: int, eval_samples: int):
+def counts(groups: list[dict], key: str) -> str:
+    return "".join(f"{units(groups, kind, key):>7}" for kind in ("heads", "ffn", "hidden"))
+
+
+def rows(name: str, path: Path, macs: list[float], scorers: list[str], hidden: list[bool], calib_samples: int,
+         eval_samples: int):
     shapes = {"input_ids": [1, LENGTH], "attention_mask": [1, LENGTH]}
-    info = onnxprune.inspect(str(path), shapes)
-    yield (f"{name:<8}{'inspect':>16}{info['coverage']:>10.1%}{units(info['groups'], True, 'channels'):>7}"
-           f"{units(info['groups'], False, 'channels'):>7}")
+    for opt_in in hidden:
+        info = onnxprune.inspect(str(path), shapes, hidden=opt_in)
+        setting = "inspect --hidden" if opt_in else "inspect"
+        yield f"{name:<8}{setting:>20}{info['coverage']:>10.1%}{counts(info['groups'], 'channels')}"
     data = dict(calibration=tokens(calib_samples, LENGTH, seed=0), evaluation=tokens(eval_samples, LENGTH, seed=1),
                 input_shapes=shapes)
+    held_out = tokens(eval_samples, LENGTH, seed=1)
     for scorer in scorers:
         for fraction in macs:
-            result = onnxprune.prune(str(path), PruneConfig(target_macs=fraction, scorer=scorer, recover="lstsq", **data))
-            report = result.report
-            groups = report["groups"]
-            before_ms, after_ms = latency(str(path), result.model)
-            kept = report["after"]["macs"] / report["before"]["macs"]
-            yield (f"{name:<8}{f'{scorer} MACs {fraction:.0%}':>16}{kept:>10.1%}{units(groups, True, 'channels_after'):>7}"
-                   f"{units(groups, False, 'channels_after'):>7}"
-                   f"{report['fidelity']['per_output'][EMBEDDING]['cosine']:>9.4f}{before_ms:>9.1f}{after_ms:>9.1f}")
+            for opt_in in hidden:
+                result = onnxprune.prune(str(path), PruneConfig(target_macs=fraction, scorer=scorer, recover="lstsq",
+                                                                hidden=opt_in, **data))
+                report = result.report
+                before_ms, after_ms = latency(str(path), result.model)
+                kept = report["after"]["macs"] / report["before"]["macs"]
+                setting = f"{scorer} {fraction:.0%}{' --hidden' if opt_in else ''}"
+                spearman = similarity_spearman(str(path), result.model.SerializeToString(), held_out)
+                yield (f"{name:<8}{setting:>20}{kept:>10.1%}{counts(report['groups'], 'channels_after')}"
+                       f"{report['fidelity']['per_output'][EMBEDDING]['cosine']:>9.4f}{spearman:>9.4f}"
+                       f"{before_ms:>9.1f}{after_ms:>9.1f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--macs", default="0.7,0.5")
     parser.add_argument("--scorers", default="obs,wanda")
+    parser.add_argument("--hidden", default="off,on", help="without (off) and/or with (on) --hidden")
+    parser.add_argument("--graphs", default="plain,fused")
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--eval-samples", type=int, default=32)
     args = parser.parse_args()
     macs = [float(m) for m in args.macs.split(",")]
     assert input_shapes("minilm")["input_ids"][0] == 1
     plain = fetch("minilm")
-    print(f"{'graph':<8}{'setting':>16}{'coverage':>10}{'heads':>7}{'FFN':>7}{'cosine':>9}{'ms/128':>9}{'pruned':>9}")
-    print(f"{'':<8}{'':>16}{'/ MACs':>10}{'':>7}{'':>7}{'(embed.)':>9}{'before':>9}{'ms/128':>9}")
+    hidden = [{"off": False, "on": True}[h] for h in args.hidden.split(",")]
+    print(f"{'graph':<8}{'setting':>20}{'coverage':>10}{'heads':>7}{'FFN':>7}{'hidden':>7}{'cosine':>9}{'Spearman':>9}"
+          f"{'ms/128':>9}{'pruned':>9}")
+    print(f"{'':<8}{'':>20}{'/ MACs':>10}{'':>7}{'':>7}{'':>7}{'(embed.)':>9}{'(sim.)':>9}{'before':>9}{'ms/128':>9}")
     with tempfile.TemporaryDirectory() as work:
         fused_path, why_not = fused(plain, Path(work))
         for name, path in (("plain", plain), ("fused", fused_path)):
+            if name not in args.graphs.split(","):
+                continue
             if path is None:
                 print(f"{name:<8}skipped: {why_not}")
                 continue
-            for line in rows(name, path, macs, args.scorers.split(","), args.calib_samples, args.eval_samples):
+            for line in rows(name, path, macs, args.scorers.split(","), hidden, args.calib_samples, args.eval_samples):
                 print(line, flush=True)
 
 

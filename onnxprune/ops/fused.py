@@ -47,7 +47,7 @@ class SkipNormHandler(BroadcastHandler):
         ranks = [len(ctx.shape(t) or ()) for t, _ in tracked]
         hidden = [rank > 0 and m.axis == rank - 1 for rank, (_, m) in zip(ranks, tracked)]
         if any(hidden) and (not all(hidden) or not ctx.allows(HIDDEN)):
-            ctx.block_inputs(node, "normalises across the channel axis (the hidden size: --hidden prunes it)",
+            ctx.block_inputs(node, "normalises across the channel axis (the hidden size), which --hidden prunes",
                              positions=(0, 1))
             return
         super().propagate(node, ctx)

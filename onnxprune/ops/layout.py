@@ -254,18 +254,13 @@ class ExpandHandler(Handler):
     @staticmethod
     def _follow_shape(node, ctx) -> None:
         """The output carries the channels of the tensor whose shape the target is computed from, when
-        the input has size 1 on their axis and the output their count."""
+        the input has size 1 on their axis and the output their count (else ShapeHandler blocked them if
+        it read the count)."""
         source = _shape_source(node.inputs[1], set())
         x = ctx.channels(source) if source is not None else None
-        if x is None:
-            return
-        in_shape, out_shape, x_shape = (ctx.shape(t) for t in (node.inputs[0], node.outputs[0], source))
-        axis = x.axis + len(out_shape or ()) - len(x_shape or ())
-        if (None in (in_shape, out_shape, x_shape) or not 0 <= axis < len(out_shape) or out_shape[axis] != len(x.ids)
-                or axis < len(out_shape) - len(in_shape) or in_shape[axis - len(out_shape) + len(in_shape)] != 1):
-            ctx.block(x.ids, f"Expand '{node.name}': its target shape is computed from the channel count")
-            return
-        ctx.set(node.outputs[0], type(x)(axis, x.ids))
+        axis = follows_channels(node, ctx, source, x) if x is not None else None
+        if axis is not None:
+            ctx.set(node.outputs[0], type(x)(axis, x.ids))
 
     def rewrite(self, node, rw):
         mask = rw.mask(node.outputs[0])
@@ -278,17 +273,39 @@ SHAPE_ARITHMETIC = ("Gather", "Unsqueeze", "Squeeze", "Concat", "Reshape", "Shap
                     "Equal", "Where", "Cast", "Slice")  # what exporters compute target shapes with
 
 
-def _expand_targets_only(vector: gs.Tensor, seen: set) -> bool:
-    """Whether a shape vector, through shape arithmetic, is used only as Expands' target shapes."""
+def follows_channels(expand, ctx, source, x) -> int | None:
+    """The output axis of Expand `expand` that follows the channels `x` of `source` (whose shape its target
+    is computed from): the axis aligned with theirs, where the input has size 1 and the output their count;
+    else None."""
+    in_shape, out_shape, x_shape = (ctx.shape(t) for t in (expand.inputs[0], expand.outputs[0], source))
+    if None in (in_shape, out_shape, x_shape):
+        return None
+    axis = x.axis + len(out_shape) - len(x_shape)
+    offset = axis - len(out_shape) + len(in_shape)
+    if not 0 <= axis < len(out_shape) or out_shape[axis] != len(x.ids) or offset < 0 or in_shape[offset] != 1:
+        return None
+    return axis
+
+
+def _expand_targets(vector: gs.Tensor, seen: set) -> list[gs.Node] | None:
+    """The Expands whose target shape a shape vector computes through shape arithmetic; None when it is
+    used otherwise."""
+    found = []
     for consumer in vector.outputs:
         if consumer.name in seen:
             continue
         seen.add(consumer.name)
         if consumer.op == "Expand" and vector is consumer.inputs[1] and vector is not consumer.inputs[0]:
+            found.append(consumer)
             continue
-        if consumer.op not in SHAPE_ARITHMETIC or not all(_expand_targets_only(out, seen) for out in consumer.outputs):
-            return False
-    return bool(vector.outputs)
+        if consumer.op not in SHAPE_ARITHMETIC:
+            return None
+        for out in consumer.outputs:
+            further = _expand_targets(out, seen)
+            if further is None:
+                return None
+            found += further
+    return found or None
 
 
 def _shape_source(vector: gs.Tensor, seen: set) -> gs.Tensor | None:
@@ -571,8 +588,9 @@ class ShapeHandler(Handler):
         if not start <= x.axis < end:
             return
         position = x.axis - start
-        if ctx.allows(HIDDEN) and _expand_targets_only(node.outputs[0], set()):
-            return  # the Expands carry the channels on (`ExpandHandler._follow_shape`)
+        expands = _expand_targets(node.outputs[0], set()) if ctx.allows(HIDDEN) else None
+        if expands and all(follows_channels(e, ctx, node.inputs[0], x) is not None for e in expands):
+            return  # the count sizes tensors that carry the channels on (`ExpandHandler._follow_shape`)
         for consumer in node.outputs[0].outputs:
             if position in _shape_entries_read(consumer, end - start):
                 ctx.block(x.ids, f"Shape '{node.name}': the channel count is read and used")

@@ -123,7 +123,7 @@ class CrossChannelNormHandler(Handler):
         if x.axis in mixed:
             reason = "normalises across the channel axis"
             if node.op in NORMS_OVER_LAST and list(mixed) == [x.axis]:
-                reason += " (the hidden size: --hidden prunes it)"
+                reason += " (the hidden size), which --hidden prunes"
             ctx.block(x.ids, f"{node.op} '{node.name}': {reason}")
             return
         pass_through(node, ctx, outputs=(0,))
