@@ -110,7 +110,7 @@ def rows(name: str, path: Path, macs: list[float], scorers: list[str], hidden: l
                 before_ms, after_ms = latency(str(path), result.model)
                 kept = report["after"]["macs"] / report["before"]["macs"]
                 setting = f"{scorer} {fraction:.0%}{' --hidden' if opt_in else ''}"
-                spearman = similarity_spearman(str(path), result.model.SerializeToString(), held_out)
+                spearman = similarity_spearman(str(path), result.model, held_out)
                 yield (f"{name:<8}{setting:>20}{kept:>10.1%}{counts(report['groups'], 'channels_after')}"
                        f"{report['fidelity']['per_output'][EMBEDDING]['cosine']:>9.4f}{spearman:>9.4f}"
                        f"{before_ms:>9.1f}{after_ms:>9.1f}")

@@ -80,10 +80,13 @@ def format_summary(report: dict, model, output) -> str:
     groups = report["groups"]
     prunable = [g for g in groups if g["prunable"]]
     changed = sum(1 for g in prunable if g.get("channels_after", g["channels"]) < g["channels"])
+    inexact = sum(1 for g in prunable if g.get("inexact") and g.get("channels_after", g["channels"]) < g["channels"])
     data = report["data"]
     lines = [
         title(f"{model} -> {output}"),
-        f"  groups    {len(prunable)} prunable of {len(groups)} (coverage {report['coverage']:.1%}), {changed} pruned",
+        f"  groups    {len(prunable)} prunable of {len(groups)} (coverage {report['coverage']:.1%}), {changed} pruned"
+        + (f", {inexact} inexactly (--hidden: a LayerNorm's statistics change; the fidelity below measures it)"
+           if inexact else ""),
         *format_scoring(report),
         *format_lowrank(report),
         *format_sparsity(report),

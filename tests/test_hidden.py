@@ -162,6 +162,7 @@ def test_the_cli_flag_reaches_inspect_and_prune_and_its_plan_applies_again(tmp_p
     first = runner.invoke(main, ["prune", str(path), str(tmp_path / "a.onnx"), "--filters", "0.5", "--hidden", *data,
                                  "--plan-out", str(tmp_path / "plan.json"), "--report", str(tmp_path / "r.json")])
     assert first.exit_code == 0, first.output
+    assert "1 inexactly (--hidden" in first.output
     assert json.loads((tmp_path / "r.json").read_text())["config"]["hidden"] is True
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert any("embed" in g["sources"] and len(g["keep"]) < g["channels"] for g in plan["groups"]), plan

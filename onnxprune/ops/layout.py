@@ -288,8 +288,8 @@ def follows_channels(expand, ctx, source, x) -> int | None:
 
 
 def _expand_targets(vector: gs.Tensor, seen: set) -> list[gs.Node] | None:
-    """The Expands whose target shape a shape vector computes through shape arithmetic; None when it is
-    used otherwise."""
+    """The Expands whose target shape a shape vector computes through shape arithmetic (those not found
+    before, in `seen`); None when it is used otherwise."""
     found = []
     for consumer in vector.outputs:
         if consumer.name in seen:
@@ -305,7 +305,7 @@ def _expand_targets(vector: gs.Tensor, seen: set) -> list[gs.Node] | None:
             if further is None:
                 return None
             found += further
-    return found or None
+    return found
 
 
 def _shape_source(vector: gs.Tensor, seen: set) -> gs.Tensor | None:
