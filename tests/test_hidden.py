@@ -206,3 +206,34 @@ def test_embed_layer_normalization_is_the_stream_source_of_a_fused_graph():
     word = next(t for t in result.model.graph.initializer if t.name == "word")
     assert list(word.dims) == [VOCAB, WIDTH - 4]
     assert run(result.model, {k: v[:1] for k, v in data.items()})[0].shape == (1, SEQ, 8)
+
+
+def fused_attention_block(dead=None, seed: int = 0):
+    """ids -> embed Gather -> onnxruntime's Attention (packed weight [16, 48], 4 heads) -> proj 16->16 with
+    `dead` columns zero -> residual Add -> head 16->8 (no normalisation: the exact case)."""
+    b = Builder(seed)
+    alive = np.ones(WIDTH) if dead is None else (~dead).astype(float)
+    h = b.node("Gather", "embed", [b.const("embed.weight", b.rng.standard_normal([VOCAB, WIDTH]) * alive), "ids"], axis=0)
+    attended = b.node("Attention", "attention", [h, b.randn("qkv.weight", [WIDTH, 3 * WIDTH], 1 / math.sqrt(WIDTH)),
+                                                b.randn("qkv.bias", [3 * WIDTH], 0.1)], domain="com.microsoft", num_heads=4)
+    projected = b.node("MatMul", "proj", [attended, b.const("proj.weight", b.rng.standard_normal([WIDTH, WIDTH]) * alive / 4)])
+    h = b.node("Add", "residual", [projected, h])
+    b.output(b.matmul("head", h, WIDTH, 8))
+    return b.model([("ids", [1, SEQ], TensorProto.INT64)], outputs=[("y", [1, SEQ, 8])], name="fused_attention_block",
+                   domains=MICROSOFT)
+
+
+def test_fused_attention_reads_the_hidden_size_through_its_packed_weight_rows():
+    model = fused_attention_block(dead=DEAD)
+    assert not any(g["prunable"] and "proj" in g["sources"] for g in inspect(model)["groups"])
+    analysis = analyze_model(load(model), hidden=True)
+    group = stream_group(analysis)
+    assert group.prunable and {s.node.name for s in group.sources} == {"embed", "proj"}
+    keep = {g.index: np.arange(g.channels) for g in analysis.prunable_groups()}
+    keep[group.index] = np.flatnonzero(~DEAD)
+    data = {"ids": np.random.default_rng(1).integers(0, VOCAB, (8, SEQ))}
+    result = prune(model, PruneConfig(plan=Plan.from_keep(analysis, keep), hidden=True, calibration=data, recover="none"))
+    weight = next(t for t in result.model.graph.initializer if t.name == "qkv.weight")
+    assert list(weight.dims) == [WIDTH - DEAD.sum(), 3 * WIDTH]
+    inputs = {"ids": data["ids"][:1]}
+    np.testing.assert_allclose(run(result.model, inputs)[0], run(model, inputs)[0], rtol=1e-5, atol=1e-5)

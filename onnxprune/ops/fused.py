@@ -6,7 +6,7 @@ last axis: channels there (the hidden size) are blocked; on another axis input a
 EmbedLayerNormalization reads token ids and embedding tables: no channels reach it. With the hidden-size
 option (`--hidden`) the three prune the hidden size as LayerNormalization does (`norm.py`): input and skip
 joined on the last axis, the parameters sliced, the LayerNorm forms inexact; EmbedLayerNormalization is
-then a source, its tables' columns.
+then a source, its tables' columns, and Attention reads it through the rows of its packed weight.
 
 Attention (com.microsoft) projects its input with one packed weight [input, Q | K | V columns] and
 bias, attends per head and writes [B, S, V hidden]: its output is a source whose units are the heads
@@ -175,8 +175,11 @@ class AttentionHandler(Handler):
         if node.domain != MICROSOFT:
             self.onnx.propagate(node, ctx)
             return
-        ctx.block_inputs(node, "fused attention: its input features (the hidden size) are not pruned")
         weight, shape = const_input(node, 1), ctx.shape(node.outputs[0])
+        if self._reads_hidden(node, ctx, weight):
+            ctx.block_unexpected(node, channel_inputs=(0,))  # the packed weight's rows are sliced
+        else:
+            ctx.block_inputs(node, "fused attention: its input features (the hidden size) are not pruned")
         reason = self._refusal(node, weight, shape)
         if reason is not None:
             self._refused_heads(node, ctx, weight, shape, reason)
@@ -184,6 +187,14 @@ class AttentionHandler(Handler):
         heads = int(attr(node, "num_heads"))
         ids = ctx.new_source(node, node.outputs[0], shape[-1], axis=len(shape) - 1).reshape(heads, -1)
         join_rows(ctx, ids)  # a head is one unit
+
+    @staticmethod
+    def _reads_hidden(node, ctx, weight) -> bool:
+        """With the hidden-size option: the input's features arrive on its last axis, read by rows of a
+        constant packed weight."""
+        x, shape = ctx.channels(node.inputs[0]), ctx.shape(node.inputs[0])
+        return (ctx.allows(HIDDEN) and x is not None and shape is not None and x.axis == len(shape) - 1
+                and weight is not None and weight.ndim == 2)
 
     @staticmethod
     def _refused_heads(node, ctx, weight, out_shape, reason: str) -> None:
@@ -218,6 +229,9 @@ class AttentionHandler(Handler):
         if node.domain != MICROSOFT:
             self.onnx.rewrite(node, rw)
             return
+        features = rw.mask(node.inputs[0])
+        if features is not None:  # the hidden size (--hidden): rows of the packed weight
+            rw.set_input(node, 1, node.inputs[1].values[features])
         mask = rw.mask(node.outputs[0])
         if mask is None:
             return
