@@ -2,11 +2,12 @@
 FFN 1536), as exported (plain) and as fused by `onnxruntime.transformers.optimizer` (Attention,
 SkipLayerNormalization, BiasGelu; the fusion needs sympy: without it that row says so and is skipped).
 
-Per graph: coverage and the prunable heads and FFN neurons (`onnxprune inspect`); then for each scorer
-(obs, which allocates by error per MAC; wanda, at one ratio for every group) at each fraction of MACs
-kept (--target-macs, calibration inputs, lstsq recovery): the heads and FFN neurons kept, the cosine of
-the sentence embedding (the mean-pooled output) on held-out inputs (over the whole output, and the mean
-of each sentence's), the Spearman correlation of the similarities of every pair of held-out inputs
+Per graph: coverage and the prunable heads and FFN neurons (`onnxprune inspect`, also with `--hidden`);
+then for each scorer (obs, which allocates by error per MAC; wanda, at one ratio for every group) at each
+fraction of MACs kept (--target-macs, calibration inputs, lstsq recovery), without and with `--hidden`
+(the residual width pruned too): the heads, FFN neurons and hidden size kept, the cosine of the sentence
+embedding (the mean-pooled output; with --hidden its removed dimensions are zeros) on held-out inputs
+(over the whole output, and the mean of each sentence's), the Spearman correlation of the similarities of every pair of held-out inputs
 (original against pruned), and onnxruntime latency at sequence length 128 (1 thread, median of 30 runs,
 original and pruned timed in alternation).
 
@@ -15,8 +16,8 @@ tokenizer (bench/_sentences.py; needs `tokenizers`, the bench extra), disjoint c
 sets; or random token ids framed by [CLS] and [SEP], 16 long. Real is the default when its tokenizer and
 text can be had; otherwise the script says why and uses random ids.
 
-    python bench/eval_heads.py [--macs 0.7,0.5] [--scorers obs,wanda] [--calib-samples 128] [--eval-samples 64]
-                               [--text real|random]
+    python bench/eval_heads.py [--macs 0.7,0.5] [--scorers obs,wanda] [--hidden off,on] [--graphs plain,fused]
+                               [--calib-samples 128] [--eval-samples 64] [--text real|random]
 """
 
 from __future__ import annotations
@@ -74,16 +75,23 @@ def fused(path: Path, work: Path) -> tuple[Path | None, str]:
 
         optimized = optimize_model(str(path), model_type="bert", num_heads=12, hidden_size=384, opt_level=0)
     except ImportError as error:
-        return None, f"the fusion needs {error.name or error} (pip install sympy)"
+        return None, f"the fusion needs {error.name or error} "
     out = work / "minilm_fused.onnx"
     optimized.save_model_to_file(str(out))
     return out, ""
 
 
-def units(groups: list[dict], attention: bool, key: str) -> int:
-    """Heads (attention groups) or FFN neurons (the other prunable groups), before or after."""
-    return sum(g.get(key, g["channels"]) for g in groups
-               if g["prunable"] and ("attention" in g["name"].lower()) == attention)
+def units(groups: list[dict], kind: str, key: str) -> int:
+    """Heads (attention groups), the hidden size (the group of the embedding) or FFN neurons (the other
+    prunable groups), before or after."""
+    def kind_of(group):
+        name = group["name"].lower()
+        return "heads" if "attention" in name else "hidden" if "embed" in name else "ffn"
+    return sum(g.get(key, g["channels"]) for g in groups if g["prunable"] and kind_of(g) == kind)
+
+
+def counts(groups: list[dict], key: str) -> str:
+    return "".join(f"{units(groups, kind, key):>7}" for kind in ("heads", "ffn", "hidden"))
 
 
 def latency(original, pruned) -> tuple[float, float]:
@@ -93,26 +101,29 @@ def latency(original, pruned) -> tuple[float, float]:
     return summarize(times["before"])["median_ms"], summarize(times["after"])["median_ms"]
 
 
-def rows(name: str, path: Path, macs: list[float], scorers: list[str], calibration: dict, evaluation: dict):
+def rows(name: str, path: Path, macs: list[float], scorers: list[str], hidden: list[bool], calibration: dict,
+         evaluation: dict):
     length = calibration["input_ids"].shape[1]
     shapes = {"input_ids": [1, length], "attention_mask": [1, length]}
-    info = onnxprune.inspect(str(path), shapes)
-    yield (f"{name:<8}{'inspect':>16}{info['coverage']:>10.1%}{units(info['groups'], True, 'channels'):>7}"
-           f"{units(info['groups'], False, 'channels'):>7}")
+    for opt_in in hidden:
+        info = onnxprune.inspect(str(path), shapes, hidden=opt_in)
+        setting = "inspect --hidden" if opt_in else "inspect"
+        yield f"{name:<8}{setting:>20}{info['coverage']:>10.1%}{counts(info['groups'], 'channels')}"
     data = dict(calibration=calibration, evaluation=evaluation, input_shapes=shapes)
     original = embeddings(str(path), evaluation)
     for scorer in scorers:
         for fraction in macs:
-            result = onnxprune.prune(str(path), PruneConfig(target_macs=fraction, scorer=scorer, recover="lstsq", **data))
-            report = result.report
-            groups = report["groups"]
-            before_ms, after_ms = latency(str(path), result.model)
-            kept = report["after"]["macs"] / report["before"]["macs"]
-            sentence_cosine, spearman = _sentences.agreement(original, embeddings(result.model, evaluation))
-            yield (f"{name:<8}{f'{scorer} MACs {fraction:.0%}':>16}{kept:>10.1%}{units(groups, True, 'channels_after'):>7}"
-                   f"{units(groups, False, 'channels_after'):>7}"
-                   f"{report['fidelity']['per_output'][EMBEDDING]['cosine']:>9.4f}{sentence_cosine:>9.4f}{spearman:>9.4f}"
-                   f"{before_ms:>9.1f}{after_ms:>9.1f}")
+            for opt_in in hidden:
+                result = onnxprune.prune(str(path), PruneConfig(target_macs=fraction, scorer=scorer, recover="lstsq",
+                                                                hidden=opt_in, **data))
+                report = result.report
+                before_ms, after_ms = latency(str(path), result.model)
+                kept = report["after"]["macs"] / report["before"]["macs"]
+                setting = f"{scorer} {fraction:.0%}{' --hidden' if opt_in else ''}"
+                sentence_cosine, spearman = _sentences.agreement(original, embeddings(result.model, evaluation))
+                yield (f"{name:<8}{setting:>20}{kept:>10.1%}{counts(report['groups'], 'channels_after')}"
+                       f"{report['fidelity']['per_output'][EMBEDDING]['cosine']:>9.4f}{sentence_cosine:>9.4f}"
+                       f"{spearman:>9.4f}{before_ms:>9.1f}{after_ms:>9.1f}")
 
 
 def main() -> None:
@@ -121,6 +132,8 @@ def main() -> None:
     parser.add_argument("--scorers", default="obs,wanda")
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--eval-samples", type=int, default=64)
+    parser.add_argument("--hidden", default="off,on", help="without (off) and/or with (on) --hidden")
+    parser.add_argument("--graphs", default="plain,fused")
     parser.add_argument("--text", choices=("real", "random"), default=None,
                         help="real sentences (the default when they can be had) or random token ids")
     args = parser.parse_args()
@@ -129,16 +142,20 @@ def main() -> None:
     plain = fetch("minilm")
     calibration, evaluation, what = inputs(args.text, args.calib_samples, args.eval_samples)
     print(f"inputs: {what}; {len(calibration['input_ids'])} calibrate, {len(evaluation['input_ids'])} others evaluate")
-    print(f"{'graph':<8}{'setting':>16}{'coverage':>10}{'heads':>7}{'FFN':>7}{'cosine':>9}{'sentence':>9}{'Spearman':>9}"
-          f"{'ms/128':>9}{'pruned':>9}")
-    print(f"{'':<8}{'':>16}{'/ MACs':>10}{'':>7}{'':>7}{'(embed.)':>9}{'cosine':>9}{'(pairs)':>9}{'before':>9}{'ms/128':>9}")
+    hidden = [{"off": False, "on": True}[h] for h in args.hidden.split(",")]
+    print(f"{'graph':<8}{'setting':>20}{'coverage':>10}{'heads':>7}{'FFN':>7}{'hidden':>7}{'cosine':>9}{'sentence':>9}"
+          f"{'Spearman':>9}{'ms/128':>9}{'pruned':>9}")
+    print(f"{'':<8}{'':>20}{'/ MACs':>10}{'':>7}{'':>7}{'':>7}{'(embed.)':>9}{'cosine':>9}{'(pairs)':>9}{'before':>9}"
+          f"{'ms/128':>9}")
     with tempfile.TemporaryDirectory() as work:
         fused_path, why_not = fused(plain, Path(work))
         for name, path in (("plain", plain), ("fused", fused_path)):
+            if name not in args.graphs.split(","):
+                continue
             if path is None:
                 print(f"{name:<8}skipped: {why_not}")
                 continue
-            for line in rows(name, path, macs, args.scorers.split(","), calibration, evaluation):
+            for line in rows(name, path, macs, args.scorers.split(","), hidden, calibration, evaluation):
                 print(line, flush=True)
 
 

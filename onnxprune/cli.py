@@ -124,7 +124,10 @@ INPUT_SHAPES = OptionGroup([
 EXCLUDE = OptionGroup([
     click.option("--exclude", multiple=True, metavar="PATTERN",
                  help="Leave groups touching nodes whose name matches this glob whole (repeatable)."),
-], lambda v: {"exclude": tuple(v["exclude"])})
+    click.option("--hidden", is_flag=True,
+                 help="Also prune the hidden size (a transformer's residual width) through LayerNormalization: "
+                      "inexact, LayerNorm's statistics change; outputs carrying it keep their width, zeros where removed."),
+], lambda v: {"exclude": tuple(v["exclude"]), "hidden": v["hidden"]})
 
 SEED = OptionGroup([
     click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed for every random choice."),
@@ -444,18 +447,18 @@ def _read_plan(path: Path) -> Plan:
 @INPUT_SHAPES
 @EXCLUDE
 @command
-def inspect_command(model, as_json, show_limits, limit_error, plot_path, input_shapes, exclude, quiet, **values):
+def inspect_command(model, as_json, show_limits, limit_error, plot_path, input_shapes, exclude, hidden, quiet, **values):
     """Show MODEL's channel groups, what blocks them, coverage, params and MACs."""
     if not show_limits:
         if plot_path or values["calib"] or values["data_loader_script"]:
             raise UsageError("--calib and --plot belong to --limits: add --limits, or leave them out")
-        info = inspect(model, _input_shapes(input_shapes), tuple(exclude))
+        info = inspect(model, _input_shapes(input_shapes), tuple(exclude), hidden)
         click.echo(json.dumps(info, indent=1) if as_json else format_inspect(info, model))
         return
     check_outputs([model], plot_path)
     if plot_path:
         require_matplotlib()
-    config = config_from({**values, "input_shapes": input_shapes, "exclude": exclude}, SEED, CALIBRATION,
+    config = config_from({**values, "input_shapes": input_shapes, "exclude": exclude, "hidden": hidden}, SEED, CALIBRATION,
                          INPUT_SHAPES, EXCLUDE)
     table = limits(model, config, limit_error)
     if plot_path:

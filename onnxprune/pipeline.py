@@ -73,7 +73,7 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
     speed, rewritten = None, None  # rewritten: the latency rounds' chosen cut (model, masks), not cut again
     for step in range(config.steps):
         with timed(timings, "analyze", add=True):
-            analysis = analyze_model(current.loaded, config.exclude)
+            analysis = analyze_model(current.loaded, config.exclude, config.hidden)
             if not analysis.prunable_groups() and not weights_only:
                 raise NothingToPrune(nothing_prunable_message(analysis))
         if step == 0 and latency_wanted(config):

@@ -80,10 +80,13 @@ def format_summary(report: dict, model, output) -> str:
     groups = report["groups"]
     prunable = [g for g in groups if g["prunable"]]
     changed = sum(1 for g in prunable if g.get("channels_after", g["channels"]) < g["channels"])
+    inexact = sum(1 for g in prunable if g.get("inexact") and g.get("channels_after", g["channels"]) < g["channels"])
     data = report["data"]
     lines = [
         title(f"{model} -> {output}"),
-        f"  groups    {len(prunable)} prunable of {len(groups)} (coverage {report['coverage']:.1%}), {changed} pruned",
+        f"  groups    {len(prunable)} prunable of {len(groups)} (coverage {report['coverage']:.1%}), {changed} pruned"
+        + (f", {inexact} inexactly (--hidden: a LayerNorm's statistics change; the fidelity below measures it)"
+           if inexact else ""),
         *format_scoring(report),
         *format_lowrank(report),
         *format_sparsity(report),
@@ -278,7 +281,9 @@ def format_inspect(info: dict, model) -> str:
         f"{'group':<32}{'channels':>9}  {'members':>7}  status",
     ]
     for g in groups:
-        status = "prunable" if g["prunable"] else "blocked: " + "; ".join(g["reasons"])
+        status = "blocked: " + "; ".join(g["reasons"]) if not g["prunable"] else (
+            f"prunable, inexact: {g['inexact'][0]}" + (f" (and {len(g['inexact']) - 1} more)" if len(g["inexact"]) > 1 else "")
+            if g.get("inexact") else "prunable")
         lines.append(f"{g['name'][:31]:<32}{g['channels']:>9}  {len(g['members']):>7}  {status}")
     return "\n".join(lines)
 

@@ -189,7 +189,7 @@ def latency_rounds(baseline: Baseline, analysis, config: PruneConfig, budget: La
     for index in range(ROUNDS):
         choice = choose(baseline, analysis, config, factorizing, target=budget.target())
         at_floor = short_of(choice.budget)
-        rewritten = rewrite_channels(analyze_model(baseline.loaded, config.exclude), choice,
+        rewritten = rewrite_channels(analyze_model(baseline.loaded, config.exclude, config.hidden), choice,
                                      baseline.loaded.model.ir_version)
         reached, close = budget.measure_round(baseline, rewritten[0], counts_of(choice.keep))
         if at_floor and not reached and index == 0:  # measured, not only predicted, out of reach

@@ -18,6 +18,7 @@ from .errors import NothingToPrune, first_line
 from .graph import Analysis, analyze
 from .loading import Loaded, copied_messages
 from .lowrank import LowRankSettings, factorize_model
+from .ops.base import HIDDEN
 from .plan import source_names
 from .quantize import quantize_int8
 from .recover import recover
@@ -37,12 +38,13 @@ FOLD_LIMIT_BYTES = 256 << 20
 # ---------------------------------------------------------------- analyze
 
 
-def analyze_model(loaded: Loaded, exclude=()) -> Analysis:
+def analyze_model(loaded: Loaded, exclude=(), hidden: bool = False) -> Analysis:
+    """The channel groups of the loaded model; `hidden`: the residual width may be pruned (`--hidden`)."""
     graph = import_graph(loaded.model)
     graph.import_domains = copied_messages(graph.import_domains)  # export may add to them: never to the model's
     fold_constants(graph)
     graph.toposort()
-    return analyze(graph, loaded.shapes, exclude)
+    return analyze(graph, loaded.shapes, exclude, {HIDDEN} if hidden else ())
 
 
 def fold_constants(graph: gs.Graph) -> None:
@@ -68,6 +70,8 @@ def group_summary(group, kept: int | None = None) -> dict:
         summary["channels_after"] = kept
     if not group.prunable:
         summary["reasons"] = group.blocked
+    elif group.inexact:
+        summary["inexact"] = group.inexact
     return summary
 
 

@@ -19,10 +19,11 @@ from .validate.gates import evaluate_gates
 from .validate.result import evaluate_result
 
 
-def inspect(model, input_shapes=None, exclude=()) -> dict:
-    """Groups, coverage and cost of a model, as plain data (what `onnxprune inspect` prints)."""
+def inspect(model, input_shapes=None, exclude=(), hidden: bool = False) -> dict:
+    """Groups, coverage and cost of a model, as plain data (what `onnxprune inspect` prints); `hidden`:
+    as `PruneConfig.hidden`."""
     loaded = load(model, input_shapes, runs=False)  # analysis only: no session unless shapes need one
-    analysis = analyze_model(loaded, exclude)
+    analysis = analyze_model(loaded, exclude, hidden)
     return {
         "groups": [group_summary(g) for g in analysis.groups],
         "coverage": analysis.coverage(),

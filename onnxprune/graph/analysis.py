@@ -56,6 +56,7 @@ class Group:
     unit_labels: np.ndarray  # label of each unit, ordered by the lowest channel id it contains
     members: list[str] = field(default_factory=list)  # names of every node touching the group
     blocked: list[str] = field(default_factory=list)  # reasons it cannot be pruned
+    inexact: list[str] = field(default_factory=list)  # opted-in reasons pruning it changes outputs
 
     @property
     def channels(self) -> int:
@@ -82,18 +83,25 @@ class Group:
 class AnalysisContext:
     """What handlers read (constants, shapes, channel maps) and write (maps, joins, blocks, sources)."""
 
-    def __init__(self, graph: gs.Graph, shapes: dict[str, tuple], opset: int):
+    def __init__(self, graph: gs.Graph, shapes: dict[str, tuple], opset: int, options=frozenset()):
         self.graph = graph
         self.opset = opset
         self.shapes = shapes
+        self.options = frozenset(options)  # opt-in behaviours of handlers, by name (see `allows`)
         self.maps: dict[str, ChannelMap] = {}
         self.sources: list[Source] = []
         self.next_id = 0
         self.fixed: list[tuple[np.ndarray, str]] = []  # ids of channels that no source owns
         self.joins: list[tuple[np.ndarray, np.ndarray]] = []
         self.blocks: list[tuple[np.ndarray, str]] = []
+        self.inexacts: list[tuple[np.ndarray, str]] = []
+        self.widened: list[np.ndarray] = []  # ids a graph output may carry at full width (see `widen`)
 
     # reading
+    def allows(self, option: str) -> bool:
+        """The user opted in to `option` (a name a handler defines, e.g. `ops.base.HIDDEN`)."""
+        return option in self.options
+
     def channels(self, tensor: gs.Tensor) -> ChannelMap | None:
         return self.maps.get(tensor.name) if tensor is not None else None
 
@@ -133,6 +141,17 @@ class AnalysisContext:
 
     def block(self, ids: np.ndarray, reason: str) -> None:
         self.blocks.append((np.asarray(ids, dtype=np.int64).ravel(), reason))
+
+    def widen(self, ids: np.ndarray) -> None:
+        """An opt-in made these channels prunable: a graph output carrying them is not blocked but keeps
+        its width, zeros where channels were removed."""
+        self.widened.append(np.asarray(ids, dtype=np.int64).ravel())
+
+    def inexact(self, ids: np.ndarray, reason: str) -> None:
+        """An opt-in made these channels prunable although removing them changes the outputs even when
+        they carry nothing: the group stays prunable and says why (and is widened at outputs, `widen`)."""
+        self.inexacts.append((np.asarray(ids, dtype=np.int64).ravel(), reason))
+        self.widen(ids)
 
     def block_inputs(self, node: gs.Node, reason: str, positions=None) -> None:
         """Block the channels of every tracked input (or of those at `positions`)."""
@@ -180,9 +199,10 @@ class Analysis:
         return prunable / total if total else 0.0
 
 
-def analyze(graph: gs.Graph, shapes: dict[str, tuple], exclude: list[str] | tuple = ()) -> Analysis:
-    """Find the channel groups of `graph` (not modified). `exclude`: node-name patterns left whole."""
-    ctx = AnalysisContext(graph, shapes, graph.opset)
+def analyze(graph: gs.Graph, shapes: dict[str, tuple], exclude: list[str] | tuple = (), options=frozenset()) -> Analysis:
+    """Find the channel groups of `graph` (not modified). `exclude`: node-name patterns left whole;
+    `options`: names of opt-in handler behaviours (`AnalysisContext.allows`)."""
+    ctx = AnalysisContext(graph, shapes, graph.opset, options)
     for node in graph.nodes:
         handler = handler_for(node.op)
         if handler is None:
@@ -192,16 +212,17 @@ def analyze(graph: gs.Graph, shapes: dict[str, tuple], exclude: list[str] | tupl
             ctx.block_inputs(node, "channels split across several axes (a channel shuffle) reach this op")
             continue
         handler.propagate(node, ctx)
-    _block_at_boundaries(graph, ctx)
     label = _connected_labels(ctx.next_id, ctx.joins)
+    _block_at_boundaries(graph, ctx, label)
     groups = _build_groups(ctx, label, exclude)
     return Analysis.build(graph, shapes, ctx.maps, label, groups)
 
 
-def _block_at_boundaries(graph: gs.Graph, ctx: AnalysisContext) -> None:
+def _block_at_boundaries(graph: gs.Graph, ctx: AnalysisContext, label: np.ndarray) -> None:
+    widened = label[np.concatenate(ctx.widened)] if ctx.widened else np.zeros(0, np.int64)
     for tensor in graph.outputs:
         cmap = ctx.channels(tensor)
-        if cmap is not None:
+        if cmap is not None and not np.isin(label[cmap.ids], widened).all():
             ctx.block(cmap.ids, f"channels reach graph output '{tensor.name}'")
     for node in graph.nodes:
         for subgraph in node.subgraphs():
@@ -280,6 +301,10 @@ def _build_groups(ctx: AnalysisContext, label: np.ndarray, exclude) -> list[Grou
     for ids, reason in ctx.fixed:
         for gi in groups_of(ids):
             _add_reason(groups[gi], f"channels are aligned with channels no layer owns ({reason})")
+    for ids, reason in ctx.inexacts:
+        for gi in groups_of(ids):
+            if reason not in groups[gi].inexact:
+                groups[gi].inexact.append(reason)
 
     members = [dict() for _ in groups]
     for node in ctx.graph.nodes:

@@ -9,6 +9,9 @@ import onnx_graphsurgeon as gs
 
 _REGISTRY: dict[str, "Handler"] = {}
 
+# Opt-in handler behaviours (`AnalysisContext.allows`):
+HIDDEN = "hidden"  # the hidden size: embedding tables are sources, LayerNorms pass it on, inexactly (--hidden)
+
 
 @dataclass(frozen=True)
 class WeightLayout:

@@ -3,7 +3,10 @@
 BiasGelu, FastGelu and QuickGelu are an activation of `x + bias`: channels pass, the bias is sliced.
 SkipLayerNormalization and SkipSimplifiedLayerNormalization normalise `input + skip + bias` over the
 last axis: channels there (the hidden size) are blocked; on another axis input and skip are joined.
-EmbedLayerNormalization reads token ids and embedding tables: no channels reach it.
+EmbedLayerNormalization reads token ids and embedding tables: no channels reach it. With the hidden-size
+option (`--hidden`) the three prune the hidden size as LayerNormalization does (`norm.py`): input and skip
+joined on the last axis, the parameters sliced, the LayerNorm forms inexact; EmbedLayerNormalization is
+then a source, its tables' columns, and Attention reads it through the rows of its packed weight.
 
 Attention (com.microsoft) projects its input with one packed weight [input, Q | K | V columns] and
 bias, attends per head and writes [B, S, V hidden]: its output is a source whose units are the heads
@@ -19,8 +22,9 @@ from __future__ import annotations
 import numpy as np
 
 from .attention import OnnxAttention, join_heads, product_macs
-from .base import Handler, attr, const_input, has_input, join_rows, register
+from .base import HIDDEN, Handler, attr, const_input, has_input, join_rows, register
 from .elementwise import BroadcastHandler
+from .norm import keep_root_mean_square, slice_norm_parameters
 
 MICROSOFT = "com.microsoft"
 ATTENTION_BIAS = 5  # Attention's input of per-head additive score biases [B or 1, heads or 1, S, T]
@@ -41,22 +45,64 @@ class SkipNormHandler(BroadcastHandler):
         if not tracked:
             return
         ranks = [len(ctx.shape(t) or ()) for t, _ in tracked]
-        if any(rank == 0 or m.axis == rank - 1 for rank, (_, m) in zip(ranks, tracked)):
-            ctx.block_inputs(node, "normalises across the channel axis (the hidden size)", positions=(0, 1))
+        hidden = [rank > 0 and m.axis == rank - 1 for rank, (_, m) in zip(ranks, tracked)]
+        if any(hidden) and (not all(hidden) or not ctx.allows(HIDDEN)):
+            ctx.block_inputs(node, "normalises across the channel axis (the hidden size), which --hidden prunes",
+                             positions=(0, 1))
             return
         super().propagate(node, ctx)
         cmap = ctx.channels(node.outputs[0])
+        if cmap is None:
+            return
+        if any(hidden):  # the mean and inverse deviation hold one value per row: only the sum carries them
+            if len(node.outputs) > 3 and node.outputs[3].name:
+                ctx.set(node.outputs[3], cmap)
+            if node.op == "SkipLayerNormalization":
+                ctx.inexact(cmap.ids, f"{node.op} '{node.name}': normalises over the hidden size (--hidden): its "
+                                      "mean and variance change with the channels removed")
+            else:
+                ctx.widen(cmap.ids)
+            return
         for out in node.outputs[1:]:  # mean, inverse deviation, the sum: they keep the leading axes
-            if cmap is not None and out.name:
+            if out.name:
                 ctx.set(out, cmap)
+
+    def rewrite(self, node, rw):
+        super().rewrite(node, rw)  # slices gamma, beta and bias when the hidden size loses channels
+        mask = rw.mask(node.outputs[0])
+        if mask is not None and "Simplified" in node.op and rw.tracked_axis(node.outputs[0]) == rw.rank(node.outputs[0]) - 1:
+            keep_root_mean_square(node, rw, 2, len(mask) / int(mask.sum()))
 
 
 @register("EmbedLayerNormalization")
 class EmbedNormHandler(Handler):
-    """Embedding lookups from token ids: channels reaching it cannot be sliced."""
+    """Embedding lookups from token ids: channels reaching it cannot be sliced. With the hidden-size option
+    its output is a source: word, position and segment tables (inputs 2-4) lose columns, gamma and beta
+    (5, 6) entries; the sum (output 2) carries the same channels."""
+
+    TABLES = (2, 3, 4)
 
     def propagate(self, node, ctx):
         ctx.block_unexpected(node, channel_inputs=())
+        if not ctx.allows(HIDDEN) or any(const_input(node, i) is None for i in range(2, 7) if has_input(node, i)):
+            return
+        ids = ctx.new_source(node, node.outputs[0], const_input(node, 2).shape[1], axis=2)
+        if len(node.outputs) > 2 and node.outputs[2].name:
+            ctx.set(node.outputs[2], ctx.channels(node.outputs[0]))
+        ctx.inexact(ids, f"{node.op} '{node.name}': normalises over the hidden size (--hidden): its mean and "
+                         "variance change with the channels removed")
+
+    def rewrite(self, node, rw):
+        mask = rw.mask(node.outputs[0])
+        if mask is None:
+            return
+        for i in self.TABLES:
+            if has_input(node, i):
+                rw.set_input(node, i, node.inputs[i].values[:, mask])
+        slice_norm_parameters(node, rw, mask, first=5)
+
+    def filter_weights(self, node):
+        return np.concatenate([node.inputs[i].values for i in self.TABLES if has_input(node, i)]).T
 
 
 @register("MultiHeadAttention")
@@ -129,8 +175,11 @@ class AttentionHandler(Handler):
         if node.domain != MICROSOFT:
             self.onnx.propagate(node, ctx)
             return
-        ctx.block_inputs(node, "fused attention: its input features (the hidden size) are not pruned")
         weight, shape = const_input(node, 1), ctx.shape(node.outputs[0])
+        if self._reads_hidden(node, ctx, weight):
+            ctx.block_unexpected(node, channel_inputs=(0,))  # the packed weight's rows are sliced
+        else:
+            ctx.block_inputs(node, "fused attention: its input features (the hidden size) are not pruned")
         reason = self._refusal(node, weight, shape)
         if reason is not None:
             self._refused_heads(node, ctx, weight, shape, reason)
@@ -138,6 +187,14 @@ class AttentionHandler(Handler):
         heads = int(attr(node, "num_heads"))
         ids = ctx.new_source(node, node.outputs[0], shape[-1], axis=len(shape) - 1).reshape(heads, -1)
         join_rows(ctx, ids)  # a head is one unit
+
+    @staticmethod
+    def _reads_hidden(node, ctx, weight) -> bool:
+        """With the hidden-size option: the input's features arrive on its last axis, read by rows of a
+        constant packed weight."""
+        x, shape = ctx.channels(node.inputs[0]), ctx.shape(node.inputs[0])
+        return (ctx.allows(HIDDEN) and x is not None and shape is not None and x.axis == len(shape) - 1
+                and weight is not None and weight.ndim == 2)
 
     @staticmethod
     def _refused_heads(node, ctx, weight, out_shape, reason: str) -> None:
@@ -172,6 +229,9 @@ class AttentionHandler(Handler):
         if node.domain != MICROSOFT:
             self.onnx.rewrite(node, rw)
             return
+        features = rw.mask(node.inputs[0])
+        if features is not None:  # the hidden size (--hidden): rows of the packed weight
+            rw.set_input(node, 1, node.inputs[1].values[features])
         mask = rw.mask(node.outputs[0])
         if mask is None:
             return

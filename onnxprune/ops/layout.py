@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import Handler, attr, const_input, has_input, join_rows, normalize_axis, pass_through, register
+from .base import HIDDEN, Handler, attr, const_input, has_input, join_rows, normalize_axis, pass_through, register
 
 
 @register("Concat")
@@ -230,9 +230,14 @@ class ReshapeHandler(Handler):
 @register("Expand")
 class ExpandHandler(Handler):
     """Broadcasting to a shape (grouped-query attention repeats K/V heads so): channels on an axis that
-    is not expanded pass; the shape's entry there is updated."""
+    is not expanded pass; the shape's entry there is updated. With the hidden-size option, a tensor
+    broadcast to the shape of one carrying channels (`mask.unsqueeze(-1).expand(x.size())`, mean pooling's
+    mask) carries them too: its target is computed from that shape, so it follows the kept count."""
 
     def propagate(self, node, ctx):
+        if ctx.allows(HIDDEN) and ctx.channels(node.inputs[0]) is None:
+            self._follow_shape(node, ctx)
+            return
         found = _tracked_input(node, ctx, (node.inputs[0], node.outputs[0], node.inputs[1]))
         if found is None:
             return
@@ -246,11 +251,76 @@ class ExpandHandler(Handler):
             return
         ctx.set(node.outputs[0], type(x)(axis, x.ids))
 
+    @staticmethod
+    def _follow_shape(node, ctx) -> None:
+        """The output carries the channels of the tensor whose shape the target is computed from, when
+        the input has size 1 on their axis and the output their count (else ShapeHandler blocked them if
+        it read the count)."""
+        source = _shape_source(node.inputs[1], set())
+        x = ctx.channels(source) if source is not None else None
+        axis = follows_channels(node, ctx, source, x) if x is not None else None
+        if axis is not None:
+            ctx.set(node.outputs[0], type(x)(axis, x.ids))
+
     def rewrite(self, node, rw):
         mask = rw.mask(node.outputs[0])
-        if mask is not None:
+        if mask is not None and rw.mask(node.inputs[0]) is not None:  # else the target follows (`_follow_shape`)
             length = _vector_length(node.inputs[1], rw.analysis.shapes)
             set_shape_entries(node, {rw.tracked_axis(node.outputs[0]) - rw.rank(node.outputs[0]) + length: int(mask.sum())}, rw)
+
+
+SHAPE_ARITHMETIC = ("Gather", "Unsqueeze", "Squeeze", "Concat", "Reshape", "Shape", "ConstantOfShape", "Mul",
+                    "Equal", "Where", "Cast", "Slice")  # what exporters compute target shapes with
+
+
+def follows_channels(expand, ctx, source, x) -> int | None:
+    """The output axis of Expand `expand` that follows the channels `x` of `source` (whose shape its target
+    is computed from): the axis aligned with theirs, where the input has size 1 and the output their count;
+    else None."""
+    in_shape, out_shape, x_shape = (ctx.shape(t) for t in (expand.inputs[0], expand.outputs[0], source))
+    if None in (in_shape, out_shape, x_shape):
+        return None
+    axis = x.axis + len(out_shape) - len(x_shape)
+    offset = axis - len(out_shape) + len(in_shape)
+    if not 0 <= axis < len(out_shape) or out_shape[axis] != len(x.ids) or offset < 0 or in_shape[offset] != 1:
+        return None
+    return axis
+
+
+def _expand_targets(vector: gs.Tensor, seen: set) -> list[gs.Node] | None:
+    """The Expands whose target shape a shape vector computes through shape arithmetic (those not found
+    before, in `seen`); None when it is used otherwise."""
+    found = []
+    for consumer in vector.outputs:
+        if consumer.name in seen:
+            continue
+        seen.add(consumer.name)
+        if consumer.op == "Expand" and vector is consumer.inputs[1] and vector is not consumer.inputs[0]:
+            found.append(consumer)
+            continue
+        if consumer.op not in SHAPE_ARITHMETIC:
+            return None
+        for out in consumer.outputs:
+            further = _expand_targets(out, seen)
+            if further is None:
+                return None
+            found += further
+    return found
+
+
+def _shape_source(vector: gs.Tensor, seen: set) -> gs.Tensor | None:
+    """The tensor whose Shape a target shape is computed from, through shape arithmetic (the first found)."""
+    for producer in vector.inputs:
+        if producer.name in seen or producer.op not in SHAPE_ARITHMETIC:
+            continue
+        seen.add(producer.name)
+        if producer.op == "Shape":
+            return producer.inputs[0]
+        for tensor in producer.inputs:
+            found = _shape_source(tensor, seen)
+            if found is not None:
+                return found
+    return None
 
 
 def _tracked_input(node, ctx, tensors):
@@ -394,9 +464,15 @@ def _prod(dims) -> int:
 class GatherHandler(Handler):
     """Picking positions along an axis that carries no channels (a class token `x[:, 0]`, one part of a
     packed Q/K/V) keeps the channels, on an axis shifted by the indices' rank; along the channel axis it
-    blocks."""
+    blocks. With the hidden-size option, an embedding lookup (rows of a constant [tokens, width] table
+    picked by computed ids) is a source of `width` channels on the output's last axis: the table's columns
+(a graph output carrying them keeps its width, `AnalysisContext.widen`)."""
 
     def propagate(self, node, ctx):
+        if ctx.allows(HIDDEN) and self.embedding_table(node) is not None and ctx.shape(node.outputs[0]):
+            ctx.widen(ctx.new_source(node, node.outputs[0], self.embedding_table(node).shape[1],
+                                     len(ctx.shape(node.outputs[0])) - 1))
+            return
         found = _tracked_input(node, ctx, node.inputs[:2])
         if found is None:
             return
@@ -406,6 +482,21 @@ class GatherHandler(Handler):
             ctx.block(x.ids, f"Gather '{node.name}': gathers along the channel axis")
             return
         ctx.set(node.outputs[0], type(x)(x.axis if x.axis < axis else x.axis + len(indices) - 1, x.ids))
+
+    @staticmethod
+    def embedding_table(node) -> np.ndarray | None:
+        table = const_input(node, 0)
+        if table is None or table.ndim != 2 or int(attr(node, "axis", 0)) not in (0, -2) or const_input(node, 1) is not None:
+            return None
+        return table
+
+    def rewrite(self, node, rw):
+        mask = rw.mask(node.outputs[0])
+        if mask is not None and rw.is_source(node):
+            rw.set_input(node, 0, node.inputs[0].values[:, mask])
+
+    def filter_weights(self, node):
+        return self.embedding_table(node).T
 
 
 @register("Transpose")
@@ -497,6 +588,9 @@ class ShapeHandler(Handler):
         if not start <= x.axis < end:
             return
         position = x.axis - start
+        expands = _expand_targets(node.outputs[0], set()) if ctx.allows(HIDDEN) else None
+        if expands and all(follows_channels(e, ctx, node.inputs[0], x) is not None for e in expands):
+            return  # the count sizes tensors that carry the channels on (`ExpandHandler._follow_shape`)
         for consumer in node.outputs[0].outputs:
             if position in _shape_entries_read(consumer, end - start):
                 ctx.block(x.ids, f"Shape '{node.name}': the channel count is read and used")

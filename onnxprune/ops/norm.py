@@ -5,6 +5,12 @@ parameters are sliced. GroupNormalization normalises over groups of channels, so
 or removed (its channels are joined) and `num_groups` shrinks. LayerNormalization and LRN mix the
 channels they normalise over: channels on a normalised axis are blocked, others pass through
 (onnxruntime's SimplifiedLayerNormalization, an RMSNorm, like LayerNormalization).
+
+With the hidden-size option (`--hidden`, `base.HIDDEN`), a LayerNormalization or RMSNorm over the channel
+axis alone passes the channels on and its scale and bias are sliced. An RMSNorm stays exact when the removed
+channels carry zeros: its scale grows by sqrt(N/K) and its epsilon by N/K (N channels before, K after), so
+the root mean square over K is the one over N. A LayerNormalization cannot be: its mean over the kept
+channels differs from the one over all by a share of each sample's own mean, so the group is `inexact`.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import Handler, attr, normalize_axis, pass_through, register
+from .base import HIDDEN, Handler, attr, normalize_axis, pass_through, register
+
+NORMS_OVER_LAST = ("LayerNormalization", "SimplifiedLayerNormalization")  # the latter: onnxruntime's RMSNorm
 
 
 @register("BatchNormalization", "InstanceNormalization")
@@ -93,7 +101,7 @@ class CrossChannelNormHandler(Handler):
             ctx.block(x.ids, f"{node.op} '{node.name}': input shape unknown")
             return
         rank = len(shape)
-        if node.op in ("LayerNormalization", "SimplifiedLayerNormalization"):  # the latter: onnxruntime's RMSNorm
+        if node.op in NORMS_OVER_LAST:
             mixed = range(normalize_axis(int(attr(node, "axis", -1)), rank), rank)
         elif node.op == "LpNormalization":
             mixed = [normalize_axis(int(attr(node, "axis", -1)), rank)]
@@ -101,7 +109,44 @@ class CrossChannelNormHandler(Handler):
             mixed = [1]
         else:
             mixed = [normalize_axis(a, rank) for a in attr(node, "axes", [0, 2, 3])]
+        if x.axis in mixed and list(mixed) == [x.axis] and node.op in NORMS_OVER_LAST and ctx.allows(HIDDEN):
+            if any(not is_const(t) for t in node.inputs[1:3] if t.name):
+                ctx.block(x.ids, f"{node.op} '{node.name}': scale or bias is not a constant")
+                return
+            pass_through(node, ctx, outputs=(0,))
+            if node.op == "LayerNormalization":
+                ctx.inexact(x.ids, f"{node.op} '{node.name}': normalises over the hidden size (--hidden): its "
+                                   "mean and variance change with the channels removed")
+            else:
+                ctx.widen(x.ids)
+            return
         if x.axis in mixed:
-            ctx.block(x.ids, f"{node.op} '{node.name}': normalises across the channel axis")
+            reason = "normalises across the channel axis"
+            if node.op in NORMS_OVER_LAST and list(mixed) == [x.axis]:
+                reason += " (the hidden size), which --hidden prunes"
+            ctx.block(x.ids, f"{node.op} '{node.name}': {reason}")
             return
         pass_through(node, ctx, outputs=(0,))
+
+    def rewrite(self, node, rw):
+        mask = rw.mask(node.inputs[0])
+        if mask is None or node.op not in NORMS_OVER_LAST or rw.tracked_axis(node.inputs[0]) != rw.rank(node.inputs[0]) - 1:
+            return  # channels off the normalised axis: nothing of the node changes
+        slice_norm_parameters(node, rw, mask, first=1)
+
+
+def slice_norm_parameters(node, rw, mask: np.ndarray, first: int) -> None:
+    """Slice the scale (input `first`) and bias (the next input, if any) of a norm over the last axis to
+    the kept channels; an RMSNorm's scale and epsilon are changed so that it stays exact (module doc)."""
+    for i in (first, first + 1):
+        if i < len(node.inputs) and node.inputs[i].name:
+            rw.set_input(node, i, node.inputs[i].values[..., mask])
+    if "Simplified" in node.op:
+        keep_root_mean_square(node, rw, first, len(mask) / int(mask.sum()))
+
+
+def keep_root_mean_square(node, rw, scale_input: int, ratio: float) -> None:
+    """An RMSNorm left with 1/`ratio` of its channels: scale times sqrt(ratio), epsilon times `ratio`, so that
+    its output is unchanged when the removed channels were zero (module doc)."""
+    rw.set_input(node, scale_input, node.inputs[scale_input].values * np.sqrt(ratio))
+    rw.set_attr(node, "epsilon", float(attr(node, "epsilon", 1e-5)) * ratio)

@@ -107,8 +107,31 @@ def apply_channel_plan(analysis: Analysis, masks: dict[str, np.ndarray]) -> None
         names = [t.name for t in list(node.inputs) + list(node.outputs)]
         if any(n in masks for n in names):
             handler_for(node.op).rewrite(node, rw)
+    _widen_outputs(graph, rw)
     _forget_stale_shapes(graph, masks)
     graph.cleanup().toposort()
+
+
+def _widen_outputs(graph: gs.Graph, rw: RewriteContext) -> None:
+    """A graph output that lost channels (the analysis lets only an opt-in's through: `AnalysisContext.widen`)
+    keeps its width: the kept channels in their places, zeros at the removed ones (a zero pad slot gathered
+    to them); nodes inside the graph read the narrow tensor."""
+    for out in graph.outputs:
+        mask = rw.mask(out)
+        if mask is None:
+            continue
+        axis, rank = rw.tracked_axis(out), rw.rank(out)
+        kept = rw.new_tensor(f"{out.name}_kept")
+        for node in list(out.outputs):
+            for i in [i for i, t in enumerate(node.inputs) if t is out]:
+                node.inputs[i] = kept
+        producer = out.inputs[0]
+        producer.outputs[producer.outputs.index(out)] = kept
+        pads = np.zeros(2 * rank, dtype=np.int64)
+        pads[rank + axis] = 1
+        padded = rw.add_node("Pad", [kept, pads])
+        index = np.where(mask, np.cumsum(mask) - 1, int(mask.sum()))
+        rw.add_node("Gather", [padded, index.astype(np.int64)], output=out, axis=axis)
 
 
 def _forget_stale_shapes(graph: gs.Graph, masks) -> None:
