@@ -18,7 +18,7 @@ from onnxprune.sparsity.patterns import Pattern, keep_mask
 from onnxprune.quantize import quantize_int8
 from onnxprune.runtime import session
 from onnxprune.sparsity.solve import allocate, damped, optimal_update, sequential_update, weight_costs
-from onnxprune.sparsity.storage import dense_initializers, sparse_form, store_sparse
+from onnxprune.sparsity.storage import dense_initializers, densified, sparse_form, store_sparse
 from test_lowrank import calibration_for, conv_model, gemm_model, matmul_model, mixed_model
 
 MNIST = "models/mnist_resnet.onnx"
@@ -323,6 +323,9 @@ def test_sparse_storage_round_trips_through_onnxruntime_exactly(build, index):
     weights = dense_initializers(stored)
     for tensor in model.graph.initializer:
         np.testing.assert_array_equal(weights[tensor.name], numpy_helper.to_array(tensor))
+    again = densified(stored)
+    assert {n.op_type for n in again.graph.node} == {n.op_type for n in model.graph.node}
+    assert store_sparse(again, index)[1]["stored_bytes"] == storage["stored_bytes"]
 
 
 def test_cli_default_sparse_output_passes_the_full_onnx_checker(tmp_path):

@@ -99,5 +99,16 @@ def dense_initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return weights
 
 
+def densified(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` stored by `store_sparse` with its sparse Constants back as dense initializers."""
+    dense = onnx.ModelProto()
+    dense.CopyFrom(model)
+    weights = dense_initializers(dense)
+    for node in [n for n in dense.graph.node if n.op_type == "Constant" and n.attribute[0].name == "sparse_value"]:
+        dense.graph.node.remove(node)
+        dense.graph.initializer.append(numpy_helper.from_array(weights[node.output[0]], node.output[0]))
+    return dense
+
+
 def _gzipped(data: bytes) -> int:
     return len(gzip.compress(data, compresslevel=9, mtime=0))
