@@ -450,3 +450,12 @@ def test_the_weights_before_are_kept_only_when_asked():
     plain, kept = (sparsify_model(model, {"x": [2, 8]}, data, settings, keep_dense=keep) for keep in (False, True))
     assert plain.dense == {} and plain.sparsified == kept.sparsified == tuple(kept.dense) != ()
     np.testing.assert_array_equal(kept.dense[kept.sparsified[0]], _weights(model)["B"])
+
+
+def test_a_small_tensor_stays_dense_when_its_constant_node_costs_more():
+    """An all-zero zero point of 4 bytes is 'smaller sparse' by its values, not with the node's names."""
+    model = _sparse_weights(matmul_model(k=64, n=96), np.random.default_rng(3), keep=0.1)
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(4, np.int8), "a_zero_point"))
+    stored, storage = store_sparse(model)
+    assert "w1" in {n.output[0] for n in stored.graph.node if n.op_type == "Constant"}
+    assert "a_zero_point" in {t.name for t in stored.graph.initializer}

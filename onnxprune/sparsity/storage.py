@@ -10,8 +10,8 @@ Index types (`INDEX_FORMS`): "int64", the only one the ONNX checker accepts (lin
 into the flattened tensor; coordinates, [nnz, rank], are never smaller), valid ONNX for every runtime;
 or "smallest": int8, int16 or int32 when they hold the tensor's size (linear) or its largest dimension
 (coordinates), whichever form is smaller. onnxruntime loads these (uint8 and uint16 it refuses), the ONNX
-checker refuses them. Either way a tensor stays dense when its sparse form at that index width is not
-smaller.
+checker refuses them. Either way a tensor stays dense when its sparse form at that index width, Constant
+node included, is not smaller.
 """
 
 from __future__ import annotations
@@ -66,11 +66,12 @@ def store_sparse(model: onnx.ModelProto, index: str = "int64") -> tuple[onnx.Mod
         if opset >= SPARSE_OPSET and tensor.name not in inputs and tensor.data_location != onnx.TensorProto.EXTERNAL:
             values = numpy_helper.to_array(tensor)
             sparse = sparse_form(values, tensor.name, index) if values.dtype.kind in "fiu" else None
-        if sparse is None:
+        node = None if sparse is None else helper.make_node("Constant", [], [tensor.name],
+                                                            name=f"{tensor.name}_sparse", sparse_value=sparse)
+        if node is None or node.ByteSize() >= tensor.ByteSize():  # a small tensor: the node's names cost more
             kept.append(tensor)
         else:
-            constants.append(helper.make_node("Constant", [], [tensor.name], name=f"{tensor.name}_sparse",
-                                              sparse_value=sparse))
+            constants.append(node)
             index_types.add(helper.tensor_dtype_to_np_dtype(sparse.indices.data_type).name)
     del stored.graph.initializer[:]
     stored.graph.initializer.extend(kept)
