@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "models"))
 
 from onnxprune import PruneConfig, prune  # noqa: E402
+from onnxprune.sparsity.storage import dense_initializers, densified, store_sparse  # noqa: E402
 from tests.real_models import _download_wheel, cache_dir  # noqa: E402
 
 MODEL, EVAL = str(ROOT / "models" / "mnist_resnet.onnx"), str(ROOT / "models" / "mnist_eval.npz")
@@ -44,7 +44,9 @@ ROWS = {
     "sparse-0.91-4x400-lr1e-3-splice": dict(sparsity=0.91, steps=4, finetune_steps=400, finetune_lr=1e-3, splicing=True),
     "channels-0.7": dict(filters=0.7),
     "channels-0.7-ft1600-lr1e-3": dict(filters=0.7, finetune_steps=1600, finetune_lr=1e-3),
+    "channels-0.7-4x400-lr1e-3": dict(filters=0.7, steps=4, finetune_steps=400, finetune_lr=1e-3),
     "rank-0.1": dict(rank=0.1),
+    "rank-0.1-ft1600-lr1e-3": dict(rank=0.1, finetune_steps=1600, finetune_lr=1e-3),  # --rank takes one step
 }
 
 def training_split(path: str | None, folder: Path) -> str:
@@ -63,8 +65,7 @@ def training_split(path: str | None, folder: Path) -> str:
 
 def nonzero_parameters(model) -> int:
     """Non-zero values of the model's initializers, dense and sparse."""
-    dense = sum(int(np.count_nonzero(numpy_helper.to_array(t))) for t in model.graph.initializer)
-    return dense + sum(int(np.count_nonzero(numpy_helper.to_array(t.values))) for t in model.graph.sparse_initializer)
+    return sum(int(np.count_nonzero(values)) for values in dense_initializers(model).values())
 
 
 def main() -> None:
@@ -77,7 +78,7 @@ def main() -> None:
         base = nonzero_parameters(onnx.load(MODEL))
         print(f"original: {base:,} non-zero parameters; fine-tuning data {train} (3744 digits)")
         print(f"{'row':<26}{'non-zero':>9}{'fewer':>7}{'accuracy':>10}{'drop pt':>9}{'MACs':>12}{'file B':>9}"
-              f"{'gzip B':>9}{'s':>7}")
+              f"{'gzip B':>9}{'small B':>9}{'s':>7}")
         for name in args.rows.split(","):
             started = time.perf_counter()
             result = prune(MODEL, PruneConfig(**ROWS[name], calibration=train, evaluation=EVAL))
@@ -85,9 +86,10 @@ def main() -> None:
             report, count = result.report, nonzero_parameters(result.model)
             storage = report.get("sparsity", {}).get("storage", {})
             gzip = storage.get("gzip_bytes", "")
+            smallest = f"{store_sparse(densified(result.model), 'smallest')[1]['stored_bytes']:,}" if storage else ""
             print(f"{name:<26}{count:>9,}{base / count:>6.1f}x{report['accuracy']['after']:>10.3f}"
                   f"{100 * report['accuracy']['drop']:>9.1f}{report['after']['macs']:>12,}"
-                  f"{report['after']['size_bytes']:>9,}{gzip:>9}{elapsed:>7.0f}", flush=True)
+                  f"{report['after']['size_bytes']:>9,}{gzip:>9}{smallest:>9}{elapsed:>7.0f}", flush=True)
 
 
 if __name__ == "__main__":

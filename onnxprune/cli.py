@@ -33,6 +33,7 @@ from .report import (format_finetune_summary, format_inspect, format_markdown, f
 from .scoring import SCORERS
 from .quantize import FORMATS as QUANTIZE_FORMATS
 from .sparsity import METHODS as SPARSITY_METHODS
+from .sparsity.storage import INDEX_FORMS
 from .sweep import format_table, parse_values, plot_png, require_matplotlib, settings_grid, sweep
 from .validate.compare import parse_output_axes
 from .validate.gates import Gates, describe, failed_checks
@@ -215,6 +216,10 @@ SPARSITY = OptionGroup([
                  help="With --sparsity and --finetune-steps: during fine-tuning, zeroed weights whose magnitude "
                       "rises above the layer's upper threshold come back and kept ones below its lower threshold go "
                       "(Dynamic Network Surgery); without it the zeros are held."),
+    click.option("--sparse-index", type=click.Choice(INDEX_FORMS), default="int64", show_default=True,
+                 help="Index type of the weights stored sparse: int64, valid ONNX for every runtime, or the "
+                      "smallest that holds each tensor's size (int8-int32: a smaller file that only onnxruntime "
+                      "loads; onnx.checker refuses it)."),
     click.option("--quantize", type=click.Choice(QUANTIZE_FORMATS), default=None,
                  help="Then quantize the result with onnxruntime's static QDQ quantization (int8 weights per channel, "
                       "int8 activations with ranges from the calibration data); validated and gated as the output, "
@@ -223,7 +228,8 @@ SPARSITY = OptionGroup([
                  help="With --quantize: leave the nodes matching this name glob float (repeatable); the report's "
                       "quantize.worst_layers names the nodes that lose most."),
 ], lambda v: {"quantize_exclude": tuple(v["quantize_exclude"]), "sparsity": v["sparsity"], "sparsity_pattern": v["sparsity_pattern"],
-              "sparsity_method": v["sparsity_method"], "splicing": v["splicing"], "quantize": v["quantize"]})
+              "sparsity_method": v["sparsity_method"], "splicing": v["splicing"], "sparse_index": v["sparse_index"],
+              "quantize": v["quantize"]})
 
 RECOVERY = OptionGroup([
     click.option("--recover", type=click.Choice(RECOVERY_METHODS), default=None,

@@ -16,6 +16,7 @@ from .recover import FINETUNE_LR, METHODS as RECOVERY_METHODS
 from .scoring import SCORERS
 from .quantize import check_quantize
 from .sparsity import SparsitySettings, check_sparsity
+from .sparsity.storage import INDEX_FORMS
 from .validate.gates import Gates
 from .validate.latency import LatencyConfig
 
@@ -62,6 +63,7 @@ class PruneConfig:
     sparsity_pattern: str | None = None  # unstructured (default), N:M or block:RxC
     sparsity_method: str | None = None  # obs or magnitude; None: obs with calibration data, else magnitude
     splicing: bool = False  # with --sparsity and fine-tuning: pruned weights may come back (Dynamic Network Surgery)
+    sparse_index: str = "int64"  # stored sparse indices: int64 (valid ONNX) or smallest (onnxruntime only)
     quantize: str | None = None  # "int8": hand the result to onnxruntime's static QDQ quantization
     quantize_exclude: tuple[str, ...] = ()  # node name globs left float by the quantization
 
@@ -97,6 +99,10 @@ def check_config(config: PruneConfig) -> None:
         check_schedule(config, *check_sparsity(config.sparsity, config.sparsity_pattern, config.sparsity_method))
     elif config.splicing:
         raise UsageError("--splicing decides which zeroed weights come back: it needs --sparsity S")
+    if config.sparse_index not in INDEX_FORMS:
+        raise UsageError(f"--sparse-index {config.sparse_index!r}: choose {' or '.join(INDEX_FORMS)}")
+    if config.sparse_index != "int64" and not sparsity_asked(config):
+        raise UsageError(f"--sparse-index {config.sparse_index} says how zeroed weights are stored: it needs --sparsity S")
     if config.sparsity_method == "obs" and config.calibration is None:
         raise UsageError("--sparsity-method obs needs --calib data: the saliencies are measured on it; give --calib "
                          "or use --sparsity-method magnitude")
@@ -240,4 +246,4 @@ def config_section(config: PruneConfig, scorer: str, input_shapes: dict) -> dict
             "target_macs": config.target_macs, "target_latency": config.target_latency,
             "target_speedup": config.target_speedup, "output_axes": dict(config.output_axes),
             "sparsity": config.sparsity, "sparsity_pattern": config.sparsity_pattern, "splicing": config.splicing,
-            "quantize": config.quantize}
+            "sparse_index": config.sparse_index, "quantize": config.quantize}

@@ -159,7 +159,7 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
         report["quantize"] = quantize_report
     if sparsity_report is not None:
         report["sparsity"] = sparsity_report
-        pruned = store_stage(pruned, report)  # after validation, which the ONNX checker must pass dense
+        pruned = store_stage(pruned, report, config.sparse_index)  # after validation, on the dense model
     if step_reports:
         report["steps"] = step_reports
     report["gates"] = evaluate_gates(report, config.gates)

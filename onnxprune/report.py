@@ -196,7 +196,7 @@ def format_sparsity(report: dict) -> list[str]:
     lines = [line]
     storage = sparsity.get("storage", {})
     if "stored_bytes" in storage:
-        lines.append(f"            stored {storage['stored_bytes']:,} B ({storage['sparse_initializers']} tensors sparse; "
+        lines.append(f"            stored {storage['stored_bytes']:,} B ({storage['sparse_tensors']} tensors sparse, {storage['index']} indices; "
                      f"dense {storage['dense_bytes']:,} B), gzip {storage['gzip_bytes']:,} B "
                      f"(dense gzip {storage['dense_gzip_bytes']:,} B)")
     if sparsity["skipped"]:

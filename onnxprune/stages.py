@@ -25,6 +25,7 @@ from .recover import recover
 from .io import EXTERNAL_DATA_THRESHOLD, export_graph, import_graph, model_size_bytes, unload_maps
 from .sparsity import SparsitySettings, recount, sparsify_model
 from .sparsity.storage import store_sparse
+from .validate import check_model
 from .recover.training import finetune
 from .recover.training_graph import fold_batchnorm
 from .rewrite import apply_channel_plan, apply_unit_scales, keep_masks
@@ -255,15 +256,23 @@ def kept_if_lower_loss(before: onnx.ModelProto, tuned: onnx.ModelProto, section:
     return before
 
 
-def store_stage(model: onnx.ModelProto, report: dict) -> onnx.ModelProto:
-    """The validated sparse model with its zeros stored sparse where that is smaller; the report's
-    `sparsity.storage` and `after.size_bytes` say what the file takes. A model written with external data
-    stays dense."""
+def store_stage(model: onnx.ModelProto, report: dict, index: str) -> onnx.ModelProto:
+    """The validated sparse model with its zeros stored sparse where that is smaller, with `index` indices;
+    the report's `sparsity.storage` and `after.size_bytes` say what the file takes. A model written with
+    external data stays dense. Validation checked the dense model: with int64 indices the stored one must
+    pass the ONNX checker too; the smallest indices it refuses (onnxruntime loads them), so the report's
+    `checker` says it checked the dense form."""
     if model_size_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
         report["sparsity"]["storage"] = {"note": "stored dense: too large for one protobuf file"}
         return model
-    stored, report["sparsity"]["storage"] = store_sparse(model)
+    stored, report["sparsity"]["storage"] = store_sparse(model, index)
     report["after"]["size_bytes"] = report["sparsity"]["storage"]["stored_bytes"]
+    narrow = set(report["sparsity"]["storage"]["index_types"]) - {"int64"}
+    if report["checker"]["passed"] and not narrow:
+        check_model(stored)
+    elif report["checker"]["passed"]:
+        report["checker"]["note"] = ("checked dense: the file's sparse indices narrower than int64 are refused by "
+                                     "onnx.checker (--sparse-index smallest; onnxruntime loads them)")
     return stored
 
 

@@ -18,7 +18,7 @@ from onnxprune.sparsity.patterns import Pattern, keep_mask
 from onnxprune.quantize import quantize_int8
 from onnxprune.runtime import session
 from onnxprune.sparsity.solve import allocate, damped, optimal_update, sequential_update, weight_costs
-from onnxprune.sparsity.storage import sparse_form, store_sparse
+from onnxprune.sparsity.storage import dense_initializers, densified, sparse_form, store_sparse
 from test_lowrank import calibration_for, conv_model, gemm_model, matmul_model, mixed_model
 
 MNIST = "models/mnist_resnet.onnx"
@@ -168,13 +168,7 @@ def test_sequential_update_lies_between_zeroing_and_the_exact_fit(block):
 
 def _weights(model):
     """Every initializer as an array, sparse ones made dense."""
-    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for sparse in model.graph.sparse_initializer:
-        values, indices = numpy_helper.to_array(sparse.values), numpy_helper.to_array(sparse.indices)
-        dense = np.zeros(tuple(sparse.dims), dtype=values.dtype)
-        dense[np.unravel_index(indices, dense.shape) if indices.ndim == 1 else tuple(indices.T)] = values
-        weights[sparse.values.name] = dense
-    return weights
+    return dense_initializers(model)
 
 
 def test_magnitude_zeroes_weights_in_place_through_gemm_alpha_and_transB():
@@ -232,13 +226,15 @@ def test_grouped_convs_stay_dense_with_their_reason():
 def test_cli_n_of_m_after_channel_pruning(tmp_path):
     out, report = tmp_path / "out.onnx", tmp_path / "report.json"
     run = CliRunner().invoke(main, [MNIST, str(out), "--filters", "0.25", "--sparsity-pattern", "2:4",
-                                    "--calib", MNIST_CALIB, "--calib-samples", "64", "--report", str(report)])
+                                    "--calib", MNIST_CALIB, "--calib-samples", "64", "--report", str(report),
+                                    "--sparse-index", "smallest"])  # at 50% int64 indices make no tensor smaller
     assert run.exit_code == 0, run.output
     assert "sparsity  " in run.output and "(50.0%, 2:4, obs)" in run.output
     data = json.loads(report.read_text())
     storage = data["sparsity"]["storage"]
     assert out.stat().st_size == storage["stored_bytes"] == data["after"]["size_bytes"] < storage["dense_bytes"]
-    assert f"stored {out.stat().st_size:,} B" in run.output
+    assert f"stored {out.stat().st_size:,} B" in run.output and "smallest indices" in run.output
+    assert "onnx.checker" in data["checker"]["note"] and data["config"]["sparse_index"] == "smallest"
     assert any(g["channels_after"] < g["channels"] for g in data["groups"] if g["prunable"])
     model = onnx.load(str(out))
     weights = _weights(model)
@@ -282,31 +278,72 @@ def _sparse_weights(model, rng, keep=0.3):
 
 @pytest.mark.parametrize("shape, expected", [((10, 12), ("int8", 1)), ((100, 120, 3), ("int8", 3)),
                                              ((20, 40, 3, 3), ("int16", 1)), ((300, 400), ("int32", 1))])
-def test_the_smallest_index_form_is_used(shape, expected):
+def test_the_smallest_index_form_is_used_on_request(shape, expected):
     values = np.where(np.random.default_rng(0).random(shape) < 0.2, 1.0, 0.0).astype(np.float32)
-    sparse = sparse_form(values, "w")
+    sparse = sparse_form(values, "w", index="smallest")
     indices = numpy_helper.to_array(sparse.indices)
     assert (indices.dtype.name, indices.shape[1] if indices.ndim == 2 else 1) == expected
     assert len(indices) == np.count_nonzero(values)
+    linear = numpy_helper.to_array(sparse_form(values, "w").indices)  # the default: int64, linear
+    assert linear.dtype == np.int64 and linear.ndim == 1
+    np.testing.assert_array_equal(linear, np.flatnonzero(values))
 
 
-def test_a_tensor_with_few_zeros_stays_dense():
-    values = np.where(np.random.default_rng(0).random((40, 50)) < 0.7, 1.0, 0.0).astype(np.float32)
-    assert sparse_form(values, "w") is None  # 30% zeros: int16 indices make it larger
+@pytest.mark.parametrize("zeros, index, dense", [(0.3, "smallest", True), (0.6, "smallest", False),
+                                                 (0.6, "int64", True), (0.7, "int64", False)])
+def test_dense_or_sparse_is_decided_at_the_index_width(zeros, index, dense):
+    """40 x 50 float32: 1000 nnz x (4 B + 2 B int16 or 8 B int64) against 8000 B dense."""
+    values = np.ones(2000, np.float32)
+    values[:int(zeros * 2000)] = 0
+    values = np.random.default_rng(0).permutation(values).reshape(40, 50)
+    assert (sparse_form(values, "w", index=index) is None) == dense
 
 
+@pytest.mark.parametrize("index", ["int64", "smallest"])
 @pytest.mark.parametrize("build", [lambda: conv_model(c_in=120, c_out=100, kernel=(3,), spatial=(8,)),
                                    lambda: gemm_model(), lambda: matmul_model(k=64, n=96)])
-def test_sparse_storage_round_trips_through_onnxruntime_exactly(build):
-    model = _sparse_weights(build(), np.random.default_rng(1))
-    stored, storage = store_sparse(model)
-    assert storage["sparse_initializers"] >= 1 and storage["stored_bytes"] < storage["dense_bytes"]
-    assert len(stored.graph.sparse_initializer) == storage["sparse_initializers"]
+def test_sparse_storage_round_trips_through_onnxruntime_exactly(build, index):
+    model = _sparse_weights(build(), np.random.default_rng(1), keep=0.2)
+    stored, storage = store_sparse(model, index)
+    assert storage["sparse_tensors"] >= 1 and storage["stored_bytes"] < storage["dense_bytes"]
+    sparse = [a.sparse_tensor for n in stored.graph.node if n.op_type == "Constant" for a in n.attribute]
+    assert len(sparse) == storage["sparse_tensors"]
+    index_types = {numpy_helper.to_array(t.indices).dtype.name for t in sparse}
+    assert index_types == set(storage["index_types"]) and (index_types == {"int64"}) == (index == "int64")
+    if index == "int64":
+        onnx.checker.check_model(stored, full_check=True)
+    else:
+        with pytest.raises(onnx.checker.ValidationError, match="INT64"):
+            onnx.checker.check_model(stored)
     feed = {name: x for name, x in calibration_for(model, count=4).arrays.items()}
     dense_out = session(model).run(None, feed)
     sparse_out = session(stored).run(None, feed)
     for a, b in zip(dense_out, sparse_out):
         np.testing.assert_array_equal(a, b)
+    weights = dense_initializers(stored)
+    for tensor in model.graph.initializer:
+        np.testing.assert_array_equal(weights[tensor.name], numpy_helper.to_array(tensor))
+    again = densified(stored)
+    assert {n.op_type for n in again.graph.node} == {n.op_type for n in model.graph.node}
+    assert store_sparse(again, index)[1]["stored_bytes"] == storage["stored_bytes"]
+
+
+def test_cli_default_sparse_output_passes_the_full_onnx_checker(tmp_path):
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    run = CliRunner().invoke(main, [MNIST, str(out), "--sparsity", "0.9", "--sparsity-method", "magnitude",
+                                    "--report", str(report)])
+    assert run.exit_code == 0, run.output
+    data = json.loads(report.read_text())
+    storage = data["sparsity"]["storage"]
+    assert storage["index"] == "int64" and storage["index_types"] == ["int64"] and storage["sparse_tensors"] >= 3
+    assert out.stat().st_size == storage["stored_bytes"] < storage["dense_bytes"]
+    assert data["checker"] == {"passed": True}
+    onnx.checker.check_model(str(out), full_check=True)
+
+
+def test_cli_sparse_index_without_sparsity_exits_2(tmp_path):
+    run = CliRunner().invoke(main, [MNIST, str(tmp_path / "out.onnx"), "--sparse-index", "smallest"])
+    assert run.exit_code == 2 and "--sparse-index smallest says how zeroed weights are stored" in run.output
 
 
 # ------------------------------------------------------------------ the int8 hand-off
@@ -337,7 +374,8 @@ def test_a_sparse_int8_model_round_trips_exactly():
     calibration = calibration_for(model, count=16)
     quantized, _ = quantize_int8(model, calibration, 8)
     stored, storage = store_sparse(quantized)
-    assert "int8" in {numpy_helper.to_array(t.values).dtype.name for t in stored.graph.sparse_initializer}
+    sparse = [a.sparse_tensor for n in stored.graph.node if n.op_type == "Constant" for a in n.attribute]
+    assert "int8" in {numpy_helper.to_array(t.values).dtype.name for t in sparse}
     assert storage["stored_bytes"] < storage["dense_bytes"]
     feed = calibration.arrays
     for a, b in zip(session(quantized).run(None, feed), session(stored).run(None, feed)):
@@ -420,3 +458,12 @@ def test_cli_quantize_exclude_matching_no_node_is_refused_before_any_work(tmp_pa
     run = CliRunner().invoke(main, [MNIST, str(tmp_path / "out.onnx"), "--filters", "0.25", "--quantize", "int8",
                                     "--calib", MNIST_CALIB, "--quantize-exclude", "nosuchnode"])
     assert run.exit_code == 2 and "--quantize-exclude 'nosuchnode' matches no node" in run.output, run.output
+
+
+def test_a_small_tensor_stays_dense_when_its_constant_node_costs_more():
+    """An all-zero zero point of 4 bytes is 'smaller sparse' by its values, not with the node's names."""
+    model = _sparse_weights(matmul_model(k=64, n=96), np.random.default_rng(3), keep=0.1)
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(4, np.int8), "a_zero_point"))
+    stored, storage = store_sparse(model)
+    assert "w1" in {n.output[0] for n in stored.graph.node if n.op_type == "Constant"}
+    assert "a_zero_point" in {t.name for t in stored.graph.initializer}
