@@ -468,7 +468,7 @@ def obs(analysis, context):
     elif groups:
         with OutputProbe(context.model, context.calibration, context.fixed_batch,
                          [f.consumer.node.outputs[0].name for f in folds], len(groups) * len(SHARES)) as probe:
-            for group in groups:
+            for group in sorted(groups, key=lambda g: probe.first_node(by_group[g.index])):  # the probe's order
                 scores[group.index], stats.curves[group.index] = _group_curve(by_group[group.index], group.channels,
                                                                               probe)
             stats.sensitivity_samples = probe.samples.count
