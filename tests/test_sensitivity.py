@@ -123,7 +123,7 @@ def test_measured_points_are_batch_ends_within_the_cut_allowed():
 def test_measurements_out_of_graph_order_equal_fresh_ones():
     """The probe's stream advances to the first layer a measurement changes; a layer before its frontier
     starts it again: every measurement equals one made by a probe of its own."""
-    model = models.conv_chain()
+    model = models.residual_downsample()
     calibration = _calibration(model)
     by_group, layers = _problems(model, calibration)
     changed = {}
