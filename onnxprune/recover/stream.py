@@ -76,9 +76,11 @@ class ActivationStore:
 
 
 def _session(piece: onnx.ModelProto):
-    """A session of one step's piece: read from memory when small (no temporary file written and removed
-    for every step; it lives for one step), else from a file as any model."""
-    if piece.ByteSize() < EXTERNAL_ABOVE_BYTES:
+    """A session of one step's piece: read from memory when small and whole (no temporary file written and
+    removed for every step; it lives for one step), else from a file as any model (weights mapped from a
+    data file are written out by `io.write_model`)."""
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in piece.graph.initializer)
+    if not external and piece.ByteSize() < EXTERNAL_ABOVE_BYTES:
         return capture_session(piece.SerializeToString())
     return capture_session(piece)
 
