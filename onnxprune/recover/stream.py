@@ -22,6 +22,7 @@ from onnx import helper
 
 from ..calib.capture import capture_session
 from ..calib.data import CalibrationSet
+from ..runtime import EXTERNAL_ABOVE_BYTES
 from ..workdir import temp_folder
 
 MEMORY_BUDGET_BYTES = 1 << 30  # frontier activations held in memory per stream; the rest goes to disk
@@ -72,6 +73,16 @@ class ActivationStore:
         if self.folder is not None:
             self.folder.cleanup()
             self.folder = None
+
+
+def _session(piece: onnx.ModelProto):
+    """A session of one step's piece: read from memory when small and whole (no temporary file written and
+    removed for every step; it lives for one step), else from a file as any model (weights mapped from a
+    data file are written out by `io.write_model`)."""
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in piece.graph.initializer)
+    if not external and piece.ByteSize() < EXTERNAL_ABOVE_BYTES:
+        return capture_session(piece.SerializeToString())
+    return capture_session(piece)
 
 
 def _outer_reads(node: onnx.NodeProto) -> list[str]:
@@ -163,7 +174,7 @@ class Stream:
         to_compute = list(dict.fromkeys([*(n for n in wanted if not self.store.has(n)), *keep]))
         feeds = sorted({name for i in nodes for name in self.reads[i]} - set(produced) - {""})
         feeds = [name for name in feeds if self.store.has(name)]
-        session = capture_session(self._piece(nodes, to_compute)) if to_compute else None
+        session = _session(self._piece(nodes, to_compute)) if to_compute else None
         self.done = done_after
         release = [name for name in feeds if not self._still_read(name, done_after)]
         for b in range(self.batches):

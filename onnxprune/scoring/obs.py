@@ -79,17 +79,62 @@ class Problem:
     held_sse: float = 0.0  # tr(D H_held D^T), D the change of the weights since then (kept by `remove`)
     consumer: Consumer | None = None  # the layer, and which of its conv blocks this is
     block: int = 0
+    # set by `drop` (a problem shrunk to its live features): the layer's feature of each column, and
+    # (W0 - W) over the dropped features times their held-out Gram rows with the live ones [outputs, live]
+    index: np.ndarray | None = None
+    held_cross: np.ndarray | None = None
+    width: int = 0  # with `index`: the layer's feature count (the bias column included)
+    pending: list = field(default_factory=list)  # columns removed by `drop`, still in the arrays
 
     def copy(self) -> "Problem":
         held_energy = quadratic(self.weight, self.held) if self.held is not None else 0.0
         return Problem(self.weight.copy(), self.hinv.copy(), self.columns, self.energy, self.held,
-                       self.weight.copy(), held_energy, 0.0, self.consumer, self.block)
+                       self.weight.copy(), held_energy, 0.0, self.consumer, self.block, self.index, None, self.width)
 
     def held_error(self) -> float:
         """The relative output error of the current (updated) weights on the held-out rows."""
         if not self.held_energy > 0:
             return 0.0
         return max(self.held_sse, 0.0) / self.held_energy
+
+    def full_weight(self) -> np.ndarray:
+        """The weights over all the layer's features (dropped ones zero)."""
+        if self.index is None:
+            return self.weight
+        full = np.zeros((len(self.weight), self.width))
+        full[:, self.index] = self.weight
+        return full
+
+    def drop(self, units: np.ndarray) -> float:
+        """`remove`, and the removed features are dropped from the arrays once they are a quarter of them:
+        their rows and columns of H^-1 and their weights are zero after the update, so later removals cost
+        O(live features^2) instead of O(all features^2) (a greedy pass to one unit: about a third).
+        `full_weight` gives the weights in the layer's layout."""
+        cost = self.remove(units)
+        self.pending = [*self.pending, *(self.columns[u] for u in units.tolist() if u in self.columns)]
+        self.columns = {u: c for u, c in self.columns.items() if u not in set(units.tolist())}
+        if sum(map(len, self.pending)) * 4 >= self.weight.shape[1]:
+            self._compact()
+        return cost
+
+    def _compact(self) -> None:
+        gone = np.concatenate(self.pending)
+        self.pending = []
+        if self.index is None:
+            self.index, self.width = np.arange(self.weight.shape[1]), self.weight.shape[1]
+        live = np.ones(self.weight.shape[1], dtype=bool)
+        live[gone] = False
+        kept = np.flatnonzero(live)
+        if self.held is not None and self.original is not None:
+            cross = self.original[:, gone] @ self.held[gone][:, kept]  # W is zero there: the change is W0
+            self.held_cross = cross if self.held_cross is None else self.held_cross[:, kept] + cross
+            self.held = self.held[kept][:, kept]
+            self.original = self.original[:, kept]
+        self.weight = self.weight[:, kept]
+        self.hinv = self.hinv[kept][:, kept]
+        self.index = self.index[kept]
+        position = np.cumsum(live) - 1
+        self.columns = {u: position[c] for u, c in self.columns.items()}
 
     def unit_costs(self, units: np.ndarray) -> np.ndarray:
         """eps of removing each of `units` alone (relative to the output energy); units the layer does
@@ -131,6 +176,8 @@ class Problem:
         tr((D + U) H (D + U)^T) - tr(D H D^T) = 2 tr(step (rows H) D^T) + tr(step (rows H rows^T) step^T)."""
         projected = rows @ self.held  # [s, features]
         cross = (self.original - self.weight) @ projected.T  # D H rows^T: [outputs, s]
+        if self.held_cross is not None:  # the dropped features' part of D H rows^T
+            cross += self.held_cross @ rows.T
         self.held_sse += 2.0 * float(np.sum(step * cross)) + float(np.sum(step * (step @ (projected @ rows.T))))
 
 
@@ -175,7 +222,7 @@ def greedy_removal(problems: list[Problem], channels: int, steps: int = REMOVAL_
         costs = sum((p.unit_costs(units) for p in work), np.zeros(len(units)))
         take = min(batch, len(units) - 1)
         chosen = units[np.argsort(costs, kind="stable")[:take]]
-        spent += [p.remove(chosen) for p in work]
+        spent += [p.drop(chosen) for p in work]
         reached = max(curve[-1], sum(p.held_error() if p.held is not None else cost for p, cost in zip(work, spent)))
         alone = np.sort(costs)[:take]
         # within a batch the curve follows the units' own costs, scaled to the error at the batch's end
@@ -184,7 +231,7 @@ def greedy_removal(problems: list[Problem], channels: int, steps: int = REMOVAL_
         order.extend(chosen.tolist())
         alive[chosen] = False
         if snapshots is not None and len(order) in snapshots:
-            snapshots[len(order)] = [p.weight.copy() for p in work]
+            snapshots[len(order)] = [p.full_weight().copy() for p in work]
     return np.array(order, dtype=np.int64), np.array(curve)
 
 
@@ -421,7 +468,7 @@ def obs(analysis, context):
     elif groups:
         with OutputProbe(context.model, context.calibration, context.fixed_batch,
                          [f.consumer.node.outputs[0].name for f in folds], len(groups) * len(SHARES)) as probe:
-            for group in groups:
+            for group in sorted(groups, key=lambda g: probe.first_node(by_group[g.index])):  # the probe's order
                 scores[group.index], stats.curves[group.index] = _group_curve(by_group[group.index], group.channels,
                                                                               probe)
             stats.sensitivity_samples = probe.samples.count
