@@ -28,6 +28,7 @@ from .recover.training import finetune
 from .recover.training_graph import fold_batchnorm
 from .rewrite import apply_channel_plan, apply_unit_scales, keep_masks
 from .scoring import ScoringContext
+from .scoring.reselect import masked_model, reselect
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,16 @@ def choose(baseline: Baseline, analysis: Analysis, config: PruneConfig, factoriz
         analysis, scores, context, filters=channel_ratio(config), global_ranking=config.global_ranking,
         round_to=config.round_to, target_macs=config.target_macs if config.rank is None else None,
         pfp_mode=config.pfp_mode, seed=config.seed, counts=counts, target=target)
+    if config.reselect and scorer == "obs" and counts is None:
+        keep = reselect_stage(baseline, analysis, keep, config)
     return ChannelChoice(keep, scales, scorer, context, budget)
+
+
+def reselect_stage(baseline: Baseline, analysis: Analysis, keep: dict, config: PruneConfig) -> dict:
+    """obs's counts, its channels re-chosen on the round-one pruned stream (scoring/reselect.py)."""
+    masked = masked_model(analyze_model(baseline.loaded, config.exclude), keep, baseline.loaded.model.ir_version)
+    return reselect(analysis, keep, baseline.loaded.model, masked, baseline.calibration, config.seed,
+                    config.calib_batch, baseline.fixed_batch)
 
 
 def final_counts(analysis: Analysis, choice: ChannelChoice) -> dict[tuple, tuple[int, int]]:
