@@ -28,7 +28,7 @@ from .recover.training import finetune
 from .recover.training_graph import fold_batchnorm
 from .rewrite import apply_channel_plan, apply_unit_scales, keep_masks
 from .scoring import ScoringContext
-from .scoring.reselect import masked_model, reselect
+from .scoring.reselect import gathered_model, masked_model, reselect
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,13 @@ def choose(baseline: Baseline, analysis: Analysis, config: PruneConfig, factoriz
 
 def reselect_stage(baseline: Baseline, analysis: Analysis, keep: dict, config: PruneConfig) -> dict:
     """obs's counts, its channels re-chosen on the round-one pruned stream (scoring/reselect.py)."""
-    masked = masked_model(analyze_model(baseline.loaded, config.exclude), keep, baseline.loaded.model.ir_version)
+    fresh, ir_version = analyze_model(baseline.loaded, config.exclude), baseline.loaded.model.ir_version
+    if config.reselect != "masked":  # "masked": the round-one stream not re-fitted (measured in README)
+        masked, _ = recover(baseline.loaded.model, gathered_model(fresh, keep, ir_version), baseline.calibration,
+                            "lstsq", {}, baseline.loaded.shapes, baseline.run_batch, config.seed, progress=False,
+                            hold_out=baseline.held_out)
+    else:
+        masked = masked_model(fresh, keep, ir_version)
     return reselect(analysis, keep, baseline.loaded.model, masked, baseline.calibration, config.seed,
                     config.calib_batch, baseline.fixed_batch)
 

@@ -71,3 +71,25 @@ def test_reselect_option_prunes_to_the_same_macs():
                for r in (False, True, True)]
     assert results[1].plan.to_json() == results[2].plan.to_json()
     assert results[0].report["after"]["macs"] == results[1].report["after"]["macs"]
+
+
+@pytest.mark.parametrize("build", [models.conv_chain, models.residual, models.grouped, models.mlp])
+def test_gathered_model_computes_what_the_masked_model_does(build):
+    """Consumers reading only the kept channels (a Gather) give the outputs of zeroed input weights, while
+    every producer keeps its full width for the re-selection to read."""
+    import onnx
+
+    from onnxprune.runtime import session
+    from onnxprune.scoring.reselect import gathered_model
+    from onnxprune.validate import run_model
+
+    baseline, analysis, config, keep = _setup(build, target_macs=0.5)
+    fresh = [analyze_model(baseline.loaded) for _ in range(2)]
+    ir = baseline.loaded.model.ir_version
+    gathered, masked = gathered_model(fresh[0], keep, ir), masked_model(fresh[1], keep, ir)
+    onnx.checker.check_model(gathered)
+    assert any(n.op_type == "Gather" for n in gathered.graph.node) or build is models.grouped
+    a, b, c = (run_model(session(m), baseline.calibration, 1) for m in (gathered, masked, baseline.loaded.model))
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-5)
+        assert not np.allclose(a[name], c[name])
