@@ -5,9 +5,12 @@ are pruned, a layer's inputs drift; He et al. 2017's asymmetric target asks the 
 original's outputs from the pruned inputs. This module keeps obs's allocation (how many channels each group
 keeps) and re-chooses which, with obs's greedy structured-OBS removal on statistics from the pruned stream:
 
-- the *masked* model is the original with every consumer's input weights of the channels round one dropped
-  set to zero (no channel is removed, so every group's full width is still computed, from pruned inputs);
-- at every consumer, X_p (masked model's input features) and X_d (the original's) are captured at the same
+- the round-one stream: the original rewritten so that every consumer reads only the channels obs keeps
+  (a Gather before it, its weight sliced) while every producer still computes all its channels, then
+  re-fitted by the least-squares recovery (`gathered_model`, then recover/); so every group's full width is
+  computed from pruned, re-fitted inputs. (`masked_model`, the same without the re-fit: consumers' dropped
+  input weights zeroed, was measured too);
+- at every consumer, X_p (that model's input features) and X_d (the original's) are captured at the same
   sampled output positions; H = X_p^T X_p / N + lambda I, and the target is the ridge solution
 
       W~ = argmin ||W X_d - W' X_p||^2 + lambda ||W' - W||^2 = W (X_d^T X_p / N + lambda I) H^-1
