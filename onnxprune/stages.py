@@ -28,7 +28,8 @@ from .recover.training import finetune
 from .recover.training_graph import fold_batchnorm
 from .rewrite import apply_channel_plan, apply_unit_scales, keep_masks
 from .scoring import ScoringContext
-from .scoring.reselect import gathered_model, masked_model, reselect
+from .rewrite.streams import gathered_model, masked_model
+from .scoring.reselect import reselect
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +127,12 @@ def reselect_stage(baseline: Baseline, analysis: Analysis, keep: dict, config: P
     """obs's counts, its channels re-chosen on the round-one pruned stream (scoring/reselect.py)."""
     fresh, ir_version = analyze_model(baseline.loaded, config.exclude), baseline.loaded.model.ir_version
     if config.reselect != "masked":  # "masked": the round-one stream not re-fitted (measured in README)
-        masked, _ = recover(baseline.loaded.model, gathered_model(fresh, keep, ir_version), baseline.calibration,
+        pruned, _ = recover(baseline.loaded.model, gathered_model(fresh, keep, ir_version), baseline.calibration,
                             "lstsq", {}, baseline.loaded.shapes, baseline.run_batch, config.seed, progress=False,
                             hold_out=baseline.held_out)
     else:
-        masked = masked_model(fresh, keep, ir_version)
-    return reselect(analysis, keep, baseline.loaded.model, masked, baseline.calibration, config.seed,
+        pruned = masked_model(fresh, keep, ir_version)
+    return reselect(analysis, keep, baseline.loaded.model, pruned, baseline.calibration, config.seed,
                     config.calib_batch, baseline.fixed_batch)
 
 

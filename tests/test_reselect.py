@@ -8,7 +8,8 @@ from onnxprune import PruneConfig, prune
 from onnxprune.calib import CalibrationSet
 from onnxprune.loading import load
 from onnxprune.scoring.obs import damped, damped_inverse
-from onnxprune.scoring.reselect import asymmetric_target, masked_model, reselect
+from onnxprune.rewrite.streams import masked_model
+from onnxprune.scoring.reselect import asymmetric_target, reselect
 from onnxprune.stages import analyze_model, choose
 from tests import models
 
@@ -80,7 +81,7 @@ def test_gathered_model_computes_what_the_masked_model_does(build):
     import onnx
 
     from onnxprune.runtime import session
-    from onnxprune.scoring.reselect import gathered_model
+    from onnxprune.rewrite.streams import gathered_model
     from onnxprune.validate import run_model
 
     baseline, analysis, config, keep = _setup(build, target_macs=0.5)

@@ -7,7 +7,7 @@ keeps) and re-chooses which, with obs's greedy structured-OBS removal on statist
 
 - the round-one stream: the original rewritten so that every consumer reads only the channels obs keeps
   (a Gather before it, its weight sliced) while every producer still computes all its channels, then
-  re-fitted by the least-squares recovery (`gathered_model`, then recover/); so every group's full width is
+  re-fitted by the least-squares recovery (`rewrite/streams.py`, then recover/); so every group's full width is
   computed from pruned, re-fitted inputs. (`masked_model`, the same without the re-fit: consumers' dropped
   input weights zeroed, was measured too);
 - at every consumer, X_p (that model's input features) and X_d (the original's) are captured at the same
@@ -29,22 +29,17 @@ whether statistics from the pruned stream choose better, not the sequential engi
 from __future__ import annotations
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from ..allocate import select
 from ..calib.capture import stream_activations
 from ..calib.data import held_out
 from ..calib.stats import capture_batch_size
-from ..io import export_graph, unload_maps
-from ..ops.base import zero_inputs
-from ..rewrite import apply_unit_scales
-from ..rewrite.channels import replace_constant
 from .consumers import find_consumers
 from .obs import MAX_FEATURES, GramFold, damped_inverse, greedy_order_scores, quadratic
 
 
 class CrossFold(GramFold):
-    """obs's Gram fold of one consumer, on the masked model's features X_p, with the cross products
+    """obs's Gram fold of one consumer, on the pruned stream's features X_p, with the cross products
     X_d^T X_p and X_d^T X_d of the original's features X_d at the same points (fit samples only)."""
 
     def __init__(self, consumer, samples: int, batches: int, rng):
@@ -52,12 +47,12 @@ class CrossFold(GramFold):
         self.cross = np.zeros_like(self.gram)  # X_d^T X_p
         self.gram_d = np.zeros_like(self.gram)  # X_d^T X_d
 
-    def add_pair(self, original: np.ndarray, masked: np.ndarray, start: int, size: int) -> None:
+    def add_pair(self, original: np.ndarray, pruned: np.ndarray, start: int, size: int) -> None:
         flat = self.consumer.batch_points(self.chosen, start, size)
         if not len(flat):
             return
         fit = ~held_out(start + flat // self.consumer.positions)
-        x_d, x_p = (_with_ones(self.consumer.points(a, flat)[fit]) for a in (original, masked))
+        x_d, x_p = (_with_ones(self.consumer.points(a, flat)[fit]) for a in (original, pruned))
         self.gram += x_p.T @ x_p
         self.cross += x_d.T @ x_p
         self.gram_d += x_d.T @ x_d
@@ -102,63 +97,12 @@ def asymmetric_target(weight: np.ndarray, cross: np.ndarray, gram: np.ndarray, h
     return weight + (weight @ (cross - gram)) @ hinv
 
 
-def masked_model(analysis, keep: dict[int, np.ndarray], ir_version: int):
-    """The analysed model with every consumer's input weights of the channels `keep` drops zeroed (in
-    place on `analysis.graph`, which is used up)."""
-    scales = {}
-    for group in analysis.prunable_groups():
-        if group.index in keep and len(keep[group.index]) < group.channels:
-            scales[group.index] = np.zeros(group.channels)
-            scales[group.index][keep[group.index]] = 1.0
-    unload_maps(analysis.graph)
-    apply_unit_scales(analysis, scales)
-    model = export_graph(analysis.graph)
-    model.ir_version = ir_version
-    return model
-
-
-def gathered_model(analysis, keep: dict[int, np.ndarray], ir_version: int):
-    """The analysed model with every consumer reading only the channels `keep` keeps (a Gather before it, its
-    weight sliced to match), while every producer still computes all its channels (in place on
-    `analysis.graph`, which is used up). Recovery re-fits its consumers to the original's full outputs: the
-    pruned, re-fitted stream with each group's full width. A grouped (not depthwise) conv has its dropped
-    inputs' weights zeroed instead."""
-    kept_label = np.ones(len(analysis.label), dtype=bool)
-    for group in analysis.prunable_groups():
-        if group.index in keep:
-            dropped = np.ones(group.channels, dtype=bool)
-            dropped[keep[group.index]] = False
-            kept_label[group.unit_labels[dropped]] = False
-    unload_maps(analysis.graph)
-    for consumer in find_consumers(analysis):
-        mask = kept_label[consumer.units]
-        if mask.all():
-            continue
-        node, layout = consumer.node, consumer.layout
-        weight = node.inputs[1].values
-        if layout.groups > 1:
-            replace_constant(node, 1, zero_inputs(consumer.handler, layout, weight, mask),
-                             lambda: f"{node.inputs[1].name}_masked_{node.name}")  # noqa: B023
-            continue
-        indices = np.flatnonzero(mask).astype(np.int64)
-        source = node.inputs[0]
-        axis = consumer.axis if consumer.axis >= 0 else consumer.axis + len(analysis.shapes[source.name])
-        gathered = gs.Variable(f"{source.name}_kept_{node.name}", dtype=source.dtype)
-        analysis.graph.nodes.append(gs.Node("Gather", f"{node.name}_kept", {"axis": axis},
-                                            [source, gs.Constant(f"{node.name}_kept_indices", indices)], [gathered]))
-        node.inputs[0] = gathered
-        replace_constant(node, 1, np.ascontiguousarray(np.take(weight, indices, axis=layout.in_axis)),
-                         lambda: f"{node.inputs[1].name}_kept_{node.name}")  # noqa: B023
-    analysis.graph.toposort()
-    model = export_graph(analysis.graph)
-    model.ir_version = ir_version
-    return model
-
-
-def reselect(analysis, keep: dict[int, np.ndarray], original, masked, calibration, seed: int = 0,
+def reselect(analysis, keep: dict[int, np.ndarray], original, pruned, calibration, seed: int = 0,
              batch_size: int | None = None, fixed_batch: int | None = None) -> dict[int, np.ndarray]:
     """New kept positions per group of `analysis` (the original's): as many as `keep` has, chosen by obs's
-    greedy removal on the masked model's inputs against the original's outputs. Groups no consumer reads
+    greedy removal on the inputs of `pruned` (every group's full width, computed from the pruned groups before
+    it: `rewrite.streams.gathered_model` re-fitted, or
+    `masked_model`) against the original's outputs. Groups no consumer reads
     keep their round-one choice. The seeds of the sampled points are obs's (`obs.gram_folds`)."""
     consumers = [c for c in find_consumers(analysis) if c.fan_in * c.groups < MAX_FEATURES]
     if not consumers:
@@ -169,7 +113,7 @@ def reselect(analysis, keep: dict[int, np.ndarray], original, masked, calibratio
     folds = [CrossFold(c, calibration.count, batches, np.random.default_rng([seed, i])) for i, c in enumerate(consumers)]
     start = 0
     for acts_d, acts_p in zip(stream_activations(original, names, calibration, batch, progress="re-selection"),
-                              stream_activations(masked, names, calibration, batch)):
+                              stream_activations(pruned, names, calibration, batch)):
         size = len(next(iter(acts_d.values())))
         for fold in folds:
             fold.add_pair(acts_d[fold.consumer.tensor], acts_p[fold.consumer.tensor], start, size)
