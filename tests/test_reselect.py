@@ -1,0 +1,96 @@
+"""Re-choosing obs's channels on the pruned stream (scoring/reselect.py): the asymmetric target against a
+direct least-squares solve, an unpruned stream giving obs's own choice, determinism."""
+
+import numpy as np
+import pytest
+
+from onnxprune import PruneConfig, prune
+from onnxprune.calib import CalibrationSet
+from onnxprune.loading import load
+from onnxprune.scoring.obs import damped, damped_inverse
+from onnxprune.rewrite.streams import masked_model
+from onnxprune.scoring.reselect import asymmetric_target, reselect
+from onnxprune.stages import analyze_model, choose
+from tests import models
+
+
+def test_asymmetric_target_is_the_ridge_least_squares_solution():
+    """W~ = argmin ||W X_d - W' X_p||^2 / N + lambda ||W' - W||^2, solved directly on the stacked system."""
+    rng = np.random.default_rng(0)
+    rows, features, outputs = 300, 7, 4
+    x_d = np.concatenate([rng.standard_normal((rows, features)), np.ones((rows, 1))], axis=1)
+    x_p = x_d + 0.3 * np.concatenate([rng.standard_normal((rows, features)), np.zeros((rows, 1))], axis=1)
+    weight = rng.standard_normal((outputs, features + 1))
+    gram, cross = x_p.T @ x_p / rows, x_d.T @ x_p / rows
+    lam = float(np.diag(damped(gram) - gram)[0])
+    # rows of the stacked system: X_p / sqrt(N) -> X_d W^T / sqrt(N); sqrt(lambda) I -> sqrt(lambda) W^T
+    a = np.concatenate([x_p / np.sqrt(rows), np.sqrt(lam) * np.eye(features + 1)])
+    b = np.concatenate([x_d @ weight.T / np.sqrt(rows), np.sqrt(lam) * weight.T])
+    expected = np.linalg.lstsq(a, b, rcond=None)[0].T
+    np.testing.assert_allclose(asymmetric_target(weight, cross, gram, damped_inverse(gram)), expected, atol=1e-9)
+    assert not np.allclose(expected, weight)  # the drift moved it
+
+
+def _setup(build, target_macs=0.6, seed=0):
+    model = build()
+    rng = np.random.default_rng(seed)
+    feed = models.random_input(model, seed)
+    calibration = CalibrationSet({k: rng.standard_normal((40, *v.shape[1:])).astype(v.dtype) for k, v in feed.items()})
+    config = PruneConfig(scorer="obs", target_macs=target_macs, calibration=calibration, round_to=1, seed=seed,
+                         recover="none")
+    from onnxprune.baseline import prepare
+    baseline = prepare(model, config)
+    analysis = analyze_model(baseline.loaded)
+    return baseline, analysis, config, choose(baseline, analysis, config, factorizing=False).keep
+
+
+@pytest.mark.parametrize("build", [models.conv_chain, models.residual, models.concat])
+def test_an_unpruned_stream_gives_obs_own_choice(build):
+    baseline, analysis, config, keep = _setup(build)
+    original = baseline.loaded.model
+    again = reselect(analysis, keep, original, original, baseline.calibration, config.seed,
+                     fixed_batch=baseline.fixed_batch)
+    assert any(len(k) < analysis.groups[g].channels for g, k in keep.items())
+    assert {g: k.tolist() for g, k in again.items()} == {g: k.tolist() for g, k in keep.items()}
+
+
+def test_the_pruned_stream_re_chooses_with_the_same_counts_deterministically():
+    baseline, analysis, config, keep = _setup(models.conv_chain, target_macs=0.4)
+    masked = masked_model(analyze_model(baseline.loaded), keep, baseline.loaded.model.ir_version)
+    runs = [reselect(analysis, keep, baseline.loaded.model, masked, baseline.calibration, config.seed,
+                     fixed_batch=baseline.fixed_batch) for _ in range(2)]
+    assert {g: k.tolist() for g, k in runs[0].items()} == {g: k.tolist() for g, k in runs[1].items()}
+    assert {g: len(k) for g, k in runs[0].items()} == {g: len(k) for g, k in keep.items()}
+
+
+def test_reselect_option_prunes_to_the_same_macs():
+    model = models.residual()
+    rng = np.random.default_rng(1)
+    feed = models.random_input(model, 1)
+    data = {k: rng.standard_normal((40, *v.shape[1:])).astype(v.dtype) for k, v in feed.items()}
+    results = [prune(model, PruneConfig(scorer="obs", target_macs=0.6, calibration=data, round_to=1, reselect=r))
+               for r in (False, True, True)]
+    assert results[1].plan.to_json() == results[2].plan.to_json()
+    assert results[0].report["after"]["macs"] == results[1].report["after"]["macs"]
+
+
+@pytest.mark.parametrize("build", [models.conv_chain, models.residual, models.grouped, models.mlp])
+def test_gathered_model_computes_what_the_masked_model_does(build):
+    """Consumers reading only the kept channels (a Gather) give the outputs of zeroed input weights, while
+    every producer keeps its full width for the re-selection to read."""
+    import onnx
+
+    from onnxprune.runtime import session
+    from onnxprune.rewrite.streams import gathered_model
+    from onnxprune.validate import run_model
+
+    baseline, analysis, config, keep = _setup(build, target_macs=0.5)
+    fresh = [analyze_model(baseline.loaded) for _ in range(2)]
+    ir = baseline.loaded.model.ir_version
+    gathered, masked = gathered_model(fresh[0], keep, ir), masked_model(fresh[1], keep, ir)
+    onnx.checker.check_model(gathered)
+    assert any(n.op_type == "Gather" for n in gathered.graph.node) or build is models.grouped
+    a, b, c = (run_model(session(m), baseline.calibration, 1) for m in (gathered, masked, baseline.loaded.model))
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-5)
+        assert not np.allclose(a[name], c[name])
