@@ -289,7 +289,24 @@ def _constant_node_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
             dtype = np.float32 if attr.name == "value_floats" else np.int64
             values = attr.floats if attr.name == "value_floats" else attr.ints
             return numpy_helper.from_array(np.array(list(values), dtype=dtype))
-    return None  # sparse or string constants stay as nodes
+        if attr.name == "sparse_value" and _foldable(np.array(attr.sparse_tensor.dims, np.int64), np.zeros(1)):
+            return dense_tensor(attr.sparse_tensor)
+    return None  # string constants stay as nodes
+
+
+def dense_tensor(sparse: onnx.SparseTensorProto) -> onnx.TensorProto:
+    """The dense form of a sparse tensor (indices linear [NNZ] or coordinates [NNZ, rank], any int type)."""
+    values, indices = numpy_helper.to_array(sparse.values), numpy_helper.to_array(sparse.indices).astype(np.int64)
+    dense = np.zeros(tuple(sparse.dims), dtype=values.dtype)
+    try:
+        if indices.ndim == 1:
+            dense.reshape(-1)[indices] = values
+        else:
+            dense[tuple(indices.T)] = values
+    except (IndexError, ValueError):
+        raise ModelError(f"sparse constant '{sparse.values.name}': its {indices.shape[0]} indices do not fit its "
+                         f"dims {list(sparse.dims)} or its values: the file is corrupt; re-export it") from None
+    return numpy_helper.from_array(dense, sparse.values.name)
 
 
 # ---------------------------------------------------------------- graphsurgeon graphs of mapped models

@@ -12,6 +12,7 @@ from onnx import numpy_helper
 from onnxprune import PruneConfig, prune
 from onnxprune.cli import main
 from onnxprune.errors import UsageError
+from onnxprune.loading import load
 from onnxprune.ops.base import weighted
 from onnxprune.sparsity import check_sparsity, parse_pattern
 from onnxprune.sparsity.patterns import Pattern, keep_mask
@@ -467,3 +468,21 @@ def test_a_small_tensor_stays_dense_when_its_constant_node_costs_more():
     stored, storage = store_sparse(model)
     assert "w1" in {n.output[0] for n in stored.graph.node if n.op_type == "Constant"}
     assert "a_zero_point" in {t.name for t in stored.graph.initializer}
+
+
+@pytest.mark.parametrize("index", ["int64", "smallest"])
+def test_a_stored_sparse_model_loads_with_its_weights_dense_and_prunes_again(tmp_path, index):
+    """onnxprune's own sparse output as an input: its Constant sparse_value nodes are folded into dense
+    initializers equal to the weights before storing, and the model prunes like any other."""
+    model = _sparse_weights(matmul_model(k=64, n=96), np.random.default_rng(5), keep=0.1)
+    stored, _ = store_sparse(model, index)
+    assert any(a.name == "sparse_value" for n in stored.graph.node for a in n.attribute)
+    path = tmp_path / "sparse.onnx"
+    onnx.save(stored, str(path))
+    loaded = load(path).model
+    assert not [n for n in loaded.graph.node if n.op_type == "Constant"]
+    weights = {t.name: numpy_helper.to_array(t) for t in loaded.graph.initializer}
+    for name, values in dense_initializers(model).items():
+        np.testing.assert_array_equal(weights[name], values)
+    run = CliRunner().invoke(main, [str(path), str(tmp_path / "out.onnx"), "--filters", "0.5", "--round-to", "1"])
+    assert run.exit_code == 0, run.output
