@@ -18,6 +18,10 @@ text can be had; otherwise the script says why and uses random ids.
 
     python bench/eval_heads.py [--macs 0.7,0.5] [--scorers obs,wanda] [--hidden off,on] [--graphs plain,fused]
                                [--calib-samples 128] [--eval-samples 64] [--text real|random]
+                               [--model PATH --name NAME]
+
+--model evaluates another encoder with inputs `input_ids` and `attention_mask` (hidden 384, 12 heads, e.g.
+the one bench/export_bert.py writes) instead of MiniLM-L3; its first output is the sentence embedding.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -40,7 +45,7 @@ from tests.real_models import fetch, input_shapes  # noqa: E402
 import _sentences  # noqa: E402
 
 LENGTH, LATENCY_LENGTH = 16, 128
-EMBEDDING = "461"  # the mean-pooled sentence embedding [batch, 384]
+EMBEDDING = "461"  # the mean-pooled sentence embedding [batch, 384]; --model: that model's first output
 
 
 def tokens(count: int, length: int, seed: int) -> dict:
@@ -76,7 +81,7 @@ def fused(path: Path, work: Path) -> tuple[Path | None, str]:
         optimized = optimize_model(str(path), model_type="bert", num_heads=12, hidden_size=384, opt_level=0)
     except ImportError as error:
         return None, f"the fusion needs {error.name or error} "
-    out = work / "minilm_fused.onnx"
+    out = work / f"{path.stem}_fused.onnx"
     optimized.save_model_to_file(str(out))
     return out, ""
 
@@ -108,7 +113,7 @@ def rows(name: str, path: Path, macs: list[float], scorers: list[str], hidden: l
     for opt_in in hidden:
         info = onnxprune.inspect(str(path), shapes, hidden=opt_in)
         setting = "inspect --hidden" if opt_in else "inspect"
-        yield f"{name:<8}{setting:>20}{info['coverage']:>10.1%}{counts(info['groups'], 'channels')}"
+        yield f"{name:<12}{setting:>20}{info['coverage']:>10.1%}{counts(info['groups'], 'channels')}"
     data = dict(calibration=calibration, evaluation=evaluation, input_shapes=shapes)
     original = embeddings(str(path), evaluation)
     for scorer in scorers:
@@ -121,7 +126,7 @@ def rows(name: str, path: Path, macs: list[float], scorers: list[str], hidden: l
                 kept = report["after"]["macs"] / report["before"]["macs"]
                 setting = f"{scorer} {fraction:.0%}{' --hidden' if opt_in else ''}"
                 sentence_cosine, spearman = _sentences.agreement(original, embeddings(result.model, evaluation))
-                yield (f"{name:<8}{setting:>20}{kept:>10.1%}{counts(report['groups'], 'channels_after')}"
+                yield (f"{name:<12}{setting:>20}{kept:>10.1%}{counts(report['groups'], 'channels_after')}"
                        f"{report['fidelity']['per_output'][EMBEDDING]['cosine']:>9.4f}{sentence_cosine:>9.4f}"
                        f"{spearman:>9.4f}{before_ms:>9.1f}{after_ms:>9.1f}")
 
@@ -136,16 +141,23 @@ def main() -> None:
     parser.add_argument("--graphs", default="plain,fused")
     parser.add_argument("--text", choices=("real", "random"), default=None,
                         help="real sentences (the default when they can be had) or random token ids")
+    parser.add_argument("--model", type=Path, help="evaluate this encoder instead of MiniLM-L3")
+    parser.add_argument("--name", default="", help="a label for --model's rows (plain and fused are suffixed)")
     args = parser.parse_args()
     macs = [float(m) for m in args.macs.split(",")]
-    assert input_shapes("minilm")["input_ids"][0] == 1
-    plain = fetch("minilm")
+    if args.model:
+        global EMBEDDING
+        plain = args.model
+        EMBEDDING = onnx.load(str(plain), load_external_data=False).graph.output[0].name
+    else:
+        assert input_shapes("minilm")["input_ids"][0] == 1
+        plain = fetch("minilm")
     calibration, evaluation, what = inputs(args.text, args.calib_samples, args.eval_samples)
     print(f"inputs: {what}; {len(calibration['input_ids'])} calibrate, {len(evaluation['input_ids'])} others evaluate")
     hidden = [{"off": False, "on": True}[h] for h in args.hidden.split(",")]
-    print(f"{'graph':<8}{'setting':>20}{'coverage':>10}{'heads':>7}{'FFN':>7}{'hidden':>7}{'cosine':>9}{'sentence':>9}"
+    print(f"{'graph':<12}{'setting':>20}{'coverage':>10}{'heads':>7}{'FFN':>7}{'hidden':>7}{'cosine':>9}{'sentence':>9}"
           f"{'Spearman':>9}{'ms/128':>9}{'pruned':>9}")
-    print(f"{'':<8}{'':>20}{'/ MACs':>10}{'':>7}{'':>7}{'':>7}{'(embed.)':>9}{'cosine':>9}{'(pairs)':>9}{'before':>9}"
+    print(f"{'':<12}{'':>20}{'/ MACs':>10}{'':>7}{'':>7}{'':>7}{'(embed.)':>9}{'cosine':>9}{'(pairs)':>9}{'before':>9}"
           f"{'ms/128':>9}")
     with tempfile.TemporaryDirectory() as work:
         fused_path, why_not = fused(plain, Path(work))
@@ -153,9 +165,10 @@ def main() -> None:
             if name not in args.graphs.split(","):
                 continue
             if path is None:
-                print(f"{name:<8}skipped: {why_not}")
+                print(f"{name:<12}skipped: {why_not}")
                 continue
-            for line in rows(name, path, macs, args.scorers.split(","), hidden, calibration, evaluation):
+            label = f"{args.name} {name}".strip()
+            for line in rows(label, path, macs, args.scorers.split(","), hidden, calibration, evaluation):
                 print(line, flush=True)
 
 
