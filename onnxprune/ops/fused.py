@@ -24,7 +24,7 @@ import numpy as np
 from .attention import OnnxAttention, join_heads, product_macs
 from .base import HIDDEN, Handler, attr, const_input, has_input, join_rows, register
 from .elementwise import BroadcastHandler
-from .norm import keep_root_mean_square, slice_norm_parameters
+from .norm import hidden_norm, keep_root_mean_square, slice_norm_parameters
 
 MICROSOFT = "com.microsoft"
 ATTENTION_BIAS = 5  # Attention's input of per-head additive score biases [B or 1, heads or 1, S, T]
@@ -57,11 +57,7 @@ class SkipNormHandler(BroadcastHandler):
         if any(hidden):  # the mean and inverse deviation hold one value per row: only the sum carries them
             if len(node.outputs) > 3 and node.outputs[3].name:
                 ctx.set(node.outputs[3], cmap)
-            if node.op == "SkipLayerNormalization":
-                ctx.inexact(cmap.ids, f"{node.op} '{node.name}': normalises over the hidden size (--hidden): its "
-                                      "mean and variance change with the channels removed")
-            else:
-                ctx.widen(cmap.ids)
+            hidden_norm(node, ctx, cmap.ids, centred=node.op == "SkipLayerNormalization")
             return
         for out in node.outputs[1:]:  # mean, inverse deviation, the sum: they keep the leading axes
             if out.name:

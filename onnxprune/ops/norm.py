@@ -114,11 +114,7 @@ class CrossChannelNormHandler(Handler):
                 ctx.block(x.ids, f"{node.op} '{node.name}': scale or bias is not a constant")
                 return
             pass_through(node, ctx, outputs=(0,))
-            if node.op == "LayerNormalization":
-                ctx.inexact(x.ids, f"{node.op} '{node.name}': normalises over the hidden size (--hidden): its "
-                                   "mean and variance change with the channels removed")
-            else:
-                ctx.widen(x.ids)
+            hidden_norm(node, ctx, x.ids, centred=node.op == "LayerNormalization")
             return
         if x.axis in mixed:
             reason = "normalises across the channel axis"
@@ -143,6 +139,17 @@ def slice_norm_parameters(node, rw, mask: np.ndarray, first: int) -> None:
             rw.set_input(node, i, node.inputs[i].values[..., mask])
     if "Simplified" in node.op:
         keep_root_mean_square(node, rw, first, len(mask) / int(mask.sum()))
+
+
+def hidden_norm(node, ctx, ids, centred: bool) -> None:
+    """A norm over the hidden size passes `ids` on under --hidden: inexact when it subtracts the mean
+    (LayerNorm: mean and variance change with the channels removed), exact for an RMSNorm (rescaled by
+    `keep_root_mean_square`); either way a graph output carrying them keeps its width."""
+    if centred:
+        ctx.inexact(ids, f"{node.op} '{node.name}': normalises over the hidden size (--hidden): its mean and "
+                         "variance change with the channels removed")
+    else:
+        ctx.widen(ids)
 
 
 def keep_root_mean_square(node, rw, scale_input: int, ratio: float) -> None:
