@@ -33,11 +33,13 @@ MICROSOFT = {"com.microsoft": 1}
 DEAD = np.arange(WIDTH) % 3 == 1  # the dimensions the exactness tests make carry nothing
 
 
-def hidden_stream(norm: str | None = "LayerNormalization", dead=None, seed: int = 0):
+def hidden_stream(norm: str | None = "LayerNormalization", dead=None, seed: int = 0, epsilon: float | None = 1e-5):
     """ids [1,5] -> embed Gather(table[50,16]) + pos[5,16] -> 2 x (fc1 16->32, Relu, fc2 32->16 + bias,
     residual Add, `norm`) -> outputs: y = head(16->8), the stream, the masked sum over the sequence.
     `norm`: LayerNormalization, SimplifiedLayerNormalization (an RMSNorm), SkipLayerNormalization or
-    SkipSimplifiedLayerNormalization (the residual Add fused in), or None. `dead`: dims zero in every writer."""
+    SkipSimplifiedLayerNormalization (the residual Add fused in), or None. `dead`: dims zero in every writer.
+    `epsilon`: the norms' attribute (None: left out, the op's default)."""
+    eps = {} if epsilon is None else {"epsilon": epsilon}
     b = Builder(seed)
     alive = np.ones(WIDTH) if dead is None else (~dead).astype(float)
     h = b.node("Gather", "embed", [b.const("embed.weight", b.rng.standard_normal([VOCAB, WIDTH]) * alive), "ids"], axis=0)
@@ -51,13 +53,13 @@ def hidden_stream(norm: str | None = "LayerNormalization", dead=None, seed: int 
         shift = b.const(f"l{layer}.norm.bias", 0.1 * b.rng.standard_normal(WIDTH) * alive)
         if norm in ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization"):
             params = [scale, shift, bias] if norm == "SkipLayerNormalization" else [scale, bias]
-            h = b.node(norm, f"l{layer}.norm", [out, h, *params], domain="com.microsoft", epsilon=1e-5)
+            h = b.node(norm, f"l{layer}.norm", [out, h, *params], domain="com.microsoft", **eps)
             continue
         h = b.node("Add", f"l{layer}.residual", [b.node("Add", f"l{layer}.fc2.add", [out, bias]), h])
         if norm == "LayerNormalization":
-            h = b.node(norm, f"l{layer}.norm", [h, scale, shift], axis=-1, epsilon=1e-5)
+            h = b.node(norm, f"l{layer}.norm", [h, scale, shift], axis=-1, **eps)
         elif norm == "SimplifiedLayerNormalization":
-            h = b.node(norm, f"l{layer}.norm", [h, scale], axis=-1, epsilon=1e-5)
+            h = b.node(norm, f"l{layer}.norm", [h, scale], axis=-1, **eps)
     b.node("Identity", "stream", [h])
     mask = b.node("Unsqueeze", "mask_unsqueeze", ["mask", b.const("axes", [-1], np.int64)])
     spread = b.node("Cast", "mask_cast", [b.node("Expand", "mask_expand", [mask, b.node("Shape", "shape", [h])])],
@@ -122,6 +124,14 @@ def test_removing_dimensions_every_writer_zeroes_is_exact_without_a_mean_to_chan
         assert got.shape == expected.shape  # the stream and the pool keep their width: zeros where removed
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     assert result.report["after"]["macs"] < result.report["before"]["macs"]
+
+
+@pytest.mark.parametrize("norm, default", [("SimplifiedLayerNormalization", 1e-5),
+                                           ("SkipSimplifiedLayerNormalization", 1e-12)])
+def test_an_rms_norm_without_an_epsilon_gets_its_op_default_scaled(norm, default):
+    result = prune_dead(hidden_stream(norm, dead=DEAD, epsilon=None))
+    written = [a.f for n in result.model.graph.node if n.op_type == norm for a in n.attribute if a.name == "epsilon"]
+    assert written and np.allclose(written, default * WIDTH / (WIDTH - DEAD.sum()), rtol=1e-6)
 
 
 @pytest.mark.parametrize("norm", ["LayerNormalization", "SkipLayerNormalization"])

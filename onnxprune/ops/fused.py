@@ -67,7 +67,7 @@ class SkipNormHandler(BroadcastHandler):
         super().rewrite(node, rw)  # slices gamma, beta and bias when the hidden size loses channels
         mask = rw.mask(node.outputs[0])
         if mask is not None and "Simplified" in node.op and rw.tracked_axis(node.outputs[0]) == rw.rank(node.outputs[0]) - 1:
-            keep_root_mean_square(node, rw, 2, len(mask) / int(mask.sum()))
+            keep_root_mean_square(node, rw, 2, len(mask) / int(mask.sum()), default_epsilon=1e-12)  # com.microsoft's default
 
 
 @register("EmbedLayerNormalization")

@@ -138,7 +138,7 @@ def slice_norm_parameters(node, rw, mask: np.ndarray, first: int) -> None:
         if i < len(node.inputs) and node.inputs[i].name:
             rw.set_input(node, i, node.inputs[i].values[..., mask])
     if "Simplified" in node.op:
-        keep_root_mean_square(node, rw, first, len(mask) / int(mask.sum()))
+        keep_root_mean_square(node, rw, first, len(mask) / int(mask.sum()), default_epsilon=1e-5)
 
 
 def hidden_norm(node, ctx, ids, centred: bool) -> None:
@@ -152,8 +152,9 @@ def hidden_norm(node, ctx, ids, centred: bool) -> None:
         ctx.widen(ids)
 
 
-def keep_root_mean_square(node, rw, scale_input: int, ratio: float) -> None:
-    """An RMSNorm left with 1/`ratio` of its channels: scale times sqrt(ratio), epsilon times `ratio`, so that
-    its output is unchanged when the removed channels were zero (module doc)."""
+def keep_root_mean_square(node, rw, scale_input: int, ratio: float, default_epsilon: float) -> None:
+    """An RMSNorm left with 1/`ratio` of its channels: scale times sqrt(ratio), epsilon (its op's default
+    when the attribute is absent) times `ratio`, so that its output is unchanged when the removed channels
+    were zero (module doc)."""
     rw.set_input(node, scale_input, node.inputs[scale_input].values * np.sqrt(ratio))
-    rw.set_attr(node, "epsilon", float(attr(node, "epsilon", 1e-5)) * ratio)
+    rw.set_attr(node, "epsilon", float(attr(node, "epsilon", default_epsilon)) * ratio)
