@@ -100,6 +100,10 @@ def check_config(config: PruneConfig) -> None:
         check_schedule(config, *check_sparsity(config.sparsity, config.sparsity_pattern, config.sparsity_method))
     elif config.splicing:
         raise UsageError("--splicing decides which zeroed weights come back: it needs --sparsity S")
+    if config.reselect not in (False, True, "masked"):
+        raise UsageError(f"reselect={config.reselect!r}: give True (the pruned stream re-fitted) or 'masked'")
+    if config.reselect and config.scorer not in (None, "obs"):
+        raise UsageError(f"reselect re-chooses obs's channels: it needs the obs scorer, not {config.scorer}")
     if config.sparse_index not in INDEX_FORMS:
         raise UsageError(f"--sparse-index {config.sparse_index!r}: choose {' or '.join(INDEX_FORMS)}")
     if config.sparse_index != "int64" and not sparsity_asked(config):
@@ -247,4 +251,4 @@ def config_section(config: PruneConfig, scorer: str, input_shapes: dict) -> dict
             "target_macs": config.target_macs, "target_latency": config.target_latency,
             "target_speedup": config.target_speedup, "output_axes": dict(config.output_axes),
             "sparsity": config.sparsity, "sparsity_pattern": config.sparsity_pattern, "splicing": config.splicing,
-            "sparse_index": config.sparse_index, "quantize": config.quantize}
+            "sparse_index": config.sparse_index, "quantize": config.quantize, "reselect": config.reselect}

@@ -130,7 +130,7 @@ def choose(baseline: Baseline, analysis: Analysis, config: PruneConfig, factoriz
 
 def reselect_stage(baseline: Baseline, analysis: Analysis, keep: dict, config: PruneConfig) -> dict:
     """obs's counts, its channels re-chosen on the round-one pruned stream (scoring/reselect.py)."""
-    fresh, ir_version = analyze_model(baseline.loaded, config.exclude), baseline.loaded.model.ir_version
+    fresh, ir_version = analyze_model(baseline.loaded, config.exclude, config.hidden), baseline.loaded.model.ir_version
     if config.reselect != "masked":  # "masked": the round-one stream not re-fitted (measured in README)
         pruned, _ = recover(baseline.loaded.model, gathered_model(fresh, keep, ir_version), baseline.calibration,
                             "lstsq", {}, baseline.loaded.shapes, baseline.run_batch, config.seed, progress=False,

@@ -9,6 +9,7 @@ from onnxprune.calib import CalibrationSet
 from onnxprune.loading import load
 from onnxprune.scoring.obs import damped, damped_inverse
 from onnxprune.rewrite.streams import masked_model
+from onnxprune.errors import UsageError
 from onnxprune.scoring.reselect import asymmetric_target, reselect
 from onnxprune.stages import analyze_model, choose
 from tests import models
@@ -72,6 +73,17 @@ def test_reselect_option_prunes_to_the_same_macs():
                for r in (False, True, True)]
     assert results[1].plan.to_json() == results[2].plan.to_json()
     assert results[0].report["after"]["macs"] == results[1].report["after"]["macs"]
+
+
+@pytest.mark.parametrize("value, scorer, message", [("mask", "obs", "give True"), (True, "l1", "needs the obs scorer")])
+def test_reselect_option_is_checked_and_reported(value, scorer, message):
+    model = models.residual()
+    data = {k: np.repeat(v, 8, axis=0) for k, v in models.random_input(model, 1).items()}
+    with pytest.raises(UsageError, match=message):
+        prune(model, PruneConfig(scorer=scorer, target_macs=0.6, calibration=data, reselect=value))
+    report = prune(model, PruneConfig(scorer="obs", target_macs=0.6, calibration=data, round_to=1, reselect=True,
+                                      hidden=True)).report
+    assert report["config"]["reselect"] is True and report["config"]["hidden"] is True
 
 
 @pytest.mark.parametrize("build", [models.conv_chain, models.residual, models.grouped, models.mlp])
