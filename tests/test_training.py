@@ -385,3 +385,13 @@ def test_prune_fine_tunes_a_model_with_external_data(files, tmp_path):
                                        "--calib", str(files["calib"]), "--finetune-steps", "5", "--finetune-lr", "1e-4"])
     assert result.exit_code == 0, result.output
     check_model(onnx.load(str(out)))
+
+
+def test_student_and_teacher_over_the_protobuf_limit_together_are_refused(files, tmp_path, monkeypatch):
+    """Each under the limit, both in one training graph over it (the limit lowered here)."""
+    from onnxprune.io import model_size_bytes
+    student, teacher = onnx.load(str(files["student"])), onnx.load(str(files["teacher"]))
+    monkeypatch.setattr(training, "EXTERNAL_DATA_THRESHOLD", max(model_size_bytes(student), model_size_bytes(teacher)) + 1)
+    with pytest.raises(NotTrainable, match="the teacher's included"):
+        export_training(student, tmp_path / "artifacts", teacher=teacher)
+    assert not (tmp_path / "artifacts").exists()

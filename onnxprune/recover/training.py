@@ -129,7 +129,8 @@ def export_training(model: onnx.ModelProto, directory: str | os.PathLike, loss: 
     _, artifacts, onnxblock = require_training()
     if loss not in LOSSES:
         raise UsageError(f"unknown loss '{loss}': choose one of {', '.join(LOSSES)}")
-    model = with_input_shapes(trainable_copy(model), input_shapes or {})
+    model, teacher = trainable_copies(model, teacher)
+    model = with_input_shapes(model, input_shapes or {})
     model, folded = fold_batchnorm(model)
     model, spelled_out = decompose_for_training(model)
     outputs = float_outputs(model)
@@ -155,7 +156,7 @@ def export_training(model: onnx.ModelProto, directory: str | os.PathLike, loss: 
                            "input shapes (--input-shape NAME:DIMS; Python: input_shapes={name: dims}), or use `onnxprune finetune`, "
                            "which trains at the calibration data's shape")
     if teacher is not None:
-        teacher = teacher_for_training(trainable_copy(teacher))
+        teacher = teacher_for_training(teacher)
     base = with_teacher(model, teacher) if teacher is not None else copy_model(model)
     base.ir_version = min(base.ir_version, onnx.IR_VERSION)
     block = loss_block(onnxblock, loss, loss_outputs, teacher is not None, opset_of(model))
@@ -204,14 +205,16 @@ def native_stderr_logged():
                 log.debug("onnxruntime-training printed: %s", text[-2000:])
 
 
-def trainable_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model` with its weights in the proto: onnxruntime-training builds its graphs from one protobuf, so
-    memory-mapped external weights are read in, and a model over protobuf's 2 GB limit is refused."""
-    if model_size_bytes(model) > EXTERNAL_DATA_THRESHOLD:
-        raise NotTrainable(f"the model's weights ({model_size_bytes(model) / 1e9:.1f} GB) exceed the 2 GB "
-                           "onnxruntime-training builds its training graph in: fine-tune it in the framework it "
+def trainable_copies(model: onnx.ModelProto, teacher: onnx.ModelProto | None):
+    """`model` and `teacher` with their weights in the proto: onnxruntime-training builds its graphs from one
+    protobuf holding both, so memory-mapped external weights are read in, and together over protobuf's 2 GB
+    limit they are refused."""
+    size = model_size_bytes(model) + (model_size_bytes(teacher) if teacher is not None else 0)
+    if size > EXTERNAL_DATA_THRESHOLD:
+        raise NotTrainable(f"the weights to train with ({size / 1e9:.1f} GB, the teacher's included) exceed the 2 GB "
+                           "onnxruntime-training builds its training graph in: fine-tune in the framework the model "
                            "came from, or prune without --finetune-steps")
-    return inlined(model)
+    return inlined(model), (inlined(teacher) if teacher is not None else None)
 
 
 def _dims(value) -> str:
