@@ -272,8 +272,12 @@ def fold_constant_nodes(graph: onnx.GraphProto) -> int:
 def _foldable(shape: np.ndarray, fill: np.ndarray) -> bool:
     """Whether a ConstantOfShape of this shape and fill value is worth an initializer; a broken or hostile
     one (negative dims, terabytes) stays a node, for `vetting` to judge with the other tensors."""
-    return shape.ndim == 1 and fill.size == 1 and shape.min(initial=0) >= 0 and \
-        np.prod(shape, dtype=np.float64) <= FOLD_MAX_ELEMENTS
+    return fill.size == 1 and _small_enough(shape)
+
+
+def _small_enough(shape: np.ndarray) -> bool:
+    """Whether a tensor of this shape (a 1-D array of dims) may be made as an initializer."""
+    return shape.ndim == 1 and shape.min(initial=0) >= 0 and np.prod(shape, dtype=np.float64) <= FOLD_MAX_ELEMENTS
 
 
 def _constant_node_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
@@ -289,7 +293,7 @@ def _constant_node_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
             dtype = np.float32 if attr.name == "value_floats" else np.int64
             values = attr.floats if attr.name == "value_floats" else attr.ints
             return numpy_helper.from_array(np.array(list(values), dtype=dtype))
-        if attr.name == "sparse_value" and _foldable(np.array(attr.sparse_tensor.dims, np.int64), np.zeros(1)):
+        if attr.name == "sparse_value" and _small_enough(np.array(attr.sparse_tensor.dims, np.int64)):
             return dense_tensor(attr.sparse_tensor)
     return None  # string constants stay as nodes
 
@@ -299,6 +303,8 @@ def dense_tensor(sparse: onnx.SparseTensorProto) -> onnx.TensorProto:
     values, indices = numpy_helper.to_array(sparse.values), numpy_helper.to_array(sparse.indices).astype(np.int64)
     dense = np.zeros(tuple(sparse.dims), dtype=values.dtype)
     try:
+        if indices.size and indices.min() < 0:
+            raise IndexError("negative index")
         if indices.ndim == 1:
             dense.reshape(-1)[indices] = values
         else:

@@ -486,3 +486,16 @@ def test_a_stored_sparse_model_loads_with_its_weights_dense_and_prunes_again(tmp
         np.testing.assert_array_equal(weights[name], values)
     run = CliRunner().invoke(main, [str(path), str(tmp_path / "out.onnx"), "--filters", "0.5", "--round-to", "1"])
     assert run.exit_code == 0, run.output
+
+
+def test_a_sparse_constant_with_indices_outside_its_dims_is_a_one_line_model_error(tmp_path):
+    model = _sparse_weights(matmul_model(k=64, n=96), np.random.default_rng(5), keep=0.1)
+    stored, _ = store_sparse(model)
+    sparse = next(a.sparse_tensor for n in stored.graph.node for a in n.attribute if a.name == "sparse_value")
+    indices = numpy_helper.to_array(sparse.indices).copy()
+    indices[0] = -1
+    sparse.indices.CopyFrom(numpy_helper.from_array(indices, sparse.indices.name))
+    path = tmp_path / "corrupt.onnx"
+    onnx.save(stored, str(path))
+    run = CliRunner().invoke(main, [str(path), str(tmp_path / "out.onnx"), "--filters", "0.5"])
+    assert run.exit_code == 3 and "indices do not fit its dims" in run.output, run.output
