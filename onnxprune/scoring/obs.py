@@ -111,8 +111,9 @@ class Problem:
         O(live features^2) instead of O(all features^2) (a greedy pass to one unit: about a third).
         `full_weight` gives the weights in the layer's layout."""
         cost = self.remove(units)
-        self.pending = [*self.pending, *(self.columns[u] for u in units.tolist() if u in self.columns)]
-        self.columns = {u: c for u, c in self.columns.items() if u not in set(units.tolist())}
+        removed = set(units.tolist())
+        self.pending = [*self.pending, *(self.columns[u] for u in removed if u in self.columns)]
+        self.columns = {u: c for u, c in self.columns.items() if u not in removed}
         if sum(map(len, self.pending)) * 4 >= self.weight.shape[1]:
             self._compact()
         return cost

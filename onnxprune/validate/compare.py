@@ -18,10 +18,10 @@ def run_model(sess, calibration, batch_size: int, label: str = "onnxruntime run"
     for feed in bar(calibration.batches(batch_size), label, total=-(-calibration.count // batch_size)):
         for name, value in zip(names, sess.run(names, feed)):
             collected[name].append(np.atleast_1d(value))
-    return {n: _joined(n, v) for n, v in collected.items()}
+    return {n: joined(n, v) for n, v in collected.items()}
 
 
-def _joined(name: str, chunks: list[np.ndarray]) -> np.ndarray:
+def joined(name: str, chunks: list[np.ndarray]) -> np.ndarray:
     shapes = {c.shape for c in chunks}
     ranks = {len(s) for s in shapes}
     varying = [axis for axis in range(min(ranks)) if len({s[axis] for s in shapes}) > 1] if len(ranks) == 1 else None
