@@ -22,6 +22,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..io import dense_tensor
+
 INDEX_FORMS = ("int64", "smallest")
 INDEX_TYPES = (np.int8, np.int16, np.int32, np.int64)  # what onnxruntime accepts, smallest first
 SPARSE_OPSET = 11  # Constant's sparse_value
@@ -92,11 +94,7 @@ def dense_initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     for node in model.graph.node:
         if node.op_type == "Constant":
             sparse.update({node.output[0]: a.sparse_tensor for a in node.attribute if a.name == "sparse_value"})
-    for name, tensor in sparse.items():
-        values, indices = numpy_helper.to_array(tensor.values), numpy_helper.to_array(tensor.indices)
-        dense = np.zeros(tuple(tensor.dims), dtype=values.dtype)
-        dense[np.unravel_index(indices, dense.shape) if indices.ndim == 1 else tuple(indices.T)] = values
-        weights[name] = dense
+    weights.update({name: numpy_helper.to_array(dense_tensor(tensor)) for name, tensor in sparse.items()})
     return weights
 
 
