@@ -63,12 +63,14 @@ def session(model: onnx.ModelProto | str | os.PathLike, threads: int = 0, timed:
     return build_session(model, options, prepack=timed)
 
 
-def build_session(model: onnx.ModelProto | str | os.PathLike, options: ort.SessionOptions,
+def build_session(model: onnx.ModelProto | str | os.PathLike | bytes, options: ort.SessionOptions,
                   prepack: bool = False) -> ort.InferenceSession:
     """A CPU session for `model`, read from its file (see the module docstring; `prepack`: pre-packed
-    weights also with external data)."""
+    weights also with external data); `bytes`, a small serialized model, is read from memory."""
     if intra_op_threads and not options.intra_op_num_threads:
         options.intra_op_num_threads = intra_op_threads
+    if isinstance(model, bytes):
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     with on_disk(model) as path:
         if not prepack and has_external_data(path):
             options.add_session_config_entry("session.disable_prepacking", "1")

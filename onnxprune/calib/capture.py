@@ -23,7 +23,6 @@ from onnx import helper
 
 import onnxruntime as ort
 
-from .. import runtime
 from ..io import ModelFile, write_model
 from ..progress import bar
 from ..runtime import EXTERNAL_ABOVE_BYTES, build_session, release_free_memory, with_outputs
@@ -85,8 +84,4 @@ def capture_session(model: onnx.ModelProto | str | Path | bytes) -> ort.Inferenc
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.disable_prepacking", "1")  # one copy of the weights, not two
-    if isinstance(model, bytes):
-        if runtime.intra_op_threads:
-            options.intra_op_num_threads = runtime.intra_op_threads
-        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     return build_session(model, options)
