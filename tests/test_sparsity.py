@@ -499,3 +499,18 @@ def test_a_sparse_constant_with_indices_outside_its_dims_is_a_one_line_model_err
     onnx.save(stored, str(path))
     run = CliRunner().invoke(main, [str(path), str(tmp_path / "out.onnx"), "--filters", "0.5"])
     assert run.exit_code == 3 and "indices do not fit its dims" in run.output, run.output
+
+
+def test_cli_a_stored_sparse_model_failing_the_checker_is_a_bug_and_writes_nothing(tmp_path, monkeypatch):
+    """With int64 indices the stored file is checked again: a failure there is ours (exit 4), nothing written."""
+    import onnxprune.stages
+
+    def broken(model, index="int64"):
+        stored, storage = store_sparse(model, index)
+        stored.graph.node[0].input.append("no_such_tensor")
+        return stored, storage
+    monkeypatch.setattr(onnxprune.stages, "store_sparse", broken)
+    out = tmp_path / "out.onnx"
+    run = CliRunner().invoke(main, [MNIST, str(out), "--sparsity", "0.9", "--sparsity-method", "magnitude"])
+    assert run.exit_code == 4 and "fails the ONNX checker" in run.output, run.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []

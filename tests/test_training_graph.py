@@ -220,3 +220,19 @@ def test_teacher_for_training_has_no_batchnorm_or_dropout():
                                                         "Gemm"}
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(outputs(prepared, x), outputs(teacher, x), rtol=1e-4, atol=1e-5)
+
+
+def test_native_stderr_during_artifact_building_goes_to_the_debug_log(capfd, caplog):
+    """onnxruntime-training's C++ passes write to fd 2 at info level: not on the user's terminal, in the log."""
+    import logging
+    import os
+
+    from onnxprune.recover.training import native_stderr_logged
+
+    with caplog.at_level(logging.DEBUG, logger="onnxprune.recover.training"):
+        with native_stderr_logged():
+            os.write(2, b"GraphTransformer ConstantFolding modified: 0\n")
+    assert "ConstantFolding" not in capfd.readouterr().err
+    assert "ConstantFolding" in caplog.text
+    os.write(2, b"after\n")  # fd 2 is the terminal's again
+    assert "after" in capfd.readouterr().err
