@@ -155,8 +155,10 @@ class LatencyPredictor:
         """--round-to auto: per group that a timed layer reads or writes, the smallest multiple of
         `MULTIPLES` at whose keep counts the fitted steps charge for channels not kept (the mean over those
         counts) at most `WASTE` of the group's layers' time at full size more than the least wasteful
-        multiple does: a layer stepping at 16 makes 8 wasteful, and at 4 makes 8 as exact as 4. Groups no
-        timed layer sees are absent (the default rounding)."""
+        multiple does: a layer stepping at 16 makes 8 wasteful, and at 4 makes 8 as exact as 4. Never below
+        the block of a layer onnxruntime runs in its blocked layout (`LayerFit.block`): cut off it, a layer
+        costs the whole model more than its time alone shows. Groups no timed layer sees are absent (the
+        default rounding)."""
         shares = np.vstack([self.cost.removed_share, np.zeros(len(self.cost.groups))])  # row -1: no channels
         share_in = shares[self.cost.inputs[self.entries]]
         share_out = shares[self.cost.outputs[self.entries]]
@@ -174,7 +176,8 @@ class LatencyPredictor:
                 waste += fit.predict(k_in, k_out) - smooth.predict(k_in, k_out)
                 full += self.full_ms[i]
             counts = np.arange(1, channels + 1)
-            candidates = [m for m in MULTIPLES if m <= channels]
+            block = max((self.fits[i].block for i in touching if self.fits[i].block <= channels), default=1)
+            candidates = [m for m in MULTIPLES if block <= m <= channels]
             mean_waste = [waste[(counts % m == 0) | (counts == channels)].mean() for m in candidates]
             least = min(mean_waste)
             multiples[group] = next(m for m, w in zip(candidates, mean_waste) if w <= least + WASTE * full)

@@ -6,8 +6,8 @@ time, `validate.latency.model_clock`, like the layers): a speed-up target is tha
 `--target-latency` is brought to that clock by the original's wall time. Each round allocates to a
 predicted-ms limit (`budget.LatencyPredictor.target`), cuts the channels, and measures the cut model
 against the original, interleaved; on a miss the saving still needed is scaled by the round's measured
-saving over its predicted one (`LatencyBudget.retargeted`) and the next round aims at that, at most
-`ROUNDS` times. A round within `TOLERANCE` (5%) of the goal meets it; one faster by more likewise aims at
+saving over its predicted one (`LatencyBudget.retargeted`, at most `GROWTH` times the round's predicted
+saving) and the next round aims at that, at most `ROUNDS` times. A round within `TOLERANCE` (5%) of the goal meets it; one faster by more likewise aims at
 a larger allocation. The result is the slowest round that met the goal (else the last). When even every
 group at its floor is predicted slower than the limit, that smallest allocation is cut and measured: the
 prediction of a loaded machine's savings can be far off (short layer runs escape the contention that
@@ -33,6 +33,7 @@ from .validate.latency_model import LatencyCache, cache_key, layer_fits, timed_l
 
 ROUNDS = 3
 TOLERANCE = 0.05  # a round within this share of the goal meets it; one faster by more tries a larger allocation
+GROWTH = 2.0  # a round after a miss predicts at most this many times the missed round's saving
 
 
 class TargetOutOfReach(ValidationFailed):
@@ -102,30 +103,34 @@ class LatencyBudget:
     def retargeted(self, predicted: float, before: float, after: float, goal: float) -> float:
         """The next predicted-ms limit: the saving measured was `ratio` times the saving predicted, so the
         saving the goal needs is predicted at 1 / ratio of it (else, when nothing was saved, the prediction
-        scaled by goal / measured); below this round's prediction after a miss; when too fast, above this
-        round's limit by at least the measured excess (the allocation may have stopped well short of it).
-        Once one round was too fast and a larger limit too slow, the limit is interpolated between them."""
+        scaled by goal / measured); below this round's prediction after a miss, but predicting at most
+        `GROWTH` times its saving (a round that measured a small share of its predicted saving would else
+        send the next to every group's floor, far past the goal); when too fast, above this round's limit by
+        at least the measured excess (the allocation may have stopped well short of it). Once one round was
+        too fast and a slower-predicted one too slow, the limit is interpolated between them."""
         bracket = self.bracket()
         if bracket is not None:
             return bracket
         ratio = (before - after) / (self.original_ms - predicted) if predicted < self.original_ms else 0.0
         limit = self.original_ms - (before - goal) / ratio if ratio > 0 else predicted * goal / after
         if after > goal:
-            return min(limit, predicted * (1 - 1e-6))
+            deepest = self.original_ms - GROWTH * (self.original_ms - predicted)
+            return min(max(limit, deepest), predicted * (1 - 1e-6))
         return max(limit, self.limit_ms + (goal - after) * self.original_ms / before)
 
     def bracket(self) -> float | None:
-        """The limit at which measured / goal reaches 1, linear between the too-fast round with the largest
-        limit and the too-slow round with the smallest, when the first limit is below the second."""
+        """The predicted ms at which measured / goal reaches 1, linear between the too-fast round predicted
+        slowest and the too-slow round predicted fastest, when the first is predicted faster than the second
+        (predicted, not aimed at: a round at every group's floor predicts more than its limit)."""
         fast = [r for r in self.rounds if r["measured_ms"] < r["target_ms"]]
         slow = [r for r in self.rounds if r["measured_ms"] > r["target_ms"]]
         if not fast or not slow:
             return None
-        a, b = max(fast, key=lambda r: r["limit_ms"]), min(slow, key=lambda r: r["limit_ms"])
-        if a["limit_ms"] >= b["limit_ms"]:
+        a, b = max(fast, key=lambda r: r["predicted_ms"]), min(slow, key=lambda r: r["predicted_ms"])
+        if a["predicted_ms"] >= b["predicted_ms"]:
             return None
         ra, rb = a["measured_ms"] / a["target_ms"], b["measured_ms"] / b["target_ms"]
-        return a["limit_ms"] + (1 - ra) / (rb - ra) * (b["limit_ms"] - a["limit_ms"])
+        return a["predicted_ms"] + (1 - ra) / (rb - ra) * (b["predicted_ms"] - a["predicted_ms"])
 
     def section(self, counts: dict[int, int], measured: dict | None) -> dict:
         """The report's predicted figures beside the measured ones of `measured` (compare_latency's)."""

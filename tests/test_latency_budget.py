@@ -115,7 +115,7 @@ def test_a_result_much_faster_than_the_goal_is_loosened_and_the_slowest_that_met
     assert fast and all(rounds[i + 1]["limit_ms"] > rounds[i]["predicted_ms"] for i in fast)  # then aims slower
     too_fast, too_slow, between = rounds  # here round 2 overshoots: round 3 aims between the two
     assert too_slow["measured_ms"] > too_slow["target_ms"] * (1 + speed.TOLERANCE)
-    assert too_fast["limit_ms"] < between["limit_ms"] < too_slow["limit_ms"]
+    assert too_fast["predicted_ms"] < between["limit_ms"] < too_slow["predicted_ms"]
     met = [r["measured_ms"] for r in rounds if r["measured_ms"] <= r["target_ms"] * (1 + speed.TOLERANCE)]
     assert latency["met"] and rounds[latency["chosen_round"]]["measured_ms"] == max(met)
     assert latency["after"]["median_ms"] == max(met)
@@ -299,3 +299,21 @@ def test_with_sparsity_the_steps_are_the_weights_so_the_channel_options_of_one_s
                                            sparsity_method="magnitude", steps=2, recover="none")).report
     assert report["config"]["round_to"] == "auto" and report["latency"]["round_to"]
     assert [round(s["target"], 3) for s in report["sparsity"]["schedule"]["each"]] == [round(1 - 0.7 ** 0.5, 3), 0.3]
+
+
+def test_a_round_that_saved_a_small_share_of_its_prediction_does_not_send_the_next_to_the_floor(fake_timer, monkeypatch):
+    """The machine saves a quarter of what `fake_ms` saves (the model over-promises about 6x): scaled by the
+    whole shortfall the next round would aim past every group's floor; it aims at GROWTH times the first
+    round's predicted saving instead."""
+    def stingy(original_session, pruned, feed, config):
+        after = FULL_MS - 0.25 * (FULL_MS - fake_ms(pruned))
+        return {"before": {"median_ms": FULL_MS, "p90_ms": 0.0}, "after": {"median_ms": after, "p90_ms": 0.0},
+                "speedup": FULL_MS / after, "runs": 1, "warmup": 0, "threads": config.threads, "batch": 1}
+
+    monkeypatch.setattr(speed, "compare_latency", stingy)
+    monkeypatch.setattr(result_module, "compare_latency", stingy)
+    latency = prune(str(MNIST), PruneConfig(scorer="l1", round_to=1, target_speedup=1.1, recover="none")).report["latency"]
+    first, second = latency["rounds"][:2]
+    original = latency["model_original_ms"]
+    assert first["measured_ms"] > first["target_ms"] * (1 + speed.TOLERANCE)
+    assert second["limit_ms"] == pytest.approx(original - speed.GROWTH * (original - first["predicted_ms"]))

@@ -210,3 +210,30 @@ def test_a_layer_alone_keeps_its_integer_constants_as_they_are():
     assert numpy_helper.to_array(lengths).tolist() == [STEPS]
     y = session(alone).run(None, {"x": np.ones(layer.input_shape_at(layer.c_in // 2), np.float32)})[0]
     assert np.abs(y).min() > 0  # every step ran (past a sequence's length Y is zero)
+
+
+def test_round_to_auto_keeps_a_blocked_layer_s_channels_at_its_block(mnist):
+    """Step-free timings round to 1, but a layer onnxruntime runs blocked at multiples of 4 keeps the groups
+    it reads and writes at 4 at least."""
+    layers = lm.timed_layers(mnist)
+    blocked = "/layer3/conv1/Conv"
+    fits = [replace(stepped_fit(layer, {}), block=4 if layer.name == blocked else 1) for layer in layers]
+    multiples = LatencyPredictor.build(CostModel.build(mnist), fits, original_ms=10.0).favoured_multiples()
+    sources = {g.index: {s.node.name for s in g.sources} for g in mnist.prunable_groups()}
+    by_source = {name: g for g, names in sources.items() for name in names}
+    assert multiples[by_source[blocked]] == multiples[by_source["/layer2/conv2/Conv"]] == 4
+    assert sorted(set(multiples.values())) == [1, 4]
+
+
+def test_a_layer_s_block_is_the_multiple_at_which_onnxruntime_keeps_it_blocked(mnist):
+    """Measured on this machine's onnxruntime: a Conv that runs blocked at full size has a block > 1 at whose
+    multiples it stays blocked and at an odd count below which it does not; the Gemm head is never blocked."""
+    layers = {layer.name: layer for layer in lm.timed_layers(mnist)}
+    conv = layers["/layer3/conv1/Conv"]
+    if not lm.runs_blocked(lm.layer_model(conv, conv.c_in, conv.c_out)):
+        pytest.skip("this onnxruntime runs no Conv in a blocked layout")
+    block = lm.layer_block(conv)
+    assert block > 1
+    assert lm.runs_blocked(lm.layer_model(conv, conv.c_in - block, conv.c_out - block))
+    assert not lm.runs_blocked(lm.layer_model(conv, conv.c_in - 1, conv.c_out - 1))
+    assert lm.layer_block(next(layer for layer in layers.values() if layer.op == "Gemm")) == 1

@@ -13,6 +13,14 @@ C_in (pout likewise): the product term is compute, the single terms memory traff
 which the kernels change. A recurrent layer has c pout^2 (the recurrence) in place of c pin; a depthwise
 one is a + b pout (its input channels are its output channels).
 
+A layer that onnxruntime's CPU optimizer moves into its blocked channel layout (NCHWc: Convs, padded
+inside to blocks of 8 or 16 channels) stays in it in a whole model only at some channel multiples (onnxruntime
+1.32 here: input channels in fours): a Conv cut off them runs unblocked, its activation unfused, with layout
+conversions around it, which timing the layer alone does not see (the rotation classifier at 60% of its
+MACs: 5 of 32 Convs blocked at `--round-to 1`, all 32 at `--round-to 8`). Each fit records the smallest
+multiple at which its layer stays blocked (`LayerFit.block`, measured by `layer_block`), and
+`--round-to auto` never rounds such a layer's channels to a smaller one.
+
 Fits are cached in a JSON file (`LatencyCache`) keyed by the layers (names, shapes, attributes), the
 thread count and the machine, so a `--plan-in` run or a sweep beside the same output reuses them and a
 different shape or thread count measures anew.
@@ -24,22 +32,25 @@ import hashlib
 import json
 import os
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 
 from ..ops import handler_for
-from ..workdir import staging_path
+from ..runtime import build_session
+from ..workdir import staging_path, temp_folder
 from .latency import LatencyConfig, latency_session, model_clock, summarize, time_runs
 
 MULTIPLES = (1, 4, 8, 16, 32)
 TIMING = LatencyConfig(runs=7, warmup=2)
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 KINDS = ("dense", "depthwise", "recurrent")  # Handler.timing_sides
 KEPT_VALUES = 1024  # a non-float constant input up to this size is timed with its own values
+BLOCKED_DOMAIN = "com.microsoft.nchwc"  # the nodes of onnxruntime's blocked channel layout
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,7 @@ class LayerFit:
     multiple: int
     coef: tuple[float, float, float, float]
     kind: str = "dense"
+    block: int = 1  # onnxruntime runs the layer in its blocked layout at multiples of this (1: never)
 
     def predict(self, k_in, k_out) -> np.ndarray:
         return features(k_in, k_out, self.c_in, self.c_out, self.multiple, self.kind) @ np.asarray(self.coef)
@@ -216,7 +228,31 @@ def time_layer(layer: TimedLayer, threads: int, timing: LatencyConfig = TIMING) 
         feed = {"x": rng.standard_normal(layer.input_shape_at(int(a))).astype(np.float32)}
         seconds = time_runs({"layer": latency_session(model, threads)}, feed, timing, model_clock(threads))["layer"]
         ms.append(summarize(seconds)["median_ms"])
-    return fit_layer(layer.name, layer.c_in, layer.c_out, k_in, k_out, ms, layer.kind)
+    fit = fit_layer(layer.name, layer.c_in, layer.c_out, k_in, k_out, ms, layer.kind)
+    return replace(fit, block=layer_block(layer))
+
+
+def runs_blocked(model: onnx.ModelProto) -> bool:
+    """Whether onnxruntime's CPU optimizer moves some node of `model` into its blocked channel layout."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # its warning that an optimized model is hardware-specific
+    with temp_folder("layout-") as folder:
+        options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
+        build_session(model.SerializeToString(), options)
+        optimized = onnx.load(options.optimized_model_filepath)
+    return any(node.domain == BLOCKED_DOMAIN for node in optimized.graph.node)
+
+
+def layer_block(layer: TimedLayer) -> int:
+    """The smallest of `MULTIPLES` at whose odd multiples (so not by chance a multiple of the next) of kept
+    channels on both sides onnxruntime still runs `layer` in its blocked layout; 1 when it never does."""
+    if not runs_blocked(layer_model(layer, layer.c_in, layer.c_out)):
+        return 1
+    for multiple in MULTIPLES:
+        k_in, k_out = (min(c, multiple * (2 * (c * 3 // 8 // multiple) + 1)) for c in (layer.c_in, layer.c_out))
+        if runs_blocked(layer_model(layer, k_in, k_out)):
+            return multiple
+    return 1
 
 
 # ---------------------------------------------------------------- the cache
@@ -254,7 +290,8 @@ class LatencyCache:
         entry = self._entries().get(key)
         if entry is None:
             return None
-        return [LayerFit(f["name"], f["c_in"], f["c_out"], f["multiple"], tuple(f["coef"]), f["kind"]) for f in entry]
+        return [LayerFit(f["name"], f["c_in"], f["c_out"], f["multiple"], tuple(f["coef"]), f["kind"], f["block"])
+                for f in entry]
 
     def put(self, key: str, fits: list[LayerFit]) -> None:
         if self.path is None:
