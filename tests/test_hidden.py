@@ -126,6 +126,25 @@ def test_removing_dimensions_every_writer_zeroes_is_exact_without_a_mean_to_chan
     assert result.report["after"]["macs"] < result.report["before"]["macs"]
 
 
+def test_an_output_also_read_inside_the_graph_keeps_its_width_and_the_readers_read_the_narrow_tensor():
+    """The stream is the graph output itself (no Identity before it) and the head and the pool read it too:
+    the output is widened back with zeros, the readers inside take the narrow tensor, every output exact."""
+    model = hidden_stream(None, dead=DEAD)
+    identity = next(n for n in model.graph.node if n.name == "stream")
+    model.graph.node.remove(identity)
+    next(o for o in model.graph.output if o.name == "stream").name = identity.input[0]
+    result = prune_dead(model)
+    before, after = run(model, feed()), run(result.model, feed())
+    for expected, got in zip(before, after):
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(after[1][..., DEAD], 0)
+    stream = identity.input[0]
+    readers = [n for n in result.model.graph.node if stream in n.input]
+    assert [n.op_type for n in readers] == []  # only the widening Gather writes it; nothing inside reads it
+    assert sum(stream in n.output for n in result.model.graph.node) == 1
+
+
 @pytest.mark.parametrize("norm, default", [("SimplifiedLayerNormalization", 1e-5),
                                            ("SkipSimplifiedLayerNormalization", 1e-12)])
 def test_an_rms_norm_without_an_epsilon_gets_its_op_default_scaled(norm, default):
