@@ -158,8 +158,9 @@ def test_round_to_auto_takes_the_multiple_a_layer_s_timings_step_at(mnist):
     ("depthwise", {"dense", "depthwise"}),
     ("lstm_states_peepholes", {"dense", "recurrent"}),
     ("lstm_bidirectional_stacked", {"dense", "recurrent"}),
+    ("grouped", {"dense"}),
 ])
-def test_depthwise_and_recurrent_layers_are_timed_alone_and_predicted(builder, kinds):
+def test_depthwise_grouped_and_recurrent_layers_are_timed_alone_and_predicted(builder, kinds):
     from tests.ops import test_conv, test_recurrent
 
     model = {**test_conv.BUILDERS, **test_recurrent.BUILDERS}[builder]()
@@ -167,7 +168,7 @@ def test_depthwise_and_recurrent_layers_are_timed_alone_and_predicted(builder, k
     layers = lm.timed_layers(analysis)
     assert {layer.kind for layer in layers} == kinds
     for layer in layers:
-        k_in, k_out = lm.sample_counts(layer.c_in, layer.c_out, layer.kind)
+        k_in, k_out = lm.sample_counts(layer.c_in, layer.c_out, layer.kind, layer.blocks)
         for a, b in zip(k_in[:3], k_out[:3]):
             feed = {"x": np.ones(layer.input_shape_at(int(a)), np.float32)}
             y = session(lm.layer_model(layer, int(a), int(b))).run(None, feed)[0]
@@ -176,8 +177,10 @@ def test_depthwise_and_recurrent_layers_are_timed_alone_and_predicted(builder, k
     predictor = LatencyPredictor.build(CostModel.build(analysis), fits, original_ms=10.0)
     assert len(predictor.fits) == len(layers)
     full = {g.index: g.channels for g in analysis.prunable_groups()}
-    for fit in (f for f in fits if f.kind != "dense"):  # its prediction moves with its channels
-        group = next(g for g, c in full.items() if c == fit.c_out)
+    assert (builder == "grouped") == any(layer.blocks == 2 for layer in layers)
+    for fit, layer in ((f, layer) for f, layer in zip(fits, layers) if f.kind != "dense" or layer.blocks > 1):
+        group = next(g for g, c in full.items() if c == fit.c_out // layer.blocks)  # a grouped conv's units
+        # are its blocks' j-th channels; its prediction moves with them
         alone = LatencyPredictor.build(CostModel.build(analysis), [fit], original_ms=10.0)
         assert alone.ms({**full, group: full[group] // 2}) < 10.0 == alone.ms(full)
 

@@ -140,21 +140,23 @@ class Handler:
         """`product_output` False: the kept columns of the product, given the kept channels of output 0."""
         return keep
 
-    def timing_sides(self, node: gs.Node) -> tuple[int, int, int, str] | None:
+    def timing_sides(self, node: gs.Node) -> tuple[int, int, int, str, int] | None:
         """For the latency model, when the node can be timed alone at other channel counts (its rewrite
-        slicing it): (axis of input 0 carrying the input channels, input channels, output channels, kind),
-        kind "dense" (time grows with inputs x outputs), "depthwise" (one channel in per channel out: output
-        channels follow the input's) or "recurrent" (inputs x units and units x units); else None. This
-        default reads the weight layout of input 1 when it is a constant."""
+        slicing it): (axis of input 0 carrying the input channels, input channels, output channels, kind,
+        blocks), kind "dense" (time grows with inputs x outputs), "depthwise" (one channel in per channel
+        out: output channels follow the input's) or "recurrent" (inputs x units and units x units), blocks
+        the equal blocks of each side whose j-th channels are kept or removed together (a grouped conv's
+        groups; else 1); None when it cannot be timed alone. This default reads the weight layout of input
+        1 when it is a constant."""
         weight = const_input(node, 1)
         layout = self.weight_layout(node.op, node.attrs, weight.shape) if weight is not None else None
         if layout is None or layout.transposed or len(layout.shape) < 2:
             return None
-        if layout.groups == 1:
-            return layout.data_axis, layout.in_channels, layout.out_channels, "dense"
         if layout.depthwise and layout.out_channels == layout.in_channels:
-            return layout.data_axis, layout.in_channels, layout.out_channels, "depthwise"
-        return None
+            return layout.data_axis, layout.in_channels, layout.out_channels, "depthwise", 1
+        if layout.depthwise:
+            return None
+        return layout.data_axis, layout.in_channels, layout.out_channels, "dense", layout.groups
 
     def cost_parts(self, node: gs.Node) -> list[tuple[float, gs.Tensor, gs.Tensor]] | None:
         """For a source whose MACs do not all scale with its input and output channels: (share of its

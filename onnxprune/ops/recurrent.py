@@ -131,7 +131,7 @@ class RecurrentHandler(Handler):
         """X [steps, batch, features] -> hidden units; the recurrence multiplies units by units."""
         if self._refusal(node) is not None:
             return None
-        return 2, int(node.inputs[1].values.shape[2]), int(attr(node, "hidden_size")), "recurrent"
+        return 2, int(node.inputs[1].values.shape[2]), int(attr(node, "hidden_size")), "recurrent", 1
 
     def cost_parts(self, node):
         """The input product scales with the features and the units, the recurrent one with the units twice."""

@@ -2,7 +2,7 @@
 output channels, fitted to timings of the layer alone.
 
 Each layer that reads or writes prunable channels and that its op handler can time alone
-(`Handler.timing_sides`: Conv/Gemm/MatMul with a constant weight, one group or depthwise; LSTM/GRU/RNN)
+(`Handler.timing_sides`: Conv/Gemm/MatMul with a constant weight, grouped or depthwise; LSTM/GRU/RNN)
 is built as a one-node model at the analysed input shape, random weights, its handler's `rewrite` slicing
 it to the first k channels, and timed (`LatencyConfig`-style interleaved runs, median) at a few channel
 counts: all, and for each side at a multiple of 8 below 3/4 of the channels and one channel fewer, at
@@ -95,8 +95,12 @@ def fit_layer(name: str, c_in: int, c_out: int, k_in, k_out, ms, kind: str = "de
     return LayerFit(name, int(c_in), int(c_out), best[1], tuple(float(c) for c in best[2]), kind)
 
 
-def sample_counts(c_in: int, c_out: int, kind: str = "dense") -> tuple[np.ndarray, np.ndarray]:
-    """(k_in, k_out) at which a layer is timed: see the module docstring."""
+def sample_counts(c_in: int, c_out: int, kind: str = "dense", blocks: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(k_in, k_out) at which a layer is timed: see the module docstring (`blocks` > 1: those counts of one
+    block's channels, in every block)."""
+    if blocks > 1:
+        k_in, k_out = sample_counts(c_in // blocks, c_out // blocks, kind)
+        return k_in * blocks, k_out * blocks
     points = {(c_in, c_out), (max(1, c_in // 2), max(1, c_out // 2))}
     for fraction, below in ((0.75, (0, 1)), (0.5, (0, 1, 5, 9))):
         for c, side in ((c_in, 0), (c_out, 1)):
@@ -128,6 +132,7 @@ class TimedLayer:
     c_out: int
     kind: str  # KINDS
     opset: int
+    blocks: int = 1  # equal blocks of each side whose j-th channels go together (a grouped conv's groups)
 
     @property
     def c_in(self) -> int:
@@ -141,7 +146,8 @@ class TimedLayer:
 
     def key(self) -> list:
         return [self.name, self.op, sorted((k, repr(v)) for k, v in self.attrs.items()), list(self.input_shape),
-                [None if c is None else [list(c[0]), *c[1:]] for c in self.constants], list(self.outputs), self.kind]
+                [None if c is None else [list(c[0]), *c[1:]] for c in self.constants], list(self.outputs), self.kind,
+                self.blocks]
 
 
 def timed_layer(node, shapes: dict, opset: int) -> TimedLayer | None:
@@ -153,13 +159,13 @@ def timed_layer(node, shapes: dict, opset: int) -> TimedLayer | None:
         return None
     if any(t.name and not isinstance(t, gs.Constant) for t in node.inputs[1:]):
         return None  # a computed operand: not a layer alone
-    axis, c_in, c_out, kind = sides
+    axis, c_in, c_out, kind, blocks = sides
     data_axis = axis % len(shape)
     if shape[data_axis] != c_in:
         return None
     constants = tuple(_constant(t) if t.name else None for t in node.inputs[1:])
     return TimedLayer(layer_label(node), node.op, dict(node.attrs), tuple(int(d) for d in shape), constants,
-                      tuple(bool(t.name) for t in node.outputs), data_axis, int(c_out), kind, opset)
+                      tuple(bool(t.name) for t in node.outputs), data_axis, int(c_out), kind, opset, int(blocks))
 
 
 def _constant(tensor: gs.Constant) -> tuple:
@@ -209,9 +215,10 @@ def layer_model(layer: TimedLayer, k_in: int, k_out: int) -> onnx.ModelProto:
                     for i, c in enumerate(layer.constants, 1)]
     outputs = [gs.Variable(f"y{i}" if made else "", np.float32) for i, made in enumerate(layer.outputs)]
     node = gs.Node(layer.op, "layer", dict(layer.attrs), inputs, outputs)
-    kept_in = np.arange(layer.c_in) < k_in
+    b = layer.blocks
+    kept_in = np.tile(np.arange(layer.c_in // b) < k_in // b, b)
     kept_out = np.repeat(kept_in, layer.c_out // layer.c_in) if layer.kind == "depthwise" \
-        else np.arange(layer.c_out) < k_out
+        else np.tile(np.arange(layer.c_out // b) < k_out // b, b)
     masks = {"x": kept_in, **{t.name: kept_out for t in outputs if t.name}}
     handler_for(layer.op).rewrite(node, AloneRewrite(masks))
     graph = gs.Graph(nodes=[node], inputs=[x], outputs=[t for t in outputs if t.name], opset=layer.opset)
@@ -220,7 +227,7 @@ def layer_model(layer: TimedLayer, k_in: int, k_out: int) -> onnx.ModelProto:
 
 def time_layer(layer: TimedLayer, threads: int, timing: LatencyConfig = TIMING) -> LayerFit:
     """Time `layer` alone at `sample_counts` and fit it."""
-    k_in, k_out = sample_counts(layer.c_in, layer.c_out, layer.kind)
+    k_in, k_out = sample_counts(layer.c_in, layer.c_out, layer.kind, layer.blocks)
     rng = np.random.default_rng(0)
     ms = []
     for a, b in zip(k_in, k_out):
@@ -248,8 +255,9 @@ def layer_block(layer: TimedLayer) -> int:
     channels on both sides onnxruntime still runs `layer` in its blocked layout; 1 when it never does."""
     if not runs_blocked(layer_model(layer, layer.c_in, layer.c_out)):
         return 1
+    b = layer.blocks
     for multiple in MULTIPLES:
-        k_in, k_out = (min(c, multiple * (2 * (c * 3 // 8 // multiple) + 1)) for c in (layer.c_in, layer.c_out))
+        k_in, k_out = (b * min(c, multiple * (2 * (c * 3 // 8 // multiple) + 1)) for c in (layer.c_in // b, layer.c_out // b))
         if runs_blocked(layer_model(layer, k_in, k_out)):
             return multiple
     return 1
