@@ -148,6 +148,16 @@ class LatencyPredictor:
             total += float(timed.predict(a * fit.c_in, b * fit.c_out) - full)
         return total
 
+    def layers(self, counts: dict[int, int], top: int = 10) -> list[dict]:
+        """The `top` timed layers by predicted saving: kept channels and predicted ms, full and kept."""
+        fraction = self.cost.fractions(counts)
+        f_in, f_out = fraction[self.cost.inputs[self.entries]], fraction[self.cost.outputs[self.entries]]
+        rows = [{"name": fit.name, "channels_in": [round(a * fit.c_in), fit.c_in],
+                 "channels_out": [round(b * fit.c_out), fit.c_out], "full_ms": float(full),
+                 "predicted_ms": float(fit.predict(a * fit.c_in, b * fit.c_out))}
+                for fit, full, a, b in zip(self.fits, self.full_ms, f_in, f_out)]
+        return sorted(rows, key=lambda r: r["predicted_ms"] - r["full_ms"])[:top]
+
     def target(self, limit_ms: float) -> Target:
         return Target(limit_ms, self.ms, "ms", lambda counts: self.ms(counts, stepped=False))
 

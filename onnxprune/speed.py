@@ -139,6 +139,7 @@ class LatencyBudget:
         out = {"predicted_ms": predicted, "model_original_ms": self.original_ms,
                "predicted_speedup": self.original_ms / predicted,
                "macs_kept": self.predictor.cost.macs(counts) / self.predictor.cost.full,
+               "layers": self.predictor.layers(counts),
                "model": {"layers": len(fits), "cached": self.cached,
                          "multiples": {str(m): n for m, n in sorted(Counter(f.multiple for f in fits).items())}}}
         if self.multiples is not None:

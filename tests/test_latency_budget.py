@@ -317,3 +317,16 @@ def test_a_round_that_saved_a_small_share_of_its_prediction_does_not_send_the_ne
     original = latency["model_original_ms"]
     assert first["measured_ms"] > first["target_ms"] * (1 + speed.TOLERANCE)
     assert second["limit_ms"] == pytest.approx(original - speed.GROWTH * (original - first["predicted_ms"]))
+
+
+def test_the_report_shows_the_layers_that_save_most_with_their_kept_channels_and_predicted_ms(fake_timer):
+    result = prune(str(MNIST), PruneConfig(scorer="l1", round_to=1, target_speedup=1.25, recover="none"))
+    layers = result.report["latency"]["layers"]
+    savings = [r["full_ms"] - r["predicted_ms"] for r in layers]
+    assert layers and savings == sorted(savings, reverse=True) and savings[0] > 0
+    pruned = conv_widths(result.model)
+    convs = [r for r in layers if r["name"] in ORIGINAL]
+    assert convs
+    for row in convs:
+        assert (row["channels_in"][1], row["channels_out"][1]) == ORIGINAL[row["name"]]
+        assert (row["channels_in"][0], row["channels_out"][0]) == pruned[row["name"]]
