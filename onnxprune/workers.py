@@ -2,11 +2,11 @@
 
 numpy releases the GIL inside BLAS and its loops, so independent numeric jobs (one layer's statistics,
 one group's greedy removal) run side by side in threads. OpenBLAS would give each of them as many
-threads as cores as well: on 2 cores, 2 workers x 2 BLAS threads oversubscribe them, and OpenBLAS's
-threads wait for each other by spinning, so a loaded machine ran 2.5-3x slower (bench/speed_recovery.py,
-README "Recovery"). threadpoolctl limits the BLAS threads for the pool's lifetime (process-wide; the
-caller's thread only waits meanwhile, onnxruntime keeps its own threads). A job's arithmetic does not
-depend on the thread count here: the tests compare the scores with and without the pool.
+threads as cores as well, and its threads wait for each other by spinning: on 2 cores shared with other
+work, BLAS on two threads ran obs's scoring 2.5x slower than on one (bench/speed_recovery.py, README
+"Recovery"). threadpoolctl limits the BLAS threads while the pool is open (process-wide; the caller's
+thread only waits or runs onnxruntime meanwhile, which keeps its own threads). OpenBLAS's sums differ in
+their last bits between thread counts, so in the pool they no longer depend on the machine's cores.
 """
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ WORKERS = os.cpu_count() or 1
 
 @contextmanager
 def numeric_pool(workers: int = WORKERS) -> Iterator[ThreadPoolExecutor]:
-    """A thread pool of `workers`, numpy's BLAS on one thread until it is closed (and all its jobs done)."""
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=workers) as pool:
-        yield pool
+    """A thread pool of `workers`, numpy's BLAS on one thread until it is closed. On an error in the
+    caller, jobs not yet started are dropped (the running ones finish)."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        pool = ThreadPoolExecutor(max_workers=workers)
+        try:
+            yield pool
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -1,5 +1,6 @@
 """The numeric thread pool: BLAS on one thread while it runs, and the scorers' results as without it."""
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -60,3 +61,12 @@ def test_scores_and_curves_are_those_of_the_sequential_run(scorer, build, monkey
         assert pooled_stats.curves.keys() == alone_stats.curves.keys() and pooled_stats.curves
         for g, curve in pooled_stats.curves.items():
             np.testing.assert_allclose(curve, alone_stats.curves[g], rtol=1e-9, atol=1e-15)
+
+
+def test_an_error_in_the_caller_drops_the_jobs_not_started():
+    started = []
+    with pytest.raises(RuntimeError), numeric_pool(workers=1) as pool:
+        results = pool.map(lambda i: started.append(i) or time.sleep(0.05), range(50))
+        next(results)
+        raise RuntimeError("the caller failed")
+    assert len(started) < 10
