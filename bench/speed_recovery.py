@@ -17,10 +17,11 @@ resnet50 is onnx's light ResNet-50 topology with seeded random weights (bench/_m
 stage at most 10x the plain pass, and a ResNet-50 pruned and recovered from 64 samples in under 30 s.
 `held-out error` is the recovered model's output error on held-out calibration samples (the report's
 `output_error_held_out.after`): versions that choose the same channels give the same figure.
-Last measured (2 cores at load 4-8; README "Recovery"): ResNet-50 with obs, scoring 44.4 plain passes
-before the thread pool, 17.9 with it and the symmetric H^-1 update, the whole prune 55.9 -> 23.6 passes
-(266 s; about 61 s at a quiet machine's 2.6 s pass: the 30 s target is not met), its recovery 4.1 passes;
-the rotation classifier's recovery 14.5 passes (5.5 with `@1`: recover/ runs BLAS on two threads).
+Last measured (2 cores at load 5, `--models resnet50 --scorers obs --code before=OLD,after=.`; README
+"Recovery"): ResNet-50's obs scoring 43.6 plain passes before the thread pool (onnxprune/workers.py) and
+the symmetric H^-1 update, 27.7 after; the whole prune 50.5 -> 34.2 passes (344 s; about 90 s at a quiet
+machine's 2.6 s pass: the 30 s target is not met), its recovery 4.6 passes; the rotation classifier's
+recovery 14.5 passes (5.5 with `@1`: recover/ runs BLAS on two threads).
 """
 
 from __future__ import annotations
