@@ -208,6 +208,18 @@ def patched(patches: list):
             setattr(target, attribute, value)
 
 
+def confident_agreement(result, baseline, margin: float = 0.2) -> str:
+    """Top-1 agreement apart on the inputs where the unpruned model's top two outputs differ by at least
+    `margin` (it is sure) and on the others."""
+    reference = next(iter(baseline.reference().values()))
+    pruned = next(iter(run_model(session(result.model), baseline.evaluation, 8).values()))
+    top = np.sort(reference, axis=1)
+    sure = top[:, -1] - top[:, -2] >= margin
+    same = reference.argmax(1) == pruned.argmax(1)
+    return (f"agreement where sure (margin >= {margin}) {same[sure].mean():.3f} on {sure.sum()}, "
+            f"unsure {same[~sure].mean():.3f} on {(~sure).sum()} | ")
+
+
 def cell_detail(result) -> str:
     """What the recovery did and how hard each group was cut (kept share of its channels, graph order)."""
     recovery = result.report.get("recovery", {})
@@ -273,7 +285,8 @@ def evaluate(name: str, scorers, work: Path, calib_samples: int, eval_samples: i
                 continue
             value = metric_value(result, cell_baseline, metric)
             if detail:
-                print(f"    {scorer} s{seed} {label}: {value:.4f} {cell_detail(result)}", flush=True)
+                sure = confident_agreement(result, cell_baseline) if metric == "top1" else ""
+                print(f"    {scorer} s{seed} {label}: {value:.4f} {sure}{cell_detail(result)}", flush=True)
             macs = result.report["after"]["macs"] / result.report["before"]["macs"]
             seconds = time.perf_counter() - cell_started
             cells.append(f"{value:>9.4f} ({macs:.2f}, {seconds:.0f}s)")
