@@ -24,6 +24,20 @@ realistic audio is available here).
                                                                        (a MACs curve instead of the columns)
     python bench/eval_scoring.py --models ppocr_cls --scorers obs,obs+reselect --seeds 0,1,2 --macs 0.7,0.5 --recover lstsq
                                                     (obs against obs re-chosen on the pruned stream, per seed)
+    python bench/eval_scoring.py --models ppocr_cls --scorers 'obs,obs[damp=0.1],obs[spread],obs[calib=1024]' \
+        --seeds 0,1,2 --macs 0.7 --recover lstsq --eval-samples 256 --detail
+                          (levers of obs and the recovery side by side, a mean row over the seeds; see LEVERS)
+    python bench/eval_scoring.py --models ppocr_cls --per-group 0.7 --eval-samples 256
+                          (obs's plan at 70% of MACs, then each of its cut groups alone: where the loss comes from)
+    python bench/eval_scoring.py --models ppocr_cls --scorers obs --macs 0.7 --recover lstsq --eval-on calibration-pictures
+                          (evaluated on other crops of the calibration's own pictures instead of other pictures)
+
+A lever column `obs[k=v,...]` runs obs with module constants set for its cells (damp: OBS's lambda; floor: the
+per-group floor; batches: removal batches; rows: sampled rows per feature of H; probe / budget: the output-error
+probe's samples per measurement and its passes; ridge: a fixed lstsq ridge; spread: the probe's samples spread
+over the held-out ones instead of the first; norescale: the layers' own error curves; nostats: no statistics
+correction; shares3: the probe also measures a 3/4 cut), calib=N: N calibration crops (half photos), or a
+PruneConfig field (steps=2). Every run is deterministic for a seed: columns of different runs compare.
 """
 
 from __future__ import annotations
