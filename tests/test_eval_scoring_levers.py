@@ -1,0 +1,49 @@
+"""bench/eval_scoring.py's lever columns (`obs[damp=0.1,batches=64]`): parsed, applied to the modules
+for a cell (default arguments too) and restored after it, so a column measures what it names."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+from onnxprune.calib.data import CalibrationSet
+from onnxprune.scoring import obs, sensitivity
+
+
+def _bench():
+    path = Path(__file__).resolve().parents[1] / "bench" / "eval_scoring.py"
+    spec = importlib.util.spec_from_file_location("eval_scoring_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lever_columns_parse_into_patches_data_and_config_fields():
+    bench = _bench()
+    name, patches, calib, fields = bench.scorer_levers("obs[damp=0.1,calib=512,steps=2,nostats]")
+    assert (name, calib, fields) == ("obs", 512, {"steps": 2})
+    assert ("onnxprune.scoring.obs", "DAMP", 0.1) in patches
+    assert any(attribute == "spread_corrected" for _, attribute, _ in patches)
+    assert bench.scorer_setting("obs[steps=2]") == {"scorer": "obs", "steps": 2}
+    assert bench.scorer_levers("obs") == ("obs", [], None, {})
+
+
+def test_patches_reach_default_arguments_and_are_restored():
+    bench = _bench()
+    before = (obs.DAMP, obs.REMOVAL_STEPS, obs.removal_batch(129), obs.greedy_removal.__defaults__)
+    with bench.patched(bench.scorer_levers("obs[damp=0.5,batches=64]")[1]):
+        assert obs.DAMP == 0.5
+        assert obs.removal_batch(129) == 2  # 128 units in 64 batches
+        assert obs.greedy_removal.__defaults__[0] == 64
+    assert (obs.DAMP, obs.REMOVAL_STEPS, obs.removal_batch(129), obs.greedy_removal.__defaults__) == before
+
+
+def test_spread_probe_samples_cover_the_whole_held_out_part():
+    bench = _bench()
+    calibration = CalibrationSet({"x": np.arange(256, dtype=np.float32)[:, None]})
+    first = sensitivity._samples(calibration, None, 50).arrays["x"][:, 0]
+    with bench.patched(bench.scorer_levers("obs[spread]")[1]):
+        spread = sensitivity._samples(calibration, None, 50).arrays["x"][:, 0]
+    assert len(spread) == len(first) == 32
+    assert first.max() < 160 and spread.min() == 4 and spread.max() == 254  # every fifth sample is held out
+    assert np.all(spread % 5 == 4)
