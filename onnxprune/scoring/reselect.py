@@ -192,6 +192,7 @@ def reselect_sequential(analysis, keep: dict[int, np.ndarray], original, stream_
     if not folds:
         return dict(keep)
     inits = Initializers(stream_model)
+    producer = {name: node for node in stream_model.graph.node for name in node.output}
     views = {v.output: v for v in find_layers(original, stream_model, shapes or {}, {})[0]}
     level_of = _levels(stream_model, set(views))
     fold_level = [level_of.get(f.consumer.tensor, 0) for f in folds]
@@ -221,7 +222,7 @@ def reselect_sequential(analysis, keep: dict[int, np.ndarray], original, stream_
             members = [v for v in views.values() if v.level == level]
             for consumer in every:
                 if level_of.get(consumer.tensor, 0) == level:
-                    _read_choice(stream_model, inits, analysis, consumer, keep, current, views)
+                    _read_choice(producer, inits, analysis, consumer, keep, current, views)
             _refit(pruned_stream, original_stream, members, inits, [seed, level],
                    -(-calibration.count // run_batch), hold_out)
             bar.update()
@@ -254,21 +255,22 @@ def _reads(analysis, consumer, keep: dict[int, np.ndarray]) -> np.ndarray:
     return mask
 
 
-def _read_choice(model, inits: Initializers, analysis, consumer, before: dict, now: dict, views: dict) -> None:
+def _read_choice(producer: dict, inits: Initializers, analysis, consumer, before: dict, now: dict,
+                 views: dict) -> None:
     """Make the stream model's copy of `consumer` read the channels `now` keeps instead of those `before` kept
-    (its Gather's indices and its weight, sliced from the original's; a grouped conv's weight re-zeroed)."""
+    (its Gather's indices and its weight, sliced from the original's; a grouped conv's weight re-zeroed).
+    `producer`: the stream model's node of each tensor."""
     mask = _reads(analysis, consumer, now)
     if np.array_equal(mask, _reads(analysis, consumer, before)):
         return
     output = consumer.node.outputs[0].name
-    node = next(n for n in model.graph.node if n.output and n.output[0] == output)
+    node = producer[output]
     indices, weight = consumer.handler.narrowed(consumer.layout, consumer.node.inputs[1].values, mask)
     if indices is not None and node.input[0] == consumer.tensor:
         return  # the stream model does not narrow this consumer: it reads its whole input
     inits.set(node, 1, weight)
     if indices is not None:
-        gather = next(n for n in model.graph.node if node.input[0] in n.output)
-        inits.set(gather, 1, indices)
+        inits.set(producer[node.input[0]], 1, indices)
     view = views.get(output)
     if view is not None:  # the prior and the self-check of its re-fit
         view.weight = view.handler.to_matrix(view.layout, weight.astype(np.float64)) * view.layout.scale
