@@ -215,7 +215,9 @@ def reselect_sequential(analysis, keep: dict[int, np.ndarray], original, stream_
                 _add_pairs(original_stream.run(names), pruned_stream.run(names), at, calibration.count, run_batch)
                 for fold in at:
                     for g, problem in fold.problems(analysis):
-                        by_group.setdefault(g, []).append(problem)
+                        if g in decide_at:
+                            by_group.setdefault(g, []).append(problem)
+                    fold.gram = fold.cross = fold.gram_d = None  # its problems hold what is still needed
             for g in sorted(g for g, l in decide_at.items() if l == level):
                 scores[g] = greedy_order_scores(by_group[g], analysis.groups[g].channels)
                 current[g] = choose_kept(scores[g], len(keep[g]))
