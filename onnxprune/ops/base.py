@@ -140,6 +140,17 @@ class Handler:
         """`product_output` False: the kept columns of the product, given the kept channels of output 0."""
         return keep
 
+    def narrowed(self, layout: WeightLayout, weight: np.ndarray,
+                 keep: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """For the op to read only the input channels of `keep` (a bool mask, one per input channel) while its
+        input keeps them all: (the channels of the input to gather along `layout.data_axis`, the weight
+        sliced to them), or (None, the weight with the other channels' inputs zeroed) when the op cannot read
+        a narrower input (a grouped conv: every block reads the same width)."""
+        if layout.groups > 1:
+            return None, zero_inputs(self, layout, weight, keep)
+        indices = np.flatnonzero(keep).astype(np.int64)
+        return indices, np.ascontiguousarray(np.take(weight, indices, axis=layout.in_axis))
+
     def timing_sides(self, node: gs.Node) -> tuple[int, int, int, str, int] | None:
         """For the latency model, when the node can be timed alone at other channel counts (its rewrite
         slicing it): (axis of input 0 carrying the input channels, input channels, output channels, kind,

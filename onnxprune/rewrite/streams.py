@@ -7,7 +7,6 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..io import export_graph, unload_maps
-from ..ops.base import zero_inputs
 from ..scoring.consumers import find_consumers
 from .channels import replace_constant
 from .scale import apply_unit_scales
@@ -45,21 +44,17 @@ def gathered_model(analysis, keep: dict[int, np.ndarray], ir_version: int):
         mask = kept_label[consumer.units]
         if mask.all():
             continue
-        node, layout = consumer.node, consumer.layout
-        weight = node.inputs[1].values
-        if layout.groups > 1:
-            replace_constant(node, 1, zero_inputs(consumer.handler, layout, weight, mask),
-                             lambda: f"{node.inputs[1].name}_masked_{node.name}")  # noqa: B023
+        node = consumer.node
+        indices, weight = consumer.handler.narrowed(consumer.layout, node.inputs[1].values, mask)
+        replace_constant(node, 1, weight, lambda: f"{node.inputs[1].name}_kept_{node.name}")  # noqa: B023
+        if indices is None:  # the dropped inputs' weights are zeroed instead
             continue
-        indices = np.flatnonzero(mask).astype(np.int64)
         source = node.inputs[0]
         axis = consumer.axis if consumer.axis >= 0 else consumer.axis + len(analysis.shapes[source.name])
         gathered = gs.Variable(f"{source.name}_kept_{node.name}", dtype=source.dtype)
         analysis.graph.nodes.append(gs.Node("Gather", f"{node.name}_kept", {"axis": axis},
                                             [source, gs.Constant(f"{node.name}_kept_indices", indices)], [gathered]))
         node.inputs[0] = gathered
-        replace_constant(node, 1, np.ascontiguousarray(np.take(weight, indices, axis=layout.in_axis)),
-                         lambda: f"{node.inputs[1].name}_kept_{node.name}")  # noqa: B023
     analysis.graph.toposort()
     model = export_graph(analysis.graph)
     model.ir_version = ir_version
