@@ -24,7 +24,7 @@ realistic audio is available here).
                                                                        (a MACs curve instead of the columns)
     python bench/eval_scoring.py --models ppocr_cls --scorers obs,obs+reselect,obs+sequential --seeds 0,1,2
         --macs 0.7,0.5 --recover lstsq   (one command: obs against obs chosen again on the pruned stream, per seed)
-    python bench/eval_scoring.py --models ppocr_cls --scorers 'obs,obs[damp=0.1],obs[spread],obs[calib=1024]' \
+    python bench/eval_scoring.py --models ppocr_cls --scorers 'obs,obs[damp=0.1],obs[first],obs[calib=1024]' \
         --seeds 0,1,2 --macs 0.7 --recover lstsq --eval-samples 256 --detail
                           (levers of obs and the recovery side by side, a mean row over the seeds; see LEVERS)
     python bench/eval_scoring.py --models ppocr_cls --per-group 0.7 --eval-samples 256
@@ -34,8 +34,8 @@ realistic audio is available here).
 
 A lever column `obs[k=v,...]` runs obs with module constants set for its cells (damp: OBS's lambda; floor: the
 per-group floor; batches: removal batches; rows: sampled rows per feature of H; probe / budget: the output-error
-probe's samples per measurement and its passes; ridge: a fixed lstsq ridge; spread: the probe's samples spread
-over the held-out ones instead of the first; norescale: the layers' own error curves; nostats: no statistics
+probe's samples per measurement and its passes; ridge: a fixed lstsq ridge; first: the probe's samples the first
+held-out ones, as before they were spread over them; norescale: the layers' own error curves; nostats: no statistics
 correction; shares3: the probe also measures a 3/4 cut), calib=N: N calibration crops (half photos), or a
 PruneConfig field (steps=2). Every run is deterministic for a seed: columns of different runs compare.
 """
@@ -158,21 +158,17 @@ LEVERS = {
     "budget": [("onnxprune.scoring.sensitivity", "BUDGET_PASSES")],  # passes all measurements may run
     "ridge": [("onnxprune.recover.lstsq", "RIDGE_GRID")],  # lstsq's ridge, fixed (not chosen on held-out)
 }
-def _spread_samples(calibration, fixed_batch, measurements):
-    """sensitivity._samples, but the probe's samples spread evenly over the held-out ones (not the first)."""
-    from onnxprune.calib.data import CalibrationSet
-
+def _first_samples(calibration, fixed_batch, measurements):
+    """sensitivity._samples as it was: the probe's samples the first held-out ones (not spread over them)."""
     count = PROBE_SAMPLES(calibration, fixed_batch, measurements).count
     pool = calibration if fixed_batch else sensitivity.held_out_samples(calibration)
-    index = pool.index if pool.index is not None else np.arange(pool.count)
-    return CalibrationSet(calibration._arrays, None, calibration.source,
-                          index[np.linspace(0, pool.count - 1, count).round().astype(int)])
+    return pool.head(count)
 
 
 SWITCHES = {  # levers without a value
     "norescale": [("onnxprune.scoring.obs", "rescaled", lambda curve, points, errors: curve)],  # local curves
     "nostats": [("onnxprune.recover.lstsq", "spread_corrected", lambda *args: None)],  # no statistics correction
-    "spread": [("onnxprune.scoring.sensitivity", "_samples", _spread_samples)],
+    "first": [("onnxprune.scoring.sensitivity", "_samples", _first_samples)],
     "shares3": [("onnxprune.scoring.sensitivity", "SHARES", (0.25, 0.5, 0.75)),
                 ("onnxprune.scoring.obs", "SHARES", (0.25, 0.5, 0.75))],  # measure output error at 3/4 cut too
 }

@@ -38,12 +38,12 @@ def test_patches_reach_default_arguments_and_are_restored():
     assert (obs.DAMP, obs.REMOVAL_STEPS, obs.removal_batch(129), obs.greedy_removal.__defaults__) == before
 
 
-def test_spread_probe_samples_cover_the_whole_held_out_part():
+def test_the_probe_s_samples_cover_the_whole_held_out_part_and_the_first_column_takes_the_first():
     bench = _bench()
     calibration = CalibrationSet({"x": np.arange(256, dtype=np.float32)[:, None]})
-    first = sensitivity._samples(calibration, None, 50).arrays["x"][:, 0]
-    with bench.patched(bench.scorer_levers("obs[spread]")[1]):
-        spread = sensitivity._samples(calibration, None, 50).arrays["x"][:, 0]
+    spread = sensitivity._samples(calibration, None, 50).arrays["x"][:, 0]
+    with bench.patched(bench.scorer_levers("obs[first]")[1]):
+        first = sensitivity._samples(calibration, None, 50).arrays["x"][:, 0]
     assert len(spread) == len(first) == 32
     assert first.max() < 160 and spread.min() == 4 and spread.max() == 254  # every fifth sample is held out
-    assert np.all(spread % 5 == 4)
+    assert np.all(spread % 5 == 4) and len(set(spread)) == 32

@@ -190,13 +190,14 @@ def rescaled(curve: np.ndarray, points: list[int], errors: list[float]) -> np.nd
 
 def _samples(calibration: CalibrationSet, fixed_batch: int | None, measurements: int) -> CalibrationSet:
     """Held-out samples (absent from the Gram matrices the curves come from), as many as the budget gives
-    each of `measurements`, whole batches of a fixed batch size."""
+    each of `measurements`, whole batches of a fixed batch size, spread over the set (the first ones of a
+    folder read photos first were mostly photos: bench/eval_scoring.py's `obs[first]` column measures it)."""
     pool = calibration if fixed_batch else held_out_samples(calibration)
     share = BUDGET_PASSES * calibration.count // max(measurements, 1)
     count = min(max(share, MIN_SAMPLES), SAMPLES, pool.count)
     if fixed_batch:
         count = max(count // fixed_batch, 1) * fixed_batch
-    return pool.head(count)
+    return pool.spread(count)
 
 
 def _output_error(reference: dict, outputs: dict) -> float:
