@@ -95,12 +95,16 @@ def fit_layer(name: str, c_in: int, c_out: int, k_in, k_out, ms, kind: str = "de
     return LayerFit(name, int(c_in), int(c_out), best[1], tuple(float(c) for c in best[2]), kind)
 
 
-def sample_counts(c_in: int, c_out: int, kind: str = "dense", blocks: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """(k_in, k_out) at which a layer is timed: see the module docstring (`blocks` > 1: those counts of one
-    block's channels, in every block)."""
-    if blocks > 1:
-        k_in, k_out = sample_counts(c_in // blocks, c_out // blocks, kind)
-        return k_in * blocks, k_out * blocks
+def sample_counts(c_in: int, c_out: int, kind: str = "dense", step: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(k_in, k_out) at which a layer is timed: see the module docstring. `step` > 1: those counts of
+    `step`-channel units, and all channels (a grouped conv keeps its blocks' j-th channels together; a layer
+    onnxruntime runs blocked is cut only to multiples of its block: its time at other counts, unblocked,
+    would bend the fit)."""
+    if step > 1:
+        k_in, k_out = sample_counts(c_in // step, c_out // step, kind)
+        pairs = set(zip(k_in * step, k_out * step)) | {(c_in, c_out)}
+        k_in, k_out = np.array(sorted(pairs)).T
+        return k_in, k_out
     points = {(c_in, c_out), (max(1, c_in // 2), max(1, c_out // 2))}
     for fraction, below in ((0.75, (0, 1)), (0.5, (0, 1, 5, 9))):
         for c, side in ((c_in, 0), (c_out, 1)):
@@ -227,7 +231,8 @@ def layer_model(layer: TimedLayer, k_in: int, k_out: int) -> onnx.ModelProto:
 
 def time_layer(layer: TimedLayer, threads: int, timing: LatencyConfig = TIMING) -> LayerFit:
     """Time `layer` alone at `sample_counts` and fit it."""
-    k_in, k_out = sample_counts(layer.c_in, layer.c_out, layer.kind, layer.blocks)
+    block = layer_block(layer)
+    k_in, k_out = sample_counts(layer.c_in, layer.c_out, layer.kind, layer.blocks * block)
     rng = np.random.default_rng(0)
     ms = []
     for a, b in zip(k_in, k_out):
@@ -236,7 +241,7 @@ def time_layer(layer: TimedLayer, threads: int, timing: LatencyConfig = TIMING) 
         seconds = time_runs({"layer": latency_session(model, threads)}, feed, timing, model_clock(threads))["layer"]
         ms.append(summarize(seconds)["median_ms"])
     fit = fit_layer(layer.name, layer.c_in, layer.c_out, k_in, k_out, ms, layer.kind)
-    return replace(fit, block=layer_block(layer))
+    return replace(fit, block=block)
 
 
 def runs_blocked(model: onnx.ModelProto) -> bool:
