@@ -240,3 +240,23 @@ def test_a_layer_s_block_is_the_multiple_at_which_onnxruntime_keeps_it_blocked(m
     assert lm.runs_blocked(lm.layer_model(conv, conv.c_in - block, conv.c_out - block))
     assert not lm.runs_blocked(lm.layer_model(conv, conv.c_in - 1, conv.c_out - 1))
     assert lm.layer_block(next(layer for layer in layers.values() if layer.op == "Gemm")) == 1
+
+
+def test_a_layer_too_narrow_for_its_block_is_timed_at_every_count_and_never_at_zero_channels(monkeypatch):
+    """A 3->32 Conv onnxruntime runs blocked in fours: three input channels are fewer than MIN_UNITS blocks,
+    so it is timed at plain counts (no zero-channel or over-wide input); a 64->64 one in units of 4."""
+    from tests.builders import Builder
+
+    b = Builder(0)
+    b.output(b.conv("wide", b.conv("stem", "x", 3, 32), 32, 64))
+    analysis = analyze_model(load(b.model([("x", [1, 3, 16, 16], 1)], name="narrow"), {}))
+    monkeypatch.setattr(lm, "layer_block", lambda layer: 4)
+    timed = []
+    monkeypatch.setattr(lm, "time_runs", lambda sessions, feed, timing, clock: timed.append(feed["x"].shape[1])
+                        or {"layer": np.full(3, 1e-3)})
+    for layer in lm.timed_layers(analysis):
+        timed.clear()
+        fit = lm.time_layer(layer, 1)
+        assert fit.block == 4 and all(0 < c <= layer.c_in for c in timed)
+        if layer.c_in >= 4 * lm.MIN_UNITS:
+            assert all(c % 4 == 0 or c == layer.c_in for c in timed)

@@ -7,7 +7,9 @@ is built as a one-node model at the analysed input shape, random weights, its ha
 it to the first k channels, and timed (`LatencyConfig`-style interleaved runs, median) at a few channel
 counts: all, and for each side at a multiple of 8 below 3/4 of the channels and one channel fewer, at
 one below 1/2 and 1, 5 and 9 channels fewer (which tells steps of 4, 8 and 16 apart), plus both sides at
-half (a depthwise layer: those counts on its one side). The fit (`fit_layer`) is, for the multiple m
+half (a depthwise layer: those counts on its one side); a grouped conv, and a layer onnxruntime runs
+blocked (below) with `MIN_UNITS` of its block on each side, at those counts of units of its blocks (all
+channels too). The fit (`fit_layer`) is, for the multiple m
 among `MULTIPLES` that fits best, time = a + b pin pout + c pin + d pout, with pin = ceil(k_in / m) m /
 C_in (pout likewise): the product term is compute, the single terms memory traffic, and m the step at
 which the kernels change. A recurrent layer has c pout^2 (the recurrence) in place of c pin; a depthwise
@@ -51,6 +53,7 @@ CACHE_VERSION = 3
 KINDS = ("dense", "depthwise", "recurrent")  # Handler.timing_sides
 KEPT_VALUES = 1024  # a non-float constant input up to this size is timed with its own values
 BLOCKED_DOMAIN = "com.microsoft.nchwc"  # the nodes of onnxruntime's blocked channel layout
+MIN_UNITS = 8  # a blocked layer is timed in units of its block when each side has at least this many
 
 
 @dataclass(frozen=True)
@@ -232,7 +235,10 @@ def layer_model(layer: TimedLayer, k_in: int, k_out: int) -> onnx.ModelProto:
 def time_layer(layer: TimedLayer, threads: int, timing: LatencyConfig = TIMING) -> LayerFit:
     """Time `layer` alone at `sample_counts` and fit it."""
     block = layer_block(layer)
-    k_in, k_out = sample_counts(layer.c_in, layer.c_out, layer.kind, layer.blocks * block)
+    step = layer.blocks * block
+    if min(layer.c_in, layer.c_out) // step < MIN_UNITS:  # too few points in units of the block: time it all
+        step = layer.blocks
+    k_in, k_out = sample_counts(layer.c_in, layer.c_out, layer.kind, step)
     rng = np.random.default_rng(0)
     ms = []
     for a, b in zip(k_in, k_out):
@@ -257,12 +263,15 @@ def runs_blocked(model: onnx.ModelProto) -> bool:
 
 def layer_block(layer: TimedLayer) -> int:
     """The smallest of `MULTIPLES` at whose odd multiples (so not by chance a multiple of the next) of kept
-    channels on both sides onnxruntime still runs `layer` in its blocked layout; 1 when it never does."""
+    channels on both sides onnxruntime still runs `layer` in its blocked layout; 1 when it never does, or
+    when no multiple cuts it (too few channels)."""
     if not runs_blocked(layer_model(layer, layer.c_in, layer.c_out)):
         return 1
     b = layer.blocks
     for multiple in MULTIPLES:
         k_in, k_out = (b * min(c, multiple * (2 * (c * 3 // 8 // multiple) + 1)) for c in (layer.c_in // b, layer.c_out // b))
+        if (k_in, k_out) == (layer.c_in, layer.c_out):
+            continue  # nothing cut: the full layer, blocked, proves nothing
         if runs_blocked(layer_model(layer, k_in, k_out)):
             return multiple
     return 1
