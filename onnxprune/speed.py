@@ -114,8 +114,9 @@ class LatencyBudget:
         ratio = (before - after) / (self.original_ms - predicted) if predicted < self.original_ms else 0.0
         limit = self.original_ms - (before - goal) / ratio if ratio > 0 else predicted * goal / after
         if after > goal:
-            deepest = self.original_ms - GROWTH * (self.original_ms - predicted)
-            return min(max(limit, deepest), predicted * (1 - 1e-6))
+            if predicted < self.original_ms:  # a saving was predicted: aim at most GROWTH times it
+                limit = max(limit, self.original_ms - GROWTH * (self.original_ms - predicted))
+            return min(limit, predicted * (1 - 1e-6))
         return max(limit, self.limit_ms + (goal - after) * self.original_ms / before)
 
     def bracket(self) -> float | None:

@@ -330,3 +330,12 @@ def test_the_report_shows_the_layers_that_save_most_with_their_kept_channels_and
     for row in convs:
         assert (row["channels_in"][1], row["channels_out"][1]) == ORIGINAL[row["name"]]
         assert (row["channels_in"][0], row["channels_out"][0]) == pruned[row["name"]]
+
+
+def test_a_missed_round_predicted_no_saving_is_scaled_by_goal_over_measured_not_repeated():
+    """Predicted slower than the original (fits that rise when cut): no saving to multiply by GROWTH; the
+    next limit is the prediction scaled by goal / measured."""
+    budget = speed.LatencyBudget(None, None, original_ms=10.0, target_ms=8.0, asked="--target-speedup 1.25",
+                                 cached=True, limit_ms=8.0)
+    limit = budget.retargeted(predicted=10.5, before=10.0, after=10.2, goal=8.0)
+    assert limit == pytest.approx(10.5 * 8.0 / 10.2)
