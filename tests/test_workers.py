@@ -14,7 +14,7 @@ from onnxprune.scoring import ScoringContext, score
 from onnxprune.scoring import obs as obs_module
 from onnxprune.scoring import pfp as pfp_module
 from onnxprune.stages import analyze_model
-from onnxprune.workers import numeric_pool
+from onnxprune.workers import numeric_pool, ordered
 from tests import models
 
 
@@ -70,3 +70,22 @@ def test_an_error_in_the_caller_drops_the_jobs_not_started():
         next(results)
         raise RuntimeError("the caller failed")
     assert len(started) < 10
+
+
+def test_ordered_gives_the_results_in_order_with_at_most_ahead_of_them_waiting():
+    import threading
+
+    started = []
+    lock = threading.Lock()
+
+    def job(i):
+        with lock:
+            started.append(i)
+        return i * i
+
+    with numeric_pool(2) as pool:
+        results = ordered(pool, job, range(10), ahead=2)
+        assert next(results) == 0
+        time.sleep(0.05)
+        assert len(started) <= 3  # the first taken, two more submitted: not all ten
+        assert list(results) == [i * i for i in range(1, 10)]

@@ -41,7 +41,7 @@ from ..calib.capture import stream_activations
 from ..calib.data import held_out
 from ..calib.stats import capture_batch_size
 from ..errors import UsageError
-from ..workers import numeric_pool
+from ..workers import numeric_pool, ordered
 from .base import Allocation, register_scorer
 from .consumers import Consumer, choose_points, find_consumers
 from .sensitivity import SHARES, OutputProbe, measured_points, rescaled
@@ -481,7 +481,7 @@ def obs(analysis, context):
                              [f.consumer.node.outputs[0].name for f in folds], len(groups) * len(SHARES)) as probe:
                 groups = sorted(groups, key=lambda g: probe.first_node(by_group[g.index]))  # the probe's order
                 # the removals run in the pool while the probe measures the groups done before
-                removals = pool.map(lambda g: _group_removal(by_group[g.index], g.channels), groups)
+                removals = ordered(pool, lambda g: _group_removal(by_group[g.index], g.channels), groups)
                 for group, removal in zip(groups, removals):
                     scores[group.index], stats.curves[group.index] = _group_curve(by_group[group.index],
                                                                                   group.channels, removal, probe)
