@@ -139,9 +139,13 @@ class LatencyPredictor:
         fits = [f for f in fits if f.name in entry]
         return cls(cost, fits, np.array([entry[f.name] for f in fits], dtype=np.int64), original_ms)
 
-    def ms(self, counts: dict[int, int], stepped: bool = True) -> float:
+    def kept_fractions(self, counts: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Per fit, the kept fraction of its input and of its output channels."""
         fraction = self.cost.fractions(counts)
-        f_in, f_out = fraction[self.cost.inputs[self.entries]], fraction[self.cost.outputs[self.entries]]
+        return fraction[self.cost.inputs[self.entries]], fraction[self.cost.outputs[self.entries]]
+
+    def ms(self, counts: dict[int, int], stepped: bool = True) -> float:
+        f_in, f_out = self.kept_fractions(counts)
         total = self.original_ms
         used = self.fits if stepped else self.smooth_fits
         for fit, timed, full, a, b in zip(self.fits, used, self.full_ms, f_in, f_out):
@@ -150,8 +154,7 @@ class LatencyPredictor:
 
     def layers(self, counts: dict[int, int], top: int = 10) -> list[dict]:
         """The `top` timed layers by predicted saving: kept channels and predicted ms, full and kept."""
-        fraction = self.cost.fractions(counts)
-        f_in, f_out = fraction[self.cost.inputs[self.entries]], fraction[self.cost.outputs[self.entries]]
+        f_in, f_out = self.kept_fractions(counts)
         rows = [{"name": fit.name, "channels_in": [round(a * fit.c_in), fit.c_in],
                  "channels_out": [round(b * fit.c_out), fit.c_out], "full_ms": float(full),
                  "predicted_ms": float(fit.predict(a * fit.c_in, b * fit.c_out))}

@@ -218,7 +218,7 @@ def reselect_sequential(analysis, keep: dict[int, np.ndarray], original, stream_
                         if g in decide_at:
                             by_group.setdefault(g, []).append(problem)
                     fold.gram = fold.cross = fold.gram_d = None  # its problems hold what is still needed
-            for g in sorted(g for g, l in decide_at.items() if l == level):
+            for g in sorted(g for g, l in decide_at.items() if l == level and by_group.get(g)):
                 scores[g] = greedy_order_scores(by_group[g], analysis.groups[g].channels)
                 current[g] = choose_kept(scores[g], len(keep[g]))
             members = [v for v in views.values() if v.level == level]
