@@ -193,20 +193,27 @@ def find_layers(original: onnx.ModelProto, model: onnx.ModelProto, original_shap
         return tensor_array(original_inits[name]) if name in original_inits else None
 
     views, skipped = [], []
+    for node in model.graph.node:
+        if node.op_type in LAYER_OPS and node.domain in ("", "ai.onnx"):
+            view = _candidate(node, original_producer.get(node.output[0]), inits, original_weights, original_shapes,
+                              output_masks, consumers, skipped, original_values)
+            if view is not None:
+                views.append(view)
+    level_of = tensor_levels(model, {view.output for view in views})
+    for view in views:
+        view.level = level_of[view.output] - 1
+    return views, skipped
+
+
+def tensor_levels(model: onnx.ModelProto, fitted: set[str]) -> dict[str, int]:
+    """Each tensor's level: at most how many layers to re-fit (by output name, `fitted`) lie upstream of it,
+    the layer producing it included; a layer's own level is its output's minus one."""
     level_of: dict[str, int] = {}
     for node in model.graph.node:
         level = max((level_of.get(t, 0) for t in node.input), default=0)
-        view = None
-        if node.op_type in LAYER_OPS and node.domain in ("", "ai.onnx"):
-            before = original_producer.get(node.output[0])
-            view = _candidate(node, before, inits, original_weights, original_shapes, output_masks, consumers, skipped,
-                              original_values)
-        if view is not None:
-            view.level = level
-            views.append(view)
         for name in node.output:
-            level_of[name] = level + (1 if view is not None else 0)
-    return views, skipped
+            level_of[name] = level + (node.output[0] in fitted)
+    return level_of
 
 
 def _candidate(node, before, inits, original_weights, original_shapes, output_masks, consumers, skipped,

@@ -65,7 +65,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, calibration, met
             members = [v for v in views if v.level == level]
             fits = [FITS[method](v, seed=[seed, level, i], batches=batches, ridge=ridge,
                                  rows_per_feature=rows_per_feature, hold_out=hold_out) for i, v in enumerate(members)]
-            _accumulate(pruned_stream, original_stream, members, fits)
+            accumulate(pruned_stream, original_stream, members, fits)
             for view, fit in zip(members, fits):
                 update = fit.finish()
                 if update.weight is not None or update.bias is not None:
@@ -147,7 +147,7 @@ def output_error(reference: np.ndarray, result: np.ndarray) -> float:
     return relative(float(np.sum((result - reference) ** 2)), float(np.sum(reference ** 2)))
 
 
-def _accumulate(pruned: Stream, original: Stream, members, fits) -> None:
+def accumulate(pruned: Stream, original: Stream, members, fits) -> None:
     """Feed one level's fits batch by batch: the layers' inputs and own outputs from the pruned stream
     (the layers run with their current weights, and again with the re-fitted ones at the next level),
     their targets from the original's stream."""

@@ -41,9 +41,9 @@ from ..calib.capture import stream_activations
 from ..calib.data import held_out
 from ..calib.stats import capture_batch_size
 from ..progress import bar as progress_bar
-from ..recover.layers import Initializers, find_layers
+from ..recover.layers import Initializers, find_layers, tensor_levels
 from ..recover.lstsq import LstsqFit
-from ..recover.passes import _accumulate as accumulate
+from ..recover.passes import accumulate
 from ..recover.stream import Stream
 from .consumers import find_consumers
 from .obs import MAX_FEATURES, GramFold, greedy_order_scores, quadratic
@@ -194,7 +194,7 @@ def reselect_sequential(analysis, keep: dict[int, np.ndarray], original, stream_
     inits = Initializers(stream_model)
     producer = {name: node for node in stream_model.graph.node for name in node.output}
     views = {v.output: v for v in find_layers(original, stream_model, shapes or {}, {})[0]}
-    level_of = _levels(stream_model, set(views))
+    level_of = tensor_levels(stream_model, set(views))
     fold_level = [level_of.get(f.consumer.tensor, 0) for f in folds]
     readers: dict[int, list[int]] = {}
     for i, fold in enumerate(folds):
@@ -233,17 +233,6 @@ def reselect_sequential(analysis, keep: dict[int, np.ndarray], original, stream_
         original_stream.close()
         bar.close()
     return _selected(analysis, keep, scores)
-
-
-def _levels(model, fitted: set[str]) -> dict[str, int]:
-    """Each tensor's level: how many re-fitted layers (by output name) lie upstream of it, at most (as
-    `recover.layers.find_layers` counts them)."""
-    level_of: dict[str, int] = {}
-    for node in model.graph.node:
-        level = max((level_of.get(t, 0) for t in node.input), default=0)
-        for name in node.output:
-            level_of[name] = level + (node.output[0] in fitted)
-    return level_of
 
 
 def _reads(analysis, consumer, keep: dict[int, np.ndarray]) -> np.ndarray:
