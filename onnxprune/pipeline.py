@@ -23,7 +23,7 @@ from .report import report_header
 from .speed import counts_of, latency_budget, latency_rounds
 from .stages import (analyze_model, choose, compose_masks, factorize_stage, group_summary, nothing_prunable_message,
                      final_counts, recover_stage, rewrite_channels, scoring_summary, sparsify_stage,
-                     reselect_stage, step_counts, step_summary, store_stage, pruned_only_summary, quantize_stage)
+                     reselected, step_counts, step_summary, store_stage, pruned_only_summary, quantize_stage)
 from .validate.gates import evaluate_gates
 from .validate.latency import LatencyConfig
 from .validate.result import evaluate_result
@@ -85,9 +85,8 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
         with timed(timings, "score", add=True):
             if speed is not None and speed.target_ms is not None:
                 choice, rewritten = latency_rounds(current, analysis, config, speed, factorizing=weights_only)
-                if config.reselect and choice.scorer == "obs" and config.plan is None:  # the kept round's counts
-                    keep = reselect_stage(current, analysis, choice.keep, config)
-                    choice, rewritten = replace(choice, keep=keep), None
+                if config.reselect:  # on the kept round's counts, then cut anew
+                    choice, rewritten = reselected(current, analysis, choice, config), None
             elif config.steps == 1:
                 choice = choose(current, analysis, config, factorizing=weights_only)
             else:  # the whole target is allocated once, on the original; the steps approach it

@@ -123,9 +123,17 @@ def choose(baseline: Baseline, analysis: Analysis, config: PruneConfig, factoriz
         analysis, scores, context, filters=channel_ratio(config), global_ranking=config.global_ranking,
         round_to=config.round_to, target_macs=config.target_macs if config.rank is None else None,
         pfp_mode=config.pfp_mode, seed=config.seed, counts=counts, target=target)
-    if config.reselect and scorer == "obs" and counts is None and target is None:  # latency rounds: once, after them
-        keep = reselect_stage(baseline, analysis, keep, config)
-    return ChannelChoice(keep, scales, scorer, context, budget)
+    choice = ChannelChoice(keep, scales, scorer, context, budget)
+    if counts is not None or target is not None:  # a step's given counts; latency rounds: once, after them
+        return choice
+    return reselected(baseline, analysis, choice, config)
+
+
+def reselected(baseline: Baseline, analysis: Analysis, choice: ChannelChoice, config: PruneConfig) -> ChannelChoice:
+    """The choice with obs's channels chosen again (`config.reselect`; not for a plan's channels)."""
+    if not (config.reselect and choice.scorer == "obs" and config.plan is None):
+        return choice
+    return replace(choice, keep=reselect_stage(baseline, analysis, choice.keep, config))
 
 
 def reselect_stage(baseline: Baseline, analysis: Analysis, keep: dict, config: PruneConfig) -> dict:
