@@ -61,3 +61,59 @@ def write_crops(directory: Path, split: str, count: int, aspect: float = 1.0, ki
                                Image.BILINEAR)
         crop.save(directory / f"{i:04d}.png")
     return directory
+
+
+RENDER_FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf",
+                "DejaVuSansCondensed.ttf", "DejaVuSerif-Italic.ttf", "DejaVuSans-Oblique.ttf")
+
+
+def write_renders(directory: Path, split: str, count: int, aspect: float = 1.0, rotations: tuple[int, ...] = (0,),
+                  seed: int = 0, side: int = 256) -> np.ndarray:
+    """`count` renders of real English sentences (bench/_sentences.py: the scikit-learn wheel's prose; "calib"
+    and "eval" take disjoint halves of the sentences) in dark ink on light paper, DejaVu fonts of random face and
+    size, each turned clockwise by a random angle of `rotations` (the rotation
+    classifiers' convention), saved as PNG files. aspect >= 2: one
+    text line as a text detector would crop it (width / height = `aspect`); below: a block of wrapped lines
+    (width / height = `aspect`, longer side `side`). Returns the index in `rotations` of each render's angle."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from _sentences import sentences
+    from _text import FONT_DIR
+
+    pool = sentences()[{"calib": 0, "eval": 1}[split]::2]
+    faces = [FONT_DIR / name for name in RENDER_FONTS if (FONT_DIR / name).is_file()]
+    if not faces:
+        raise SystemExit(f"no DejaVu fonts under {FONT_DIR}: install fonts-dejavu-core")
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(len(rotations), size=count)
+    for i in range(count):
+        words = " ".join(pool[int(j)] for j in rng.integers(len(pool), size=8)).split()
+        start = int(rng.integers(max(1, len(words) - 40)))
+        paper, ink = int(rng.integers(190, 256)), int(rng.integers(0, 90))
+        face = str(faces[int(rng.integers(len(faces)))])
+        if aspect >= 2:
+            height = 48
+            width = int(height * aspect)
+            font = ImageFont.truetype(face, int(rng.integers(24, 38)))
+            lines, top = [" ".join(words[start:start + 30])], (height - font.size) // 2 - 4
+        else:
+            width, height = (side, int(side / aspect)) if aspect >= 1 else (int(side * aspect), side)
+            font = ImageFont.truetype(face, int(rng.integers(11, 25)))
+            lines, line, top = [], "", int(rng.integers(2, 20))
+            for word in words[start:]:  # wrap to the width
+                if font.getlength(f"{line} {word}") > width - 8 and line:
+                    lines.append(line)
+                    line = word
+                else:
+                    line = f"{line} {word}".strip()
+            lines.append(line)
+        image = Image.new("L", (width, height), paper)
+        draw = ImageDraw.Draw(image)
+        left = int(rng.integers(2, 12))
+        for k, text in enumerate(lines):
+            draw.text((left, top + int(k * font.size * 1.3)), text, fill=ink, font=font)
+        pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, 6, (height, width))
+        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).convert("RGB")
+        image.rotate(-int(rotations[labels[i]]), expand=True).save(directory / f"{i:04d}.png")
+    return labels

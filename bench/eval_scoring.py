@@ -64,7 +64,7 @@ from onnxprune.scoring import sensitivity  # noqa: E402
 from onnxprune.validate import run_model  # noqa: E402
 from tests.real_models import ModelUnavailable, fetch, input_shapes  # noqa: E402
 
-from _data import write_crops  # noqa: E402
+from _data import write_crops, write_renders  # noqa: E402
 
 SCORERS = ["obs", "pfp", "wanda", "activation", "l1", "random"]
 SETTINGS = [("10%", dict(filters=0.1)), ("30%", dict(filters=0.3)), ("50%", dict(filters=0.5)), ("70%", dict(filters=0.7)),
@@ -89,6 +89,9 @@ MODELS = ["mnist_resnet", *IMAGE_MODELS, "minilm"]
 # --eval-on calibration-pictures: evaluate on other crops of the calibration's own pictures (page.png and its
 # photos, other seeds) instead of text.png and other photos: held-out inputs of the calibration's distribution
 EVAL_ON_CALIBRATION_PICTURES = False
+# --data renders: the two classifiers calibrate and evaluate on renders of real sentences (bench/_data.py,
+# write_renders; disjoint sentences), the inputs of their own task, with the true rotation as the label
+DATA = "crops"
 
 
 def model_data(name: str, work: Path, calib_samples: int, eval_samples: int):
@@ -110,6 +113,8 @@ def model_data(name: str, work: Path, calib_samples: int, eval_samples: int):
         return path, dict(calibration=tokens(calib_samples), evaluation=tokens(eval_samples),
                           input_shapes=shapes), "cosine"
     kind, aspect, rotations, preprocess, metric = IMAGE_MODELS[name]
+    if DATA == "renders" and name in MIXED_CALIBRATION:
+        return _render_data(name, path, shapes, work, calib_samples, eval_samples)
     calib = write_crops(work / name / "calib", "calib", calib_samples, aspect, kind, rotations, seed=1)
     if name in MIXED_CALIBRATION:  # half of the calibration crops from the photos instead (see the docstring)
         photos = write_crops(work / name / "photos", "calib", calib_samples // 2, aspect, "photos", rotations, seed=3)
@@ -121,14 +126,31 @@ def model_data(name: str, work: Path, calib_samples: int, eval_samples: int):
         photos = write_crops(work / name / "eval-photos", "calib", eval_samples // 2, aspect, "photos", rotations, seed=4)
         for i, crop in enumerate(sorted(photos.glob("*.png"))):
             crop.replace(evaluation / f"{i:04d}.png")
+    return path, dict(calibration=str(calib), preprocess=preprocess,
+                      evaluation=_loaded_evaluation(path, shapes, evaluation, preprocess), input_shapes=shapes), metric
+
+
+def _render_data(name: str, path: str, shapes: dict, work: Path, calib_samples: int, eval_samples: int):
+    """The classifiers on their own task (--data renders): calibrated on renders of some sentences, evaluated on
+    renders of others, with the true rotation as the label (the report's accuracy)."""
+    _, aspect, rotations, preprocess, metric = IMAGE_MODELS[name]
+    calib = work / name / "calib-renders"
+    write_renders(calib, "calib", calib_samples, aspect, rotations, seed=1)
+    evaluation = work / name / "eval-renders"
+    labels = write_renders(evaluation, "eval", eval_samples, aspect, rotations, seed=2)
+    data = _loaded_evaluation(path, shapes, evaluation, preprocess)
+    data.labels = labels
+    return path, dict(calibration=str(calib), preprocess=preprocess, evaluation=data, input_shapes=shapes), metric
+
+
+def _loaded_evaluation(path: str, shapes: dict, folder: Path, preprocess: str):
     from onnxprune.calib import input_specs, load_calibration
     from onnxprune.loading import load
 
     loaded = load(path, shapes)
-    specs = input_specs(loaded.model, loaded.input_shapes)
-    eval_set = load_calibration(evaluation, specs, preprocess=preprocess)
-    eval_set.source = "evaluation"
-    return path, dict(calibration=str(calib), preprocess=preprocess, evaluation=eval_set, input_shapes=shapes), metric
+    data = load_calibration(folder, input_specs(loaded.model, loaded.input_shapes), preprocess=preprocess)
+    data.source = "evaluation"
+    return data
 
 
 def metric_value(result, baseline, metric: str) -> float:
@@ -238,7 +260,9 @@ def cell_detail(result) -> str:
     kept = [f"{g['channels_after'] / g['channels']:.2f}" for g in result.report["groups"]
             if g.get("channels_after") is not None and g["channels"] > 1]
     probe = result.report.get("scoring", {}).get("sensitivity_samples")
-    return (f"probe samples {probe} held-out err {held.get('before')}->{held.get('after')} reverted={recovery.get('reverted')} "
+    accuracy = result.report.get("accuracy")
+    truth = f"accuracy {accuracy['before']:.3f}->{accuracy['after']:.3f} " if accuracy else ""
+    return (f"{truth}probe samples {probe} held-out err {held.get('before')}->{held.get('after')} reverted={recovery.get('reverted')} "
             f"stats={stats.get('output_error_held_out')} kept={stats.get('kept')} | kept shares {' '.join(kept)}")
 
 
@@ -270,7 +294,7 @@ def evaluate(name: str, scorers, work: Path, calib_samples: int, eval_samples: i
         baselines[count] = (dataclasses.replace(prepare(path, config), evaluation=baseline.evaluation,
                                                 _reference=baseline.reference()), config)
     reference_metric = ""
-    if metric == "accuracy":
+    if metric == "accuracy" or baseline.evaluation.labels is not None:
         reference_metric = f", unpruned accuracy {_unpruned_accuracy(baseline):.4f}"
     lines = [f"{name}: {metric} on {baseline.evaluation.count} held-out inputs, calibrated on "
              f"{baseline.calibration.count}{reference_metric}"]
@@ -451,10 +475,13 @@ def main() -> None:
                         help="obs's plan at these MACs, then each cut group alone: where the loss comes from")
     parser.add_argument("--eval-on", choices=("other-pictures", "calibration-pictures"), default="other-pictures",
                         help="evaluate on crops of other pictures (default) or other crops of the calibration's")
+    parser.add_argument("--data", choices=("crops", "renders"), default="crops",
+                        help="the classifiers' inputs: page and photo crops (default) or renders of real sentences")
     parser.add_argument("--detail", action="store_true", help="per cell: the recovery's outcome and groups' kept shares")
     args = parser.parse_args()
-    global EVAL_ON_CALIBRATION_PICTURES
+    global EVAL_ON_CALIBRATION_PICTURES, DATA
     EVAL_ON_CALIBRATION_PICTURES = args.eval_on == "calibration-pictures"
+    DATA = args.data
     if args.settings:
         wanted = args.settings.split(",")
         SETTINGS[:] = [s for s in SETTINGS if s[0] in wanted]
