@@ -70,12 +70,12 @@ RENDER_FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "Dej
 def write_renders(directory: Path, split: str, count: int, aspect: float = 1.0, rotations: tuple[int, ...] = (0,),
                   seed: int = 0, side: int = 256) -> np.ndarray:
     """`count` renders of real English sentences (bench/_sentences.py: the scikit-learn wheel's prose; "calib"
-    and "eval" take disjoint halves of the sentences) in dark ink on light paper, DejaVu fonts of random face and
-    size, each turned clockwise by a random angle of `rotations` (the rotation
+    and "eval" take disjoint halves of the sentences) in darker ink on lighter paper, DejaVu fonts of random face and
+    size, as photographed (a slight skew, blur, uneven light, noise), each turned clockwise by a random angle of `rotations` (the rotation
     classifiers' convention), saved as PNG files. aspect >= 2: one
     text line as a text detector would crop it (width / height = `aspect`); below: a block of wrapped lines
     (width / height = `aspect`, longer side `side`). Returns the index in `rotations` of each render's angle."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
     from _sentences import sentences
     from _text import FONT_DIR
@@ -90,17 +90,18 @@ def write_renders(directory: Path, split: str, count: int, aspect: float = 1.0, 
     for i in range(count):
         words = " ".join(pool[int(j)] for j in rng.integers(len(pool), size=8)).split()
         start = int(rng.integers(max(1, len(words) - 40)))
-        paper, ink = int(rng.integers(190, 256)), int(rng.integers(0, 90))
+        paper = int(rng.integers(150, 256))
+        ink = int(rng.integers(0, paper - 40))
         face = str(faces[int(rng.integers(len(faces)))])
         if aspect >= 2:
             height = 48
             width = int(height * aspect)
-            font = ImageFont.truetype(face, int(rng.integers(24, 38)))
+            font = ImageFont.truetype(face, int(rng.integers(18, 40)))
             lines, top = [" ".join(words[start:start + 30])], (height - font.size) // 2 - 4
         else:
             width, height = (side, int(side / aspect)) if aspect >= 1 else (int(side * aspect), side)
-            font = ImageFont.truetype(face, int(rng.integers(11, 25)))
-            lines, line, top = [], "", int(rng.integers(2, 20))
+            font = ImageFont.truetype(face, int(rng.integers(8, 28)))
+            lines, line, top = [], "", int(rng.integers(2, height // 2))
             for word in words[start:]:  # wrap to the width
                 if font.getlength(f"{line} {word}") > width - 8 and line:
                     lines.append(line)
@@ -108,12 +109,18 @@ def write_renders(directory: Path, split: str, count: int, aspect: float = 1.0, 
                 else:
                     line = f"{line} {word}".strip()
             lines.append(line)
+            lines = lines[:int(rng.integers(2, len(lines) + 2))]  # a block of a few lines or a page's worth
         image = Image.new("L", (width, height), paper)
         draw = ImageDraw.Draw(image)
         left = int(rng.integers(2, 12))
         for k, text in enumerate(lines):
             draw.text((left, top + int(k * font.size * 1.3)), text, fill=ink, font=font)
-        pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, 6, (height, width))
+        # as photographed: a slight skew, blur, uneven light and sensor noise
+        image = image.rotate(float(rng.uniform(-3, 3)), resample=Image.BILINEAR, fillcolor=paper)
+        image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0, 1.2))))
+        light = np.linspace(float(rng.uniform(0.7, 1.0)), 1.0, width)[None, :]
+        noise = rng.normal(0, float(rng.uniform(2, 16)), (height, width))
+        pixels = np.asarray(image, dtype=np.float32) * light + noise
         image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).convert("RGB")
         image.rotate(-int(rotations[labels[i]]), expand=True).save(directory / f"{i:04d}.png")
     return labels
