@@ -36,8 +36,10 @@ A lever column `obs[k=v,...]` runs obs with module constants set for its cells (
 per-group floor; batches: removal batches; rows: sampled rows per feature of H; probe / budget: the output-error
 probe's samples per measurement and its passes; ridge: a fixed lstsq ridge; first: the probe's samples the first
 held-out ones, as before they were spread over them; norescale: the layers' own error curves; nostats: no statistics
-correction; shares3: the probe also measures a 3/4 cut), calib=N: N calibration crops (half photos), or a
-PruneConfig field (steps=2). Every run is deterministic for a seed: columns of different runs compare.
+correction; shares3: the probe also measures a 3/4 cut; refine / refine=N: the allocation refined by measuring the
+whole cut, at most 48 / N runs on held-out samples, scoring/refine.py; step: its moves' share of a group's channels),
+calib=N: N calibration crops (half photos), or a PruneConfig field (steps=2). Every run is deterministic for a
+seed: columns of different runs compare.
 """
 
 from __future__ import annotations
@@ -179,7 +181,13 @@ LEVERS = {
     "probe": [("onnxprune.scoring.sensitivity", "SAMPLES")],  # held-out samples per output measurement
     "budget": [("onnxprune.scoring.sensitivity", "BUDGET_PASSES")],  # passes all measurements may run
     "ridge": [("onnxprune.recover.lstsq", "RIDGE_GRID")],  # lstsq's ridge, fixed (not chosen on held-out)
+    "refine": [("onnxprune.scoring.obs", "REFINE_MEASUREMENTS")],  # the allocation refined by measuring the
+    # whole cut, at most this many runs (scoring/refine.py)
+    "step": [("onnxprune.scoring.refine", "STEP")],  # the refinement's move, a share of a group's channels
 }
+REFINE_MEASUREMENTS = 48  # obs[refine] without a value
+
+
 def _first_samples(calibration, fixed_batch, measurements):
     """sensitivity._samples as it was: the probe's samples the first held-out ones (not spread over them)."""
     count = PROBE_SAMPLES(calibration, fixed_batch, measurements).count
@@ -193,6 +201,7 @@ SWITCHES = {  # levers without a value
     "first": [("onnxprune.scoring.sensitivity", "_samples", _first_samples)],
     "shares3": [("onnxprune.scoring.sensitivity", "SHARES", (0.25, 0.5, 0.75)),
                 ("onnxprune.scoring.obs", "SHARES", (0.25, 0.5, 0.75))],  # measure output error at 3/4 cut too
+    "refine": [("onnxprune.scoring.obs", "REFINE_MEASUREMENTS", REFINE_MEASUREMENTS)],
 }
 
 
@@ -209,11 +218,12 @@ def scorer_levers(scorer: str) -> tuple[str, list, int | None, dict]:
             calib = int(value)
         elif key in PruneConfig.__dataclass_fields__:
             fields[key] = int(value) if value.isdigit() else value == "True" if value in ("True", "False") else value
-        elif key in SWITCHES:
+        elif key in SWITCHES and not value:
             patches.extend(SWITCHES[key])
         elif key in LEVERS:
             number = float(value)
-            value = (number,) if key == "ridge" else int(number) if key in ("batches", "rows", "probe", "budget") else number
+            integers = ("batches", "rows", "probe", "budget", "refine")
+            value = (number,) if key == "ridge" else int(number) if key in integers else number
             patches.extend((module, attribute, value) for module, attribute in LEVERS[key])
         else:
             raise SystemExit(f"unknown lever {key!r} in {scorer!r}: choose {', '.join([*LEVERS, *SWITCHES, 'calib'])}")
@@ -262,7 +272,9 @@ def cell_detail(result) -> str:
     probe = result.report.get("scoring", {}).get("sensitivity_samples")
     accuracy = result.report.get("accuracy")
     truth = f"accuracy {accuracy['before']:.3f}->{accuracy['after']:.3f} " if accuracy else ""
-    return (f"{truth}probe samples {probe} held-out err {held.get('before')}->{held.get('after')} reverted={recovery.get('reverted')} "
+    refined = result.report.get("scoring", {}).get("budget", {}).get("refinement")
+    refined = "" if refined is None else f"refinement {refined} | "
+    return (f"{truth}{refined}probe samples {probe} held-out err {held.get('before')}->{held.get('after')} reverted={recovery.get('reverted')} "
             f"stats={stats.get('output_error_held_out')} kept={stats.get('kept')} | kept shares {' '.join(kept)}")
 
 

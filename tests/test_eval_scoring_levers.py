@@ -47,3 +47,13 @@ def test_the_probe_s_samples_cover_the_whole_held_out_part_and_the_first_column_
     assert len(spread) == len(first) == 32
     assert first.max() < 160 and spread.min() == 4 and spread.max() == 254  # every fifth sample is held out
     assert np.all(spread % 5 == 4) and len(set(spread)) == 32
+
+
+def test_the_refine_column_sets_the_refinement_s_measurements():
+    bench = _bench()
+    assert bench.scorer_levers("obs[refine]")[1] == [("onnxprune.scoring.obs", "REFINE_MEASUREMENTS", 48)]
+    assert bench.scorer_levers("obs[refine=20,step=0.25]")[1] == [
+        ("onnxprune.scoring.obs", "REFINE_MEASUREMENTS", 20), ("onnxprune.scoring.refine", "STEP", 0.25)]
+    with bench.patched(bench.scorer_levers("obs[refine]")[1]):
+        assert obs.REFINE_MEASUREMENTS == 48
+    assert obs.REFINE_MEASUREMENTS == 0

@@ -44,6 +44,7 @@ from ..errors import UsageError
 from ..workers import numeric_pool, ordered
 from .base import Allocation, register_scorer
 from .consumers import Consumer, choose_points, find_consumers
+from .refine import Refinement
 from .sensitivity import SHARES, OutputProbe, measured_points, rescaled
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ REMOVAL_STEPS = 32  # units are removed in about this many batches per group
 MIN_KEEP_FRACTION = 0.1  # the allocation cuts no group below this share of its channels
 LOG_PRICE_RANGE = (-60.0, 60.0)
 BISECTION_STEPS = 200
+REFINE_MEASUREMENTS = 0  # > 0: the allocation refined by measuring the whole cut, this many runs at most
+# (scoring/refine.py; an experiment, off: bench/eval_scoring.py's obs[refine] column)
 
 
 # ---------------------------------------------------------------- one layer as a reconstruction problem
@@ -332,6 +335,7 @@ class ObsStats(Allocation):
     layers: int = 0
     rows: int = 0  # fit rows of the widest layer (held-out rows come on top)
     sensitivity_samples: int = 0  # held-out samples each output-error measurement ran (sensitivity.py)
+    refinement: Refinement | None = None  # with REFINE_MEASUREMENTS: what refines the allocation
 
     global_note = "obs: --global changes nothing (its budget spans all groups already)"
 
@@ -371,11 +375,16 @@ class ObsStats(Allocation):
                 lo = mid
         counts = fill_slack(counts_at(hi), curved, choices, self.curves, channels, target)
         achieved = target.measure(counts)
+        refined = None
         if achieved > target.limit:
             log.warning("obs: the target cannot be met (each group keeps at least %.0f%% of its channels)",
                         100 * MIN_KEEP_FRACTION)
-        return counts, {"price": float(np.exp(hi)), "target": float(target.limit), "achieved": float(achieved),
-                        "unit": target.unit}
+        elif self.refinement is not None:
+            counts, refined = self.refinement.refine(counts, curved, choices, channels, scores, target)
+            achieved = target.measure(counts)
+        summary = {"price": float(np.exp(hi)), "target": float(target.limit), "achieved": float(achieved),
+                   "unit": target.unit}
+        return counts, summary if refined is None else {**summary, "refinement": refined}
 
     def summary(self, mode: str) -> dict:
         return {"layers": self.layers, "rows_per_layer": self.rows, "sensitivity_samples": self.sensitivity_samples}
@@ -486,6 +495,9 @@ def obs(analysis, context):
                     scores[group.index], stats.curves[group.index] = _group_curve(by_group[group.index],
                                                                                   group.channels, removal, probe)
                 stats.sensitivity_samples = probe.samples.count
+            if REFINE_MEASUREMENTS > 0 and hasattr(context.model, "graph"):  # not a model read from a file (big)
+                stats.refinement = Refinement({g.index: by_group[g.index] for g in groups}, context.model,
+                                              context.calibration, context.fixed_batch, REFINE_MEASUREMENTS)
     stats.unread = [g.index for g in analysis.prunable_groups() if g.index not in scores]
     scores = {g.index: scores.get(g.index, np.ones(g.channels)) for g in analysis.prunable_groups()}
     context.allocation = stats

@@ -46,9 +46,10 @@ class OutputProbe:
     A context manager: its file is removed on exit."""
 
     def __init__(self, model, calibration: CalibrationSet, fixed_batch: int | None, layers: list[str],
-                 measurements: int):
+                 measurements: int, samples: CalibrationSet | None = None):
         """`model`: a ModelProto, or a file to load it from (not changed); `layers`: the output names of the
-        consumers whose weights may be replaced; `measurements`: how many `error` calls to budget for."""
+        consumers whose weights may be replaced; `measurements`: how many `error` calls to budget for (the
+        samples each runs), unless the `samples` are given."""
         if hasattr(model, "load"):
             probe = model.load()
         else:
@@ -67,7 +68,7 @@ class OutputProbe:
                 slot.write(inits, slot.current, view.bias_shape(slot.current))  # a named zero bias to replace
             self.views[name] = view
         self.probe, self.inits = probe, inits
-        self.samples = _samples(calibration, fixed_batch, measurements)
+        self.samples = samples if samples is not None else _samples(calibration, fixed_batch, measurements)
         self.batch = fixed_batch or 8
         self.position = {node.output[0]: i for i, node in enumerate(probe.graph.node)}
         self.outputs = [o.name for o in probe.graph.output]
