@@ -61,47 +61,52 @@ def profile(models: dict, feed: dict, runs: int, warmup: int = 5) -> dict[str, d
 
 
 def per_op(events: list[dict], warmup: int) -> dict[str, tuple[float, str, int]]:
-    """Median over the measured runs of each op type's summed kernel time, from a profile's events."""
-    starts = np.array(sorted(e["ts"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run"))
-    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    run_of = np.searchsorted(starts, [e["ts"] for e in nodes], side="right") - 1
-    measured = len(starts) - warmup
-    totals: dict[str, np.ndarray] = {}
-    amounts: dict[str, tuple[str, int]] = {}
-    for event, run in zip(nodes, run_of):
+    """Each op type's time per run, from a profile's events: the sum over its nodes of each node's median kernel
+    time over the measured runs (a node's median, not a run's: on a loaded machine the scheduler preempts a long
+    run more often than a short one, and one preempted kernel would make its whole run's sum an outlier)."""
+    runs = sorted((e["ts"], e["dur"]) for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
+    starts = np.array([ts for ts, _ in runs])
+    durations: dict[str, list[float]] = {}
+    kinds: dict[str, tuple[str, str, int]] = {}
+    for event in events:
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+            continue
+        run = int(np.searchsorted(starts, event["ts"], side="right")) - 1
         if run < warmup:
             continue
-        op, inputs = event["args"]["op_name"], shapes(event["args"].get("input_type_shape", []))
-        output = (shapes(event["args"].get("output_type_shape", [])) or [[]])[0]
-        key = label(op, inputs)
-        totals.setdefault(key, np.zeros(measured))[run - warmup] += event["dur"] / 1e3
-        if run == warmup:
-            unit, amount = work(op, inputs, output)
-            amounts[key] = (unit, amounts.get(key, (unit, 0))[1] + amount)
-    result = {key: (float(np.median(ms)), *amounts.get(key, ("elements", 0))) for key, ms in totals.items()}
-    runs = np.array(sorted((e["ts"], e["dur"]) for e in events if e.get("cat") == "Session" and e["name"] == "model_run"))
-    outside = runs[warmup:, 1] / 1e3 - sum(totals.values())  # the run's time outside the kernels
-    result["(outside kernels)"] = (float(np.median(outside)), "elements", 0)
+        durations.setdefault(event["name"], []).append(event["dur"] / 1e3)
+        if event["name"] not in kinds:
+            op, inputs = event["args"]["op_name"], shapes(event["args"].get("input_type_shape", []))
+            output = (shapes(event["args"].get("output_type_shape", [])) or [[]])[0]
+            kinds[event["name"]] = (label(op, inputs), *work(op, inputs, output))
+    result: dict[str, tuple[float, str, int]] = {}
+    for node, ms in durations.items():
+        key, unit, amount = kinds[node]
+        total, _, amounts = result.get(key, (0.0, unit, 0))
+        result[key] = (total + float(np.median(ms)), unit, amounts + amount)
+    kernels = sum(ms for ms, _, _ in result.values())
+    result["(outside kernels)"] = (float(np.median([dur for _, dur in runs[warmup:]])) / 1e3 - kernels, "elements", 0)
     return result
 
 
 def table(original: dict, pruned: dict) -> list[str]:
     """Markdown rows: op type, ms original, ms pruned, time ratio, work ratio, and the ms the pruned model spends
     beyond what time falling with the work would leave; then the kernels' sum, the time outside the kernels
-    (the executor's and the profiler's own per-node overhead) and the whole run."""
+    (the executor's and the profiler's own per-node overhead, and on a loaded machine the run's preemptions)
+    and the whole run (its median)."""
     outside = "(outside kernels)"
     kernels = sorted((set(original) | set(pruned)) - {outside}, key=lambda k: -original.get(k, pruned.get(k))[0])
-    lines = ["| op type | ms original | ms pruned | time ratio | work ratio | ms beyond the work ratio |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| op type | ms original | ms pruned | time ratio | work original (M) | work ratio | ms beyond the work ratio |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for key in kernels:
         ms_o, unit, work_o = original.get(key, (0.0, "elements", 0))
         ms_p, _, work_p = pruned.get(key, (0.0, unit, 0))
         ratio = f"{ms_p / ms_o:.2f}" if ms_o else "-"
         work_ratio = f"{work_p / work_o:.2f} ({unit})" if work_o else "-"
         excess = f"{ms_p - ms_o * work_p / work_o:+.3f}" if work_o else "-"
-        lines.append(f"| {key} | {ms_o:.3f} | {ms_p:.3f} | {ratio} | {work_ratio} | {excess} |")
+        lines.append(f"| {key} | {ms_o:.3f} | {ms_p:.3f} | {ratio} | {work_o / 1e6:.2f} | {work_ratio} | {excess} |")
     sums = [sum(times[k][0] for k in kernels if k in times) for times in (original, pruned)]
     for name, values in (("all kernels", sums), (outside, [original[outside][0], pruned[outside][0]]),
                          ("whole run", [sums[0] + original[outside][0], sums[1] + pruned[outside][0]])):
-        lines.append(f"| {name} | {values[0]:.3f} | {values[1]:.3f} | {values[1] / values[0]:.2f} | | |")
+        lines.append(f"| {name} | {values[0]:.3f} | {values[1]:.3f} | {values[1] / values[0]:.2f} | | | |")
     return lines

