@@ -1,7 +1,8 @@
 """Issue 15's targets for latency as the budget, on the public real models and a ResNet-50-sized model:
 
 (a) at the latency `--target-macs F` measured, `--target-latency` (that many ms) keeps a fidelity at least
-    as good;
+    as good (also `--target-speedup` at the speed-up it measured: on a loaded machine the same ms is not the same
+    latency from one run to the next, a speed-up measured against the original in the same round is);
 (b) the measured speed-up is at least 0.9x the ideal speed-up implied by the MAC cut (1 / MACs kept) on CNNs;
 (c) `--target-speedup 1.5` is met within 5% where reachable, with a clear message where not.
 
@@ -110,7 +111,9 @@ def run_model(name: str, args: argparse.Namespace, workdir: Path) -> list[str]:
     by_macs = prune(str(path), PruneConfig(target_macs=macs, predict_latency=True, **base))
     results[f"--target-macs {macs}"] = by_macs
     ms = round(by_macs.report["latency"]["after"]["median_ms"], 3)
-    settings = [(f"--target-latency {ms}", dict(target_latency=ms)), ("--target-speedup 1.5", dict(target_speedup=1.5))]
+    speedup = round(by_macs.report["latency"]["speedup"], 2)
+    settings = [(f"--target-latency {ms}", dict(target_latency=ms)), (f"--target-speedup {speedup}", dict(target_speedup=speedup)),
+                ("--target-speedup 1.5", dict(target_speedup=1.5))]
     if args.macs_only:
         settings = []
     elif args.auto:  # the speed-up target too: it is measured against the original in the same round, so a slower
