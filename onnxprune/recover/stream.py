@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -78,11 +78,20 @@ class ActivationStore:
 def _session(piece: onnx.ModelProto):
     """A session of one step's piece: read from memory when small and whole (no temporary file written and
     removed for every step; it lives for one step), else from a file as any model (weights mapped from a
-    data file are written out by `io.write_model`)."""
+    data file are written out by `io.write_model`). Serialized once: `ByteSize` first cost as much again
+    (10% of obs's output probe on ResNet-50, bench/speed_recovery.py)."""
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in piece.graph.initializer)
-    if not external and piece.ByteSize() < EXTERNAL_ABOVE_BYTES:
-        return capture_session(piece.SerializeToString())
+    if not external and _initializer_bytes(piece) < EXTERNAL_ABOVE_BYTES:
+        data = piece.SerializeToString()
+        if len(data) < EXTERNAL_ABOVE_BYTES:
+            return capture_session(data)
     return capture_session(piece)
+
+
+def _initializer_bytes(piece: onnx.ModelProto) -> int:
+    """The initializers' size from their shapes (without touching their data)."""
+    return sum(int(np.prod(t.dims)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+               for t in piece.graph.initializer)
 
 
 def _outer_reads(node: onnx.NodeProto) -> list[str]:
@@ -137,16 +146,19 @@ class Stream:
                 stack.extend(self.reads[i])
         return sorted(needed)
 
-    def _piece(self, nodes: list[int], outputs: list[str]) -> onnx.ModelProto:
-        """The nodes as a model reading the frontier tensors they need and giving `outputs`."""
+    def _piece(self, nodes: list[int], outputs: list[str], fed: frozenset[str] = frozenset()) -> onnx.ModelProto:
+        """The nodes as a model reading the frontier tensors they need and giving `outputs`; the
+        initializers named in `fed` become inputs of the piece instead."""
         graph = self.model.graph
         produced = {name for i in nodes for name in self.nodes[i].output}
         # read the nodes' inputs now: recovery may have renamed a weight since the stream began
         reads = {name for i in nodes for name in [*self.nodes[i].input, *_outer_reads(self.nodes[i])]} - produced - {""}
-        initializers = [t for t in graph.initializer if t.name in reads]
+        initializers = [t for t in graph.initializer if t.name in reads and t.name not in fed]
         sample = {name: self.store.get(0, name) for name in reads if self.store.has(name)}
         inputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(a.dtype), [None] * a.ndim)
                   for name, a in sorted(sample.items())]
+        inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                   for t in graph.initializer if t.name in reads and t.name in fed]
         piece = helper.make_model(
             helper.make_graph([self.nodes[i] for i in nodes], "piece", inputs,
                               [helper.make_empty_tensor_value_info(name) for name in outputs],
@@ -189,3 +201,28 @@ class Stream:
             for name in release:
                 self.store.drop(b, name)
             yield result
+
+    def evaluate(self, wanted: list[str], fed: list[str]) -> Callable[[dict[str, np.ndarray]], Iterator[dict]]:
+        """A function giving `{name: array}` of `wanted` for every batch, computed by the nodes not yet run
+        with the initializers `fed` replaced by the values it is given (name -> array). One session serves
+        every call (`fed` are inputs of its piece, not constants: onnxruntime cannot fold them into other
+        weights, so the values given are the values used); the stream itself is not advanced."""
+        nodes = self._needed_nodes(wanted)
+        to_compute = [name for name in dict.fromkeys(wanted) if not self.store.has(name)]
+        produced = {name for i in nodes for name in self.nodes[i].output if name}
+        reads = {name for i in nodes for name in self.reads[i]} - produced - {""}
+        feeds = sorted(name for name in reads if self.store.has(name))
+        fed = sorted(set(fed) & reads)
+        session = _session(self._piece(nodes, to_compute, frozenset(fed))) if to_compute else None
+
+        def run(values: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+            for b in range(self.batches):
+                computed = {}
+                if session is not None:
+                    feed = {name: np.asarray(self.store.get(b, name)) for name in feeds}
+                    feed.update((name, values[name]) for name in fed)
+                    computed = dict(zip(to_compute, session.run(to_compute, feed)))
+                yield {name: computed[name] if name in computed else np.asarray(self.store.get(b, name))
+                       for name in wanted}
+
+        return run
