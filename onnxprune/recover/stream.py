@@ -18,7 +18,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
+import onnxruntime as ort
 
 from ..calib.capture import capture_session
 from ..calib.data import CalibrationSet
@@ -26,6 +27,7 @@ from ..runtime import EXTERNAL_ABOVE_BYTES
 from ..workdir import temp_folder
 
 MEMORY_BUDGET_BYTES = 1 << 30  # frontier activations held in memory per stream; the rest goes to disk
+SHARED_ABOVE_ELEMENTS = 1024  # `evaluate` hands onnxruntime initializers this large as arrays
 
 
 class ActivationStore:
@@ -75,13 +77,15 @@ class ActivationStore:
             self.folder = None
 
 
-def _session(piece: onnx.ModelProto):
+def _session(piece: onnx.ModelProto, external: dict | None = None):
     """A session of one step's piece: read from memory when small and whole (no temporary file written and
     removed for every step; it lives for one step), else from a file as any model (weights mapped from a
     data file are written out by `io.write_model`). Serialized once: `ByteSize` first cost as much again
     (10% of obs's output probe on ResNet-50, bench/speed_recovery.py)."""
-    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in piece.graph.initializer)
-    if not external and _initializer_bytes(piece) < EXTERNAL_ABOVE_BYTES:
+    if external:  # its large weights are references to arrays handed over (Stream.evaluate)
+        return capture_session(piece.SerializeToString(), external)
+    mapped = any(t.data_location == onnx.TensorProto.EXTERNAL for t in piece.graph.initializer)
+    if not mapped and _initializer_bytes(piece) < EXTERNAL_ABOVE_BYTES:
         data = piece.SerializeToString()
         if len(data) < EXTERNAL_ABOVE_BYTES:
             return capture_session(data)
@@ -120,6 +124,10 @@ class Stream:
             for name in set(names):
                 self.readers.setdefault(name, []).append(i)
         self.done = np.zeros(len(self.nodes), dtype=bool)
+        # `evaluate` hands onnxruntime the large weights as arrays made once (not copied into every piece,
+        # serialized and parsed again: 40% of obs's output probe on ResNet-50), where all are in memory
+        self.weights_in_memory = not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+        self.shared: dict[str, ort.OrtValue] = {}
         self.store = ActivationStore(budget)
         self.batches = 0
         for b, feed in enumerate(calibration.batches(batch_size)):
@@ -146,14 +154,17 @@ class Stream:
                 stack.extend(self.reads[i])
         return sorted(needed)
 
-    def _piece(self, nodes: list[int], outputs: list[str], fed: frozenset[str] = frozenset()) -> onnx.ModelProto:
+    def _piece(self, nodes: list[int], outputs: list[str], fed: frozenset[str] = frozenset(),
+               shared: bool = False) -> onnx.ModelProto:
         """The nodes as a model reading the frontier tensors they need and giving `outputs`; the
-        initializers named in `fed` become inputs of the piece instead."""
+        initializers named in `fed` become inputs of the piece instead. `shared`: large initializers are
+        references to `self.shared` (see `_shared_reference`)."""
         graph = self.model.graph
         produced = {name for i in nodes for name in self.nodes[i].output}
         # read the nodes' inputs now: recovery may have renamed a weight since the stream began
         reads = {name for i in nodes for name in [*self.nodes[i].input, *_outer_reads(self.nodes[i])]} - produced - {""}
-        initializers = [t for t in graph.initializer if t.name in reads and t.name not in fed]
+        initializers = [self._shared_reference(t) if shared else t
+                        for t in graph.initializer if t.name in reads and t.name not in fed]
         sample = {name: self.store.get(0, name) for name in reads if self.store.has(name)}
         inputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(a.dtype), [None] * a.ndim)
                   for name, a in sorted(sample.items())]
@@ -167,6 +178,18 @@ class Stream:
             opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
         piece.functions.extend(self.model.functions)
         return piece
+
+    def _shared_reference(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
+        """A large initializer as external data whose values onnxruntime is given from `self.shared` (read
+        once per stream: `evaluate` is for a model whose weights do not change); a small one as it is."""
+        if int(np.prod(tensor.dims)) < SHARED_ABOVE_ELEMENTS or tensor.data_type == onnx.TensorProto.STRING:
+            return tensor
+        if tensor.name not in self.shared:
+            self.shared[tensor.name] = ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(tensor))
+        reference = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
+                                     data_location=onnx.TensorProto.EXTERNAL)
+        reference.external_data.add(key="location", value="onnxprune-shared")  # never read: given as a value
+        return reference
 
     def _still_read(self, name: str, done: np.ndarray) -> bool:
         readers = self.readers.get(name, [])
@@ -206,14 +229,20 @@ class Stream:
         """A function giving `{name: array}` of `wanted` for every batch, computed by the nodes not yet run
         with the initializers `fed` replaced by the values it is given (name -> array). One session serves
         every call (`fed` are inputs of its piece, not constants: onnxruntime cannot fold them into other
-        weights, so the values given are the values used); the stream itself is not advanced."""
+        weights, so the values given are the values used); the stream itself is not advanced. The piece's
+        other large weights are handed over as arrays made once per stream (`_shared_reference`)."""
         nodes = self._needed_nodes(wanted)
         to_compute = [name for name in dict.fromkeys(wanted) if not self.store.has(name)]
         produced = {name for i in nodes for name in self.nodes[i].output if name}
         reads = {name for i in nodes for name in self.reads[i]} - produced - {""}
         feeds = sorted(name for name in reads if self.store.has(name))
         fed = sorted(set(fed) & reads)
-        session = _session(self._piece(nodes, to_compute, frozenset(fed))) if to_compute else None
+        session = None
+        if to_compute:
+            shared = self.weights_in_memory
+            piece = self._piece(nodes, to_compute, frozenset(fed), shared)
+            session = _session(piece, {t.name: self.shared[t.name] for t in piece.graph.initializer
+                                       if t.name in self.shared} if shared else None)
 
         def run(values: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
             for b in range(self.batches):
