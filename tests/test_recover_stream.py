@@ -113,7 +113,8 @@ def test_evaluate_runs_one_session_with_the_weights_it_is_given(monkeypatch):
     model = conv_bn_relu()
     data = CalibrationSet({"x": np.random.default_rng(0).standard_normal((3, 3, 16, 16)).astype(np.float32)})
     built, plain_session = [], stream_module._session
-    monkeypatch.setattr(stream_module, "_session", lambda piece, *shared: built.append(piece) or plain_session(piece, *shared))
+    monkeypatch.setattr(stream_module, "_session",
+                        lambda piece, *shared: built.append(piece) or plain_session(piece, *shared))
     monkeypatch.setattr(stream_module, "SHARED_ABOVE_ELEMENTS", 1)  # every other weight handed over as an array
     stream = Stream(model, data, 1)  # its batch size is fixed
     output = model.graph.output[0].name
