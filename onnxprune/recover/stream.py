@@ -185,7 +185,10 @@ class Stream:
         if int(np.prod(tensor.dims)) < SHARED_ABOVE_ELEMENTS or tensor.data_type == onnx.TensorProto.STRING:
             return tensor
         if tensor.name not in self.shared:
-            self.shared[tensor.name] = ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(tensor))
+            values = numpy_helper.to_array(tensor)
+            if values.dtype.kind not in "biuf":  # bfloat16, float8: numpy cannot hand them over
+                return tensor
+            self.shared[tensor.name] = ort.OrtValue.ortvalue_from_numpy(values)
         reference = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
                                      data_location=onnx.TensorProto.EXTERNAL)
         reference.external_data.add(key="location", value="onnxprune-shared")  # never read: given as a value
