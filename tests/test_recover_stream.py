@@ -101,3 +101,37 @@ def test_the_store_spills_past_its_budget_and_cleans_up():
     folder = store.folder.name
     store.close()
     assert not __import__("os").path.exists(folder)
+
+
+def test_evaluate_runs_one_session_with_the_weights_it_is_given(monkeypatch):
+    """`Stream.evaluate` builds one session for any number of calls, uses the weights fed to it even where
+    onnxruntime folds a constant weight (a Conv followed by BatchNormalization), hands it the other weights
+    as arrays (not copied into the piece), and leaves the stream as it was."""
+    from onnxprune.recover import stream as stream_module
+    from tests.ops.test_norm import conv_bn_relu
+
+    model = conv_bn_relu()
+    data = CalibrationSet({"x": np.random.default_rng(0).standard_normal((3, 3, 16, 16)).astype(np.float32)})
+    built, plain_session = [], stream_module._session
+    monkeypatch.setattr(stream_module, "_session",
+                        lambda piece, *shared: built.append(piece) or plain_session(piece, *shared))
+    monkeypatch.setattr(stream_module, "SHARED_ABOVE_ELEMENTS", 1)  # every other weight handed over as an array
+    stream = Stream(model, data, 1)  # its batch size is fixed
+    output = model.graph.output[0].name
+    run = stream.evaluate([output], ["conv1.weight"])
+    weight = _weights(model)["conv1.weight"]
+    for scale in (1.0, 0.5, 0.0):
+        changed = onnx.ModelProto()
+        changed.CopyFrom(model)
+        next(t for t in changed.graph.initializer if t.name == "conv1.weight").CopyFrom(
+            onnx.numpy_helper.from_array(weight * scale, "conv1.weight"))
+        expected = [dict(b) for b in stream_activations(changed, [output], data, 1)]
+        got = list(run({"conv1.weight": weight * np.float32(scale)}))
+        assert len(got) == len(expected) == 3
+        for e, g in zip(expected, got):
+            np.testing.assert_allclose(g[output], e[output], rtol=1e-5, atol=1e-5)
+    assert len(built) == 1
+    assert not stream.done.any()
+    assert [i.name for i in built[0].graph.input if i.name == "conv1.weight"] == ["conv1.weight"]
+    assert "conv1.weight" not in {t.name for t in built[0].graph.initializer}
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL and not t.raw_data for t in built[0].graph.initializer)

@@ -58,9 +58,9 @@ def test_the_updated_weights_are_written_for_a_measurement(name):
     for p in updated:
         p.remove(units)
     with _probe(model, calibration, layers) as probe:
-        assert probe.error(problems, [p.weight for p in problems]) == pytest.approx(0.0, abs=1e-10)
-        assert probe.error(problems, [p.weight for p in updated]) > 0
-        assert probe.error(problems, [p.weight for p in problems]) == pytest.approx(0.0, abs=1e-10)  # restored
+        assert probe.errors(problems, [[p.weight for p in problems]])[0] == pytest.approx(0.0, abs=1e-10)
+        assert probe.errors(problems, [[p.weight for p in updated]])[0] > 0
+        assert probe.errors(problems, [[p.weight for p in problems]])[0] == pytest.approx(0.0, abs=1e-10)  # restored
         replaced = onnx.ModelProto()  # the model as the measurement ran it
         replaced.CopyFrom(probe.probe)
         for tensor in replaced.graph.initializer:
@@ -104,7 +104,7 @@ def test_a_layer_whose_output_is_the_models_output_has_a_gain_near_one():
     _, curve = greedy_removal(problems, channels, snapshots=snapshots)
     with _probe(model, calibration, layers) as probe:
         assert 8 <= probe.samples.count <= 32
-        errors = [probe.error(problems, snapshots[r]) for r in points]
+        errors = probe.errors(problems, [snapshots[r] for r in points])
     # at half the channels, where the error is large enough that the two sets of held-out rows (the curve's
     # sampled rows, the probe's 32 samples) agree: 0.96 here
     assert errors[-1] / curve[points[-1]] == pytest.approx(1.0, rel=0.3)
@@ -135,8 +135,32 @@ def test_measurements_out_of_graph_order_equal_fresh_ones():
     assert len(changed) >= 2
     with _probe(model, calibration, layers) as probe:
         order = sorted(changed, key=lambda g: -probe.first_node(changed[g][0]))  # last layer first
-        errors = {g: probe.error(*changed[g]) for g in order}
+        errors = {g: probe.errors(changed[g][0], [changed[g][1]])[0] for g in order}
     for g in order:
         with _probe(model, calibration, layers) as fresh:
-            assert errors[g] == pytest.approx(fresh.error(*changed[g]), rel=1e-5)
+            assert errors[g] == pytest.approx(fresh.errors(changed[g][0], [changed[g][1]])[0], rel=1e-5)
             assert errors[g] > 0
+
+
+def test_a_groups_measurements_share_one_session(monkeypatch):
+    """All the measurements of one group run on one session of the graph from its first layer on (the
+    weights fed to it), and give what they give one at a time."""
+    from onnxprune.recover import stream as stream_module
+
+    model = models.all_builders()["conv_chain"]()
+    calibration = _calibration(model)
+    by_group, layers = _problems(model, calibration)
+    problems = by_group[min(by_group)]
+    updated = [p.copy() for p in problems]
+    for p in updated:
+        p.remove(np.array(sorted(p.columns)[:2]))
+    weights = [[p.weight for p in problems], [p.weight for p in updated]]
+    with _probe(model, calibration, layers) as probe:
+        alone = [probe.errors(problems, [w])[0] for w in weights]
+        built, plain_session = [], stream_module._session
+        monkeypatch.setattr(stream_module, "_session",
+                        lambda piece, *shared: built.append(piece) or plain_session(piece, *shared))
+        together = probe.errors(problems, weights)
+    assert len(built) == 1
+    np.testing.assert_allclose(together, alone, rtol=1e-6, atol=1e-12)
+    assert together[0] == pytest.approx(0.0, abs=1e-10) and together[1] > 0

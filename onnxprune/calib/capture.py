@@ -75,13 +75,17 @@ def stream_activations(model: onnx.ModelProto | ModelFile, names: list[str], cal
     release_free_memory()  # the session's weights and arena, before the caller's next stage
 
 
-def capture_session(model: onnx.ModelProto | str | Path | bytes) -> ort.InferenceSession:
+def capture_session(model: onnx.ModelProto | str | Path | bytes,
+                    external: dict[str, ort.OrtValue] | None = None) -> ort.InferenceSession:
     """A session for capture passes: with onnxruntime's memory arena (it reuses one batch's buffers for
     the next: ~10% faster on ResNet-50) and no spinning workers (numpy runs between batches). `bytes`: a
     serialized model, read from memory (onnxruntime keeps them while the session lives: for short-lived
-    sessions of small models, which then need no temporary file)."""
+    sessions of small models, which then need no temporary file). `external`: the values of initializers
+    the model declares as external data (kept alive by the caller while the session lives)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.disable_prepacking", "1")  # one copy of the weights, not two
+    if external:
+        options.add_external_initializers(list(external), list(external.values()))
     return build_session(model, options)

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
+import onnxruntime as ort
 
 from ..calib.capture import capture_session
 from ..calib.data import CalibrationSet
@@ -26,6 +27,7 @@ from ..runtime import EXTERNAL_ABOVE_BYTES
 from ..workdir import temp_folder
 
 MEMORY_BUDGET_BYTES = 1 << 30  # frontier activations held in memory per stream; the rest goes to disk
+SHARED_ABOVE_ELEMENTS = 1024  # `evaluate` hands onnxruntime initializers this large as arrays
 
 
 class ActivationStore:
@@ -75,14 +77,25 @@ class ActivationStore:
             self.folder = None
 
 
-def _session(piece: onnx.ModelProto):
+def _session(piece: onnx.ModelProto, external: dict | None = None):
     """A session of one step's piece: read from memory when small and whole (no temporary file written and
     removed for every step; it lives for one step), else from a file as any model (weights mapped from a
-    data file are written out by `io.write_model`)."""
-    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in piece.graph.initializer)
-    if not external and piece.ByteSize() < EXTERNAL_ABOVE_BYTES:
-        return capture_session(piece.SerializeToString())
+    data file are written out by `io.write_model`). Serialized once: `ByteSize` first cost as much again
+    (10% of obs's output probe on ResNet-50, bench/speed_recovery.py)."""
+    if external:  # its large weights are references to arrays handed over (Stream.evaluate)
+        return capture_session(piece.SerializeToString(), external)
+    mapped = any(t.data_location == onnx.TensorProto.EXTERNAL for t in piece.graph.initializer)
+    if not mapped and _initializer_bytes(piece) < EXTERNAL_ABOVE_BYTES:
+        data = piece.SerializeToString()
+        if len(data) < EXTERNAL_ABOVE_BYTES:
+            return capture_session(data)
     return capture_session(piece)
+
+
+def _initializer_bytes(piece: onnx.ModelProto) -> int:
+    """The initializers' size from their shapes (without touching their data)."""
+    return sum(int(np.prod(t.dims)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+               for t in piece.graph.initializer)
 
 
 def _outer_reads(node: onnx.NodeProto) -> list[str]:
@@ -111,6 +124,10 @@ class Stream:
             for name in set(names):
                 self.readers.setdefault(name, []).append(i)
         self.done = np.zeros(len(self.nodes), dtype=bool)
+        # `evaluate` hands onnxruntime the large weights as arrays made once (not copied into every piece,
+        # serialized and parsed again: 40% of obs's output probe on ResNet-50), where all are in memory
+        self.weights_in_memory = not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+        self.shared: dict[str, ort.OrtValue] = {}
         self.store = ActivationStore(budget)
         self.batches = 0
         for b, feed in enumerate(calibration.batches(batch_size)):
@@ -137,16 +154,22 @@ class Stream:
                 stack.extend(self.reads[i])
         return sorted(needed)
 
-    def _piece(self, nodes: list[int], outputs: list[str]) -> onnx.ModelProto:
-        """The nodes as a model reading the frontier tensors they need and giving `outputs`."""
+    def _piece(self, nodes: list[int], outputs: list[str], fed: frozenset[str] = frozenset(),
+               shared: bool = False) -> onnx.ModelProto:
+        """The nodes as a model reading the frontier tensors they need and giving `outputs`; the
+        initializers named in `fed` become inputs of the piece instead. `shared`: large initializers are
+        references to `self.shared` (see `_shared_reference`)."""
         graph = self.model.graph
         produced = {name for i in nodes for name in self.nodes[i].output}
         # read the nodes' inputs now: recovery may have renamed a weight since the stream began
         reads = {name for i in nodes for name in [*self.nodes[i].input, *_outer_reads(self.nodes[i])]} - produced - {""}
-        initializers = [t for t in graph.initializer if t.name in reads]
+        initializers = [self._shared_reference(t) if shared else t
+                        for t in graph.initializer if t.name in reads and t.name not in fed]
         sample = {name: self.store.get(0, name) for name in reads if self.store.has(name)}
         inputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(a.dtype), [None] * a.ndim)
                   for name, a in sorted(sample.items())]
+        inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                   for t in graph.initializer if t.name in reads and t.name in fed]
         piece = helper.make_model(
             helper.make_graph([self.nodes[i] for i in nodes], "piece", inputs,
                               [helper.make_empty_tensor_value_info(name) for name in outputs],
@@ -155,6 +178,21 @@ class Stream:
             opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
         piece.functions.extend(self.model.functions)
         return piece
+
+    def _shared_reference(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
+        """A large initializer as external data whose values onnxruntime is given from `self.shared` (read
+        once per stream: `evaluate` is for a model whose weights do not change); a small one as it is."""
+        if int(np.prod(tensor.dims)) < SHARED_ABOVE_ELEMENTS or tensor.data_type == onnx.TensorProto.STRING:
+            return tensor
+        if tensor.name not in self.shared:
+            values = numpy_helper.to_array(tensor)
+            if values.dtype.kind not in "biuf":  # bfloat16, float8: numpy cannot hand them over
+                return tensor
+            self.shared[tensor.name] = ort.OrtValue.ortvalue_from_numpy(values)
+        reference = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
+                                     data_location=onnx.TensorProto.EXTERNAL)
+        reference.external_data.add(key="location", value="onnxprune-shared")  # never read: given as a value
+        return reference
 
     def _still_read(self, name: str, done: np.ndarray) -> bool:
         readers = self.readers.get(name, [])
@@ -189,3 +227,34 @@ class Stream:
             for name in release:
                 self.store.drop(b, name)
             yield result
+
+    def evaluate(self, wanted: list[str], fed: list[str]) -> Callable[[dict[str, np.ndarray]], Iterator[dict]]:
+        """A function giving `{name: array}` of `wanted` for every batch, computed by the nodes not yet run
+        with the initializers `fed` replaced by the values it is given (name -> array). One session serves
+        every call (`fed` are inputs of its piece, not constants: onnxruntime cannot fold them into other
+        weights, so the values given are the values used); the stream itself is not advanced. The piece's
+        other large weights are handed over as arrays made once per stream (`_shared_reference`)."""
+        nodes = self._needed_nodes(wanted)
+        to_compute = [name for name in dict.fromkeys(wanted) if not self.store.has(name)]
+        produced = {name for i in nodes for name in self.nodes[i].output if name}
+        reads = {name for i in nodes for name in self.reads[i]} - produced - {""}
+        feeds = sorted(name for name in reads if self.store.has(name))
+        fed = sorted(set(fed) & reads)
+        session = None
+        if to_compute:
+            shared = self.weights_in_memory
+            piece = self._piece(nodes, to_compute, frozenset(fed), shared)
+            session = _session(piece, {t.name: self.shared[t.name] for t in piece.graph.initializer
+                                       if t.name in self.shared} if shared else None)
+
+        def run(values: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+            for b in range(self.batches):
+                computed = {}
+                if session is not None:
+                    feed = {name: np.asarray(self.store.get(b, name)) for name in feeds}
+                    feed.update((name, values[name]) for name in fed)
+                    computed = dict(zip(to_compute, session.run(to_compute, feed)))
+                yield {name: computed[name] if name in computed else np.asarray(self.store.get(b, name))
+                       for name in wanted}
+
+        return run

@@ -451,7 +451,7 @@ def _group_curve(problems: list[Problem], channels: int, removal, probe: OutputP
     """A group's unit scores (its removal order: the last removed scores highest) and its error curve,
     rescaled to the model's outputs by the probe's measurements."""
     order, curve, points, snapshots = removal
-    errors = [probe.error(problems, snapshots[r]) for r in points]
+    errors = probe.errors(problems, [snapshots[r] for r in points])
     return _rank(order, channels), rescaled(curve, points, errors)
 
 

@@ -64,7 +64,7 @@ class Refinement:
             def error(trial: dict[int, int]) -> float:
                 removed = {g: order[g][:channels[g] - trial[g]] for g in movable if trial[g] < channels[g]}
                 problems, weights = joint_weights(self.problems, removed, cache)
-                return probe.error(problems, weights) if problems else 0.0
+                return probe.errors(problems, [weights])[0] if problems else 0.0
 
             refined, summary = local_search(counts, movable, choices, channels, target, error, self.budget)
             summary["samples"] = probe.samples.count

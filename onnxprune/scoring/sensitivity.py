@@ -11,21 +11,20 @@ squared relative error of its outputs is measured. The ratio to the local curve 
 group's gain) rescales its curve, linearly interpolated in between, so the allocation compares output
 errors per MAC.
 
-One copy of the model is kept, with an explicit (zero) bias on every consumer that has none, so every
-measurement only replaces some initializers' values in place and restores them. (Giving onnxruntime
-replacement initializers instead is silently ignored where its optimizers fold a weight into a new one:
-the NCHWc layout transformer, a Conv followed by Mul or Add.) The model runs as a `Stream`
-(recover/stream.py): the groups are measured in the order of their first consumer, the stream advances
-to it with the original weights, and a measurement runs only the rest of the graph from there (a session
-of that part, built with the replaced weights). With the greedy's compaction it took obs on ResNet-50 from
-81.5 to 39.3 plain passes (README, `bench/speed_recovery.py`).
+One copy of the model is kept, with an explicit (zero) bias on every consumer that has none. The model
+runs as a `Stream` (recover/stream.py): the groups are measured in the order of their first consumer, the
+stream advances to it with the original weights, and a group's measurements run only the rest of the
+graph from there, all on one session of that part whose changed weights and biases are its inputs (not
+constants: onnxruntime's optimizers would fold a constant weight into a new one, the NCHWc layout
+transformer, a Conv followed by Mul or Add, and a replacement given for it would be ignored). With the
+greedy's compaction it took obs on ResNet-50 from 81.5 to 39.3 plain passes (README,
+`bench/speed_recovery.py`); one session per group instead of one per measurement halved the sessions built.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from ..calib.data import CalibrationSet
 from ..recover.layers import Initializers, LinearView, layer_view, node_consumers
@@ -43,13 +42,13 @@ TINY = 1e-12
 
 class OutputProbe:
     """The original model on held-out calibration samples, run with some consumers' weights replaced.
-    A context manager: its file is removed on exit."""
+    A context manager: its stream's activations are released on exit."""
 
     def __init__(self, model, calibration: CalibrationSet, fixed_batch: int | None, layers: list[str],
                  measurements: int, samples: CalibrationSet | None = None):
         """`model`: a ModelProto, or a file to load it from (not changed); `layers`: the output names of the
-        consumers whose weights may be replaced; `measurements`: how many `error` calls to budget for (the
-        samples each runs), unless the `samples` are given."""
+        consumers whose weights may be replaced; `measurements`: how many (sets of weights given to `errors`)
+        to budget for, unless the `samples` are given."""
         if hasattr(model, "load"):
             probe = model.load()
         else:
@@ -74,7 +73,7 @@ class OutputProbe:
         self.outputs = [o.name for o in probe.graph.output]
         self.stream = Stream(probe, self.samples, self.batch)
         self.early: dict[str, list[np.ndarray]] = {}  # outputs computed before the stream's frontier
-        self.reference = self._run({}, 0)
+        self.reference = self._rest(0, [])({})
 
     def __enter__(self) -> "OutputProbe":
         return self
@@ -86,30 +85,28 @@ class OutputProbe:
         """Where in the graph the first of the problems' layers is (measure groups in this order)."""
         return min(self.position[p.consumer.node.outputs[0].name] for p in problems)
 
-    def error(self, problems: list, weights: list[np.ndarray]) -> float:
-        """The outputs' squared relative error with each problem's block given `weights` (obs layout)."""
-        return _output_error(self.reference, self._run(self._initializers(problems, weights),
-                                                       self.first_node(problems)))
+    def errors(self, problems: list, weights: list[list[np.ndarray]]) -> list[float]:
+        """The outputs' squared relative error with each problem's block given each of `weights` (a list
+        per measurement, obs layout), all from one session of the graph from the first problem's layer on."""
+        replaced = [self._initializers(problems, w) for w in weights]
+        run = self._rest(self.first_node(problems), sorted({name for r in replaced for name in r}))
+        return [_output_error(self.reference, run(r)) for r in replaced]
 
-    def _run(self, replaced: dict[str, np.ndarray], first: int) -> dict[str, np.ndarray]:
-        """The model's outputs on the samples with the initializers `replaced` (name -> values), read by
-        nodes from index `first` on."""
+    def _rest(self, first: int, fed: list[str]):
+        """A function giving the model's outputs on the samples with the initializers `fed` replaced by the
+        values it is given (name -> values), which only nodes from index `first` on read."""
         self._advance(first)
-        originals = {name: onnx.TensorProto() for name in replaced}
-        for name, values in replaced.items():
-            tensor = self.inits.by_name[name]
-            originals[name].CopyFrom(tensor)
-            tensor.CopyFrom(numpy_helper.from_array(values, name))
-        try:
-            rest = [name for name in self.outputs if name not in self.early]
+        rest = [name for name in self.outputs if name not in self.early]
+        evaluate = self.stream.evaluate(rest, fed)
+
+        def run(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             chunks = {name: [] for name in rest}
-            for batch in self.stream.run(rest, provisional=frozenset(np.flatnonzero(~self.stream.done).tolist())):
+            for batch in evaluate(values):
                 for name in rest:
                     chunks[name].append(np.atleast_1d(batch[name]))
-        finally:
-            for name, tensor in originals.items():
-                self.inits.by_name[name].CopyFrom(tensor)
-        return {name: joined(name, chunks[name] if name in chunks else self.early[name]) for name in self.outputs}
+            return {name: joined(name, chunks[name] if name in chunks else self.early[name]) for name in self.outputs}
+
+        return run
 
     def _advance(self, first: int) -> None:
         """Run the nodes before index `first` for good (with the original weights): the stream then holds
