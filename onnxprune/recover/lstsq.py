@@ -137,7 +137,7 @@ def spread_corrected(equations: NormalEquations, weight: np.ndarray, bias: np.nd
     Returns (weight [G, D, M], bias [G * M])."""
     xx, _, mean_x, mean_y = equations._centered(True)
     n = max(equations.count, 1)
-    fitted_var = np.einsum("gdm,gde,gem->gm", weight, xx, weight)
+    fitted_var = np.sum((xx @ weight) * weight, axis=1)  # diag(W^T xx W) per group; BLAS (einsum would not use it)
     target_var = np.maximum(equations.syy / n - mean_y ** 2, 0.0)
     scale = np.sqrt(np.divide(target_var, fitted_var, out=np.ones_like(fitted_var), where=fitted_var > 1e-30))
     corrected = weight * scale[:, None, :]
