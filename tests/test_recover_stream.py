@@ -135,3 +135,24 @@ def test_evaluate_runs_one_session_with_the_weights_it_is_given(monkeypatch):
     assert [i.name for i in built[0].graph.input if i.name == "conv1.weight"] == ["conv1.weight"]
     assert "conv1.weight" not in {t.name for t in built[0].graph.initializer}
     assert all(t.data_location == onnx.TensorProto.EXTERNAL and not t.raw_data for t in built[0].graph.initializer)
+
+
+def test_evaluate_reads_weights_changed_since_an_earlier_call(monkeypatch):
+    """A weight handed over as an array is read when `evaluate` is called: a later call after the model's
+    weight changed computes with the new one (as `run` does), not with an array kept from before."""
+    from onnxprune.recover import stream as stream_module
+    from tests.ops.test_norm import conv_bn_relu
+
+    model = conv_bn_relu()
+    data = CalibrationSet({"x": np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)})
+    monkeypatch.setattr(stream_module, "SHARED_ABOVE_ELEMENTS", 1)
+    stream = Stream(model, data, 1)
+    output = model.graph.output[0].name
+    before = [b[output] for b in stream.evaluate([output], [])({})]
+    tensor = next(t for t in model.graph.initializer if t.name == "conv1.weight")
+    tensor.CopyFrom(onnx.numpy_helper.from_array(np.zeros_like(onnx.numpy_helper.to_array(tensor)), "conv1.weight"))
+    expected = [dict(b)[output] for b in stream_activations(model, [output], data, 1)]
+    after = [b[output] for b in stream.evaluate([output], [])({})]
+    assert not np.allclose(before[0], expected[0])
+    for e, a in zip(expected, after):
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)

@@ -98,6 +98,21 @@ def _initializer_bytes(piece: onnx.ModelProto) -> int:
                for t in piece.graph.initializer)
 
 
+def _shared_reference(tensor: onnx.TensorProto, shared: dict) -> onnx.TensorProto:
+    """A large initializer as external data whose values onnxruntime is given from `shared` (filled here,
+    read from the model now: a weight changed since is read as changed); a small one as it is."""
+    if int(np.prod(tensor.dims)) < SHARED_ABOVE_ELEMENTS or tensor.data_type == onnx.TensorProto.STRING:
+        return tensor
+    values = numpy_helper.to_array(tensor)
+    if values.dtype.kind not in "biuf":  # bfloat16, float8: numpy cannot hand them over
+        return tensor
+    shared[tensor.name] = ort.OrtValue.ortvalue_from_numpy(values)
+    reference = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
+                                 data_location=onnx.TensorProto.EXTERNAL)
+    reference.external_data.add(key="location", value="onnxprune-shared")  # never read: given as a value
+    return reference
+
+
 def _outer_reads(node: onnx.NodeProto) -> list[str]:
     """Names a node's subgraphs (If, Loop, Scan) read, from the outer scope or their own."""
     names = []
@@ -124,10 +139,9 @@ class Stream:
             for name in set(names):
                 self.readers.setdefault(name, []).append(i)
         self.done = np.zeros(len(self.nodes), dtype=bool)
-        # `evaluate` hands onnxruntime the large weights as arrays made once (not copied into every piece,
-        # serialized and parsed again: 40% of obs's output probe on ResNet-50), where all are in memory
+        # `evaluate` hands onnxruntime the large weights as arrays (not serialized into its piece and parsed
+        # again: 40% of obs's output probe on ResNet-50), where all are in memory
         self.weights_in_memory = not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-        self.shared: dict[str, ort.OrtValue] = {}
         self.store = ActivationStore(budget)
         self.batches = 0
         for b, feed in enumerate(calibration.batches(batch_size)):
@@ -155,15 +169,15 @@ class Stream:
         return sorted(needed)
 
     def _piece(self, nodes: list[int], outputs: list[str], fed: frozenset[str] = frozenset(),
-               shared: bool = False) -> onnx.ModelProto:
+               shared: dict | None = None) -> onnx.ModelProto:
         """The nodes as a model reading the frontier tensors they need and giving `outputs`; the
-        initializers named in `fed` become inputs of the piece instead. `shared`: large initializers are
-        references to `self.shared` (see `_shared_reference`)."""
+        initializers named in `fed` become inputs of the piece instead. With a `shared` dict, large
+        initializers are references to values put in it (see `_shared_reference`)."""
         graph = self.model.graph
         produced = {name for i in nodes for name in self.nodes[i].output}
         # read the nodes' inputs now: recovery may have renamed a weight since the stream began
         reads = {name for i in nodes for name in [*self.nodes[i].input, *_outer_reads(self.nodes[i])]} - produced - {""}
-        initializers = [self._shared_reference(t) if shared else t
+        initializers = [_shared_reference(t, shared) if shared is not None else t
                         for t in graph.initializer if t.name in reads and t.name not in fed]
         sample = {name: self.store.get(0, name) for name in reads if self.store.has(name)}
         inputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(a.dtype), [None] * a.ndim)
@@ -178,21 +192,6 @@ class Stream:
             opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
         piece.functions.extend(self.model.functions)
         return piece
-
-    def _shared_reference(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
-        """A large initializer as external data whose values onnxruntime is given from `self.shared` (read
-        once per stream: `evaluate` is for a model whose weights do not change); a small one as it is."""
-        if int(np.prod(tensor.dims)) < SHARED_ABOVE_ELEMENTS or tensor.data_type == onnx.TensorProto.STRING:
-            return tensor
-        if tensor.name not in self.shared:
-            values = numpy_helper.to_array(tensor)
-            if values.dtype.kind not in "biuf":  # bfloat16, float8: numpy cannot hand them over
-                return tensor
-            self.shared[tensor.name] = ort.OrtValue.ortvalue_from_numpy(values)
-        reference = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
-                                     data_location=onnx.TensorProto.EXTERNAL)
-        reference.external_data.add(key="location", value="onnxprune-shared")  # never read: given as a value
-        return reference
 
     def _still_read(self, name: str, done: np.ndarray) -> bool:
         readers = self.readers.get(name, [])
@@ -233,7 +232,7 @@ class Stream:
         with the initializers `fed` replaced by the values it is given (name -> array). One session serves
         every call (`fed` are inputs of its piece, not constants: onnxruntime cannot fold them into other
         weights, so the values given are the values used); the stream itself is not advanced. The piece's
-        other large weights are handed over as arrays made once per stream (`_shared_reference`)."""
+        other large weights are handed over as arrays read when it is called (`_shared_reference`)."""
         nodes = self._needed_nodes(wanted)
         to_compute = [name for name in dict.fromkeys(wanted) if not self.store.has(name)]
         produced = {name for i in nodes for name in self.nodes[i].output if name}
@@ -242,10 +241,8 @@ class Stream:
         fed = sorted(set(fed) & reads)
         session = None
         if to_compute:
-            shared = self.weights_in_memory
-            piece = self._piece(nodes, to_compute, frozenset(fed), shared)
-            session = _session(piece, {t.name: self.shared[t.name] for t in piece.graph.initializer
-                                       if t.name in self.shared} if shared else None)
+            shared = {} if self.weights_in_memory else None
+            session = _session(self._piece(nodes, to_compute, frozenset(fed), shared), shared)
 
         def run(values: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
             for b in range(self.batches):
