@@ -72,6 +72,8 @@ def detector_metrics(reference: np.ndarray, pruned: np.ndarray) -> dict:
     for a, b in zip(reference[:, 0], pruned[:, 0]):
         ref, boxes = db_boxes(a), db_boxes(b)
         found, kept, hits = found + len(ref), kept + len(boxes), hits + matched(ref, boxes)
+    if not found and not kept:  # neither finds a box: they agree
+        return {"F1": 1.0, "precision": 1.0, "recall": 1.0, "boxes": 0}
     precision, recall = hits / max(kept, 1), hits / max(found, 1)
     f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
     return {"F1": f1, "precision": precision, "recall": recall, "boxes": kept}

@@ -90,4 +90,4 @@ def test_obs_refined_meets_the_target_deterministically_and_lowers_its_measured_
     assert first.report["after"]["macs"] <= 0.6 * first.report["before"]["macs"] * 1.02
     refined = first.report["scoring"]["budget"]["refinement"]
     assert 2 <= refined["measurements"] <= 12 and refined["samples"] > 0
-    assert refined["output_error"][1] <= refined["output_error"][0]
+    assert 0 < refined["output_error"][1] <= refined["output_error"][0]  # measured (a zero error would be no cut)

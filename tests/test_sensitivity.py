@@ -60,7 +60,6 @@ def test_the_updated_weights_are_written_for_a_measurement(name):
     with _probe(model, calibration, layers) as probe:
         assert probe.errors(problems, [[p.weight for p in problems]])[0] == pytest.approx(0.0, abs=1e-10)
         assert probe.errors(problems, [[p.weight for p in updated]])[0] > 0
-        assert probe.errors(problems, [[p.weight for p in problems]])[0] == pytest.approx(0.0, abs=1e-10)  # restored
         replaced = onnx.ModelProto()  # the model as the measurement ran it
         replaced.CopyFrom(probe.probe)
         for tensor in replaced.graph.initializer:

@@ -70,3 +70,8 @@ def test_profile_per_op_type_leaves_out_warmup_and_takes_the_median_run():
     assert times["Conv kxk"] == (0.11, "MACs", 512 * 36)
     assert times["Add"] == (0.011, "elements", 512)
     assert times["(outside kernels)"][0] == pytest.approx(0.05)
+
+
+def test_no_boxes_in_either_model_is_agreement():
+    empty = np.zeros((2, 1, 32, 32), dtype=np.float32)
+    assert detector_metrics(empty, empty) == {"F1": 1.0, "precision": 1.0, "recall": 1.0, "boxes": 0}
