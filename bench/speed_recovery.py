@@ -103,9 +103,11 @@ def checkout(code: str, work: Path) -> str:
         return code + at + threads
     folder = work / code
     if not folder.is_dir():
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if archive.returncode:
+            raise SystemExit(f"--code {code}: neither a folder nor a git revision of this repository")
         folder.mkdir(parents=True)
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", code], check=True, stdout=subprocess.PIPE).stdout
-        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
     return str(folder) + at + threads
 
 
