@@ -23,7 +23,8 @@ MATRIX_OPS = {"MatMul", "Gemm", "FusedMatMul", "FusedGemm"}
 def label(op: str, inputs: list[list[int]]) -> str:
     if op in ("Conv", "FusedConv") and len(inputs) > 1 and len(inputs[1]) == 4:
         weight = inputs[1]
-        kind = "depthwise" if weight[1] == 1 and weight[0] > 1 else "1x1" if weight[2:] == [1, 1] else "kxk"
+        grouped = len(inputs[0]) > 1 and inputs[0][1] > 1  # one input channel per group of a many-channel input
+        kind = "depthwise" if weight[1] == 1 and grouped else "1x1" if weight[2:] == [1, 1] else "kxk"
         return f"{op} {kind}"
     return op
 
