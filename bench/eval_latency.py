@@ -116,6 +116,8 @@ def run_model(name: str, args: argparse.Namespace, workdir: Path) -> list[str]:
                 ("--target-speedup 1.5", dict(target_speedup=1.5))]
     if args.macs_only:
         settings = []
+    elif args.no_matched:  # only the fixed speed-up target beside --target-macs
+        settings = settings[-1:]
     elif args.auto:  # the speed-up target too: it is measured against the original in the same round, so a slower
         # moment of the machine does not tighten it as it does an absolute --target-latency
         settings.insert(1, (f"--target-latency {ms} --round-to auto", dict(target_latency=ms, round_to="auto")))
@@ -179,6 +181,8 @@ def main() -> int:
     parser.add_argument("--round-to", type=int, default=None, help="--round-to of every setting (default: the tool's)")
     parser.add_argument("--macs-only", action="store_true", help="only the --target-macs setting (with --by-op: "
                         "where its time goes)")
+    parser.add_argument("--no-matched", action="store_true", help="only --target-macs and --target-speedup 1.5 "
+                        "(not the latency and speed-up targets at what --target-macs measured)")
     parser.add_argument("--by-op", action="store_true", help="also the time per op type of the original and the "
                         "--target-macs result (onnxruntime's profiler)")
     args = parser.parse_args()
