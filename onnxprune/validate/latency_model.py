@@ -1,10 +1,17 @@
 """A measured latency model: each prunable layer's onnxruntime CPU time as a function of its kept input and
-output channels, fitted to timings of the layer alone.
+output channels, fitted to timings of the layer alone with the per-channel chain that follows it.
 
 Each layer that reads or writes prunable channels and that its op handler can time alone
 (`Handler.timing_sides`: Conv/Gemm/MatMul with a constant weight, grouped or depthwise; LSTM/GRU/RNN)
-is built as a one-node model at the analysed input shape, random weights, its handler's `rewrite` slicing
-it to the first k channels, and timed (`LatencyConfig`-style interleaved runs, median) at a few channel
+is built as a small model at the analysed input shape: the layer, then its chain (`chain_after`: the nodes
+after it that act per channel on its output's channels, `Handler.per_channel`: BatchNormalization,
+activations, arithmetic with constants or between tensors of the chain, as in x * clip(x + 3, 0, 6) / 6;
+a node that also reads a tensor from outside the chain is not in it, nor what follows from it; a chain
+tensor read outside the chain is an output of the timed model, so onnxruntime fuses no more than in the
+whole model). The chain's time shrinks with the layer's output channels, so the pout terms of the fit
+carry it (unfused hard-swish chains were a quarter of the PP-OCR detector's time). Random weights (the
+chain's: positive; its one-value constants kept), the handlers' `rewrite` slicing it to the first k channels,
+timed (`LatencyConfig`-style interleaved runs, median) at a few channel
 counts: all, and for each side at a multiple of 8 below 3/4 of the channels and one channel fewer, at
 one below 1/2 and 1, 5 and 9 channels fewer (which tells steps of 4, 8 and 16 apart), plus both sides at
 half (a depthwise layer: those counts on its one side); a grouped conv, and a layer onnxruntime runs
