@@ -317,7 +317,7 @@ def layer_model(layer: TimedLayer, k_in: int, k_out: int) -> onnx.ModelProto:
     rewrite = AloneRewrite(masks, layer.out_axis, layer.out_rank)
     for n in nodes:
         handler_for(n.op).rewrite(n, rewrite)
-    ends = [tensors[i] for i in layer.ends] + [t for t in outputs[1:] if t.name]
+    ends = [t for t in [tensors[i] for i in layer.ends] + outputs[1:] if t.name]
     graph = gs.Graph(nodes=nodes, inputs=[x], outputs=ends, opset=layer.opset)
     return gs.export_onnx(graph)
 
