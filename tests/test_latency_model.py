@@ -3,10 +3,12 @@ whole-model prediction from keep counts. No test here times anything for its fig
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from onnxprune.budget import CostModel, LatencyPredictor
@@ -286,9 +288,30 @@ def test_a_conv_is_timed_with_its_batch_norm_and_hard_swish_chain():
     assert conv1.ends == (6,)  # only the last is read outside; the Clip bounds are kept as they are
     assert [c[2] for c in conv1.chain[2].inputs[1:]] == [(0.0,), (6.0,)]
     model = lm.layer_model(conv1, 3, 8)
-    assert [n.op_type for n in model.graph.node] == ["Conv", *(step.op for step in conv1.chain)]
+    assert [n.op_type for n in model.graph.node] == ["Conv", *(step.op for step in conv1.chain), "Slice"]
     [y] = session(model).run(None, {"x": np.ones(conv1.input_shape_at(3), np.float32)})
-    assert y.shape == (1, 8, 16, 16) and np.isfinite(y).all()
+    assert y.shape == (1, 8, 16, 1) and np.isfinite(y).all()  # the end is read by a Slice of one column
+
+
+def test_onnxruntime_fuses_a_chain_s_activation_into_its_conv_as_in_the_whole_model():
+    """A graph output blocks onnxruntime's fusion (Conv + HardSwish stayed Conv, HardSigmoid, Mul): the end of a
+    chain is read by a Slice instead, and the timed Conv runs with its BatchNormalization folded and its
+    activation fused, as where the next layer reads it."""
+    import onnxruntime as ort
+    from tests.builders import Builder
+
+    b = Builder(0)
+    b.output(b.conv("head", b.node("HardSwish", "hswish", [b.bn("bn", b.conv("conv", "x", 3, 16), 16)]), 16, 4))
+    conv = lm.timed_layers(analyze_model(load(b.model([("x", [1, 3, 16, 16], 1)], name="fused"), {})))[0]
+    assert [step.op for step in conv.chain] == ["BatchNormalization", "HardSwish"]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as folder:
+        options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
+        ort.InferenceSession(lm.layer_model(conv, 3, 8).SerializeToString(), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath)
+    ops = [n.op_type for n in optimized.graph.node]
+    assert "BatchNormalization" not in ops and "HardSwish" not in ops and "HardSigmoid" not in ops, ops
 
 
 def test_a_chain_stops_at_a_node_fed_from_outside_it():
@@ -304,8 +327,8 @@ def test_the_time_fitted_is_the_layer_s_with_its_chain(monkeypatch):
     monkeypatch.setattr(lm, "time_runs", lambda sessions, feed, timing, clock:
                         {"layer": np.full(3, 1e-3 * len(sessions["layer"].graph.node))})  # 1 ms a node
     fit = lm.time_layer(conv1, 1)
-    assert timed and all(len(model.graph.node) == 7 for model in timed)
-    assert fit.predict(conv1.c_in, conv1.c_out) == pytest.approx(7.0)
+    assert timed and all(len(model.graph.node) == 8 for model in timed)  # the conv, its chain and the Slice
+    assert fit.predict(conv1.c_in, conv1.c_out) == pytest.approx(8.0)
 
 
 def test_the_cache_key_changes_with_the_chain():

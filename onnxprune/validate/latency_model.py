@@ -6,9 +6,9 @@ Each layer that reads or writes prunable channels and that its op handler can ti
 is built as a small model at the analysed input shape: the layer, then its chain (`chain_after`: the nodes
 after it that act per channel on its output's channels, `Handler.per_channel`: BatchNormalization,
 activations, arithmetic with constants or between tensors of the chain, as in x * clip(x + 3, 0, 6) / 6;
-a node that also reads a tensor from outside the chain is not in it, nor what follows from it; a chain
-tensor read outside the chain is an output of the timed model, so onnxruntime fuses no more than in the
-whole model). The chain's time shrinks with the layer's output channels, so the pout terms of the fit
+a node that also reads a tensor from outside the chain is not in it, nor what follows from it; the chain's
+tensors read outside it are read in the timed model by a one-element Slice (`read_end`), so that onnxruntime
+fuses the chain into the layer as in the whole model, no more). The chain's time shrinks with the layer's output channels, so the pout terms of the fit
 carry it (unfused hard-swish chains were a quarter of the PP-OCR detector's time). Random weights (the
 chain's: positive; its one-value constants kept), the handlers' `rewrite` slicing it to the first k channels,
 timed (`LatencyConfig`-style interleaved runs, median) at a few channel
@@ -317,9 +317,23 @@ def layer_model(layer: TimedLayer, k_in: int, k_out: int) -> onnx.ModelProto:
     rewrite = AloneRewrite(masks, layer.out_axis, layer.out_rank)
     for n in nodes:
         handler_for(n.op).rewrite(n, rewrite)
-    ends = [t for t in [tensors[i] for i in layer.ends] + outputs[1:] if t.name]
+    ends = [tensors[i] for i in layer.ends]
+    if layer.chain and layer.out_rank > 1 and layer.opset >= 10:
+        ends = [read_end(t, layer, i, nodes) for i, t in enumerate(ends)]
+    ends = [t for t in ends + outputs[1:] if t.name]
     graph = gs.Graph(nodes=nodes, inputs=[x], outputs=ends, opset=layer.opset)
     return gs.export_onnx(graph)
+
+
+def read_end(tensor, layer: TimedLayer, i: int, nodes: list) -> gs.Variable:
+    """A Slice of `tensor`'s first element along its last axis that is not the channels', added to `nodes`: its
+    output is the timed model's, so that `tensor` is read as the next layer reads it in the whole model
+    (onnxruntime fuses no activation whose output is a graph output: Conv + HardSwish stayed three nodes)."""
+    axis = max(a for a in range(layer.out_rank) if a != layer.out_axis % layer.out_rank)
+    bounds = [gs.Constant(f"end{i}_{n}", np.array([v], np.int64)) for n, v in (("starts", 0), ("ends", 1), ("axes", axis))]
+    out = gs.Variable(f"end{i}", np.float32)
+    nodes.append(gs.Node("Slice", f"end{i}", {}, [tensor, *bounds], [out]))
+    return out
 
 
 def time_layer(layer: TimedLayer, threads: int, timing: LatencyConfig = TIMING) -> LayerFit:
