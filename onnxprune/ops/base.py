@@ -169,6 +169,13 @@ class Handler:
             return None
         return layout.data_axis, layout.in_channels, layout.out_channels, "dense", layout.groups
 
+    def per_channel(self, node: gs.Node) -> bool:
+        """For the latency model: whether the node maps each channel of its channel-carrying inputs to the same
+        channel of its output 0, element by element or per channel (an activation, arithmetic with a constant
+        or between such tensors, BatchNormalization), with its constants sliced by `rewrite`: then it can be
+        timed with the layer whose output it follows (`latency_model.chain_after`)."""
+        return False
+
     def cost_parts(self, node: gs.Node) -> list[tuple[float, gs.Tensor, gs.Tensor]] | None:
         """For a source whose MACs do not all scale with its input and output channels: (share of its
         MACs, the tensor whose kept fraction scales the share on the input side, likewise the output

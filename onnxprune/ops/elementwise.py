@@ -20,6 +20,7 @@ UNARY = (
     "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "Not", "IsNaN", "IsInf", "Identity", "Cast", "CastLike",
     "Dropout", "Shrink", "BitwiseNot",
 )
+NOT_FLOAT = ("Not", "IsNaN", "IsInf", "Cast", "CastLike", "BitwiseNot")  # their output is not their input's type
 
 
 @register(*UNARY)
@@ -30,6 +31,9 @@ class UnaryHandler(Handler):
         outputs = (0, 1) if node.op == "Dropout" else (0,)  # Dropout's mask has the data's shape
         pass_through(node, ctx, outputs=outputs)
 
+    def per_channel(self, node):
+        return node.op not in NOT_FLOAT
+
 
 @register("Clip")
 class ClipHandler(Handler):
@@ -39,12 +43,16 @@ class ClipHandler(Handler):
         ctx.block_unexpected(node, channel_inputs=(0,))
         pass_through(node, ctx)
 
+    def per_channel(self, node):
+        return True
+
 
 BROADCAST = (
     "Add", "Sub", "Mul", "Div", "Pow", "PRelu", "Max", "Min", "Sum", "Mean", "Where", "Equal",
     "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Mod", "BitwiseAnd",
     "BitwiseOr", "BitwiseXor",
 )
+ARITHMETIC = ("Add", "Sub", "Mul", "Div", "Pow", "PRelu", "Max", "Min", "Sum", "Mean")  # the rest: not floats out
 
 
 @register(*BROADCAST)
@@ -87,6 +95,9 @@ class BroadcastHandler(Handler):
                 ctx.block_inputs(node, f"operand '{tensor.name}' spans the channels but is computed, not constant")
                 return
         ctx.set(node.outputs[0], type(first)(axis, first.ids))
+
+    def per_channel(self, node):
+        return node.op in ARITHMETIC
 
     def rewrite(self, node, rw):
         mask = rw.mask(node.outputs[0])

@@ -50,6 +50,9 @@ class PerChannelNormHandler(Handler):
     def channel_scales(self, node):
         return np.abs(node.inputs[1].values)
 
+    def per_channel(self, node):
+        return True
+
 
 def is_const(tensor):
     return isinstance(tensor, gs.Constant)

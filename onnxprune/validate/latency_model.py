@@ -1,10 +1,17 @@
 """A measured latency model: each prunable layer's onnxruntime CPU time as a function of its kept input and
-output channels, fitted to timings of the layer alone.
+output channels, fitted to timings of the layer alone with the per-channel chain that follows it.
 
 Each layer that reads or writes prunable channels and that its op handler can time alone
 (`Handler.timing_sides`: Conv/Gemm/MatMul with a constant weight, grouped or depthwise; LSTM/GRU/RNN)
-is built as a one-node model at the analysed input shape, random weights, its handler's `rewrite` slicing
-it to the first k channels, and timed (`LatencyConfig`-style interleaved runs, median) at a few channel
+is built as a small model at the analysed input shape: the layer, then its chain (`chain_after`: the nodes
+after it that act per channel on its output's channels, `Handler.per_channel`: BatchNormalization,
+activations, arithmetic with constants or between tensors of the chain, as in x * clip(x + 3, 0, 6) / 6;
+a node that also reads a tensor from outside the chain is not in it, nor what follows from it; the chain's
+tensors read outside it are read in the timed model by a one-element Slice (`read_end`), so that onnxruntime
+fuses the chain into the layer as in the whole model, no more). The chain's time shrinks with the layer's output channels, so the pout terms of the fit
+carry it (unfused hard-swish chains were a quarter of the PP-OCR detector's time). Random weights (the
+chain's: positive; its one-value constants kept), the handlers' `rewrite` slicing it to the first k channels,
+timed (`LatencyConfig`-style interleaved runs, median) at a few channel
 counts: all, and for each side at a multiple of 8 below 3/4 of the channels and one channel fewer, at
 one below 1/2 and 1, 5 and 9 channels fewer (which tells steps of 4, 8 and 16 apart), plus both sides at
 half (a depthwise layer: those counts on its one side); a grouped conv, and a layer onnxruntime runs
@@ -49,7 +56,7 @@ from .latency import LatencyConfig, latency_session, model_clock, summarize, tim
 
 MULTIPLES = (1, 4, 8, 16, 32)
 TIMING = LatencyConfig(runs=7, warmup=2)
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 KINDS = ("dense", "depthwise", "recurrent")  # Handler.timing_sides
 KEPT_VALUES = 1024  # a non-float constant input up to this size is timed with its own values
 BLOCKED_DOMAIN = "com.microsoft.nchwc"  # the nodes of onnxruntime's blocked channel layout
@@ -125,6 +132,19 @@ def sample_counts(c_in: int, c_out: int, kind: str = "dense", step: int = 1) -> 
 
 
 @dataclass(frozen=True)
+class ChainStep:
+    """A per-channel node of the chain after a layer (`chain_after`): its inputs are each the index of a chain
+    tensor (0: the layer's output 0, i: step i's output), a constant (`_constant`) or None (omitted)."""
+
+    op: str
+    attrs: dict
+    inputs: tuple
+
+    def key(self) -> list:
+        return [self.op, sorted((k, repr(v)) for k, v in self.attrs.items()), list(self.inputs)]
+
+
+@dataclass(frozen=True)
 class TimedLayer:
     """What is needed to build a layer alone at other channel counts."""
 
@@ -140,6 +160,10 @@ class TimedLayer:
     kind: str  # KINDS
     opset: int
     blocks: int = 1  # equal blocks of each side whose j-th channels go together (a grouped conv's groups)
+    chain: tuple = ()  # the ChainSteps timed with the layer
+    ends: tuple = (0,)  # the chain tensors that are outputs of the timed model (read outside the chain)
+    out_axis: int = 1  # the axis of the layer's output 0 that carries its output channels, and its rank
+    out_rank: int = 4
 
     @property
     def c_in(self) -> int:
@@ -154,7 +178,7 @@ class TimedLayer:
     def key(self) -> list:
         return [self.name, self.op, sorted((k, repr(v)) for k, v in self.attrs.items()), list(self.input_shape),
                 [None if c is None else [list(c[0]), *c[1:]] for c in self.constants], list(self.outputs), self.kind,
-                self.blocks]
+                self.blocks, [step.key() for step in self.chain], list(self.ends)]
 
 
 def timed_layer(node, shapes: dict, opset: int) -> TimedLayer | None:
@@ -175,30 +199,87 @@ def timed_layer(node, shapes: dict, opset: int) -> TimedLayer | None:
                       tuple(bool(t.name) for t in node.outputs), data_axis, int(c_out), kind, opset, int(blocks))
 
 
-def _constant(tensor: gs.Constant) -> tuple:
+def _constant(tensor: gs.Constant, scalars: bool = False) -> tuple:
     """A constant input as `TimedLayer.constants` keeps it: by shape and type (random values time alike),
-    and a small integer one with its values too (sequence lengths: random ones would time no steps)."""
+    and a small integer one with its values too (sequence lengths: random ones would time no steps), and with
+    `scalars` a one-value one too (a chain's Clip bounds, or Pow's exponent, which its kernel may special-case)."""
     values = tensor.values
-    if np.issubdtype(values.dtype, np.floating) or values.size > KEPT_VALUES:
+    if (np.issubdtype(values.dtype, np.floating) and not (scalars and values.size == 1)) or values.size > KEPT_VALUES:
         return tuple(values.shape), values.dtype.name
     return tuple(values.shape), values.dtype.name, tuple(values.ravel().tolist())
 
 
-def _constant_values(constant: tuple, rng) -> np.ndarray:
+def _constant_values(constant: tuple, rng, positive: bool = False) -> np.ndarray:
+    """Random values of a constant's shape and type (`positive`: in [0.5, 1.5), so a chain's normalization
+    variances and divisors time as real ones, not as NaNs), or its kept values."""
     shape, dtype = constant[:2]
     if len(constant) > 2:
         return np.array(constant[2], dtype=dtype).reshape(shape)
+    if positive:
+        return rng.uniform(0.5, 1.5, shape).astype(dtype)
     return rng.standard_normal(shape).astype(dtype) if shape else np.zeros(shape, dtype)
+
+
+def chain_after(node, analysis) -> list:
+    """The nodes after `node` that its handler says act per channel (`Handler.per_channel`: activations,
+    BatchNormalization, arithmetic with constants) on its output 0's channels, at its shape, fed only from
+    that output, each other or constants, in graph order (a node fed from outside the chain stops it there)."""
+    first = node.outputs[0]
+    cmap, shape = analysis.maps.get(first.name), analysis.shapes.get(first.name)
+    if cmap is None or shape is None:
+        return []
+    nodes = analysis.graph.nodes
+    chain, tensors = [], {first.name}
+    for candidate in nodes[next(i for i, n in enumerate(nodes) if n is node) + 1:]:
+        handler = handler_for(candidate.op)
+        fed = [t.name for t in candidate.inputs if t.name and not isinstance(t, gs.Constant)]
+        out = candidate.outputs[0] if candidate.outputs else None
+        if (handler is None or not fed or not set(fed) <= tensors or out is None or not handler.per_channel(candidate)
+                or any(t.name for t in candidate.outputs[1:])):
+            continue
+        out_map = analysis.maps.get(out.name)
+        if (analysis.shapes.get(out.name) != shape or out_map is None or out_map.axis != cmap.axis
+                or not np.array_equal(out_map.ids, cmap.ids)):
+            continue
+        chain.append(candidate)
+        tensors.add(out.name)
+    return chain
+
+
+def with_chain(layer: TimedLayer, node, analysis) -> TimedLayer:
+    """`layer` with the chain after its node (`chain_after`); the chain tensors read outside it, graph outputs
+    and those it does not read itself are the ends (a conv's output also read by a residual Add stays one)."""
+    chain = chain_after(node, analysis)
+    if not chain:
+        return layer
+    index = {t.name: i for i, t in enumerate([node.outputs[0]] + [n.outputs[0] for n in chain])}
+    steps = tuple(ChainStep(n.op, dict(n.attrs), tuple(
+        None if not t.name else _constant(t, scalars=True) if isinstance(t, gs.Constant) else index[t.name]
+        for t in n.inputs)) for n in chain)
+    members = {id(n) for n in chain}
+    graph_outputs = {t.name for t in analysis.graph.outputs}
+    tensors = [node.outputs[0]] + [n.outputs[0] for n in chain]
+    ends = tuple(i for i, t in enumerate(tensors)
+                 if t.name in graph_outputs or not t.outputs or any(id(c) not in members for c in t.outputs))
+    cmap = analysis.maps[node.outputs[0].name]
+    return replace(layer, chain=steps, ends=ends, out_axis=int(cmap.axis),
+                   out_rank=len(analysis.shapes[node.outputs[0].name]))
 
 
 class AloneRewrite:
     """What a handler's `rewrite` sees when a layer alone keeps the first channels of its input and outputs."""
 
-    def __init__(self, masks: dict[str, np.ndarray]):
-        self.masks = masks
+    def __init__(self, masks: dict[str, np.ndarray], axis: int, rank: int):
+        self.masks, self.axis, self._rank = masks, axis, rank
 
     def mask(self, tensor) -> np.ndarray | None:
         return self.masks.get(tensor.name)
+
+    def tracked_axis(self, tensor) -> int:  # asked of chain tensors only: the layer's output's
+        return self.axis
+
+    def rank(self, tensor) -> int:
+        return self._rank
 
     @staticmethod
     def is_source(node) -> bool:
@@ -214,22 +295,45 @@ class AloneRewrite:
 
 
 def layer_model(layer: TimedLayer, k_in: int, k_out: int) -> onnx.ModelProto:
-    """The layer alone with `k_in` input and `k_out` output channels (a depthwise layer: k_in, and the
-    outputs that follow them), random weights sliced by its handler's `rewrite`."""
+    """The layer and its chain alone with `k_in` input and `k_out` output channels (a depthwise layer: k_in,
+    and the outputs that follow them), random weights sliced by the handlers' `rewrite`."""
     rng = np.random.default_rng(0)
     x = gs.Variable("x", np.float32, layer.input_shape_at(k_in))
     inputs = [x] + [gs.Variable("") if c is None else gs.Constant(f"c{i}", _constant_values(c, rng))
                     for i, c in enumerate(layer.constants, 1)]
     outputs = [gs.Variable(f"y{i}" if made else "", np.float32) for i, made in enumerate(layer.outputs)]
     node = gs.Node(layer.op, "layer", dict(layer.attrs), inputs, outputs)
+    nodes, tensors = [node], [outputs[0]]
+    for i, step in enumerate(layer.chain, 1):
+        operands = [tensors[s] if isinstance(s, int) else gs.Variable("") if s is None
+                    else gs.Constant(f"s{i}_{j}", _constant_values(s, rng, positive=True)) for j, s in enumerate(step.inputs)]
+        tensors.append(gs.Variable(f"t{i}", np.float32))
+        nodes.append(gs.Node(step.op, f"step{i}", dict(step.attrs), operands, [tensors[-1]]))
     b = layer.blocks
     kept_in = np.tile(np.arange(layer.c_in // b) < k_in // b, b)
     kept_out = np.repeat(kept_in, layer.c_out // layer.c_in) if layer.kind == "depthwise" \
         else np.tile(np.arange(layer.c_out // b) < k_out // b, b)
-    masks = {"x": kept_in, **{t.name: kept_out for t in outputs if t.name}}
-    handler_for(layer.op).rewrite(node, AloneRewrite(masks))
-    graph = gs.Graph(nodes=[node], inputs=[x], outputs=[t for t in outputs if t.name], opset=layer.opset)
+    masks = {"x": kept_in, **{t.name: kept_out for t in outputs + tensors if t.name}}
+    rewrite = AloneRewrite(masks, layer.out_axis, layer.out_rank)
+    for n in nodes:
+        handler_for(n.op).rewrite(n, rewrite)
+    ends = [tensors[i] for i in layer.ends]
+    if layer.chain and layer.out_rank > 1 and layer.opset >= 10:
+        ends = [read_end(t, layer, i, nodes) for i, t in enumerate(ends)]
+    ends = [t for t in ends + outputs[1:] if t.name]
+    graph = gs.Graph(nodes=nodes, inputs=[x], outputs=ends, opset=layer.opset)
     return gs.export_onnx(graph)
+
+
+def read_end(tensor, layer: TimedLayer, i: int, nodes: list) -> gs.Variable:
+    """A Slice of `tensor`'s first element along its last axis that is not the channels', added to `nodes`: its
+    output is the timed model's, so that `tensor` is read as the next layer reads it in the whole model
+    (onnxruntime fuses no activation whose output is a graph output: Conv + HardSwish stayed three nodes)."""
+    axis = max(a for a in range(layer.out_rank) if a != layer.out_axis % layer.out_rank)
+    bounds = [gs.Constant(f"end{i}_{n}", np.array([v], np.int64)) for n, v in (("starts", 0), ("ends", 1), ("axes", axis))]
+    out = gs.Variable(f"end{i}", np.float32)
+    nodes.append(gs.Node("Slice", f"end{i}", {}, [tensor, *bounds], [out]))
+    return out
 
 
 def time_layer(layer: TimedLayer, threads: int, timing: LatencyConfig = TIMING) -> LayerFit:
@@ -347,9 +451,9 @@ def timed_layers(analysis) -> list[TimedLayer]:
         cmap = analysis.maps.get(tensor.name)
         return cmap is not None and bool(np.isin(analysis.group_of[analysis.label[cmap.ids.ravel()]], list(prunable)).any())
 
-    layers = [timed_layer(node, analysis.shapes, analysis.graph.opset) for node in analysis.graph.nodes
+    layers = [(timed_layer(node, analysis.shapes, analysis.graph.opset), node) for node in analysis.graph.nodes
               if node.inputs and node.outputs and (carries(node.inputs[0]) or carries(node.outputs[0]))]
-    return [layer for layer in layers if layer is not None]
+    return [with_chain(layer, node, analysis) for layer, node in layers if layer is not None]
 
 
 def layer_label(node) -> str:
