@@ -314,6 +314,24 @@ def test_onnxruntime_fuses_a_chain_s_activation_into_its_conv_as_in_the_whole_mo
     assert "BatchNormalization" not in ops and "HardSwish" not in ops and "HardSigmoid" not in ops, ops
 
 
+def test_a_chain_onnxruntime_fuses_whole_into_its_conv_is_not_timed_with_it(monkeypatch):
+    """Conv + BatchNormalization + HardSwish runs as one fused Conv: timed alone (the chain made the rotation
+    classifier's predicted speed-up overshoot); an unfused hard-swish chain is timed with its conv."""
+    from tests.builders import Builder
+
+    b = Builder(0)
+    b.output(b.conv("head", b.node("HardSwish", "hswish", [b.bn("bn", b.conv("conv", "x", 3, 16), 16)]), 16, 4))
+    fused = lm.timed_layers(analyze_model(load(b.model([("x", [1, 3, 16, 16], 1)], name="fused"), {})))[0]
+    conv1 = next(layer for layer in lm.timed_layers(chained_model()) if layer.name == "conv1")
+    assert fused.chain and lm.unfused(fused).chain == () and lm.unfused(fused).ends == (0,)
+    assert lm.unfused(conv1) == conv1
+    timed = []
+    monkeypatch.setattr(lm, "latency_session", lambda model, threads: timed.append(model) or model)
+    monkeypatch.setattr(lm, "time_runs", lambda sessions, feed, timing, clock: {"layer": np.full(3, 1e-3)})
+    lm.time_layer(fused, 1)
+    assert timed and all([n.op_type for n in model.graph.node] == ["Conv"] for model in timed)
+
+
 def test_a_chain_stops_at_a_node_fed_from_outside_it():
     """conv2's Relu is its chain; the Add mixes in conv1's chain, so neither it nor the Sigmoid after it join."""
     conv2 = next(layer for layer in lm.timed_layers(chained_model()) if layer.name == "conv2")
