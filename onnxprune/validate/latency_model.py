@@ -8,7 +8,9 @@ after it that act per channel on its output's channels, `Handler.per_channel`: B
 activations, arithmetic with constants or between tensors of the chain, as in x * clip(x + 3, 0, 6) / 6;
 a node that also reads a tensor from outside the chain is not in it, nor what follows from it; the chain's
 tensors read outside it are read in the timed model by a one-element Slice (`read_end`), so that onnxruntime
-fuses the chain into the layer as in the whole model, no more). The chain's time shrinks with the layer's output channels, so the pout terms of the fit
+fuses the chain into the layer as in the whole model, no more; a chain it fuses whole, Conv +
+BatchNormalization + HardSwish, is left out, `unfused`: timed with it, the rotation classifier's predicted
+speed-up overshot). The chain's time shrinks with the layer's output channels, so the pout terms of the fit
 carry it (unfused hard-swish chains were a quarter of the PP-OCR detector's time). Random weights (the
 chain's: positive; its one-value constants kept), the handlers' `rewrite` slicing it to the first k channels,
 timed (`LatencyConfig`-style interleaved runs, median) at a few channel
@@ -56,7 +58,7 @@ from .latency import LatencyConfig, latency_session, model_clock, summarize, tim
 
 MULTIPLES = (1, 4, 8, 16, 32)
 TIMING = LatencyConfig(runs=7, warmup=2)
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 KINDS = ("dense", "depthwise", "recurrent")  # Handler.timing_sides
 KEPT_VALUES = 1024  # a non-float constant input up to this size is timed with its own values
 BLOCKED_DOMAIN = "com.microsoft.nchwc"  # the nodes of onnxruntime's blocked channel layout
