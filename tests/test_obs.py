@@ -165,3 +165,53 @@ def test_given_counts_skip_the_curves_and_keep_the_ranking():
     assert all(np.array_equal(ranked[g], given[g]) for g in ranked)
     assert contexts[0].allocation.curves and not contexts[1].allocation.curves
     assert contexts[0].allocation.sensitivity_samples > 0 == contexts[1].allocation.sensitivity_samples
+
+
+def test_float32_inverse_agrees_with_float64():
+    """H^-1 from the float64 Cholesky factor with float32 products (what the greedy removal works on) is
+    within float32's precision of the float64 inverse, on a correlated Gram matrix wider than one halving leaf."""
+    from onnxprune.scoring.obs import damped
+
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2000, 300)) @ rng.standard_normal((300, 300)) + 3.0  # correlated, non-zero mean
+    gram = x.T @ x / len(x)
+    exact = np.linalg.inv(damped(gram))
+    assert damped_inverse(gram, np.float32).dtype == np.float32
+    np.testing.assert_allclose(damped_inverse(gram), exact, atol=1e-10 * np.abs(exact).max())
+    np.testing.assert_allclose(damped_inverse(gram, np.float32), exact, atol=1e-4 * np.abs(exact).max())
+
+
+def test_float32_greedy_removes_the_same_units_as_float64():
+    problem, _ = _problem(seed=8, outputs=6, channels=10, kernel=3)
+    for u in range(10):  # well-separated costs: unit u's weights scaled by u + 1
+        problem.weight[:, problem.columns[u]] *= u + 1
+    single = Problem(problem.weight, problem.hinv.astype(np.float32), problem.columns, problem.energy)
+    order, curve = greedy_removal([problem], 10, steps=4)
+    order32, curve32 = greedy_removal([single], 10, steps=4)
+    np.testing.assert_array_equal(order32, order)
+    np.testing.assert_allclose(curve32, curve, rtol=1e-3, atol=1e-9)
+
+
+def test_gram_rows_folded_in_any_number_of_products_give_the_same_matrices(monkeypatch):
+    """GramFold waits for rows and adds them in one product per MAX_BATCH_ELEMENTS: the Gram matrices do not
+    depend on how many products that took."""
+    from onnxprune.scoring import obs
+    from onnxprune.scoring.consumers import find_consumers
+
+    model = models.conv_chain()
+    analysis = analyze_model(load(model))
+    consumer = find_consumers(analysis)[0]
+    rng = np.random.default_rng(3)
+    shape = [d if isinstance(d, int) else 2 for d in analysis.shapes[consumer.tensor]]
+    batches = [rng.standard_normal([2, *shape[1:]]).astype(np.float32) for _ in range(5)]
+    folds = []
+    for limit in (10**12, 1):  # one product at the end; one per batch
+        fold = obs.GramFold(consumer, 10, 5, np.random.default_rng(0))
+        monkeypatch.setattr(obs, "MAX_BATCH_ELEMENTS", limit)
+        for i, activation in enumerate(batches):
+            fold.add(activation, 2 * i, 2)
+        fold.fold()
+        folds.append(fold)
+    assert folds[0].count == folds[1].count > 0 and folds[0].held_count == folds[1].held_count
+    for name in ("gram", "held"):
+        np.testing.assert_allclose(getattr(folds[1], name), getattr(folds[0], name), rtol=1e-5, atol=1e-3)

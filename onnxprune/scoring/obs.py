@@ -52,7 +52,9 @@ log = logging.getLogger(__name__)
 DAMP = 0.01  # lambda, relative to the mean diagonal of X^T X / N (OBC's dampening)
 ROWS_PER_FEATURE = 32  # sampled rows (output positions) per input feature, over the calibration set
 MIN_ROWS = 2048
-MAX_BATCH_ELEMENTS = 8_000_000  # rows x features gathered at once (bounds the im2col buffer)
+MAX_BATCH_ELEMENTS = 8_000_000  # rows x features gathered at once (bounds the im2col buffer and the rows
+# a Gram matrix waits for: one product per that many rows, not one per capture batch, whose F^2 pass dominated)
+WORK_DTYPE = np.float32  # of H^-1 and the weights in the greedy removal (twice as fast as float64)
 MAX_FEATURES = 12_288  # per layer: H^-1 must fit in memory and update in seconds
 REMOVAL_STEPS = 32  # units are removed in about this many batches per group
 MIN_KEEP_FRACTION = 0.1  # the allocation cuts no group below this share of its channels
@@ -89,9 +91,12 @@ class Problem:
     pending: list = field(default_factory=list)  # columns removed by `drop`, still in the arrays
 
     def copy(self) -> "Problem":
-        held_energy = quadratic(self.weight, self.held) if self.held is not None else 0.0
-        return Problem(self.weight.copy(), self.hinv.copy(), self.columns, self.energy, self.held,
-                       self.weight.copy(), held_energy, 0.0, self.consumer, self.block, self.index, None, self.width)
+        """A copy to remove units from, its arrays in H^-1's dtype (WORK_DTYPE from `GramFold.problems`)."""
+        weight = self.weight.astype(self.hinv.dtype)
+        held = None if self.held is None else self.held.astype(self.hinv.dtype, copy=False)
+        held_energy = quadratic(weight, held) if held is not None else 0.0
+        return Problem(weight, self.hinv.copy(), self.columns, self.energy, held, weight.copy(), held_energy, 0.0,
+                       self.consumer, self.block, self.index, None, self.width)
 
     def held_error(self) -> float:
         """The relative output error of the current (updated) weights on the held-out rows."""
@@ -103,7 +108,7 @@ class Problem:
         """The weights over all the layer's features (dropped ones zero)."""
         if self.index is None:
             return self.weight
-        full = np.zeros((len(self.weight), self.width))
+        full = np.zeros((len(self.weight), self.width), self.weight.dtype)
         full[:, self.index] = self.weight
         return full
 
@@ -131,10 +136,10 @@ class Problem:
         if self.held is not None and self.original is not None:
             cross = self.original[:, gone] @ self.held[gone][:, kept]  # W is zero there: the change is W0
             self.held_cross = cross if self.held_cross is None else self.held_cross[:, kept] + cross
-            self.held = self.held[kept][:, kept]
+            self.held = self.held[np.ix_(kept, kept)]
             self.original = self.original[:, kept]
         self.weight = self.weight[:, kept]
-        self.hinv = self.hinv[kept][:, kept]
+        self.hinv = self.hinv[np.ix_(kept, kept)]
         self.index = self.index[kept]
         position = np.cumsum(live) - 1
         self.columns = {u: position[c] for u, c in self.columns.items()}
@@ -198,10 +203,29 @@ def damped(gram: np.ndarray) -> np.ndarray:
     return gram + np.eye(len(gram)) * DAMP * (scale if scale > 0 else 1.0)
 
 
-def damped_inverse(gram: np.ndarray) -> np.ndarray:
-    """(G + lambda I)^-1 (the bias column is damped too, slightly)."""
-    matrix = damped(gram)
-    return np.linalg.inv((matrix + matrix.T) / 2)
+def damped_inverse(gram: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """(G + lambda I)^-1 (the bias column is damped too, slightly), as L^-T L^-1 from the Cholesky factor
+    L L^T = G + lambda I (which reads G's lower triangle only): the factor in float64, the rest (matrix
+    products) in `dtype`. In float32, twice as fast as np.linalg.inv (whose LU solves are no faster in
+    float32 than in float64); the factor in float64 keeps the error near eps x cond(L) = eps x sqrt(cond(H))."""
+    lower = np.linalg.cholesky(damped(gram)).astype(dtype)
+    inverse = triangular_inverse(lower)
+    return inverse.T @ inverse
+
+
+def triangular_inverse(lower: np.ndarray, leaf: int = 128) -> np.ndarray:
+    """The inverse of a lower triangular matrix, by halves: [[A, 0], [B, C]]^-1 = [[A^-1, 0],
+    [-C^-1 B A^-1, C^-1]] (numpy has no triangular solver; the products are BLAS's)."""
+    n = len(lower)
+    if n <= leaf:
+        return np.linalg.inv(lower)
+    half = n // 2
+    top, bottom = triangular_inverse(lower[:half, :half], leaf), triangular_inverse(lower[half:, half:], leaf)
+    inverse = np.zeros_like(lower)
+    inverse[:half, :half] = top
+    inverse[half:, half:] = bottom
+    inverse[half:, :half] = -(bottom @ (lower[half:, :half] @ top))
+    return inverse
 
 
 def removal_batch(channels: int, steps: int = REMOVAL_STEPS) -> int:
@@ -256,24 +280,35 @@ class GramFold:
         self.gram = np.zeros((features, features))  # rows of the fit samples
         self.held = np.zeros((features, features))  # rows of the held-out samples (calib.data.held_out)
         self.count = self.held_count = 0
+        self.waiting: tuple[list, list] = ([], [])  # fit and held-out rows not yet in the Gram matrices
 
     def add(self, activation: np.ndarray, start: int, size: int) -> None:
         flat = self.consumer.batch_points(self.chosen, start, size)
         if not len(flat):
             return
         x = self.consumer.points(activation, flat)
-        # float32 products (3.5x faster than float64 in BLAS), summed per batch into float64
         x = np.concatenate([x.astype(np.float32, copy=False), np.ones((len(x), 1), np.float32)], axis=1)
         held = held_out(start + flat // self.consumer.positions)
-        fit = x[~held]
-        self.gram += fit.T @ fit
-        self.held += x[held].T @ x[held]
-        self.count += len(fit)
+        self.waiting[0].append(x[~held])
+        self.waiting[1].append(x[held])
+        self.count += int((~held).sum())
         self.held_count += int(held.sum())
+        if sum(map(len, self.waiting[0] + self.waiting[1])) * x.shape[1] >= MAX_BATCH_ELEMENTS:
+            self.fold()
+
+    def fold(self) -> None:
+        """Add the waiting rows into the Gram matrices: float32 products (twice as fast as float64 in BLAS),
+        summed into float64."""
+        for gram, rows in zip((self.gram, self.held), self.waiting):
+            if rows:
+                x = np.concatenate(rows)
+                gram += x.T @ x
+                rows.clear()
 
     def problems(self, analysis) -> list[tuple[int, Problem]]:
         """(group index, Problem) for every prunable group this layer reads, one per conv block."""
         consumer = self.consumer
+        self.fold()
         gram = self.gram / max(self.count, 1)
         held = self.held / self.held_count if self.held_count else None
         weight, bias = _layer_matrix(consumer)
@@ -288,22 +323,27 @@ class GramFold:
             in_channels = np.arange(block * per_block_in, (block + 1) * per_block_in)
             features = (in_channels[:, None] * kernel + np.arange(kernel)[None, :]).ravel()  # C-major
             take = np.append(features, gram.shape[0] - 1)
-            block_gram = gram[np.ix_(take, take)]
+            block_gram = _block(gram, take)
             rows = slice(block * per_block_out, (block + 1) * per_block_out)
             w = np.concatenate([weight[rows], bias[rows, None]], axis=1)  # a block reads its own channels
             energy = quadratic(w, block_gram)
             if not energy > 0:
                 continue
-            hinv = damped_inverse(block_gram)
+            hinv = damped_inverse(block_gram, WORK_DTYPE)
             local = np.arange(per_block_in * kernel).reshape(per_block_in, kernel)
             for g in np.unique(owners[in_channels][owners[in_channels] >= 0]).tolist():
                 columns: dict[int, list] = {}
                 for c in np.flatnonzero(owners[in_channels] == g).tolist():
                     columns.setdefault(int(positions[in_channels[c]]), []).append(local[c])
                 found.append((g, Problem(w, hinv, {u: np.concatenate(v) for u, v in columns.items()}, energy,
-                                         None if held is None else held[np.ix_(take, take)],
+                                         None if held is None else _block(held, take),
                                          consumer=consumer, block=block)))
         return found
+
+
+def _block(matrix: np.ndarray, take: np.ndarray) -> np.ndarray:
+    """The rows and columns `take` (sorted) of a square matrix: itself when they are all of them."""
+    return matrix if len(take) == len(matrix) else matrix[np.ix_(take, take)]
 
 
 def _layer_matrix(consumer: Consumer) -> tuple[np.ndarray, np.ndarray]:
