@@ -164,8 +164,8 @@ def row(name: str, setting: str, report: dict, final: dict) -> str:
     if "target_ms" in lat:
         goal = " (met)" if lat["met"] else f" (missed: goal {lat['target_ms']:.3f} ms)"
     predicted = "-"
-    if "prediction_error" in lat:  # the latency model's speed-up against the one measured in its run
-        predicted = f"{lat['predicted_speedup']:.2f}x ({100 * lat['prediction_error']:+.1f}%)"
+    if "prediction_error" in lat:  # the latency model's speed-up against the one measured in its run (+: it overshot)
+        predicted = f"{lat['predicted_speedup']:.2f}x ({100 * (lat['predicted_speedup'] / lat['speedup'] - 1):+.1f}%)"
     return (f"| {name} | {setting} | {100 * kept:.1f}% | {lat['speedup']:.2f}x{goal} | {predicted} | {rounds} | "
             f"{final[setting]:.3f} | {speedup:.2f}x | {speedup * kept:.2f} | {worst_cosine(report):.4f} |")
 
@@ -193,6 +193,10 @@ def main() -> int:
     parser.add_argument("--by-op", action="store_true", help="also the time per op type of the original and the "
                         "--target-macs result (onnxruntime's profiler)")
     args = parser.parse_args()
+    if args.no_matched and args.auto:
+        parser.error("--no-matched runs --target-macs and --target-speedup 1.5 only: drop --auto")
+    if args.save:
+        Path(args.save).mkdir(parents=True, exist_ok=True)
     print(f"tolerance of a met target: {100 * TOLERANCE:.0f}%; CNNs: {', '.join(CNNS)}; load average "
           f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}", flush=True)
     print(HEADER, flush=True)

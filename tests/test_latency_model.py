@@ -332,6 +332,16 @@ def test_a_chain_onnxruntime_fuses_whole_into_its_conv_is_not_timed_with_it(monk
     assert timed and all([n.op_type for n in model.graph.node] == ["Conv"] for model in timed)
 
 
+def test_a_chain_onnxruntime_cannot_build_leaves_its_layer_timed_alone(monkeypatch):
+    conv1 = next(layer for layer in lm.timed_layers(chained_model()) if layer.name == "conv1")
+
+    def fails(model):
+        raise RuntimeError("onnxruntime refused the chain")
+
+    monkeypatch.setattr(lm, "optimized", fails)
+    assert lm.unfused(conv1).chain == () and lm.unfused(conv1).name == "conv1"
+
+
 def test_a_chain_stops_at_a_node_fed_from_outside_it():
     """conv2's Relu is its chain; the Add mixes in conv1's chain, so neither it nor the Sigmoid after it join."""
     conv2 = next(layer for layer in lm.timed_layers(chained_model()) if layer.name == "conv2")

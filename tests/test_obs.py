@@ -193,8 +193,8 @@ def test_float32_greedy_removes_the_same_units_as_float64():
 
 
 def test_gram_rows_folded_in_any_number_of_products_give_the_same_matrices(monkeypatch):
-    """GramFold waits for rows and adds them in one product per MAX_BATCH_ELEMENTS: the Gram matrices do not
-    depend on how many products that took."""
+    """GramFold waits for rows and adds them in one product per FOLD_ELEMENTS: the Gram matrices its problems
+    read do not depend on how many products that took."""
     from onnxprune.scoring import obs
     from onnxprune.scoring.consumers import find_consumers
 
@@ -205,12 +205,13 @@ def test_gram_rows_folded_in_any_number_of_products_give_the_same_matrices(monke
     shape = [d if isinstance(d, int) else 2 for d in analysis.shapes[consumer.tensor]]
     batches = [rng.standard_normal([2, *shape[1:]]).astype(np.float32) for _ in range(5)]
     folds = []
-    for limit in (10**12, 1):  # one product at the end; one per batch
+    for limit in (10**12, 1):  # one product when the problems are built; one per batch
+        monkeypatch.setattr(obs, "FOLD_ELEMENTS", limit)
         fold = obs.GramFold(consumer, 10, 5, np.random.default_rng(0))
-        monkeypatch.setattr(obs, "MAX_BATCH_ELEMENTS", limit)
         for i, activation in enumerate(batches):
             fold.add(activation, 2 * i, 2)
-        fold.fold()
+        assert bool(fold.waiting[0]) == (limit > 1)
+        fold.problems(analysis)
         folds.append(fold)
     assert folds[0].count == folds[1].count > 0 and folds[0].held_count == folds[1].held_count
     for name in ("gram", "held"):

@@ -52,8 +52,9 @@ log = logging.getLogger(__name__)
 DAMP = 0.01  # lambda, relative to the mean diagonal of X^T X / N (OBC's dampening)
 ROWS_PER_FEATURE = 32  # sampled rows (output positions) per input feature, over the calibration set
 MIN_ROWS = 2048
-MAX_BATCH_ELEMENTS = 8_000_000  # rows x features gathered at once (bounds the im2col buffer and the rows
-# a Gram matrix waits for: one product per that many rows, not one per capture batch, whose F^2 pass dominated)
+MAX_BATCH_ELEMENTS = 8_000_000  # rows x features gathered at once (bounds the im2col buffer)
+FOLD_ELEMENTS = 2_000_000  # rows x features a Gram matrix waits for: one product per that many rows, not one per
+# capture batch, whose F^2 pass dominated; every layer waits at once, so this bounds the memory it adds
 WORK_DTYPE = np.float32  # of H^-1 and the weights in the greedy removal (twice as fast as float64)
 MAX_FEATURES = 12_288  # per layer: H^-1 must fit in memory and update in seconds
 REMOVAL_STEPS = 32  # units are removed in about this many batches per group
@@ -293,7 +294,7 @@ class GramFold:
         self.waiting[1].append(x[held])
         self.count += int((~held).sum())
         self.held_count += int(held.sum())
-        if sum(map(len, self.waiting[0] + self.waiting[1])) * x.shape[1] >= MAX_BATCH_ELEMENTS:
+        if sum(map(len, self.waiting[0] + self.waiting[1])) * x.shape[1] >= FOLD_ELEMENTS:
             self.fold()
 
     def fold(self) -> None:
