@@ -233,7 +233,11 @@ def chain_after(node, analysis) -> list:
         return []
     nodes = analysis.graph.nodes
     chain, tensors = [], {first.name}
+    unread = {id(c) for c in first.outputs}  # readers of the chain's tensors not yet passed (the graph is sorted)
     for candidate in nodes[next(i for i, n in enumerate(nodes) if n is node) + 1:]:
+        if not unread:
+            break
+        unread.discard(id(candidate))
         handler = handler_for(candidate.op)
         fed = [t.name for t in candidate.inputs if t.name and not isinstance(t, gs.Constant)]
         out = candidate.outputs[0] if candidate.outputs else None
@@ -246,6 +250,7 @@ def chain_after(node, analysis) -> list:
             continue
         chain.append(candidate)
         tensors.add(out.name)
+        unread.update(id(c) for c in out.outputs)
     return chain
 
 
