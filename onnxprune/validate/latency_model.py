@@ -260,13 +260,13 @@ def with_chain(layer: TimedLayer, node, analysis) -> TimedLayer:
     chain = chain_after(node, analysis)
     if not chain:
         return layer
-    index = {t.name: i for i, t in enumerate([node.outputs[0]] + [n.outputs[0] for n in chain])}
+    tensors = [node.outputs[0]] + [n.outputs[0] for n in chain]
+    index = {t.name: i for i, t in enumerate(tensors)}
     steps = tuple(ChainStep(n.op, dict(n.attrs), tuple(
         None if not t.name else _constant(t, scalars=True) if isinstance(t, gs.Constant) else index[t.name]
         for t in n.inputs)) for n in chain)
     members = {id(n) for n in chain}
     graph_outputs = {t.name for t in analysis.graph.outputs}
-    tensors = [node.outputs[0]] + [n.outputs[0] for n in chain]
     ends = tuple(i for i, t in enumerate(tensors)
                  if t.name in graph_outputs or not t.outputs or any(id(c) not in members for c in t.outputs))
     cmap = analysis.maps[node.outputs[0].name]
