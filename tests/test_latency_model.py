@@ -280,6 +280,15 @@ def chained_model():
     return analyze_model(load(b.model([("x", [1, 3, 16, 16], 1)], name="chained"), {}))
 
 
+def fused_model():
+    """conv -> BatchNormalization -> HardSwish -> head: a chain onnxruntime fuses whole into the conv."""
+    from tests.builders import Builder
+
+    b = Builder(0)
+    b.output(b.conv("head", b.node("HardSwish", "hswish", [b.bn("bn", b.conv("conv", "x", 3, 16), 16)]), 16, 4))
+    return analyze_model(load(b.model([("x", [1, 3, 16, 16], 1)], name="fused"), {}))
+
+
 def test_a_conv_is_timed_with_its_batch_norm_and_hard_swish_chain():
     layers = {layer.name: layer for layer in lm.timed_layers(chained_model())}
     conv1 = layers["conv1"]
@@ -298,11 +307,8 @@ def test_onnxruntime_fuses_a_chain_s_activation_into_its_conv_as_in_the_whole_mo
     chain is read by a Slice instead, and the timed Conv runs with its BatchNormalization folded and its
     activation fused, as where the next layer reads it."""
     import onnxruntime as ort
-    from tests.builders import Builder
 
-    b = Builder(0)
-    b.output(b.conv("head", b.node("HardSwish", "hswish", [b.bn("bn", b.conv("conv", "x", 3, 16), 16)]), 16, 4))
-    conv = lm.timed_layers(analyze_model(load(b.model([("x", [1, 3, 16, 16], 1)], name="fused"), {})))[0]
+    conv = lm.timed_layers(fused_model())[0]
     assert [step.op for step in conv.chain] == ["BatchNormalization", "HardSwish"]
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -317,11 +323,7 @@ def test_onnxruntime_fuses_a_chain_s_activation_into_its_conv_as_in_the_whole_mo
 def test_a_chain_onnxruntime_fuses_whole_into_its_conv_is_not_timed_with_it(monkeypatch):
     """Conv + BatchNormalization + HardSwish runs as one fused Conv: timed alone (the chain made the rotation
     classifier's predicted speed-up overshoot); an unfused hard-swish chain is timed with its conv."""
-    from tests.builders import Builder
-
-    b = Builder(0)
-    b.output(b.conv("head", b.node("HardSwish", "hswish", [b.bn("bn", b.conv("conv", "x", 3, 16), 16)]), 16, 4))
-    fused = lm.timed_layers(analyze_model(load(b.model([("x", [1, 3, 16, 16], 1)], name="fused"), {})))[0]
+    fused = lm.timed_layers(fused_model())[0]
     conv1 = next(layer for layer in lm.timed_layers(chained_model()) if layer.name == "conv1")
     assert fused.chain and lm.unfused(fused).chain == () and lm.unfused(fused).ends == (0,)
     assert lm.unfused(conv1) == conv1
