@@ -83,7 +83,7 @@ class Baseline:
         scorer leaves in `context`) depend on the original model and data only, not on the ratio.
         While they are computed, a large model from a file is not held parsed (`released_model`)."""
         key = (scorer, config.seed, config.calib_batch, config.pfp_points, tuple(config.exclude), config.hidden,
-               context.allocating)
+               config.simplify, context.allocating)
         if key not in self._scores:
             before = len(context.notes)
             with released_model(self.loaded, analysis.graph) as model:

@@ -118,14 +118,15 @@ class Target:
 
 @dataclass
 class LatencyPredictor:
-    """Predicted whole-model ms of keep counts: the original's measured ms, each timed layer's fitted time
-    at its kept channels in place of its fitted time at full size (validate/latency_model.py). The other
-    ops are taken to cost what they cost in the original."""
+    """Predicted whole-model ms of keep counts: the measured ms of the model as it is cut, at full width (the
+    original after `ops.rules`' rewrites), each timed layer's fitted time at its kept channels in place of
+    its fitted time at full size (validate/latency_model.py). The other ops are taken to cost what they
+    cost at full width."""
 
     cost: CostModel
     fits: list  # validate.latency_model.LayerFit, one per timed layer
     entries: np.ndarray  # the CostModel entry of each fit
-    original_ms: float
+    start_ms: float  # the full-width model's measured ms
     full_ms: list = field(init=False)  # each fit's time at full size
     smooth_fits: list = field(init=False)  # each fit without its steps (multiple 1)
 
@@ -134,10 +135,10 @@ class LatencyPredictor:
         self.smooth_fits = [replace(fit, multiple=1) for fit in self.fits]
 
     @classmethod
-    def build(cls, cost: CostModel, fits: list, original_ms: float) -> "LatencyPredictor":
+    def build(cls, cost: CostModel, fits: list, start_ms: float) -> "LatencyPredictor":
         entry = {name: i for i, name in reversed(list(enumerate(cost.nodes)))}
         fits = [f for f in fits if f.name in entry]
-        return cls(cost, fits, np.array([entry[f.name] for f in fits], dtype=np.int64), original_ms)
+        return cls(cost, fits, np.array([entry[f.name] for f in fits], dtype=np.int64), start_ms)
 
     def kept_fractions(self, counts: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Per fit, the kept fraction of its input and of its output channels."""
@@ -146,7 +147,7 @@ class LatencyPredictor:
 
     def ms(self, counts: dict[int, int], stepped: bool = True) -> float:
         f_in, f_out = self.kept_fractions(counts)
-        total = self.original_ms
+        total = self.start_ms
         used = self.fits if stepped else self.smooth_fits
         for fit, timed, full, a, b in zip(self.fits, used, self.full_ms, f_in, f_out):
             total += float(timed.predict(a * fit.c_in, b * fit.c_out) - full)

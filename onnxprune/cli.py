@@ -128,7 +128,10 @@ EXCLUDE = OptionGroup([
     click.option("--hidden", is_flag=True,
                  help="Also prune the hidden size (a transformer's residual width) through LayerNormalization: "
                       "inexact, LayerNorm's statistics change; outputs carrying it keep their width, zeros where removed."),
-], lambda v: {"exclude": tuple(v["exclude"]), "hidden": v["hidden"]})
+    click.option("--no-simplify", "simplify", is_flag=True, flag_value=False, default=True,
+                 help="Keep the graph's op patterns as they are: by default, arithmetic with per-channel constants "
+                      "after a Conv is folded into it and a hard swish written out in four ops becomes one or two."),
+], lambda v: {"exclude": tuple(v["exclude"]), "hidden": v["hidden"], "simplify": v["simplify"]})
 
 SEED = OptionGroup([
     click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed for every random choice."),
@@ -453,18 +456,20 @@ def _read_plan(path: Path) -> Plan:
 @INPUT_SHAPES
 @EXCLUDE
 @command
-def inspect_command(model, as_json, show_limits, limit_error, plot_path, input_shapes, exclude, hidden, quiet, **values):
+def inspect_command(model, as_json, show_limits, limit_error, plot_path, input_shapes, exclude, hidden, simplify, quiet,
+                    **values):
     """Show MODEL's channel groups, what blocks them, coverage, params and MACs."""
     if not show_limits:
         if plot_path or values["calib"] or values["data_loader_script"]:
             raise UsageError("--calib and --plot belong to --limits: add --limits, or leave them out")
-        info = inspect(model, _input_shapes(input_shapes), tuple(exclude), hidden)
+        info = inspect(model, _input_shapes(input_shapes), tuple(exclude), hidden, simplify)
         click.echo(json.dumps(info, indent=1) if as_json else format_inspect(info, model))
         return
     check_outputs([model], plot_path)
     if plot_path:
         require_matplotlib()
-    config = config_from({**values, "input_shapes": input_shapes, "exclude": exclude, "hidden": hidden}, SEED, CALIBRATION,
+    config = config_from({**values, "input_shapes": input_shapes, "exclude": exclude, "hidden": hidden,
+                          "simplify": simplify}, SEED, CALIBRATION,
                          INPUT_SHAPES, EXCLUDE)
     table = limits(model, config, limit_error)
     if plot_path:

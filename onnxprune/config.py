@@ -46,6 +46,7 @@ class PruneConfig:
     round_to: int | str | None = None  # None: 8 for groups of 16+ channels, else 1; "auto": the latency model's
     exclude: tuple[str, ...] = ()
     hidden: bool = False  # also prune the residual width through LayerNormalization (inexact; `--hidden`)
+    simplify: bool = True  # apply the exact rewrites of ops.rules before the analysis (`--no-simplify`: off)
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     calibration: CalibrationSet | str | os.PathLike | None = None
     seed: int = 0
@@ -250,7 +251,7 @@ def config_section(config: PruneConfig, scorer: str, input_shapes: dict) -> dict
     """The report's "config": the settings as resolved (defaults filled in)."""
     return {"filters": channel_ratio(config), "global": config.global_ranking, "scorer": scorer,
             "round_to": config.round_to, "exclude": list(config.exclude), "hidden": config.hidden,
-            "input_shapes": input_shapes,
+            "simplify": config.simplify, "input_shapes": input_shapes,
             "plan_given": config.plan is not None, "rank": config.rank, "lowrank_error": config.lowrank_error,
             "target_macs": config.target_macs, "target_latency": config.target_latency,
             "target_speedup": config.target_speedup, "output_axes": dict(config.output_axes),

@@ -75,6 +75,14 @@ def latency_model_line(latency: dict) -> str:
     return line
 
 
+def format_simplified(report: dict) -> list[str]:
+    counts = report.get("simplified")
+    if not counts:
+        return []
+    done = ", ".join(f"{n} {name.replace('_', ' ')}" for name, n in counts.items())
+    return [f"  simplified {done} (exact rewrites onnxruntime does not make; --no-simplify keeps the ops)"]
+
+
 def format_summary(report: dict, model, output) -> str:
     before, after, fid = report["before"], report["after"], report["fidelity"]
     groups = report["groups"]
@@ -87,6 +95,7 @@ def format_summary(report: dict, model, output) -> str:
         f"  groups    {len(prunable)} prunable of {len(groups)} (coverage {report['coverage']:.1%}), {changed} pruned"
         + (f", {inexact} inexactly (--hidden: a LayerNorm's statistics change; the fidelity below measures it)"
            if inexact else ""),
+        *format_simplified(report),
         *format_scoring(report),
         *format_lowrank(report),
         *format_sparsity(report),

@@ -28,7 +28,8 @@ from .budget import CostModel, LatencyPredictor, Target
 from .config import PruneConfig, latency_wanted
 from .errors import ValidationFailed
 from .stages import analyze_model, choose, rewrite_channels
-from .validate.latency import LatencyConfig, compare_latency, model_clock, summarize, time_runs
+from .io import export_graph
+from .validate.latency import LatencyConfig, compare_latency, latency_session, model_clock, summarize, time_runs
 from .validate.latency_model import LatencyCache, cache_key, layer_fits, timed_layers
 
 ROUNDS = 3
@@ -138,6 +139,7 @@ class LatencyBudget:
         predicted = self.predictor.ms(counts)
         fits = self.predictor.fits
         out = {"predicted_ms": predicted, "model_original_ms": self.original_ms,
+               "model_simplified_ms": self.predictor.start_ms,
                "predicted_speedup": self.original_ms / predicted,
                "macs_kept": self.predictor.cost.macs(counts) / self.predictor.cost.full,
                "layers": self.predictor.layers(counts),
@@ -162,12 +164,15 @@ def latency_budget(baseline: Baseline, analysis, config: PruneConfig) -> Latency
     if not latency_wanted(config):
         return None
     timing = config.latency or LatencyConfig()
-    seconds = time_runs({"original": baseline.session(timing.threads)}, baseline.single_batch(), timing,
-                        model_clock(timing.threads))["original"]
-    original_ms = summarize(seconds)["median_ms"]
+    sessions = {"original": baseline.session(timing.threads)}
+    if analysis.simplified:  # predictions start from the model as the rules rewrote it, timed beside the original
+        sessions["simplified"] = latency_session(export_graph(analysis.graph), timing.threads)
+    seconds = time_runs(sessions, baseline.single_batch(), timing, model_clock(timing.threads))
+    original_ms = summarize(seconds["original"])["median_ms"]
+    start_ms = summarize(seconds.get("simplified", seconds["original"]))["median_ms"]
     layers, cache = timed_layers(analysis), LatencyCache(config.latency_cache)
     fits, cached = layer_fits(layers, timing.threads, cache, write=False)
-    predictor = LatencyPredictor.build(CostModel.build(analysis), fits, original_ms)
+    predictor = LatencyPredictor.build(CostModel.build(analysis), fits, start_ms)
     limit = None  # the first allocation's predicted ms
     if config.target_latency is not None:  # wall ms: to the model's clock by the original's two times
         target, asked = config.target_latency, f"--target-latency {config.target_latency:g} ms"
@@ -196,7 +201,7 @@ def latency_rounds(baseline: Baseline, analysis, config: PruneConfig, budget: La
     for index in range(ROUNDS):
         choice = choose(baseline, analysis, config, factorizing, target=budget.target())
         at_floor = short_of(choice.budget)
-        rewritten = rewrite_channels(analyze_model(baseline.loaded, config.exclude, config.hidden), choice,
+        rewritten = rewrite_channels(analyze_model(baseline.loaded, config.exclude, config.hidden, config.simplify), choice,
                                      baseline.loaded.model.ir_version)
         reached, close = budget.measure_round(baseline, rewritten[0], counts_of(choice.keep))
         if at_floor and not reached and index == 0:  # measured, not only predicted, out of reach

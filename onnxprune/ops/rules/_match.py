@@ -1,0 +1,41 @@
+"""What the rules share: constants read as scalars or per-channel vectors, and single-reader chains."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+
+def scalar(tensor) -> float | None:
+    """The value of a one-element constant, else None."""
+    if isinstance(tensor, gs.Constant) and tensor.values.size == 1:
+        return float(tensor.values.reshape(()))
+    return None
+
+
+def channel_vector(tensor, channels: int, rank: int) -> np.ndarray | None:
+    """A constant that broadcasts against a [N, C, ...] tensor of `rank` as one value per channel (a
+    scalar, or C values on axis 1 and ones elsewhere), as float64 of length C; else None."""
+    if not isinstance(tensor, gs.Constant) or tensor.values.dtype.kind != "f" or tensor.values.ndim > rank:
+        return None
+    values = tensor.values
+    if values.size == 1:
+        return np.full(channels, float(values.reshape(())))
+    shape = (1,) * (rank - values.ndim) + tuple(values.shape)
+    if rank < 2 or shape[1] != channels or any(d != 1 for axis, d in enumerate(shape) if axis != 1):
+        return None
+    return values.reshape(channels).astype(np.float64)
+
+
+def sole_reader(tensor: gs.Variable, graph: gs.Graph) -> gs.Node | None:
+    """The one node reading `tensor`, when nothing else (no other node, no graph output) does."""
+    if len(tensor.outputs) != 1 or tensor in graph.outputs:
+        return None
+    return tensor.outputs[0]
+
+
+def other_input(node: gs.Node, tensor) -> gs.Tensor | None:
+    """The input of a two-input node that is not `tensor` (None when both are, or it has not two)."""
+    if len(node.inputs) != 2 or node.inputs[0] is node.inputs[1]:
+        return None
+    return node.inputs[1] if node.inputs[0] is tensor else node.inputs[0] if node.inputs[1] is tensor else None

@@ -1,0 +1,84 @@
+"""Arithmetic with per-channel constants right before a Conv that pads nothing (`conv(x * s + b)`: the
+learnable affine PP-LCNet puts after each activation, read by a pointwise conv) becomes that Conv with
+its filters scaled per input channel and `b` carried into its bias. A padded Conv would see the padding
+as zeros of `x * s + b`, not of `x`, so it is left."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ._match import channel_vector, other_input, sole_reader
+
+log = logging.getLogger(__name__)
+
+NAME = "affine_before_conv"
+LINEAR = ("Mul", "Add", "Sub", "Div")
+
+
+def apply(graph: gs.Graph, shapes: dict) -> int:
+    """Fold every such chain into the Conv reading it; the number of arithmetic nodes folded."""
+    return sum(_fold(node, graph) for node in list(graph.nodes) if node.op == "Conv")
+
+
+def _unpadded(conv: gs.Node) -> bool:
+    return (conv.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID")
+            and not any(conv.attrs.get("pads", ())) and conv.attrs.get("group", 1) == 1)
+
+
+def _chain(conv: gs.Node, graph: gs.Graph, channels: int, rank: int) -> list[tuple[gs.Node, np.ndarray]]:
+    """The arithmetic nodes before `conv`, first to last, each with its constant per channel."""
+    chain, tensor = [], conv.inputs[0]
+    while tensor.inputs and sole_reader(tensor, graph) is not None:
+        node = tensor.inputs[0]
+        data = next((t for t in node.inputs if not isinstance(t, gs.Constant)), None)
+        if node.op not in LINEAR or data is None or (node.op in ("Sub", "Div") and node.inputs[0] is not data):
+            break
+        values = channel_vector(other_input(node, data), channels, rank)
+        if values is None:
+            break
+        chain.insert(0, (node, values))
+        tensor = data
+    return chain
+
+
+def _fold(conv: gs.Node, graph: gs.Graph) -> int:
+    weight = conv.inputs[1] if len(conv.inputs) > 1 else None
+    bias = conv.inputs[2] if len(conv.inputs) > 2 and conv.inputs[2].name else None
+    if (not isinstance(weight, gs.Constant) or weight.values.dtype.kind != "f" or not _unpadded(conv)
+            or (bias is not None and not isinstance(bias, gs.Constant))):
+        return 0
+    channels, rank = weight.values.shape[1], weight.values.ndim
+    chain = _chain(conv, graph, channels, rank)
+    if not chain:
+        return 0
+    scale, shift = np.ones(channels), np.zeros(channels)
+    for node, values in chain:
+        if node.op == "Mul":
+            scale, shift = scale * values, shift * values
+        elif node.op == "Div":
+            scale, shift = scale / values, shift / values
+        else:
+            shift = shift + values if node.op == "Add" else shift - values
+    if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
+        log.debug("Conv '%s': the arithmetic before it divides by zero; not folded", conv.name)
+        return 0
+    filters = weight.values.astype(np.float64)
+    old_bias = bias.values.astype(np.float64) if bias is not None else np.zeros(filters.shape[0])
+    new_bias = old_bias + filters.reshape(filters.shape[0], channels, -1).sum(axis=2) @ shift
+    filters = filters * scale.reshape((1, -1) + (1,) * (rank - 2))
+    dtype, label = weight.values.dtype, conv.name or conv.outputs[0].name
+    conv.inputs[1] = gs.Constant(f"{label}_input_scaled_weight", filters.astype(dtype))
+    folded_bias = gs.Constant(f"{label}_input_shifted_bias", new_bias.astype(dtype))
+    if len(conv.inputs) > 2:
+        conv.inputs[2] = folded_bias
+    else:
+        conv.inputs.append(folded_bias)
+    first = chain[0][0]
+    conv.inputs[0] = next(t for t in first.inputs if not isinstance(t, gs.Constant))
+    for node, _ in chain:
+        node.inputs.clear()
+        node.outputs.clear()
+    return len(chain)

@@ -1,0 +1,159 @@
+"""ops/rules: the exact rewrites applied before the analysis (affine arithmetic folded into a Conv, a
+written-out hard swish made one or two ops), each checked against onnxruntime on the model before and
+after, and the cases each rule must leave alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxprune import PruneConfig, prune
+from onnxprune.io import export_graph, import_graph
+from onnxprune.ops.rules import simplify
+from tests.builders import Builder, random_input, run, x_input
+
+
+def simplified(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    graph = import_graph(model)
+    counts = simplify(graph, {})
+    return export_graph(graph), counts
+
+
+def ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def assert_same_outputs(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
+    feed = random_input(before, seed=1)
+    for a, b in zip(run(before, feed), run(after, feed)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+def affine_chain(reader_twice: bool = False, constant_first: bool = True, spatial: bool = False) -> onnx.ModelProto:
+    """conv1(3->8) -> Mul(s, .) -> Add(., b) -> Sub(., c) -> Div(., d) -> Relu -> conv2(8->4), the
+    constants per channel ([8, 1, 1], a scalar for Sub) as paddle2onnx writes them (the scale first)."""
+    b = Builder(seed=3)
+    h = b.conv("conv1", "x", 3, 8)
+    scale = b.const("s", b.rng.uniform(-2, 2, [1, 16, 1] if spatial else [8, 1, 1]))
+    mul = b.node("Mul", "mul", [scale, h] if constant_first else [h, scale])
+    add = b.node("Add", "add", [mul, b.const("b", b.rng.standard_normal([8, 1, 1]))])
+    sub = b.node("Sub", "sub", [add, b.const("c", 0.3)])
+    div = b.node("Div", "div", [sub, b.const("d", b.rng.uniform(0.5, 2, [1, 8, 1, 1]))])
+    out = b.relu("relu", div)
+    if reader_twice:  # the Add's output read by a second node: the chain stops before it
+        out = b.node("Add", "join", [out, b.node("Sigmoid", "gate", [add])])
+    b.output(b.conv("conv2", out, 8, 4))
+    return b.model(x_input())
+
+
+def hard_swish(opset: int = 12, divide_first: bool = False, clip_read_twice: bool = False) -> onnx.ModelProto:
+    """conv1 -> paddle2onnx's hard swish (x + 3, Clip 0..6, x * ., / 6; or / 6 before the product) -> conv2."""
+    b = Builder(seed=4, opset=opset)
+    x = b.conv("conv1", "x", 3, 8)
+    shifted = b.node("Add", "add3", [x, b.const("three", 3.0)])
+    gate = b.node("Clip", "clip", [shifted, b.const("zero", 0.0), b.const("six", 6.0)])
+    if divide_first:
+        out = b.node("Mul", "mul", [x, b.node("Div", "div", [gate, "six"])])
+    else:
+        out = b.node("Div", "div", [b.node("Mul", "mul", [x, gate]), "six"])
+    if clip_read_twice:
+        out = b.node("Add", "join", [out, gate])
+    b.output(b.conv("conv2", out, 8, 4))
+    return b.model(x_input(), opset=opset)
+
+
+def test_affine_chain_folds_into_the_conv():
+    model = affine_chain()
+    after, counts = simplified(model)
+    assert counts == {"affine_into_conv": 4}
+    assert ops(after) == ["Conv", "Relu", "Conv"]
+    assert_same_outputs(model, after)
+
+
+def test_affine_with_the_constant_second_folds_too():
+    model = affine_chain(constant_first=False)
+    after, counts = simplified(model)
+    assert counts == {"affine_into_conv": 4} and ops(after) == ["Conv", "Relu", "Conv"]
+    assert_same_outputs(model, after)
+
+
+def test_affine_stops_where_a_tensor_has_another_reader():
+    model = affine_chain(reader_twice=True)
+    after, counts = simplified(model)
+    assert counts == {"affine_into_conv": 2}  # Mul and Add folded; the Add's output is read twice
+    assert ops(after).count("Sub") == 1 and "Mul" not in ops(after)
+    assert_same_outputs(model, after)
+
+
+def test_a_constant_varying_over_space_is_not_folded():
+    model = affine_chain(spatial=True)
+    after, counts = simplified(model)
+    assert counts == {}
+    assert ops(after) == ops(model)
+
+
+@pytest.mark.parametrize("divide_first", [False, True])
+def test_hard_swish_before_opset_14_becomes_hard_sigmoid_and_mul(divide_first):
+    model = hard_swish(divide_first=divide_first)
+    after, counts = simplified(model)
+    assert counts == {"hard_swish": 1}
+    assert ops(after) == ["Conv", "HardSigmoid", "Mul", "Conv"]
+    assert_same_outputs(model, after)
+
+
+def test_hard_swish_from_opset_14_is_one_op():
+    model = hard_swish(opset=14)
+    after, counts = simplified(model)
+    assert counts == {"hard_swish": 1} and ops(after) == ["Conv", "HardSwish", "Conv"]
+    assert_same_outputs(model, after)
+
+
+def test_hard_swish_whose_gate_is_read_elsewhere_is_left():
+    model = hard_swish(clip_read_twice=True)
+    after, counts = simplified(model)
+    assert counts == {} and ops(after) == ops(model)
+
+
+def test_prune_reports_the_rewrites_and_no_simplify_keeps_the_ops():
+    model = hard_swish()
+    result = prune(model, PruneConfig(filters=0.5, scorer="l1", round_to=1))
+    assert result.report["simplified"] == {"hard_swish": 1}
+    assert "HardSigmoid" in ops(result.model) and "Clip" not in ops(result.model)
+    kept = prune(model, PruneConfig(filters=0.5, scorer="l1", round_to=1, simplify=False))
+    assert kept.report["simplified"] == {} and "Clip" in ops(kept.model)
+    assert ops(kept.model) == ops(model)
+    # the same channels go either way (the rewrite changes no channel's weights); the rewritten model
+    # costs less: each element-wise op counts one MAC per element
+    assert [g.get("channels_after") for g in result.report["groups"]] == [g.get("channels_after") for g in kept.report["groups"]]
+    assert result.report["after"]["macs"] < kept.report["after"]["macs"]
+    np.testing.assert_allclose(result.report["fidelity"]["cosine"], kept.report["fidelity"]["cosine"], atol=1e-5)
+
+
+def affine_then_conv(k: int = 1, pad: int = 0) -> onnx.ModelProto:
+    """conv1 -> Relu -> Mul(s, .) -> Sub(., c) -> conv2 (k x k, `pad`): PP-LCNet's affine after an activation."""
+    b = Builder(seed=5)
+    h = b.relu("relu", b.conv("conv1", "x", 3, 8))
+    h = b.node("Mul", "mul", [b.const("s", b.rng.uniform(-2, 2, [8, 1, 1])), h])
+    h = b.node("Sub", "sub", [h, b.const("c", b.rng.standard_normal([1, 8, 1, 1]))])
+    b.output(b.conv("conv2", h, 8, 4, k=k, pad=pad))
+    return b.model(x_input())
+
+
+def test_affine_before_an_unpadded_conv_folds_into_its_filters_and_bias():
+    model = affine_then_conv()
+    after, counts = simplified(model)
+    assert counts == {"affine_before_conv": 2}
+    assert ops(after) == ["Conv", "Relu", "Conv"]
+    assert_same_outputs(model, after)
+    strided = affine_then_conv(k=3)  # 3x3 without padding: still exact
+    after, counts = simplified(strided)
+    assert counts == {"affine_before_conv": 2}
+    assert_same_outputs(strided, after)
+
+
+def test_affine_before_a_padded_conv_is_left():
+    """The padding would be zeros of the affine's output, not of its input."""
+    model = affine_then_conv(k=3, pad=1)
+    after, counts = simplified(model)
+    assert counts == {} and ops(after) == ops(model)
