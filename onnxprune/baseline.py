@@ -12,7 +12,7 @@ from .calib import CalibrationSet, fixed_batch, input_specs, load_calibration, s
 from .calib.data import HOLD_OUT_EVERY
 from .config import PruneConfig, fits_calibration
 from .errors import ModelError, UsageError
-from .io import inlined
+from .io import inlined, load_model
 from .loading import Loaded, load, releasable, released_model, unparsed
 from .runtime import is_onnxruntime_error, run_batch_size, session, short_message
 from .scoring import score
@@ -83,7 +83,7 @@ class Baseline:
         scorer leaves in `context`) depend on the original model and data only, not on the ratio.
         While they are computed, a large model from a file is not held parsed (`released_model`)."""
         key = (scorer, config.seed, config.calib_batch, config.pfp_points, tuple(config.exclude), config.hidden,
-               config.simplify, context.allocating)
+               context.allocating)
         if key not in self._scores:
             before = len(context.notes)
             with released_model(self.loaded, analysis.graph) as model:
@@ -129,9 +129,12 @@ class Baseline:
         """This baseline as another machine can take it (a sweep's Ray workers): the model in memory
         instead of a file path they may not have, the data already read, and none of what each process
         computes for itself (sessions, reference outputs, scores). Mapped weights are read into the model:
-        the data file is on this machine only."""
-        return Baseline(replace(self.loaded, model=inlined(self.loaded.model), file=None), self.specs, self.calibration, self.evaluation,
-                        self.output_axes, self.in_sample, self.evaluation_fitted)
+        the data file is on this machine only; so is the model as given, when ops.rules rewrote it."""
+        given = self.loaded.given
+        if self.loaded.simplified and self.loaded.path is not None:
+            given = inlined(load_model(self.loaded.path))
+        return Baseline(replace(self.loaded, model=inlined(self.loaded.model), file=None, given=given), self.specs,
+                        self.calibration, self.evaluation, self.output_axes, self.in_sample, self.evaluation_fitted)
 
     def single_batch(self) -> dict:
         """One feed (batch 1, or the model's fixed batch) for latency and the .ort check."""
@@ -142,7 +145,7 @@ class Baseline:
 def prepare(model, config: PruneConfig | None = None) -> Baseline:
     """Load `model` and its data once (input shapes, calibration, evaluation, labels from `config`)."""
     config = config or PruneConfig()
-    loaded = load(model, config.input_shapes)
+    loaded = load(model, config.input_shapes, simplify=config.simplify)
     specs = input_specs(loaded.model, loaded.input_shapes)
     calibration = _calibration(config, specs)
     evaluation = _evaluation(config, specs, calibration)

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -70,14 +71,16 @@ def load_model_file(path: str | os.PathLike) -> tuple[onnx.ModelProto, int, Mode
 class ModelFile:
     """A model file to re-read instead of holding its parsed proto. `verbatim`: the file parses to the
     normalised model and holds all its weights (no external data), so onnxruntime can read a copy of it
-    as it is; otherwise the model is parsed and normalised again (`load`)."""
+    as it is; otherwise the model is parsed and normalised again, then given to `rewrite` (`load`)."""
 
     path: Path
     outputs: tuple[str, ...] = ()  # the graph's outputs
     verbatim: bool = False
+    rewrite: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None  # applied after normalising
 
     def load(self) -> onnx.ModelProto:
-        return load_model(self.path)
+        model = load_model(self.path)
+        return self.rewrite(model) if self.rewrite is not None else model
 
 
 def _map_external_data(model: onnx.ModelProto, base_dir: Path) -> None:

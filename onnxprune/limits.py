@@ -52,7 +52,7 @@ def limits(model, config: PruneConfig, error: float = DEFAULT_ERROR) -> dict:
     if not 0.0 < error < 1.0:
         raise UsageError(f"--limit-error {error} is outside (0, 1): give a relative output error, e.g. 0.05")
     baseline = prepare(model, replace(config, scorer="obs"))
-    analysis = analyze_model(baseline.loaded, config.exclude, config.hidden, config.simplify)
+    analysis = analyze_model(baseline.loaded, config.exclude, config.hidden)
     groups = group_limits(baseline, analysis, replace(config, scorer="obs"), error)
     layers, layer_curves, grams = layer_limits(baseline, config, error)
     return {"error": error, "error_measure": "relative L2 error of the outputs (squared on the curves)",

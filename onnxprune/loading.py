@@ -8,7 +8,7 @@ import gc
 import logging
 import os
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import onnx
@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 
 from .calib import fixed_batch, input_specs, synthetic
 from .io import ModelFile, load_model_file, model_size_bytes, normalize_model, resolve_input_shapes
+from .ops.rules import rewritten_model, simplify_model
 from .runtime import first_run, release_free_memory
 from .shapes import complete_shapes, static_shapes, unknown_shapes
 from .validate import model_cost
@@ -36,6 +37,8 @@ class Loaded:
     size_bytes: int
     cost: dict = field(default_factory=dict)  # params and MACs, computed once
     file: ModelFile | None = None  # the file it came from: sessions and capture passes read it there
+    simplified: dict = field(default_factory=dict)  # the rewrites of ops.rules made on loading, count per rule
+    given: onnx.ModelProto | None = None  # the model as given in memory, when `model` is its rewritten form
 
     @property
     def path(self) -> Path | None:
@@ -43,20 +46,31 @@ class Loaded:
 
     @property
     def runnable(self):
-        return self.path if self.path is not None else self.model
+        """The model as given (its file, else its proto): what reference outputs and the "before" latency
+        run, so that the rewrites of ops.rules are measured with the rest."""
+        if self.path is not None:
+            return self.path
+        return self.given if self.given is not None else self.model
 
 
 def load(model: onnx.ModelProto | str | os.PathLike, input_shapes=None, vetted: bool = False,
-         runs: bool = True) -> Loaded:
+         runs: bool = True, simplify: bool = True) -> Loaded:
     """The model loaded; unless `vetted` (a model onnxprune made), checked first where the ONNX checker
     does not look (`vetting.vet_model`) and, when onnxruntime will run it (`runs`, or to complete its
-    shapes), run once in a child process (`first_session`)."""
+    shapes), run once in a child process (`first_session`). `simplify`: rewritten by `ops.rules`."""
     if isinstance(model, onnx.ModelProto):
         proto, size, file = normalize_model(model), model_size_bytes(model), None
     else:
         proto, size, file = load_model_file(model)
+    simplified = {}
+    if simplify:
+        proto, simplified = simplify_model(proto)
+        if simplified and file is not None:  # read again from the file, it is rewritten again
+            file = replace(file, verbatim=False, rewrite=rewritten_model)
+    given = model if simplified and isinstance(model, onnx.ModelProto) else None
     resolved = resolve_input_shapes(proto, input_shapes)
-    loaded = Loaded(proto, resolved, static_shapes(proto, resolved), size, file=file)
+    loaded = Loaded(proto, resolved, static_shapes(proto, resolved), size, file=file, simplified=simplified,
+                    given=given)
     del proto  # `first_session` may free the parsed model
     if not vetted:
         vet_model(loaded.model, loaded.shapes)

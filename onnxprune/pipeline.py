@@ -73,7 +73,7 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
     speed, rewritten = None, None  # rewritten: the latency rounds' chosen cut (model, masks), not cut again
     for step in range(config.steps):
         with timed(timings, "analyze", add=True):
-            analysis = analyze_model(current.loaded, config.exclude, config.hidden, config.simplify)
+            analysis = analyze_model(current.loaded, config.exclude, config.hidden)
             if not analysis.prunable_groups() and not weights_only:
                 raise NothingToPrune(nothing_prunable_message(analysis))
         if step == 0 and latency_wanted(config):
@@ -102,7 +102,7 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
             if step == 0:
                 group_reports = [group_summary(g, len(choice.keep[g.index]) if g.index in choice.keep else None)
                                  for g in analysis.groups]
-                coverage, simplified = analysis.coverage(), analysis.simplified
+                coverage = analysis.coverage()
             if speed is not None:
                 kept_counts = counts_of(choice.keep)
             pruned, masks = rewritten or rewrite_channels(analysis, choice, loaded.model.ir_version)
@@ -146,7 +146,7 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
         **report_header(),
         "groups": group_reports,
         "coverage": coverage,
-        "simplified": simplified,
+        "simplified": loaded.simplified,
         "config": config_section(schedule, choice.scorer, loaded.input_shapes),
         "scoring_notes": choice.context.notes,
         "scoring": scoring_summary(choice, config),

@@ -165,7 +165,7 @@ def latency_budget(baseline: Baseline, analysis, config: PruneConfig) -> Latency
         return None
     timing = config.latency or LatencyConfig()
     sessions = {"original": baseline.session(timing.threads)}
-    if analysis.simplified:  # predictions start from the model as the rules rewrote it, timed beside the original
+    if baseline.loaded.simplified:  # predictions start from the model as the rules rewrote it, timed beside the original
         sessions["simplified"] = latency_session(export_graph(analysis.graph), timing.threads)
     seconds = time_runs(sessions, baseline.single_batch(), timing, model_clock(timing.threads))
     original_ms = summarize(seconds["original"])["median_ms"]
@@ -201,7 +201,7 @@ def latency_rounds(baseline: Baseline, analysis, config: PruneConfig, budget: La
     for index in range(ROUNDS):
         choice = choose(baseline, analysis, config, factorizing, target=budget.target())
         at_floor = short_of(choice.budget)
-        rewritten = rewrite_channels(analyze_model(baseline.loaded, config.exclude, config.hidden, config.simplify), choice,
+        rewritten = rewrite_channels(analyze_model(baseline.loaded, config.exclude, config.hidden), choice,
                                      baseline.loaded.model.ir_version)
         reached, close = budget.measure_round(baseline, rewritten[0], counts_of(choice.keep))
         if at_floor and not reached and index == 0:  # measured, not only predicted, out of reach

@@ -19,7 +19,6 @@ from .graph import Analysis, analyze
 from .loading import Loaded, copied_messages
 from .lowrank import LowRankSettings, factorize_model
 from .ops.base import HIDDEN
-from .ops.rules import simplify as simplify_graph
 from .plan import source_names
 from .quantize import quantize_int8
 from .recover import recover
@@ -42,20 +41,13 @@ FOLD_LIMIT_BYTES = 256 << 20
 # ---------------------------------------------------------------- analyze
 
 
-def analyze_model(loaded: Loaded, exclude=(), hidden: bool = False, simplify: bool = True) -> Analysis:
-    """The channel groups of the loaded model; `hidden`: the residual width may be pruned (`--hidden`);
-    `simplify`: first apply the exact rewrites of `ops.rules` (`--no-simplify` turns them off)."""
+def analyze_model(loaded: Loaded, exclude=(), hidden: bool = False) -> Analysis:
+    """The channel groups of the loaded model; `hidden`: the residual width may be pruned (`--hidden`)."""
     graph = import_graph(loaded.model)
     graph.import_domains = copied_messages(graph.import_domains)  # export may add to them: never to the model's
     fold_constants(graph)
-    shapes, simplified = loaded.shapes, {}
-    if simplify:
-        shapes = dict(shapes)  # the rules add the shapes of the tensors they make
-        simplified = simplify_graph(graph, shapes)
     graph.toposort()
-    analysis = analyze(graph, shapes, exclude, {HIDDEN} if hidden else ())
-    analysis.simplified = simplified
-    return analysis
+    return analyze(graph, loaded.shapes, exclude, {HIDDEN} if hidden else ())
 
 
 def fold_constants(graph: gs.Graph) -> None:
@@ -147,7 +139,7 @@ def reselected(baseline: Baseline, analysis: Analysis, choice: ChannelChoice, co
 def reselect_stage(baseline: Baseline, analysis: Analysis, keep: dict, config: PruneConfig) -> dict:
     """obs's counts, its channels chosen again (scoring/reselect.py): on the round-one pruned stream, or
     group after group on the stream of the groups chosen before (`reselect="sequential"`)."""
-    fresh = analyze_model(baseline.loaded, config.exclude, config.hidden, config.simplify)
+    fresh = analyze_model(baseline.loaded, config.exclude, config.hidden)
     ir_version = baseline.loaded.model.ir_version
     original, calibration = baseline.loaded.model, baseline.calibration
     if config.reselect == "sequential":

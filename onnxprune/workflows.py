@@ -22,12 +22,12 @@ from .validate.result import evaluate_result
 def inspect(model, input_shapes=None, exclude=(), hidden: bool = False, simplify: bool = True) -> dict:
     """Groups, coverage and cost of a model, as plain data (what `onnxprune inspect` prints); `hidden`,
     `simplify`: as in `PruneConfig`."""
-    loaded = load(model, input_shapes, runs=False)  # analysis only: no session unless shapes need one
-    analysis = analyze_model(loaded, exclude, hidden, simplify)
+    loaded = load(model, input_shapes, runs=False, simplify=simplify)  # analysis only: no session unless shapes need one
+    analysis = analyze_model(loaded, exclude, hidden)
     return {
         "groups": [group_summary(g) for g in analysis.groups],
         "coverage": analysis.coverage(),
-        "simplified": analysis.simplified,
+        "simplified": loaded.simplified,
         **loaded.cost,
         "size_bytes": loaded.size_bytes,
         "input_shapes": loaded.input_shapes,

@@ -339,3 +339,31 @@ def test_a_missed_round_predicted_no_saving_is_scaled_by_goal_over_measured_not_
                                  cached=True, limit_ms=8.0)
     limit = budget.retargeted(predicted=10.5, before=10.0, after=10.2, goal=8.0)
     assert limit == pytest.approx(10.5 * 8.0 / 10.2)
+
+
+def test_predictions_start_from_the_rewritten_model_timed_beside_the_original(tmp_path, monkeypatch):
+    """A model ops/rules rewrites (a written-out hard swish): the original as given is what the speed-up is
+    over, the rewritten full-width model what the cut saves from; layers that save nothing predict it."""
+    from tests.test_rules import hard_swish
+
+    path = tmp_path / "hard_swish.onnx"
+    onnx.save(hard_swish(), str(path))
+    timed = {"original": 10.0, "simplified": 8.0}
+    monkeypatch.setattr(speed, "time_runs", lambda sessions, feed, config, clock=None: {
+        name: np.full(3, timed[name] / 1e3) for name in sessions})
+
+    def free_layers(layers, threads, cache, timer=None, write=True):  # every layer's time flat: nothing saved
+        return lm.layer_fits(layers, threads, cache, lambda layer, t: lm.fit_layer(
+            layer.name, layer.c_in, layer.c_out, *lm.sample_counts(layer.c_in, layer.c_out),
+            np.zeros(len(lm.sample_counts(layer.c_in, layer.c_out)[0]))), write)
+
+    monkeypatch.setattr(speed, "layer_fits", free_layers)
+    report = prune(str(path), PruneConfig(scorer="l1", filters=0.5, round_to=1, predict_latency=True)).report
+    latency = report["latency"]
+    assert report["simplified"] == {"hard_swish": 1}
+    assert latency["model_original_ms"] == pytest.approx(10.0)
+    assert latency["model_simplified_ms"] == pytest.approx(8.0)
+    assert latency["predicted_ms"] == pytest.approx(8.0) and latency["predicted_speedup"] == pytest.approx(1.25)
+    plain = prune(str(path), PruneConfig(scorer="l1", filters=0.5, round_to=1, predict_latency=True,
+                                         simplify=False)).report["latency"]
+    assert plain["model_simplified_ms"] == pytest.approx(10.0) and plain["predicted_ms"] == pytest.approx(10.0)

@@ -278,7 +278,7 @@ def chained_model():
     scaled = b.node("Mul", "scale", [swish, b.const("gain", np.linspace(0.5, 1.5, 16).reshape(1, 16, 1, 1))])
     mixed = b.node("Add", "residual", [b.relu("relu", b.conv("conv2", scaled, 16, 16)), scaled])
     b.output(b.conv("conv3", b.node("Sigmoid", "sigmoid", [mixed]), 16, 4))
-    return analyze_model(load(b.model([("x", [1, 3, 16, 16], 1)], name="chained"), {}), simplify=False)
+    return analyze_model(load(b.model([("x", [1, 3, 16, 16], 1)], name="chained"), {}, simplify=False))
 
 
 def fused_model():

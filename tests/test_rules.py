@@ -9,14 +9,16 @@ import onnx
 import pytest
 
 from onnxprune import PruneConfig, prune
+from onnxprune.calib import CalibrationSet
 from onnxprune.io import export_graph, import_graph
+from onnxprune.loading import load
 from onnxprune.ops.rules import simplify
 from tests.builders import Builder, random_input, run, x_input
 
 
 def simplified(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     graph = import_graph(model)
-    counts = simplify(graph, {})
+    counts = simplify(graph)
     return export_graph(graph), counts
 
 
@@ -157,3 +159,33 @@ def test_affine_before_a_padded_conv_is_left():
     model = affine_then_conv(k=3, pad=1)
     after, counts = simplified(model)
     assert counts == {} and ops(after) == ops(model)
+
+
+def test_a_model_read_again_from_its_file_is_rewritten_again(tmp_path):
+    path = tmp_path / "model.onnx"
+    onnx.save(hard_swish(), str(path))
+    loaded = load(str(path), vetted=True, runs=False)
+    assert loaded.simplified == {"hard_swish": 1} and loaded.runnable == path  # the file as given
+    assert "HardSigmoid" in ops(loaded.model) and "HardSigmoid" in ops(loaded.file.load())
+    assert not loaded.file.verbatim
+    as_given = load(str(path), vetted=True, runs=False, simplify=False)
+    assert as_given.simplified == {} and "Clip" in ops(as_given.file.load())
+
+
+def test_reference_outputs_come_from_the_model_as_given():
+    model = hard_swish()
+    loaded = load(model, vetted=True, runs=False)
+    assert loaded.runnable is model and "Clip" in ops(loaded.runnable)
+    assert "Clip" not in ops(loaded.model)
+
+
+def test_obs_and_recovery_run_on_the_rewritten_model():
+    """Scoring and recovery read layers of the loaded model by their output names: the folded Conv writes
+    what the last folded Add wrote, so they must see the rewritten model, not the one given."""
+    model = affine_chain()
+    rng = np.random.default_rng(0)
+    calibration = CalibrationSet({"x": rng.standard_normal((40, 3, 16, 16)).astype(np.float32)})
+    result = prune(model, PruneConfig(filters=0.5, scorer="obs", round_to=1, calibration=calibration))
+    assert result.report["simplified"] == {"affine_into_conv": 4}
+    assert ops(result.model) == ["Conv", "Relu", "Conv"]
+    assert result.report["fidelity"]["cosine"] > 0.5

@@ -179,7 +179,6 @@ class Analysis:
     groups: list[Group]
     position: np.ndarray  # for a unit label: the unit's position within its group
     group_of: np.ndarray  # for a unit label: its group's index (-1: no group)
-    simplified: dict = field(default_factory=dict)  # rewrites of ops.rules applied first: count per rule
 
     @classmethod
     def build(cls, graph, shapes, maps, label, groups):

@@ -1,31 +1,54 @@
-"""Exact rewrites of op patterns that onnxruntime leaves unfused, applied before the analysis so that the
-result of every run (pruned or not) is faster on any runtime: one rule per module, each with `NAME` and
-`apply(graph, shapes) -> int` (how many times it rewrote; why a candidate was left is logged at debug
-level). The rewritten graph computes the same outputs up to float rounding; validation compares the
-result with the original's outputs, so any difference is measured with the rest."""
+"""Exact rewrites of op patterns that onnxruntime leaves unfused, applied when a model is loaded
+(`loading.load`) so that everything after (analysis, scoring, recovery, the result) sees the faster
+graph: one rule per module, each with `NAME` and `apply(graph) -> int` (how many times it rewrote; why
+a candidate was left is logged at debug level). The rewritten graph computes the same outputs up to
+float rounding; the reference outputs and the "before" latency stay the given model's, so validation
+measures any difference with the rest."""
 
 from __future__ import annotations
 
 import logging
 
+import onnx
 import onnx_graphsurgeon as gs
 
+from ...io import export_graph, import_graph
 from . import affine_before_conv, affine_into_conv, hard_swish
 
 log = logging.getLogger(__name__)
 
 RULES = (affine_into_conv, hard_swish, affine_before_conv)
+TRIGGERS = {"Conv", "Clip"}  # a graph without these ops matches no rule
 
 
-def simplify(graph: gs.Graph, shapes: dict) -> dict[str, int]:
-    """Apply every rule to `graph` in place (`shapes` gains the shapes of tensors a rule makes); the count
-    of each rule that rewrote something."""
+def simplify(graph: gs.Graph) -> dict[str, int]:
+    """Apply every rule to `graph` in place; the count of each rule that rewrote something."""
     counts = {}
     for rule in RULES:
-        count = rule.apply(graph, shapes)
+        count = rule.apply(graph)
         if count:
             counts[rule.NAME] = count
     if counts:
         graph.cleanup().toposort()
         log.info("simplified: %s", ", ".join(f"{n} {name}" for name, n in counts.items()))
     return counts
+
+
+def simplify_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """(`model` rewritten, counts per rule); `model` itself and {} when no rule applies (never changed)."""
+    if not any(node.op_type in TRIGGERS for node in model.graph.node):
+        return model, {}
+    graph = import_graph(model)
+    counts = simplify(graph)
+    if not counts:
+        return model, {}
+    rewritten = export_graph(graph)
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(rewritten, field, getattr(model, field))
+    rewritten.metadata_props.extend(model.metadata_props)
+    return rewritten, counts
+
+
+def rewritten_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` rewritten (what `io.ModelFile.rewrite` applies each time the file is read again)."""
+    return simplify_model(model)[0]

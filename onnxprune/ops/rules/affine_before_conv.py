@@ -18,7 +18,7 @@ NAME = "affine_before_conv"
 LINEAR = ("Mul", "Add", "Sub", "Div")
 
 
-def apply(graph: gs.Graph, shapes: dict) -> int:
+def apply(graph: gs.Graph) -> int:
     """Fold every such chain into the Conv reading it; the number of arithmetic nodes folded."""
     return sum(_fold(node, graph) for node in list(graph.nodes) if node.op == "Conv")
 

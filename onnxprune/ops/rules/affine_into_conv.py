@@ -18,7 +18,7 @@ NAME = "affine_into_conv"
 LINEAR = ("Mul", "Add", "Sub", "Div")
 
 
-def apply(graph: gs.Graph, shapes: dict) -> int:
+def apply(graph: gs.Graph) -> int:
     """Fold every such chain into its Conv; the number of arithmetic nodes folded."""
     folded = 0
     for node in list(graph.nodes):

@@ -17,14 +17,14 @@ NAME = "hard_swish"
 HARD_SWISH_OPSET = 14
 
 
-def apply(graph: gs.Graph, shapes: dict) -> int:
+def apply(graph: gs.Graph) -> int:
     """Rewrite every match; how many."""
     rewritten = 0
     for node in list(graph.nodes):
         if node.op == "Add" and node.outputs:
             match = _match(node, graph)
             if match is not None:
-                _replace(graph, shapes, *match)
+                _replace(graph, *match)
                 rewritten += 1
     return rewritten
 
@@ -62,7 +62,7 @@ def _match(add: gs.Node, graph: gs.Graph):
     return x, (add, clip, first, last), last.outputs[0]
 
 
-def _replace(graph: gs.Graph, shapes: dict, x, nodes, output) -> None:
+def _replace(graph: gs.Graph, x, nodes, output) -> None:
     for node in nodes:
         node.inputs.clear()
         node.outputs.clear()
@@ -70,8 +70,6 @@ def _replace(graph: gs.Graph, shapes: dict, x, nodes, output) -> None:
         graph.nodes.append(gs.Node("HardSwish", name=f"{output.name}_hard_swish", inputs=[x], outputs=[output]))
         return
     gate = gs.Variable(f"{output.name}_hard_sigmoid", dtype=output.dtype, shape=output.shape)
-    if x.name in shapes:
-        shapes[gate.name] = shapes[x.name]
     graph.nodes.append(gs.Node("HardSigmoid", name=gate.name, attrs={"alpha": 1 / 6, "beta": 0.5},
                                inputs=[x], outputs=[gate]))
     graph.nodes.append(gs.Node("Mul", name=f"{output.name}_hard_swish", inputs=[x, gate], outputs=[output]))
