@@ -36,6 +36,7 @@ class Loaded:
     shapes: dict[str, tuple]
     size_bytes: int
     cost: dict = field(default_factory=dict)  # params and MACs, computed once
+    given_cost: dict = field(default_factory=dict)  # the same of the model as given (before ops.rules rewrote it)
     file: ModelFile | None = None  # the file it came from: sessions and capture passes read it there
     simplified: dict = field(default_factory=dict)  # the rewrites of ops.rules made on loading, count per rule
     given: onnx.ModelProto | None = None  # the model as given in memory, when `model` is its rewritten form
@@ -62,7 +63,7 @@ def load(model: onnx.ModelProto | str | os.PathLike, input_shapes=None, vetted: 
         proto, size, file = normalize_model(model), model_size_bytes(model), None
     else:
         proto, size, file = load_model_file(model)
-    simplified = {}
+    simplified, before = {}, proto
     if simplify:
         proto, simplified = simplify_model(proto)
         if simplified and file is not None:  # read again from the file, it is rewritten again
@@ -72,12 +73,17 @@ def load(model: onnx.ModelProto | str | os.PathLike, input_shapes=None, vetted: 
     loaded = Loaded(proto, resolved, static_shapes(proto, resolved), size, file=file, simplified=simplified,
                     given=given)
     del proto  # `first_session` may free the parsed model
+    if not simplified:
+        before = None
     if not vetted:
         vet_model(loaded.model, loaded.shapes)
         if runs or unknown_shapes(loaded.model, loaded.shapes):
             first_session(loaded)
     loaded.shapes = complete_shapes(loaded.model, resolved, loaded.shapes)
     loaded.cost = model_cost(loaded.model, resolved, loaded.shapes)
+    loaded.given_cost = loaded.cost
+    if before is not None:  # the tensors the rules removed: their shapes from ONNX inference on the model as given
+        loaded.given_cost = model_cost(before, resolved, {**static_shapes(before, resolved), **loaded.shapes})
     return loaded
 
 

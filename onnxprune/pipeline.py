@@ -66,6 +66,8 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
     lowrank = lowrank_settings(config)
     sparsity = sparsity_settings(config, baseline.calibration)
     schedule = config  # with --sparsity, --steps and --finetune-steps are the weights' schedule; channels take one step
+    if config.target_macs is not None and loaded.simplified:  # a share of the MACs as given: the rewrites bought some
+        config = replace(config, target_macs=min(1.0, config.target_macs * loaded.given_cost["macs"] / loaded.cost["macs"]))
     if sparsity is not None:
         config = replace(config, steps=1, finetune_steps=0)
     weights_only = lowrank is not None or sparsity is not None  # channels may stay whole
@@ -119,7 +121,7 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
             pruned, recovery_report = recover_stage(pruned, baseline, total_masks, config)
         if config.steps > 1:
             current = baseline.pruned_to(pruned)
-            step_reports.append(step_summary(current.loaded.cost["macs"] / loaded.cost["macs"], choice, recovery_report))
+            step_reports.append(step_summary(current.loaded.cost["macs"] / loaded.given_cost["macs"], choice, recovery_report))
     sparsity_report = None
     if sparsity is not None:  # weights are zeroed last: recovery's dense re-fit would fill them in again
         with timed(timings, "sparsity"):

@@ -229,7 +229,7 @@ def step_summary(macs_kept: float, choice: ChannelChoice, recovery: dict) -> dic
 def factorize_stage(pruned: onnx.ModelProto, baseline: Baseline, settings: LowRankSettings, config: PruneConfig):
     """Factorize the channel-pruned model; (model, ranks for the plan, report section)."""
     loaded = baseline.loaded
-    result = factorize_model(pruned, loaded.input_shapes, baseline.fit_data, settings, loaded.cost["macs"],
+    result = factorize_model(pruned, loaded.input_shapes, baseline.fit_data, settings, loaded.given_cost["macs"],
                              baseline.largest_batch)
     if not result.plan and config.plan is None and channel_ratio(config) == 0:
         raise NothingToPrune(nothing_factorized_message(result.report))

@@ -28,7 +28,7 @@ def inspect(model, input_shapes=None, exclude=(), hidden: bool = False, simplify
         "groups": [group_summary(g) for g in analysis.groups],
         "coverage": analysis.coverage(),
         "simplified": loaded.simplified,
-        **loaded.cost,
+        **loaded.given_cost,
         "size_bytes": loaded.size_bytes,
         "input_shapes": loaded.input_shapes,
     }

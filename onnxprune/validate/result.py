@@ -24,7 +24,7 @@ def validate(loaded, pruned: onnx.ModelProto, calibration, batch_size: int, refe
     result = run_model(sess or session(pruned), calibration, batch_size, "result outputs")
     after_shapes = infer_shapes(pruned, loaded.input_shapes)
     report = {
-        "before": {**loaded.cost, "size_bytes": loaded.size_bytes},
+        "before": {**loaded.given_cost, "size_bytes": loaded.size_bytes},
         "after": {**model_cost(pruned, loaded.input_shapes, after_shapes), "size_bytes": model_size_bytes(pruned)},
         "fidelity": fidelity(reference, result, output_axes),
         "data": {"source": calibration.source, "samples": calibration.count},
