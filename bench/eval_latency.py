@@ -142,9 +142,10 @@ def run_model(name: str, args: argparse.Namespace, workdir: Path) -> list[str]:
             onnx.save(result.model, str(Path(args.save) / f"{name}{setting.replace(' ', '_')}.onnx"))
     rewritten, rewritten_macs = rewritten_original(path, data.get("input_shapes"))
     final = final_times(path, results, feed, threads, runs, rewritten)
-    reference = outputs_of(session(str(path)), evaluation, 8)
+    batch = run_batch(path)
+    reference = outputs_of(session(str(path)), evaluation, batch)
     for setting, result in results.items():
-        metrics = task_metrics(name, reference, outputs_of(session(result.model), evaluation, 8))
+        metrics = task_metrics(name, reference, outputs_of(session(result.model), evaluation, batch))
         lines.append(row(name, setting, result.report, final, rewritten_macs) + f" {format_metrics(metrics)} |")
     lines.append(f"| {name} | original | 100% | | | | {final['original']:.3f} | | | | | "
                  f"{format_metrics(task_metrics(name, reference, reference))} |")
@@ -160,6 +161,12 @@ def run_model(name: str, args: argparse.Namespace, workdir: Path) -> list[str]:
                   f"of MACs), median of {runs} interleaved profiled runs, 1 thread", *_op_profile.table(
                       times["original"], times["pruned"]), ""]
     return lines
+
+
+def run_batch(path) -> int:
+    """Samples per run: the model's fixed batch (the ResNet-50's is 1), else 8."""
+    dim = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
+    return dim.dim_value if dim.dim_value > 0 else 8
 
 
 def rewritten_original(path, input_shapes) -> tuple[onnx.ModelProto | None, float | None]:
