@@ -122,8 +122,8 @@ class Baseline:
         """A baseline for the next step of --steps: `model` (a pruned copy of this one's) with the same data,
         scored from scratch (its reference outputs are not needed: every step is compared with the
         original's)."""
-        return Baseline(load(model, self.loaded.input_shapes, vetted=True), self.specs, self.calibration, self.evaluation,
-                        self.output_axes, self.in_sample, self.evaluation_fitted)
+        return Baseline(load(model, self.loaded.input_shapes, vetted=True, simplify=False), self.specs, self.calibration,
+                        self.evaluation, self.output_axes, self.in_sample, self.evaluation_fitted)
 
     def portable(self) -> "Baseline":
         """This baseline as another machine can take it (a sweep's Ray workers): the model in memory

@@ -130,7 +130,8 @@ EXCLUDE = OptionGroup([
                       "inexact, LayerNorm's statistics change; outputs carrying it keep their width, zeros where removed."),
     click.option("--no-simplify", "simplify", is_flag=True, flag_value=False, default=True,
                  help="Keep the graph's op patterns as they are: by default, arithmetic with per-channel constants "
-                      "after a Conv is folded into it and a hard swish written out in four ops becomes one or two."),
+                      "after a Conv (or before one that pads nothing) is folded into it and a hard swish written out "
+                      "in four ops becomes one or two."),
 ], lambda v: {"exclude": tuple(v["exclude"]), "hidden": v["hidden"], "simplify": v["simplify"]})
 
 SEED = OptionGroup([

@@ -82,8 +82,9 @@ def load(model: onnx.ModelProto | str | os.PathLike, input_shapes=None, vetted: 
     loaded.shapes = complete_shapes(loaded.model, resolved, loaded.shapes)
     loaded.cost = model_cost(loaded.model, resolved, loaded.shapes)
     loaded.given_cost = loaded.cost
-    if before is not None:  # the tensors the rules removed: their shapes from ONNX inference on the model as given
-        loaded.given_cost = model_cost(before, resolved, {**static_shapes(before, resolved), **loaded.shapes})
+    if before is not None:  # the shapes of the tensors the rules removed: inferred, else read off onnxruntime
+        shapes = complete_shapes(before, resolved, {**static_shapes(before, resolved), **loaded.shapes})
+        loaded.given_cost = model_cost(before, resolved, shapes)
     return loaded
 
 

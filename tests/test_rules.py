@@ -10,16 +10,13 @@ import pytest
 
 from onnxprune import PruneConfig, prune
 from onnxprune.calib import CalibrationSet
-from onnxprune.io import export_graph, import_graph
 from onnxprune.loading import load
-from onnxprune.ops.rules import simplify
+from onnxprune.ops.rules import simplify_model
 from tests.builders import Builder, random_input, run, x_input
 
 
 def simplified(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
-    graph = import_graph(model)
-    counts = simplify(graph)
-    return export_graph(graph), counts
+    return simplify_model(model)
 
 
 def ops(model: onnx.ModelProto) -> list[str]:
@@ -202,3 +199,78 @@ def test_before_and_the_macs_target_are_of_the_model_as_given():
     assert report["before"]["macs"] == given["macs"]
     kept = report["after"]["macs"] / given["macs"]
     assert 0.6 < kept <= 0.7
+
+
+def test_a_division_by_zero_is_left_and_nothing_before_it_is_scaled_twice():
+    b = Builder(seed=6)
+    h = b.conv("conv1", "x", 3, 4)
+    h = b.node("Mul", "mul", [b.const("s", b.rng.uniform(0.5, 2, [4, 1, 1])), h])
+    h = b.node("Div", "div", [h, b.const("d", np.array([1.0, 0.0, 2.0, 1.0]).reshape(4, 1, 1))])
+    b.output(b.node("Tanh", "tanh", [h]))
+    model = b.model(x_input())
+    after, counts = simplified(model)
+    assert counts == {"affine_into_conv": 1} and ops(after) == ["Conv", "Div", "Tanh"]
+    assert_same_outputs(model, after)
+
+
+def test_a_constant_that_widens_the_data_is_not_folded_into_the_conv_after_it():
+    """A one-channel image minus a three-channel mean: the Conv reads three channels the data has not."""
+    b = Builder(seed=7)
+    h = b.node("Sub", "sub", ["x", b.const("mean", b.rng.standard_normal([1, 3, 1, 1]))])
+    b.output(b.conv("conv", h, 3, 4, k=1, pad=0))
+    model = b.model(x_input([1, 1, 8, 8]))
+    after, counts = simplified(model)
+    assert counts == {} and ops(after) == ["Sub", "Conv"]
+
+
+def test_a_hard_swish_over_integers_is_left():
+    b = Builder(seed=8)
+    x = b.node("Cast", "cast", ["x"], to=onnx.TensorProto.INT32)
+    three, zero, six = (b.const(n, v, np.int32) for n, v in (("three", 3), ("zero", 0), ("six", 6)))
+    gate = b.node("Clip", "clip", [b.node("Add", "add3", [x, three]), zero, six])
+    out = b.node("Div", "div", [b.node("Mul", "mul", [x, gate]), six])
+    b.output(b.node("Cast", "back", [out], to=onnx.TensorProto.FLOAT))
+    model = b.model(x_input([1, 4]), opset=14)
+    after, counts = simplified(model)
+    assert counts == {} and ops(after) == ops(model)
+
+
+def test_no_simplify_holds_for_every_step():
+    model = affine_chain()
+    result = prune(model, PruneConfig(filters=0.5, scorer="l1", round_to=1, steps=2, simplify=False))
+    assert result.report["simplified"] == {} and "Mul" in ops(result.model)
+
+
+def test_the_macs_target_is_scaled_to_the_model_as_loaded(monkeypatch):
+    """--target-macs F of the model as given is F * given / rewritten of the model the allocation sees."""
+    import onnxprune.stages as stages
+
+    seen = []
+    original = stages.choose_channels
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["target_macs"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "choose_channels", spy)
+    model = hard_swish()
+    loaded = load(model, vetted=True, runs=False)
+    prune(model, PruneConfig(target_macs=0.7, scorer="l1", round_to=1))
+    assert seen[0] == pytest.approx(0.7 * loaded.given_cost["macs"] / loaded.cost["macs"])
+
+
+def test_the_cost_as_given_counts_tensors_shape_inference_cannot_reach():
+    """An onnxruntime contrib op ahead of the Conv stops ONNX shape inference: the shapes of the tensors the
+    rules removed are read off onnxruntime, as for the model as loaded."""
+    from onnx import helper
+
+    b = Builder(seed=9)
+    weight, scale = b.randn("W", [8, 3, 3, 3]), b.const("s", b.rng.uniform(-2, 2, [8, 1, 1]))
+    nodes = [helper.make_node("Gelu", ["x"], ["g"], domain="com.microsoft"), helper.make_node("Conv", ["g", weight], ["t"]),
+             helper.make_node("Mul", [scale, "t"], ["y"])]
+    graph = helper.make_graph(nodes, "contrib", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8, 14, 14])], b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)])
+    loaded = load(model)
+    assert loaded.simplified == {"affine_into_conv": 1}
+    assert loaded.given_cost == load(model, simplify=False).cost

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 RULES = (affine_into_conv, hard_swish, affine_before_conv)
 TRIGGERS = {"Conv", "Clip"}  # a graph without these ops matches no rule
+FOLD_LIMIT_BYTES = 256 << 20  # constants computed from constants are folded up to this size
 
 
 def simplify(graph: gs.Graph) -> dict[str, int]:
@@ -38,15 +39,32 @@ def simplify_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, i
     """(`model` rewritten, counts per rule); `model` itself and {} when no rule applies (never changed)."""
     if not any(node.op_type in TRIGGERS for node in model.graph.node):
         return model, {}
-    graph = import_graph(model)
+    graph = import_graph(with_shapes(model))
+    try:  # constants an exporter computes (a bias reshaped) become constants the rules can read
+        graph.fold_constants(fold_shapes=False, error_ok=False, size_threshold=FOLD_LIMIT_BYTES)
+    except Exception as exc:
+        log.debug("constant folding before the rewrites skipped: %s", exc)
     counts = simplify(graph)
     if not counts:
         return model, {}
     rewritten = export_graph(graph)
+    tensors = {name for node in rewritten.graph.node for name in node.output}
+    del rewritten.graph.value_info[:]  # the inferred shapes were for the rules: keep only the model's own
+    rewritten.graph.value_info.extend(v for v in model.graph.value_info if v.name in tensors)
     for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(rewritten, field, getattr(model, field))
     rewritten.metadata_props.extend(model.metadata_props)
     return rewritten, counts
+
+
+def with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with ONNX's inferred shapes and types (the rules match only where they are known); as it
+    is when inference fails."""
+    try:
+        return onnx.shape_inference.infer_shapes(model)
+    except Exception as exc:  # a contrib op or a broken shape: the rules that need shapes leave those parts
+        log.debug("shape inference failed before the rewrites: %s", exc)
+        return model
 
 
 def rewritten_model(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -39,3 +39,17 @@ def other_input(node: gs.Node, tensor) -> gs.Tensor | None:
     if len(node.inputs) != 2 or node.inputs[0] is node.inputs[1]:
         return None
     return node.inputs[1] if node.inputs[0] is tensor else node.inputs[0] if node.inputs[1] is tensor else None
+
+
+def affine_step(op: str, scale: np.ndarray, shift: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) of `x * scale + shift` after one more `op` (Mul, Div, Add, Sub) by `values`."""
+    if op == "Mul":
+        return scale * values, shift * values
+    if op == "Div":
+        return scale / values, shift / values
+    return scale, shift + values if op == "Add" else shift - values
+
+
+def float_tensor(tensor) -> bool:
+    """A tensor whose element type is known to be floating point."""
+    return tensor.dtype is not None and np.dtype(tensor.dtype).kind == "f"

@@ -10,7 +10,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ._match import channel_vector, other_input, sole_reader
+from ._match import affine_step, channel_vector, other_input, sole_reader
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,9 @@ def _chain(conv: gs.Node, graph: gs.Graph, channels: int, rank: int) -> list[tup
         if node.op not in LINEAR or data is None or (node.op in ("Sub", "Div") and node.inputs[0] is not data):
             break
         values = channel_vector(other_input(node, data), channels, rank)
-        if values is None:
-            break
+        shape = data.shape
+        if values is None or shape is None or len(shape) != rank or shape[1] != channels:
+            break  # the constant could widen the data (a grayscale image minus a 3-channel mean): left
         chain.insert(0, (node, values))
         tensor = data
     return chain
@@ -55,13 +56,9 @@ def _fold(conv: gs.Node, graph: gs.Graph) -> int:
     if not chain:
         return 0
     scale, shift = np.ones(channels), np.zeros(channels)
-    for node, values in chain:
-        if node.op == "Mul":
-            scale, shift = scale * values, shift * values
-        elif node.op == "Div":
-            scale, shift = scale / values, shift / values
-        else:
-            shift = shift + values if node.op == "Add" else shift - values
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for node, values in chain:
+            scale, shift = affine_step(node.op, scale, shift, values)
     if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
         log.debug("Conv '%s': the arithmetic before it divides by zero; not folded", conv.name)
         return 0

@@ -10,7 +10,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ._match import channel_vector, other_input, sole_reader
+from ._match import affine_step, channel_vector, other_input, sole_reader
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +43,12 @@ def _fold(conv: gs.Node, graph: gs.Graph) -> int:
         if values is None or (reader.op in ("Sub", "Div") and reader.inputs[0] is not end):
             log.debug("%s '%s' after Conv '%s' not folded: not x op (a constant per channel)", reader.op, reader.name, conv.name)
             break
-        if reader.op == "Mul":
-            scale, shift = scale * values, shift * values
-        elif reader.op == "Div":
-            scale, shift = scale / values, shift / values
-        else:
-            shift = shift + values if reader.op == "Add" else shift - values
-        if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            folded = affine_step(reader.op, scale, shift, values)
+        if not all(np.all(np.isfinite(v)) for v in folded):
+            log.debug("%s '%s' after Conv '%s' not folded: it divides by zero", reader.op, reader.name, conv.name)
             break
+        scale, shift = folded
         eaten.append(reader)
         end = reader.outputs[0]
     if not eaten:

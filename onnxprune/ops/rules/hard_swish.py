@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ._match import other_input, scalar, sole_reader
+from ._match import float_tensor, other_input, scalar, sole_reader
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,11 @@ def _match(add: gs.Node, graph: gs.Graph):
             return None
     else:
         log.debug("Add '%s' + Clip '%s' not rewritten: not followed by x * . / 6", add.name, clip.name)
+        return None
+    constants = [t for node in (add, clip, first, last) for t in node.inputs if isinstance(t, gs.Constant)]
+    rank = len(x.shape) if x.shape is not None else 0
+    if not float_tensor(x) or any(c.values.ndim > rank for c in constants):
+        log.debug("Add '%s': x is not known to be floating point, or a constant widens it", add.name)
         return None
     return x, (add, clip, first, last), last.outputs[0]
 
