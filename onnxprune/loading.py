@@ -63,29 +63,32 @@ def load(model: onnx.ModelProto | str | os.PathLike, input_shapes=None, vetted: 
         proto, size, file = normalize_model(model), model_size_bytes(model), None
     else:
         proto, size, file = load_model_file(model)
-    simplified, before = {}, proto
-    if simplify:
-        proto, simplified = simplify_model(proto)
-        if simplified and file is not None:  # read again from the file, it is rewritten again
-            file = replace(file, verbatim=False, rewrite=rewritten_model)
-    given = model if simplified and isinstance(model, onnx.ModelProto) else None
     resolved = resolve_input_shapes(proto, input_shapes)
-    loaded = Loaded(proto, resolved, static_shapes(proto, resolved), size, file=file, simplified=simplified,
-                    given=given)
+    loaded = Loaded(proto, resolved, static_shapes(proto, resolved), size, file=file)
     del proto  # `first_session` may free the parsed model
-    if not simplified:
-        before = None
     if not vetted:
         vet_model(loaded.model, loaded.shapes)
         if runs or unknown_shapes(loaded.model, loaded.shapes):
             first_session(loaded)
     loaded.shapes = complete_shapes(loaded.model, resolved, loaded.shapes)
-    loaded.cost = model_cost(loaded.model, resolved, loaded.shapes)
-    loaded.given_cost = loaded.cost
-    if before is not None:  # the shapes of the tensors the rules removed: inferred, else read off onnxruntime
-        shapes = complete_shapes(before, resolved, {**static_shapes(before, resolved), **loaded.shapes})
-        loaded.given_cost = model_cost(before, resolved, shapes)
+    loaded.cost = loaded.given_cost = model_cost(loaded.model, resolved, loaded.shapes)
+    if simplify:  # after vetting: the rules read weights a broken model may not have
+        rewrite(loaded, model if isinstance(model, onnx.ModelProto) else None)
     return loaded
+
+
+def rewrite(loaded: Loaded, given: onnx.ModelProto | None) -> None:
+    """`loaded` rewritten by `ops.rules` in place (its model, shapes, cost; its file rewritten again when
+    read), the model as given kept where it has no file (`given`)."""
+    rewritten, counts = simplify_model(loaded.model)
+    if not counts:
+        return
+    shapes = {**loaded.shapes, **static_shapes(rewritten, loaded.input_shapes)}  # a tensor a rule made: inferred
+    loaded.model, loaded.simplified, loaded.given = rewritten, counts, given
+    loaded.shapes = complete_shapes(rewritten, loaded.input_shapes, shapes)
+    loaded.cost = model_cost(rewritten, loaded.input_shapes, loaded.shapes)
+    if loaded.file is not None:
+        loaded.file = replace(loaded.file, verbatim=False, rewrite=rewritten_model)
 
 
 def first_session(loaded: Loaded) -> None:
