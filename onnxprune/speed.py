@@ -28,7 +28,6 @@ from .budget import CostModel, LatencyPredictor, Target
 from .config import PruneConfig, latency_wanted
 from .errors import ValidationFailed
 from .stages import analyze_model, choose, rewrite_channels
-from .io import export_graph
 from .validate.latency import LatencyConfig, compare_latency, latency_session, model_clock, summarize, time_runs
 from .validate.latency_model import LatencyCache, cache_key, layer_fits, timed_layers
 
@@ -165,8 +164,10 @@ def latency_budget(baseline: Baseline, analysis, config: PruneConfig) -> Latency
         return None
     timing = config.latency or LatencyConfig()
     sessions = {"original": baseline.session(timing.threads)}
-    if baseline.loaded.simplified:  # predictions start from the model as the rules rewrote it, timed beside the original
-        sessions["simplified"] = latency_session(export_graph(analysis.graph), timing.threads)
+    loaded = baseline.loaded
+    if loaded.simplified:  # predictions start from the model as the rules rewrote it, timed beside the original
+        sessions["simplified"] = latency_session(loaded.model if loaded.model is not None else loaded.file.load(),
+                                                 timing.threads)
     seconds = time_runs(sessions, baseline.single_batch(), timing, model_clock(timing.threads))
     original_ms = summarize(seconds["original"])["median_ms"]
     start_ms = summarize(seconds.get("simplified", seconds["original"]))["median_ms"]

@@ -1,8 +1,11 @@
-"""ops/rules: the exact rewrites applied before the analysis (affine arithmetic folded into a Conv, a
-written-out hard swish made one or two ops), each checked against onnxruntime on the model before and
-after, and the cases each rule must leave alone."""
+"""ops/rules: the exact rewrites applied when a model is loaded (affine arithmetic folded into the Conv
+before or after it, a written-out hard swish made one or two ops), each checked against onnxruntime on
+the model before and after, the cases each rule must leave alone, and how loading, the report and the CLI
+carry them."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import onnx
@@ -241,3 +244,21 @@ def test_the_cost_as_given_counts_tensors_shape_inference_cannot_reach():
     loaded = load(model)
     assert loaded.simplified == {"affine_into_conv": 1}
     assert loaded.given_cost == load(model, simplify=False).cost
+
+
+def test_the_cli_s_no_simplify_keeps_the_ops_and_inspect_reports_the_rewrites(tmp_path):
+    from click.testing import CliRunner
+
+    from onnxprune.cli import main
+
+    path, out = tmp_path / "model.onnx", tmp_path / "out.onnx"
+    onnx.save(hard_swish(), str(path))
+    result = CliRunner().invoke(main, ["prune", str(path), str(out), "--filters", "0.25", "--no-simplify", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "Clip" in ops(onnx.load(str(out)))
+    result = CliRunner().invoke(main, ["prune", str(path), str(out), "--filters", "0.25", "-q"])
+    assert result.exit_code == 0 and "Clip" not in ops(onnx.load(str(out)))
+    shown = CliRunner().invoke(main, ["inspect", str(path), "--json"])
+    assert json.loads(shown.output)["simplified"] == {"hard_swish": 1}
+    shown = CliRunner().invoke(main, ["inspect", str(path), "--json", "--no-simplify"])
+    assert json.loads(shown.output)["simplified"] == {}
