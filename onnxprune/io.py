@@ -24,9 +24,10 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper, version_converter
 
-from .errors import ModelError, UsageError
+from .errors import ModelError, UsageError, first_line
 from .workdir import publish, staging_path
 
+FOLD_LIMIT_BYTES = 256 << 20  # constants computed from constants are folded up to this size
 log = logging.getLogger(__name__)
 
 MIN_OPSET = 11
@@ -349,6 +350,17 @@ def unload_maps(graph: gs.Graph) -> None:
         source = getattr(tensor._values, "mapped_from", None) if isinstance(tensor, gs.Constant) else None
         if source is not None:
             tensor._values = MappedValues(source)
+
+
+def fold_constants(graph: gs.Graph) -> None:
+    """Evaluate subgraphs that depend only on constants (weights reshaped, transposed or cast by the
+    exporter) so that handlers and ops/rules see constant weights. Shapes are not folded: dynamic dims stay dynamic."""
+    if not any(node.inputs and all(isinstance(t, gs.Constant) for t in node.inputs) for node in graph.nodes):
+        return  # nothing computes from constants alone
+    try:
+        graph.fold_constants(fold_shapes=False, error_ok=False, size_threshold=FOLD_LIMIT_BYTES).cleanup()
+    except Exception as exc:  # folding is an optimisation of the analysis, never a requirement
+        log.info("constant folding skipped: %s", first_line(exc))
 
 
 def export_graph(graph: gs.Graph) -> onnx.ModelProto:

@@ -8,13 +8,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
 from .baseline import Baseline
 from .allocate import group_round_to, round_keep
 from .budget import Target, choose_channels
 from .config import PruneConfig, channel_ratio, recovery_method, scorer_name
-from .errors import NothingToPrune, first_line
+from .errors import NothingToPrune
 from .graph import Analysis, analyze
 from .loading import Loaded, copied_messages
 from .lowrank import LowRankSettings, factorize_model
@@ -22,7 +21,7 @@ from .ops.base import HIDDEN
 from .plan import source_names
 from .quantize import quantize_int8
 from .recover import recover
-from .io import EXTERNAL_DATA_THRESHOLD, export_graph, import_graph, model_size_bytes, unload_maps
+from .io import EXTERNAL_DATA_THRESHOLD, export_graph, fold_constants, import_graph, model_size_bytes, unload_maps
 from .sparsity import SparsitySettings, recount, sparsify_model
 from .sparsity.storage import store_sparse
 from .validate import check_model
@@ -35,7 +34,6 @@ from .scoring.reselect import reselect, reselect_sequential
 
 log = logging.getLogger(__name__)
 
-FOLD_LIMIT_BYTES = 256 << 20
 
 
 # ---------------------------------------------------------------- analyze
@@ -48,17 +46,6 @@ def analyze_model(loaded: Loaded, exclude=(), hidden: bool = False) -> Analysis:
     fold_constants(graph)
     graph.toposort()
     return analyze(graph, loaded.shapes, exclude, {HIDDEN} if hidden else ())
-
-
-def fold_constants(graph: gs.Graph) -> None:
-    """Evaluate subgraphs that depend only on constants (weights reshaped, transposed or cast by the
-    exporter) so that handlers see constant weights. Shapes are not folded: dynamic dims stay dynamic."""
-    if not any(node.inputs and all(isinstance(t, gs.Constant) for t in node.inputs) for node in graph.nodes):
-        return  # nothing computes from constants alone
-    try:
-        graph.fold_constants(fold_shapes=False, error_ok=False, size_threshold=FOLD_LIMIT_BYTES).cleanup()
-    except Exception as exc:  # folding is an optimisation of the analysis, never a requirement
-        log.info("constant folding skipped: %s", first_line(exc))
 
 
 def group_summary(group, kept: int | None = None) -> dict:

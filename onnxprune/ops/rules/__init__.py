@@ -12,14 +12,13 @@ import logging
 import onnx
 import onnx_graphsurgeon as gs
 
-from ...io import export_graph, import_graph
+from ...io import export_graph, fold_constants, import_graph
 from . import affine_before_conv, affine_into_conv, hard_swish
 
 log = logging.getLogger(__name__)
 
 RULES = (affine_into_conv, hard_swish, affine_before_conv)
 TRIGGERS = {"Conv", "Clip"}  # a graph without these ops matches no rule
-FOLD_LIMIT_BYTES = 256 << 20  # constants computed from constants are folded up to this size
 
 
 def simplify(graph: gs.Graph) -> dict[str, int]:
@@ -40,10 +39,7 @@ def simplify_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, i
     if not any(node.op_type in TRIGGERS for node in model.graph.node):
         return model, {}
     graph = import_graph(with_shapes(model))
-    try:  # constants an exporter computes (a bias reshaped) become constants the rules can read
-        graph.fold_constants(fold_shapes=False, error_ok=False, size_threshold=FOLD_LIMIT_BYTES)
-    except Exception as exc:
-        log.debug("constant folding before the rewrites skipped: %s", exc)
+    fold_constants(graph)  # constants an exporter computes (a bias reshaped) become constants the rules read
     counts = simplify(graph)
     if not counts:
         return model, {}
