@@ -53,3 +53,33 @@ def affine_step(op: str, scale: np.ndarray, shift: np.ndarray, values: np.ndarra
 def float_tensor(tensor) -> bool:
     """A tensor whose element type is known to be floating point."""
     return tensor.dtype is not None and np.dtype(tensor.dtype).kind == "f"
+
+
+LINEAR = ("Mul", "Add", "Sub", "Div")  # the arithmetic the affine rules fold
+
+
+def conv_weights(conv: gs.Node) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """(filters, bias or None) of a Conv with constant floating-point weights, else None."""
+    weight = conv.inputs[1] if len(conv.inputs) > 1 else None
+    bias = conv.inputs[2] if len(conv.inputs) > 2 and conv.inputs[2].name else None
+    if not isinstance(weight, gs.Constant) or weight.values.dtype.kind != "f":
+        return None
+    if bias is not None and not isinstance(bias, gs.Constant):
+        return None
+    return weight.values, bias.values if bias is not None else None
+
+
+def set_conv_weights(conv: gs.Node, filters: np.ndarray, bias: np.ndarray, label: str) -> None:
+    """Give `conv` new constant filters and bias (float64 values, cast to the filters' type; never written
+    into constants another node may share)."""
+    dtype = conv.inputs[1].values.dtype
+    conv.inputs[1] = gs.Constant(f"{label}_weight", filters.astype(dtype))
+    folded_bias = gs.Constant(f"{label}_bias", bias.astype(dtype))
+    if len(conv.inputs) > 2:
+        conv.inputs[2] = folded_bias
+    else:
+        conv.inputs.append(folded_bias)
+
+
+def finite(*arrays: np.ndarray) -> bool:
+    return all(np.all(np.isfinite(a)) for a in arrays)

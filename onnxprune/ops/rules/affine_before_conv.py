@@ -10,12 +10,11 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ._match import affine_step, channel_vector, other_input, sole_reader
+from ._match import LINEAR, affine_step, channel_vector, conv_weights, finite, other_input, set_conv_weights, sole_reader
 
 log = logging.getLogger(__name__)
 
 NAME = "affine_before_conv"
-LINEAR = ("Mul", "Add", "Sub", "Div")
 
 
 def apply(graph: gs.Graph) -> int:
@@ -46,12 +45,11 @@ def _chain(conv: gs.Node, graph: gs.Graph, channels: int, rank: int) -> list[tup
 
 
 def _fold(conv: gs.Node, graph: gs.Graph) -> int:
-    weight = conv.inputs[1] if len(conv.inputs) > 1 else None
-    bias = conv.inputs[2] if len(conv.inputs) > 2 and conv.inputs[2].name else None
-    if (not isinstance(weight, gs.Constant) or weight.values.dtype.kind != "f" or not _unpadded(conv)
-            or (bias is not None and not isinstance(bias, gs.Constant))):
+    weights = conv_weights(conv)
+    if weights is None or not _unpadded(conv):
         return 0
-    channels, rank = weight.values.shape[1], weight.values.ndim
+    weight, bias = weights
+    channels, rank = weight.shape[1], weight.ndim
     chain = _chain(conv, graph, channels, rank)
     if not chain:
         return 0
@@ -59,20 +57,14 @@ def _fold(conv: gs.Node, graph: gs.Graph) -> int:
     with np.errstate(divide="ignore", invalid="ignore"):
         for node, values in chain:
             scale, shift = affine_step(node.op, scale, shift, values)
-    if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
+    if not finite(scale, shift):
         log.debug("Conv '%s': the arithmetic before it divides by zero; not folded", conv.name)
         return 0
-    filters = weight.values.astype(np.float64)
-    old_bias = bias.values.astype(np.float64) if bias is not None else np.zeros(filters.shape[0])
+    filters = weight.astype(np.float64)
+    old_bias = bias.astype(np.float64) if bias is not None else np.zeros(filters.shape[0])
     new_bias = old_bias + filters.reshape(filters.shape[0], channels, -1).sum(axis=2) @ shift
     filters = filters * scale.reshape((1, -1) + (1,) * (rank - 2))
-    dtype, label = weight.values.dtype, conv.name or conv.outputs[0].name
-    conv.inputs[1] = gs.Constant(f"{label}_input_scaled_weight", filters.astype(dtype))
-    folded_bias = gs.Constant(f"{label}_input_shifted_bias", new_bias.astype(dtype))
-    if len(conv.inputs) > 2:
-        conv.inputs[2] = folded_bias
-    else:
-        conv.inputs.append(folded_bias)
+    set_conv_weights(conv, filters, new_bias, f"{conv.name or conv.outputs[0].name}_input_folded")
     first = chain[0][0]
     conv.inputs[0] = next(t for t in first.inputs if not isinstance(t, gs.Constant))
     for node, _ in chain:
