@@ -46,7 +46,7 @@ class PruneConfig:
     round_to: int | str | None = None  # None: 8 for groups of 16+ channels, else 1; "auto": the latency model's
     exclude: tuple[str, ...] = ()
     hidden: bool = False  # also prune the residual width through LayerNormalization (inexact; `--hidden`)
-    simplify: bool = True  # apply the exact rewrites of ops.rules before the analysis (`--no-simplify`: off)
+    simplify: bool = True  # apply the exact rewrites of ops.rules when the model is loaded (`--no-simplify`: off)
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     calibration: CalibrationSet | str | os.PathLike | None = None
     seed: int = 0

@@ -262,3 +262,17 @@ def test_the_cli_s_no_simplify_keeps_the_ops_and_inspect_reports_the_rewrites(tm
     assert json.loads(shown.output)["simplified"] == {"hard_swish": 1}
     shown = CliRunner().invoke(main, ["inspect", str(path), "--json", "--no-simplify"])
     assert json.loads(shown.output)["simplified"] == {}
+
+
+def test_the_summary_names_the_rewrites():
+    from click.testing import CliRunner
+
+    from onnxprune.cli import main
+
+    with CliRunner().isolated_filesystem():
+        onnx.save(hard_swish(), "model.onnx")
+        result = CliRunner().invoke(main, ["prune", "model.onnx", "out.onnx", "--filters", "0.25"])
+        assert result.exit_code == 0, result.output
+        assert "simplified 1 hard swish" in result.output
+        result = CliRunner().invoke(main, ["prune", "model.onnx", "out.onnx", "--filters", "0.25", "--no-simplify"])
+        assert result.exit_code == 0 and "simplified" not in result.output
