@@ -474,7 +474,8 @@ def gram_folds(analysis, context, consumers: list[Consumer]) -> list[GramFold]:
     start = 0
     with numeric_pool() as pool:
         for acts in stream_activations(context.model, names, calibration, batch, progress="OBS statistics"):
-            size = len(next(iter(acts.values())))
+            size = min(batch, calibration.count - start)  # not an activation's first axis: a recurrent
+            # layer's input is [steps, batch, features]
             list(pool.map(lambda fold: fold.add(acts[fold.consumer.tensor], start, size), folds))  # noqa: B023
             start += size
     return folds

@@ -281,7 +281,7 @@ def sensitivities(analysis, context) -> tuple[np.ndarray, list[Consumer], int]:
     # each layer folds its own points in order, so the result does not depend on the scheduling
     with numeric_pool() as pool:
         for acts in stream_activations(context.model, names, calibration, batch, progress="PFP sensitivities"):
-            size = len(next(iter(acts.values())))
+            size = min(batch, calibration.count - start)  # not an activation's first axis (recurrent)
             list(pool.map(lambda fold: fold.add(acts[fold.consumer.tensor], start, size), folds))  # noqa: B023
             start += size
         list(pool.map(LayerFold.flush, folds))

@@ -244,3 +244,24 @@ def test_a_recurrent_layer_of_a_model_with_external_data_is_recovered(tmp_path):
     layers = prune(path, PruneConfig(filters=0.5, scorer="l1", calibration={"x": x}, recover="lstsq")).report[
         "recovery"]["layers"]
     assert any(l["name"] == "rnn0" and l["status"] == "recovered" for l in layers), layers
+
+
+def test_obs_gathers_a_recurrent_consumers_rows_once_per_sample():
+    """A recurrent layer's input is [steps, batch, features]: obs's Gram matrices count each chosen row
+    once, whatever the step count (the batch's samples are not its first axis)."""
+    from onnxprune.calib import input_specs, load_calibration
+    from onnxprune.loading import load
+    from onnxprune.scoring import ScoringContext
+    from onnxprune.scoring.consumers import find_consumers
+    from onnxprune.scoring.obs import gram_folds
+    from onnxprune.stages import analyze_model
+
+    loaded = load(BUILDERS["rnn"]())
+    analysis = analyze_model(loaded)
+    x = np.random.default_rng(0).standard_normal((16, STEPS, FEATURES)).astype(np.float32)
+    calibration = load_calibration({"x": x}, input_specs(loaded.model, loaded.input_shapes))
+    context = ScoringContext(calibration=calibration, model=loaded.model, fixed_batch=1)
+    consumers = [c for c in find_consumers(analysis) if c.node.op == "RNN"]
+    (fold,) = gram_folds(analysis, context, consumers)
+    assert fold.count + fold.held_count == len(fold.chosen) == 16 * STEPS
+    assert fold.held_count == 3 * STEPS  # samples 4, 9, 14 are held out (calib.data.held_out)
