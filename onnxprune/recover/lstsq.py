@@ -97,21 +97,6 @@ class NormalEquations:
         bias = mean_y - np.einsum("gd,gdm->gm", mean_x, weight) if intercept else np.zeros_like(mean_y)
         return weight, bias
 
-    def solve_path(self, ridges, intercept: bool = True, prior: np.ndarray | None = None):
-        """`solve(ridge, intercept, prior)` for every ridge of `ridges`, from one eigendecomposition."""
-        xx, xy, mean_x, mean_y = self._centered(intercept)
-        features = xx.shape[-1]
-        scale = np.trace(xx, axis1=1, axis2=2) / features
-        values, vectors = np.linalg.eigh((xx + xx.transpose(0, 2, 1)) / 2)
-        vt = vectors.transpose(0, 2, 1)
-        projected_xy = vt @ xy
-        projected_prior = vt @ prior if prior is not None else 0.0
-        for ridge in ridges:
-            lam = np.where(scale > 0, ridge * scale, 1.0)[:, None]
-            weight = vectors @ ((projected_xy + lam[:, :, None] * projected_prior) / (values + lam)[:, :, None])
-            bias = mean_y - np.einsum("gd,gdm->gm", mean_x, weight) if intercept else np.zeros_like(mean_y)
-            yield weight, bias
-
     def _centered(self, intercept: bool):
         n = max(self.count, 1)
         xx, xy = self.xx / n, self.xy / n
@@ -234,6 +219,8 @@ class LstsqFit:
             return (self.ridge if self.ridge is not None else DEFAULT_RIDGE), None, None
         energy = self.energy[1]
         prior = self.view.weight
-        scores = [relative(self.held.residual(*fit), energy) for fit in self.fit.solve_path(RIDGE_GRID, intercept, prior)]
+        # one LU solve per ridge: on 2304-4608 features 8 of them took a third to a half of the time of one
+        # eigendecomposition shared by all 8 (LAPACK reduces to tridiagonal form by matrix-vector products)
+        scores = [relative(self.held.residual(*self.fit.solve(ridge, intercept, prior)), energy) for ridge in RIDGE_GRID]
         best = int(np.argmin(scores))
         return RIDGE_GRID[best], relative(self.held.residual(*current), energy), scores[best]
