@@ -31,7 +31,7 @@ from .stages import analyze_model, choose, rewrite_channels
 from .validate.latency import LatencyConfig, compare_latency, latency_session, model_clock, summarize, time_runs
 from .validate.latency_model import LatencyCache, cache_key, layer_fits, timed_layers
 
-ROUNDS = 3
+ROUNDS = 5  # a few: each is an allocation, a cut and a timing (no recovery), seconds on small models
 TOLERANCE = 0.05  # a round within this share of the goal meets it; one faster by more tries a larger allocation
 GROWTH = 2.0  # a round after a miss predicts at most this many times the missed round's saving
 
@@ -195,16 +195,22 @@ def counts_of(keep: dict[int, np.ndarray]) -> dict[int, int]:
 
 def latency_rounds(baseline: Baseline, analysis, config: PruneConfig, budget: LatencyBudget, factorizing: bool):
     """(the channel choice for a latency target, its cut model and masks as `rewrite_channels` gives them):
-    allocate to the predicted limit, cut, measure; on a miss tighten and try again (`ROUNDS` at most). Out
+    allocate to the predicted limit, cut, measure; on a miss tighten and try again (`ROUNDS` at most, until an
+    allocation repeats an earlier round's). Out
     of reach (the first round's allocation, at every group's floor, measured slower than the goal):
     `TargetOutOfReach`."""
     best = None  # (measured ms, round, choice, (cut, masks)) of the slowest round that met the goal
+    measured = []  # (keep counts, choice, (cut, masks)) of every round
     for index in range(ROUNDS):
         choice = choose(baseline, analysis, config, factorizing, target=budget.target())
+        counts = counts_of(choice.keep)
+        if any(counts == earlier for earlier, *_ in measured):  # the allocation cannot get closer: stop
+            break
         at_floor = short_of(choice.budget)
         rewritten = rewrite_channels(analyze_model(baseline.loaded, config.exclude, config.hidden), choice,
                                      baseline.loaded.model.ir_version)
-        reached, close = budget.measure_round(baseline, rewritten[0], counts_of(choice.keep))
+        reached, close = budget.measure_round(baseline, rewritten[0], counts)
+        measured.append((counts, choice, rewritten))
         if at_floor and not reached and index == 0:  # measured, not only predicted, out of reach
             budget.refuse()
         if reached and (best is None or budget.rounds[-1]["measured_ms"] > best[0]):
@@ -213,6 +219,6 @@ def latency_rounds(baseline: Baseline, analysis, config: PruneConfig, budget: La
             break
     if best is None:
         budget.chosen = len(budget.rounds) - 1
-        return choice, rewritten
+        return measured[-1][1], measured[-1][2]
     budget.chosen = best[1]
     return best[2], best[3]
