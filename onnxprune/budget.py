@@ -68,7 +68,7 @@ class CostModel:
             macs = node_macs(OnnxExporter.export_node(node), analysis.shapes, {})
             if not macs:
                 continue
-            handler = handler_for(node.op)
+            handler = handler_for(node.op, node.domain)
             parts = handler.cost_parts(node) if handler is not None and id(node) in sources else None
             if parts is not None:
                 for share, tensor_in, tensor_out in parts:

@@ -20,12 +20,27 @@ NAN_SLICE = 1 << 24  # elements checked for NaN at once
 FLOATING = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
+LAYOUT_DOMAINS = ("com.microsoft.nchwc", "com.ms.internal.nhwc")  # onnxruntime's channel layouts of one machine
+
+
 def vet_model(model: onnx.ModelProto, shapes: dict[str, tuple]) -> None:
     """Raise ModelError naming the first weight, node or tensor that makes the model unusable."""
+    check_layout(model.graph)
     check_graph(model.graph)
     check_initializers(model)
     check_attributes(model, shapes)
     check_tensor_sizes(model, shapes)
+
+
+def check_layout(graph: onnx.GraphProto) -> None:
+    """No node of onnxruntime's hardware-specific channel layouts: a model saved after its optimizations at
+    ORT_ENABLE_ALL holds its Conv filters in blocks of 8 or 16 channels (and fused activations in the Conv), which
+    no channel cut can slice."""
+    node = next((node for node in graph.node if node.domain in LAYOUT_DOMAINS), None)
+    if node is not None:
+        raise ModelError(f"{label(node)} is in onnxruntime's channel layout for this machine ({node.domain}): the model "
+                         "was saved after onnxruntime's hardware-specific optimizations; prune the model as exported "
+                         "(or as saved with graph_optimization_level ORT_ENABLE_EXTENDED or lower)")
 
 
 def check_graph(graph: onnx.GraphProto) -> None:
@@ -96,7 +111,7 @@ def check_no_nan(name: str, values: np.ndarray) -> None:
 def check_attributes(model: onnx.ModelProto, shapes: dict[str, tuple]) -> None:
     """What each node's handler finds wrong with its attributes at these shapes (`Handler.attribute_problem`)."""
     for node in model.graph.node:
-        handler = handler_for(node.op_type) if node.domain in ("", "ai.onnx") else None
+        handler = handler_for(node.op_type, node.domain)
         if handler is None:
             continue
         attrs = attribute_values(node)

@@ -119,3 +119,15 @@ def test_a_split_part_never_loses_all_its_channels():
     assert len(keep[group.index]) == 3  # one channel of the second part (positions 3..7) added back
     result = prune(models.split(), PruneConfig(filters=0.9, round_to=1))
     assert result.report["after"]["macs"] < result.report["before"]["macs"]
+
+
+def test_an_op_of_another_domain_is_not_read_as_onnxs_of_the_same_name():
+    """Handlers answer for ONNX's ops, and for onnxruntime's contrib ops (com.microsoft) only where they say
+    they read them: a Conv of onnxruntime's blocked layout is not ONNX's Conv."""
+    from onnxprune.ops import handler_for
+
+    assert handler_for("Conv") is handler_for("Conv", "ai.onnx") is handler_for("Conv", None) is not None
+    assert handler_for("Conv", "com.microsoft.nchwc") is None and handler_for("Conv", "com.microsoft") is None
+    assert handler_for("Gelu", "com.microsoft") is handler_for("Gelu") is not None
+    assert handler_for("SkipLayerNormalization", "com.microsoft") is not None
+    assert handler_for("SkipLayerNormalization", "com.example") is None

@@ -242,3 +242,23 @@ def test_an_output_that_would_overwrite_the_inputs_external_data_is_refused(tmp_
     before = {p.name: p.read_bytes() for p in model.parent.iterdir()}
     assert_failed(run(model, model.parent / output), 2, "the input model's external data")
     assert {p.name: p.read_bytes() for p in model.parent.iterdir()} == before
+
+
+def test_a_model_in_onnxruntimes_machine_specific_layout_is_refused(tmp_path):
+    """onnxruntime saves a model optimized at ORT_ENABLE_ALL with its Convs in its blocked channel layout
+    (domain com.microsoft.nchwc, filters stored in blocks): refused before anything is cut (it crashed
+    onnxruntime, or gave a wrong model, when its Convs were read as ONNX's)."""
+    import onnxruntime as ort
+
+    plain = tmp_path / "plain.onnx"
+    onnx.save(models.conv_chain(), str(plain))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "blocked.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(plain), options, providers=["CPUExecutionProvider"])
+    if not any(n.domain == "com.microsoft.nchwc" for n in onnx.load(str(tmp_path / "blocked.onnx")).graph.node):
+        pytest.skip("onnxruntime does not use its blocked layout on this CPU")
+    assert_failed(run(tmp_path / "blocked.onnx", tmp_path / "out.onnx", "--filters", "0.3"), 3,
+                  "com.microsoft.nchwc", "prune the model as exported")
+    assert no_output_in(tmp_path, keep={"plain.onnx", "blocked.onnx"})

@@ -204,7 +204,7 @@ def analyze(graph: gs.Graph, shapes: dict[str, tuple], exclude: list[str] | tupl
     `options`: names of opt-in handler behaviours (`AnalysisContext.allows`)."""
     ctx = AnalysisContext(graph, shapes, graph.opset, options)
     for node in graph.nodes:
-        handler = handler_for(node.op)
+        handler = handler_for(node.op, node.domain)
         if handler is None:
             ctx.block_inputs(node, "no handler for this op type")
             continue

@@ -8,6 +8,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 _REGISTRY: dict[str, "Handler"] = {}
+ONNX_DOMAINS = ("", "ai.onnx", None)  # the default domain (graphsurgeon: None)
+MICROSOFT = "com.microsoft"  # onnxruntime's contrib ops (its blocked layout's, com.microsoft.nchwc, are not)
 
 # Opt-in handler behaviours (`AnalysisContext.allows`):
 HIDDEN = "hidden"  # the hidden size: embedding tables are sources, LayerNorms pass it on, inexactly (--hidden)
@@ -66,6 +68,7 @@ class Handler:
     """
 
     multi_axis = False  # accepts channel maps split across several axes (see graph.ChannelMap)
+    domains: tuple[str, ...] = ()  # domains besides ONNX's whose nodes of its op types it reads
 
     def propagate(self, node: gs.Node, ctx) -> None:
         """Read input channel maps from `ctx`; set output maps, join, block or create sources."""
@@ -204,9 +207,9 @@ def weighted_ops() -> tuple[str, ...]:
                  if type(handler).weight_layout is not Handler.weight_layout)
 
 
-def weighted(op: str, attrs: dict, weight_shape) -> tuple[Handler, WeightLayout] | None:
+def weighted(op: str, attrs: dict, weight_shape, domain: str | None = "") -> tuple[Handler, WeightLayout] | None:
     """(handler, layout) of a weighted op with a weight of this shape, else None."""
-    handler = _REGISTRY.get(op)
+    handler = handler_for(op, domain)
     if handler is None or weight_shape is None:
         return None
     layout = handler.weight_layout(op, attrs, tuple(int(d) for d in weight_shape))
@@ -223,8 +226,14 @@ def register(*op_types: str):
     return decorate
 
 
-def handler_for(op_type: str) -> Handler | None:
-    return _REGISTRY.get(op_type)
+def handler_for(op_type: str, domain: str | None = "") -> Handler | None:
+    """The handler of a node of this op type and domain: an op of another domain than ONNX's has its own
+    semantics whatever its name (onnxruntime's blocked-layout Conv holds its filters in blocks and may carry a
+    fused activation), so only handlers that say they read that domain (`Handler.domains`) answer for it."""
+    handler = _REGISTRY.get(op_type)
+    if handler is None or not (domain in ONNX_DOMAINS or domain in handler.domains):
+        return None
+    return handler
 
 
 def registered_ops() -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import Handler, pass_through, register
+from .base import MICROSOFT, Handler, pass_through, register
 
 UNARY = (
     "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Gelu", "Softplus",
@@ -25,6 +25,8 @@ NOT_FLOAT = ("Not", "IsNaN", "IsInf", "Cast", "CastLike", "BitwiseNot")  # their
 
 @register(*UNARY)
 class UnaryHandler(Handler):
+    domains = (MICROSOFT,)  # onnxruntime's Gelu (transformers.optimizer)
+
     def propagate(self, node, ctx):
         channel_inputs = (0, 1) if node.op == "CastLike" else (0,)
         ctx.block_unexpected(node, channel_inputs=channel_inputs)

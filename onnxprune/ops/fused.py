@@ -22,11 +22,10 @@ from __future__ import annotations
 import numpy as np
 
 from .attention import OnnxAttention, join_heads, product_macs
-from .base import HIDDEN, Handler, attr, const_input, has_input, join_rows, register
+from .base import HIDDEN, MICROSOFT, Handler, attr, const_input, has_input, join_rows, register
 from .elementwise import BroadcastHandler
 from .norm import hidden_norm, keep_root_mean_square, slice_norm_parameters
 
-MICROSOFT = "com.microsoft"
 ATTENTION_BIAS = 5  # Attention's input of per-head additive score biases [B or 1, heads or 1, S, T]
 
 
@@ -34,10 +33,14 @@ ATTENTION_BIAS = 5  # Attention's input of per-head additive score biases [B or 
 class BiasActivationHandler(BroadcastHandler):
     """An activation of `input + bias` (bias optional): the broadcast of an Add, then a unary op."""
 
+    domains = (MICROSOFT,)
+
 
 @register("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
 class SkipNormHandler(BroadcastHandler):
     """LayerNorm (or RMSNorm) over the last axis of `input + skip + bias`."""
+
+    domains = (MICROSOFT,)
 
     def propagate(self, node, ctx):
         tracked = [(t, m) for t in node.inputs[:2] if (m := ctx.channels(t)) is not None]
@@ -76,6 +79,8 @@ class EmbedNormHandler(Handler):
     its output is a source: word, position and segment tables (inputs 2-4) lose columns, gamma and beta
     (5, 6) entries; the sum (output 2) carries the same channels."""
 
+    domains = (MICROSOFT,)
+
     TABLES = (2, 3, 4)
 
     def propagate(self, node, ctx):
@@ -103,6 +108,8 @@ class EmbedNormHandler(Handler):
 
 @register("MultiHeadAttention")
 class MultiHeadAttentionHandler(Handler):
+    domains = (MICROSOFT,)
+
     def propagate(self, node, ctx):
         maps = [ctx.channels(t) if has_input(node, i) else None for i, t in enumerate(node.inputs[:3])]
         ctx.block_unexpected(node, channel_inputs=(0, 1, 2))
@@ -164,6 +171,8 @@ def qkv_sizes(attrs: dict, packed: int) -> list[int]:
 @register("Attention")
 class AttentionHandler(Handler):
     """onnxruntime's Attention; ONNX's own (the default domain, opset 23) is `OnnxAttention`'s."""
+
+    domains = (MICROSOFT,)
 
     onnx = OnnxAttention()
 

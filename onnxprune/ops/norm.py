@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import HIDDEN, Handler, attr, normalize_axis, pass_through, register
+from .base import HIDDEN, MICROSOFT, Handler, attr, normalize_axis, pass_through, register
 
 NORMS_OVER_LAST = ("LayerNormalization", "SimplifiedLayerNormalization")  # the latter: onnxruntime's RMSNorm
 
@@ -93,6 +93,8 @@ class GroupNormHandler(Handler):
 @register("LayerNormalization", "SimplifiedLayerNormalization", "LpNormalization", "LRN", "MeanVarianceNormalization")
 class CrossChannelNormHandler(Handler):
     """Normalises over some axes: channels there are blocked, channels elsewhere pass through."""
+
+    domains = (MICROSOFT,)  # onnxruntime's own LayerNormalization and SimplifiedLayerNormalization
 
     def propagate(self, node, ctx):
         ctx.block_unexpected(node, channel_inputs=(0,))

@@ -106,7 +106,7 @@ def apply_channel_plan(analysis: Analysis, masks: dict[str, np.ndarray]) -> None
     for node in graph.nodes:
         names = [t.name for t in list(node.inputs) + list(node.outputs)]
         if any(n in masks for n in names):
-            handler_for(node.op).rewrite(node, rw)
+            handler_for(node.op, node.domain).rewrite(node, rw)
     _widen_outputs(graph, rw)
     _forget_stale_shapes(graph, masks)
     graph.cleanup().toposort()

@@ -117,7 +117,7 @@ def find_consumers(analysis) -> list[Consumer]:
         weight = const_input(node, 1)
         if cmap is None or weight is None or cmap.ids.ndim != 1:
             continue
-        op_weight = weighted(node.op, node.attrs, weight.shape)
+        op_weight = weighted(node.op, node.attrs, weight.shape, node.domain)
         if op_weight is None:
             continue
         units = analysis.label[cmap.ids]

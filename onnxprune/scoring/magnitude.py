@@ -13,7 +13,7 @@ def _filter_norms(analysis, order: int) -> dict[int, np.ndarray]:
     for group in analysis.prunable_groups():
         total = np.zeros(group.channels)
         for source in group.sources:
-            weights = handler_for(source.node.op).filter_weights(source.node).astype(np.float64)
+            weights = handler_for(source.node.op, source.node.domain).filter_weights(source.node).astype(np.float64)
             norms = np.abs(weights).sum(1) if order == 1 else np.sqrt((weights * weights).sum(1))
             accumulate(analysis, group, analysis.maps[source.tensor].ids, norms, total)
         scores[group.index] = total
@@ -42,7 +42,7 @@ def bn_scale(analysis, context):
         total, found = np.zeros(group.channels), False
         for name in group.members:
             node = nodes[name]
-            handler = handler_for(node.op)
+            handler = handler_for(node.op, node.domain)
             scales = handler.channel_scales(node) if handler else None
             if scales is not None:
                 accumulate(analysis, group, analysis.maps[node.inputs[0].name].ids, scales, total)

@@ -36,7 +36,7 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple], inits: dict[str, t
 
     out = shape(0, outputs=True)
     op = node.op_type
-    handler = handler_for(op)
+    handler = handler_for(op, node.domain)
     if handler is not None:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         macs = handler.macs(op, attrs, shape(0), shape(1), out)

@@ -186,7 +186,7 @@ class TimedLayer:
 
 def timed_layer(node, shapes: dict, opset: int) -> TimedLayer | None:
     """The layer of a graphsurgeon node when it can be timed alone (see the module docstring), else None."""
-    handler = handler_for(node.op)
+    handler = handler_for(node.op, node.domain)
     shape = shapes.get(node.inputs[0].name) if node.inputs else None
     sides = handler.timing_sides(node) if handler is not None else None
     if sides is None or shape is None or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
@@ -238,7 +238,7 @@ def chain_after(node, analysis) -> list:
         if not unread:
             break
         unread.discard(id(candidate))
-        handler = handler_for(candidate.op)
+        handler = handler_for(candidate.op, candidate.domain)
         fed = [t.name for t in candidate.inputs if t.name and not isinstance(t, gs.Constant)]
         out = candidate.outputs[0] if candidate.outputs else None
         if (handler is None or not fed or not set(fed) <= tensors or out is None or not handler.per_channel(candidate)
@@ -324,7 +324,7 @@ def layer_model(layer: TimedLayer, k_in: int, k_out: int) -> onnx.ModelProto:
     masks = {"x": kept_in, **{t.name: kept_out for t in outputs + tensors if t.name}}
     rewrite = AloneRewrite(masks, layer.out_axis, layer.out_rank)
     for n in nodes:
-        handler_for(n.op).rewrite(n, rewrite)
+        handler_for(n.op, n.domain).rewrite(n, rewrite)
     ends = [tensors[i] for i in layer.ends]
     if layer.chain and layer.out_rank > 1:
         ends = [read_end(t, layer, i, nodes) for i, t in enumerate(ends)]

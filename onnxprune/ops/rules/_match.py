@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..base import ONNX_DOMAINS
+
 
 def scalar(tensor) -> float | None:
     """The value of a one-element constant, else None."""
@@ -27,9 +29,15 @@ def channel_vector(tensor, channels: int, rank: int) -> np.ndarray | None:
     return values.reshape(channels).astype(np.float64)
 
 
+def onnx_op(node: gs.Node, *ops: str) -> bool:
+    """`node` is one of ONNX's `ops` (not an op of another domain that shares its name)."""
+    return node.op in ops and node.domain in ONNX_DOMAINS
+
+
 def sole_reader(tensor: gs.Variable, graph: gs.Graph) -> gs.Node | None:
-    """The one node reading `tensor`, when nothing else (no other node, no graph output) does."""
-    if len(tensor.outputs) != 1 or tensor in graph.outputs:
+    """The one node reading `tensor`, when nothing else (no other node, no graph output) does and it is an
+    ONNX op."""
+    if len(tensor.outputs) != 1 or tensor in graph.outputs or tensor.outputs[0].domain not in ONNX_DOMAINS:
         return None
     return tensor.outputs[0]
 

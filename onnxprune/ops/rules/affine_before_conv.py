@@ -10,7 +10,8 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ._match import LINEAR, affine_step, channel_vector, conv_weights, finite, other_input, set_conv_weights, sole_reader
+from ._match import (LINEAR, affine_step, channel_vector, conv_weights, finite, onnx_op, other_input, set_conv_weights,
+                     sole_reader)
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,7 @@ NAME = "affine_before_conv"
 
 def apply(graph: gs.Graph) -> int:
     """Fold every such chain into the Conv reading it; the number of arithmetic nodes folded."""
-    return sum(_fold(node, graph) for node in list(graph.nodes) if node.op == "Conv")
+    return sum(_fold(node, graph) for node in list(graph.nodes) if onnx_op(node, "Conv"))
 
 
 def _unpadded(conv: gs.Node) -> bool:
@@ -33,7 +34,7 @@ def _chain(conv: gs.Node, graph: gs.Graph, channels: int, rank: int) -> list[tup
     while tensor.inputs and sole_reader(tensor, graph) is not None:
         node = tensor.inputs[0]
         data = next((t for t in node.inputs if not isinstance(t, gs.Constant)), None)
-        if node.op not in LINEAR or data is None or (node.op in ("Sub", "Div") and node.inputs[0] is not data):
+        if not onnx_op(node, *LINEAR) or data is None or (node.op in ("Sub", "Div") and node.inputs[0] is not data):
             break
         values = channel_vector(other_input(node, data), channels, rank)
         shape = data.shape

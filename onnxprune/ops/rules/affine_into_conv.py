@@ -10,7 +10,8 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ._match import LINEAR, affine_step, channel_vector, conv_weights, finite, other_input, set_conv_weights, sole_reader
+from ._match import (LINEAR, affine_step, channel_vector, conv_weights, finite, onnx_op, other_input, set_conv_weights,
+                     sole_reader)
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,7 @@ NAME = "affine_into_conv"
 
 def apply(graph: gs.Graph) -> int:
     """Fold every such chain into its Conv; the number of arithmetic nodes folded."""
-    return sum(_fold(node, graph) for node in list(graph.nodes) if node.op == "Conv")
+    return sum(_fold(node, graph) for node in list(graph.nodes) if onnx_op(node, "Conv"))
 
 
 def _fold(conv: gs.Node, graph: gs.Graph) -> int:

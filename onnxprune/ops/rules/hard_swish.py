@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ._match import float_tensor, other_input, scalar, sole_reader
+from ._match import float_tensor, onnx_op, other_input, scalar, sole_reader
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ def apply(graph: gs.Graph) -> int:
     """Rewrite every match; how many."""
     rewritten = 0
     for node in list(graph.nodes):
-        if node.op == "Add" and node.outputs:
+        if onnx_op(node, "Add") and node.outputs:
             match = _match(node, graph)
             if match is not None:
                 _replace(graph, *match)
