@@ -444,14 +444,15 @@ def _merge_with_outer(ids, in_shape, out_shape, axis):
 
 def _map_channel_dims(ids, dims, out_dims):
     """The ids over `out_dims` when the channel axes (first in `dims`) merge with trailing dims or the
-    channel axis splits into blocks, the rest unchanged; else None."""
+    channel axis splits into blocks, the dims behind them regrouped among themselves (torch's flatten(2):
+    [C, H, W] -> [C, H * W]); else None."""
     span = ids.ndim  # input axes the channels occupy
     for hi in range(span, len(dims) + 1):  # merge the channel axes with trailing dims
-        if _prod(dims[:hi]) == out_dims[0] and out_dims[1:] == dims[hi:]:
+        if _prod(dims[:hi]) == out_dims[0] and _prod(out_dims[1:]) == _prod(dims[hi:]):
             return np.repeat(ids.reshape(-1), _prod(dims[span:hi]))
     if span == 1:  # split the channel axis into blocks
         for n in range(2, len(out_dims) + 1):
-            if _prod(out_dims[:n]) == dims[0] and out_dims[n:] == dims[1:]:
+            if _prod(out_dims[:n]) == dims[0] and _prod(out_dims[n:]) == _prod(dims[1:]):
                 return ids.reshape(out_dims[:n])
     return None
 

@@ -138,6 +138,22 @@ def transpose_matmul(seed: int = 0) -> onnx.ModelProto:
     return b.model(x_input([1, 3, 8, 8]), name="transpose_matmul")
 
 
+def patch_tokens(seed: int = 0) -> onnx.ModelProto:
+    """x [1,3,8,8] -> conv1(3->8) -> Relu -> Reshape [1,8,64] (torch's flatten(2), a ViT's patch embedding) ->
+    Transpose(0,2,1) -> fc1(8->4) -> Reshape [1,4,8,8] (back to an image) -> conv2(4->2).
+
+    Prunable: conv1's 8 channels and fc1's 4: the spatial dims regroup among themselves, the channel axis stays.
+    """
+    b = Builder(seed)
+    h = b.relu("relu1", b.conv("conv1", "x", 3, 8))
+    h = b.node("Reshape", "flatten", [h, b.const("flatten.shape", [1, 8, 64], np.int64)])
+    h = b.node("Transpose", "tokens", [h], perm=[0, 2, 1])
+    h = b.node("Transpose", "channels_first", [b.matmul("fc1", h, 8, 4)], perm=[0, 2, 1])
+    h = b.node("Reshape", "unflatten", [h, b.const("unflatten.shape", [1, 4, 8, 8], np.int64)])
+    b.output(b.conv("conv2", h, 4, 2))
+    return b.model(x_input([1, 3, 8, 8]), name="patch_tokens")
+
+
 def gather_token(seed: int = 0, channel_axis: bool = False) -> onnx.ModelProto:
     """x [1,5,16] -> fc1(16->32) -> Relu -> Gather(axis 1, index 0: the class token) -> fc2(32->8).
     channel_axis: Gather(axis 2, indices [0, 2, 4]) -> fc2(3->8) instead.
@@ -203,6 +219,7 @@ BUILDERS = {
     "blocked_shape_read": functools.partial(reshape_computed, read_channels=True),
     "transpose_nhwc": transpose_nhwc,
     "transpose_matmul": transpose_matmul,
+    "patch_tokens": patch_tokens,
     "passthrough": passthrough,
     "gather_token": gather_token,
     "blocked_gather_channels": functools.partial(gather_token, channel_axis=True),
@@ -231,3 +248,11 @@ def test_moving_data_costs_nothing(op):
 def test_pass_through_ops_add_no_cost_to_a_model():
     # conv1: 8 filters x 16x16 x (3 x 3x3); conv2: 4 filters x 16x16 x (8 x 3x3); Dropout, Identity, Cast: 0
     assert model_cost(passthrough(), {"x": [1, 3, 16, 16]})["macs"] == 8 * 256 * 27 + 4 * 256 * 72
+
+
+def test_spatial_dims_regrouped_behind_the_channel_axis_keep_the_channels():
+    """[1, C, H, W] -> [1, C, H * W] and back: every channel of both layers is prunable."""
+    from onnxprune import inspect
+
+    groups = {g["sources"][0]: g for g in inspect(patch_tokens())["groups"]}
+    assert groups["conv1"]["prunable"] and groups["fc1"]["prunable"], groups
