@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..ops.base import Handler, WeightLayout, weighted
+from ..ops.base import ONNX_DOMAINS, Handler, WeightLayout, weighted
 
 SUBSPACES = (1, 2, 4, 8)  # ALDS input-channel subspace counts tried for a k x k Conv (those dividing c_in)
 
@@ -77,7 +77,7 @@ def find_layers(graph: gs.Graph, shapes: dict[str, tuple], exclude=(), factorizi
     """Every Conv, Gemm and MatMul of `graph`, in graph order, as a candidate or with its skip reason
     (`factorizing`: also a layer no rank makes cheaper; the sparsity stage takes those too)."""
     layers = []
-    nodes = [node for node in graph.nodes if node.op in ("Conv", "Gemm", "MatMul")]
+    nodes = [node for node in graph.nodes if node.op in ("Conv", "Gemm", "MatMul") and node.domain in ONNX_DOMAINS]
     uses = Counter(layer_name(node) for node in nodes)
     for node in nodes:
         layer = _describe(node, shapes)

@@ -25,8 +25,6 @@ NOT_FLOAT = ("Not", "IsNaN", "IsInf", "Cast", "CastLike", "BitwiseNot")  # their
 
 @register(*UNARY)
 class UnaryHandler(Handler):
-    domains = (MICROSOFT,)  # onnxruntime's Gelu (transformers.optimizer)
-
     def propagate(self, node, ctx):
         channel_inputs = (0, 1) if node.op == "CastLike" else (0,)
         ctx.block_unexpected(node, channel_inputs=channel_inputs)
@@ -35,6 +33,11 @@ class UnaryHandler(Handler):
 
     def per_channel(self, node):
         return node.op not in NOT_FLOAT
+
+
+@register("Gelu")
+class GeluHandler(UnaryHandler):
+    domains = (MICROSOFT,)  # onnxruntime's Gelu too (onnxruntime.transformers' optimizer writes it)
 
 
 @register("Clip")

@@ -424,7 +424,9 @@ def reshape_map(ids, in_shape, out_shape, axis):
     lead = _prod(in_shape[:axis])
     for start in reversed(range(len(out_shape))):  # the leading dims may be regrouped: [S, C] -> [1, S, ...]
         if _prod(out_shape[:start]) == lead:
-            mapped = _map_channel_dims(ids, in_shape[axis:], out_shape[start:])
+            # leading dims that vanish ([N, C, H, W] -> [C, -1]) may be a batch of 1 only at the analysed shape:
+            # then the dims behind the channels must stay as they are, else a larger batch mixes into them
+            mapped = _map_channel_dims(ids, in_shape[axis:], out_shape[start:], regroup=start > 0 or axis == 0)
             if mapped is not None:
                 return start, mapped
     return _merge_with_outer(ids, in_shape, out_shape, axis) if ids.ndim == 1 else None
@@ -442,17 +444,20 @@ def _merge_with_outer(ids, in_shape, out_shape, axis):
     return None
 
 
-def _map_channel_dims(ids, dims, out_dims):
+def _map_channel_dims(ids, dims, out_dims, regroup: bool = True):
     """The ids over `out_dims` when the channel axes (first in `dims`) merge with trailing dims or the
-    channel axis splits into blocks, the dims behind them regrouped among themselves (torch's flatten(2):
-    [C, H, W] -> [C, H * W]); else None."""
+    channel axis splits into blocks, the dims behind them unchanged or (`regroup`) regrouped among themselves
+    (torch's flatten(2): [C, H, W] -> [C, H * W]); else None."""
+    def rest_fits(out_rest, rest) -> bool:
+        return _prod(out_rest) == _prod(rest) if regroup else list(out_rest) == list(rest)
+
     span = ids.ndim  # input axes the channels occupy
     for hi in range(span, len(dims) + 1):  # merge the channel axes with trailing dims
-        if _prod(dims[:hi]) == out_dims[0] and _prod(out_dims[1:]) == _prod(dims[hi:]):
+        if _prod(dims[:hi]) == out_dims[0] and rest_fits(out_dims[1:], dims[hi:]):
             return np.repeat(ids.reshape(-1), _prod(dims[span:hi]))
     if span == 1:  # split the channel axis into blocks
         for n in range(2, len(out_dims) + 1):
-            if _prod(out_dims[:n]) == dims[0] and _prod(out_dims[n:]) == _prod(dims[1:]):
+            if _prod(out_dims[:n]) == dims[0] and rest_fits(out_dims[n:], dims[1:]):
                 return ids.reshape(out_dims[:n])
     return None
 

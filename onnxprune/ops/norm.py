@@ -94,7 +94,7 @@ class GroupNormHandler(Handler):
 class CrossChannelNormHandler(Handler):
     """Normalises over some axes: channels there are blocked, channels elsewhere pass through."""
 
-    domains = (MICROSOFT,)  # onnxruntime's own LayerNormalization and SimplifiedLayerNormalization
+    domains = (MICROSOFT,)  # a LayerNormalization or SimplifiedLayerNormalization some exporters put there
 
     def propagate(self, node, ctx):
         ctx.block_unexpected(node, channel_inputs=(0,))

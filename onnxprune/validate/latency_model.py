@@ -52,6 +52,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from ..ops import handler_for
+from ..ops.base import ONNX_DOMAINS
 from ..runtime import build_session
 from ..workdir import staging_path, temp_folder
 from .latency import LatencyConfig, latency_session, model_clock, summarize, time_runs
@@ -238,7 +239,7 @@ def chain_after(node, analysis) -> list:
         if not unread:
             break
         unread.discard(id(candidate))
-        handler = handler_for(candidate.op, candidate.domain)
+        handler = handler_for(candidate.op, candidate.domain) if candidate.domain in ONNX_DOMAINS else None
         fed = [t.name for t in candidate.inputs if t.name and not isinstance(t, gs.Constant)]
         out = candidate.outputs[0] if candidate.outputs else None
         if (handler is None or not fed or not set(fed) <= tensors or out is None or not handler.per_channel(candidate)

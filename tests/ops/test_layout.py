@@ -154,6 +154,15 @@ def patch_tokens(seed: int = 0) -> onnx.ModelProto:
     return b.model(x_input([1, 3, 8, 8]), name="patch_tokens")
 
 
+def blocked_batch_into_rows(seed: int = 0) -> onnx.ModelProto:
+    """x [N,3,8,8] -> conv1(3->8) -> Reshape [8, -1] -> Transpose -> fc1(8->4): the batch vanishes into the
+    rows; at batch 1 each row is a channel, at batch 2 a row mixes channels, so conv1 must stay whole."""
+    b = Builder(seed)
+    h = b.node("Reshape", "rows", [b.conv("conv1", "x", 3, 8), b.const("rows.shape", [8, -1], np.int64)])
+    b.output(b.matmul("fc1", b.node("Transpose", "columns", [h], perm=[1, 0]), 8, 4))
+    return b.model(x_input(["N", 3, 8, 8]), name="blocked_batch_into_rows")
+
+
 def gather_token(seed: int = 0, channel_axis: bool = False) -> onnx.ModelProto:
     """x [1,5,16] -> fc1(16->32) -> Relu -> Gather(axis 1, index 0: the class token) -> fc2(32->8).
     channel_axis: Gather(axis 2, indices [0, 2, 4]) -> fc2(3->8) instead.
@@ -226,6 +235,7 @@ BUILDERS = {
     "blocked_graph_output": blocked_graph_output,
     "blocked_topk": blocked_topk,
     "blocked_reshape_computed_channels": blocked_reshape_computed_channels,
+    "blocked_batch_into_rows": blocked_batch_into_rows,
 }
 BLOCKED = {
     "blocked_shape_read": "the channel count is read",
@@ -233,6 +243,7 @@ BLOCKED = {
     "blocked_topk": "no handler",
     "blocked_gather_channels": "gathers along the channel axis",
     "blocked_reshape_computed_channels": "target shape is computed and its channel entry is not a constant",
+    "blocked_batch_into_rows": "mixes the channel axis",
 }
 
 test_pruning_dead_channels_is_exact, test_blocked_patterns_are_left_whole_with_a_reason = \
