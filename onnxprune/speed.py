@@ -200,17 +200,18 @@ def latency_rounds(baseline: Baseline, analysis, config: PruneConfig, budget: La
     of reach (the first round's allocation, at every group's floor, measured slower than the goal):
     `TargetOutOfReach`."""
     best = None  # (measured ms, round, choice, (cut, masks)) of the slowest round that met the goal
-    measured = []  # (keep counts, choice, (cut, masks)) of every round
+    seen, last = [], None  # the keep counts of every round; the last round's (choice, (cut, masks))
     for index in range(ROUNDS):
         choice = choose(baseline, analysis, config, factorizing, target=budget.target())
         counts = counts_of(choice.keep)
-        if any(counts == earlier for earlier, *_ in measured):  # the allocation cannot get closer: stop
+        if counts in seen:  # the allocation cannot get closer: stop
             break
+        seen.append(counts)
         at_floor = short_of(choice.budget)
         rewritten = rewrite_channels(analyze_model(baseline.loaded, config.exclude, config.hidden), choice,
                                      baseline.loaded.model.ir_version)
         reached, close = budget.measure_round(baseline, rewritten[0], counts)
-        measured.append((counts, choice, rewritten))
+        last = (choice, rewritten)
         if at_floor and not reached and index == 0:  # measured, not only predicted, out of reach
             budget.refuse()
         if reached and (best is None or budget.rounds[-1]["measured_ms"] > best[0]):
@@ -219,6 +220,6 @@ def latency_rounds(baseline: Baseline, analysis, config: PruneConfig, budget: La
             break
     if best is None:
         budget.chosen = len(budget.rounds) - 1
-        return measured[-1][1], measured[-1][2]
+        return last
     budget.chosen = best[1]
     return best[2], best[3]
