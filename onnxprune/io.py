@@ -16,8 +16,8 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx

@@ -35,7 +35,6 @@ from .scoring.reselect import reselect, reselect_sequential
 log = logging.getLogger(__name__)
 
 
-
 # ---------------------------------------------------------------- analyze
 
 

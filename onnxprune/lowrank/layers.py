@@ -108,7 +108,7 @@ def _describe(node: gs.Node, shapes) -> Layer:
         layer.reason = "output shape unknown at the analysed input shapes"
         return layer
     layer.weight_dtype = values.dtype
-    handler, layout = weighted(node.op, node.attrs, values.shape, node.domain) or (None, None)
+    handler, layout = weighted(node.op, node.attrs, values.shape) or (None, None)
     if layout is None:  # a weight of another rank than the op takes
         layer.reason = "Gemm weight is not 2-D" if node.op == "Gemm" else "weight is not a constant 2-D right operand"
         return layer

@@ -239,7 +239,8 @@ def chain_after(node, analysis) -> list:
         if not unread:
             break
         unread.discard(id(candidate))
-        handler = handler_for(candidate.op, candidate.domain) if candidate.domain in ONNX_DOMAINS else None
+        # a timed chain is rebuilt from op names in ONNX's domain: another domain's op is not in it
+        handler = handler_for(candidate.op) if candidate.domain in ONNX_DOMAINS else None
         fed = [t.name for t in candidate.inputs if t.name and not isinstance(t, gs.Constant)]
         out = candidate.outputs[0] if candidate.outputs else None
         if (handler is None or not fed or not set(fed) <= tensors or out is None or not handler.per_channel(candidate)
