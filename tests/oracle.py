@@ -52,9 +52,9 @@ def _zero_recurrence(node: gs.Node, masks: dict) -> None:
             node.inputs[index] = gs.Constant(node.inputs[index].name + "_oracle", node.inputs[index].values * mask)
 
 
-def zero_dropped(model, keep_fn=drop_every_other, input_shapes=None):
-    """(zeroed model, plan dropping exactly the zeroed channels)."""
-    loaded = load(model, input_shapes)
+def zero_dropped(model, keep_fn=drop_every_other, input_shapes=None, simplify: bool = True):
+    """(zeroed model, plan dropping exactly the zeroed channels); `simplify`: as in `PruneConfig`."""
+    loaded = load(model, input_shapes, simplify=simplify)
     analysis = analyze_model(loaded)
     keep = keep_fn(analysis)
     masks = keep_masks(analysis, keep)
@@ -70,11 +70,11 @@ def zero_dropped(model, keep_fn=drop_every_other, input_shapes=None):
     return zeroed, Plan.from_keep(analysis, keep)
 
 
-def assert_pruning_dead_channels_is_exact(model: onnx.ModelProto, seed: int) -> None:
+def assert_pruning_dead_channels_is_exact(model: onnx.ModelProto, seed: int, simplify: bool = True) -> None:
     """Zero a seeded half of every prunable group's inputs, prune exactly those: outputs do not change."""
-    zeroed, plan = zero_dropped(model, keep_fn=lambda a: drop_every_other(a, seed))
+    zeroed, plan = zero_dropped(model, keep_fn=lambda a: drop_every_other(a, seed), simplify=simplify)
     assert any(g.keep != list(range(g.channels)) for g in plan.groups), "the oracle must drop something"
-    result = prune(zeroed, PruneConfig(plan=plan))
+    result = prune(zeroed, PruneConfig(plan=plan, simplify=simplify))
     feed = random_input(zeroed, seed=seed)
     for expected, got in zip(run(zeroed, feed), run(result.model, feed)):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
@@ -82,29 +82,30 @@ def assert_pruning_dead_channels_is_exact(model: onnx.ModelProto, seed: int) -> 
     assert result.report["after"]["params"] < result.report["before"]["params"]
 
 
-def assert_left_whole(model: onnx.ModelProto, reason: str) -> None:
+def assert_left_whole(model: onnx.ModelProto, reason: str, simplify: bool = True) -> None:
     """Nothing is pruned, and the groups' reasons say why."""
     try:
-        prune(model, PruneConfig(filters=0.5))
+        prune(model, PruneConfig(filters=0.5, simplify=simplify))
     except NothingToPrune as error:
         assert "nothing to prune" in str(error)
     else:
         raise AssertionError("a blocked pattern was pruned")
-    reasons = " ".join(r for g in inspect(model)["groups"] for r in g["reasons"])
+    reasons = " ".join(r for g in inspect(model, simplify=simplify)["groups"] for r in g["reasons"])
     assert reason in reasons
 
 
-def family_tests(builders: dict, blocked: dict[str, str]):
+def family_tests(builders: dict, blocked: dict[str, str], simplify: bool = True):
     """The exactness-oracle and blocking tests of one op family (builders: name -> builder; blocked:
-    name -> the reason expected), to assign to test names in the family's module (None: no blocked case)."""
+    name -> the reason expected), to assign to test names in the family's module (None: no blocked case);
+    `simplify=False`: the models as built, not rewritten by ops.rules (an op a rule spells out otherwise)."""
 
     @pytest.mark.parametrize("seed", [0, 1])
     @pytest.mark.parametrize("name", sorted(n for n in builders if n not in blocked))
     def exact(name, seed):
-        assert_pruning_dead_channels_is_exact(builders[name](), seed)
+        assert_pruning_dead_channels_is_exact(builders[name](), seed, simplify)
 
     @pytest.mark.parametrize("name", sorted(blocked))
     def left_whole(name):
-        assert_left_whole(builders[name](), blocked[name])
+        assert_left_whole(builders[name](), blocked[name], simplify)
 
     return exact, (left_whole if blocked else None)

@@ -276,3 +276,36 @@ def test_the_summary_names_the_rewrites():
         assert "simplified 1 hard swish" in result.output
         result = CliRunner().invoke(main, ["prune", "model.onnx", "out.onnx", "--filters", "0.25", "--no-simplify"])
         assert result.exit_code == 0 and "simplified" not in result.output
+
+
+def test_fused_convs_are_spelled_out_as_conv_and_activation():
+    from tests.ops.test_fused import fused_conv_activations
+
+    check_rewrite(fused_conv_activations(), {"fused_conv": 3}, ["Conv", "Relu", "Conv", "Clip", "Conv", "Relu", "Conv"])
+
+
+def test_a_fused_conv_residual_becomes_conv_add_and_activation():
+    from tests.ops.test_fused import fused_conv_residual
+
+    check_rewrite(fused_conv_residual(), {"fused_conv": 2}, ["Conv", "Relu", "Conv", "Add", "Relu", "Conv"])
+
+
+@pytest.mark.parametrize("activation, params, op", [("LeakyRelu", [0.2], "LeakyRelu"), ("HardSigmoid", [0.3, 0.4], "HardSigmoid"),
+                                                    ("Sigmoid", [], "Sigmoid"), ("Tanh", [], "Tanh")])
+def test_each_fused_activation_becomes_its_onnx_op(activation, params, op):
+    check_rewrite(single_fused_conv(activation, params), {"fused_conv": 1}, ["Conv", op])
+
+
+def test_a_fused_activation_onnx_lacks_is_left():
+    model = single_fused_conv("Swish", [])  # not one onnxruntime runs either: the rule only reads it
+    after, found = simplify_model(model)
+    assert found == {} and ops(after) == ["FusedConv"]
+
+
+def single_fused_conv(activation: str, params: list[float]) -> onnx.ModelProto:
+    b = Builder(seed=6)
+    weight = b.randn("w", [8, 3, 3, 3], 0.3)
+    attrs = {"activation": activation, **({"activation_params": params} if params else {})}
+    b.output(b.node("FusedConv", "fused", ["x", weight, b.randn("bias", [8], 0.1)], domain="com.microsoft",
+                    kernel_shape=[3, 3], pads=[1] * 4, **attrs))
+    return b.model(x_input(), outputs=[("y", [1, 8, 16, 16])], domains={"com.microsoft": 1})

@@ -22,8 +22,10 @@ from .base import Handler, WeightLayout, const_input, has_input, register, text,
 
 @register("Conv", "ConvTranspose")
 class ConvHandler(Handler):
+    channel_inputs = (0,)  # inputs whose channels it reads (FusedConv adds its residual Z)
+
     def propagate(self, node, ctx):
-        ctx.block_unexpected(node, channel_inputs=(0,))
+        ctx.block_unexpected(node, channel_inputs=self.channel_inputs)
         weight = const_input(node, 1)
         x = ctx.channels(node.inputs[0])
         if weight is None or (has_input(node, 2) and const_input(node, 2) is None):
@@ -54,21 +56,22 @@ class ConvHandler(Handler):
         weight = node.inputs[1].values
         c_in, c_out, groups = self._channels(node, weight)
         in_mask, out_mask = rw.mask(node.inputs[0]), rw.mask(node.outputs[0])
-        out_axis, in_axis = (0, 1) if node.op == "Conv" else (1, 0)
+        transposed = node.op == "ConvTranspose"
+        out_axis, in_axis = (1, 0) if transposed else (0, 1)
         depthwise = groups > 1 and groups == c_in
         if in_mask is not None:
-            if depthwise and node.op == "Conv":
+            if depthwise and not transposed:
                 pass  # the output mask (the input's, repeated) removes the filters below
             elif depthwise:
                 weight = weight[in_mask]
             else:
-                per_block = in_mask if node.op == "ConvTranspose" else in_mask.reshape(groups, -1)[0]
+                per_block = in_mask if transposed else in_mask.reshape(groups, -1)[0]
                 weight = np.compress(per_block, weight, axis=in_axis)
             if depthwise:
                 rw.set_attr(node, "group", int(in_mask.sum()))
         if out_mask is not None:
-            per_block = out_mask.reshape(groups, -1)[0] if node.op == "ConvTranspose" and not depthwise else out_mask
-            if not (depthwise and node.op == "ConvTranspose"):
+            per_block = out_mask.reshape(groups, -1)[0] if transposed and not depthwise else out_mask
+            if not (depthwise and transposed):
                 weight = np.compress(per_block, weight, axis=out_axis)
             if has_input(node, 2):
                 rw.set_input(node, 2, node.inputs[2].values[out_mask])
@@ -76,7 +79,7 @@ class ConvHandler(Handler):
 
     def filter_weights(self, node):
         weight = node.inputs[1].values
-        if node.op == "Conv":
+        if node.op != "ConvTranspose":
             return weight.reshape(weight.shape[0], -1)
         c_in, c_out, groups = self._channels(node, weight)
         # [C_in, C_out/g, k...] -> [C_out, (C_in/g) * k]
@@ -94,27 +97,27 @@ class ConvHandler(Handler):
         groups = int(attrs.get("group", 1))
         first, second = weight_shape[:2]
         kernel = tuple(weight_shape[2:])
-        if op == "Conv":
+        if op != "ConvTranspose":  # Conv, and onnxruntime's FusedConv (`fused.py`)
             return WeightLayout(op, weight_shape, second * groups, first, 1, 0, groups, kernel, bias_input=2)
         return WeightLayout(op, weight_shape, first, second * groups, 0, 1, groups, kernel, transposed=True,
                             bias_input=2)
 
     def to_matrix(self, layout, weight):
         g = layout.groups
-        if layout.op == "Conv":  # [M, C/g, k...]
+        if not layout.transposed:  # [M, C/g, k...]
             return weight.reshape(g, layout.out_channels // g, -1).transpose(0, 2, 1)
         c, per_group = weight.shape[:2]  # [C, M/g, k...]
         return weight.reshape(g, c // g, per_group, -1).transpose(0, 1, 3, 2).reshape(g, -1, per_group)
 
     def from_matrix(self, layout, matrix):
-        if layout.op == "Conv":
+        if not layout.transposed:
             return matrix.transpose(0, 2, 1).reshape(layout.shape)
         c, per_group = layout.shape[:2]
         return matrix.reshape(layout.groups, c // layout.groups, -1, per_group).transpose(0, 1, 3, 2).reshape(layout.shape)
 
     def input_factors(self, layout, factors):
         spread = (1,) * len(layout.kernel)
-        if layout.op == "ConvTranspose":
+        if layout.transposed:
             return factors.reshape((-1, 1) + spread)
         g, per_group, out = layout.groups, layout.shape[1], layout.out_channels
         blocks = factors.reshape(g, 1, per_group)  # filters of block b read input channels of block b
@@ -161,7 +164,7 @@ class ConvHandler(Handler):
         if weight_shape is None:
             return None
         per_element = _prod(weight_shape[1:])  # Conv: per output element; ConvTranspose: per input element
-        if op == "Conv" and out_shape:
+        if op != "ConvTranspose" and out_shape:
             return _prod(out_shape) * per_element
         if op == "ConvTranspose" and in_shape:
             return _prod(in_shape) * per_element
@@ -181,10 +184,10 @@ def pads_begin(layout: WeightLayout, attrs: dict, in_dims, out_dims) -> list[int
     auto_pad = text(attrs.get("auto_pad", "NOTSET"))
     if auto_pad == "VALID":
         return [0] * spatial
-    if auto_pad == "NOTSET" and (layout.op == "Conv" or attrs.get("output_shape") is None):
+    if auto_pad == "NOTSET" and (not layout.transposed or attrs.get("output_shape") is None):
         return list(attrs.get("pads") or [0] * 2 * spatial)[:spatial]
     reach = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
-    if layout.op == "Conv":
+    if not layout.transposed:
         total = [max(0, (o - 1) * s + r - i) for o, s, r, i in zip(out_dims, strides, reach, in_dims)]
     else:
         extra = attrs.get("output_padding") or [0] * spatial

@@ -15,6 +15,11 @@ bias, attends per head and writes [B, S, V hidden]: its output is a source whose
 graphs that read its key/value cache. MultiHeadAttention reads Q, K and V projected apart, [B, S, width]
 each: a head is one unit of the three, its output carries V's channels, and pruning heads slices its
 packed bias and sets `num_heads` (packed or cached inputs are blocked).
+
+FusedConv (onnxruntime's ORT_ENABLE_EXTENDED level writes it) is a Conv whose output passes through a
+fused activation (`activation`, with scalar `activation_params`: elementwise, so channels pass) after
+adding an optional input Z of the output's shape (a residual): pruned as Conv, Z joined with the output's
+channels as an Add's operands are (a constant Z sliced).
 """
 
 from __future__ import annotations
@@ -23,10 +28,48 @@ import numpy as np
 
 from .attention import OnnxAttention, join_heads, product_macs
 from .base import HIDDEN, MICROSOFT, Handler, attr, const_input, has_input, join_rows, register
+from .conv import ConvHandler
 from .elementwise import BroadcastHandler
 from .norm import hidden_norm, keep_root_mean_square, slice_norm_parameters
 
 ATTENTION_BIAS = 5  # Attention's input of per-head additive score biases [B or 1, heads or 1, S, T]
+RESIDUAL = 3  # FusedConv's input Z, added to the convolution before the activation
+
+
+@register("FusedConv")
+class FusedConvHandler(ConvHandler):
+    """activation(Conv(X, W, B) + Z): the Conv's weight layout, slicing and MACs; Z carries the output's channels."""
+
+    domains = (MICROSOFT,)
+    channel_inputs = (0, RESIDUAL)
+
+    def propagate(self, node, ctx):
+        super().propagate(node, ctx)
+        if has_input(node, RESIDUAL):
+            self._join_residual(node, ctx)
+
+    @staticmethod
+    def _join_residual(node, ctx) -> None:
+        y, z = ctx.channels(node.outputs[0]), ctx.channels(node.inputs[RESIDUAL])
+        where = f"{node.op} '{node.name}'"
+        if y is None and z is not None:
+            ctx.block(z.ids, f"{where}: its residual Z is added to convolution outputs whose channels are not tracked")
+        elif y is not None and z is None and const_input(node, RESIDUAL) is None:
+            ctx.block(y.ids, f"{where}: its residual Z spans the channels but is computed from untracked channels")
+        elif y is not None and z is not None and (z.axis != y.axis or len(z.ids) != len(y.ids)):
+            ctx.block(np.concatenate([y.ids.ravel(), z.ids.ravel()]),
+                      f"{where}: its residual Z carries other channels than its output")
+        elif y is not None and z is not None:
+            ctx.join(y.ids, z.ids)
+
+    def rewrite(self, node, rw):
+        super().rewrite(node, rw)
+        mask, residual = rw.mask(node.outputs[0]), const_input(node, RESIDUAL)
+        if mask is not None and residual is not None and residual.ndim > 1 and residual.shape[1] == len(mask):
+            rw.set_input(node, RESIDUAL, np.compress(mask, residual, axis=1))
+
+    def timing_sides(self, node):
+        return None  # the latency model builds its timed layers in ONNX's domain
 
 
 @register("BiasGelu", "FastGelu", "QuickGelu")

@@ -18,9 +18,12 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..io import tensor_array
-from ..ops.base import Handler, WeightLayout, weighted, weighted_ops
+from ..ops.base import ONNX_DOMAINS, Handler, WeightLayout, weighted, weighted_ops
 
 LAYER_OPS = weighted_ops()
+# a weighted op of another domain (onnxruntime's FusedConv) may apply an activation or add a residual after its
+# product, and its output is the only tensor a fit can target
+FOREIGN_OUTPUT = "an op of onnxruntime's domain: its output is after a fused activation, not the product a fit needs"
 
 
 class Initializers:
@@ -194,7 +197,7 @@ def find_layers(original: onnx.ModelProto, model: onnx.ModelProto, original_shap
 
     views, skipped = [], []
     for node in model.graph.node:
-        if node.op_type in LAYER_OPS and node.domain in ("", "ai.onnx"):
+        if node.op_type in LAYER_OPS:
             view = _candidate(node, original_producer.get(node.output[0]), inits, original_weights, original_shapes,
                               output_masks, consumers, skipped, original_values)
             if view is not None:
@@ -227,6 +230,9 @@ def _candidate(node, before, inits, original_weights, original_shapes, output_ma
     if signature is None or signature == input_signature(before.op_type, tuple(before_shape or ()), before_attrs):
         return None
     name = node.name or node.output[0]
+    if node.domain not in ONNX_DOMAINS:
+        skipped.append({"name": name, "op": node.op_type, "status": "skipped", "reason": FOREIGN_OUTPUT})
+        return None
     handler, layout = weighted(node.op_type, attrs, weight.shape)
     if not layout.product_output:
         return _product_view(node, before, inits, consumers, output_masks.get(node.output[0]), handler, layout,

@@ -2,13 +2,18 @@
 Attention's heads are pruned by slicing its packed Q, K, V weight per head, MultiHeadAttention's by
 its projections; BiasGelu, FastGelu and
 QuickGelu pass channels and slice their bias; SkipLayerNormalization blocks the hidden size it
-normalises; a model importing the com.microsoft opset loads and inspects."""
+normalises; a model importing the com.microsoft opset loads and inspects. FusedConv (onnxruntime's
+ORT_ENABLE_EXTENDED output) is pruned as Conv, its residual Z joined with its output."""
 
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
@@ -17,7 +22,7 @@ from onnxprune.loading import load
 from onnxprune.plan import Plan
 from onnxprune.stages import analyze_model
 from onnxprune.validate.cost import node_macs
-from tests.builders import Builder
+from tests.builders import Builder, random_input, run, x_input
 from tests.oracle import family_tests
 
 MICROSOFT = {"com.microsoft": 1}
@@ -112,6 +117,58 @@ def multi_head_attention(seed: int = 0, cached: bool = False):
     return b.model([("x", SEQUENCE)], outputs=names, name="multi_head_attention", domains=MICROSOFT)
 
 
+def ort_extended(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model as onnxruntime writes it after optimizing at ORT_ENABLE_EXTENDED (Conv + activation fused)."""
+    with tempfile.TemporaryDirectory() as folder:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = os.path.join(folder, "optimized.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return onnx.load(options.optimized_model_filepath)
+
+
+def conv_activations(seed: int = 0) -> onnx.ModelProto:
+    """x [1,3,16,16] -> conv1(3->8) -> Relu -> conv2(8->8) -> Clip(0, 6) -> depthwise dw(group 8) -> Relu
+    -> conv3(8->4), unfused. Prunable: conv1's 8 channels, and conv2's 8 joined with dw's through the
+    depthwise conv."""
+    b = Builder(seed)
+    h = b.relu("relu1", b.conv("conv1", "x", 3, 8))
+    h = b.node("Clip", "clip2", [b.conv("conv2", h, 8, 8), b.const("clip2.min", 0.0), b.const("clip2.max", 6.0)])
+    h = b.relu("relu3", b.conv("dw", h, 8, 8, group=8))
+    b.output(b.conv("conv3", h, 8, 4))
+    return b.model(x_input(), name="conv_activations")
+
+
+def fused_conv_activations(seed: int = 0) -> onnx.ModelProto:
+    """`conv_activations` optimized by onnxruntime: conv1, conv2 (Clip, activation_params [0, 6]) and dw are
+    FusedConvs."""
+    return ort_extended(conv_activations(seed))
+
+
+def _fused_conv(b: Builder, name: str, x: str, cin: int, cout: int, residual: str | None = None, **attrs) -> str:
+    """A 3x3 FusedConv (Relu unless `activation` is given), Z = `residual` when given."""
+    w = b.randn(f"{name}.weight", [cout, cin, 3, 3], 1 / math.sqrt(cin * 9))
+    inputs = [x, w, b.randn(f"{name}.bias", [cout], 0.1)] + ([residual] if residual else [])
+    attrs = {"activation": "Relu", **attrs}
+    return b.node("FusedConv", name, inputs, domain="com.microsoft", kernel_shape=[3, 3], pads=[1] * 4, **attrs)
+
+
+def fused_conv_residual(seed: int = 0, z_input: bool = False) -> onnx.ModelProto:
+    """x -> conv1 (FusedConv Relu, 3->8) -> conv2 (FusedConv Relu, 8->8, Z = conv1's output) -> conv3(8->4):
+    Conv + Add + Relu as one node (onnxruntime writes it so at other levels; built by hand).
+
+    Prunable: one group of 8, conv1 and conv2 joined through Z. z_input: x -> conv1 (Z a model input) ->
+    conv3: blocked.
+    """
+    b = Builder(seed)
+    h = _fused_conv(b, "conv1", "x", 3, 8, residual="z" if z_input else None)
+    h = h if z_input else _fused_conv(b, "conv2", h, 8, 8, residual=h)
+    b.output(b.conv("conv3", h, 8, 4))
+    inputs = x_input() + ([("z", [1, 8, 16, 16])] if z_input else [])
+    return b.model(inputs, outputs=[("y", [1, 4, 16, 16])], name="fused_conv_residual", domains=MICROSOFT)
+
+
 BUILDERS = {
     "fused_attention": fused_attention,
     "multi_head_attention": multi_head_attention,
@@ -123,11 +180,23 @@ BUILDERS = {
     "blocked_skip_layer_norm": blocked_skip_layer_norm,
     "blocked_fused_attention_score_bias_input": lambda seed=0: fused_attention(seed, score_bias_input=True),
 }
-BLOCKED = {"blocked_fused_attention_score_bias_input": "fused attention: a computed per-head score bias","blocked_skip_layer_norm": "normalises across the channel axis (the hidden size)",
+BLOCKED = {"blocked_fused_attention_score_bias_input": "fused attention: a computed per-head score bias",
+           "blocked_skip_layer_norm": "normalises across the channel axis (the hidden size)",
            "blocked_multi_head_attention_cached": "its key/value cache is read or written"}
 
 test_pruning_dead_channels_is_exact, test_blocked_patterns_are_left_whole_with_a_reason = \
     family_tests(BUILDERS, BLOCKED)
+
+# FusedConv as given (`simplify=False`): loading otherwise spells it out as Conv + activation (ops/rules/fused_conv.py)
+FUSED_CONV_BUILDERS = {
+    "fused_conv_activations": fused_conv_activations,
+    "fused_conv_residual": fused_conv_residual,
+    "blocked_fused_conv_residual_input": lambda seed=0: fused_conv_residual(seed, z_input=True),
+}
+FUSED_CONV_BLOCKED = {"blocked_fused_conv_residual_input": "its residual Z spans the channels but is computed"}
+
+test_pruning_dead_fused_conv_channels_is_exact, test_blocked_fused_conv_is_left_whole_with_a_reason = \
+    family_tests(FUSED_CONV_BUILDERS, FUSED_CONV_BLOCKED, simplify=False)
 
 
 def test_a_model_importing_the_microsoft_opset_inspects_with_its_coverage():
@@ -185,3 +254,69 @@ def test_a_refused_fused_attention_shows_its_heads_blocked_with_the_reason():
                     name="refused_attention", domains=MICROSOFT)
     [group] = [g for g in inspect(model)["groups"] if g["sources"] == ["attention"]]
     assert not group["prunable"] and any("a computed per-head score bias" in r for r in group["reasons"])
+
+
+def _fused_convs(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {n.name: n for n in model.graph.node if n.op_type == "FusedConv" and n.domain == "com.microsoft"}
+
+
+def test_onnxruntime_fuses_each_conv_with_its_activation_clip_and_depthwise_included():
+    fused = _fused_convs(fused_conv_activations())
+    attrs = {name: {a.name: helper.get_attribute_value(a) for a in n.attribute} for name, n in fused.items()}
+    assert sorted(fused) == ["conv1", "conv2", "dw"]
+    assert (attrs["conv2"]["activation"], list(attrs["conv2"]["activation_params"])) == (b"Clip", [0.0, 6.0])
+    assert attrs["dw"]["group"] == 8
+
+
+def test_fused_convs_have_the_groups_of_the_unfused_model():
+    def groups(model):
+        return sorted((tuple(g["sources"]), g["channels"], g["prunable"]) for g in inspect(model, simplify=False)["groups"])
+
+    assert groups(fused_conv_activations()) == groups(conv_activations())
+    assert inspect(fused_conv_activations(), simplify=False)["coverage"] == inspect(conv_activations())["coverage"]
+
+
+def test_pruning_half_the_filters_slices_the_fused_convs_as_convs():
+    model = fused_conv_activations()
+    result = prune(model, PruneConfig(filters=0.5, simplify=False))
+    fused = _fused_convs(result.model)
+    weights = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    group = {name: {a.name: helper.get_attribute_value(a) for a in n.attribute}["group"] for name, n in fused.items()}
+    assert [weights[fused[name].input[1]].shape for name in ("conv1", "conv2", "dw")] == \
+        [(4, 3, 3, 3), (4, 4, 3, 3), (4, 1, 3, 3)]
+    assert [weights[fused[name].input[2]].shape for name in ("conv1", "conv2", "dw")] == [(4,), (4,), (4,)]
+    assert group["dw"] == 4
+    assert result.report["after"]["macs"] < result.report["before"]["macs"]
+    feed = random_input(result.model)
+    assert run(result.model, feed)[0].shape == (1, 4, 16, 16)
+
+
+def test_a_fused_conv_residual_is_one_group_with_the_conv_it_adds():
+    (group,) = [g for g in inspect(fused_conv_residual(), simplify=False)["groups"] if g["prunable"]]
+    assert (sorted(group["sources"]), group["channels"]) == (["conv1", "conv2"], 8)
+
+
+def test_fused_conv_macs_are_the_convs():
+    shapes = {"x": (1, 8, 16, 16), "w": (4, 2, 3, 3), "y": (1, 4, 8, 8)}
+    attrs = {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1] * 4, "group": 4}
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], **attrs)
+    fused = helper.make_node("FusedConv", ["x", "w"], ["y"], domain="com.microsoft", activation="Relu", **attrs)
+    assert node_macs(fused, shapes, {}) == node_macs(conv, shapes, {}) == 4 * 8 * 8 * 2 * 3 * 3
+
+
+def _recovery_layers(simplify: bool) -> dict[str, dict]:
+    x = np.random.default_rng(0).standard_normal([20, 3, 16, 16]).astype(np.float32)
+    layers = prune(fused_conv_activations(), PruneConfig(filters=0.5, scorer="l1", calibration={"x": x}, recover="lstsq",
+                                                         simplify=simplify)).report["recovery"]["layers"]
+    return {layer["name"]: layer for layer in layers}
+
+
+def test_recovery_skips_a_fused_conv_as_given_with_the_reason():
+    by_name = _recovery_layers(simplify=False)
+    assert by_name["conv2"]["status"] == "skipped" and "fused activation" in by_name["conv2"]["reason"]
+    assert by_name["conv3"]["status"] == "recovered"
+
+
+def test_a_fused_conv_spelled_out_at_loading_is_recovered_as_a_conv():
+    by_name = _recovery_layers(simplify=True)
+    assert by_name["conv2"]["status"] == by_name["conv3"]["status"] == "recovered"

@@ -1,4 +1,5 @@
-"""Exact rewrites of op patterns that onnxruntime leaves unfused, applied when a model is loaded
+"""Exact rewrites of op patterns that onnxruntime leaves unfused (and of its own FusedConv, spelled out as
+ONNX's ops that it fuses again), applied when a model is loaded
 (`loading.load`) so that everything after (analysis, scoring, recovery, the result) sees the faster
 graph: one rule per module, each with `NAME` and `apply(graph) -> int` (how many times it rewrote; why
 a candidate was left is logged at debug level). The rewritten graph computes the same outputs up to
@@ -13,12 +14,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ...io import export_graph, fold_constants, import_graph
-from . import affine_before_conv, affine_into_conv, hard_swish
+from . import affine_before_conv, affine_into_conv, fused_conv, hard_swish
 
 log = logging.getLogger(__name__)
 
-RULES = (affine_into_conv, hard_swish, affine_before_conv)
-TRIGGERS = {"Conv", "Clip"}  # a graph without these ops matches no rule
+RULES = (fused_conv, affine_into_conv, hard_swish, affine_before_conv)  # fused_conv first: it makes Convs
+TRIGGERS = {"Conv", "Clip", "FusedConv"}  # a graph without these ops matches no rule
 
 
 def simplify(graph: gs.Graph) -> dict[str, int]:
