@@ -17,8 +17,8 @@ MNIST = ROOT / "models" / "mnist_resnet.onnx"
 MNIST_CALIB = ROOT / "models" / "mnist_calib.npz"
 
 
-def _rerun_from_inputs(pruned, original, members, fits):
-    """The reference: both whole models run from their inputs for this level."""
+def _rerun_from_inputs(pruned, original, members, fits, pool):
+    """The reference: both whole models run from their inputs for this level, the fits fed in order."""
     own = list(dict.fromkeys(n for v in members for n in (v.input, v.output)))
     targets = list(dict.fromkeys(v.output for v in members))
     inputs = [i.name for i in pruned.model.graph.input if pruned.store.has(i.name)]

@@ -24,6 +24,7 @@ from ..calib.capture import capture_session
 from ..calib.data import HOLD_OUT_EVERY, CalibrationSet
 from ..progress import bar as progress_bar
 from ..validate.compare import run_model
+from ..workers import numeric_pool
 from .bias import BiasFit
 from .layers import Initializers, find_layers
 from .lstsq import ROWS_PER_FEATURE, LstsqFit, relative
@@ -61,20 +62,15 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, calibration, met
     bar = progress_bar(label="recover", total=len(levels)) if progress else None
     corrections = []
     try:
-        for level in levels:
-            members = [v for v in views if v.level == level]
-            fits = [FITS[method](v, seed=[seed, level, i], batches=batches, ridge=ridge,
-                                 rows_per_feature=rows_per_feature, hold_out=hold_out) for i, v in enumerate(members)]
-            accumulate(pruned_stream, original_stream, members, fits)
-            for view, fit in zip(members, fits):
-                update = fit.finish()
-                if update.weight is not None or update.bias is not None:
-                    view.write(inits, update.weight, update.bias)
-                if update.corrected is not None:
-                    corrections.append((view, update))
-                report["layers"].append(_entry(view, update))
-            if bar:
-                bar.update()
+        with numeric_pool() as pool:
+            for level in levels:
+                members = [v for v in views if v.level == level]
+                fits = [FITS[method](v, seed=[seed, level, i], batches=batches, ridge=ridge,
+                                     rows_per_feature=rows_per_feature, hold_out=hold_out) for i, v in enumerate(members)]
+                updates = fit_level(pruned_stream, original_stream, members, fits, pool)
+                _write_level(inits, members, updates, report, corrections)
+                if bar:
+                    bar.update()
     finally:
         pruned_stream.close()
         original_stream.close()
@@ -147,19 +143,44 @@ def output_error(reference: np.ndarray, result: np.ndarray) -> float:
     return relative(float(np.sum((result - reference) ** 2)), float(np.sum(reference ** 2)))
 
 
-def accumulate(pruned: Stream, original: Stream, members, fits) -> None:
+def _write_level(inits: Initializers, members, updates, report: dict, corrections: list) -> None:
+    """Write one level's re-fitted weights and report its layers."""
+    for view, update in zip(members, updates):
+        if update.weight is not None or update.bias is not None:
+            view.write(inits, update.weight, update.bias)
+        if update.corrected is not None:
+            corrections.append((view, update))
+        report["layers"].append(_entry(view, update))
+
+
+def fit_level(pruned: Stream, original: Stream, members, fits, pool) -> list:
+    """One level's updates: its fits fed (`accumulate`), then solved side by side in `pool`."""
+    accumulate(pruned, original, members, fits, pool)
+    return list(pool.map(lambda fit: fit.finish(), fits))
+
+
+def accumulate(pruned: Stream, original: Stream, members, fits, pool) -> None:
     """Feed one level's fits batch by batch: the layers' inputs and own outputs from the pruned stream
     (the layers run with their current weights, and again with the re-fitted ones at the next level),
-    their targets from the original's stream."""
+    their targets from the original's stream. The fits take a batch in `pool`, side by side, while the
+    streams run the next one; a fit takes its batches in order (its sums are the same to the last bit)."""
     own = list(dict.fromkeys(n for v in members for n in (v.input, v.output)))
     targets = list(dict.fromkeys(v.product_of[0] if v.product_of else v.output for v in members))
     layers = frozenset(pruned.producer[v.output] for v in members)
+    running = []
     for acts, refs in zip(pruned.run(own, provisional=layers), original.run(targets)):
-        for view, fit in zip(members, fits):
-            if view.product_of:  # the output is not the product: both products computed from the inputs
-                fit.add(acts[view.input], *view.products(acts[view.input], refs[view.product_of[0]]))
-            else:
-                fit.add(acts[view.input], acts[view.output], refs[view.output])
+        for job in running:
+            job.result()
+        running = [pool.submit(_add, view, fit, acts, refs) for view, fit in zip(members, fits)]
+    for job in running:
+        job.result()
+
+
+def _add(view, fit, acts: dict, refs: dict) -> None:
+    if view.product_of:  # the output is not the product: both products computed from the inputs
+        fit.add(acts[view.input], *view.products(acts[view.input], refs[view.product_of[0]]))
+    else:
+        fit.add(acts[view.input], acts[view.output], refs[view.output])
 
 
 def _entry(view, update) -> dict:

@@ -43,8 +43,9 @@ from ..calib.stats import capture_batch_size
 from ..progress import bar as progress_bar
 from ..recover.layers import Initializers, find_layers, tensor_levels
 from ..recover.lstsq import LstsqFit
-from ..recover.passes import accumulate
+from ..recover.passes import fit_level
 from ..recover.stream import Stream
+from ..workers import numeric_pool
 from .consumers import find_consumers
 from .obs import MAX_FEATURES, GramFold, greedy_order_scores, quadratic
 
@@ -273,8 +274,8 @@ def _refit(pruned: Stream, original: Stream, members: list, inits: Initializers,
     if not members:
         return
     fits = [LstsqFit(v, seed=[*seed, i], batches=batches, hold_out=hold_out) for i, v in enumerate(members)]
-    accumulate(pruned, original, members, fits)
-    for view, fit in zip(members, fits):
-        update = fit.finish()
+    with numeric_pool() as pool:
+        updates = fit_level(pruned, original, members, fits, pool)
+    for view, update in zip(members, updates):
         if update.weight is not None or update.bias is not None:
             view.write(inits, update.weight, update.bias)
