@@ -598,9 +598,36 @@ class ShapeHandler(Handler):
         if expands and all(follows_channels(e, ctx, node.inputs[0], x) is not None for e in expands):
             return  # the count sizes tensors that carry the channels on (`ExpandHandler._follow_shape`)
         for consumer in node.outputs[0].outputs:
-            if position in _shape_entries_read(consumer, end - start):
+            if position in _shape_entries_read(consumer, end - start) and not _sizes_own_resizes(consumer, x.axis):
                 ctx.block(x.ids, f"Shape '{node.name}': the channel count is read and used")
                 return
+
+
+def _sizes_own_resizes(consumer: gs.Node, axis: int) -> bool:
+    """`consumer` (a reader of Shape(x)) only builds the `sizes` of Resizes of x itself, the entries up to
+    the channel `axis` copied from the shape (torch's `interpolate(x, size=...)`): the count then follows x
+    at run time."""
+    return bool(consumer.outputs) and all(
+        concat.op == "Concat" and list(concat.inputs).count(consumer.outputs[0]) == 1
+        and all(resize_sizes_follow_input(r, axis) for r in concat.outputs[0].outputs)
+        for concat in consumer.outputs[0].outputs)
+
+
+def resize_sizes_follow_input(resize: gs.Node, axis: int) -> bool:
+    """A Resize whose `sizes` are Concat(Slice(Shape(its input), 0, k), ...) along axis 0, k past the
+    channel `axis`: the leading entries, channels included, are its input's own at run time."""
+    if resize.op != "Resize" or len(resize.inputs) < 4 or not resize.inputs[3].inputs:
+        return False
+    concat = resize.inputs[3].inputs[0]
+    if concat.op != "Concat" or int(attr(concat, "axis", 0)) != 0 or not concat.inputs[0].inputs:
+        return False
+    head = concat.inputs[0].inputs[0]
+    params = _slice_params(head) if head.op == "Slice" else None
+    if params is None or len(params[0]) != 1 or params[2][0] != 0 or params[3][0] != 1 or params[0][0] != 0:
+        return False
+    shape = head.inputs[0].inputs[0] if head.inputs[0].inputs else None
+    return (shape is not None and shape.op == "Shape" and shape.inputs[0] is resize.inputs[0]
+            and int(attr(shape, "start", 0)) == 0 and params[1][0] > axis)
 
 
 def _shape_entries_read(consumer: gs.Node, length: int) -> set[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Handler, attr, const_input, has_input, normalize_axis, pass_through, register, window_problem
+from .layout import resize_sizes_follow_input
 
 
 @register("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool")
@@ -78,15 +79,16 @@ class ResizeHandler(Handler):
             ctx.block(x.ids, f"{node.op} '{node.name}': resizes the channel axis or shape unknown")
             return
         sizes_index = 3 if node.op == "Resize" else None
-        if sizes_index and has_input(node, sizes_index) and const_input(node, sizes_index) is None:
+        if (sizes_index and has_input(node, sizes_index) and const_input(node, sizes_index) is None
+                and not resize_sizes_follow_input(node, x.axis)):
             ctx.block(x.ids, f"{node.op} '{node.name}': output sizes are computed")
             return
         pass_through(node, ctx)
 
     def rewrite(self, node, rw):
         mask = rw.mask(node.inputs[0])
-        if mask is None or node.op != "Resize" or not has_input(node, 3):
-            return
+        if mask is None or node.op != "Resize" or not has_input(node, 3) or const_input(node, 3) is None:
+            return  # computed sizes follow the input (`resize_sizes_follow_input`)
         sizes = node.inputs[3].values.copy()
         rank = rw.rank(node.inputs[0])
         axes = [normalize_axis(a, rank) for a in attr(node, "axes", range(rank))]

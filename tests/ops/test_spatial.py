@@ -80,6 +80,25 @@ def resize(seed: int = 0, use_sizes: bool = False) -> onnx.ModelProto:
     return b.model(x_input(), name="resize_sizes" if use_sizes else "resize")
 
 
+def resize_to_computed_sizes(seed: int = 0, other_shape: bool = False) -> onnx.ModelProto:
+    """conv1(3->8) -> Relu -> Resize(sizes = Concat(Slice(Shape(.), 0, 2), [32, 32])) -> conv2(8->4): torch's
+    `interpolate(x, size=(32, 32))`. Prunable: conv1's 8 channels (the sizes follow the input at run time).
+
+    ``other_shape``: the sizes read the shape of another tensor (convb's, 8 channels of another group): blocked.
+    """
+    b = Builder(seed)
+    h = b.relu("relu1", b.conv("conv1", "x", 3, 8))
+    measured = b.conv("convb", "x", 3, 8) if other_shape else h
+    head = b.node("Slice", "slice", [b.node("Shape", "shape", [measured]), b.const("zero", [0], np.int64),
+                                     b.const("two", [2], np.int64), b.const("axis0", [0], np.int64)])
+    sizes = b.node("Concat", "sizes", [head, b.const("hw", [32, 32], np.int64)], axis=0)
+    h = b.node("Resize", "resize1", [h, "", "", sizes], mode="linear")
+    if other_shape:
+        h = b.node("Add", "join", [h, b.node("Resize", "resize_b", [measured, "", "", sizes], mode="linear")])
+    b.output(b.conv("conv2", h, 8, 4))
+    return b.model(x_input(), outputs=[("y", [1, 4, 32, 32])], name="resize_to_computed_sizes")
+
+
 def pad(seed: int = 0) -> onnx.ModelProto:
     """conv1(3->8) -> Pad(constant mode, 1 on each spatial side, value 0) -> conv2(8->4, pad 0).
 
@@ -101,9 +120,11 @@ BUILDERS = {
     "squeeze_excite_opset18": functools.partial(squeeze_excite, opset=18),
     "resize": resize,
     "resize_sizes": functools.partial(resize, use_sizes=True),
+    "resize_to_computed_sizes": resize_to_computed_sizes,
+    "blocked_resize_to_sizes_of_another_tensor": functools.partial(resize_to_computed_sizes, other_shape=True),
     "pad": pad,
 }
-BLOCKED: dict[str, str] = {}
+BLOCKED: dict[str, str] = {"blocked_resize_to_sizes_of_another_tensor": "output sizes are computed"}
 
 test_pruning_dead_channels_is_exact, test_blocked_patterns_are_left_whole_with_a_reason = \
     family_tests(BUILDERS, BLOCKED)
