@@ -9,6 +9,7 @@ import logging
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import onnx
@@ -80,15 +81,16 @@ def load(model: onnx.ModelProto | str | os.PathLike, input_shapes=None, vetted: 
 def rewrite(loaded: Loaded, given: onnx.ModelProto | None) -> None:
     """`loaded` rewritten by `ops.rules` in place (its model, shapes, cost; its file rewritten again when
     read), the model as given kept where it has no file (`given`)."""
-    rewritten, counts = simplify_model(loaded.model)
+    rewritten, counts = simplify_model(loaded.model, loaded.shapes)
     if not counts:
         return
+    given_shapes = loaded.shapes
     shapes = {**loaded.shapes, **static_shapes(rewritten, loaded.input_shapes)}  # a tensor a rule made: inferred
     loaded.model, loaded.simplified, loaded.given = rewritten, counts, given
     loaded.shapes = complete_shapes(rewritten, loaded.input_shapes, shapes)
     loaded.cost = model_cost(rewritten, loaded.input_shapes, loaded.shapes)
     if loaded.file is not None:
-        loaded.file = replace(loaded.file, verbatim=False, rewrite=rewritten_model)
+        loaded.file = replace(loaded.file, verbatim=False, rewrite=partial(rewritten_model, shapes=given_shapes))
 
 
 def first_session(loaded: Loaded) -> None:

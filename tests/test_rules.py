@@ -309,3 +309,35 @@ def single_fused_conv(activation: str, params: list[float]) -> onnx.ModelProto:
     b.output(b.node("FusedConv", "fused", ["x", weight, b.randn("bias", [8], 0.1)], domain="com.microsoft",
                     kernel_shape=[3, 3], pads=[1] * 4, **attrs))
     return b.model(x_input(), outputs=[("y", [1, 8, 16, 16])], domains={"com.microsoft": 1})
+
+
+def packed_pick(perm: list[int]) -> onnx.ModelProto:
+    """x [2, 3, 12] -> Reshape [2, 3, 3, 4] -> Unsqueeze(0) -> Transpose(perm) -> Squeeze(3) -> Gather(1):
+    torch's way of picking K out of a packed Q/K/V when perm swaps only axes 0 and 3."""
+    b = Builder(seed=7)
+    h = b.node("Reshape", "split", ["x", b.const("target", [2, 3, 3, 4], np.int64)])
+    h = b.node("Unsqueeze", "unsqueeze", [h, b.const("axis0", [0], np.int64)])
+    h = b.node("Transpose", "swap", [h], perm=perm)
+    h = b.node("Squeeze", "squeeze", [h, b.const("axis3", [3], np.int64)])
+    b.output(b.node("Gather", "pick", [h, b.const("one", 1, np.int64)], axis=0))
+    return b.model([("x", [2, 3, 12])], outputs=[("y", None)])
+
+
+def test_a_gather_out_of_a_packed_tensor_becomes_a_slice_of_its_last_axis():
+    after = check_rewrite(packed_pick([3, 1, 2, 0, 4]), {"packed_qkv": 1}, ["Slice"])
+    starts = [onnx.numpy_helper.to_array(t) for t in after.graph.initializer]
+    assert [4] in [list(v) for v in starts] and [8] in [list(v) for v in starts]
+
+
+def test_a_pick_that_moves_the_leading_axes_too_is_left():
+    check_rewrite(packed_pick([3, 2, 1, 0, 4]), {})
+
+
+def test_torch_attention_s_packed_q_k_v_become_slices_at_loading():
+    from tests.ops.test_attention import torch_packed_attention
+
+    model = torch_packed_attention()
+    loaded = load(model)
+    assert loaded.simplified == {"packed_qkv": 3}
+    assert "Gather" not in ops(loaded.model)
+    assert_same_outputs(model, loaded.model)

@@ -379,7 +379,7 @@ def _with_counts(target: np.ndarray, counts: dict[int, int], offset: int) -> np.
 def _blocks(ids: np.ndarray, tensor: gs.Tensor, ctx) -> tuple[int, np.ndarray]:
     """Channel ids split into blocks, `ids` shaped like the split axes: joined so that the reshape can be
     sliced; (the first output axis that carries channels, counted from the split, and its ids)."""
-    if _merged_back(tensor):  # a channel shuffle: prune the same j in every block
+    if _merged_back(tensor, ctx.shape):  # a channel shuffle: prune the same j in every block
         rows = ids.reshape(-1, ids.shape[-1])
         for row in rows[1:]:
             ctx.join(rows[0], row)
@@ -391,11 +391,19 @@ def _blocks(ids: np.ndarray, tensor: gs.Tensor, ctx) -> tuple[int, np.ndarray]:
     return ids.ndim - 2, units[:, 0]
 
 
-def _merged_back(tensor: gs.Tensor) -> bool:
-    """Whether every consumer of `tensor` is a Reshape, or a Transpose whose output is merged back."""
+def _merged_back(tensor: gs.Tensor, shape_of) -> bool:
+    """Whether every consumer of `tensor` is a Reshape that merges axes (not one that only adds a unit
+    axis, as attention's [B * heads, S, head_dim] -> [B, heads, S, head_dim] does), or a Transpose whose
+    output is merged back."""
     consumers = tensor.outputs
     return bool(consumers) and all(
-        c.op == "Reshape" or (c.op == "Transpose" and _merged_back(c.outputs[0])) for c in consumers)
+        (c.op == "Reshape" and _merges(c, shape_of)) or (c.op == "Transpose" and _merged_back(c.outputs[0], shape_of))
+        for c in consumers)
+
+
+def _merges(reshape: gs.Node, shape_of) -> bool:
+    before, after = shape_of(reshape.inputs[0]), shape_of(reshape.outputs[0])
+    return before is None or after is None or len(after) < len(before)
 
 
 def _target_piece(target: gs.Tensor, position: int, shape_of):

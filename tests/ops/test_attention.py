@@ -9,8 +9,10 @@ the Q heads that share it. ONNX's own Attention (opset 23) on [B, S, features] a
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 import pytest
@@ -227,6 +229,29 @@ BLOCKED = {
 
 test_pruning_dead_channels_is_exact, test_blocked_patterns_are_left_whole_with_a_reason = \
     family_tests(BUILDERS | BLOCKED_BUILDERS, BLOCKED)
+
+
+TORCH_MHA = Path(__file__).parents[1] / "data" / "torch_mha.onnx"
+
+
+def torch_packed_attention(seed: int = 0) -> onnx.ModelProto:
+    """torch's nn.MultiheadAttention between two Linear layers as torch.onnx exports it
+    (tests/data/make_torch_mha.py): its packed Q/K/V reshaped to [S, B, 3, E] and picked apart by Gathers,
+    which loading makes Slices (ops/rules/packed_qkv.py). Prunable: the 4 heads, proj's and out_proj's 32."""
+    return onnx.load(TORCH_MHA)
+
+
+test_pruning_dead_heads_of_torch_attention_is_exact, _ = family_tests({"torch_packed_attention": torch_packed_attention}, {})
+
+
+def test_torch_attention_heads_are_units_with_their_q_k_and_v():
+    groups = {tuple(g["sources"]): g for g in inspect(torch_packed_attention())["groups"]}
+    heads = groups[("/attn/MatMul",)]
+    assert heads["prunable"] and heads["channels"] == 4
+    result = prune(torch_packed_attention(), PruneConfig(filters=0.5, scorer="l1"))
+    weights = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    assert weights["onnx::MatMul_158"].shape == (16, 48)  # [proj, q | k | v] of the 2 heads kept
+    assert run(result.model, random_input(result.model))[0].shape == (1, 10, 8)
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))

@@ -1,10 +1,11 @@
-"""Exact rewrites of op patterns that onnxruntime leaves unfused (and of its own FusedConv, spelled out as
-ONNX's ops that it fuses again), applied when a model is loaded
-(`loading.load`) so that everything after (analysis, scoring, recovery, the result) sees the faster
-graph: one rule per module, each with `NAME` and `apply(graph) -> int` (how many times it rewrote; why
-a candidate was left is logged at debug level). The rewritten graph computes the same outputs up to
-float rounding; the reference outputs and the "before" latency stay the given model's, so validation
-measures any difference with the rest."""
+"""Exact rewrites applied when a model is loaded (`loading.load`), so that everything after (analysis,
+scoring, recovery, the result) sees the rewritten graph: op patterns onnxruntime leaves unfused made
+faster, onnxruntime's own FusedConv spelled out as ONNX's ops (which it fuses again), and a packed Q/K/V
+picked apart by a Gather made the Slice it amounts to (which the analysis can follow). One rule per
+module, each with `NAME`, `TRIGGERS` (the ops a graph needs for it to match) and `apply(graph) -> int`
+(how many times it rewrote; why a candidate was left is logged at debug level). The rewritten graph
+computes the same outputs up to float rounding; the reference outputs and the "before" latency stay the
+given model's, so validation measures any difference with the rest."""
 
 from __future__ import annotations
 
@@ -14,12 +15,11 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ...io import export_graph, fold_constants, import_graph
-from . import affine_before_conv, affine_into_conv, fused_conv, hard_swish
+from . import affine_before_conv, affine_into_conv, fused_conv, hard_swish, packed_qkv
 
 log = logging.getLogger(__name__)
 
-RULES = (fused_conv, affine_into_conv, hard_swish, affine_before_conv)  # fused_conv first: it makes Convs
-TRIGGERS = {"Conv", "Clip", "FusedConv"}  # a graph without these ops matches no rule
+RULES = (fused_conv, affine_into_conv, hard_swish, affine_before_conv, packed_qkv)  # fused_conv first: it makes Convs
 
 
 def simplify(graph: gs.Graph) -> dict[str, int]:
@@ -35,11 +35,17 @@ def simplify(graph: gs.Graph) -> dict[str, int]:
     return counts
 
 
-def simplify_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """(`model` rewritten, counts per rule); `model` itself and {} when no rule applies (never changed)."""
-    if not any(node.op_type in TRIGGERS for node in model.graph.node):
+def simplify_model(model: onnx.ModelProto, shapes: dict | None = None) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """(`model` rewritten, counts per rule); `model` itself and {} when no rule applies (never changed).
+    `shapes`: tensor shapes (the analysed ones, onnxruntime's where inference stops) for tensors ONNX's
+    shape inference leaves unknown."""
+    ops = {node.op_type for node in model.graph.node}
+    if not any(rule.TRIGGERS <= ops for rule in RULES):  # no rule can match: no import, no shape inference
         return model, {}
     graph = import_graph(with_shapes(model))
+    for name, tensor in graph.tensors().items():
+        if tensor.shape is None and tensor.dtype is not None and shapes and shapes.get(name) is not None:
+            tensor.shape = list(shapes[name])
     fold_constants(graph)  # constants an exporter computes (a bias reshaped) become constants the rules read
     counts = simplify(graph)
     if not counts:
@@ -64,6 +70,7 @@ def with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
 
-def rewritten_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model` rewritten (what `io.ModelFile.rewrite` applies each time the file is read again)."""
-    return simplify_model(model)[0]
+def rewritten_model(model: onnx.ModelProto, shapes: dict | None = None) -> onnx.ModelProto:
+    """`model` rewritten (what `io.ModelFile.rewrite` applies each time the file is read again, with the
+    shapes it was first rewritten with)."""
+    return simplify_model(model, shapes)[0]

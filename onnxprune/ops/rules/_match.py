@@ -15,6 +15,16 @@ def scalar(tensor) -> float | None:
     return None
 
 
+def constant_values(tensor) -> np.ndarray | None:
+    """The values of a constant, or of a Constant node's output; else None."""
+    if isinstance(tensor, gs.Constant):
+        return tensor.values
+    producer = tensor.inputs[0] if tensor.inputs else None
+    if producer is not None and onnx_op(producer, "Constant") and isinstance(producer.attrs.get("value"), gs.Constant):
+        return producer.attrs["value"].values
+    return None
+
+
 def channel_vector(tensor, channels: int, rank: int) -> np.ndarray | None:
     """A constant that broadcasts against a [N, C, ...] tensor of `rank` as one value per channel (a
     scalar, or C values on axis 1 and ones elsewhere), as float64 of length C; else None."""

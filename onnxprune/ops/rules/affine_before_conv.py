@@ -16,6 +16,7 @@ from ._match import (LINEAR, affine_step, channel_vector, conv_weights, finite, 
 log = logging.getLogger(__name__)
 
 NAME = "affine_before_conv"
+TRIGGERS = {"Conv"}  # ops a graph must all have for this rule to match
 
 
 def apply(graph: gs.Graph) -> int:

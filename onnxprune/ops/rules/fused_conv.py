@@ -17,6 +17,7 @@ from ._match import float_tensor
 log = logging.getLogger(__name__)
 
 NAME = "fused_conv"
+TRIGGERS = {"FusedConv"}  # ops a graph must all have for this rule to match
 RESIDUAL = 3  # FusedConv's input Z
 
 

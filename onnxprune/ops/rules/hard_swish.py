@@ -14,6 +14,7 @@ from ._match import float_tensor, onnx_op, other_input, scalar, sole_reader
 log = logging.getLogger(__name__)
 
 NAME = "hard_swish"
+TRIGGERS = {"Clip"}  # ops a graph must all have for this rule to match
 HARD_SWISH_OPSET = 14
 
 
