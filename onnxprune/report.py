@@ -162,6 +162,8 @@ def format_scoring(report: dict) -> list[str]:
             line += f"; budget {budget['achieved']:,.0f} of {budget['target']:,.0f} {unit}"
         if "eps" in budget:
             line += f" (eps {budget['eps']:.3g})"
+        if budget.get("reached") is False:
+            line += ", not reached (see the note)"
     return [line]
 
 

@@ -109,6 +109,13 @@ def choose(baseline: Baseline, analysis: Analysis, config: PruneConfig, factoriz
         analysis, scores, context, filters=channel_ratio(config), global_ranking=config.global_ranking,
         round_to=config.round_to, target_macs=config.target_macs if config.rank is None else None,
         pfp_mode=config.pfp_mode, seed=config.seed, counts=counts, target=target)
+    if budget is not None and budget.get("unit") != "ms":  # a latency budget's rounds say whether they met it
+        budget["reached"] = bool(budget["achieved"] <= budget["target"] * (1 + 1e-9))
+        if not budget["reached"]:
+            unit = "MACs" if budget["unit"] == "macs" else "channels"
+            context.notes.append(f"budget not reached: {budget['achieved']:,.0f} {unit} kept for a target of "
+                                 f"{budget['target']:,.0f}, every group at the least it may keep (or excluded): "
+                                 "this is as small as this model gets here")
     choice = ChannelChoice(keep, scales, scorer, context, budget)
     if counts is not None or target is not None:  # a step's given counts; latency rounds: once, after them
         return choice

@@ -387,3 +387,16 @@ def test_pfp_is_deterministic_for_a_seed():
     a = onnxprune.prune(MNIST, PruneConfig(seed=3, **config)).plan.to_json()
     b = onnxprune.prune(MNIST, PruneConfig(seed=3, **config)).plan.to_json()
     assert a == b
+
+
+@pytest.mark.parametrize("scorer", ["l1", "pfp"])
+def test_an_unreachable_macs_target_is_noted_not_silently_missed(scorer):
+    result = onnxprune.prune(MNIST, PruneConfig(target_macs=0.01, scorer=scorer, calibration=MNIST_CALIB, calib_samples=32,
+                                           recover="none"))
+    budget = result.report["scoring"]["budget"]
+    assert budget["reached"] is False and budget["achieved"] > budget["target"]
+    assert any(note.startswith("budget not reached") for note in result.report["scoring_notes"])
+    reached = onnxprune.prune(MNIST, PruneConfig(target_macs=0.7, scorer=scorer, calibration=MNIST_CALIB, calib_samples=32,
+                                            recover="none"))
+    assert reached.report["scoring"]["budget"]["reached"] is True
+    assert not any(note.startswith("budget not reached") for note in reached.report["scoring_notes"])
