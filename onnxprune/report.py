@@ -72,6 +72,9 @@ def latency_model_line(latency: dict) -> str:
         rounds = ", ".join(f"{r['measured_ms']:.3f}" for r in latency["rounds"])
         line += (f"\n  target    {latency['asked']}: {latency['target_ms']:.3f} ms "
                  f"{'met' if latency['met'] else 'missed'}; measured per round {rounds} ms")
+        if latency["met"] and latency.get("met_in_final_timing") is False:
+            line += ("\n            missed in the final timing above (by more than 5%): the machine's timings vary; "
+                     "time the result again on a quiet machine")
     return line
 
 

@@ -19,6 +19,7 @@ from onnxprune.config import check_config
 from onnxprune.cli import main
 from onnxprune.errors import UsageError
 from onnxprune.plan import Plan
+from onnxprune.report import latency_model_line
 from onnxprune.validate import latency_model as lm
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -370,3 +371,19 @@ def test_predictions_start_from_the_rewritten_model_timed_beside_the_original(tm
     plain = prune(str(path), PruneConfig(scorer="l1", filters=0.5, round_to=1, predict_latency=True,
                                          simplify=False)).report["latency"]
     assert plain["model_simplified_ms"] == pytest.approx(10.0) and plain["predicted_ms"] == pytest.approx(10.0)
+
+
+def test_a_final_timing_that_misses_the_goal_the_round_met_is_said(fake_timer, monkeypatch):
+    config = PruneConfig(calibration=str(CALIB), target_speedup=1.5, recover="none")
+    assert prune(str(MNIST), config).report["latency"]["met_in_final_timing"] is True
+
+    def noisy(original_session, pruned, feed, config):  # the final timing on a busier machine
+        after = fake_ms(pruned) * 1.3
+        return {"before": {"median_ms": FULL_MS, "p90_ms": 0.0}, "after": {"median_ms": after, "p90_ms": 0.0},
+                "speedup": FULL_MS / after, "runs": 1, "warmup": 0, "threads": config.threads, "batch": 1}
+
+    monkeypatch.setattr(result_module, "compare_latency", noisy)
+    result = prune(str(MNIST), config)
+    latency = result.report["latency"]
+    assert latency["met"] and latency["met_in_final_timing"] is False
+    assert "missed in the final timing" in latency_model_line(latency)
