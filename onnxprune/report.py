@@ -83,7 +83,7 @@ def format_simplified(report: dict) -> list[str]:
     if not counts:
         return []
     done = ", ".join(f"{n} {name.replace('_', ' ')}" for name, n in counts.items())
-    return [f"  simplified {done} (exact rewrites onnxruntime does not make; --no-simplify keeps the ops)"]
+    return [f"  simplified {done} (exact rewrites at loading; --no-simplify keeps the ops)"]
 
 
 def format_summary(report: dict, model, output) -> str:
@@ -113,6 +113,9 @@ def format_summary(report: dict, model, output) -> str:
     if len(fid.get("per_output", {})) > 1:
         for name, f in fid["per_output"].items():
             lines.append(f"            output {name}: cosine {f['cosine']:.4f}, rel. L2 error {f['rel_l2']:.4f}")
+    if fid.get("reference_constant"):
+        lines.append("            the original's outputs are the same for every sample: these figures cannot tell a good "
+                     "cut from a bad one (untrained or zeroed final layers, or inputs that do not vary?)")
     lines.extend(f"            {line}" for line in far_worse_channel(fid))
     lines.extend(format_recovery(report))
     lines.extend(format_checks(report))

@@ -270,3 +270,24 @@ def test_an_output_with_its_batch_on_axis_1_is_joined_on_that_axis(tmp_path):
                     "--output-axis", "y:2")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out.onnx").exists()
+
+
+def test_outputs_the_same_for_every_sample_are_flagged(tmp_path):
+    from onnxprune.validate.compare import constant_over_samples
+
+    varying = {"y": np.arange(6, dtype=np.float32).reshape(3, 2)}
+    assert not constant_over_samples(varying)
+    assert constant_over_samples({"y": np.ones((3, 2), np.float32), "ids": np.arange(3)})  # ids are not floats
+    model = onnx.load("models/mnist_resnet.onnx")
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    weight = next(t for t in model.graph.initializer if t.name == gemm.input[1])
+    weight.CopyFrom(onnx.numpy_helper.from_array(np.zeros_like(onnx.numpy_helper.to_array(weight)), weight.name))
+    onnx.save(model, tmp_path / "zero_head.onnx")
+    result = invoke(tmp_path / "zero_head.onnx", tmp_path / "out.onnx", "--filters", "0.3", "--calib",
+                    "models/mnist_calib.npz", "--calib-samples", "32", "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r.json").read_text())["fidelity"]["reference_constant"] is True
+    assert "the same for every sample" in result.output
+    ordinary = prune("models/mnist_resnet.onnx", PruneConfig(filters=0.3, calibration="models/mnist_calib.npz",
+                                                             calib_samples=32))
+    assert ordinary.report["fidelity"]["reference_constant"] is False

@@ -117,7 +117,14 @@ def fidelity(reference: dict[str, np.ndarray], result: dict[str, np.ndarray], ax
     axes = axes or {}
     per_output = {name: output_fidelity(reference[name], result[name], axes.get(name)) for name in reference}
     first = next(iter(per_output.values()))
-    return {**first, "per_output": per_output}
+    return {**first, "per_output": per_output, "reference_constant": constant_over_samples(reference)}
+
+
+def constant_over_samples(reference: dict[str, np.ndarray]) -> bool:
+    """Whether the original's floating-point outputs are the same for every sample (an untrained or zeroed
+    head): then no fidelity figure can tell a good cut from a bad one."""
+    floating = [a for a in reference.values() if np.issubdtype(a.dtype, np.floating) and a.ndim and len(a) > 1]
+    return bool(floating) and all(np.array_equal(np.broadcast_to(a[:1], a.shape), a) for a in floating)
 
 
 def worst_channel(fidelity: dict) -> tuple[str, dict, dict] | None:
