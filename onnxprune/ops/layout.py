@@ -392,9 +392,9 @@ def _blocks(ids: np.ndarray, tensor: gs.Tensor, ctx) -> tuple[int, np.ndarray]:
 
 
 def _merged_back(tensor: gs.Tensor, shape_of) -> bool:
-    """Whether every consumer of `tensor` is a Reshape that merges axes (not one that only adds a unit
-    axis, as attention's [B * heads, S, head_dim] -> [B, heads, S, head_dim] does), or a Transpose whose
-    output is merged back."""
+    """Whether every consumer of `tensor` is a Reshape that merges axes (not one that only splits or adds
+    a unit axis, as attention's [B * heads, S, head_dim] -> [B, heads, S, head_dim] does), or a Transpose
+    whose output is merged back."""
     consumers = tensor.outputs
     return bool(consumers) and all(
         (c.op == "Reshape" and _merges(c, shape_of)) or (c.op == "Transpose" and _merged_back(c.outputs[0], shape_of))
@@ -402,8 +402,11 @@ def _merged_back(tensor: gs.Tensor, shape_of) -> bool:
 
 
 def _merges(reshape: gs.Node, shape_of) -> bool:
+    """Some output dim spans two input dims (a boundary between input dims is none between output dims)."""
     before, after = shape_of(reshape.inputs[0]), shape_of(reshape.outputs[0])
-    return before is None or after is None or len(after) < len(before)
+    if before is None or after is None:
+        return True
+    return bool(set(np.cumprod(before, dtype=np.int64).tolist()) - set(np.cumprod(after, dtype=np.int64).tolist()))
 
 
 def _target_piece(target: gs.Tensor, position: int, shape_of):
@@ -615,17 +618,19 @@ def _sizes_own_resizes(consumer: gs.Node, axis: int) -> bool:
     """`consumer` (a reader of Shape(x)) only builds the `sizes` of Resizes of x itself, the entries up to
     the channel `axis` copied from the shape (torch's `interpolate(x, size=...)`): the count then follows x
     at run time."""
-    return bool(consumer.outputs) and all(
-        concat.op == "Concat" and list(concat.inputs).count(consumer.outputs[0]) == 1
-        and all(resize_sizes_follow_input(r, axis) for r in concat.outputs[0].outputs)
-        for concat in consumer.outputs[0].outputs)
+    head = consumer.outputs[0] if consumer.outputs else None
+    return head is not None and all(
+        concat.op == "Concat" and concat.inputs[0] is head and list(concat.inputs).count(head) == 1
+        and all(r.inputs[3:4] == [concat.outputs[0]] and resize_sizes_follow_input(r, axis)
+                for r in concat.outputs[0].outputs)
+        for concat in head.outputs)
 
 
 def resize_sizes_follow_input(resize: gs.Node, axis: int) -> bool:
     """A Resize whose `sizes` are Concat(Slice(Shape(its input), 0, k), ...) along axis 0, k past the
     channel `axis`: the leading entries, channels included, are its input's own at run time."""
-    if resize.op != "Resize" or len(resize.inputs) < 4 or not resize.inputs[3].inputs:
-        return False
+    if resize.op != "Resize" or len(resize.inputs) < 4 or not resize.inputs[3].inputs or "axes" in resize.attrs:
+        return False  # (with `axes`, opset 18, the sizes need not start at axis 0)
     concat = resize.inputs[3].inputs[0]
     if concat.op != "Concat" or int(attr(concat, "axis", 0)) != 0 or not concat.inputs[0].inputs:
         return False

@@ -60,17 +60,19 @@ def slice_(seed: int = 0) -> onnx.ModelProto:
     return b.model(x_input(), name="slice")
 
 
-def channel_shuffle(seed: int = 0) -> onnx.ModelProto:
+def channel_shuffle(seed: int = 0, flat: bool = False) -> onnx.ModelProto:
     """conv1(3->8) -> grouped conv2(8->8, group 2) -> Reshape [1,2,4,16,16] -> Transpose(0,2,1,3,4)
-    -> Reshape [1,8,16,16] -> conv3(8->4): the ShuffleNet channel shuffle.
+    -> Reshape [1,8,16,16] -> conv3(8->4): the ShuffleNet channel shuffle. ``flat``: the split reshape has the
+    merge's rank, [1,2,4,256] (the merge back keeps the rank).
 
     Prunable: conv2's channels, the same position j in both shuffle blocks together.
     """
     b = Builder(seed)
     h = b.relu("relu1", b.conv("conv1", "x", 3, 8))
     h = b.conv("conv2", h, 8, 8, group=2)
-    h = b.node("Reshape", "split_blocks", [h, b.const("split_blocks.shape", [1, 2, 4, 16, 16], np.int64)])
-    h = b.node("Transpose", "shuffle", [h], perm=[0, 2, 1, 3, 4])
+    split = [1, 2, 4, 256] if flat else [1, 2, 4, 16, 16]
+    h = b.node("Reshape", "split_blocks", [h, b.const("split_blocks.shape", split, np.int64)])
+    h = b.node("Transpose", "shuffle", [h], perm=[0, 2, 1, 3] if flat else [0, 2, 1, 3, 4])
     h = b.node("Reshape", "merge_blocks", [h, b.const("merge_blocks.shape", [1, 8, 16, 16], np.int64)])
     b.output(b.conv("conv3", h, 8, 4))
     return b.model(x_input(), name="channel_shuffle")
@@ -224,6 +226,7 @@ BUILDERS = {
     "split": split,
     "slice": slice_,
     "channel_shuffle": channel_shuffle,
+    "channel_shuffle_flat": functools.partial(channel_shuffle, flat=True),
     "reshape_computed": reshape_computed,
     "blocked_shape_read": functools.partial(reshape_computed, read_channels=True),
     "transpose_nhwc": transpose_nhwc,

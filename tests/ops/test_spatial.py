@@ -99,6 +99,21 @@ def resize_to_computed_sizes(seed: int = 0, other_shape: bool = False) -> onnx.M
     return b.model(x_input(), outputs=[("y", [1, 4, 32, 32])], name="resize_to_computed_sizes")
 
 
+def resize_to_its_channel_count(seed: int = 0) -> onnx.ModelProto:
+    """conv1(3->8) -> Relu -> Resize(sizes = Concat(Slice(Shape(.), 0, 2), Slice(Shape(.), 1, 2), [16])) ->
+    conv2(8->4, 1x1): the output height is the channel count. Blocked: pruning would change the height."""
+    b = Builder(seed)
+    h = b.relu("relu1", b.conv("conv1", "x", 3, 8))
+    shape = b.node("Shape", "shape", [h])
+    head = b.node("Slice", "slice", [shape, b.const("zero", [0], np.int64), b.const("two", [2], np.int64),
+                                     b.const("axis0", [0], np.int64)])
+    count = b.node("Slice", "count", [shape, b.const("one", [1], np.int64), "two", "axis0"])
+    sizes = b.node("Concat", "sizes", [head, count, b.const("width", [16], np.int64)], axis=0)
+    h = b.node("Resize", "resize1", [h, "", "", sizes], mode="nearest")
+    b.output(b.conv("conv2", h, 8, 4, k=1))
+    return b.model(x_input(), outputs=[("y", [1, 4, 8, 16])], name="resize_to_its_channel_count")
+
+
 def pad(seed: int = 0) -> onnx.ModelProto:
     """conv1(3->8) -> Pad(constant mode, 1 on each spatial side, value 0) -> conv2(8->4, pad 0).
 
@@ -122,9 +137,11 @@ BUILDERS = {
     "resize_sizes": functools.partial(resize, use_sizes=True),
     "resize_to_computed_sizes": resize_to_computed_sizes,
     "blocked_resize_to_sizes_of_another_tensor": functools.partial(resize_to_computed_sizes, other_shape=True),
+    "blocked_resize_to_its_channel_count": resize_to_its_channel_count,
     "pad": pad,
 }
-BLOCKED: dict[str, str] = {"blocked_resize_to_sizes_of_another_tensor": "output sizes are computed"}
+BLOCKED: dict[str, str] = {"blocked_resize_to_sizes_of_another_tensor": "output sizes are computed",
+                           "blocked_resize_to_its_channel_count": "the channel count is read and used"}
 
 test_pruning_dead_channels_is_exact, test_blocked_patterns_are_left_whole_with_a_reason = \
     family_tests(BUILDERS, BLOCKED)
