@@ -22,7 +22,8 @@ from contextlib import contextmanager
 from threadpoolctl import threadpool_limits
 
 WORKERS = os.cpu_count() or 1
-_one_at_a_time = threading.RLock()  # the BLAS limit is process-wide: a second thread's pool waits (nesting is fine)
+_one_at_a_time = threading.RLock()  # the BLAS limit is process-wide: a second thread's pool waits (nesting in the
+# same thread is fine; a pool opened inside a pool's job, another thread, would wait for ever)
 
 
 @contextmanager

@@ -23,7 +23,8 @@ from ..ops.base import ONNX_DOMAINS, Handler, WeightLayout, weighted, weighted_o
 LAYER_OPS = weighted_ops()
 # a weighted op of another domain (onnxruntime's FusedConv) may apply an activation or add a residual after its
 # product, and its output is the only tensor a fit can target
-FOREIGN_OUTPUT = "an op of onnxruntime's domain: its output is after a fused activation, not the product a fit needs"
+FOREIGN_OUTPUT = ("an op of another domain (onnxruntime's FusedConv: its output is after a fused activation), "
+                  "not the product a fit needs")
 
 
 class Initializers:
