@@ -341,3 +341,34 @@ def test_torch_attention_s_packed_q_k_v_become_slices_at_loading():
     assert loaded.simplified == {"packed_qkv": 3}
     assert "Gather" not in ops(loaded.model)
     assert_same_outputs(model, loaded.model)
+
+
+def dynamic_packed_pick(constant_target: bool = False) -> onnx.ModelProto:
+    """x [S, B, 12] (symbolic) -> Reshape to Concat(Shape(x)[0:2], [3, 4]) (torch's unflatten; or a constant
+    [-1, 3, 3, 4] that only matches at B = 3) -> Unsqueeze(0) -> Transpose(3, 1, 2, 0, 4) -> Squeeze(3) -> Gather(1)."""
+    b = Builder(seed=8)
+    if constant_target:
+        target = b.const("target", [-1, 3, 3, 4], np.int64)
+    else:
+        lead = b.node("Slice", "lead", [b.node("Shape", "shape", ["x"]), b.const("zero", [0], np.int64),
+                                        b.const("two", [2], np.int64), b.const("axis0", [0], np.int64)])
+        target = b.node("Concat", "target", [lead, b.const("parts", [3, 4], np.int64)], axis=0)
+    h = b.node("Reshape", "split", ["x", target])
+    h = b.node("Unsqueeze", "unsqueeze", [h, b.const("new0", [0], np.int64)])
+    h = b.node("Transpose", "swap", [h], perm=[3, 1, 2, 0, 4])
+    h = b.node("Squeeze", "squeeze", [h, b.const("axis3", [3], np.int64)])
+    b.output(b.node("Gather", "pick", [h, b.const("one", 1, np.int64)], axis=0))
+    return b.model([("x", ["S", "B", 12])], outputs=[("y", None)])
+
+
+def test_a_packed_pick_with_dynamic_dims_is_rewritten_and_holds_at_every_size():
+    model = dynamic_packed_pick()
+    loaded = load(model, {"x": [2, 3, 12]})
+    assert loaded.simplified == {"packed_qkv": 1}
+    for dims in ([5, 1, 12], [1, 4, 12]):
+        feed = {"x": np.random.default_rng(0).standard_normal(dims).astype(np.float32)}
+        np.testing.assert_array_equal(run(loaded.model, feed)[0], run(model, feed)[0])
+
+
+def test_a_constant_target_that_fixes_a_dynamic_dim_is_left():
+    assert load(dynamic_packed_pick(constant_target=True), {"x": [2, 3, 12]}).simplified == {}

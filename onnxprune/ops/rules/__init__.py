@@ -2,7 +2,7 @@
 scoring, recovery, the result) sees the rewritten graph: op patterns onnxruntime leaves unfused made
 faster, onnxruntime's own FusedConv spelled out as ONNX's ops (which it fuses again), and a packed Q/K/V
 picked apart by a Gather made the Slice it amounts to (which the analysis can follow). One rule per
-module, each with `NAME`, `TRIGGERS` (the ops a graph needs for it to match) and `apply(graph) -> int`
+module, each with `NAME`, `TRIGGERS` (the ops a graph needs for it to match) and `apply(graph, shapes) -> int`
 (how many times it rewrote; why a candidate was left is logged at debug level). The rewritten graph
 computes the same outputs up to float rounding; the reference outputs and the "before" latency stay the
 given model's, so validation measures any difference with the rest."""
@@ -22,11 +22,12 @@ log = logging.getLogger(__name__)
 RULES = (fused_conv, affine_into_conv, hard_swish, affine_before_conv, packed_qkv)  # fused_conv first: it makes Convs
 
 
-def simplify(graph: gs.Graph) -> dict[str, int]:
-    """Apply every rule to `graph` in place; the count of each rule that rewrote something."""
+def simplify(graph: gs.Graph, shapes: dict | None = None) -> dict[str, int]:
+    """Apply every rule to `graph` in place; the count of each rule that rewrote something. `shapes`: the
+    analysed shapes, for the rules that need them where ONNX's inference leaves a dim symbolic or unknown."""
     counts = {}
     for rule in RULES:
-        count = rule.apply(graph)
+        count = rule.apply(graph, shapes)
         if count:
             counts[rule.NAME] = count
     if counts:
@@ -43,11 +44,8 @@ def simplify_model(model: onnx.ModelProto, shapes: dict | None = None) -> tuple[
     if not any(rule.TRIGGERS <= ops for rule in RULES):  # no rule can match: no import, no shape inference
         return model, {}
     graph = import_graph(with_shapes(model))
-    for name, tensor in graph.tensors().items():
-        if tensor.shape is None and tensor.dtype is not None and shapes and shapes.get(name) is not None:
-            tensor.shape = list(shapes[name])
     fold_constants(graph)  # constants an exporter computes (a bias reshaped) become constants the rules read
-    counts = simplify(graph)
+    counts = simplify(graph, shapes)
     if not counts:
         return model, {}
     rewritten = export_graph(graph)

@@ -19,7 +19,7 @@ NAME = "affine_before_conv"
 TRIGGERS = {"Conv"}  # ops a graph must all have for this rule to match
 
 
-def apply(graph: gs.Graph) -> int:
+def apply(graph: gs.Graph, shapes: dict | None = None) -> int:
     """Fold every such chain into the Conv reading it; the number of arithmetic nodes folded."""
     return sum(_fold(node, graph) for node in list(graph.nodes) if onnx_op(node, "Conv"))
 

@@ -21,7 +21,7 @@ TRIGGERS = {"FusedConv"}  # ops a graph must all have for this rule to match
 RESIDUAL = 3  # FusedConv's input Z
 
 
-def apply(graph: gs.Graph) -> int:
+def apply(graph: gs.Graph, shapes: dict | None = None) -> int:
     """Rewrite every FusedConv whose activation ONNX has; how many."""
     rewritten = 0
     for node in list(graph.nodes):

@@ -18,7 +18,7 @@ TRIGGERS = {"Clip"}  # ops a graph must all have for this rule to match
 HARD_SWISH_OPSET = 14
 
 
-def apply(graph: gs.Graph) -> int:
+def apply(graph: gs.Graph, shapes: dict | None = None) -> int:
     """Rewrite every match; how many."""
     rewritten = 0
     for node in list(graph.nodes):
