@@ -25,6 +25,16 @@ def constant_values(tensor) -> np.ndarray | None:
     return None
 
 
+def unused_name(graph: gs.Graph, base: str) -> str:
+    """`base`, or `base_2`, `base_3`, ... : a tensor name the graph does not have yet."""
+    taken = graph.tensors()
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}_{n}"
+    return name
+
+
 def channel_vector(tensor, channels: int, rank: int) -> np.ndarray | None:
     """A constant that broadcasts against a [N, C, ...] tensor of `rank` as one value per channel (a
     scalar, or C values on axis 1 and ones elsewhere), as float64 of length C; else None."""

@@ -12,7 +12,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..base import MICROSOFT
-from ._match import float_tensor
+from ._match import float_tensor, unused_name
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def apply(graph: gs.Graph, shapes: dict | None = None) -> int:
     rewritten = 0
     for node in list(graph.nodes):
         if node.op == "FusedConv" and node.domain == MICROSOFT and node.outputs:
-            activation = _activation(node, graph.opset)
+            activation = _activation(node, graph)
             if activation is None:
                 log.debug("FusedConv '%s' left: activation %r has no ONNX op here", node.name, node.attrs.get("activation"))
                 continue
@@ -39,7 +39,7 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _activation(node: gs.Node, opset: int) -> tuple[str, dict, list] | None:
+def _activation(node: gs.Node, graph: gs.Graph) -> tuple[str, dict, list] | None:
     """(ONNX op, its attributes, its extra constant inputs) of the node's activation, None when unknown."""
     name = _text(node.attrs.get("activation", ""))
     params = [float(p) for p in node.attrs.get("activation_params", [])]
@@ -50,8 +50,8 @@ def _activation(node: gs.Node, opset: int) -> tuple[str, dict, list] | None:
         return name, {"alpha": params[0]}, []
     if name == "HardSigmoid" and len(params) == 2:
         return name, {"alpha": params[0], "beta": params[1]}, []
-    if name == "Clip" and len(params) == 2 and opset >= 11:
-        bounds = [gs.Constant(f"{node.outputs[0].name}_clip_{end}", np.array(value, dtype=dtype))
+    if name == "Clip" and len(params) == 2 and graph.opset >= 11:
+        bounds = [gs.Constant(unused_name(graph, f"{node.outputs[0].name}_clip_{end}"), np.array(value, dtype=dtype))
                   for end, value in zip(("min", "max"), params)]
         return name, {}, bounds
     return None
@@ -62,7 +62,7 @@ def _replace(graph: gs.Graph, fused: gs.Node, op: str, attrs: dict, extra: list)
     inputs = list(fused.inputs)
     residual = inputs[RESIDUAL] if len(inputs) > RESIDUAL and inputs[RESIDUAL].name else None
     conv_attrs = {k: v for k, v in fused.attrs.items() if k not in ("activation", "activation_params")}
-    product = gs.Variable(f"{output.name}_conv", dtype=output.dtype, shape=output.shape)
+    product = gs.Variable(unused_name(graph, f"{output.name}_conv"), dtype=output.dtype, shape=output.shape)
     fused.inputs.clear()
     fused.outputs.clear()
     conv_inputs = inputs[:3]
@@ -70,7 +70,7 @@ def _replace(graph: gs.Graph, fused: gs.Node, op: str, attrs: dict, extra: list)
         conv_inputs.pop()
     graph.nodes.append(gs.Node("Conv", name=fused.name, attrs=conv_attrs, inputs=conv_inputs, outputs=[product]))
     if residual is not None:
-        summed = gs.Variable(f"{output.name}_sum", dtype=output.dtype, shape=output.shape)
+        summed = gs.Variable(unused_name(graph, f"{output.name}_sum"), dtype=output.dtype, shape=output.shape)
         graph.nodes.append(gs.Node("Add", name=f"{fused.name}_residual", inputs=[product, residual], outputs=[summed]))
         product = summed
     graph.nodes.append(gs.Node(op, name=f"{fused.name}_{op.lower()}", attrs=attrs, inputs=[product, *extra],

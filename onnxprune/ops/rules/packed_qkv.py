@@ -12,7 +12,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ._match import constant_values, onnx_op
+from ._match import constant_values, onnx_op, unused_name
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,6 @@ def _replace(graph: gs.Graph, gather: gs.Node, packed: gs.Tensor, start: int, en
     gather.inputs.clear()
     gather.outputs.clear()
     name = output.name
-    bounds = [gs.Constant(f"{name}_{label}", np.array([value], dtype=np.int64))
+    bounds = [gs.Constant(unused_name(graph, f"{name}_{label}"), np.array([value], dtype=np.int64))
               for label, value in (("start", start), ("end", end), ("axis", -1))]
     graph.nodes.append(gs.Node("Slice", name=f"{name}_slice", inputs=[packed, *bounds], outputs=[output]))
