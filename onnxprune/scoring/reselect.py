@@ -45,7 +45,6 @@ from ..recover.layers import Initializers, find_layers, tensor_levels
 from ..recover.lstsq import LstsqFit
 from ..recover.passes import fit_level
 from ..recover.stream import Stream
-from ..workers import numeric_pool
 from .consumers import find_consumers
 from .obs import MAX_FEATURES, GramFold, greedy_order_scores, quadratic
 
@@ -274,8 +273,7 @@ def _refit(pruned: Stream, original: Stream, members: list, inits: Initializers,
     if not members:
         return
     fits = [LstsqFit(v, seed=[*seed, i], batches=batches, hold_out=hold_out) for i, v in enumerate(members)]
-    with numeric_pool() as pool:
-        updates = fit_level(pruned, original, members, fits, pool)
+    updates = fit_level(pruned, original, members, fits)
     for view, update in zip(members, updates):
         if update.weight is not None or update.bias is not None:
             view.write(inits, update.weight, update.bias)
