@@ -38,8 +38,8 @@ def simplify(graph: gs.Graph, shapes: dict | None = None) -> dict[str, int]:
 
 def simplify_model(model: onnx.ModelProto, shapes: dict | None = None) -> tuple[onnx.ModelProto, dict[str, int]]:
     """(`model` rewritten, counts per rule); `model` itself and {} when no rule applies (never changed).
-    `shapes`: tensor shapes (the analysed ones, onnxruntime's where inference stops) for tensors ONNX's
-    shape inference leaves unknown."""
+    `shapes`: the analysed tensor shapes (onnxruntime's where inference stops), handed to the rules for the
+    dims ONNX's shape inference leaves symbolic or unknown."""
     ops = {node.op_type for node in model.graph.node}
     if not any(rule.TRIGGERS <= ops for rule in RULES):  # no rule can match: no import, no shape inference
         return model, {}
