@@ -235,6 +235,11 @@ def ratio_for_target(analysis, scores, target: Target, global_ranking: bool, rou
                     "unit": target.unit}
 
 
+def short_of(summary: dict | None) -> bool:
+    """Whether an allocation's budget summary fell short of its target (every group at its floor)."""
+    return summary is not None and summary["achieved"] > summary["target"] * (1 + 1e-9)
+
+
 # ---------------------------------------------------------------- counts and channels for any scorer
 
 

@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from .baseline import Baseline
-from .budget import CostModel, LatencyPredictor, Target
+from .budget import CostModel, LatencyPredictor, Target, short_of
 from .config import PruneConfig, latency_wanted
 from .errors import ValidationFailed
 from .stages import analyze_model, choose, rewrite_channels
@@ -38,11 +38,6 @@ GROWTH = 2.0  # a round after a miss predicts at most this many times the missed
 
 class TargetOutOfReach(ValidationFailed):
     """The latency model predicts the target slower than the smallest allocation allows (exit 1)."""
-
-
-def short_of(summary: dict | None) -> bool:
-    """Whether an allocation's budget summary fell short of its target (every group at its floor)."""
-    return summary is not None and summary["achieved"] > summary["target"] * (1 + 1e-9)
 
 
 def met(measured_ms: float, target_ms: float) -> bool:

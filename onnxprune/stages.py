@@ -11,7 +11,7 @@ import onnx
 
 from .baseline import Baseline
 from .allocate import group_round_to, round_keep
-from .budget import Target, choose_channels
+from .budget import Target, choose_channels, short_of
 from .config import PruneConfig, channel_ratio, recovery_method, scorer_name
 from .errors import NothingToPrune
 from .graph import Analysis, analyze
@@ -110,7 +110,7 @@ def choose(baseline: Baseline, analysis: Analysis, config: PruneConfig, factoriz
         round_to=config.round_to, target_macs=config.target_macs if config.rank is None else None,
         pfp_mode=config.pfp_mode, seed=config.seed, counts=counts, target=target)
     if budget is not None and budget.get("unit") != "ms":  # a latency budget's rounds say whether they met it
-        budget["reached"] = bool(budget["achieved"] <= budget["target"] * (1 + 1e-9))
+        budget["reached"] = not short_of(budget)
         if not budget["reached"]:
             unit = "MACs" if budget["unit"] == "macs" else "channels"
             context.notes.append(f"budget not reached: {budget['achieved']:,.0f} {unit} kept for a target of "

@@ -11,7 +11,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..base import MICROSOFT
+from ..base import MICROSOFT, text
 from ._match import float_tensor, unused_name
 
 log = logging.getLogger(__name__)
@@ -35,13 +35,9 @@ def apply(graph: gs.Graph, shapes: dict | None = None) -> int:
     return rewritten
 
 
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _activation(node: gs.Node, graph: gs.Graph) -> tuple[str, dict, list] | None:
     """(ONNX op, its attributes, its extra constant inputs) of the node's activation, None when unknown."""
-    name = _text(node.attrs.get("activation", ""))
+    name = text(node.attrs.get("activation", ""))
     params = [float(p) for p in node.attrs.get("activation_params", [])]
     dtype = node.outputs[0].dtype if float_tensor(node.outputs[0]) else np.float32
     if name in ("Relu", "Tanh", "Sigmoid") and not params:
