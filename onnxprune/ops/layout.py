@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import HIDDEN, Handler, attr, const_input, has_input, join_rows, normalize_axis, pass_through, register
+from .base import HIDDEN, ONNX_DOMAINS, Handler, attr, const_input, has_input, join_rows, normalize_axis, pass_through, register
 
 
 @register("Concat")
@@ -632,15 +632,27 @@ def resize_sizes_follow_input(resize: gs.Node, axis: int) -> bool:
     if resize.op != "Resize" or len(resize.inputs) < 4 or not resize.inputs[3].inputs or "axes" in resize.attrs:
         return False  # (with `axes`, opset 18, the sizes need not start at axis 0)
     concat = resize.inputs[3].inputs[0]
-    if concat.op != "Concat" or int(attr(concat, "axis", 0)) != 0 or not concat.inputs[0].inputs:
+    if concat.op != "Concat" or int(attr(concat, "axis", 0)) != 0:
         return False
-    head = concat.inputs[0].inputs[0]
-    params = _slice_params(head) if head.op == "Slice" else None
-    if params is None or len(params[0]) != 1 or params[2][0] != 0 or params[3][0] != 1 or params[0][0] != 0:
-        return False
-    shape = head.inputs[0].inputs[0] if head.inputs[0].inputs else None
-    return (shape is not None and shape.op == "Shape" and shape.inputs[0] is resize.inputs[0]
-            and int(attr(shape, "start", 0)) == 0 and params[1][0] > axis)
+    bounds = shape_slice(concat.inputs[0], resize.inputs[0], lambda t: t.values if isinstance(t, gs.Constant) else None)
+    return bounds is not None and bounds[0] == 0 and bounds[1] > axis
+
+
+def shape_slice(tensor: gs.Tensor, source: gs.Tensor, values) -> tuple[int, int] | None:
+    """(start, end) when `tensor` is Slice(Shape(source), start, end) along axis 0 with step 1, else None;
+    `values(t)`: a constant tensor's values or None (the rules read Constant nodes too)."""
+    node = tensor.inputs[0] if tensor.inputs else None
+    if node is None or node.op != "Slice" or node.domain not in ONNX_DOMAINS or len(node.inputs) < 3:
+        return None
+    shape = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    if (shape is None or shape.op != "Shape" or shape.inputs[0] is not source or int(attr(shape, "start", 0)) != 0
+            or "end" in shape.attrs):
+        return None
+    found = [values(t) for t in node.inputs[1:5]]
+    if any(v is None or v.size != 1 for v in found):
+        return None
+    starts, ends, *rest = (int(v.reshape(())) for v in found)
+    return (starts, ends) if all(v == want for v, want in zip(rest, (0, 1))) else None  # axis 0, step 1
 
 
 def _shape_entries_read(consumer: gs.Node, length: int) -> set[int]:

@@ -12,6 +12,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..layout import shape_slice
 from ._match import constant_values, onnx_op, unused_name
 
 log = logging.getLogger(__name__)
@@ -79,27 +80,11 @@ def _keeps_leading(reshape: gs.Node, shapes: dict) -> bool:
     if concat is None or concat.op != "Concat" or len(concat.inputs) < 2:
         return False
     head, tail, *rest = concat.inputs
-    bounds = _shape_slice(head, source)
+    bounds = shape_slice(head, source, constant_values)
     split = constant_values(tail)
     return (bounds is not None and bounds[0] == 0 and bounds[1] in (rank - 1, -1) and split is not None
-            and split.shape == (2,) and all(_shape_slice(t, source) is not None
-                                            and _shape_slice(t, source)[0] >= rank for t in rest))
-
-
-def _shape_slice(tensor, source) -> tuple[int, int] | None:
-    """(start, end) of `tensor` = Slice(Shape(source), start, end) on axis 0, else None."""
-    node = tensor.inputs[0] if tensor.inputs else None
-    if node is None or not onnx_op(node, "Slice") or len(node.inputs) < 3:
-        return None
-    shape = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
-    starts, ends = constant_values(node.inputs[1]), constant_values(node.inputs[2])
-    if shape is None or not onnx_op(shape, "Shape") or shape.inputs[0] is not source or "start" in shape.attrs \
-            or "end" in shape.attrs or starts is None or ends is None or starts.size != 1 or ends.size != 1:
-        return None
-    extra = [constant_values(t) for t in node.inputs[3:]]
-    if any(v is None or v.size != 1 or int(v.reshape(())) != want for v, want in zip(extra, (0, 1))):
-        return None  # axes other than 0, steps other than 1
-    return int(starts.reshape(())), int(ends.reshape(()))
+            and split.shape == (2,) and all((b := shape_slice(t, source, constant_values)) is not None
+                                            and b[0] >= rank for t in rest))
 
 
 def _as_slice(gather: gs.Node, shapes: dict) -> tuple[gs.Tensor, int, int] | None:
