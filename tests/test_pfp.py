@@ -400,3 +400,12 @@ def test_an_unreachable_macs_target_is_noted_not_silently_missed(scorer):
                                             recover="none"))
     assert reached.report["scoring"]["budget"]["reached"] is True
     assert not any(note.startswith("budget not reached") for note in reached.report["scoring_notes"])
+
+
+def test_the_cli_says_an_unreachable_macs_target_was_not_reached_and_exits_0(tmp_path):
+    result = CliRunner().invoke(main, [MNIST, str(tmp_path / "out.onnx"), "--target-macs", "0.01", "--scorer", "l1",
+                                       "--calib", MNIST_CALIB, "--calib-samples", "32", "--recover", "none"])
+    assert result.exit_code == 0, result.output
+    assert "not reached (see the note)" in result.output
+    assert "note      budget not reached" in result.output
+    assert (tmp_path / "out.onnx").exists()
