@@ -3,6 +3,7 @@ and what earlier stages made: analyze, choose channels, rewrite, factorize, reco
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from dataclasses import dataclass, replace
 
@@ -13,7 +14,7 @@ from .baseline import Baseline
 from .allocate import group_round_to, round_keep
 from .budget import Target, choose_channels, short_of
 from .config import PruneConfig, channel_ratio, recovery_method, scorer_name
-from .errors import NothingToPrune
+from .errors import NothingToPrune, UsageError
 from .graph import Analysis, analyze
 from .loading import Loaded, copied_messages
 from .lowrank import LowRankSettings, factorize_model
@@ -41,10 +42,22 @@ log = logging.getLogger(__name__)
 def analyze_model(loaded: Loaded, exclude=(), hidden: bool = False) -> Analysis:
     """The channel groups of the loaded model; `hidden`: the residual width may be pruned (`--hidden`)."""
     graph = import_graph(loaded.model)
+    check_exclude(exclude, graph)
     graph.import_domains = copied_messages(graph.import_domains)  # export may add to them: never to the model's
     fold_constants(graph)
     graph.toposort()
     return analyze(graph, loaded.shapes, exclude, {HIDDEN} if hidden else ())
+
+
+def check_exclude(patterns, graph) -> None:
+    """Every --exclude glob matches a node of the model as loaded (its name, or its first output's for a
+    nameless node, as layers are named): a mistyped one would leave what it meant to protect prunable."""
+    names = [name for node in graph.nodes for name in (node.name, *(t.name for t in node.outputs[:1]))]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names if name):
+            raise UsageError(f"--exclude {pattern!r} matches no node of the model as loaded: it is a case-sensitive "
+                             "glob over node names, after loading's exact rewrites (--no-simplify keeps the graph as "
+                             "given); 'onnxprune inspect MODEL --json' lists each group's members")
 
 
 def group_summary(group, kept: int | None = None) -> dict:

@@ -92,6 +92,35 @@ def test_exclude_leaves_matching_groups_whole(tmp_path):
     assert hit and all(not g["prunable"] and "excluded" in g["reasons"][0] for g in hit)
 
 
+@pytest.mark.parametrize("command", ["prune", "inspect", "sweep"])
+def test_an_exclude_glob_matching_no_node_is_a_one_line_usage_error_naming_it(tmp_path, command):
+    args = {"prune": [MODEL, tmp_path / "o.onnx"], "inspect": [MODEL], "sweep": [MODEL]}[command]
+    result = invoke(command, *args, "--exclude", "/layer1/*", "--exclude", "/layr2/*")
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and "'/layr2/*' matches no node" in result.output
+    assert "node names" in result.output and "onnxprune inspect" in result.output
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_an_exclude_glob_matching_no_node_is_refused_by_the_python_api_too():
+    from onnxprune import PruneConfig, prune
+    from onnxprune.errors import UsageError
+
+    with pytest.raises(UsageError, match="'nothing\\*' matches no node"):
+        prune(onnx.load(str(MODEL)), PruneConfig(filters=0.3, scorer="l1", exclude=("nothing*",)))
+
+
+def test_an_exclude_glob_may_name_a_node_the_loading_rewrite_made(tmp_path):
+    from tests.ops.test_fused import fused_conv_activations
+
+    model = tmp_path / "fused.onnx"
+    onnx.save(fused_conv_activations(), str(model))  # conv2 is a FusedConv with Clip: loading writes 'conv2_clip'
+    assert "conv2_clip" not in {n.name for n in onnx.load(str(model)).graph.node}
+    data = json.loads(invoke("inspect", model, "--json", "--exclude", "conv2_clip").output)
+    assert any("conv2_clip" in g["members"] and not g["prunable"] for g in data["groups"])
+    assert invoke("inspect", model, "--no-simplify", "--exclude", "conv2_clip").exit_code == 2
+
+
 def test_plan_round_trip_reproduces_the_output(tmp_path):
     plan = tmp_path / "plan.json"
     a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
