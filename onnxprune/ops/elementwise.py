@@ -8,10 +8,20 @@ spans the channel axis is sliced; one that broadcasts over it (size 1, or too lo
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import MICROSOFT, Handler, pass_through, register
+from .base import HIDDEN, MICROSOFT, Handler, attr, normalize_axis, pass_through, register
+from .layout import GatherHandler
+from .norm import NORMS_OVER_LAST
+
+# what the hidden-size option lets the residual width through: the norms over the last axis (norm.py,
+# fused.py's Skip norms) and EmbedLayerNormalization, which it makes the width's source
+HIDDEN_NORMS = (*NORMS_OVER_LAST, "SkipLayerNormalization", "SkipSimplifiedLayerNormalization",
+                "EmbedLayerNormalization")
+RESIDUAL_OPS = ("Add", "Sum")
 
 UNARY = (
     "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Gelu", "Softplus",
@@ -97,7 +107,9 @@ class BroadcastHandler(Handler):
                 ctx.block_inputs(node, f"operand '{tensor.name}' has an unknown shape")
                 return
             if dim not in (None, 1) and not isinstance(tensor, gs.Constant):
-                ctx.block_inputs(node, f"operand '{tensor.name}' spans the channels but is computed, not constant")
+                hint = hidden_hint(tensor, ctx) if node.op in RESIDUAL_OPS else ""
+                ctx.block_inputs(node, f"operand '{tensor.name}' spans the channels but is computed, not constant"
+                                       + hint)
                 return
         ctx.set(node.outputs[0], type(first)(axis, first.ids))
 
@@ -125,3 +137,38 @@ def _dim_at(shape, axis: int, rank: int):
         return None
     offset = axis - (rank - len(shape))
     return shape[offset] if offset >= 0 else None
+
+
+def hidden_hint(tensor: gs.Tensor, ctx) -> str:
+    """For a residual operand that no tracked channels reach: ' (...)' suggesting --hidden when a node it
+    changes is above the operand (a norm it lets the stream through, an embedding it makes its source); else ''."""
+    norm = None if ctx.allows(HIDDEN) else _hidden_norm_above(tensor, ctx)
+    return "" if norm is None else \
+        f" (a residual stream out of {norm.op} '{norm.name}': try --hidden, which prunes the stream's width)"
+
+
+def _hidden_norm_above(tensor: gs.Tensor, ctx, budget: int = 64):
+    """The nearest node above `tensor`, through tensors carrying no tracked channels (at most `budget` of
+    them), that the hidden-size option lets the residual width through or makes its source; None when none is."""
+    queue, seen = deque([tensor]), set()
+    while queue and len(seen) < budget:
+        current = queue.popleft()
+        if current.name in seen or not current.inputs:
+            continue
+        seen.add(current.name)
+        producer = current.inputs[0]
+        if _passes_hidden(producer, ctx):
+            return producer
+        queue.extend(t for t in producer.inputs if isinstance(t, gs.Variable) and ctx.channels(t) is None)
+    return None
+
+
+def _passes_hidden(node: gs.Node, ctx) -> bool:
+    if node.op == "Gather":
+        return GatherHandler.embedding_table(node) is not None
+    if node.op not in HIDDEN_NORMS:
+        return False
+    if node.op not in NORMS_OVER_LAST:
+        return True
+    shape = ctx.shape(node.inputs[0])
+    return shape is not None and normalize_axis(int(attr(node, "axis", -1)), len(shape)) == len(shape) - 1
