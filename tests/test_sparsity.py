@@ -20,6 +20,7 @@ from onnxprune.quantize import quantize_int8
 from onnxprune.runtime import session
 from onnxprune.sparsity.solve import allocate, damped, optimal_update, sequential_update, weight_costs
 from onnxprune.sparsity.storage import dense_initializers, densified, sparse_form, store_sparse
+from tests.builders import run
 from test_lowrank import calibration_for, conv_model, gemm_model, matmul_model, mixed_model
 
 MNIST = "models/mnist_resnet.onnx"
@@ -219,6 +220,39 @@ def test_grouped_convs_stay_dense_with_their_reason():
     assert rows["dw"]["status"] == "skipped" and "group=16" in rows["dw"]["reason"]
     assert rows["conv1"]["status"] == rows["pw"]["status"] == "sparsified"
     assert rows["attention"]["status"] == "skipped"  # no constant weight
+
+
+def _fused_conv_weights(model) -> dict[str, np.ndarray]:
+    weights = _weights(model)
+    return {node.name: weights[node.input[1]] for node in model.graph.node
+            if node.op_type in ("FusedConv", "Conv") and node.name in ("conv1", "conv2")}
+
+
+@pytest.mark.parametrize("method", ["magnitude", "obs"])
+def test_fused_convs_kept_by_no_simplify_are_sparsified_as_their_convs(method):
+    """onnxruntime's FusedConv (Conv, residual Z and activation in one node) as given: its weight is zeroed as
+    the Conv it is spelled out as by default; the result still runs in onnxruntime."""
+    from tests.ops.test_fused import fused_conv_residual
+
+    model = fused_conv_residual()
+    calibration = {"x": np.random.default_rng(0).standard_normal([20, 3, 16, 16]).astype(np.float32)}
+    results = {simplify: prune(model, PruneConfig(sparsity=0.5, sparsity_method=method, calibration=calibration,
+                                                  recover="none", simplify=simplify)) for simplify in (False, True)}
+    fused = results[False]
+    rows = {row["node"]: row for row in fused.report["sparsity"]["layers"]}
+    assert [(rows[n]["op"], rows[n]["status"]) for n in ("conv1", "conv2")] == [("FusedConv", "sparsified")] * 2
+    assert sorted(n.name for n in fused.model.graph.node if n.op_type == "FusedConv") == ["conv1", "conv2"]
+    weights = _fused_conv_weights(fused.model)
+    assert all(int((weights[n] == 0).sum()) == rows[n]["zeros"] > 0 for n in weights)
+    assert fused.report["sparsity"]["achieved"] == pytest.approx(0.5, abs=0.01)
+    spelled_out = _fused_conv_weights(results[True].model)
+    for name, weight in weights.items():  # the same zeros as the Conv + Add + Relu the rewrite makes of it
+        np.testing.assert_array_equal(weight == 0, spelled_out[name] == 0)
+        np.testing.assert_allclose(weight, spelled_out[name], rtol=1e-5, atol=1e-6)
+    feed = {"x": calibration["x"][:1]}
+    pruned_out, original_out = run(fused.model, feed)[0], run(model, feed)[0]
+    assert pruned_out.shape == original_out.shape and np.isfinite(pruned_out).all()
+    assert fused.report["fidelity"]["cosine"] > 0.8
 
 
 # ------------------------------------------------------------------ CLI
