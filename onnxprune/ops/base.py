@@ -124,6 +124,11 @@ class Handler:
         """Multiply-accumulates at these shapes (any may be None: unknown); None when they do not say."""
         return None
 
+    def optional_macs(self, op: str, given: tuple[bool, ...], out_shape) -> int:
+        """Multiply-accumulates beyond `macs` that depend on which inputs the node has (`given`: per input
+        position, whether it is there; `out_shape` may be None): 0 unless the op has such an input."""
+        return 0
+
     def attribute_problem(self, op: str, attrs: dict, in_shapes: list, out_shapes: list) -> str | None:
         """What makes a node of this op unusable although the ONNX checker lets it through (a window,
         stride or group of 0, an empty output), as a phrase, or None. `attrs` as in `weight_layout`;

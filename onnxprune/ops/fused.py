@@ -29,7 +29,7 @@ import numpy as np
 from .attention import OnnxAttention, join_heads, product_macs
 from .base import HIDDEN, MICROSOFT, Handler, attr, const_input, has_input, join_rows, register
 from .conv import ConvHandler
-from .elementwise import BroadcastHandler
+from .elementwise import BroadcastHandler, hidden_hint
 from .norm import hidden_norm, keep_root_mean_square, slice_norm_parameters
 
 ATTENTION_BIAS = 5  # Attention's input of per-head additive score biases [B or 1, heads or 1, S, T]
@@ -55,7 +55,8 @@ class FusedConvHandler(ConvHandler):
         if y is None and z is not None:
             ctx.block(z.ids, f"{where}: its residual Z is added to convolution outputs whose channels are not tracked")
         elif y is not None and z is None and const_input(node, RESIDUAL) is None:
-            ctx.block(y.ids, f"{where}: its residual Z spans the channels but is computed from untracked channels")
+            ctx.block(y.ids, f"{where}: its residual Z spans the channels but is computed from untracked channels"
+                             + hidden_hint(node.inputs[RESIDUAL], ctx))
         elif y is not None and z is not None and (z.axis != y.axis or len(z.ids) != len(y.ids)):
             ctx.block(np.concatenate([y.ids.ravel(), z.ids.ravel()]),
                       f"{where}: its residual Z carries other channels than its output")
@@ -71,9 +72,14 @@ class FusedConvHandler(ConvHandler):
     def macs(self, op, attrs, in_shape, weight_shape, out_shape):
         """The Conv's, and one per output element for the activation, as the ops `rules/fused_conv.py`
         spells it out as count (so a MACs target scaled by the rewrite's saving is not tightened by it;
-        a residual Z's Add is not seen from here and not counted)."""
+        a residual Z's Add: `optional_macs`)."""
         conv = super().macs(op, attrs, in_shape, weight_shape, out_shape)
         return None if conv is None else conv + int(np.prod(out_shape, dtype=np.int64))
+
+    def optional_macs(self, op, given, out_shape):
+        """A residual Z's Add: one per output element, as an Add node counts."""
+        added = len(given) > RESIDUAL and given[RESIDUAL] and out_shape is not None
+        return int(np.prod(out_shape, dtype=np.int64)) if added else 0
 
     def timing_sides(self, node):
         return None  # the latency model builds its timed layers in ONNX's domain

@@ -41,7 +41,7 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple], inits: dict[str, t
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         macs = handler.macs(op, attrs, shape(0), shape(1), out)
         if macs is not None:
-            return macs
+            return macs + handler.optional_macs(op, tuple(bool(name) for name in node.input), out)
     if op in ("LSTM", "GRU", "RNN") and shape(0) and shape(1) and shape(2):
         steps = shape(0)[0]
         batch = shape(0)[1]

@@ -305,6 +305,20 @@ def test_fused_conv_macs_are_the_conv_s_and_its_activation_s():
     assert node_macs(fused, shapes, {}) == node_macs(conv, shapes, {}) + 4 * 8 * 8  # and its activation's
 
 
+def test_a_fused_conv_residual_counts_its_add_as_the_graph_spelled_out_does():
+    shapes = {"x": (1, 8, 16, 16), "w": (4, 8, 3, 3), "b": (4,), "z": (1, 4, 16, 16), "c": (1, 4, 16, 16),
+              "s": (1, 4, 16, 16), "y": (1, 4, 16, 16)}
+    attrs = {"kernel_shape": [3, 3], "pads": [1] * 4}
+    fused = helper.make_node("FusedConv", ["x", "w", "b", "z"], ["y"], domain="com.microsoft", activation="Relu", **attrs)
+    spelled_out = [helper.make_node("Conv", ["x", "w", "b"], ["c"], **attrs), helper.make_node("Add", ["c", "z"], ["s"]),
+                   helper.make_node("Relu", ["s"], ["y"])]
+    assert node_macs(fused, shapes, {}) == sum(node_macs(node, shapes, {}) for node in spelled_out)
+    without_bias = helper.make_node("FusedConv", ["x", "w", "", "z"], ["y"], domain="com.microsoft", activation="Relu", **attrs)
+    assert node_macs(without_bias, shapes, {}) == node_macs(fused, shapes, {})
+    loaded = load(fused_conv_residual())  # the model as given, and as loading spells it out (Conv, Add, Relu)
+    assert loaded.simplified and loaded.given_cost["macs"] == loaded.cost["macs"]
+
+
 def _recovery_layers(simplify: bool) -> dict[str, dict]:
     x = np.random.default_rng(0).standard_normal([20, 3, 16, 16]).astype(np.float32)
     layers = prune(fused_conv_activations(), PruneConfig(filters=0.5, scorer="l1", calibration={"x": x}, recover="lstsq",
