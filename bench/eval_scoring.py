@@ -41,7 +41,7 @@ A lever column `obs[k=v,...]` runs obs with module constants set for its cells (
 per-group floor; batches: removal batches; rows: sampled rows per feature of H; probe / budget: the output-error
 probe's samples per measurement and its passes; ridge: a fixed lstsq ridge; first: the probe's samples the first
 held-out ones, as before they were spread over them; norescale: the layers' own error curves; nostats: no statistics
-correction; shares3: the probe also measures a 3/4 cut; refine / refine=N: the allocation refined by measuring the
+correction; shares3: the probe also measures a 3/4 cut; kl: the probe's error KL(original || pruned) on softmax outputs; refine / refine=N: the allocation refined by measuring the
 whole cut, at most 48 / N runs on held-out samples, scoring/refine.py; step: its moves' share of a group's channels),
 calib=N: N calibration crops (half photos), or a PruneConfig field (steps=2). Every run is deterministic for a
 seed: columns of different runs compare.
@@ -202,7 +202,24 @@ def _first_samples(calibration, fixed_batch, measurements):
     return pool.head(count)
 
 
+def _divergence_error(reference, outputs):
+    """sensitivity._output_error with KL(original || pruned) for outputs that are distributions over their
+    last axis (a softmax's), the squared relative error for the others."""
+    errors = []
+    for name, expected in reference.items():
+        if not np.issubdtype(expected.dtype, np.floating) or not np.any(expected):
+            continue
+        p, q = expected.astype(np.float64), outputs[name].astype(np.float64)
+        if p.min() >= 0 and np.allclose(p.sum(-1), 1.0, atol=1e-3):
+            tiny = 1e-12
+            errors.append(float(np.mean(np.sum(p * (np.log(p + tiny) - np.log(q + tiny)), axis=-1))))
+        else:
+            errors.append(sensitivity.output_error(expected, outputs[name]) ** 2)
+    return float(np.mean(errors)) if errors else 0.0
+
+
 SWITCHES = {  # levers without a value
+    "kl": [("onnxprune.scoring.sensitivity", "_output_error", _divergence_error)],
     "norescale": [("onnxprune.scoring.obs", "rescaled", lambda curve, points, errors: curve)],  # local curves
     "nostats": [("onnxprune.recover.lstsq", "spread_corrected", lambda *args: None)],  # no statistics correction
     "first": [("onnxprune.scoring.sensitivity", "_samples", _first_samples)],
@@ -224,7 +241,8 @@ def scorer_levers(scorer: str) -> tuple[str, list, int | None, dict]:
         if key == "calib":
             calib = int(value)
         elif key in PruneConfig.__dataclass_fields__:
-            fields[key] = int(value) if value.isdigit() else value == "True" if value in ("True", "False") else value
+            fields[key] = int(value) if value.isdigit() else value == "True" if value in ("True", "False") else \
+                float(value) if re.fullmatch(r"[0-9.]+", value) else value
         elif key in SWITCHES and not value:
             patches.extend(SWITCHES[key])
         elif key in LEVERS:
