@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from .base import HIDDEN, ONNX_DOMAINS, Handler, attr, const_input, has_input, join_rows, normalize_axis, pass_through, register
@@ -102,9 +103,15 @@ class SplitHandler(Handler):
             rw.add_input(node, sizes)
 
 
-def _slice_params(node):
-    """(starts, ends, axes, steps) as arrays, or None when any is computed."""
+def _slice_params(node, own: tuple[int, int, int] | None = None):
+    """(starts, ends, axes, steps) as arrays, or None when any is computed. `own`: (axis, size, rank) of the
+    sliced input's channels: starts and ends may then be computed from their count alone (torch.chunk's
+    `Slice(x, i * ceil(C / n), (i + 1) * ceil(C / n))`, C read off Shape(x)), which is fixed; the rewrite
+    makes them constants."""
     values = [const_input(node, i) if has_input(node, i) else None for i in range(1, 5)]
+    if own is not None:
+        values[:2] = [own_size_value(node.inputs[i + 1], node.inputs[0], *own) if v is None and has_input(node, i + 1) else v
+                      for i, v in enumerate(values[:2])]
     if values[0] is None or values[1] is None or (has_input(node, 3) and values[2] is None) or (has_input(node, 4) and values[3] is None):
         return None
     starts, ends = values[0].astype(np.int64), values[1].astype(np.int64)
@@ -125,8 +132,8 @@ class SliceHandler(Handler):
         x = ctx.channels(node.inputs[0])
         if x is None:
             return
-        params = _slice_params(node)
         shape = ctx.shape(node.inputs[0])
+        params = _slice_params(node, (x.axis, len(x.ids), len(shape))) if shape is not None else None
         if params is None or shape is None:
             ctx.block(x.ids, f"Slice '{node.name}': computed slice bounds or unknown shape")
             return
@@ -149,18 +156,111 @@ class SliceHandler(Handler):
         mask = rw.mask(node.inputs[0])
         if mask is None:
             return
-        starts, ends, axes, _ = _slice_params(node)
-        axes = [normalize_axis(int(a), rw.rank(node.inputs[0])) for a in axes]
         axis = rw.tracked_axis(node.inputs[0])
-        if axis not in axes:
-            return
-        k = axes.index(axis)
-        lo, hi = _slice_range(int(starts[k]), int(ends[k]), len(mask))
+        starts, ends, axes, _ = _slice_params(node, (axis, len(mask), rw.rank(node.inputs[0])))
+        axes = [normalize_axis(int(a), rw.rank(node.inputs[0])) for a in axes]
         starts, ends = starts.copy(), ends.copy()
-        starts[k] = mask[:lo].sum()
-        ends[k] = starts[k] + mask[lo:hi].sum()
-        rw.set_input(node, 1, starts.astype(node.inputs[1].values.dtype))
-        rw.set_input(node, 2, ends.astype(node.inputs[2].values.dtype))
+        if axis in axes:
+            k = axes.index(axis)
+            lo, hi = _slice_range(int(starts[k]), int(ends[k]), len(mask))
+            starts[k] = mask[:lo].sum()
+            ends[k] = starts[k] + mask[lo:hi].sum()
+        for index, values in ((1, starts), (2, ends)):
+            if not isinstance(node.inputs[index], gs.Constant):  # computed from the unpruned count: its values
+                node.inputs[index] = gs.Constant(rw.new_tensor(f"{node.name}_bounds").name, values.astype(np.int64))
+            elif axis in axes:
+                rw.set_input(node, index, values.astype(node.inputs[index].values.dtype))
+
+
+OWN_SIZE_ARITHMETIC = ("Gather", "Slice", "Unsqueeze", "Squeeze", "Cast", "Identity", "Concat", "Add", "Sub", "Mul", "Div")
+MAX_ARITHMETIC_DEPTH = 12  # how far back a computed bound is followed
+
+
+def own_size_value(tensor: gs.Tensor, source: gs.Tensor, axis: int, size: int, rank: int,
+                   depth: int = MAX_ARITHMETIC_DEPTH):
+    """The value of `tensor` when it is integer arithmetic on constants and on the size of axis `axis` of
+    `source` (of `rank`) alone (`Gather(Shape(source), axis)` or a Slice of that shape holding only it), the
+    size being `size`; else None. Nothing else of any shape is read, so the value holds whatever the other
+    dims are."""
+    if isinstance(tensor, gs.Constant):
+        return tensor.values if tensor.values.dtype.kind in "iu" else None
+    node = tensor.inputs[0] if tensor.inputs else None
+    if node is None or depth == 0 or node.domain not in ONNX_DOMAINS or node.op not in OWN_SIZE_ARITHMETIC:
+        return None
+    if node.op in ("Gather", "Slice"):
+        return _own_size_read(node, tensor, source, axis, size, rank) if _reads_shape_of(node, source) else None
+    values = [own_size_value(t, source, axis, size, rank, depth - 1) if t.name else None for t in node.inputs]
+    if values[0] is None or (node.op not in ("Unsqueeze", "Squeeze") and any(v is None for v in values)):
+        return None
+    try:
+        return _evaluated(node, values)
+    except (ValueError, IndexError):  # a malformed shape computation: not followed
+        return None
+
+
+def _evaluated(node: gs.Node, values: list[np.ndarray]) -> np.ndarray | None:
+    """`node` (one of OWN_SIZE_ARITHMETIC but Gather and Slice) applied to integer `values`."""
+    if node.op in ("Unsqueeze", "Squeeze"):
+        axes = _axes(node)
+        if axes is None and (node.op == "Unsqueeze" or has_input(node, 1)):
+            return None
+        if node.op == "Unsqueeze":
+            return _unsqueezed(values[0], axes)
+        return np.squeeze(values[0], axis=None if axes is None else tuple(axes))
+    if node.op == "Cast":
+        dtype = _integer_type(attr(node, "to"))
+        return values[0].astype(dtype) if dtype is not None else None
+    return values[0] if node.op == "Identity" else _integer_arithmetic(node, values)
+
+
+def _reads_shape_of(node: gs.Node, source: gs.Tensor) -> bool:
+    """`node`'s data input is the whole Shape of `source` (no start or end)."""
+    shape = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    return (shape is not None and shape.op == "Shape" and shape.domain in ONNX_DOMAINS and shape.inputs[0] is source
+            and int(attr(shape, "start", 0)) == 0 and "end" not in shape.attrs)
+
+
+def _own_size_read(node: gs.Node, tensor: gs.Tensor, source: gs.Tensor, axis: int, size: int, rank: int):
+    """A Gather or Slice of Shape(source) that reads only entry `axis`: that entry's value, `size`."""
+    if node.op == "Gather":
+        index = const_input(node, 1)
+        if index is None or int(attr(node, "axis", 0)) != 0:
+            return None
+        read = {normalize_axis(int(i), rank) for i in np.asarray(index).reshape(-1)}
+        return np.full(np.shape(index), size, dtype=np.int64) if read == {axis} else None
+    bounds = shape_slice(tensor, source, lambda t: t.values if isinstance(t, gs.Constant) else None)
+    if bounds is None:
+        return None
+    lo, hi = _slice_range(*bounds, rank)
+    return np.array([size], dtype=np.int64) if (lo, hi) == (axis, axis + 1) else None
+
+
+def _unsqueezed(values: np.ndarray, axes: list[int]) -> np.ndarray:
+    rank = values.ndim + len(axes)
+    for a in sorted(normalize_axis(a, rank) for a in axes):
+        values = np.expand_dims(values, a)
+    return values
+
+
+def _integer_type(to) -> np.dtype | None:
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(to)))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return dtype if dtype.kind in "iu" else None
+
+
+def _integer_arithmetic(node: gs.Node, values: list[np.ndarray]) -> np.ndarray | None:
+    """Concat, Add, Sub, Mul or Div (truncating, as ONNX divides integers) of integer arrays; None on a
+    division by zero or any other op."""
+    if node.op == "Concat":
+        return np.concatenate(values, axis=int(attr(node, "axis", 0)))
+    a, b = values
+    if node.op == "Div":
+        if np.any(b == 0):
+            return None
+        return (np.sign(a) * np.sign(b) * (np.abs(a) // np.abs(b))).astype(np.result_type(a, b))
+    return {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}[node.op](a, b)
 
 
 def _merge_ids(ids: np.ndarray, shape, axis: int, lo: int, hi: int) -> np.ndarray:
@@ -608,10 +708,33 @@ class ShapeHandler(Handler):
         expands = _expand_targets(node.outputs[0], set()) if ctx.allows(HIDDEN) else None
         if expands and all(follows_channels(e, ctx, node.inputs[0], x) is not None for e in expands):
             return  # the count sizes tensors that carry the channels on (`ExpandHandler._follow_shape`)
+        own = (node.inputs[0], x.axis, len(x.ids), rank) if start == 0 and end == rank else None
+        outputs = {t.name for t in ctx.graph.outputs}
         for consumer in node.outputs[0].outputs:
-            if position in _shape_entries_read(consumer, end - start) and not _sizes_own_resizes(consumer, x.axis):
+            if position in _shape_entries_read(consumer, end - start) and not _sizes_own_resizes(consumer, x.axis) \
+                    and not (own and _bounds_of_own_slices(consumer.outputs, own, outputs)):
                 ctx.block(x.ids, f"Shape '{node.name}': the channel count is read and used")
                 return
+
+
+def _bounds_of_own_slices(tensors, own: tuple, graph_outputs: set[str], depth: int = MAX_ARITHMETIC_DEPTH) -> bool:
+    """`tensors` (computed from Shape(source)) are read only by integer arithmetic that ends in the starts
+    and ends of Slices of `source` itself, each computed from the size of its channel axis alone
+    (`own_size_value`; torch.chunk): the Slices then follow the count exactly (`SliceHandler`). `own`:
+    (source, channel axis, its size, source's rank)."""
+    source = own[0]
+    for tensor in tensors:
+        if depth == 0 or tensor.name in graph_outputs:
+            return False
+        for reader in tensor.outputs:
+            if reader.op == "Slice" and reader.domain in ONNX_DOMAINS and reader.inputs[0] is source:
+                if any(t is tensor and i not in (1, 2) for i, t in enumerate(reader.inputs)) \
+                        or own_size_value(tensor, *own) is None:
+                    return False
+            elif reader.op not in OWN_SIZE_ARITHMETIC or reader.domain not in ONNX_DOMAINS \
+                    or not _bounds_of_own_slices(reader.outputs, own, graph_outputs, depth - 1):
+                return False
+    return True
 
 
 def _sizes_own_resizes(consumer: gs.Node, axis: int) -> bool:

@@ -60,6 +60,51 @@ def slice_(seed: int = 0) -> onnx.ModelProto:
     return b.model(x_input(), name="slice")
 
 
+def torch_chunk(seed: int = 0, read: str = "channels") -> onnx.ModelProto:
+    """conv1(3->13) -> torch.chunk(2, dim=1) as torch exports it (ShuffleNetV2): C = Gather(Shape(h), [1]),
+    n = (C + 1) / 2, Slices [0, n) and [n, 2n) (clipped to C: 7 and 6 channels) -> conv_a(7->4),
+    conv_b(6->4) -> Add.
+
+    Prunable: conv1's 13 channels, the bounds made the kept counts. ``read="height"``: n = H - 9 (the same
+    7) read off the height, which the channel count does not follow: blocked. ``read="elsewhere"``: n also
+    slices the input x: the count is read for more than its own Slices: blocked.
+    """
+    b = Builder(seed)
+    h = b.conv("conv1", "x", 3, 13)
+    shape = b.node("Shape", "shape1", [h])
+    one = b.const("one", [1], np.int64)
+    if read == "height":
+        half = b.node("Sub", "half", [b.node("Gather", "size", [shape, b.const("two", [2], np.int64)], axis=0),
+                                      b.const("nine", [9], np.int64)])
+    else:
+        size = b.node("Gather", "size", [shape, one], axis=0)
+        half = b.node("Div", "half", [b.node("Add", "size_up", [size, one]), b.const("two", [2], np.int64)])
+    end_a, end_b = (b.node("Mul", f"end_{n}", [half, b.const(f"times_{n}", [k], np.int64)]) for n, k in (("a", 1), ("b", 2)))
+    first = b.node("Slice", "chunk_a", [h, b.const("zero", [0], np.int64), end_a, one])
+    second = b.node("Slice", "chunk_b", [h, end_a, end_b, one])
+    out = b.node("Add", "add1", [b.conv("conv_a", first, 7, 4), b.conv("conv_b", second, 6, 4)])
+    if read == "elsewhere":
+        x_part = b.node("Slice", "x_part", ["x", "zero", end_a, one])  # clipped to x's 3 channels
+        out = b.node("Add", "add2", [out, b.conv("conv_c", x_part, 3, 4)])
+    b.output(out)
+    return b.model(x_input(), name="torch_chunk")
+
+
+def rows_by_channel_count(seed: int = 0) -> onnx.ModelProto:
+    """conv1(3->13) -> Slice of the rows [0, (C + 1) / 2), C = Gather(Shape(h), 1) (7 of 16) -> conv2(13->4).
+
+    Prunable: conv1's 13 channels; the row bound, read off the channel count, keeps its value 7.
+    """
+    b = Builder(seed)
+    h = b.conv("conv1", "x", 3, 13)
+    size = b.node("Gather", "size", [b.node("Shape", "shape1", [h]), b.const("one", 1, np.int64)], axis=0)
+    half = b.node("Div", "half", [b.node("Add", "size_up", [size, b.const("up", 1, np.int64)]), b.const("two", 2, np.int64)])
+    end = b.node("Unsqueeze", "end", [half, b.const("axis0", [0], np.int64)])
+    rows = b.node("Slice", "rows", [h, b.const("zero", [0], np.int64), end, b.const("axis2", [2], np.int64)])
+    b.output(b.conv("conv2", rows, 13, 4))
+    return b.model(x_input(), name="rows_by_channel_count")
+
+
 def channel_shuffle(seed: int = 0, flat: bool = False) -> onnx.ModelProto:
     """conv1(3->8) -> grouped conv2(8->8, group 2) -> Reshape [1,2,4,16,16] -> Transpose(0,2,1,3,4)
     -> Reshape [1,8,16,16] -> conv3(8->4): the ShuffleNet channel shuffle. ``flat``: the split reshape has the
@@ -225,6 +270,10 @@ BUILDERS = {
     "concat": concat,
     "split": split,
     "slice": slice_,
+    "torch_chunk": torch_chunk,
+    "rows_by_channel_count": rows_by_channel_count,
+    "blocked_chunk_of_height": functools.partial(torch_chunk, read="height"),
+    "blocked_chunk_read_elsewhere": functools.partial(torch_chunk, read="elsewhere"),
     "channel_shuffle": channel_shuffle,
     "channel_shuffle_flat": functools.partial(channel_shuffle, flat=True),
     "reshape_computed": reshape_computed,
@@ -242,6 +291,8 @@ BUILDERS = {
 }
 BLOCKED = {
     "blocked_shape_read": "the channel count is read",
+    "blocked_chunk_of_height": "Slice 'chunk_a': computed slice bounds",
+    "blocked_chunk_read_elsewhere": "Shape 'shape1': the channel count is read and used",
     "blocked_graph_output": "graph output 'feat'",
     "blocked_topk": "no handler",
     "blocked_gather_channels": "gathers along the channel axis",
