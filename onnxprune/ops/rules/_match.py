@@ -25,6 +25,14 @@ def constant_values(tensor) -> np.ndarray | None:
     return None
 
 
+def static_shape(tensor, shapes: dict) -> list[int] | None:
+    """The tensor's dims when they are all known: as inferred, else at the analysed shapes `shapes`."""
+    for shape in (tensor.shape, shapes.get(tensor.name)):
+        if shape is not None and all(isinstance(d, int) and d >= 0 for d in shape):
+            return list(shape)
+    return None
+
+
 def unused_name(graph: gs.Graph, base: str) -> str:
     """`base`, or `base_2`, `base_3`, ... : a tensor name the graph does not have yet."""
     taken = graph.tensors()

@@ -17,7 +17,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ._match import constant_values, onnx_op, unused_name
+from ._match import constant_values, onnx_op, static_shape, unused_name
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,6 @@ def apply(graph: gs.Graph, shapes: dict | None = None) -> int:
     return rewritten
 
 
-def _static(tensor, shapes: dict) -> list[int] | None:
-    for shape in (tensor.shape, shapes.get(tensor.name)):
-        if shape is not None and all(isinstance(d, int) and d >= 0 for d in shape):
-            return list(shape)
-    return None
-
-
 def _merge_pieces(reshape: gs.Node, shapes: dict) -> list[gs.Tensor] | None:
     """The pieces of the Concat that computes `reshape`'s target when it merges the trailing input axes
     into the last output axis (at the analysed shapes), the last piece is one computed entry and every
@@ -56,12 +49,12 @@ def _merge_pieces(reshape: gs.Node, shapes: dict) -> list[gs.Tensor] | None:
     concat = target.inputs[0] if target.inputs else None
     if concat is None or not onnx_op(concat, "Concat") or int(concat.attrs.get("axis", 0)) not in (0, -1):
         return None
-    dims = [_static(t, shapes) for t in (reshape.inputs[0], reshape.outputs[0])]
+    dims = [static_shape(t, shapes) for t in (reshape.inputs[0], reshape.outputs[0])]
     if None in dims or not _merges_trailing(*dims):
         return None
     pieces = list(concat.inputs)
     last = pieces[-1]
-    if constant_values(last) is not None or _static(last, shapes) != [1]:
+    if constant_values(last) is not None or static_shape(last, shapes) != [1]:
         return None  # a constant entry the analysis reads as it is, or not one entry
     lengths = [_length(p, shapes) for p in pieces]
     if None in lengths or sum(lengths) != len(dims[1]):
@@ -82,7 +75,7 @@ def _length(piece: gs.Tensor, shapes: dict) -> int | None:
     values = constant_values(piece)
     if values is not None:
         return int(values.size) if values.ndim == 1 else None
-    found = _static(piece, shapes)
+    found = static_shape(piece, shapes)
     return found[0] if found is not None and len(found) == 1 else None
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..layout import shape_slice
-from ._match import constant_values, onnx_op, unused_name
+from ._match import constant_values, onnx_op, static_shape, unused_name
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +35,6 @@ def apply(graph: gs.Graph, shapes: dict | None = None) -> int:
                 _replace(graph, node, *found)
                 rewritten += 1
     return rewritten
-
-
-def _static(tensor, shapes: dict) -> list[int] | None:
-    for shape in (tensor.shape, shapes.get(tensor.name)):
-        if shape is not None and all(isinstance(d, int) and d >= 0 for d in shape):
-            return list(shape)
-    return None
 
 
 def _chain(gather: gs.Node, shapes: dict) -> tuple[gs.Tensor, list[gs.Node]] | None:
@@ -67,7 +60,7 @@ def _keeps_leading(reshape: gs.Node, shapes: dict) -> bool:
     constant target copying them (0) or naming them where inference found them static, or torch's
     Concat(Slice(Shape(input), 0, rank - 1), [k, E], an empty Slice of that shape)."""
     source = reshape.inputs[0]
-    analysed = _static(source, shapes)
+    analysed = static_shape(source, shapes)
     if analysed is None:
         return False
     rank = len(analysed)
@@ -93,7 +86,7 @@ def _as_slice(gather: gs.Node, shapes: dict) -> tuple[gs.Tensor, int, int] | Non
     if found is None:
         return None
     packed, chain = found
-    dims = [_static(t, shapes) for t in (packed, *(n.outputs[0] for n in chain), gather.outputs[0])]
+    dims = [static_shape(t, shapes) for t in (packed, *(n.outputs[0] for n in chain), gather.outputs[0])]
     index = constant_values(gather.inputs[1])
     if index is None or index.ndim != 0 or any(d is None for d in dims):
         log.debug("Gather '%s' not a packed slice: shapes unknown, or an index array", gather.name)
