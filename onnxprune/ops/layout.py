@@ -167,9 +167,19 @@ class SliceHandler(Handler):
             ends[k] = starts[k] + mask[lo:hi].sum()
         for index, values in ((1, starts), (2, ends)):
             if not isinstance(node.inputs[index], gs.Constant):  # computed from the unpruned count: its values
-                node.inputs[index] = gs.Constant(rw.new_tensor(f"{node.name}_bounds").name, values.astype(np.int64))
+                node.inputs[index] = gs.Constant(rw.new_tensor(f"{node.name}_bounds").name,
+                                                 values.astype(_index_type(node)))
             elif axis in axes:
                 rw.set_input(node, index, values.astype(node.inputs[index].values.dtype))
+
+
+def _index_type(node: gs.Node) -> np.dtype:
+    """The integer type a Slice's starts, ends, axes and steps share (ONNX's Tind: int32 or int64)."""
+    for tensor in node.inputs[1:5]:
+        if isinstance(tensor, gs.Constant):
+            return tensor.values.dtype
+    typed = [np.dtype(t.dtype) for t in node.inputs[1:5] if t.name and t.dtype is not None]
+    return typed[0] if typed else np.dtype(np.int64)
 
 
 OWN_SIZE_ARITHMETIC = ("Gather", "Slice", "Unsqueeze", "Squeeze", "Cast", "Identity", "Concat", "Add", "Sub", "Mul", "Div")
@@ -708,8 +718,11 @@ class ShapeHandler(Handler):
         expands = _expand_targets(node.outputs[0], set()) if ctx.allows(HIDDEN) else None
         if expands and all(follows_channels(e, ctx, node.inputs[0], x) is not None for e in expands):
             return  # the count sizes tensors that carry the channels on (`ExpandHandler._follow_shape`)
-        own = (node.inputs[0], x.axis, len(x.ids), rank) if start == 0 and end == rank else None
         outputs = {t.name for t in ctx.graph.outputs}
+        if node.outputs[0].name in outputs:
+            ctx.block(x.ids, f"Shape '{node.name}': the channel count is a model output")
+            return
+        own = (node.inputs[0], x.axis, len(x.ids), rank) if start == 0 and end == rank else None
         for consumer in node.outputs[0].outputs:
             if position in _shape_entries_read(consumer, end - start) and not _sizes_own_resizes(consumer, x.axis) \
                     and not (own and _bounds_of_own_slices(consumer.outputs, own, outputs)):
@@ -724,7 +737,7 @@ def _bounds_of_own_slices(tensors, own: tuple, graph_outputs: set[str], depth: i
     (source, channel axis, its size, source's rank)."""
     source = own[0]
     for tensor in tensors:
-        if depth == 0 or tensor.name in graph_outputs:
+        if depth == 0 or tensor.name in graph_outputs or not tensor.outputs:  # no reader here: a subgraph's output
             return False
         for reader in tensor.outputs:
             if reader.op == "Slice" and reader.domain in ONNX_DOMAINS and reader.inputs[0] is source:

@@ -12,6 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from onnxprune import inspect
 from onnxprune.validate.cost import DATA_MOVEMENT, model_cost, node_macs
 from tests.builders import Builder, x_input
 from tests.oracle import family_tests
@@ -65,7 +66,7 @@ def torch_chunk(seed: int = 0, read: str = "channels") -> onnx.ModelProto:
     n = (C + 1) / 2, Slices [0, n) and [n, 2n) (clipped to C: 7 and 6 channels) -> conv_a(7->4),
     conv_b(6->4) -> Add.
 
-    Prunable: conv1's 13 channels, the bounds made the kept counts. ``read="height"``: n = H - 9 (the same
+    Prunable: conv1's 13 channels, the bounds made the kept counts (``read="int32"``: the bounds int32). ``read="height"``: n = H - 9 (the same
     7) read off the height, which the channel count does not follow: blocked. ``read="elsewhere"``: n also
     slices the input x: the count is read for more than its own Slices: blocked.
     """
@@ -80,8 +81,12 @@ def torch_chunk(seed: int = 0, read: str = "channels") -> onnx.ModelProto:
         size = b.node("Gather", "size", [shape, one], axis=0)
         half = b.node("Div", "half", [b.node("Add", "size_up", [size, one]), b.const("two", [2], np.int64)])
     end_a, end_b = (b.node("Mul", f"end_{n}", [half, b.const(f"times_{n}", [k], np.int64)]) for n, k in (("a", 1), ("b", 2)))
-    first = b.node("Slice", "chunk_a", [h, b.const("zero", [0], np.int64), end_a, one])
-    second = b.node("Slice", "chunk_b", [h, end_a, end_b, one])
+    zero, axis = b.const("zero", [0], np.int64), one
+    if read == "int32":  # the bounds' type int32, as the rewrite must write them
+        end_a, end_b = (b.node("Cast", f"{e}_32", [e], to=onnx.TensorProto.INT32) for e in (end_a, end_b))
+        zero, axis = b.const("zero_32", [0], np.int32), b.const("axis_32", [1], np.int32)
+    first = b.node("Slice", "chunk_a", [h, zero, end_a, axis])
+    second = b.node("Slice", "chunk_b", [h, end_a, end_b, axis])
     out = b.node("Add", "add1", [b.conv("conv_a", first, 7, 4), b.conv("conv_b", second, 6, 4)])
     if read == "elsewhere":
         x_part = b.node("Slice", "x_part", ["x", "zero", end_a, one])  # clipped to x's 3 channels
@@ -272,6 +277,7 @@ BUILDERS = {
     "slice": slice_,
     "torch_chunk": torch_chunk,
     "rows_by_channel_count": rows_by_channel_count,
+    "torch_chunk_int32": functools.partial(torch_chunk, read="int32"),
     "blocked_chunk_of_height": functools.partial(torch_chunk, read="height"),
     "blocked_chunk_read_elsewhere": functools.partial(torch_chunk, read="elsewhere"),
     "channel_shuffle": channel_shuffle,
@@ -302,6 +308,31 @@ BLOCKED = {
 
 test_pruning_dead_channels_is_exact, test_blocked_patterns_are_left_whole_with_a_reason = \
     family_tests(BUILDERS, BLOCKED)
+
+
+def _chunk_with_count_read(where: str) -> onnx.ModelProto:
+    """torch_chunk whose count C is also a model output (``where="output"``: Shape(h) itself) or is read in
+    an If branch whose result is a model output (``"subgraph"``): C would change when h is pruned."""
+    model = torch_chunk()
+    graph = model.graph
+    if where == "output":
+        graph.output.append(helper.make_tensor_value_info("shape1_out", onnx.TensorProto.INT64, [4]))
+        return model
+    branch = helper.make_graph([helper.make_node("Identity", ["size_out"], ["read"])], "branch", [],
+                               [helper.make_tensor_value_info("read", onnx.TensorProto.INT64, [1])])
+    graph.node.append(helper.make_node("If", ["cond"], ["count"], name="if1", then_branch=branch, else_branch=branch))
+    graph.input.append(helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, []))
+    graph.output.append(helper.make_tensor_value_info("count", onnx.TensorProto.INT64, [1]))
+    return model
+
+
+@pytest.mark.parametrize("where, reason", [("output", "the channel count is a model output"),
+                                           ("subgraph", "the channel count is read and used")])
+def test_a_chunk_count_read_beyond_its_own_slices_blocks(where, reason):
+    model = _chunk_with_count_read(where)
+    onnx.checker.check_model(model)
+    group = next(g for g in inspect(model, {"x": [1, 3, 16, 16]})["groups"] if g["sources"] == ["conv1"])
+    assert not group["prunable"] and any(reason in r for r in group["reasons"])
 
 
 @pytest.mark.parametrize("op", sorted(DATA_MOVEMENT))
