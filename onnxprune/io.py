@@ -221,7 +221,25 @@ def _normalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
         log.info("converted the model from opset %d to %d", old, CONVERT_TO_OPSET)
     changed |= fold_constant_nodes(model.graph) > 0
     changed |= _weights_are_not_inputs(model)
+    changed |= _name_nodes(model.graph) > 0
     return model, changed or model.ir_version != before
+
+
+def _name_nodes(graph: onnx.GraphProto) -> int:
+    """Give each nameless node its first output's name (made unique): groups, plans, reports and --exclude
+    name nodes, and nameless ones could not be told apart. How many were named."""
+    taken = {node.name for node in graph.node if node.name}
+    named = 0
+    for node in graph.node:
+        if node.name or not node.output:
+            continue
+        name, suffix = node.output[0] or node.op_type, 1
+        while name in taken:
+            name, suffix = f"{node.output[0] or node.op_type}_{suffix}", suffix + 1
+        node.name = name
+        taken.add(name)
+        named += 1
+    return named
 
 
 def _weights_are_not_inputs(model: onnx.ModelProto) -> bool:

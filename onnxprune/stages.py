@@ -50,11 +50,11 @@ def analyze_model(loaded: Loaded, exclude=(), hidden: bool = False) -> Analysis:
 
 
 def check_exclude(patterns, graph) -> None:
-    """Every --exclude glob matches a node of the model as loaded (its name, or its first output's for a
-    nameless node, as layers are named): a mistyped one would leave what it meant to protect prunable."""
-    names = [name for node in graph.nodes for name in (node.name, *(t.name for t in node.outputs[:1]))]
+    """Every --exclude glob matches the name of a node of the model as loaded (loading names a nameless
+    node after its first output): a mistyped one would leave what it meant to protect prunable."""
+    names = [node.name for node in graph.nodes]
     for pattern in patterns:
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in names if name):
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             raise UsageError(f"--exclude {pattern!r} matches no node of the model as loaded: it is a case-sensitive "
                              "glob over node names, after loading's exact rewrites (--no-simplify keeps the graph as "
                              "given); 'onnxprune inspect MODEL --json' lists each group's members")

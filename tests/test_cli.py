@@ -110,6 +110,21 @@ def test_an_exclude_glob_matching_no_node_is_refused_by_the_python_api_too():
         prune(onnx.load(str(MODEL)), PruneConfig(filters=0.3, scorer="l1", exclude=("nothing*",)))
 
 
+def test_nameless_nodes_are_named_after_their_first_output_so_groups_and_exclude_can_name_them():
+    from onnxprune import inspect
+
+    model = onnx.load(str(MODEL))
+    for node in model.graph.node:
+        node.name = ""
+    groups = inspect(model)["groups"]
+    sources = [s for g in groups for s in g["sources"]]
+    assert "" not in sources and len(set(sources)) == len(sources)
+    first = next(g for g in groups if g["prunable"])
+    excluded = inspect(model, exclude=(first["sources"][0],))["groups"]
+    assert not next(g for g in excluded if g["sources"] == first["sources"])["prunable"]
+    assert all(node.name == "" for node in model.graph.node)  # the model given is not changed
+
+
 def test_an_exclude_glob_may_name_a_node_the_loading_rewrite_made(tmp_path):
     from tests.ops.test_fused import fused_conv_activations
 
