@@ -81,3 +81,17 @@ def test_the_table_shows_the_suggestion(tmp_path):
 def test_no_suggestion_where_hidden_would_not_help(tmp_path):
     (reason,) = group_of(inspect_json(tmp_path, residual_from_input()), "conv")["reasons"]
     assert "operand 'z'" in reason and "--hidden" not in reason
+
+
+def residual_of_a_norm_over_the_width():
+    """conv (3->8) + LayerNorm(z) over z's last axis, its width W = 16 (not the 8 channels) -> conv2: --hidden
+    would not make that operand carry the conv's channels."""
+    b = Builder(0)
+    norm = b.node("LayerNormalization", "norm", ["z", b.const("gamma", np.ones(16)), b.const("beta", np.zeros(16))], axis=-1)
+    b.output(b.conv("conv2", b.node("Add", "residual", [b.conv("conv", "x", 3, 8), norm]), 8, 4))
+    return b.model(x_input() + [("z", [1, 8, 16, 16])], [("y", [1, 4, 16, 16])], name="norm_over_width", opset=17)
+
+
+def test_no_suggestion_for_a_norm_over_another_axis_than_the_channels(tmp_path):
+    (reason,) = group_of(inspect_json(tmp_path, residual_of_a_norm_over_the_width()), "conv")["reasons"]
+    assert "operand 'norm" in reason and "--hidden" not in reason

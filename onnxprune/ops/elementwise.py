@@ -107,7 +107,7 @@ class BroadcastHandler(Handler):
                 ctx.block_inputs(node, f"operand '{tensor.name}' has an unknown shape")
                 return
             if dim not in (None, 1) and not isinstance(tensor, gs.Constant):
-                hint = hidden_hint(tensor, ctx) if node.op in RESIDUAL_OPS else ""
+                hint = hidden_hint(tensor, dim, ctx) if node.op in RESIDUAL_OPS else ""
                 ctx.block_inputs(node, f"operand '{tensor.name}' spans the channels but is computed, not constant"
                                        + hint)
                 return
@@ -139,17 +139,19 @@ def _dim_at(shape, axis: int, rank: int):
     return shape[offset] if offset >= 0 else None
 
 
-def hidden_hint(tensor: gs.Tensor, ctx) -> str:
-    """For a residual operand that no tracked channels reach: ' (...)' suggesting --hidden when a node it
-    changes is above the operand (a norm it lets the stream through, an embedding it makes its source); else ''."""
-    norm = None if ctx.allows(HIDDEN) else _hidden_norm_above(tensor, ctx)
+def hidden_hint(tensor: gs.Tensor, width: int | None, ctx) -> str:
+    """For a residual operand `width` channels wide that no tracked channels reach: ' (...)' suggesting
+    --hidden when a node it changes is above the operand (a norm over that many features it lets the stream
+    through, an embedding it makes its source); else ''."""
+    norm = None if ctx.allows(HIDDEN) or width is None else _hidden_norm_above(tensor, width, ctx)
     return "" if norm is None else \
         f" (a residual stream out of {norm.op} '{norm.name}': try --hidden, which prunes the stream's width)"
 
 
-def _hidden_norm_above(tensor: gs.Tensor, ctx, budget: int = 64):
+def _hidden_norm_above(tensor: gs.Tensor, width: int, ctx, budget: int = 1024):
     """The nearest node above `tensor`, through tensors carrying no tracked channels (at most `budget` of
-    them), that the hidden-size option lets the residual width through or makes its source; None when none is."""
+    them), that the hidden-size option lets a residual width of `width` through or makes its source; None
+    when none is."""
     queue, seen = deque([tensor]), set()
     while queue and len(seen) < budget:
         current = queue.popleft()
@@ -157,18 +159,20 @@ def _hidden_norm_above(tensor: gs.Tensor, ctx, budget: int = 64):
             continue
         seen.add(current.name)
         producer = current.inputs[0]
-        if _passes_hidden(producer, ctx):
+        if _passes_hidden(producer, width, ctx):
             return producer
         queue.extend(t for t in producer.inputs if isinstance(t, gs.Variable) and ctx.channels(t) is None)
     return None
 
 
-def _passes_hidden(node: gs.Node, ctx) -> bool:
+def _passes_hidden(node: gs.Node, width: int, ctx) -> bool:
+    """`node` normalises `width` features over its last axis, or is an embedding table `width` wide."""
     if node.op == "Gather":
-        return GatherHandler.embedding_table(node) is not None
+        return GatherHandler.embedding_table(node) is not None and ctx.shape(node.outputs[0]) is not None \
+            and ctx.shape(node.outputs[0])[-1] == width
     if node.op not in HIDDEN_NORMS:
         return False
-    if node.op not in NORMS_OVER_LAST:
-        return True
     shape = ctx.shape(node.inputs[0])
-    return shape is not None and normalize_axis(int(attr(node, "axis", -1)), len(shape)) == len(shape) - 1
+    if shape is None or shape[-1] != width:
+        return False
+    return node.op not in NORMS_OVER_LAST or normalize_axis(int(attr(node, "axis", -1)), len(shape)) == len(shape) - 1

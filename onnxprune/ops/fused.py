@@ -56,7 +56,7 @@ class FusedConvHandler(ConvHandler):
             ctx.block(z.ids, f"{where}: its residual Z is added to convolution outputs whose channels are not tracked")
         elif y is not None and z is None and const_input(node, RESIDUAL) is None:
             ctx.block(y.ids, f"{where}: its residual Z spans the channels but is computed from untracked channels"
-                             + hidden_hint(node.inputs[RESIDUAL], ctx))
+                             + hidden_hint(node.inputs[RESIDUAL], len(y.ids), ctx))
         elif y is not None and z is not None and (z.axis != y.axis or len(z.ids) != len(y.ids)):
             ctx.block(np.concatenate([y.ids.ravel(), z.ids.ravel()]),
                       f"{where}: its residual Z carries other channels than its output")
