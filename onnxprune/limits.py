@@ -31,11 +31,10 @@ from .errors import UsageError
 from .graph import Analysis
 from .io import import_graph
 from .lowrank.covariance import input_moments
-from .lowrank.layers import find_layers
 from .recover.passes import output_error
 from .runtime import session
 from .shapes import infer_shapes
-from .sparsity import MAX_FEATURES as SPARSITY_FEATURES, SparsitySettings, sparsify_model
+from .sparsity import MAX_FEATURES as SPARSITY_FEATURES, SparsitySettings, sparsify_model, weighted_layers
 from .sparsity.solve import weight_costs
 from .stages import analyze_model, choose, group_summary
 from .sweep import require_matplotlib
@@ -77,11 +76,11 @@ def group_limits(baseline, analysis: Analysis, config: PruneConfig, error: float
 
 
 def layer_limits(baseline, config: PruneConfig, error: float) -> tuple[list[dict], dict, dict]:
-    """Per Conv/Gemm/MatMul layer: its weights, the largest share removable at `error` (of its own output),
+    """Per Conv/Gemm/MatMul layer (and FusedConv, as `--sparsity` takes them): its weights, the largest share removable at `error` (of its own output),
     and the curve (squared relative error against the share of weights removed, on a grid of 101)."""
     loaded = baseline.loaded
     shapes = infer_shapes(loaded.model, loaded.input_shapes)
-    layers = [layer for layer in find_layers(import_graph(loaded.model), shapes, config.exclude, factorizing=False)
+    layers = [layer for layer in weighted_layers(import_graph(loaded.model), shapes, config.exclude)
               if not layer.reason]
     grams = input_moments(loaded.model, layers, shapes, baseline.fit_data, baseline.largest_batch, config.seed,
                           SPARSITY_FEATURES)

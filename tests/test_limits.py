@@ -85,3 +85,12 @@ def test_limits_of_a_model_with_external_data_match_the_embedded_ones(files, tmp
               size_threshold=256)
     embedded, mapped = (limits(str(m), PruneConfig(calibration=str(calib))) for m in (model, external))
     assert mapped["layers"] and mapped["layers"] == embedded["layers"]
+
+
+def test_limits_take_the_fused_convs_no_simplify_leaves_as_sparsity_does():
+    from tests.ops.test_fused import fused_conv_residual
+
+    x = np.random.default_rng(0).standard_normal([20, 3, 16, 16]).astype(np.float32)
+    table = limits(fused_conv_residual(), PruneConfig(calibration={"x": x}, simplify=False))
+    assert [r["name"] for r in table["layers"]] == ["conv1", "conv2", "conv3"]
+    assert all(r["data_aware"] for r in table["layers"])
