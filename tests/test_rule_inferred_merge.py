@@ -30,8 +30,8 @@ def window_attention(batch="B", lead: str = "shape", merge: str = "merge", allow
     """torchvision's shifted_window_attention without the windows: x [B, S, 16] -> qkv -> Reshape to
     [B, S, 3, 4, C // 4] (C = Shape(x)[2]) -> Transpose(2, 0, 3, 1, 4) -> Gather q, k, v -> scaled scores
     + a relative position bias [4, S, S] -> Softmax -> context -> Transpose(0, 2, 1, 3) -> Reshape to
-    [B, S, C] -> proj. `lead`: the merge's leading entries from Shape(x) ("shape") or one of them minus 1
-    ("minus": possibly negative); `merge`: "merge" or "split" ([B, S, 16] -> [B, S, 4, C // 4] after the
+    [B, S, C] -> proj. `lead`: the merge's leading entries from Shape(x) ("shape"), one of them minus 1
+    ("minus": possibly negative) or cast through int8 ("int8": may wrap); `merge`: "merge" or "split" ([B, S, 16] -> [B, S, 4, C // 4] after the
     proj instead, a split the rule leaves); `allowzero` of the merge."""
     b = Builder(seed=11)
     qkv = b.add_bias("qkv_bias", b.matmul("qkv", "x", HIDDEN, 3 * HIDDEN), 3 * HIDDEN)
@@ -51,6 +51,9 @@ def window_attention(batch="B", lead: str = "shape", merge: str = "merge", allow
     if lead == "minus":
         batch_entry = b.node("Sub", "batch_minus", [batch_entry, b.const("one", [1], np.int64)])
         batch_entry = b.node("Add", "batch_back", [batch_entry, "one"])
+    if lead == "int8":  # through 8 bits: a size of 128 or more would wrap negative
+        narrow = b.node("Cast", "batch_int8", [batch_entry], to=onnx.TensorProto.INT8)
+        batch_entry = b.node("Cast", "batch_int64", [narrow], to=onnx.TensorProto.INT64)
     if merge == "merge":
         target = b.node("Concat", "merge_target", [batch_entry, seq_entry, hidden], axis=0)
         merged = b.node("Reshape", "merge", [context, target], allowzero=allowzero)
@@ -114,8 +117,8 @@ def test_a_pruned_model_with_a_dynamic_batch_holds_at_other_batches():
         np.testing.assert_allclose(run(result.model, feed)[0], run(zeroed, feed)[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs", [{"lead": "minus"}, {"merge": "split"}, {"allowzero": 1}],
-                         ids=["an entry possibly negative", "a split", "allowzero"])
+@pytest.mark.parametrize("kwargs", [{"lead": "minus"}, {"lead": "int8"}, {"merge": "split"}, {"allowzero": 1}],
+                         ids=["an entry possibly negative", "an entry cast through 8 bits", "a split", "allowzero"])
 def test_targets_the_rule_must_leave(kwargs):
     model = window_attention(batch=2, **kwargs)
     after, counts = simplify_model(model, load(model, vetted=True, runs=False).shapes)

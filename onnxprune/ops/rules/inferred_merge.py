@@ -16,6 +16,7 @@ import logging
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import helper
 
 from ._match import constant_values, onnx_op, static_shape, unused_name
 
@@ -90,6 +91,8 @@ def _nonnegative(tensor: gs.Tensor, depth: int) -> bool:
         return False
     if producer.op == "Shape":
         return True
+    if producer.op == "Cast" and np.dtype(helper.tensor_dtype_to_np_dtype(int(producer.attrs.get("to", 0)))).itemsize < 4:
+        return False  # a Cast to 8 or 16 bits may wrap a size to a negative one (32 bits would need 2^31 of one dim)
     if producer.op in SHAPE_COPIES:
         return _nonnegative(producer.inputs[0], depth - 1)
     if producer.op == "Div":
