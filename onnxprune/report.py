@@ -162,10 +162,10 @@ def format_scoring(report: dict) -> list[str]:
     budget = scoring.get("budget")
     if budget:
         if budget["unit"] == "ms":
-            line += f"; budget {budget['achieved']:.3f} of {budget['target']:.3f} ms predicted"
+            line += f"; {budget['achieved']:.3f} ms predicted of a budget of {budget['target']:.3f}"
         else:
             unit = "MACs" if budget["unit"] == "macs" else "channels kept"
-            line += f"; budget {budget['achieved']:,.0f} of {budget['target']:,.0f} {unit}"
+            line += f"; {budget['achieved']:,.0f} {unit} of a budget of {budget['target']:,.0f}"
         if "eps" in budget:
             line += f" (eps {budget['eps']:.3g})"
         if budget.get("reached") is False:

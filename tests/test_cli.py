@@ -175,3 +175,16 @@ def test_finetune_has_no_exclude_option(tmp_path):
     result = CliRunner().invoke(main, ["finetune", str(MODEL), str(tmp_path / "o.onnx"), "--teacher", str(MODEL),
                                        "--calib", str(MODEL), "--exclude", "x"])
     assert result.exit_code == 2 and "--exclude" in result.output
+
+
+@pytest.mark.parametrize("unit, achieved, target, said", [
+    ("channels", 112, 112, "112 channels kept of a budget of 112"),
+    ("macs", 5669264, 5695987, "5,669,264 MACs of a budget of 5,695,987"),
+    ("ms", 1.5, 1.6, "1.500 ms predicted of a budget of 1.600"),
+])
+def test_the_scoring_line_says_what_was_spent_of_which_budget(unit, achieved, target, said):
+    from onnxprune.report import format_scoring
+
+    budget = {"unit": unit, "achieved": achieved, "target": target, "reached": True}
+    (line,) = format_scoring({"scoring": {"scorer": "obs", "samples": 8, "data": "calibration", "budget": budget}})
+    assert line == f"  scoring   obs on 8 calibration samples; {said}"
