@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import signal
 import sys
+import threading
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -326,12 +328,25 @@ def command(fn):
     @functools.wraps(fn)
     def run(*args, verbose: int, quiet: bool, debug: bool, **values):
         _setup_output(verbose, quiet)
+        _exit_on_terminate()
         try:
             fn(*args, quiet=quiet, **values)
         except Exception as exc:  # noqa: BLE001 - every failure maps to an exit code
             _fail(exc, debug)
 
     return LOGGING(run)
+
+
+def _exit_on_terminate() -> None:
+    """SIGTERM (a CI job cancelled, `timeout`) ends the run as an error does, unwinding it, so its
+    temporary files and staged outputs are removed (Python's default would stop it where it stands)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
+
+
+def _terminated(signum, frame) -> None:
+    click.echo("error: terminated (SIGTERM): nothing written, temporary files removed", err=True)
+    raise SystemExit(128 + signum)
 
 
 def _setup_output(verbose: int, quiet: bool) -> None:

@@ -148,3 +148,18 @@ def test_killed_runs_leave_no_output_and_the_next_run_removes_their_temporary_fi
     assert setup.leftovers("tmp") == {}
     assert set(setup.leftovers("out")) == written
     assert setup.inputs() == before
+
+
+def test_a_terminated_run_removes_its_own_temporary_files_and_writes_nothing(tmp_path):
+    """SIGTERM (a CI job cancelled, `timeout`) unwinds the run: exit 143, one line, no run folder left
+    without waiting for a later run to sweep it, no output, the inputs unchanged."""
+    setup = Setup.make(tmp_path)
+    before = setup.inputs()
+    proc = setup.start("terminated")
+    wait_for(proc, lambda: any((setup.root / "tmp").rglob("probe.onnx")))  # inside the calibration pass
+    assert proc.poll() is None, "the run ended before it could be terminated"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines() == ["error: terminated (SIGTERM): nothing written, temporary files removed"]
+    assert setup.leftovers("tmp") == {} and setup.leftovers("out") == {} and setup.inputs() == before
