@@ -16,11 +16,18 @@ def group_round_to(round_to: int | dict | None, group: int) -> int | None:
     return round_to.get(group) if isinstance(round_to, dict) else round_to
 
 
-def round_keep(keep: int, channels: int, round_to: int | None, width: int = 1) -> int:
-    """Round a keep count of units, each `width` channels wide, so that the channels kept are a multiple
-    of `round_to` (None: 8 for groups of 16+ channels); units of 8 channels (attention heads) need none."""
+def round_step(channels: int, round_to: int | None, width: int = 1) -> int:
+    """The multiple of units (each `width` channels wide) a group of `channels` units keeps: what makes the
+    channels kept a multiple of `round_to` (None: 8 for groups of 16+ channels, unless no cut would be left,
+    as for a grouped conv's units of 5 channels, 8 of them); units of 8 channels (attention heads) need none."""
     step = round_to if round_to is not None else (DEFAULT_ROUND_TO if channels * width >= DEFAULT_ROUND_MIN_CHANNELS else 1)
     step //= math.gcd(step, width)
+    return 1 if round_to is None and step >= channels else step
+
+
+def round_keep(keep: int, channels: int, round_to: int | None, width: int = 1) -> int:
+    """Round a keep count of units, each `width` channels wide, to the group's `round_step`."""
+    step = round_step(channels, round_to, width)
     if step > 1 and keep < channels:
         keep = max(step, int(round(keep / step)) * step)
     return int(min(max(keep, 1), channels))

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from .baseline import Baseline
-from .allocate import group_round_to, round_keep
+from .allocate import group_round_to, round_keep, round_step
 from .budget import Target, choose_channels, short_of
 from .config import PruneConfig, channel_ratio, recovery_method, scorer_name
 from .errors import NothingToPrune, UsageError
@@ -129,6 +129,12 @@ def choose(baseline: Baseline, analysis: Analysis, config: PruneConfig, factoriz
             context.notes.append(f"budget not reached: {budget['achieved']:,.0f} {unit} kept for a target of "
                                  f"{budget['target']:,.0f}, every group at the least it may keep (or excluded): "
                                  "this is as small as this model gets here")
+    uncut = [g for g in analysis.prunable_groups()
+             if isinstance(config.round_to, int) and round_step(g.channels, config.round_to, g.width) >= g.channels > 1]
+    if uncut:
+        context.notes.append(f"--round-to {config.round_to}: {len(uncut)} group(s) cannot be cut at that multiple "
+                             f"(e.g. '{uncut[0].name}', {uncut[0].channels} units of {uncut[0].width} channel(s)): "
+                             "left whole; a smaller --round-to lets them be cut")
     choice = ChannelChoice(keep, scales, scorer, context, budget)
     if counts is not None or target is not None:  # a step's given counts; latency rounds: once, after them
         return choice

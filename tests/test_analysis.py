@@ -6,6 +6,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import models
+from tests.builders import Builder, x_input
 from onnxprune import PruneConfig, inspect, prune
 from onnxprune.allocate import ensure_nonempty, keep_counts, round_keep
 from onnxprune.loading import load
@@ -95,6 +96,8 @@ def test_round_keep(keep, channels, step, expected):
     (11, 16, 8, 64, 11), (3, 4, None, 8, 3),
     (5, 32, None, 2, 4), (7, 32, 8, 4, 8),  # units of 2 (4) channels: multiples of 4 (2) units
     (3, 4, None, 4, 4),  # 16 channels in all, in units of 4: the step of 8 channels is 2 units
+    (4, 8, None, 5, 4), (4, 8, 8, 5, 8),  # a grouped conv's 8 units of 5 channels: 8 channels would need all 8
+    # units, so the default does not round them; an explicit --round-to 8 does (and a note says so)
 ])
 def test_round_keep_counts_the_channels_of_units_several_wide(keep, units, step, width, expected):
     assert round_keep(keep, units, step, width) == expected
@@ -131,3 +134,21 @@ def test_an_op_of_another_domain_is_not_read_as_onnxs_of_the_same_name():
     assert handler_for("Gelu", "com.microsoft") is handler_for("Gelu") is not None
     assert handler_for("SkipLayerNormalization", "com.microsoft") is not None
     assert handler_for("SkipLayerNormalization", "com.example") is None
+
+
+def grouped_conv_units():
+    """conv1 (3->40) -> grouped conv (40->40, group 5) -> conv3 (40->4): conv1's group is 8 units of 5 channels."""
+    b = Builder(0)
+    h = b.relu("relu2", b.conv("gconv", b.relu("relu1", b.conv("conv1", "x", 3, 40)), 40, 40, group=5))
+    b.output(b.conv("conv3", h, 40, 4))
+    return b.model(x_input(), [("y", [1, 4, 16, 16])], name="grouped_conv_units")
+
+
+def test_a_grouped_conv_s_units_are_cut_by_default_and_an_explicit_multiple_that_forbids_it_is_said():
+    model = grouped_conv_units()
+    cut = prune(model, PruneConfig(filters=0.5, scorer="l1"))
+    assert cut.report["after"]["macs"] < 0.6 * cut.report["before"]["macs"]
+    whole = prune(model, PruneConfig(filters=0.5, scorer="l1", round_to=8))
+    assert whole.report["after"]["macs"] == whole.report["before"]["macs"]
+    assert any(n.startswith("--round-to 8: 2 group(s) cannot be cut") for n in whole.report["scoring_notes"])
+    assert not any(n.startswith("--round-to") for n in cut.report["scoring_notes"])
