@@ -114,8 +114,8 @@ def format_summary(report: dict, model, output) -> str:
         for name, f in fid["per_output"].items():
             lines.append(f"            output {name}: cosine {f['cosine']:.4f}, rel. L2 error {f['rel_l2']:.4f}")
     if fid.get("reference_constant"):
-        lines.append("            the original's outputs are the same for every sample: these figures cannot tell a good "
-                     "cut from a bad one (untrained or zeroed final layers, or inputs that do not vary?)")
+        lines.append("            the original's outputs are (nearly) the same for every sample: these figures cannot tell "
+                     "a good cut from a bad one (untrained or zeroed final layers, or inputs that do not vary?)")
     lines.extend(f"            {line}" for line in far_worse_channel(fid))
     lines.extend(format_recovery(report))
     lines.extend(format_checks(report))

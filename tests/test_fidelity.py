@@ -278,6 +278,8 @@ def test_outputs_the_same_for_every_sample_are_flagged(tmp_path):
     varying = {"y": np.arange(6, dtype=np.float32).reshape(3, 2)}
     assert not constant_over_samples(varying)
     assert constant_over_samples({"y": np.ones((3, 2), np.float32), "ids": np.arange(3)})  # ids are not floats
+    barely = np.ones((3, 2)) + np.array([[0.0], [2e-7], [-1e-7]])  # a random-init net's output
+    assert constant_over_samples({"y": barely}) and not constant_over_samples({"y": barely + [[0], [1e-3], [0]]})
     model = onnx.load("models/mnist_resnet.onnx")
     gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
     weight = next(t for t in model.graph.initializer if t.name == gemm.input[1])
