@@ -34,7 +34,8 @@ from .lowrank.covariance import input_moments
 from .recover.passes import output_error
 from .runtime import session
 from .shapes import infer_shapes
-from .sparsity import MAX_FEATURES as SPARSITY_FEATURES, SparsitySettings, sparsify_model, weighted_layers
+from .lowrank.layers import find_layers
+from .sparsity import MAX_FEATURES as SPARSITY_FEATURES, SparsitySettings, sparsify_model
 from .sparsity.solve import weight_costs
 from .stages import analyze_model, choose, group_summary
 from .sweep import require_matplotlib
@@ -80,7 +81,7 @@ def layer_limits(baseline, config: PruneConfig, error: float) -> tuple[list[dict
     and the curve (squared relative error against the share of weights removed, on a grid of 101)."""
     loaded = baseline.loaded
     shapes = infer_shapes(loaded.model, loaded.input_shapes)
-    layers = [layer for layer in weighted_layers(import_graph(loaded.model), shapes, config.exclude)
+    layers = [layer for layer in find_layers(import_graph(loaded.model), shapes, config.exclude, factorizing=False)
               if not layer.reason]
     grams = input_moments(loaded.model, layers, shapes, baseline.fit_data, baseline.largest_batch, config.seed,
                           SPARSITY_FEATURES)

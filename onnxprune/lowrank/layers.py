@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..ops.base import ONNX_DOMAINS, Handler, WeightLayout, weighted
+from ..ops.base import MICROSOFT, ONNX_DOMAINS, Handler, WeightLayout, weighted
 
 SUBSPACES = (1, 2, 4, 8)  # ALDS input-channel subspace counts tried for a k x k Conv (those dividing c_in)
 
@@ -75,9 +75,11 @@ def layer_name(node: gs.Node) -> str:
 
 def find_layers(graph: gs.Graph, shapes: dict[str, tuple], exclude=(), factorizing: bool = True) -> list[Layer]:
     """Every Conv, Gemm and MatMul of `graph`, in graph order, as a candidate or with its skip reason
-    (`factorizing`: also a layer no rank makes cheaper; the sparsity stage takes those too)."""
+    (`factorizing`: also a layer no rank makes cheaper; the sparsity stage takes those too, and onnxruntime's
+    FusedConvs, which `--no-simplify` leaves, each as the Conv it applies before its residual and activation)."""
     layers = []
-    nodes = [node for node in graph.nodes if node.op in ("Conv", "Gemm", "MatMul") and node.domain in ONNX_DOMAINS]
+    nodes = [node for node in graph.nodes if node.op in ("Conv", "Gemm", "MatMul") and node.domain in ONNX_DOMAINS
+             or not factorizing and node.op == "FusedConv" and node.domain == MICROSOFT]
     uses = Counter(layer_name(node) for node in nodes)
     for node in nodes:
         layer = _describe(node, shapes)
@@ -93,7 +95,8 @@ def find_layers(graph: gs.Graph, shapes: dict[str, tuple], exclude=(), factorizi
 
 
 def _describe(node: gs.Node, shapes) -> Layer:
-    layer = Layer(layer_name(node), node.op, node.inputs[0].name if node.inputs else "")
+    op = "Conv" if node.op == "FusedConv" else node.op  # its input statistics are the Conv's patches
+    layer = Layer(layer_name(node), op, node.inputs[0].name if node.inputs else "")
     weight = node.inputs[1] if len(node.inputs) > 1 else None
     if not isinstance(weight, gs.Constant):
         layer.reason = ("no constant weight (e.g. attention scores)" if node.op == "MatMul"
@@ -108,12 +111,12 @@ def _describe(node: gs.Node, shapes) -> Layer:
         layer.reason = "output shape unknown at the analysed input shapes"
         return layer
     layer.weight_dtype = values.dtype
-    handler, layout = weighted(node.op, node.attrs, values.shape) or (None, None)
+    handler, layout = weighted(node.op, node.attrs, values.shape, node.domain) or (None, None)
     if layout is None:  # a weight of another rank than the op takes
         layer.reason = "Gemm weight is not 2-D" if node.op == "Gemm" else "weight is not a constant 2-D right operand"
         return layer
     layer.layout, layer.handler = layout, handler
-    describe = {"Conv": _conv, "Gemm": _gemm, "MatMul": _matmul}[node.op]
+    describe = {"Conv": _conv, "Gemm": _gemm, "MatMul": _matmul}[op]
     describe(node, values, out_shape, layer, handler, layout)
     return layer
 

@@ -13,9 +13,7 @@ pass over the calibration data).
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -28,7 +26,6 @@ from ..io import export_graph, import_graph
 from ..lowrank.covariance import input_moments
 from ..lowrank.decompose import relative_error
 from ..lowrank.layers import Layer, find_layers, layer_name
-from ..ops.base import MICROSOFT
 from ..shapes import infer_shapes
 from .patterns import Pattern, keep_mask, parse_pattern, unit_costs
 from .solve import allocate, optimal_update, weight_costs
@@ -83,7 +80,7 @@ def sparsify_model(model: onnx.ModelProto, input_shapes: dict, calibration: Cali
     the weights before (splicing's start; a copy of every sparsified weight, so only when asked)."""
     shapes = infer_shapes(model, input_shapes)
     graph = import_graph(model)
-    layers = weighted_layers(graph, shapes, settings.exclude)
+    layers = find_layers(graph, shapes, settings.exclude, factorizing=False)
     for layer in layers:
         if layer.layout is not None and layer.layout.groups != 1:  # the low-rank stage's reason speaks of factors
             layer.reason = f"grouped conv (group={layer.layout.groups}): not sparsified yet"
@@ -123,25 +120,6 @@ def sparsify_model(model: onnx.ModelProto, input_shapes: dict, calibration: Cali
     log.info("sparsity: %.1f%% of %d weights zeroed in %d layers", 100 * report["achieved"], report["weights"],
              report["sparsified"])
     return SparsityResult(out, report, tuple(dense), dense if keep_dense else {})
-
-
-def weighted_layers(graph: gs.Graph, shapes: dict[str, tuple], exclude=()) -> list[Layer]:
-    """The layers that may be sparsified, in graph order: `find_layers`' Conv, Gemm and MatMul, and each
-    FusedConv (com.microsoft) as the Conv it applies to its input and weight before its residual and
-    activation (a Layer of op Conv: its input statistics are the Conv's patches)."""
-    layers = find_layers(graph, shapes, exclude, factorizing=False)
-    fused = [node for node in graph.nodes if node.op == "FusedConv" and node.domain == MICROSOFT]
-    if not fused:
-        return layers
-    as_convs = [SimpleNamespace(op="Conv", domain="", name=node.name, attrs=node.attrs, inputs=node.inputs[:3],
-                                outputs=node.outputs) for node in fused]
-    layers += find_layers(SimpleNamespace(nodes=as_convs), shapes, exclude, factorizing=False)
-    uses = Counter(layer.name for layer in layers)
-    for layer in layers:
-        if uses[layer.name] > 1 and not layer.reason:  # as find_layers says among its own: a name is a layer's key
-            layer.reason = f"{uses[layer.name]} layers share the node name {layer.name!r}"
-    position = {layer_name(node): index for index, node in enumerate(graph.nodes)}
-    return sorted(layers, key=lambda layer: position[layer.name])
 
 
 def _write(node: gs.Node, layer: Layer, matrix: np.ndarray) -> str:
