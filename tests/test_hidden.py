@@ -114,6 +114,13 @@ def test_the_stream_is_blocked_without_the_option_and_one_prunable_group_with_it
     assert bool(stream[0].get("inexact")) == (norm in ("LayerNormalization", "SkipLayerNormalization"))
 
 
+@pytest.mark.parametrize("norm", NORMS)
+def test_without_the_option_the_stream_s_blocked_reasons_point_to_it(norm):
+    reasons = [r for g in inspect(hidden_stream(norm))["groups"] for r in g.get("reasons", [])
+               if "computed" in r or "across the channel axis" in r]
+    assert reasons and all("--hidden" in r for r in reasons), reasons
+
+
 @pytest.mark.parametrize("norm", [None, "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"])
 def test_removing_dimensions_every_writer_zeroes_is_exact_without_a_mean_to_change(norm):
     model = hidden_stream(norm, dead=DEAD)

@@ -81,6 +81,11 @@ class Handler:
         """For a source: its weights as [output channels, fan-in], output-major."""
         return None
 
+    def hidden_width(self, node: gs.Node, ctx) -> int | None:
+        """The residual width the hidden-size option (--hidden) lets through this node (a norm over the
+        last axis) or makes it the source of (an embedding table); None when it does neither."""
+        return None
+
     def channel_scales(self, node: gs.Node) -> np.ndarray | None:
         """For a normalisation layer: its per-channel scale (BN gamma), for the `bn` scorer."""
         return None

@@ -13,14 +13,8 @@ from collections import deque
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import HIDDEN, MICROSOFT, Handler, attr, normalize_axis, pass_through, register
-from .layout import GatherHandler
-from .norm import NORMS_OVER_LAST
+from .base import HIDDEN, MICROSOFT, Handler, handler_for, pass_through, register
 
-# what the hidden-size option lets the residual width through: the norms over the last axis (norm.py,
-# fused.py's Skip norms) and EmbedLayerNormalization, which it makes the width's source
-HIDDEN_NORMS = (*NORMS_OVER_LAST, "SkipLayerNormalization", "SkipSimplifiedLayerNormalization",
-                "EmbedLayerNormalization")
 RESIDUAL_OPS = ("Add", "Sum")
 
 UNARY = (
@@ -166,13 +160,6 @@ def _hidden_norm_above(tensor: gs.Tensor, width: int, ctx, budget: int = 1024):
 
 
 def _passes_hidden(node: gs.Node, width: int, ctx) -> bool:
-    """`node` normalises `width` features over its last axis, or is an embedding table `width` wide."""
-    if node.op == "Gather":
-        return GatherHandler.embedding_table(node) is not None and ctx.shape(node.outputs[0]) is not None \
-            and ctx.shape(node.outputs[0])[-1] == width
-    if node.op not in HIDDEN_NORMS:
-        return False
-    shape = ctx.shape(node.inputs[0])
-    if shape is None or shape[-1] != width:
-        return False
-    return node.op not in NORMS_OVER_LAST or normalize_axis(int(attr(node, "axis", -1)), len(shape)) == len(shape) - 1
+    """The hidden-size option lets a residual width of `width` through `node` or makes it its source."""
+    handler = handler_for(node.op, node.domain)
+    return handler is not None and handler.hidden_width(node, ctx) == width

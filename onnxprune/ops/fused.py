@@ -98,6 +98,10 @@ class SkipNormHandler(BroadcastHandler):
 
     domains = (MICROSOFT,)
 
+    def hidden_width(self, node, ctx):
+        shape = ctx.shape(node.inputs[0])
+        return shape[-1] if shape else None
+
     def propagate(self, node, ctx):
         tracked = [(t, m) for t in node.inputs[:2] if (m := ctx.channels(t)) is not None]
         ctx.block_unexpected(node, channel_inputs=(0, 1))
@@ -138,6 +142,10 @@ class EmbedNormHandler(Handler):
     domains = (MICROSOFT,)
 
     TABLES = (2, 3, 4)
+
+    def hidden_width(self, node, ctx):
+        table = const_input(node, 2)
+        return None if table is None or table.ndim != 2 else table.shape[1]
 
     def propagate(self, node, ctx):
         ctx.block_unexpected(node, channel_inputs=())

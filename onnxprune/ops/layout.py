@@ -617,6 +617,10 @@ class GatherHandler(Handler):
             return None
         return table
 
+    def hidden_width(self, node, ctx):
+        table = self.embedding_table(node)
+        return None if table is None else table.shape[1]
+
     def rewrite(self, node, rw):
         mask = rw.mask(node.outputs[0])
         if mask is not None and rw.is_source(node):

@@ -96,6 +96,12 @@ class CrossChannelNormHandler(Handler):
 
     domains = (MICROSOFT,)  # a LayerNormalization or SimplifiedLayerNormalization some exporters put there
 
+    def hidden_width(self, node, ctx):
+        shape = ctx.shape(node.inputs[0])
+        if node.op not in NORMS_OVER_LAST or not shape:
+            return None
+        return shape[-1] if normalize_axis(int(attr(node, "axis", -1)), len(shape)) == len(shape) - 1 else None
+
     def propagate(self, node, ctx):
         ctx.block_unexpected(node, channel_inputs=(0,))
         x = ctx.channels(node.inputs[0])
