@@ -199,6 +199,20 @@ test_pruning_dead_fused_conv_channels_is_exact, test_blocked_fused_conv_is_left_
     family_tests(FUSED_CONV_BUILDERS, FUSED_CONV_BLOCKED, simplify=False)
 
 
+def test_a_fused_conv_residual_out_of_a_layer_norm_suggests_hidden():
+    """x -> conv1 (FusedConv, 3->8, Z = LayerNorm over the 8 channels of z, channels last) -> conv3."""
+    b = Builder(0)
+    z = b.node("Transpose", "z_nhwc", ["z"], perm=[0, 2, 3, 1])
+    z = b.node("LayerNormalization", "z_norm", [z, b.const("z_norm.scale", np.ones(8)),
+                                                 b.const("z_norm.bias", np.zeros(8))], axis=-1)
+    h = _fused_conv(b, "conv1", "x", 3, 8, residual=b.node("Transpose", "z_nchw", [z], perm=[0, 3, 1, 2]))
+    b.output(b.conv("conv3", h, 8, 4))
+    model = b.model(x_input() + [("z", [1, 8, 16, 16])], outputs=[("y", [1, 4, 16, 16])], name="norm_residual",
+                    domains=MICROSOFT, opset=17)
+    group = next(g for g in inspect(model, simplify=False)["groups"] if "conv1" in g["sources"])
+    assert not group["prunable"] and any("LayerNormalization 'z_norm': try --hidden" in r for r in group["reasons"])
+
+
 def test_a_model_importing_the_microsoft_opset_inspects_with_its_coverage():
     report = inspect(fused_ffn())
     reasons = [r for g in report["groups"] for r in g.get("reasons", [])]
