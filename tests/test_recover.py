@@ -13,7 +13,7 @@ import models
 from onnxprune import PruneConfig, prune
 from onnxprune.calib import CalibrationSet
 from onnxprune.cli import main
-from onnxprune.recover.lstsq import NormalEquations
+from onnxprune.recover.lstsq import NormalEquations, ridge_search
 from onnxprune.runtime import session
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -390,3 +390,30 @@ def test_finetune_without_onnxruntime_training_says_how_to_get_it(tmp_path):
         assert len(message.splitlines()) == 1
         assert "pip install onnxruntime-training-cpu==1.19.2 onnx==1.17.0" in message
         assert not (tmp_path / "o.onnx").exists()
+
+
+# ---------------------------------------------------------------- the ridge search
+
+
+@pytest.mark.parametrize("minimum", range(8))
+def test_the_ridge_search_finds_the_minimum_of_a_unimodal_error(minimum):
+    errors = (np.arange(8) - minimum) ** 2 + 1.0
+    best, measured = ridge_search(lambda i: errors[i], 8)
+    assert best == minimum
+    assert 7 in measured  # the strongest ridge (bias only) is always measured
+    assert len(measured) < 8
+
+
+def test_the_ridge_search_measures_fewer_ridges_than_the_grid():
+    errors = np.abs(np.arange(8) - 4) + 1.0
+    _, measured = ridge_search(lambda i: errors[i], 8)
+    assert sorted(measured) == [3, 4, 5, 7]
+
+
+def test_the_ridge_search_takes_the_strongest_ridge_when_it_is_a_second_minimum():
+    errors = np.array([0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 0.45, 0.2])  # falls to both ends from the start
+    assert ridge_search(lambda i: errors[i], 8)[0] == 7
+
+
+def test_the_ridge_search_on_a_one_ridge_grid():
+    assert ridge_search(lambda i: 1.0, 1) == (0, {0: 1.0})

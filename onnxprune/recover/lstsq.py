@@ -21,6 +21,7 @@ DEFAULT_RIDGE = 1e-4  # relative to the mean input variance: keeps collinear/con
 # Candidates, chosen per layer on held-out samples. The ridge pulls towards the layer's current weights,
 # so the largest leave them as they are and only re-fit the bias (what --recover bias does).
 RIDGE_GRID = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 1e3)
+RIDGE_START = 4  # the grid's index the search starts from: the most chosen one (0.1)
 ROWS_PER_FEATURE = 64  # sampled output positions per input feature, over the whole calibration set
 MIN_ROWS = 4096
 MAX_BATCH_ELEMENTS = 8_000_000  # rows x features per batch (bounds the im2col buffer)
@@ -219,8 +220,35 @@ class LstsqFit:
             return (self.ridge if self.ridge is not None else DEFAULT_RIDGE), None, None
         energy = self.energy[1]
         prior = self.view.weight
-        # one LU solve per ridge: on 2304-4608 features 8 of them took a third to a half of the time of one
-        # eigendecomposition shared by all 8 (LAPACK reduces to tridiagonal form by matrix-vector products)
-        scores = [relative(self.held.residual(*self.fit.solve(ridge, intercept, prior)), energy) for ridge in RIDGE_GRID]
-        best = int(np.argmin(scores))
+
+        def held_error(index: int) -> float:
+            return relative(self.held.residual(*self.fit.solve(RIDGE_GRID[index], intercept, prior)), energy)
+
+        best, scores = ridge_search(held_error, len(RIDGE_GRID))
         return RIDGE_GRID[best], relative(self.held.residual(*current), energy), scores[best]
+
+
+def ridge_search(error, count: int, start: int = RIDGE_START) -> tuple[int, dict[int, float]]:
+    """(index of the lowest `error(index)` found, every error measured) over a grid of `count` ridges: from
+    `start`, step to the better neighbour until neither is better, and measure the strongest ridge too
+    (the current weights with the bias re-fitted: a second minimum, as on a layer the fit cannot improve).
+    Each measurement is one LU solve (an eigendecomposition shared by all ridges was 2-3x slower than 8
+    solves on 2304-4608 features); the held-out error over the grid is near-always unimodal, and the
+    search measures 4-5 of its 8 ridges instead of all (311 fits of three models: 2 ended elsewhere than
+    the grid's minimum, the worse by at most 1.2% held-out error)."""
+    scores: dict[int, float] = {}
+
+    def measured(index: int) -> float:
+        if index not in scores:
+            scores[index] = error(index)
+        return scores[index]
+
+    best = min(start, count - 1)
+    while True:
+        neighbours = [i for i in (best - 1, best + 1) if 0 <= i < count]
+        step = min(neighbours, key=measured, default=best)
+        if not measured(step) < measured(best):
+            break
+        best = step
+    measured(count - 1)
+    return min(scores, key=scores.get), scores
