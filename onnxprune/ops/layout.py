@@ -304,33 +304,60 @@ class ReshapeHandler(Handler):
     that are merged back (through Transposes only: a channel shuffle) keep channel j of every block
     together; blocks that go on apart (attention heads: [B, S, heads, head_dim], or [B, S, 3, heads,
     head_dim] from a packed QKV projection) are units, each head kept or removed whole (with its Q, K
-    and V parts when packed) and tracked on the heads axis. Anything else blocks. A target computed by a
-    Concat (Shape/Gather exports) needs a constant or -1 at the channel entries."""
+    and V parts when packed) and tracked on the heads axis. The channel axis and the dims behind it cut
+    anew with a divisor G of its C channels first (torch's GroupNorm export: [N, C, H, W] -> [N, G, -1])
+    make each of the G positions a unit of C/G channels; cut back to a multiple of G channels, each unit
+    spreads over its C/G channels again (`_regrouped_units`). Anything else blocks. A target computed by a
+    Concat (Shape/Gather exports) needs a constant or -1 at the channel entries; a target that is the
+    whole Shape of a tensor carrying channels (the GroupNorm export's way back) follows that tensor when
+    the output carries the same count on the same axis, joined with them position by position."""
 
     multi_axis = True
 
     def propagate(self, node, ctx):
+        source = _whole_shape_source(node.inputs[1])
+        own = ctx.channels(source) if source is not None else None
+        cmap = self._output_map(node, ctx, target_follows=own is not None)
+        if own is None:
+            if cmap is not None:
+                ctx.set(node.outputs[0], cmap)
+            return
+        if cmap is None or cmap.ids.ndim != 1 or own.ids.ndim != 1 or (cmap.axis, len(cmap.ids)) != (own.axis, len(own.ids)):
+            reason = (f"Reshape '{node.name}': its target is the shape of '{source.name}', whose channels its output "
+                      "does not carry")
+            ctx.block(own.ids, reason)
+            ctx.block_inputs(node, reason, positions=(0,))
+            return
+        ctx.join(own.ids, cmap.ids)
+        ctx.set(node.outputs[0], cmap)
+
+    @staticmethod
+    def _output_map(node, ctx, target_follows: bool):
+        """The output's channel map, or None (the input's channels blocked, or it carries none)."""
         found = _tracked_input(node, ctx, (node.inputs[0], node.outputs[0]))
         if found is None:
-            return
+            return None
         x, (in_shape, out_shape) = found
         mapped = reshape_map(x.ids, list(in_shape), list(out_shape), x.axis)
+        if mapped is None and (units := _regrouped_units(x.ids, list(in_shape), list(out_shape), x.axis)) is not None:
+            join_rows(ctx, units[1])
+            mapped = units[0], units[1][:, 0]
         if mapped is None:
             ctx.block(x.ids, f"Reshape '{node.name}': {list(in_shape)} -> {list(out_shape)} mixes the channel axis with others")
-            return
+            return None
         axis, ids = mapped
         if ids.ndim > x.ids.ndim:
             offset, ids = _blocks(ids, node.outputs[0], ctx)
             axis += offset
-        if not _entries_known(node, range(axis, axis + ids.ndim), ctx.shape):
+        if not target_follows and not _entries_known(node, range(axis, axis + ids.ndim), ctx.shape):
             ctx.block(x.ids, f"Reshape '{node.name}': target shape is computed and its channel entry is not a constant")
-            return
-        ctx.set(node.outputs[0], type(x)(axis, ids))
+            return None
+        return type(x)(axis, ids)
 
     def rewrite(self, node, rw):
         mask = rw.mask(node.outputs[0])
-        if mask is None:
-            return
+        if mask is None or _whole_shape_source(node.inputs[1]) is not None:
+            return  # a target read off the Shape of a pruned tensor follows it
         axis = rw.tracked_axis(node.outputs[0])
         counts = {axis + i: int(mask.any(axis=tuple(a for a in range(mask.ndim) if a != i)).sum())
                   for i in range(mask.ndim)}
@@ -553,6 +580,32 @@ def reshape_map(ids, in_shape, out_shape, axis):
     return _merge_with_outer(ids, in_shape, out_shape, axis) if ids.ndim == 1 else None
 
 
+def _regrouped_units(ids, in_shape, out_shape, axis):
+    """(output axis, ids as rows [units, channels per unit]) when the 1-D channel axis (C channels) and the
+    dims behind it are cut anew into a first axis of M positions and the rest, the dims before them kept:
+    M dividing C (torch's GroupNorm export, [N, C, H, W] -> [N, G, -1]), position g holds channels
+    g * C/M .. (g + 1) * C/M - 1 and nothing else, a unit of C/M channels; C dividing M (the way back,
+    [N, G, L] -> [N, C, H, W]), position g spreads over M/C channels, rows of one. Else None."""
+    if ids.ndim != 1 or len(out_shape) <= axis or out_shape[:axis] != in_shape[:axis] \
+            or _prod(out_shape[axis:]) != _prod(in_shape[axis:]):
+        return None
+    count, positions = in_shape[axis], out_shape[axis]
+    if positions < count and count % positions == 0:
+        return axis, ids.reshape(positions, count // positions)
+    if positions > count and positions % count == 0:
+        return axis, np.repeat(ids, positions // count)[:, None]
+    return None
+
+
+def _whole_shape_source(target: gs.Tensor) -> gs.Tensor | None:
+    """The tensor whose whole Shape (no start or end) `target` is, else None."""
+    shape = target.inputs[0] if target.inputs else None
+    if shape is None or shape.op != "Shape" or shape.domain not in ONNX_DOMAINS or int(attr(shape, "start", 0)) != 0 \
+            or "end" in shape.attrs:
+        return None
+    return shape.inputs[0]
+
+
 def _merge_with_outer(ids, in_shape, out_shape, axis):
     """(output axis, ids) when the channel axis merges with dims before it (and maybe after it):
     [S, B, directions, hidden] -> [S, B, directions * hidden]; else None."""
@@ -729,9 +782,17 @@ class ShapeHandler(Handler):
         own = (node.inputs[0], x.axis, len(x.ids), rank) if start == 0 and end == rank else None
         for consumer in node.outputs[0].outputs:
             if position in _shape_entries_read(consumer, end - start) and not _sizes_own_resizes(consumer, x.axis) \
+                    and not _reshape_target(consumer, node.outputs[0]) \
                     and not (own and _bounds_of_own_slices(consumer.outputs, own, outputs)):
                 ctx.block(x.ids, f"Shape '{node.name}': the channel count is read and used")
                 return
+
+
+def _reshape_target(consumer: gs.Node, shape: gs.Tensor) -> bool:
+    """`consumer` reads the whole shape `shape` only as a Reshape's target: the Reshape's handler then
+    checks that its output carries the shaped tensor's channels (`ReshapeHandler.propagate`), or blocks."""
+    return consumer.op == "Reshape" and consumer.domain in ONNX_DOMAINS and consumer.inputs[1] is shape \
+        and consumer.inputs[0] is not shape and _whole_shape_source(shape) is not None
 
 
 def _bounds_of_own_slices(tensors, own: tuple, graph_outputs: set[str], depth: int = MAX_ARITHMETIC_DEPTH) -> bool:

@@ -2,9 +2,12 @@
 
 BatchNormalization and InstanceNormalization act per channel: channels pass through and their
 parameters are sliced. GroupNormalization normalises over groups of channels, so a whole group is kept
-or removed (its channels are joined) and `num_groups` shrinks. LayerNormalization and LRN mix the
-channels they normalise over: channels on a normalised axis are blocked, others pass through
-(onnxruntime's SimplifiedLayerNormalization, an RMSNorm, like LayerNormalization).
+or removed (its channels are joined) and `num_groups` shrinks; torch's spelling of it below opset 18
+(Reshape to [N, G, -1], InstanceNormalization with G ones and zeros, Reshape back to Shape(x), Mul, Add) is
+followed node by node: the Reshapes make the G groups units (ops/layout.py) and InstanceNormalization
+slices its per-group scale and bias here. LayerNormalization and LRN mix the channels they normalise
+over: channels on a normalised axis are blocked, others pass through (onnxruntime's
+SimplifiedLayerNormalization, an RMSNorm, like LayerNormalization).
 
 With the hidden-size option (`--hidden`, `base.HIDDEN`), a LayerNormalization or RMSNorm over the channel
 axis alone passes the channels on and its scale and bias are sliced. An RMSNorm stays exact when the removed

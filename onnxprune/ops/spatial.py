@@ -1,10 +1,12 @@
-"""Ops that work along spatial or other non-channel axes: pooling, reductions, Resize, Pad, Softmax."""
+"""Ops that work along spatial or other non-channel axes: pooling, reductions, Resize, Pad, Softmax, and
+the ops that move channels into space and back: DepthToSpace (torch's PixelShuffle), SpaceToDepth."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from .base import Handler, attr, const_input, has_input, normalize_axis, pass_through, register, window_problem
+from .base import (Handler, attr, const_input, has_input, join_rows, normalize_axis, pass_through, register, text,
+                   window_problem)
 from .layout import resize_sizes_follow_input
 
 
@@ -131,3 +133,29 @@ class SoftmaxHandler(Handler):
             ctx.block(x.ids, f"{node.op} '{node.name}': normalises across the channel axis")
             return
         pass_through(node, ctx)
+
+
+@register("DepthToSpace", "SpaceToDepth")
+class BlockMoveHandler(Handler):
+    """DepthToSpace spreads each output channel's r*r input channels (blocksize r) over an r x r block of
+    pixels: those input channels are one unit, kept or removed whole. Mode CRD (torch's PixelShuffle) reads
+    output channel c from input channels c*r*r .. c*r*r + r*r - 1, mode DCR from c, c + C, ..., C output
+    channels in all. SpaceToDepth (DCR's inverse) writes input channel c to output channels c, c + C, ...:
+    the same channel at r*r places. Nothing of the node changes: the counts follow its input."""
+
+    def propagate(self, node, ctx):
+        x = ctx.channels(node.inputs[0])
+        if x is None:
+            return
+        if x.axis != 1 or x.ids.ndim != 1:
+            where = f"on axis {x.axis}, not 1" if x.axis != 1 else "as units over several axes (heads)"
+            ctx.block(x.ids, f"{node.op} '{node.name}': channels arrive {where}")
+            return
+        block = int(attr(node, "blocksize")) ** 2
+        if node.op == "SpaceToDepth":
+            ctx.set(node.outputs[0], type(x)(1, np.tile(x.ids, block)))
+            return
+        crd = text(attr(node, "mode", "DCR")) == "CRD"
+        units = x.ids.reshape(-1, block) if crd else x.ids.reshape(block, -1).T
+        join_rows(ctx, units)
+        ctx.set(node.outputs[0], type(x)(1, units[:, 0]))
