@@ -176,8 +176,9 @@ def can_hold_out(calibration: CalibrationSet, batch: int | None) -> bool:
 
 def _calibration(config: PruneConfig, specs) -> CalibrationSet:
     data = config.calibration
-    if data is None:
-        return synthetic(specs, SYNTHETIC_SAMPLES, config.seed)
+    if data is None:  # whole batches of a model whose batch is fixed
+        batch = fixed_batch(specs) or 1
+        return synthetic(specs, -(-SYNTHETIC_SAMPLES // batch) * batch, config.seed)
     return load_calibration(data, specs, preprocess=config.preprocess, samples=config.calib_samples)
 
 

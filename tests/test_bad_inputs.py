@@ -4,6 +4,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
@@ -262,3 +263,34 @@ def test_a_model_in_onnxruntimes_machine_specific_layout_is_refused(tmp_path):
     assert_failed(run(tmp_path / "blocked.onnx", tmp_path / "out.onnx", "--filters", "0.3"), 3,
                   "com.microsoft.nchwc", "prune the model as exported")
     assert no_output_in(tmp_path, keep={"plain.onnx", "blocked.onnx"})
+
+
+def fixed_batch_model(tmp_path, batch: int = 3) -> Path:
+    model = models.conv_chain()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = batch
+    path = tmp_path / f"batch{batch}.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def calib_file(tmp_path, count: int) -> Path:
+    path = tmp_path / f"calib{count}.npy"
+    np.save(path, np.random.default_rng(0).standard_normal((count, 3, 16, 16)).astype(np.float32))
+    return path
+
+
+@pytest.mark.parametrize("batch", [3, 9])
+def test_a_fixed_batch_that_does_not_divide_the_synthetic_samples_still_runs(tmp_path, batch):
+    result = run(fixed_batch_model(tmp_path, batch), tmp_path / "out.onnx", "--filters", "0.5", "--scorer", "l1")
+    assert result.exit_code == 0, result.output
+    assert f"{-(-8 // batch) * batch} synthetic samples" in result.output
+
+
+def test_calibration_samples_that_fill_no_whole_batch_say_how_many_to_give(tmp_path):
+    path = fixed_batch_model(tmp_path)
+    assert_failed(run(path, tmp_path / "out.onnx", "--calib", calib_file(tmp_path, 10)), 3,
+                  "10 samples", "fixed at 3", "--calib-samples 9")
+    assert no_output_in(tmp_path, keep={path.name, "calib10.npy"})
+    result = run(path, tmp_path / "out.onnx", "--calib", calib_file(tmp_path, 10), "--calib-samples", "9")
+    assert result.exit_code == 0, result.output
+    assert_failed(run(path, tmp_path / "out2.onnx", "--calib", calib_file(tmp_path, 2)), 3, "at least 3")

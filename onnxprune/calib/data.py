@@ -142,7 +142,19 @@ def load_calibration(source, specs: list[InputSpec], preprocess=None, samples: i
         raise DataError(f"calibration data of type {type(source).__name__} is not supported: give a path, a "
                         "CalibrationDataReader (get_next()), or an iterable of {input name: array} dicts")
     calibration = check(calibration, specs, where or "the calibration data")
-    return calibration.head(samples) if samples is not None and calibration.count > samples else calibration
+    calibration = calibration.head(samples) if samples is not None and calibration.count > samples else calibration
+    return check_whole_batches(calibration, fixed_batch(specs), where or "the calibration data")
+
+
+def check_whole_batches(calibration: CalibrationSet, batch: int | None, where: str) -> CalibrationSet:
+    """`calibration` when a model whose batch is fixed at `batch` can run it in whole batches; else a
+    one-line DataError naming the count to give (onnxruntime would refuse the last, partial batch)."""
+    if not batch or batch == 1 or calibration.count % batch == 0:
+        return calibration
+    fits = calibration.count - calibration.count % batch
+    fix = f"e.g. the first {fits}: --calib-samples {fits}" if fits else f"at least {batch}"
+    raise DataError(f"{where} has {calibration.count} samples and the model's batch is fixed at {batch}: "
+                    f"give a multiple of {batch} ({fix}), or export the model with a dynamic batch")
 
 
 def _load_path(path: Path, specs: list[InputSpec], preprocess, samples: int | None) -> CalibrationSet:
