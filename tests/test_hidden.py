@@ -60,6 +60,8 @@ def hidden_stream(norm: str | None = "LayerNormalization", dead=None, seed: int 
             h = b.node(norm, f"l{layer}.norm", [h, scale, shift], axis=-1, **eps)
         elif norm == "SimplifiedLayerNormalization":
             h = b.node(norm, f"l{layer}.norm", [h, scale], axis=-1, **eps)
+        elif norm == "spelled-out":  # LayerNormalization as exporters below opset 17 write it
+            h = spelled_out_layer_norm(b, f"l{layer}.norm", h, scale, shift, epsilon or 1e-5)
     b.node("Identity", "stream", [h])
     mask = b.node("Unsqueeze", "mask_unsqueeze", ["mask", b.const("axes", [-1], np.int64)])
     spread = b.node("Cast", "mask_cast", [b.node("Expand", "mask_expand", [mask, b.node("Shape", "shape", [h])])],
@@ -71,6 +73,18 @@ def hidden_stream(norm: str | None = "LayerNormalization", dead=None, seed: int 
     return b.model([("ids", [1, SEQ], TensorProto.INT64), ("mask", [1, SEQ], TensorProto.INT64)],
                    outputs=[("y", [1, SEQ, 8]), ("stream", [1, SEQ, WIDTH]), ("pooled", [1, WIDTH])],
                    name=f"hidden_stream_{norm}", domains=MICROSOFT if norm and "Skip" in norm else None)
+
+
+def spelled_out_layer_norm(b: Builder, name: str, x: str, scale: str, shift: str, epsilon: float) -> str:
+    """(x - mean) / sqrt(mean((x - mean)^2) + epsilon) * scale + shift over the last axis, in ReduceMean, Sub,
+    Pow, Add, Sqrt, Div, Mul and Add, as torch writes LayerNorm below opset 17."""
+    centred = b.node("Sub", f"{name}.sub", [x, b.node("ReduceMean", f"{name}.mean", [x], axes=[-1], keepdims=1)])
+    square = b.node("Pow", f"{name}.pow", [centred, b.const(f"{name}.two", np.array(2.0, np.float32))])
+    variance = b.node("ReduceMean", f"{name}.variance", [square], axes=[-1], keepdims=1)
+    spread = b.node("Sqrt", f"{name}.sqrt", [b.node("Add", f"{name}.eps", [variance, b.const(f"{name}.epsilon",
+                                                                                               np.array(epsilon, np.float32))])])
+    normed = b.node("Div", f"{name}.div", [centred, spread])
+    return b.node("Add", f"{name}.plus_shift", [b.node("Mul", f"{name}.times_scale", [normed, scale]), shift])
 
 
 def feed(seed: int = 0) -> dict:
@@ -99,7 +113,8 @@ def prune_dead(model):
 
 
 NORMS = [None, "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
-         "SkipSimplifiedLayerNormalization"]
+         "SkipSimplifiedLayerNormalization", "spelled-out"]
+CENTRED = ("LayerNormalization", "SkipLayerNormalization", "spelled-out")  # inexact under --hidden
 
 
 @pytest.mark.parametrize("norm", NORMS)
@@ -111,7 +126,7 @@ def test_the_stream_is_blocked_without_the_option_and_one_prunable_group_with_it
     stream = [g for g in inspect(model, hidden=True)["groups"] if "embed" in g["sources"]]
     assert len(stream) == 1 and stream[0]["prunable"], stream
     assert set(stream[0]["sources"]) == {"embed", "l1.fc2", "l2.fc2"}
-    assert bool(stream[0].get("inexact")) == (norm in ("LayerNormalization", "SkipLayerNormalization"))
+    assert bool(stream[0].get("inexact")) == (norm in CENTRED)
 
 
 @pytest.mark.parametrize("norm", NORMS)
@@ -160,7 +175,24 @@ def test_an_rms_norm_without_an_epsilon_gets_its_op_default_scaled(norm, default
     assert written and np.allclose(written, default * WIDTH / (WIDTH - DEAD.sum()), rtol=1e-6)
 
 
-@pytest.mark.parametrize("norm", ["LayerNormalization", "SkipLayerNormalization"])
+def test_a_spelled_out_layer_norm_is_pruned_as_layer_normalization_is():
+    spelled, fused = (prune_dead(hidden_stream(norm, dead=DEAD)) for norm in ("spelled-out", "LayerNormalization"))
+    for got, expected in zip(run(spelled.model, feed()), run(fused.model, feed())):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    widths = [{t.name: tuple(t.dims) for t in r.model.graph.initializer}["l1.fc1.weight"] for r in (spelled, fused)]
+    assert widths[0] == widths[1] == (WIDTH - DEAD.sum(), FFN)  # the same dimensions removed from the stream
+
+
+def test_a_mean_over_the_hidden_size_that_is_no_norm_s_statistic_still_blocks():
+    b = Builder(0)
+    h = b.matmul("fc", "x", WIDTH, WIDTH)
+    b.node("ReduceMean", "pool", [h], axes=[-1], keepdims=0)  # not kept as size 1: a pooling, not a statistic
+    model = b.model([("x", [1, SEQ, WIDTH])], outputs=[("pool_out", [1, SEQ])])
+    (group,) = inspect(model, hidden=True)["groups"]
+    assert not group["prunable"] and "reduces over the channel axis" in " ".join(group["reasons"])
+
+
+@pytest.mark.parametrize("norm", CENTRED)
 def test_a_layer_norm_over_fewer_dimensions_is_not_the_same_even_when_they_carried_nothing(norm):
     model = hidden_stream(norm, dead=DEAD)
     result = prune_dead(model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import (Handler, attr, const_input, has_input, join_rows, normalize_axis, pass_through, register, text,
+from .base import (HIDDEN, Handler, attr, const_input, has_input, join_rows, normalize_axis, pass_through, register, text,
                    window_problem)
 from .layout import resize_sizes_follow_input
 
@@ -37,7 +37,24 @@ REDUCE = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "Re
 
 @register(*REDUCE)
 class ReduceHandler(Handler):
-    """Reducing spatial axes keeps channels (squeeze-excite); reducing the channel axis blocks."""
+    """Reducing spatial axes keeps channels (squeeze-excite); reducing the channel axis blocks, but for a
+    LayerNorm or RMSNorm spelled out (ReduceMean over the last axis, kept as size 1: its mean or mean
+    square) under --hidden, which passes the hidden size through it as through LayerNormalization:
+    inexactly, the statistic changing with the channels removed."""
+
+    def hidden_width(self, node, ctx):
+        shape = ctx.shape(node.inputs[0])
+        return shape[-1] if shape and self._over_last_axis(node, len(shape)) else None
+
+    @staticmethod
+    def _over_last_axis(node, rank: int) -> bool:
+        """A ReduceMean over the last axis alone, kept (a norm's statistic)."""
+        axes = attr(node, "axes")
+        if axes is None and has_input(node, 1):
+            axes = const_input(node, 1)
+        if node.op != "ReduceMean" or axes is None or not attr(node, "keepdims", 1):
+            return False
+        return {normalize_axis(int(a), rank) for a in np.asarray(axes).reshape(-1)} == {rank - 1}
 
     def propagate(self, node, ctx):
         x = ctx.channels(node.inputs[0])
@@ -60,8 +77,13 @@ class ReduceHandler(Handler):
                 return
             axes = range(rank)
         axes = {normalize_axis(int(a), rank) for a in np.asarray(list(axes)).reshape(-1)}
+        if x.axis in axes and x.axis == rank - 1 and self._over_last_axis(node, rank) and ctx.allows(HIDDEN):
+            ctx.inexact(x.ids, f"{node.op} '{node.name}': a norm's statistic over the hidden size (--hidden): it "
+                               "changes with the channels removed")
+            return  # its output, one value per position, carries no channels
         if x.axis in axes:
-            ctx.block(x.ids, f"{node.op} '{node.name}': reduces over the channel axis")
+            hint = ", which --hidden prunes" if x.axis == rank - 1 and self._over_last_axis(node, rank) else ""
+            ctx.block(x.ids, f"{node.op} '{node.name}': reduces over the channel axis{hint}")
             return
         axis = x.axis if attr(node, "keepdims", 1) else x.axis - sum(a < x.axis for a in axes)
         ctx.set(node.outputs[0], type(x)(axis, x.ids))
