@@ -60,7 +60,9 @@ def test_scores_and_curves_are_those_of_the_sequential_run(scorer, build, monkey
     if scorer == "obs":
         assert pooled_stats.curves.keys() == alone_stats.curves.keys() and pooled_stats.curves
         for g, curve in pooled_stats.curves.items():
-            np.testing.assert_allclose(curve, alone_stats.curves[g], rtol=1e-9, atol=1e-15)
+            # BLAS on one thread (the pool) or on every core sums in another order: on some CPUs the
+            # float32 greedy's curves then differ in their 8th digit (3e-8 measured), the ranking not at all
+            np.testing.assert_allclose(curve, alone_stats.curves[g], rtol=1e-6, atol=1e-12)
 
 
 def test_an_error_in_the_caller_drops_the_jobs_not_started():
