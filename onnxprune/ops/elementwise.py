@@ -3,7 +3,8 @@
 Unary ops (activations, Identity, Cast, Dropout, ...) carry their input's channels unchanged.
 Broadcasting ops (Add, Mul, PRelu, Where, ...): the output carries the channels of its tracked operands,
 which are joined when there are several (a residual Add, a squeeze-excite Mul); a constant operand that
-spans the channel axis is sliced; one that broadcasts over it (size 1, or too low a rank) passes.
+spans the channel axis is sliced; one that broadcasts over it (size 1, or too low a rank) passes, and so
+does a computed one expanded over it (a padding mask over the attention heads), gathered at the kept channels.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from collections import deque
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import HIDDEN, MICROSOFT, Handler, handler_for, pass_through, register
+from .base import HIDDEN, MICROSOFT, ONNX_DOMAINS, Handler, handler_for, pass_through, register
 
 RESIDUAL_OPS = ("Add", "Sum")
+COPYING = ("Expand", "Reshape")  # the ops of an operand `copied_over` the channel axis
+MAX_COPY_CHAIN = 4
+MAX_POSITIONS = 1 << 22  # the positions `copied_over` builds
 
 UNARY = (
     "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Gelu", "Softplus",
@@ -100,7 +104,8 @@ class BroadcastHandler(Handler):
             if dim is None and not isinstance(tensor, gs.Constant) and ctx.shape(tensor) is None:
                 ctx.block_inputs(node, f"operand '{tensor.name}' has an unknown shape")
                 return
-            if dim not in (None, 1) and not isinstance(tensor, gs.Constant):
+            if dim not in (None, 1) and not isinstance(tensor, gs.Constant) \
+                    and not copied_over(tensor, axis - rank + len(ctx.shape(tensor)), len(first.ids), ctx):
                 hint = hidden_hint(tensor, dim, ctx) if node.op in RESIDUAL_OPS else ""
                 ctx.block_inputs(node, f"operand '{tensor.name}' spans the channels but is computed, not constant"
                                        + hint)
@@ -118,11 +123,77 @@ class BroadcastHandler(Handler):
         axis = rw.tracked_axis(node.outputs[0])
         for i, tensor in enumerate(node.inputs):
             if not isinstance(tensor, gs.Constant):
+                _gather_copies(node, i, axis - rank, mask, rw)
                 continue
             values = tensor.values
             offset = axis - (rank - values.ndim)
             if offset >= 0 and values.shape[offset] == len(mask):
                 rw.set_input(node, i, np.compress(mask, values, axis=offset))
+
+
+def _gather_copies(node: gs.Node, index: int, axis: int, mask: np.ndarray, rw) -> None:
+    """A computed operand admitted by `copied_over` (untracked, as wide as the channels at `axis`, counted
+    from the end) reads only the kept positions of that axis: a Gather of them, exact at any size."""
+    tensor = node.inputs[index]
+    shape = rw.analysis.shapes.get(tensor.name)
+    if tensor.name in rw.analysis.maps or shape is None or len(shape) < -axis or shape[axis] != len(mask) \
+            or len(mask) < 2:
+        return
+    node.inputs[index] = rw.add_node("Gather", [tensor, np.flatnonzero(mask).astype(np.int64)],
+                                     axis=len(shape) + axis)
+
+
+def copied_over(tensor: gs.Tensor, axis: int, count: int, ctx) -> bool:
+    """A computed operand (`axis` its axis aligned with `count` channels) that holds the same values at every
+    position of that axis: torch's padding mask expanded over the heads (`mask.view(B, 1, 1, S).expand(-1,
+    heads, -1, -1).reshape(B * heads, 1, S)`, viewed back as [B, heads, -1, S]), an Expand from size 1 then
+    only Reshapes, checked on positions at the analysed shapes; and its size there is `count` at any input
+    size (the last node names it as a constant). Such an operand passes: the rewrite gathers the kept
+    positions, which is exact whatever its values (`_gather_copies`); the check only says what it is."""
+    chain, current = [], tensor
+    while current.inputs and _onnx_op(current.inputs[0], *COPYING) and len(chain) < MAX_COPY_CHAIN:
+        chain.insert(0, current.inputs[0])
+        if current.inputs[0].op == "Expand":
+            break
+        current = current.inputs[0].inputs[0]
+    if not chain or chain[0].op != "Expand" or _fixed_entry(chain[-1], axis, ctx) != count:
+        return False
+    shapes = [ctx.shape(t) for t in (chain[0].inputs[0], *(n.outputs[0] for n in chain))]
+    if any(s is None for s in shapes) or int(np.prod(shapes[1], dtype=np.int64)) > MAX_POSITIONS:
+        return False
+    try:
+        positions = np.broadcast_to(np.arange(int(np.prod(shapes[0], dtype=np.int64))).reshape(shapes[0]), shapes[1])
+        for shape in shapes[2:]:
+            positions = positions.reshape(shape)
+    except ValueError:  # shapes that do not chain
+        return False
+    return positions.shape[axis] == count and bool((positions == positions.take([0], axis=axis)).all())
+
+
+def _onnx_op(node: gs.Node, *ops: str) -> bool:
+    return node.op in ops and node.domain in ONNX_DOMAINS
+
+
+def _fixed_entry(node: gs.Node, axis: int, ctx) -> int | None:
+    """The size of `node`'s output at `axis` (non-negative) where its target names it as a positive
+    constant, so at any input size: a Reshape's (allowzero 0) or an Expand's shape, a constant or a Concat of
+    pieces (at their analysed lengths); else None."""
+    if len(node.inputs) != 2 or int(node.attrs.get("allowzero", 0)):
+        return None
+    target, rank = node.inputs[1], len(ctx.shape(node.outputs[0]) or ())
+    concat = target.inputs[0] if target.inputs and _onnx_op(target.inputs[0], "Concat") else None
+    pieces = concat.inputs if concat is not None and int(concat.attrs.get("axis", 0)) in (0, -1) else [target]
+    lengths = [ctx.shape(p)[0] if ctx.shape(p) is not None and len(ctx.shape(p)) == 1 else None for p in pieces]
+    if None in lengths:
+        return None
+    position = axis - rank + sum(lengths)  # an Expand's shape aligns with the output's last axes
+    for piece, length in zip(pieces, lengths):
+        if 0 <= position < length:
+            values = ctx.const(piece)
+            entry = int(values.reshape(-1)[position]) if values is not None else 0
+            return entry if entry > 0 else None
+        position -= length
+    return None
 
 
 def _dim_at(shape, axis: int, rank: int):

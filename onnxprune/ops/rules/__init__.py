@@ -15,12 +15,14 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ...io import export_graph, fold_constants, import_graph
-from . import affine_before_conv, affine_into_conv, computed_sizes, fused_conv, hard_swish, inferred_merge, packed_qkv
+from . import (affine_before_conv, affine_into_conv, computed_sizes, computed_slices, fused_conv, hard_swish, inferred_merge,
+               packed_qkv)
 
 log = logging.getLogger(__name__)
 
-RULES = (fused_conv, affine_into_conv, hard_swish, affine_before_conv, computed_sizes, packed_qkv,  # fused_conv first: it makes Convs
-         inferred_merge)  # computed_sizes before packed_qkv: it makes the packed split's size a constant
+RULES = (fused_conv, affine_into_conv, hard_swish, affine_before_conv, computed_slices, computed_sizes,  # fused_conv first: it makes Convs
+         packed_qkv, inferred_merge)  # computed_sizes before packed_qkv: it makes the packed split's size a constant;
+# computed_slices before computed_sizes: its constant Slice bounds let a target's shape arithmetic be followed
 
 
 def simplify(graph: gs.Graph, shapes: dict | None = None) -> dict[str, int]:

@@ -61,7 +61,7 @@ def _rewritten_pieces(reshape: gs.Node, graph: gs.Graph, shapes: dict) -> list |
     if concat is None or not onnx_op(concat, "Concat") or int(concat.attrs.get("axis", 0)) not in (0, -1) \
             or int(reshape.attrs.get("allowzero", 0)) != 0:
         return None
-    entries = [_entries_or_none(piece, graph, shapes) for piece in concat.inputs]
+    entries = [shape_entries(piece, graph, shapes) for piece in concat.inputs]
     if not any(e is not None and DYNAMIC in list(e.reshape(-1)) for e in entries):
         return None  # a target fixed at every size: a static model's, or one the handlers read as it is
     pieces = [_fixed(piece, e) for piece, e in zip(concat.inputs, entries)]
@@ -108,7 +108,7 @@ def _head_factor(piece: gs.Tensor) -> int | None:
         node = node.inputs[0].inputs[0]
     if node is None or not onnx_op(node, "Mul") or len(node.inputs) != 2:
         return None
-    found = [_entries_or_none(t, None, {}) for t in node.inputs]
+    found = [shape_entries(t, None, {}) for t in node.inputs]
     if any(e is None or e.size != 1 for e in found):
         return None
     values = [e.reshape(-1)[0] for e in found]
@@ -116,7 +116,7 @@ def _head_factor(piece: gs.Tensor) -> int | None:
     return int(fixed[0]) if len(fixed) == 1 and fixed[0] > 1 else None
 
 
-def _entries_or_none(tensor: gs.Tensor, graph: gs.Graph | None, shapes: dict) -> np.ndarray | None:
+def shape_entries(tensor: gs.Tensor, graph: gs.Graph | None, shapes: dict) -> np.ndarray | None:
     """`tensor`'s entries (`_entries`), None where it is not followed. Without `graph`, every shape dim is
     taken as DYNAMIC."""
     try:
