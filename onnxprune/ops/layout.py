@@ -308,7 +308,9 @@ class ReshapeHandler(Handler):
     anew with a divisor G of its C channels first (torch's GroupNorm export: [N, C, H, W] -> [N, G, -1])
     make each of the G positions a unit of C/G channels; cut back to a multiple of G channels, each unit
     spreads over its C/G channels again (`_regrouped_units`). Anything else blocks. A target computed by a
-    Concat (Shape/Gather exports) needs a constant or -1 at the channel entries; a target that is the
+    Concat (Shape/Gather exports) needs a constant or -1 at the channel entries, or there a copy of the
+    input's own size at its channel axis when that axis stays as it is (HF Conv1D's `x.view(-1, x.size(-1))`,
+    ViT's `flatten(2)`): it follows the kept count and is left; a target that is the
     whole Shape of a tensor carrying channels (the GroupNorm export's way back) follows that tensor when
     the output carries the same count on the same axis, joined with them position by position."""
 
@@ -350,8 +352,11 @@ class ReshapeHandler(Handler):
             offset, ids = _blocks(ids, node.outputs[0], ctx)
             axis += offset
         if not target_follows and not _entries_known(node, range(axis, axis + ids.ndim), ctx.shape):
-            ctx.block(x.ids, f"Reshape '{node.name}': target shape is computed and its channel entry is not a constant")
-            return None
+            problem = _own_count_problem(node, axis, x.axis, ctx.shape) if _keeps_channel_axis(x.ids, (axis, ids)) else \
+                f"Reshape '{node.name}': target shape is computed and its channel entry is not a constant"
+            if problem is not None:
+                ctx.block(x.ids, problem)
+                return None
         return type(x)(axis, ids)
 
     def rewrite(self, node, rw):
@@ -361,6 +366,9 @@ class ReshapeHandler(Handler):
         axis = rw.tracked_axis(node.outputs[0])
         counts = {axis + i: int(mask.any(axis=tuple(a for a in range(mask.ndim) if a != i)).sum())
                   for i in range(mask.ndim)}
+        if mask.ndim == 1 and const_input(node, 1) is None \
+                and _own_count_problem(node, axis, rw.tracked_axis(node.inputs[0]), _known_shapes(rw)) is None:
+            return  # the entry reads the pruned input's own count
         set_shape_entries(node, counts, rw)
 
 
@@ -606,6 +614,83 @@ def _whole_shape_source(target: gs.Tensor) -> gs.Tensor | None:
     return shape.inputs[0]
 
 
+SHAPE_COPY = ("Gather", "Slice", "Squeeze", "Unsqueeze", "Concat", "Cast", "Identity")  # pick, cut, join, retype
+
+
+def copied_dim(vector: gs.Tensor, index: int, shape_of, depth: int = MAX_ARITHMETIC_DEPTH):
+    """(tensor, axis) when entry `index` of the integer vector `vector` is a copy of Shape(tensor)[axis]
+    (through SHAPE_COPY ops with constant indices, bounds and axes: torch's `x.size(-1)`,
+    `x.shape[:2]`), else None."""
+    node = vector.inputs[0] if vector.inputs else None
+    if node is None or depth == 0 or node.domain not in ONNX_DOMAINS:
+        return None
+    if node.op == "Shape":
+        rank = len(shape_of(node.inputs[0]) or ())
+        start = normalize_axis(int(attr(node, "start", 0)), rank)
+        return (node.inputs[0], start + index) if 0 <= start + index < rank else None
+    if node.op in ("Squeeze", "Unsqueeze", "Cast", "Identity"):  # the order of the entries stays
+        return copied_dim(node.inputs[0], index, shape_of, depth - 1)
+    if node.op == "Concat":
+        for piece in node.inputs:
+            shape = shape_of(piece)
+            if shape is None or len(shape) != 1:
+                return None
+            if index < shape[0]:
+                return copied_dim(piece, index, shape_of, depth - 1)
+            index -= shape[0]
+        return None
+    data = shape_of(node.inputs[0])
+    if node.op not in ("Gather", "Slice") or data is None or len(data) != 1:
+        return None
+    picked = _picked_entry(node, index, data[0])
+    return None if picked is None else copied_dim(node.inputs[0], picked, shape_of, depth - 1)
+
+
+def _picked_entry(node: gs.Node, index: int, length: int) -> int | None:
+    """The entry of a vector of `length` that entry `index` of Gather or Slice `node`'s output reads."""
+    if node.op == "Gather":
+        indices = const_input(node, 1)
+        if indices is None or int(attr(node, "axis", 0)) != 0 or index >= indices.size:
+            return None
+        return normalize_axis(int(indices.reshape(-1)[index]), length)
+    params = _slice_params(node)
+    if params is None or len(params[2]) != 1 or normalize_axis(int(params[2][0]), 1) != 0 or params[3][0] != 1:
+        return None
+    lo, hi = _slice_range(int(params[0][0]), int(params[1][0]), length)
+    return lo + index if lo + index < hi else None
+
+
+def _keeps_channel_axis(ids: np.ndarray, mapped) -> bool:
+    """Whether a reshape's output map `mapped` ((axis, ids) from `reshape_map`) is the input's channel
+    axis as it is: the same ids, neither split nor merged with other dims."""
+    return mapped is not None and mapped[1].ndim == 1 and np.array_equal(mapped[1], ids)
+
+
+def _own_count_problem(reshape: gs.Node, axis: int, channel_axis: int, shape_of) -> str | None:
+    """None when entry `axis` of `reshape`'s target copies the size of its own input at its `channel_axis`
+    (HF Conv1D's `x.view(-1, x.size(-1))`): that entry is then the kept count at any size and need not be
+    rewritten; else why not."""
+    copied = copied_dim(reshape.inputs[1], axis, shape_of)
+    if copied is None:
+        return f"Reshape '{reshape.name}': target shape is computed and its channel entry is not a constant"
+    tensor, dim = copied
+    if tensor is not reshape.inputs[0]:
+        return (f"Reshape '{reshape.name}': its target's channel entry is the size of '{tensor.name}', not of its "
+                f"input '{reshape.inputs[0].name}'")
+    if dim != channel_axis:
+        return (f"Reshape '{reshape.name}': its target's channel entry is its input's axis {dim}, not its channel "
+                f"axis {channel_axis}")
+    return None
+
+
+def _known_shapes(rw):
+    """A shape lookup for the rewrite: a tensor's analysed shape, or None when unknown."""
+    def shape_of(tensor):
+        shape = tuple(tensor.shape) if isinstance(tensor, gs.Constant) else rw.analysis.shapes.get(tensor.name)
+        return None if shape is None or any(d is None for d in shape) else shape
+    return shape_of
+
+
 def _merge_with_outer(ids, in_shape, out_shape, axis):
     """(output axis, ids) when the channel axis merges with dims before it (and maybe after it):
     [S, B, directions, hidden] -> [S, B, directions * hidden]; else None."""
@@ -756,7 +841,8 @@ class UnsqueezeHandler(Handler):
 
 @register("Shape")
 class ShapeHandler(Handler):
-    """Reading a shape is harmless unless the channel count itself is read."""
+    """Reading a shape is harmless unless the channel count itself is read (copied only into the channel
+    entry of a Reshape of the same tensor, it follows the kept count: `_count_copy_problem`)."""
 
     def propagate(self, node, ctx):
         x = ctx.channels(node.inputs[0])
@@ -784,8 +870,68 @@ class ShapeHandler(Handler):
             if position in _shape_entries_read(consumer, end - start) and not _sizes_own_resizes(consumer, x.axis) \
                     and not _reshape_target(consumer, node.outputs[0]) \
                     and not (own and _bounds_of_own_slices(consumer.outputs, own, outputs)):
-                ctx.block(x.ids, f"Shape '{node.name}': the channel count is read and used")
-                return
+                problem = _count_copy_problem(node, [consumer], x, ctx, outputs)
+                if problem is not None:
+                    ctx.block(x.ids, problem)
+                    return
+
+
+def _count_copy_problem(shape: gs.Node, readers, x, ctx, graph_outputs: set[str]) -> str | None:
+    """None when Shape `shape`'s channel entry, through `readers` (of its output), is only copied into
+    target entries of Reshapes of its own input that are their outputs' channel axis, that axis the input's
+    as it is (`ReshapeHandler` then leaves the entry to follow the count); else why not. `x`: the channels."""
+    source, generic = shape.inputs[0], f"Shape '{shape.name}': the channel count is read and used"
+    reshapes = _shape_copies_into(readers, graph_outputs) if all(_copies(r, shape.outputs[0]) for r in readers) else None
+    if reshapes is None:
+        return generic
+    for reshape in reshapes:
+        if reshape.inputs[0] is not source:
+            return (f"Shape '{shape.name}': the channel count of '{source.name}' sizes Reshape '{reshape.name}' "
+                    f"of another tensor, '{reshape.inputs[0].name}'")
+        in_shape, out_shape = ctx.shape(source), ctx.shape(reshape.outputs[0])
+        mapped = None if out_shape is None else reshape_map(x.ids, list(in_shape), list(out_shape), x.axis)
+        if not _keeps_channel_axis(x.ids, mapped):
+            return generic
+        length = (ctx.shape(reshape.inputs[1]) or (0,))[0]
+        copies = [p for p in range(length) if _is_dim(copied_dim(reshape.inputs[1], p, ctx.shape), source, x.axis)]
+        if not copies:  # the count reached the target but is not found copied: its length unknown, or picked by it
+            return generic
+        if copies != [mapped[0]]:
+            return (f"Shape '{shape.name}': the channel count is copied to entries {copies} of Reshape "
+                    f"'{reshape.name}''s target, not (only) to its channel axis {mapped[0]}")
+    return None
+
+
+def _is_dim(copied, tensor: gs.Tensor, axis: int) -> bool:
+    return copied is not None and copied[0] is tensor and copied[1] == axis
+
+
+def _shape_copies_into(readers, graph_outputs: set[str], depth: int = MAX_ARITHMETIC_DEPTH) -> list[gs.Node] | None:
+    """The Reshapes whose targets the outputs of `readers` reach through SHAPE_COPY ops alone (as their
+    data, not their indices or bounds), when `readers` are such ops and nothing else reads them; else None."""
+    found = []
+    for reader in readers:
+        if reader.op not in SHAPE_COPY or reader.domain not in ONNX_DOMAINS or depth == 0:
+            return None
+        for tensor in reader.outputs:
+            if tensor.name in graph_outputs or not tensor.outputs:
+                return None
+            for user in tensor.outputs:
+                if user.op == "Reshape" and user.domain in ONNX_DOMAINS and user.inputs[1] is tensor \
+                        and user.inputs[0] is not tensor:
+                    found.append(user)
+                    continue
+                further = _shape_copies_into([user], graph_outputs, depth - 1) if _copies(user, tensor) else None
+                if further is None:
+                    return None
+                found += further
+    return found
+
+
+def _copies(user: gs.Node, tensor: gs.Tensor) -> bool:
+    """`user` reads `tensor` only as data (any input of a Concat, else input 0), not as indices or bounds."""
+    data = user.inputs if user.op == "Concat" else user.inputs[:1]
+    return any(t is tensor for t in data) and not any(t is tensor for t in user.inputs[len(data):])
 
 
 def _reshape_target(consumer: gs.Node, shape: gs.Tensor) -> bool:

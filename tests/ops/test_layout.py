@@ -130,8 +130,8 @@ def channel_shuffle(seed: int = 0, flat: bool = False) -> onnx.ModelProto:
 
 def reshape_computed(seed: int = 0, read_channels: bool = False) -> onnx.ModelProto:
     """conv1(3->4) on 1x3x4x4 -> Relu -> Reshape to Concat(Shape(x)[0:1], [-1]) -> Gemm(64->10): the
-    ``x.view(x.size(0), -1)`` export. With read_channels the target is Concat(Shape(x)[0:2], [-1]),
-    which reads the channel count: the group must be blocked.
+    ``x.view(x.size(0), -1)`` export. With read_channels the target is Concat(Shape(x)[0:2], [-1]) (a
+    ``flatten(2)``), which copies the channel count of x itself, and the channels reach the output.
     """
     b = Builder(seed)
     h = b.relu("relu1", b.conv("conv1", "x", 3, 4))
@@ -296,7 +296,9 @@ BUILDERS = {
     "blocked_batch_into_rows": blocked_batch_into_rows,
 }
 BLOCKED = {
-    "blocked_shape_read": "the channel count is read",
+    # its target copies the count off its own input's channel axis, which follows (test_own_size_reshape.py):
+    # what blocks is the output the channels reach
+    "blocked_shape_read": "channels reach graph output 'y'",
     "blocked_graph_output": "graph output 'feat'",
     "blocked_topk": "no handler",
     "blocked_gather_channels": "gathers along the channel axis",
