@@ -12,7 +12,9 @@ from .base import HIDDEN, ONNX_DOMAINS, Handler, attr, const_input, has_input, j
 
 @register("Concat")
 class ConcatHandler(Handler):
-    """On the channel axis, output ids are the inputs' ids in order; on another axis, inputs are joined."""
+    """On the channel axis, output ids are the inputs' ids in order; on another axis, inputs are joined,
+    and an untracked input must be a constant (sliced) or a constant broadcast by Expand (a ViT's class
+    token `cls.expand(B, -1, -1)` with a dynamic batch: gathered at the kept channels)."""
 
     def propagate(self, node, ctx):
         maps = [ctx.channels(t) for t in node.inputs]
@@ -43,7 +45,8 @@ class ConcatHandler(Handler):
             return
         for cmap in tracked[1:]:
             ctx.join(tracked[0].ids, cmap.ids)
-        if any(m is None and not isinstance(t, gs.Constant) for t, m in zip(node.inputs, maps)):
+        computed = [t for t, m in zip(node.inputs, maps) if m is None and not isinstance(t, gs.Constant)]
+        if any(not _expanded_constant(t, channel_axis, tracked[0].ids, ctx) for t in computed):
             ctx.block_inputs(node, "an untracked computed input spans the channels")
             return
         ctx.set(node.outputs[0], tracked[0])
@@ -53,9 +56,26 @@ class ConcatHandler(Handler):
         axis = normalize_axis(int(node.attrs["axis"]), rw.rank(node.outputs[0]))
         if mask is None or axis == rw.tracked_axis(node.outputs[0]):
             return
+        channel_axis = rw.tracked_axis(node.outputs[0])
         for i, tensor in enumerate(node.inputs):
             if isinstance(tensor, gs.Constant):
-                rw.set_input(node, i, np.compress(mask, tensor.values, axis=rw.tracked_axis(node.outputs[0])))
+                rw.set_input(node, i, np.compress(mask, tensor.values, axis=channel_axis))
+            elif tensor.name not in rw.analysis.maps:  # an expanded constant: its size there is fixed
+                node.inputs[i] = rw.add_node("Gather", [tensor, np.flatnonzero(mask).astype(np.int64)], axis=channel_axis)
+
+
+def _expanded_constant(tensor: gs.Tensor, axis: int, ids: np.ndarray, ctx) -> bool:
+    """Whether `tensor` is Expand(a constant) whose size at `axis` of `tensor` is that of the channels `ids`
+    (over 1): Expand's broadcasting keeps that size whatever its shape input says (1 keeps it, anything
+    but the size fails), so the channels' kept positions can be gathered from it at any input size."""
+    node = tensor.inputs[0] if tensor.inputs else None
+    if node is None or node.op != "Expand" or node.domain not in ONNX_DOMAINS or ids.ndim != 1 or len(ids) < 2:
+        return False
+    data, shape = const_input(node, 0), ctx.shape(tensor)
+    if data is None or shape is None:
+        return False
+    data_axis = axis - (len(shape) - data.ndim)
+    return 0 <= data_axis and data.shape[data_axis] == len(ids)
 
 
 def _split_sizes(node, length: int, n_out: int) -> list[int] | None:

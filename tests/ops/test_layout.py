@@ -12,10 +12,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from onnxprune import inspect
+from onnxprune import PruneConfig, inspect, prune
 from onnxprune.validate.cost import DATA_MOVEMENT, model_cost, node_macs
-from tests.builders import Builder, x_input
-from tests.oracle import family_tests
+from tests.builders import Builder, run, x_input
+from tests.oracle import family_tests, zero_dropped
 
 
 def concat(seed: int = 0) -> onnx.ModelProto:
@@ -206,6 +206,27 @@ def patch_tokens(seed: int = 0) -> onnx.ModelProto:
     return b.model(x_input([1, 3, 8, 8]), name="patch_tokens")
 
 
+def class_token(seed: int = 0, token_width: int = 8) -> onnx.ModelProto:
+    """x [N,3,8,8] -> conv1(3->8) -> flatten(2) -> Transpose -> tokens [N,64,8]; a class token [1,1,8]
+    Expand-ed to [N,1,1] (torch's `cls.expand(B, -1, -1)` with a dynamic batch, the -1 written as 1) and
+    Concat-ed before them -> fc1(8->4).
+
+    Prunable: conv1's 8 channels, the expanded token gathered at the kept ones. ``token_width=1``: a [1,1,1]
+    constant broadcast to the channels' width by the Expand: it spans the channels but is not theirs: blocked.
+    """
+    b = Builder(seed)
+    h = b.node("Reshape", "flatten", [b.relu("relu1", b.conv("conv1", "x", 3, 8)), b.const("flatten.shape", [0, 8, 64], np.int64)])
+    tokens = b.node("Transpose", "tokens", [h], perm=[0, 2, 1])
+    batch = b.node("Slice", "batch", [b.node("Shape", "shape1", [tokens]), b.const("zero", [0], np.int64),
+                                      b.const("one", [1], np.int64)])
+    width = 1 if token_width == 8 else 8
+    target = b.node("Concat", "target", [batch, b.const("ones", [1, width], np.int64)], axis=0)
+    cls = b.node("Expand", "cls_expand", [b.randn("cls", [1, 1, token_width]), target])
+    joined = b.node("Concat", "with_cls", [cls, tokens], axis=1)
+    b.output(b.matmul("fc1", joined, 8, 4))
+    return b.model(x_input(["N", 3, 8, 8]), name="class_token")
+
+
 def blocked_batch_into_rows(seed: int = 0) -> onnx.ModelProto:
     """x [N,3,8,8] -> conv1(3->8) -> Reshape [8, -1] -> Transpose -> fc1(8->4): the batch vanishes into the
     rows; at batch 1 each row is a channel, at batch 2 a row mixes channels, so conv1 must stay whole."""
@@ -287,6 +308,8 @@ BUILDERS = {
     "transpose_nhwc": transpose_nhwc,
     "transpose_matmul": transpose_matmul,
     "patch_tokens": patch_tokens,
+    "class_token": class_token,
+    "blocked_class_token_broadcast": functools.partial(class_token, token_width=1),
     "passthrough": passthrough,
     "gather_token": gather_token,
     "blocked_gather_channels": functools.partial(gather_token, channel_axis=True),
@@ -304,6 +327,7 @@ BLOCKED = {
     "blocked_gather_channels": "gathers along the channel axis",
     "blocked_reshape_computed_channels": "target shape is computed and its channel entry is not a constant",
     "blocked_batch_into_rows": "mixes the channel axis",
+    "blocked_class_token_broadcast": "an untracked computed input spans the channels",
 }
 
 test_pruning_dead_channels_is_exact, test_blocked_patterns_are_left_whole_with_a_reason = \
@@ -361,3 +385,12 @@ def test_spatial_dims_regrouped_behind_the_channel_axis_keep_the_channels():
 
     groups = {g["sources"][0]: g for g in inspect(patch_tokens())["groups"]}
     assert groups["conv1"]["prunable"] and groups["fc1"]["prunable"], groups
+
+
+def test_an_expanded_class_token_is_gathered_at_the_kept_channels_at_any_batch():
+    model = class_token()
+    zeroed, plan = zero_dropped(model)
+    result = prune(zeroed, PruneConfig(plan=plan))
+    feed = {"x": np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)}
+    np.testing.assert_allclose(run(result.model, feed)[0], run(zeroed, feed)[0], rtol=1e-5, atol=1e-5)
+    assert "Gather" in {n.op_type for n in result.model.graph.node}
