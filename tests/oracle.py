@@ -82,6 +82,17 @@ def assert_pruning_dead_channels_is_exact(model: onnx.ModelProto, seed: int, sim
     assert result.report["after"]["params"] < result.report["before"]["params"]
 
 
+def assert_exact_on(model: onnx.ModelProto, feed: dict, seed: int = 0):
+    """The oracle's plan (a seeded half of every prunable group dropped, those channels zeroed) pruned: the
+    outputs on `feed` (another batch or sequence length than the analysed one) are the zeroed model's.
+    Returns the prune's result."""
+    zeroed, plan = zero_dropped(model, keep_fn=lambda a: drop_every_other(a, seed))
+    result = prune(zeroed, PruneConfig(plan=plan))
+    for expected, got in zip(run(zeroed, feed), run(result.model, feed)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    return result
+
+
 def assert_left_whole(model: onnx.ModelProto, reason: str, simplify: bool = True) -> None:
     """Nothing is pruned, and the groups' reasons say why."""
     try:

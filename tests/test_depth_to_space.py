@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 from onnxprune import PruneConfig, inspect, prune
 from tests.builders import Builder, run, x_input
-from tests.oracle import drop_every_other, family_tests, zero_dropped
+from tests.oracle import assert_exact_on, family_tests
 
 
 def pixel_shuffle(seed: int = 0, mode: str = "CRD", batch=1, r: int = 2) -> onnx.ModelProto:
@@ -83,10 +83,6 @@ def test_crd_keeps_whole_blocks_of_r_squared_and_dcr_every_c_th():
 
 def test_a_dynamic_batch_export_prunes_and_runs_at_batch_3():
     model = pixel_shuffle(batch="N")
-    zeroed, plan = zero_dropped(model, keep_fn=lambda a: drop_every_other(a, 1))
-    result = prune(zeroed, PruneConfig(plan=plan))
     feed = {"x": np.random.default_rng(3).standard_normal((3, 16, 8, 8)).astype(np.float32)}
-    expected, got = run(zeroed, feed)[0], run(result.model, feed)[0]
-    assert got.shape == (3, 8, 16, 16)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert run(assert_exact_on(model, feed, seed=1).model, feed)[0].shape == (3, 8, 16, 16)
     assert run(prune(model, PruneConfig(filters=0.5, scorer="l1")).model, feed)[0].shape == (3, 8, 16, 16)
