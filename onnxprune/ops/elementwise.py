@@ -135,9 +135,10 @@ def _gather_copies(node: gs.Node, index: int, axis: int, mask: np.ndarray, rw) -
     """A computed operand admitted by `copied_over` (untracked, as wide as the channels at `axis`, counted
     from the end) reads only the kept positions of that axis: a Gather of them, exact at any size."""
     tensor = node.inputs[index]
+    if rw.is_tracked(tensor):
+        return
     shape = rw.analysis.shapes.get(tensor.name)
-    if tensor.name in rw.analysis.maps or shape is None or len(shape) < -axis or shape[axis] != len(mask) \
-            or len(mask) < 2:
+    if shape is None or len(shape) < -axis or shape[axis] != len(mask) or len(mask) < 2:
         return
     node.inputs[index] = rw.add_node("Gather", [tensor, np.flatnonzero(mask).astype(np.int64)],
                                      axis=len(shape) + axis)

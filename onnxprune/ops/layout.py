@@ -60,7 +60,7 @@ class ConcatHandler(Handler):
         for i, tensor in enumerate(node.inputs):
             if isinstance(tensor, gs.Constant):
                 rw.set_input(node, i, np.compress(mask, tensor.values, axis=channel_axis))
-            elif tensor.name not in rw.analysis.maps:  # an expanded constant: its size there is fixed
+            elif not rw.is_tracked(tensor):  # an expanded constant: its size there is fixed
                 node.inputs[i] = rw.add_node("Gather", [tensor, np.flatnonzero(mask).astype(np.int64)], axis=channel_axis)
 
 

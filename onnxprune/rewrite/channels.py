@@ -51,6 +51,10 @@ class RewriteContext:
     def is_source(self, node: gs.Node) -> bool:
         return id(node) in self.sources
 
+    def is_tracked(self, tensor: gs.Tensor) -> bool:
+        """Whether the analysis followed channels into `tensor`."""
+        return tensor.name in self.analysis.maps
+
     def set_input(self, node: gs.Node, index: int, values: np.ndarray) -> None:
         """Replace a constant input's values; a constant other nodes share is copied, not changed."""
         old = node.inputs[index]

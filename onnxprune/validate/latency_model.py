@@ -296,6 +296,10 @@ class AloneRewrite:
         return True
 
     @staticmethod
+    def is_tracked(tensor) -> bool:  # a chain's computed tensors all carry the layer's channels
+        return True
+
+    @staticmethod
     def set_input(node, index: int, values: np.ndarray) -> None:
         node.inputs[index] = gs.Constant(node.inputs[index].name, np.ascontiguousarray(values))
 
