@@ -154,3 +154,23 @@ def test_a_size_read_off_a_graph_input_is_left_read():
     assert simplified(split_heads())[1] == {"computed_sizes": 1}
     after, counts = simplified(split_heads(width="input"))
     assert counts == {} and all(isinstance(p, str) for p in target(after, "split"))
+
+
+def test_a_dim_a_recorded_value_info_fixes_is_not_taken_as_fixed():
+    """A model traced at S=5 and then given a dynamic S keeps value_info saying 5: the rule must infer the
+    shapes itself, or it writes 5 into a target that then fails at S=7."""
+    b = Builder(0)
+    r = b.relu("relu", b.matmul("mm", "x", 8, 8))
+    picked = [b.node("Unsqueeze", f"{name}_unsqueezed", [b.node("Gather", name, [b.node("Shape", f"{name}_shape", [t]),
+                                                                                 b.const(f"{name}_axis", np.array(a), np.int64)]),
+                                                          b.const(f"{name}_at", [0], np.int64)])
+              for name, t, a in (("batch", "x", 0), ("seq", r, 1))]
+    target = b.node("Concat", "target", [*picked, b.const("tail", [1, 8], np.int64)], axis=0)
+    split = b.node("Reshape", "split", [r, target])  # [N, S, 1, 8]
+    merged = b.node("Reshape", "merge", [split, b.const("back", [0, 0, 8], np.int64)])
+    b.output(b.matmul("mm2", merged, 8, 4), "y")
+    model = b.model([("x", ["N", "S", 8])], outputs=[("y", ["N", "S", 4])])
+    model.graph.value_info.append(onnx.helper.make_tensor_value_info(r, onnx.TensorProto.FLOAT, ["N", 5, 8]))
+    result = prune(model, PruneConfig(filters=0.5, scorer="l1", input_shapes={"x": [1, 5, 8]}))
+    feed = {"x": np.random.default_rng(0).standard_normal((2, 7, 8)).astype(np.float32)}
+    assert run(result.model, feed)[0].shape == (2, 7, 4)

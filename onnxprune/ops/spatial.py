@@ -78,8 +78,8 @@ class ReduceHandler(Handler):
             axes = range(rank)
         axes = {normalize_axis(int(a), rank) for a in np.asarray(list(axes)).reshape(-1)}
         if x.axis in axes and x.axis == rank - 1 and self._over_last_axis(node, rank) and ctx.allows(HIDDEN):
-            ctx.inexact(x.ids, f"{node.op} '{node.name}': a norm's statistic over the hidden size (--hidden): it "
-                               "changes with the channels removed")
+            ctx.inexact(x.ids, f"{node.op} '{node.name}': a mean over the hidden size (--hidden; a spelled-out "
+                               "norm's statistic): it changes with the channels removed")
             return  # its output, one value per position, carries no channels
         if x.axis in axes:
             hint = ", which --hidden prunes" if x.axis == rank - 1 and self._over_last_axis(node, rank) else ""

@@ -63,12 +63,17 @@ def simplify_model(model: onnx.ModelProto, shapes: dict | None = None) -> tuple[
 
 def with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` with ONNX's inferred shapes and types (the rules match only where they are known); as it
-    is when inference fails."""
+    is when inference fails. The model's own value_info is left out of the inference (and kept in `model`):
+    recorded at one size, it would make a dim that varies with the input look static to `computed_sizes`."""
+    recorded = list(model.graph.value_info)
+    del model.graph.value_info[:]
     try:
         return onnx.shape_inference.infer_shapes(model)
     except Exception as exc:  # a contrib op or a broken shape: the rules that need shapes leave those parts
         log.debug("shape inference failed before the rewrites: %s", exc)
         return model
+    finally:
+        model.graph.value_info.extend(recorded)
 
 
 def rewritten_model(model: onnx.ModelProto, shapes: dict | None = None) -> onnx.ModelProto:
