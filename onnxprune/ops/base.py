@@ -257,6 +257,17 @@ def attr(node: gs.Node, name: str, default=None):
     return node.attrs.get(name, default)
 
 
+def onnx_op(node: gs.Node, *ops: str) -> bool:
+    """`node` is one of ONNX's `ops` (not an op of another domain that shares its name)."""
+    return node.op in ops and node.domain in ONNX_DOMAINS
+
+
+def gather_kept(node: gs.Node, index: int, axis: int, mask: np.ndarray, rw) -> None:
+    """`node` reads only the kept positions (`mask`) of its untracked input `index` at `axis`: a Gather of them,
+    exact whatever that input holds when its size there is fixed at any input size (the caller's check)."""
+    node.inputs[index] = rw.add_node("Gather", [node.inputs[index], np.flatnonzero(mask).astype(np.int64)], axis=axis)
+
+
 def const_input(node: gs.Node, index: int) -> np.ndarray | None:
     """Value of input `index` when it is a constant, else None (also when absent)."""
     if index >= len(node.inputs):

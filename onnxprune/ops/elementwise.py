@@ -14,7 +14,7 @@ from collections import deque
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import HIDDEN, MICROSOFT, ONNX_DOMAINS, Handler, handler_for, pass_through, register
+from .base import HIDDEN, MICROSOFT, Handler, gather_kept, handler_for, onnx_op, pass_through, register
 
 RESIDUAL_OPS = ("Add", "Sum")
 COPYING = ("Expand", "Reshape")  # the ops of an operand `copied_over` the channel axis
@@ -140,8 +140,7 @@ def _gather_copies(node: gs.Node, index: int, axis: int, mask: np.ndarray, rw) -
     shape = rw.analysis.shapes.get(tensor.name)
     if shape is None or len(shape) < -axis or shape[axis] != len(mask) or len(mask) < 2:
         return
-    node.inputs[index] = rw.add_node("Gather", [tensor, np.flatnonzero(mask).astype(np.int64)],
-                                     axis=len(shape) + axis)
+    gather_kept(node, index, len(shape) + axis, mask, rw)
 
 
 def copied_over(tensor: gs.Tensor, axis: int, count: int, ctx) -> bool:
@@ -152,7 +151,7 @@ def copied_over(tensor: gs.Tensor, axis: int, count: int, ctx) -> bool:
     size (the last node names it as a constant). Such an operand passes: the rewrite gathers the kept
     positions, which is exact whatever its values (`_gather_copies`); the check only says what it is."""
     chain, current = [], tensor
-    while current.inputs and _onnx_op(current.inputs[0], *COPYING) and len(chain) < MAX_COPY_CHAIN:
+    while current.inputs and onnx_op(current.inputs[0], *COPYING) and len(chain) < MAX_COPY_CHAIN:
         chain.insert(0, current.inputs[0])
         if current.inputs[0].op == "Expand":
             break
@@ -171,10 +170,6 @@ def copied_over(tensor: gs.Tensor, axis: int, count: int, ctx) -> bool:
     return positions.shape[axis] == count and bool((positions == positions.take([0], axis=axis)).all())
 
 
-def _onnx_op(node: gs.Node, *ops: str) -> bool:
-    return node.op in ops and node.domain in ONNX_DOMAINS
-
-
 def _fixed_entry(node: gs.Node, axis: int, ctx) -> int | None:
     """The size of `node`'s output at `axis` (non-negative) where its target names it as a positive
     constant, so at any input size: a Reshape's (allowzero 0) or an Expand's shape, a constant or a Concat of
@@ -182,7 +177,7 @@ def _fixed_entry(node: gs.Node, axis: int, ctx) -> int | None:
     if len(node.inputs) != 2 or int(node.attrs.get("allowzero", 0)):
         return None
     target, rank = node.inputs[1], len(ctx.shape(node.outputs[0]) or ())
-    concat = target.inputs[0] if target.inputs and _onnx_op(target.inputs[0], "Concat") else None
+    concat = target.inputs[0] if target.inputs and onnx_op(target.inputs[0], "Concat") else None
     pieces = concat.inputs if concat is not None and int(concat.attrs.get("axis", 0)) in (0, -1) else [target]
     lengths = [ctx.shape(p)[0] if ctx.shape(p) is not None and len(ctx.shape(p)) == 1 else None for p in pieces]
     if None in lengths:

@@ -7,7 +7,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .base import HIDDEN, ONNX_DOMAINS, Handler, attr, const_input, has_input, join_rows, normalize_axis, pass_through, register
+from .base import (HIDDEN, ONNX_DOMAINS, Handler, attr, const_input, gather_kept, has_input, join_rows, normalize_axis,
+                   pass_through, register)
 
 
 @register("Concat")
@@ -61,7 +62,7 @@ class ConcatHandler(Handler):
             if isinstance(tensor, gs.Constant):
                 rw.set_input(node, i, np.compress(mask, tensor.values, axis=channel_axis))
             elif not rw.is_tracked(tensor):  # an expanded constant: its size there is fixed
-                node.inputs[i] = rw.add_node("Gather", [tensor, np.flatnonzero(mask).astype(np.int64)], axis=channel_axis)
+                gather_kept(node, i, channel_axis, mask, rw)
 
 
 def _expanded_constant(tensor: gs.Tensor, axis: int, ids: np.ndarray, ctx) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..base import ONNX_DOMAINS
+from ..base import ONNX_DOMAINS, onnx_op  # noqa: F401 (onnx_op: the rules' import)
 
 
 def scalar(tensor) -> float | None:
@@ -55,11 +55,6 @@ def channel_vector(tensor, channels: int, rank: int) -> np.ndarray | None:
     if rank < 2 or shape[1] != channels or any(d != 1 for axis, d in enumerate(shape) if axis != 1):
         return None
     return values.reshape(channels).astype(np.float64)
-
-
-def onnx_op(node: gs.Node, *ops: str) -> bool:
-    """`node` is one of ONNX's `ops` (not an op of another domain that shares its name)."""
-    return node.op in ops and node.domain in ONNX_DOMAINS
 
 
 def sole_reader(tensor: gs.Variable, graph: gs.Graph) -> gs.Node | None:
