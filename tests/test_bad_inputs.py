@@ -294,3 +294,10 @@ def test_calibration_samples_that_fill_no_whole_batch_say_how_many_to_give(tmp_p
     result = run(path, tmp_path / "out.onnx", "--calib", calib_file(tmp_path, 10), "--calib-samples", "9")
     assert result.exit_code == 0, result.output
     assert_failed(run(path, tmp_path / "out2.onnx", "--calib", calib_file(tmp_path, 2)), 3, "at least 3")
+
+
+def test_evaluation_samples_that_fill_no_whole_batch_are_refused_too(tmp_path):
+    path = fixed_batch_model(tmp_path)
+    assert_failed(run(path, tmp_path / "out.onnx", "--calib", calib_file(tmp_path, 9), "--eval", calib_file(tmp_path, 10)),
+                  3, "calib10.npy has 10 samples", "fixed at 3")
+    assert not (tmp_path / "out.onnx").exists()

@@ -305,3 +305,8 @@ def test_fused_attention_reads_the_hidden_size_through_its_packed_weight_rows():
     assert list(weight.dims) == [WIDTH - DEAD.sum(), 3 * WIDTH]
     inputs = {"ids": data["ids"][:1]}
     np.testing.assert_allclose(run(result.model, inputs)[0], run(model, inputs)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_without_the_option_a_stream_out_of_a_spelled_out_norm_points_to_it():
+    reasons = [r for g in inspect(hidden_stream("spelled-out"))["groups"] for r in g.get("reasons", [])]
+    assert any("a residual stream out of ReduceMean 'l1.norm.mean': try --hidden" in r for r in reasons), reasons
