@@ -212,10 +212,37 @@ def analyze(graph: gs.Graph, shapes: dict[str, tuple], exclude: list[str] | tupl
             ctx.block_inputs(node, "channels split across several axes (a channel shuffle) reach this op")
             continue
         handler.propagate(node, ctx)
+    _join_shared_weights(ctx)
     label = _connected_labels(ctx.next_id, ctx.joins)
     _block_at_boundaries(graph, ctx, label)
     groups = _build_groups(ctx, label, exclude)
     return Analysis.build(graph, shapes, ctx.maps, label, groups)
+
+
+def _join_shared_weights(ctx: AnalysisContext) -> None:
+    """A weight several nodes read (a Siamese branch, ALBERT's repeated layer, a deduplicated export) stays
+    one tensor only if every reader slices it alike: the channels indexing each of its axes are joined
+    across the readers, and where one reader cannot slice an axis, the others' channels there are blocked
+    (cutting them would store the weight twice, making the model larger)."""
+    readers: dict[str, list[tuple[gs.Node, dict]]] = {}
+    for node in ctx.graph.nodes:
+        handler = handler_for(node.op, node.domain)
+        found = handler.weight_channels(node, ctx) if handler is not None else None
+        if found is not None:
+            readers.setdefault(found[0], []).append((node, found[1]))
+    for weight, nodes in readers.items():
+        if len(nodes) < 2:
+            continue
+        for axis in sorted({axis for _, axes in nodes for axis in axes}):
+            ids = [(node, axes.get(axis)) for node, axes in nodes]
+            fixed = next((node for node, i in ids if i is None), None)
+            tracked = [(node, i) for node, i in ids if i is not None]
+            for node, i in tracked:
+                if fixed is None:
+                    ctx.join(tracked[0][1], i)
+                else:
+                    ctx.block(i, f"{node.op} '{node.name}': its weight '{weight}' is shared with {fixed.op} "
+                                 f"'{fixed.name}', which keeps these channels (cutting them would store it twice)")
 
 
 def _block_at_boundaries(graph: gs.Graph, ctx: AnalysisContext, label: np.ndarray) -> None:

@@ -102,6 +102,9 @@ def _describe(node: gs.Node, shapes) -> Layer:
         layer.reason = ("no constant weight (e.g. attention scores)" if node.op == "MatMul"
                         else "weight is not a constant")
         return layer
+    if len(weight.outputs) > 1:
+        layer.reason = f"its weight '{weight.name}' is shared with another node: changing it for this one would store it twice"
+        return layer
     values = weight.values
     if not np.issubdtype(values.dtype, np.floating):
         layer.reason = f"weight of type {values.dtype} (quantized?) is not factorized"

@@ -90,6 +90,13 @@ class Handler:
         """For a normalisation layer: its per-channel scale (BN gamma), for the `bn` scorer."""
         return None
 
+    def weight_channels(self, node: gs.Node, ctx) -> tuple[str, dict[int, np.ndarray | None]] | None:
+        """For a node reading a constant weight: its name and, per weight axis the cut may slice, the
+        channel ids at that axis's positions (None: this node cannot slice it). Nodes sharing one weight
+        must slice it alike, or the cut stores it twice (graph.analysis joins or blocks them). None when
+        the node has no weight of this handler's layout."""
+        return None
+
     # ---- weighted ops
     def weight_layout(self, op: str, attrs: dict, weight_shape: tuple) -> WeightLayout | None:
         """The layout of a weight of this shape, or None when the op has no such weight."""
@@ -281,6 +288,19 @@ def const_input(node: gs.Node, index: int) -> np.ndarray | None:
 def text(value) -> str:
     """A string attribute as str (onnx.helper gives bytes, graphsurgeon str)."""
     return value.decode() if isinstance(value, bytes) else value
+
+
+def weight_axis_ids(cmap, axis: int, size: int, groups: int = 1) -> np.ndarray | None:
+    """The channel ids indexing a weight axis of `size` that a tensor's channels on `axis` slice (`cmap`
+    its map): all of them, or, for a grouped op whose blocks are joined, the first block's; None when the
+    channels are not tracked there."""
+    if cmap is None or cmap.ids.ndim != 1 or cmap.axis != axis:
+        return None
+    if len(cmap.ids) == size:
+        return cmap.ids
+    if size > 1 and len(cmap.ids) == size * groups:
+        return cmap.ids.reshape(groups, size)[0]
+    return None
 
 
 def has_input(node: gs.Node, index: int) -> bool:

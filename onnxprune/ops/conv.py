@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import Handler, WeightLayout, const_input, has_input, register, text, window_problem
+from .base import Handler, WeightLayout, const_input, has_input, register, text, weight_axis_ids, window_problem
 
 
 @register("Conv", "ConvTranspose")
@@ -76,6 +76,18 @@ class ConvHandler(Handler):
             if has_input(node, 2):
                 rw.set_input(node, 2, node.inputs[2].values[out_mask])
         rw.set_input(node, 1, weight)
+
+    def weight_channels(self, node, ctx):
+        weight = const_input(node, 1)
+        layout = None if weight is None else self.weight_layout(node.op, node.attrs, weight.shape)
+        if layout is None:
+            return None
+        x, y = ctx.channels(node.inputs[0]), ctx.channels(node.outputs[0])
+        in_ids = weight_axis_ids(x, 1, weight.shape[layout.in_axis], layout.groups)
+        out_ids = weight_axis_ids(y, 1, weight.shape[layout.out_axis], layout.groups)
+        if layout.depthwise:  # one axis is sliced: a Conv's filters by its output, a ConvTranspose's by its input
+            return node.inputs[1].name, {layout.in_axis: in_ids} if layout.transposed else {layout.out_axis: out_ids}
+        return node.inputs[1].name, {layout.in_axis: in_ids, layout.out_axis: out_ids}
 
     def filter_weights(self, node):
         weight = node.inputs[1].values

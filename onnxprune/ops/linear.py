@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Handler, WeightLayout, attr, const_input, has_input, register
+from .base import Handler, WeightLayout, attr, const_input, has_input, register, weight_axis_ids
 
 
 class MatrixWeight(Handler):
@@ -31,6 +31,19 @@ class MatrixWeight(Handler):
     def features_axis(self, attrs: dict) -> int:
         """The input's axis that the weight contracts."""
         return -1
+
+    def weight_channels(self, node, ctx):
+        weight = const_input(node, 1)
+        layout = None if weight is None else self.weight_layout(node.op, node.attrs, weight.shape)
+        shape, out_shape = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
+        if layout is None or shape is None or out_shape is None:
+            return None
+        x, y = ctx.channels(node.inputs[0]), ctx.channels(node.outputs[0])
+        in_ids = weight_axis_ids(x, self.features_axis(node.attrs) % len(shape), weight.shape[layout.in_axis])
+        out_ids = weight_axis_ids(y, len(out_shape) - 1, weight.shape[layout.out_axis])
+        if x is not None and y is not None and np.array_equal(x.ids, y.ids):  # a MatMul passing channels on
+            out_ids = None  # along a row axis: its output's channels are not the weight's
+        return node.inputs[1].name, {layout.in_axis: in_ids, layout.out_axis: out_ids}
 
     def to_matrix(self, layout, weight):
         return (weight.T if layout.in_axis == 1 else weight)[None]

@@ -268,6 +268,8 @@ def layer_view(node, inits: Initializers, consumers: dict, out_mask: np.ndarray 
     weight = inits.get(node.input[1])
     if weight.dtype.kind != "f":
         return f"weights are {weight.dtype}, not floating point"
+    if inits.uses.get(node.input[1], 0) > 1:
+        return f"its weight '{node.input[1]}' is shared with another node: a fit of this one alone would store it twice"
     attrs = _attrs(node)
     handler, layout = weighted(node.op_type, attrs, weight.shape)
     bias, offset = _bias_slot(node, inits, consumers, attrs, handler, layout)

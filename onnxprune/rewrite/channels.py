@@ -38,6 +38,7 @@ class RewriteContext:
         self.opset = analysis.graph.opset
         self.sources = {id(s.node) for g in analysis.groups for s in g.sources}
         self._names = dict.fromkeys(analysis.graph.tensors())
+        self.copies: dict[str, list[gs.Constant]] = {}  # shared constants' copies, by the shared one's name
 
     def mask(self, tensor: gs.Tensor) -> np.ndarray | None:
         return self.masks.get(tensor.name)
@@ -59,6 +60,8 @@ class RewriteContext:
         """Replace a constant input's values; a constant other nodes share is copied, not changed."""
         old = node.inputs[index]
         replace_constant(node, index, np.ascontiguousarray(values, dtype=old.values.dtype), lambda: self._unique(old.name))
+        if node.inputs[index] is not old:
+            self.copies.setdefault(old.name, [old]).append(node.inputs[index])
 
     def add_input(self, node: gs.Node, values: np.ndarray) -> None:
         node.inputs.append(gs.Constant(self._unique(f"{node.name}_input{len(node.inputs)}"), np.asarray(values)))
@@ -111,9 +114,28 @@ def apply_channel_plan(analysis: Analysis, masks: dict[str, np.ndarray]) -> None
         names = [t.name for t in list(node.inputs) + list(node.outputs)]
         if any(n in masks for n in names):
             handler_for(node.op, node.domain).rewrite(node, rw)
+    _merge_equal_copies(rw.copies)
     _widen_outputs(graph, rw)
     _forget_stale_shapes(graph, masks)
     graph.cleanup().toposort()
+
+
+def _merge_equal_copies(copies: dict[str, list[gs.Constant]]) -> None:
+    """A constant several nodes share was copied for each node that changed it; copies that came out equal
+    (the analysis joins the channels of nodes sharing a weight, so they are sliced alike) become one again."""
+    for family in copies.values():
+        kept: list[gs.Constant] = []
+        for tensor in family:
+            values = tensor.values
+            same = next((k for k in kept if isinstance(values, np.ndarray) and isinstance(k.values, np.ndarray)
+                         and k.values.dtype == values.dtype and np.array_equal(k.values, values)), None)
+            if same is None:
+                kept.append(tensor)
+                continue
+            for node in list(tensor.outputs):
+                for i, t in enumerate(node.inputs):
+                    if t is tensor:
+                        node.inputs[i] = same
 
 
 def _widen_outputs(graph: gs.Graph, rw: RewriteContext) -> None:

@@ -88,8 +88,9 @@ def sparsify_model(model: onnx.ModelProto, input_shapes: dict, calibration: Cali
             layer.reason = settings.pattern.fits(layer.out_features, layer.in_features)
     candidates = [layer for layer in layers if not layer.reason]
     if not candidates:
+        hint = "" if str(settings.pattern) == "unstructured" else "; try --sparsity-pattern unstructured"
         raise UsageError("--sparsity: no Conv, Gemm or MatMul layer takes the pattern "
-                         f"{settings.pattern} ({_top_reason(layers)}); try --sparsity-pattern unstructured")
+                         f"{settings.pattern} ({_top_reason(layers)}){hint}")
     if settings.method != "obs" or calibration.source == "synthetic":
         grams = {}
     elif grams is None:

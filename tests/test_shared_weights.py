@@ -1,0 +1,114 @@
+"""Layers that read one weight (a Siamese network's branches, ALBERT's repeated layer, an exporter's
+deduplicated constants) still share it when pruned: the analysis joins the channels indexing each axis of
+the weight across its readers, so every reader slices it alike and the cut stores it once; where one
+reader cannot slice an axis, the others' channels there are blocked; recovery leaves such layers as they
+are (a fit of one reader alone would store the weight twice)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from onnxprune import PruneConfig, inspect, prune
+from onnxprune.errors import NothingToPrune, UsageError
+from tests.builders import Builder
+from tests.oracle import assert_pruning_dead_channels_is_exact
+
+
+def siamese() -> onnx.ModelProto:
+    """a, b -> one Conv (3 -> 32) -> Relu -> one Conv (32 -> 16) -> a's minus b's."""
+    b = Builder(seed=3)
+    w1, b1 = b.randn("w1", [32, 3, 3, 3], 0.2), b.randn("b1", [32], 0.1)
+    w2 = b.randn("w2", [16, 32, 3, 3], 0.06)
+    branches = []
+    for side in "ab":
+        h = b.relu(f"relu_{side}", b.node("Conv", f"conv1_{side}", [side, w1, b1], pads=[1] * 4))
+        branches.append(b.node("Conv", f"conv2_{side}", [h, w2], pads=[1] * 4))
+    b.output(b.node("Sub", "distance", branches))
+    return b.model([("a", [1, 3, 12, 12]), ("b", [1, 3, 12, 12])])
+
+
+def applied_twice() -> onnx.ModelProto:
+    """x -> Conv W (16 -> 16, 1x1) -> Relu -> the same Conv W again: its input channels are the graph
+    input's on the first application, so no reader can slice them."""
+    b = Builder(seed=4)
+    w = b.randn("w", [16, 16, 1, 1], 0.25)
+    h = b.relu("relu", b.node("Conv", "first", ["x", w]))
+    b.output(b.node("Conv", "second", [h, w]))
+    return b.model([("x", [1, 16, 6, 6])])
+
+
+def albert() -> onnx.ModelProto:
+    """Two residual feed-forward layers sharing their weights (ALBERT): x + W_down relu(W_up x), twice."""
+    b = Builder(seed=5)
+    up, down = b.randn("up", [8, 24], 0.35), b.randn("down", [24, 8], 0.2)
+    stream = "x"
+    for layer in range(2):
+        hidden = b.relu(f"relu{layer}", b.node("MatMul", f"up{layer}", [stream, up]))
+        stream = b.node("Add", f"residual{layer}", [stream, b.node("MatMul", f"down{layer}", [hidden, down])])
+    b.output(stream)
+    return b.model([("x", [2, 5, 8])])
+
+
+def shared_readers(model: onnx.ModelProto) -> dict[str, int]:
+    """How many nodes read each initializer."""
+    reads = {t.name: 0 for t in model.graph.initializer}
+    for node in model.graph.node:
+        for name in node.input:
+            if name in reads:
+                reads[name] += 1
+    return reads
+
+
+def test_siamese_branches_keep_one_weight_and_halve_it():
+    model = siamese()
+    result = prune(model, PruneConfig(filters=0.5, scorer="l1"))
+    assert shared_readers(result.model) == {"w1": 2, "b1": 2, "w2": 2}
+    assert result.report["after"]["params"] * 2 == result.report["before"]["params"]
+
+
+def test_siamese_pruning_is_exact():
+    for seed in (0, 1):
+        assert_pruning_dead_channels_is_exact(siamese(), seed)
+
+
+def test_a_weight_one_reader_cannot_slice_blocks_the_others():
+    model = applied_twice()
+    try:
+        prune(model, PruneConfig(filters=0.5, scorer="l1"))
+    except NothingToPrune:
+        pass
+    else:
+        raise AssertionError("the shared weight was cut")
+    reasons = [r for g in inspect(model)["groups"] for r in g["reasons"]]
+    assert any("weight 'w' is shared with Conv 'first'" in r for r in reasons), reasons
+
+
+def test_albert_layers_are_one_group_and_keep_one_weight():
+    model = albert()
+    groups = [g for g in inspect(model)["groups"] if g["prunable"]]
+    assert len(groups) == 1 and groups[0]["sources"] == ["up0", "up1"]
+    result = prune(model, PruneConfig(filters=0.5, scorer="l1", round_to=1))
+    assert shared_readers(result.model) == {"up": 2, "down": 2}
+    assert result.report["after"]["params"] * 2 == result.report["before"]["params"]
+    assert_pruning_dead_channels_is_exact(model, seed=0)
+
+
+def test_recovery_leaves_layers_sharing_a_weight_as_they_are():
+    rng = np.random.default_rng(0)
+    calibration = {side: rng.random((20, 3, 12, 12), dtype=np.float32) for side in "ab"}
+    result = prune(siamese(), PruneConfig(filters=0.5, calibration=calibration, recover="lstsq"))
+    layers = result.report["recovery"]["layers"]
+    assert {layer["name"] for layer in layers} == {"conv2_a", "conv2_b"}
+    assert all(layer["status"] == "skipped" and "shared" in layer["reason"] for layer in layers)
+    assert shared_readers(result.model) == {"w1": 2, "b1": 2, "w2": 2}
+
+
+def test_low_rank_and_sparsity_leave_a_shared_weight_whole():
+    for config, error in ((PruneConfig(rank=0.5), NothingToPrune), (PruneConfig(sparsity=0.5), UsageError)):
+        try:
+            prune(siamese(), config)
+        except error as exc:
+            assert "is shared with another node" in str(exc)
+        else:
+            raise AssertionError(f"{config} changed a shared weight")
