@@ -218,7 +218,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=40, help="interleaved runs of the final timing")
     parser.add_argument("--auto", action="store_true", help="also the latency target with --round-to auto")
-    parser.add_argument("--round-to", type=int, default=None, help="--round-to of every setting (default: the tool's)")
+    parser.add_argument("--round-to", type=lambda v: v if v == "auto" else int(v), default=None,
+                        help="--round-to of every setting, a number or auto (default: the tool's)")
     parser.add_argument("--macs-only", action="store_true", help="only the --target-macs setting (with --by-op: "
                         "where its time goes)")
     parser.add_argument("--no-matched", action="store_true", help="only --target-macs and --target-speedup 1.5 "
