@@ -83,6 +83,8 @@ def prune(model, config: PruneConfig | None = None) -> PruneResult:
                 speed = latency_budget(baseline, analysis, config)
             if config.round_to == "auto":  # per group (the report's config says auto, latency.round_to which)
                 config = replace(config, round_to=speed.round_to_auto())
+            elif config.round_to is None and speed.target_ms is not None:  # this machine's channel block
+                config = replace(config, round_to=speed.round_to_block(analysis))
 
         with timed(timings, "score", add=True):
             if speed is not None and speed.target_ms is not None:

@@ -19,7 +19,8 @@ SWEEP_HEADING = "## The sweep report"
 # sections documented key by key; other sections (owned by other stages) are documented as a whole
 DETAILED = ("fidelity", "gates", "accuracy", "latency", "mobile", "sparsity", "quantize")
 # objects keyed by names that depend on the model (outputs) or on onnxruntime (providers)
-NAMED_CHILDREN = {"mobile.execution_providers": "<provider>", "latency.model.multiples": "<multiple>"}
+NAMED_CHILDREN = {"mobile.execution_providers": "<provider>", "latency.model.multiples": "<multiple>",
+                  "latency.round_to": "<multiple>"}
 OPAQUE = {"fidelity.per_output", "fidelity.in_sample.per_output"}
 
 

@@ -387,3 +387,39 @@ def test_a_final_timing_that_misses_the_goal_the_round_met_is_said(fake_timer, m
     latency = result.report["latency"]
     assert latency["met"] and latency["met_in_final_timing"] is False
     assert "missed in the final timing" in latency_model_line(latency)
+
+
+def blocked_conv_model(padded: int | None):
+    """What onnxruntime's optimizer makes of `channel_block`'s Conv of 36 output channels: its weight padded to
+    `padded` output channels in the blocked layout, or (None) left a plain Conv."""
+    weight = onnx.numpy_helper.from_array(np.zeros((padded or 36, 32, 1, 1), np.float32), "w")
+    node = onnx.helper.make_node("Conv", ["x", "w"], ["y"], domain=lm.BLOCKED_DOMAIN if padded else "")
+    return onnx.helper.make_model(onnx.helper.make_graph([node], "g", [], [], [weight]))
+
+
+@pytest.mark.parametrize(("padded", "block"), [(48, 16), (40, 8), (36, 4), (64, 32), (None, 1)])
+def test_the_channel_block_is_read_off_the_padding_of_onnxruntime_s_blocked_conv(monkeypatch, padded, block):
+    monkeypatch.setattr(lm, "optimized", lambda model: blocked_conv_model(padded))
+    assert lm.channel_block() == block
+
+
+def test_a_latency_target_without_round_to_keeps_multiples_of_the_machine_s_channel_block(fake_timer, monkeypatch, tmp_path):
+    """On a machine whose onnxruntime pads channels to 16 (AVX-512), a latency target cuts the groups that can be cut
+    at 16 to multiples of 16 (a count between them computes the padded channels all the same), the rest as by
+    default; on one that pads to 8, to the default multiples of 8."""
+    out, report, plan = tmp_path / "out.onnx", tmp_path / "r.json", tmp_path / "plan.json"
+    kept = {}
+    for block in (16, 8):
+        monkeypatch.setattr(speed, "channel_block", lambda: block)
+        result = CliRunner().invoke(main, [str(MNIST), str(out), "--calib", str(CALIB), "--target-speedup", "1.5",
+                                           "--recover", "none", "--report", str(report), "--plan-out", str(plan)])
+        assert result.exit_code == 0, result.output
+        latency = json.loads(report.read_text())["latency"]
+        kept[block] = {g["channels"]: len(g["keep"]) for g in json.loads(plan.read_text())["groups"]}
+        if block == 16:
+            assert latency["round_to_by"] == "block" and latency["round_to"] == {"16": 4}
+            assert "round-to  16 (onnxruntime's channel block on this machine) for 4 group(s)" in result.output
+        else:
+            assert "round_to" not in latency
+    assert all(k % 16 == 0 for c, k in kept[16].items() if c >= 32) and all(k % 8 == 0 for k in kept[8].values())
+    assert any(k % 16 for k in kept[8].values())  # the default's eights, which the block rounds away

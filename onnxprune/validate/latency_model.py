@@ -398,6 +398,25 @@ def unfused(layer: TimedLayer) -> TimedLayer:
     return layer if len([n for n in nodes if n.op_type not in LAYOUT_OPS]) > 1 else alone
 
 
+def channel_block() -> int:
+    """The channel block of onnxruntime's blocked layout on this machine (16 with AVX-512, 8 with AVX2; 1
+    when its optimizer does not use the layout): read off the optimized graph of a Conv with 36 output
+    channels, which onnxruntime pads up to a multiple of its block (an odd multiple of 4 tells 4, 8, 16 and
+    32 apart). A layer cut to a count between multiples computes the padded channels all the same."""
+    weight = onnx.numpy_helper.from_array(np.ones((36, 32, 1, 1), np.float32), "weight")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "weight"], ["y"])], "block",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 32, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 36, 8, 8])], [weight])
+    model = optimized(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
+    shapes = {t.name: t.dims[0] for t in model.graph.initializer if len(t.dims) == 4}
+    padded = [shapes[n.input[1]] for n in model.graph.node if n.domain == BLOCKED_DOMAIN and n.op_type == "Conv"
+              and n.input[1] in shapes]
+    if not padded:
+        return 1
+    return next((m for m in sorted(MULTIPLES, reverse=True) if -(-36 // m) * m == padded[0]), 1)
+
+
 def layer_block(layer: TimedLayer) -> int:
     """The smallest of `MULTIPLES` at whose odd multiples (so not by chance a multiple of the next) of kept
     channels on both sides onnxruntime still runs `layer` in its blocked layout; 1 when it never does, or
