@@ -112,3 +112,53 @@ def test_low_rank_and_sparsity_leave_a_shared_weight_whole():
             assert "is shared with another node" in str(exc)
         else:
             raise AssertionError(f"{config} changed a shared weight")
+
+
+def tied_embedding(residual: bool = True) -> onnx.ModelProto:
+    """ids -> Gather(table [50, 16]) -> a feed-forward layer (residual: added to the embedding, whose channels
+    it then carries; else its own) -> LayerNorm -> Gemm(table, transB): the output layer tied to the table."""
+    b = Builder(seed=6)
+    table = b.randn("table", [50, 16], 0.5)
+    embedded = b.node("Gather", "embed", [table, "ids"], axis=0)
+    hidden = b.relu("relu", b.node("MatMul", "up", [embedded, b.randn("up.weight", [16, 32], 0.25)]))
+    stream = b.node("MatMul", "down", [hidden, b.randn("down.weight", [32, 16], 0.2)])
+    if residual:
+        stream = b.node("Add", "residual", [embedded, stream])
+    normed = b.node("LayerNormalization", "norm", [stream, b.const("gamma", np.ones(16)), b.const("beta", np.zeros(16))],
+                    axis=-1)
+    flat = b.node("Reshape", "flat", [normed, b.const("flat.shape", [-1, 16], np.int64)])
+    b.output(b.node("Gemm", "head", [flat, table], transB=1))
+    return b.model([("ids", [1, 6], onnx.TensorProto.INT64)], opset=17)
+
+
+def test_an_embedding_table_tied_to_the_output_layer_stays_one_table():
+    calibration = {"ids": np.random.default_rng(0).integers(0, 50, (10, 6))}
+    for hidden, residual in ((False, True), (True, True), (True, False)):
+        config = PruneConfig(filters=0.5, scorer="l1", round_to=1, hidden=hidden, calibration=calibration, recover="none")
+        result = prune(tied_embedding(residual), config)
+        assert shared_readers(result.model)["table"] == 2
+        assert result.report["after"]["params"] < result.report["before"]["params"]
+
+
+def scaled_weight_read() -> onnx.ModelProto:
+    """x -> Conv w (8 -> 16) -> Relu -> Conv (16 -> 4), plus w itself scaled by the input's mean and summed
+    into the output: a reader of w (the Mul) that does not say how it would slice it."""
+    b = Builder(seed=7)
+    w = b.randn("w", [16, 8, 3, 3], 0.1)
+    h = b.relu("relu", b.node("Conv", "first", ["x", w], pads=[1] * 4))
+    y = b.node("Conv", "second", [h, b.randn("w2", [4, 16, 3, 3], 0.1)], pads=[1] * 4)
+    scale = b.node("ReduceMean", "mean", ["x"], keepdims=0)
+    b.output(b.node("Add", "plus", [y, b.node("ReduceSum", "total", [b.node("Mul", "scaled", [w, scale])], keepdims=0)]))
+    return b.model([("x", [1, 8, 6, 6])])
+
+
+def test_a_weight_also_read_by_a_node_that_cannot_say_how_it_slices_it_is_left_whole():
+    reasons = [r for g in inspect(scaled_weight_read())["groups"] for r in g["reasons"]]
+    assert any("weight 'w' is shared with Mul 'scaled'" in r for r in reasons), reasons
+
+
+def test_pfp_s_sample_mode_scales_a_shared_weight_once():
+    rng = np.random.default_rng(1)
+    calibration = {side: rng.random((20, 3, 12, 12), dtype=np.float32) for side in "ab"}
+    config = PruneConfig(filters=0.5, scorer="pfp", pfp_mode="sample", calibration=calibration, recover="none")
+    assert shared_readers(prune(siamese(), config).model) == {"w1": 2, "b1": 2, "w2": 2}

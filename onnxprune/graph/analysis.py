@@ -220,29 +220,33 @@ def analyze(graph: gs.Graph, shapes: dict[str, tuple], exclude: list[str] | tupl
 
 
 def _join_shared_weights(ctx: AnalysisContext) -> None:
-    """A weight several nodes read (a Siamese branch, ALBERT's repeated layer, a deduplicated export) stays
-    one tensor only if every reader slices it alike: the channels indexing each of its axes are joined
-    across the readers, and where one reader cannot slice an axis, the others' channels there are blocked
-    (cutting them would store the weight twice, making the model larger)."""
-    readers: dict[str, list[tuple[gs.Node, dict]]] = {}
+    """A weight several nodes read (a Siamese network's branches, ALBERT's repeated layer, a deduplicated
+    export) stays one tensor only if every reader slices it alike: the channels indexing each of its axes
+    are joined across the readers (`Handler.weight_channels`), and where one reader cannot slice an axis (or
+    its handler does not say how it reads the weight), the others' channels there are blocked: cutting
+    them would store the weight twice, making the model larger."""
+    readers: dict[str, dict[int, dict]] = {}  # weight -> id of a reading node -> its axes
+    tensors = {}
     for node in ctx.graph.nodes:
         handler = handler_for(node.op, node.domain)
         found = handler.weight_channels(node, ctx) if handler is not None else None
         if found is not None:
-            readers.setdefault(found[0], []).append((node, found[1]))
-    for weight, nodes in readers.items():
+            readers.setdefault(found[0], {})[id(node)] = found[1]
+            tensors[found[0]] = next(t for t in node.inputs if t.name == found[0])
+    for weight, axes_of in readers.items():
+        nodes = tensors[weight].outputs
         if len(nodes) < 2:
             continue
-        for axis in sorted({axis for _, axes in nodes for axis in axes}):
-            ids = [(node, axes.get(axis)) for node, axes in nodes]
-            fixed = next((node for node, i in ids if i is None), None)
+        for axis in sorted({axis for axes in axes_of.values() for axis in axes}):
+            ids = [(node, axes_of.get(id(node), {}).get(axis)) for node in nodes]
+            keeps = next((node for node, i in ids if i is None), None)  # a reader that cannot slice the axis
             tracked = [(node, i) for node, i in ids if i is not None]
-            for node, i in tracked:
-                if fixed is None:
+            for node, i in tracked[1:] if keeps is None else tracked:
+                if keeps is None:
                     ctx.join(tracked[0][1], i)
                 else:
-                    ctx.block(i, f"{node.op} '{node.name}': its weight '{weight}' is shared with {fixed.op} "
-                                 f"'{fixed.name}', which keeps these channels (cutting them would store it twice)")
+                    ctx.block(i, f"{node.op} '{node.name}': its weight '{weight}' is shared with {keeps.op} "
+                                 f"'{keeps.name}', which keeps these channels (cutting them would store it twice)")
 
 
 def _block_at_boundaries(graph: gs.Graph, ctx: AnalysisContext, label: np.ndarray) -> None:

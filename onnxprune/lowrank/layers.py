@@ -103,7 +103,8 @@ def _describe(node: gs.Node, shapes) -> Layer:
                         else "weight is not a constant")
         return layer
     if len(weight.outputs) > 1:
-        layer.reason = f"its weight '{weight.name}' is shared with another node: changing it for this one would store it twice"
+        layer.reason = (f"its weight '{weight.name}' is shared with another node: changing it for this one "
+                        "would store it twice")
         return layer
     values = weight.values
     if not np.issubdtype(values.dtype, np.floating):

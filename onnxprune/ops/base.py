@@ -93,9 +93,17 @@ class Handler:
     def weight_channels(self, node: gs.Node, ctx) -> tuple[str, dict[int, np.ndarray | None]] | None:
         """For a node reading a constant weight: its name and, per weight axis the cut may slice, the
         channel ids at that axis's positions (None: this node cannot slice it). Nodes sharing one weight
-        must slice it alike, or the cut stores it twice (graph.analysis joins or blocks them). None when
-        the node has no weight of this handler's layout."""
+        must slice it alike, or the cut stores it twice (graph.analysis joins or blocks them; a node whose
+        handler does not answer counts as slicing no axis). None when the node has no such weight."""
         return None
+
+    def constant_weight(self, node: gs.Node) -> tuple[gs.Constant, WeightLayout] | None:
+        """A weighted node's constant weight (input 1) and its layout, or None."""
+        weight = node.inputs[1] if len(node.inputs) > 1 else None
+        if not isinstance(weight, gs.Constant):
+            return None
+        layout = self.weight_layout(node.op, node.attrs, tuple(weight.shape))
+        return None if layout is None else (weight, layout)
 
     # ---- weighted ops
     def weight_layout(self, op: str, attrs: dict, weight_shape: tuple) -> WeightLayout | None:
@@ -292,8 +300,9 @@ def text(value) -> str:
 
 def weight_axis_ids(cmap, axis: int, size: int, groups: int = 1) -> np.ndarray | None:
     """The channel ids indexing a weight axis of `size` that a tensor's channels on `axis` slice (`cmap`
-    its map): all of them, or, for a grouped op whose blocks are joined, the first block's; None when the
-    channels are not tracked there."""
+    its map): all of them, or, for a grouped op whose blocks are joined, the first block's (a block of one
+    channel is a depthwise conv's input axis, which is never sliced); None when the channels are not
+    tracked there."""
     if cmap is None or cmap.ids.ndim != 1 or cmap.axis != axis:
         return None
     if len(cmap.ids) == size:

@@ -78,16 +78,16 @@ class ConvHandler(Handler):
         rw.set_input(node, 1, weight)
 
     def weight_channels(self, node, ctx):
-        weight = const_input(node, 1)
-        layout = None if weight is None else self.weight_layout(node.op, node.attrs, weight.shape)
-        if layout is None:
+        found = self.constant_weight(node)
+        if found is None:
             return None
+        weight, layout = found
         x, y = ctx.channels(node.inputs[0]), ctx.channels(node.outputs[0])
         in_ids = weight_axis_ids(x, 1, weight.shape[layout.in_axis], layout.groups)
         out_ids = weight_axis_ids(y, 1, weight.shape[layout.out_axis], layout.groups)
         if layout.depthwise:  # one axis is sliced: a Conv's filters by its output, a ConvTranspose's by its input
-            return node.inputs[1].name, {layout.in_axis: in_ids} if layout.transposed else {layout.out_axis: out_ids}
-        return node.inputs[1].name, {layout.in_axis: in_ids, layout.out_axis: out_ids}
+            return weight.name, {layout.in_axis: in_ids} if layout.transposed else {layout.out_axis: out_ids}
+        return weight.name, {layout.in_axis: in_ids, layout.out_axis: out_ids}
 
     def filter_weights(self, node):
         weight = node.inputs[1].values

@@ -8,7 +8,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .base import (HIDDEN, ONNX_DOMAINS, Handler, attr, const_input, gather_kept, has_input, join_rows, normalize_axis,
-                   pass_through, register)
+                   pass_through, register, weight_axis_ids)
 
 
 @register("Concat")
@@ -779,6 +779,16 @@ class GatherHandler(Handler):
     def hidden_width(self, node, ctx):
         table = self.embedding_table(node)
         return None if table is None else table.shape[1]
+
+    def weight_channels(self, node, ctx):
+        """An embedding table's columns are sliced only where it is a source (a table tied to an LM head)."""
+        table = self.embedding_table(node)
+        if table is None:
+            return None
+        y = ctx.channels(node.outputs[0])
+        shape = ctx.shape(node.outputs[0])
+        axis = len(shape) - 1 if shape else -1
+        return node.inputs[0].name, {1: weight_axis_ids(y, axis, table.shape[1])}
 
     def rewrite(self, node, rw):
         mask = rw.mask(node.outputs[0])

@@ -33,17 +33,19 @@ class MatrixWeight(Handler):
         return -1
 
     def weight_channels(self, node, ctx):
-        weight = const_input(node, 1)
-        layout = None if weight is None else self.weight_layout(node.op, node.attrs, weight.shape)
-        shape, out_shape = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
-        if layout is None or shape is None or out_shape is None:
+        """Channels on the input's feature axis slice the weight's input axis, those on the output's last
+        axis its output axis (a MatMul passing channels on along a row axis slices neither)."""
+        found = self.constant_weight(node)
+        if found is None:
             return None
+        weight, layout = found
+        shape, out_shape = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
+        if shape is None or out_shape is None:
+            return weight.name, {layout.in_axis: None, layout.out_axis: None}
         x, y = ctx.channels(node.inputs[0]), ctx.channels(node.outputs[0])
         in_ids = weight_axis_ids(x, self.features_axis(node.attrs) % len(shape), weight.shape[layout.in_axis])
         out_ids = weight_axis_ids(y, len(out_shape) - 1, weight.shape[layout.out_axis])
-        if x is not None and y is not None and np.array_equal(x.ids, y.ids):  # a MatMul passing channels on
-            out_ids = None  # along a row axis: its output's channels are not the weight's
-        return node.inputs[1].name, {layout.in_axis: in_ids, layout.out_axis: out_ids}
+        return weight.name, {layout.in_axis: in_ids, layout.out_axis: out_ids}
 
     def to_matrix(self, layout, weight):
         return (weight.T if layout.in_axis == 1 else weight)[None]

@@ -59,9 +59,8 @@ class RewriteContext:
     def set_input(self, node: gs.Node, index: int, values: np.ndarray) -> None:
         """Replace a constant input's values; a constant other nodes share is copied, not changed."""
         old = node.inputs[index]
-        replace_constant(node, index, np.ascontiguousarray(values, dtype=old.values.dtype), lambda: self._unique(old.name))
-        if node.inputs[index] is not old:
-            self.copies.setdefault(old.name, [old]).append(node.inputs[index])
+        replace_constant(node, index, np.ascontiguousarray(values, dtype=old.values.dtype), lambda: self._unique(old.name),
+                         self.copies)
 
     def add_input(self, node: gs.Node, values: np.ndarray) -> None:
         node.inputs.append(gs.Constant(self._unique(f"{node.name}_input{len(node.inputs)}"), np.asarray(values)))
@@ -93,14 +92,18 @@ class RewriteContext:
         return name
 
 
-def replace_constant(node: gs.Node, index: int, values: np.ndarray, copy_name: Callable[[], str]) -> None:
+def replace_constant(node: gs.Node, index: int, values: np.ndarray, copy_name: Callable[[], str],
+                     copies: dict[str, list[gs.Constant]] | None = None) -> None:
     """Give constant input `index` of `node` these values, in place; a constant that other nodes share
-    is copied under `copy_name()` instead (asked only then, so names are drawn only when used)."""
+    is copied under `copy_name()` instead (asked only then, so names are drawn only when used), the copy
+    listed in `copies` under the shared one's name for `merge_equal_copies`."""
     old = node.inputs[index]
     if len(old.outputs) == 1:
         old.values = values
-    else:
-        node.inputs[index] = gs.Constant(copy_name(), values)
+        return
+    node.inputs[index] = gs.Constant(copy_name(), values)
+    if copies is not None:
+        copies.setdefault(old.name, [old]).append(node.inputs[index])
 
 
 def apply_channel_plan(analysis: Analysis, masks: dict[str, np.ndarray]) -> None:
@@ -114,13 +117,13 @@ def apply_channel_plan(analysis: Analysis, masks: dict[str, np.ndarray]) -> None
         names = [t.name for t in list(node.inputs) + list(node.outputs)]
         if any(n in masks for n in names):
             handler_for(node.op, node.domain).rewrite(node, rw)
-    _merge_equal_copies(rw.copies)
+    merge_equal_copies(rw.copies)
     _widen_outputs(graph, rw)
     _forget_stale_shapes(graph, masks)
     graph.cleanup().toposort()
 
 
-def _merge_equal_copies(copies: dict[str, list[gs.Constant]]) -> None:
+def merge_equal_copies(copies: dict[str, list[gs.Constant]]) -> None:
     """A constant several nodes share was copied for each node that changed it; copies that came out equal
     (the analysis joins the channels of nodes sharing a weight, so they are sliced alike) become one again."""
     for family in copies.values():
