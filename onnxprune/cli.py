@@ -162,8 +162,8 @@ CHANNELS = OptionGroup([
     click.option("--round-to", type=RoundTo(), default=None, metavar="N|auto",
                  help="Keep channel counts at multiples of N, or per group at the multiple the latency model "
                       "measured fastest (auto; builds it like --predict-latency) [default: 8 for groups of 16+ "
-                      "channels; with a latency target, onnxruntime's channel block on this machine when larger, "
-                      "16 with AVX-512]."),
+                      "channels; with a latency target, a Conv's at onnxruntime's channel block on this machine when "
+                      "larger, 16 with AVX-512]."),
 ], lambda v: {"global_ranking": v["global_ranking"], "scorer": v["scorer"], "round_to": v["round_to"]})
 
 

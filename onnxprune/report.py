@@ -66,9 +66,9 @@ def latency_model_line(latency: dict) -> str:
             f"measured; MACs kept {100 * latency['macs_kept']:.1f}%; {latency['model']['layers']} layers timed"
             f"{', from the cache' if latency['model']['cached'] else ''})")
     if latency.get("round_to_by") == "block":
-        (multiple, count), = latency["round_to"].items()
-        line += (f"\n  round-to  {multiple} (onnxruntime's channel block on this machine) for {count} group(s) that "
-                 "can be cut at it; --round-to N to choose")
+        chosen = ", ".join(f"{m} for {n} group(s)" for m, n in latency["round_to"].items())
+        line += (f"\n  round-to  {chosen} of Convs (onnxruntime's channel block on this machine); "
+                 "--round-to N to choose")
     elif "round_to" in latency:
         chosen = ", ".join(f"{n} at {m}" for m, n in latency["round_to"].items())
         line += f"\n  round-to  auto: groups rounded to the measured multiple: {chosen}"

@@ -60,7 +60,7 @@ class LatencyBudget:
     chosen: int = -1  # the round whose allocation is the result
     save: Callable[[], None] = lambda: None  # writes new layer fits to the cache (when the run succeeds)
     multiples: dict[int, int] | None = None  # --round-to auto, or a target's default: each group's multiple
-    rounding: str = "auto"  # what chose `multiples`: "auto" (the fits) or "block" (`round_to_block`)
+    round_to_by: str = "auto"  # what chose `multiples`: "auto" (the fits) or "block" (`round_to_block`)
 
     def round_to_auto(self) -> dict[int, int]:
         """--round-to auto's multiple per group (`LatencyPredictor.favoured_multiples`)."""
@@ -69,15 +69,16 @@ class LatencyBudget:
 
     def round_to_block(self, analysis) -> dict[int, int]:
         """A latency target's multiple without --round-to: onnxruntime's channel block on this machine
-        (`channel_block`; 16 with AVX-512) for every group that can be cut at it, when it is above the default
-        8 (a count between multiples of the block computes the padded channels all the same: at half the
-        MACs the three CNNs of bench/eval_latency.py ran 4-7% faster at 16 than at 8 on an AVX-512 CPU); the
-        default elsewhere."""
+        (`channel_block`; 16 with AVX-512), when above the default 8, for every group of a Conv that can be
+        cut at it (a Conv cut to a count between multiples of the block computes the padded channels all the
+        same: at half the MACs the three CNNs of bench/eval_latency.py ran 4-7% faster at 16 than at 8 on an
+        AVX-512 CPU); the default elsewhere (matrix products were not measured)."""
         block = channel_block()
         multiples = {g.index: block for g in analysis.prunable_groups()
-                     if block > DEFAULT_ROUND_TO and block // math.gcd(block, g.width) < g.channels}
+                     if block > DEFAULT_ROUND_TO and block // math.gcd(block, g.width) < g.channels
+                     and any(s.node.op == "Conv" for s in g.sources)}
         if multiples:
-            self.multiples, self.rounding = multiples, "block"
+            self.multiples, self.round_to_by = multiples, "block"
         return multiples
 
     def target(self) -> Target | None:
@@ -162,7 +163,7 @@ class LatencyBudget:
         if self.multiples is not None:
             chosen = Counter(self.multiples.values())
             out["round_to"] = {str(m): n for m, n in sorted(chosen.items())}
-            out["round_to_by"] = self.rounding
+            out["round_to_by"] = self.round_to_by
         if measured is not None:  # as shares of the original: the model's clock may not be the wall's
             before, after = measured["before"]["median_ms"], measured["after"]["median_ms"]
             out["prediction_error"] = (predicted / self.original_ms) / (after / before) - 1.0

@@ -39,6 +39,7 @@ different shape or thread count measures anew.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -398,6 +399,7 @@ def unfused(layer: TimedLayer) -> TimedLayer:
     return layer if len([n for n in nodes if n.op_type not in LAYOUT_OPS]) > 1 else alone
 
 
+@functools.cache
 def channel_block() -> int:
     """The channel block of onnxruntime's blocked layout on this machine (16 with AVX-512, 8 with AVX2; 1
     when its optimizer does not use the layout): read off the optimized graph of a Conv with 36 output
