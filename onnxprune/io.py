@@ -372,13 +372,31 @@ def unload_maps(graph: gs.Graph) -> None:
 
 def fold_constants(graph: gs.Graph) -> None:
     """Evaluate subgraphs that depend only on constants (weights reshaped, transposed or cast by the
-    exporter) so that handlers and ops/rules see constant weights. Shapes are not folded: dynamic dims stay dynamic."""
+    exporter) so that handlers and ops/rules see constant weights. Shapes are not folded: dynamic dims stay dynamic.
+    An Identity of a constant is bypassed first: its readers read the constant itself, which stays one tensor
+    (torch's exporter shares a weight of identical layers that way; folding would store it once per Identity)."""
+    _bypass_constant_identities(graph)
     if not any(node.inputs and all(isinstance(t, gs.Constant) for t in node.inputs) for node in graph.nodes):
         return  # nothing computes from constants alone
     try:
         graph.fold_constants(fold_shapes=False, error_ok=False, size_threshold=FOLD_LIMIT_BYTES).cleanup()
     except Exception as exc:  # folding is an optimisation of the analysis, never a requirement
         log.info("constant folding skipped: %s", first_line(exc))
+
+
+def _bypass_constant_identities(graph: gs.Graph) -> None:
+    outputs = {t.name for t in graph.outputs}
+    for node in graph.nodes:
+        if node.op != "Identity" or len(node.inputs) != 1 or not isinstance(node.inputs[0], gs.Constant):
+            continue
+        constant, result = node.inputs[0], node.outputs[0]
+        if result.name in outputs:
+            continue
+        for reader in list(result.outputs):
+            for i, tensor in enumerate(reader.inputs):
+                if tensor is result:
+                    reader.inputs[i] = constant
+    graph.cleanup()
 
 
 def export_graph(graph: gs.Graph) -> onnx.ModelProto:

@@ -162,3 +162,23 @@ def test_pfp_s_sample_mode_scales_a_shared_weight_once():
     calibration = {side: rng.random((20, 3, 12, 12), dtype=np.float32) for side in "ab"}
     config = PruneConfig(filters=0.5, scorer="pfp", pfp_mode="sample", calibration=calibration, recover="none")
     assert shared_readers(prune(siamese(), config).model) == {"w1": 2, "b1": 2, "w2": 2}
+
+
+def cloned_layers() -> onnx.ModelProto:
+    """`albert` as torch exports identical layers: the second layer reads the first's weights through Identity
+    nodes (an Identity of a constant, which folding would otherwise turn into a second copy)."""
+    b = Builder(seed=5)
+    up, down = b.randn("up", [8, 24], 0.35), b.randn("down", [24, 8], 0.2)
+    weights = [(up, down), (b.node("Identity", "up_again", [up]), b.node("Identity", "down_again", [down]))]
+    stream = "x"
+    for layer, (w_up, w_down) in enumerate(weights):
+        hidden = b.relu(f"relu{layer}", b.node("MatMul", f"up{layer}", [stream, w_up]))
+        stream = b.node("Add", f"residual{layer}", [stream, b.node("MatMul", f"down{layer}", [hidden, w_down])])
+    b.output(stream)
+    return b.model([("x", [2, 5, 8])])
+
+
+def test_weights_shared_through_identity_nodes_stay_shared():
+    result = prune(cloned_layers(), PruneConfig(filters=0.5, scorer="l1", round_to=1))
+    assert shared_readers(result.model) == {"up": 2, "down": 2}
+    assert result.report["after"]["params"] * 2 == result.report["before"]["params"]
