@@ -386,6 +386,7 @@ def fold_constants(graph: gs.Graph) -> None:
 
 def _bypass_constant_identities(graph: gs.Graph) -> None:
     outputs = {t.name for t in graph.outputs}
+    bypassed = False
     for node in graph.nodes:
         if node.op != "Identity" or len(node.inputs) != 1 or not isinstance(node.inputs[0], gs.Constant):
             continue
@@ -396,7 +397,9 @@ def _bypass_constant_identities(graph: gs.Graph) -> None:
             for i, tensor in enumerate(reader.inputs):
                 if tensor is result:
                     reader.inputs[i] = constant
-    graph.cleanup()
+                    bypassed = True
+    if bypassed:
+        graph.cleanup()
 
 
 def export_graph(graph: gs.Graph) -> onnx.ModelProto:
