@@ -225,28 +225,28 @@ def _join_shared_weights(ctx: AnalysisContext) -> None:
     are joined across the readers (`Handler.weight_channels`), and where one reader cannot slice an axis (or
     its handler does not say how it reads the weight), the others' channels there are blocked: cutting
     them would store the weight twice, making the model larger."""
-    readers: dict[str, dict[int, dict]] = {}  # weight -> id of a reading node -> its axes
-    tensors = {}
+    readers: dict[str, tuple[gs.Constant, dict[int, dict]]] = {}  # name -> (weight, id of a reader -> its axes)
     for node in ctx.graph.nodes:
         handler = handler_for(node.op, node.domain)
         found = handler.weight_channels(node, ctx) if handler is not None else None
         if found is not None:
-            readers.setdefault(found[0], {})[id(node)] = found[1]
-            tensors[found[0]] = next(t for t in node.inputs if t.name == found[0])
-    for weight, axes_of in readers.items():
-        nodes = tensors[weight].outputs
+            weight, axes = found
+            readers.setdefault(weight.name, (weight, {}))[1][id(node)] = axes
+    for name, (weight, axes_of) in readers.items():
+        nodes = weight.outputs
         if len(nodes) < 2:
             continue
         for axis in sorted({axis for axes in axes_of.values() for axis in axes}):
             ids = [(node, axes_of.get(id(node), {}).get(axis)) for node in nodes]
-            keeps = next((node for node, i in ids if i is None), None)  # a reader that cannot slice the axis
             tracked = [(node, i) for node, i in ids if i is not None]
-            for node, i in tracked[1:] if keeps is None else tracked:
-                if keeps is None:
+            keeps = next((node for node, i in ids if i is None), None)  # a reader that cannot slice the axis
+            if keeps is None:
+                for _, i in tracked[1:]:
                     ctx.join(tracked[0][1], i)
-                else:
-                    ctx.block(i, f"{node.op} '{node.name}': its weight '{weight}' is shared with {keeps.op} "
-                                 f"'{keeps.name}', which keeps these channels (cutting them would store it twice)")
+                continue
+            for node, i in tracked:
+                ctx.block(i, f"{node.op} '{node.name}': its weight '{name}' is shared with {keeps.op} "
+                             f"'{keeps.name}', which keeps these channels (cutting them would store it twice)")
 
 
 def _block_at_boundaries(graph: gs.Graph, ctx: AnalysisContext, label: np.ndarray) -> None:

@@ -90,8 +90,8 @@ class Handler:
         """For a normalisation layer: its per-channel scale (BN gamma), for the `bn` scorer."""
         return None
 
-    def weight_channels(self, node: gs.Node, ctx) -> tuple[str, dict[int, np.ndarray | None]] | None:
-        """For a node reading a constant weight: its name and, per weight axis the cut may slice, the
+    def weight_channels(self, node: gs.Node, ctx) -> tuple[gs.Constant, dict[int, np.ndarray | None]] | None:
+        """For a node reading a constant weight: the weight and, per weight axis the cut may slice, the
         channel ids at that axis's positions (None: this node cannot slice it). Nodes sharing one weight
         must slice it alike, or the cut stores it twice (graph.analysis joins or blocks them; a node whose
         handler does not answer counts as slicing no axis). None when the node has no such weight."""

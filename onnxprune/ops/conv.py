@@ -86,8 +86,8 @@ class ConvHandler(Handler):
         in_ids = weight_axis_ids(x, 1, weight.shape[layout.in_axis], layout.groups)
         out_ids = weight_axis_ids(y, 1, weight.shape[layout.out_axis], layout.groups)
         if layout.depthwise:  # one axis is sliced: a Conv's filters by its output, a ConvTranspose's by its input
-            return weight.name, {layout.in_axis: in_ids} if layout.transposed else {layout.out_axis: out_ids}
-        return weight.name, {layout.in_axis: in_ids, layout.out_axis: out_ids}
+            return weight, {layout.in_axis: in_ids} if layout.transposed else {layout.out_axis: out_ids}
+        return weight, {layout.in_axis: in_ids, layout.out_axis: out_ids}
 
     def filter_weights(self, node):
         weight = node.inputs[1].values

@@ -788,7 +788,7 @@ class GatherHandler(Handler):
         y = ctx.channels(node.outputs[0])
         shape = ctx.shape(node.outputs[0])
         axis = len(shape) - 1 if shape else -1
-        return node.inputs[0].name, {1: weight_axis_ids(y, axis, table.shape[1])}
+        return node.inputs[0], {1: weight_axis_ids(y, axis, table.shape[1])}
 
     def rewrite(self, node, rw):
         mask = rw.mask(node.outputs[0])

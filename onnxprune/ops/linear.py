@@ -41,11 +41,11 @@ class MatrixWeight(Handler):
         weight, layout = found
         shape, out_shape = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
         if shape is None or out_shape is None:
-            return weight.name, {layout.in_axis: None, layout.out_axis: None}
+            return weight, {layout.in_axis: None, layout.out_axis: None}
         x, y = ctx.channels(node.inputs[0]), ctx.channels(node.outputs[0])
         in_ids = weight_axis_ids(x, self.features_axis(node.attrs) % len(shape), weight.shape[layout.in_axis])
         out_ids = weight_axis_ids(y, len(out_shape) - 1, weight.shape[layout.out_axis])
-        return weight.name, {layout.in_axis: in_ids, layout.out_axis: out_ids}
+        return weight, {layout.in_axis: in_ids, layout.out_axis: out_ids}
 
     def to_matrix(self, layout, weight):
         return (weight.T if layout.in_axis == 1 else weight)[None]
