@@ -29,6 +29,7 @@ from .baseline import Baseline
 from .budget import CostModel, LatencyPredictor, Target, short_of
 from .config import PruneConfig, latency_wanted
 from .errors import ValidationFailed
+from .ops import handler_for
 from .stages import analyze_model, choose, rewrite_channels
 from .validate.latency import LatencyConfig, compare_latency, latency_session, model_clock, summarize, time_runs
 from .validate.latency_model import LatencyCache, cache_key, channel_block, layer_fits, timed_layers
@@ -76,7 +77,7 @@ class LatencyBudget:
         block = channel_block()
         multiples = {g.index: block for g in analysis.prunable_groups()
                      if block > DEFAULT_ROUND_TO and block // math.gcd(block, g.width) < g.channels
-                     and any(s.node.op == "Conv" for s in g.sources)}
+                     and any(handler_for(s.node.op, s.node.domain).channel_padded(s.node) for s in g.sources)}
         if multiples:
             self.multiples, self.round_to_by = multiples, "block"
         return multiples

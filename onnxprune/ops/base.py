@@ -197,6 +197,11 @@ class Handler:
             return None
         return layout.data_axis, layout.in_channels, layout.out_channels, "dense", layout.groups
 
+    def channel_padded(self, node: gs.Node) -> bool:
+        """For the latency model: whether onnxruntime's CPU optimizer runs the node in its blocked channel
+        layout (NCHWc), which pads its channels up to the machine's block (`latency_model.channel_block`)."""
+        return False
+
     def per_channel(self, node: gs.Node) -> bool:
         """For the latency model: whether the node maps each channel of its channel-carrying inputs to the same
         channel of its output 0, element by element or per channel (an activation, arithmetic with a constant

@@ -89,6 +89,9 @@ class ConvHandler(Handler):
             return weight, {layout.in_axis: in_ids} if layout.transposed else {layout.out_axis: out_ids}
         return weight, {layout.in_axis: in_ids, layout.out_axis: out_ids}
 
+    def channel_padded(self, node):
+        return node.op == "Conv"  # not ConvTranspose, which onnxruntime leaves in its plain layout
+
     def filter_weights(self, node):
         weight = node.inputs[1].values
         if node.op != "ConvTranspose":
