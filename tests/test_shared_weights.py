@@ -182,3 +182,19 @@ def test_weights_shared_through_identity_nodes_stay_shared():
     result = prune(cloned_layers(), PruneConfig(filters=0.5, scorer="l1", round_to=1))
     assert shared_readers(result.model) == {"up": 2, "down": 2}
     assert result.report["after"]["params"] * 2 == result.report["before"]["params"]
+
+
+def test_the_cli_refuses_to_sparsify_or_factorize_only_shared_weights_in_one_line(tmp_path):
+    """Exit 2 (--sparsity: nothing takes the pattern; no hint to the pattern already asked for) and 3 (--rank:
+    nothing to factorize), one line naming the shared weight, nothing written."""
+    from click.testing import CliRunner
+
+    from onnxprune.cli import main
+
+    source, out = tmp_path / "siamese.onnx", tmp_path / "out.onnx"
+    onnx.save(siamese(), str(source))
+    for args, code in ((["--sparsity", "0.5"], 2), (["--rank", "0.5"], 3)):
+        run = CliRunner().invoke(main, [str(source), str(out), *args])
+        assert run.exit_code == code, run.output
+        assert len(run.output.strip().splitlines()) == 1 and "is shared with another node" in run.output
+        assert "try --sparsity-pattern unstructured" not in run.output and not out.exists()
