@@ -22,6 +22,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..ops import handler_for
+from ..ops.base import known_shape
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +107,7 @@ class AnalysisContext:
         return self.maps.get(tensor.name) if tensor is not None else None
 
     def shape(self, tensor: gs.Tensor) -> tuple | None:
-        if isinstance(tensor, gs.Constant):
-            return tuple(tensor.shape)
-        shape = self.shapes.get(tensor.name)
-        if shape is None or any(d is None for d in shape):
-            return None
-        return shape
+        return known_shape(self.shapes, tensor)
 
     @staticmethod
     def const(tensor: gs.Tensor) -> np.ndarray | None:

@@ -317,6 +317,14 @@ def weight_axis_ids(cmap, axis: int, size: int, groups: int = 1) -> np.ndarray |
     return None
 
 
+def known_shape(shapes: dict, tensor: gs.Tensor) -> tuple | None:
+    """A tensor's shape (a constant's own, else the analysed one in `shapes`) when every dim is known."""
+    if isinstance(tensor, gs.Constant):
+        return tuple(tensor.shape)
+    shape = shapes.get(tensor.name)
+    return None if shape is None or any(d is None for d in shape) else shape
+
+
 def has_input(node: gs.Node, index: int) -> bool:
     return index < len(node.inputs) and node.inputs[index].name != ""
 

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .base import (HIDDEN, ONNX_DOMAINS, Handler, attr, const_input, gather_kept, has_input, join_rows, normalize_axis,
-                   pass_through, register, weight_axis_ids)
+from .base import (HIDDEN, ONNX_DOMAINS, Handler, attr, const_input, gather_kept, has_input, join_rows, known_shape,
+                   normalize_axis, onnx_op, pass_through, register, weight_axis_ids)
 
 
 @register("Concat")
@@ -70,7 +72,7 @@ def _expanded_constant(tensor: gs.Tensor, axis: int, ids: np.ndarray, ctx) -> bo
     (over 1): Expand's broadcasting keeps that size whatever its shape input says (1 keeps it, anything
     but the size fails), so the channels' kept positions can be gathered from it at any input size."""
     node = tensor.inputs[0] if tensor.inputs else None
-    if node is None or node.op != "Expand" or node.domain not in ONNX_DOMAINS or ids.ndim != 1 or len(ids) < 2:
+    if node is None or not onnx_op(node, "Expand") or ids.ndim != 1 or len(ids) < 2:
         return False
     data, shape = const_input(node, 0), ctx.shape(tensor)
     if data is None or shape is None:
@@ -232,7 +234,7 @@ def own_size_value(tensor: gs.Tensor, source: gs.Tensor, axis: int, size: int, r
 def _evaluated(node: gs.Node, values: list[np.ndarray]) -> np.ndarray | None:
     """`node` (one of OWN_SIZE_ARITHMETIC but Gather and Slice) applied to integer `values`."""
     if node.op in ("Unsqueeze", "Squeeze"):
-        axes = _axes(node)
+        axes = axes_input(node)
         if axes is None and (node.op == "Unsqueeze" or has_input(node, 1)):
             return None
         if node.op == "Unsqueeze":
@@ -246,9 +248,7 @@ def _evaluated(node: gs.Node, values: list[np.ndarray]) -> np.ndarray | None:
 
 def _reads_shape_of(node: gs.Node, source: gs.Tensor) -> bool:
     """`node`'s data input is the whole Shape of `source` (no start or end)."""
-    shape = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
-    return (shape is not None and shape.op == "Shape" and shape.domain in ONNX_DOMAINS and shape.inputs[0] is source
-            and int(attr(shape, "start", 0)) == 0 and "end" not in shape.attrs)
+    return _whole_shape_source(node.inputs[0]) is source
 
 
 def _own_size_read(node: gs.Node, tensor: gs.Tensor, source: gs.Tensor, axis: int, size: int, rank: int):
@@ -388,7 +388,8 @@ class ReshapeHandler(Handler):
         counts = {axis + i: int(mask.any(axis=tuple(a for a in range(mask.ndim) if a != i)).sum())
                   for i in range(mask.ndim)}
         if mask.ndim == 1 and const_input(node, 1) is None \
-                and _own_count_problem(node, axis, rw.tracked_axis(node.inputs[0]), _known_shapes(rw)) is None:
+                and _own_count_problem(node, axis, rw.tracked_axis(node.inputs[0]),
+                                      functools.partial(known_shape, rw.analysis.shapes)) is None:
             return  # the entry reads the pruned input's own count
         set_shape_entries(node, counts, rw)
 
@@ -629,8 +630,7 @@ def _regrouped_units(ids, in_shape, out_shape, axis):
 def _whole_shape_source(target: gs.Tensor) -> gs.Tensor | None:
     """The tensor whose whole Shape (no start or end) `target` is, else None."""
     shape = target.inputs[0] if target.inputs else None
-    if shape is None or shape.op != "Shape" or shape.domain not in ONNX_DOMAINS or int(attr(shape, "start", 0)) != 0 \
-            or "end" in shape.attrs:
+    if shape is None or not onnx_op(shape, "Shape") or int(attr(shape, "start", 0)) != 0 or "end" in shape.attrs:
         return None
     return shape.inputs[0]
 
@@ -702,14 +702,6 @@ def _own_count_problem(reshape: gs.Node, axis: int, channel_axis: int, shape_of)
         return (f"Reshape '{reshape.name}': its target's channel entry is its input's axis {dim}, not its channel "
                 f"axis {channel_axis}")
     return None
-
-
-def _known_shapes(rw):
-    """A shape lookup for the rewrite: a tensor's analysed shape, or None when unknown."""
-    def shape_of(tensor):
-        shape = tuple(tensor.shape) if isinstance(tensor, gs.Constant) else rw.analysis.shapes.get(tensor.name)
-        return None if shape is None or any(d is None for d in shape) else shape
-    return shape_of
 
 
 def _merge_with_outer(ids, in_shape, out_shape, axis):
@@ -824,7 +816,8 @@ class TransposeHandler(Handler):
         ctx.set(node.outputs[0], type(x)(start, x.ids.transpose(order)))
 
 
-def _axes(node):
+def axes_input(node):
+    """The `axes` of a Squeeze, Unsqueeze or Reduce: its attribute, else its constant input 1 (None: absent or computed)."""
     axes = attr(node, "axes")
     if axes is None and has_input(node, 1):
         axes = const_input(node, 1)
@@ -840,7 +833,7 @@ class SqueezeHandler(Handler):
         if x is None:
             return
         shape = ctx.shape(node.inputs[0])
-        axes = _axes(node)
+        axes = axes_input(node)
         if shape is None or (axes is None and has_input(node, 1)):
             ctx.block(x.ids, f"Squeeze '{node.name}': shape or axes unknown")
             return
@@ -858,7 +851,7 @@ class UnsqueezeHandler(Handler):
         if x is None:
             return
         shape = ctx.shape(node.inputs[0])
-        axes = _axes(node)
+        axes = axes_input(node)
         if shape is None or axes is None:
             ctx.block(x.ids, f"Unsqueeze '{node.name}': shape or axes unknown")
             return
@@ -901,18 +894,18 @@ class ShapeHandler(Handler):
             if position in _shape_entries_read(consumer, end - start) and not _sizes_own_resizes(consumer, x.axis) \
                     and not _reshape_target(consumer, node.outputs[0]) \
                     and not (own and _bounds_of_own_slices(consumer.outputs, own, outputs)):
-                problem = _count_copy_problem(node, [consumer], x, ctx, outputs)
+                problem = _count_copy_problem(node, consumer, x, ctx, outputs)
                 if problem is not None:
                     ctx.block(x.ids, problem)
                     return
 
 
-def _count_copy_problem(shape: gs.Node, readers, x, ctx, graph_outputs: set[str]) -> str | None:
-    """None when Shape `shape`'s channel entry, through `readers` (of its output), is only copied into
+def _count_copy_problem(shape: gs.Node, reader: gs.Node, x, ctx, graph_outputs: set[str]) -> str | None:
+    """None when Shape `shape`'s channel entry, through `reader` (of its output), is only copied into
     target entries of Reshapes of its own input that are their outputs' channel axis, that axis the input's
     as it is (`ReshapeHandler` then leaves the entry to follow the count); else why not. `x`: the channels."""
     source, generic = shape.inputs[0], f"Shape '{shape.name}': the channel count is read and used"
-    reshapes = _shape_copies_into(readers, graph_outputs) if all(_copies(r, shape.outputs[0]) for r in readers) else None
+    reshapes = _shape_copies_into(reader, graph_outputs) if _copies(reader, shape.outputs[0]) else None
     if reshapes is None:
         return generic
     for reshape in reshapes:
@@ -937,25 +930,24 @@ def _is_dim(copied, tensor: gs.Tensor, axis: int) -> bool:
     return copied is not None and copied[0] is tensor and copied[1] == axis
 
 
-def _shape_copies_into(readers, graph_outputs: set[str], depth: int = MAX_ARITHMETIC_DEPTH) -> list[gs.Node] | None:
-    """The Reshapes whose targets the outputs of `readers` reach through SHAPE_COPY ops alone (as their
-    data, not their indices or bounds), when `readers` are such ops and nothing else reads them; else None."""
+def _shape_copies_into(reader: gs.Node, graph_outputs: set[str], depth: int = MAX_ARITHMETIC_DEPTH) -> list[gs.Node] | None:
+    """The Reshapes whose targets the outputs of `reader` reach through SHAPE_COPY ops alone (as their
+    data, not their indices or bounds), when `reader` and they are such ops and nothing else reads them;
+    else None."""
+    if not onnx_op(reader, *SHAPE_COPY) or depth == 0:
+        return None
     found = []
-    for reader in readers:
-        if reader.op not in SHAPE_COPY or reader.domain not in ONNX_DOMAINS or depth == 0:
+    for tensor in reader.outputs:
+        if tensor.name in graph_outputs or not tensor.outputs:
             return None
-        for tensor in reader.outputs:
-            if tensor.name in graph_outputs or not tensor.outputs:
+        for user in tensor.outputs:
+            if onnx_op(user, "Reshape") and user.inputs[1] is tensor and user.inputs[0] is not tensor:
+                found.append(user)
+                continue
+            further = _shape_copies_into(user, graph_outputs, depth - 1) if _copies(user, tensor) else None
+            if further is None:
                 return None
-            for user in tensor.outputs:
-                if user.op == "Reshape" and user.domain in ONNX_DOMAINS and user.inputs[1] is tensor \
-                        and user.inputs[0] is not tensor:
-                    found.append(user)
-                    continue
-                further = _shape_copies_into([user], graph_outputs, depth - 1) if _copies(user, tensor) else None
-                if further is None:
-                    return None
-                found += further
+            found += further
     return found
 
 
@@ -968,7 +960,7 @@ def _copies(user: gs.Node, tensor: gs.Tensor) -> bool:
 def _reshape_target(consumer: gs.Node, shape: gs.Tensor) -> bool:
     """`consumer` reads the whole shape `shape` only as a Reshape's target: the Reshape's handler then
     checks that its output carries the shaped tensor's channels (`ReshapeHandler.propagate`), or blocks."""
-    return consumer.op == "Reshape" and consumer.domain in ONNX_DOMAINS and consumer.inputs[1] is shape \
+    return onnx_op(consumer, "Reshape") and consumer.inputs[1] is shape \
         and consumer.inputs[0] is not shape and _whole_shape_source(shape) is not None
 
 
@@ -982,11 +974,11 @@ def _bounds_of_own_slices(tensors, own: tuple, graph_outputs: set[str], depth: i
         if depth == 0 or tensor.name in graph_outputs or not tensor.outputs:  # no reader here: a subgraph's output
             return False
         for reader in tensor.outputs:
-            if reader.op == "Slice" and reader.domain in ONNX_DOMAINS and reader.inputs[0] is source:
+            if onnx_op(reader, "Slice") and reader.inputs[0] is source:
                 if any(t is tensor and i not in (1, 2) for i, t in enumerate(reader.inputs)) \
                         or own_size_value(tensor, *own) is None:
                     return False
-            elif reader.op not in OWN_SIZE_ARITHMETIC or reader.domain not in ONNX_DOMAINS \
+            elif not onnx_op(reader, *OWN_SIZE_ARITHMETIC) \
                     or not _bounds_of_own_slices(reader.outputs, own, graph_outputs, depth - 1):
                 return False
     return True

@@ -7,7 +7,7 @@ import numpy as np
 
 from .base import (HIDDEN, Handler, attr, const_input, has_input, join_rows, normalize_axis, pass_through, register, text,
                    window_problem)
-from .layout import resize_sizes_follow_input
+from .layout import axes_input, resize_sizes_follow_input
 
 
 @register("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool")
@@ -49,12 +49,10 @@ class ReduceHandler(Handler):
     @staticmethod
     def _over_last_axis(node, rank: int) -> bool:
         """A ReduceMean over the last axis alone, kept (a norm's statistic)."""
-        axes = attr(node, "axes")
-        if axes is None and has_input(node, 1):
-            axes = const_input(node, 1)
+        axes = axes_input(node)
         if node.op != "ReduceMean" or axes is None or not attr(node, "keepdims", 1):
             return False
-        return {normalize_axis(int(a), rank) for a in np.asarray(axes).reshape(-1)} == {rank - 1}
+        return {normalize_axis(a, rank) for a in axes} == {rank - 1}
 
     def propagate(self, node, ctx):
         x = ctx.channels(node.inputs[0])
@@ -77,12 +75,13 @@ class ReduceHandler(Handler):
                 return
             axes = range(rank)
         axes = {normalize_axis(int(a), rank) for a in np.asarray(list(axes)).reshape(-1)}
-        if x.axis in axes and x.axis == rank - 1 and self._over_last_axis(node, rank) and ctx.allows(HIDDEN):
-            ctx.inexact(x.ids, f"{node.op} '{node.name}': a mean over the hidden size (--hidden; a spelled-out "
-                               "norm's statistic): it changes with the channels removed")
-            return  # its output, one value per position, carries no channels
         if x.axis in axes:
-            hint = ", which --hidden prunes" if x.axis == rank - 1 and self._over_last_axis(node, rank) else ""
+            statistic = x.axis == rank - 1 and self._over_last_axis(node, rank)  # a spelled-out norm's
+            if statistic and ctx.allows(HIDDEN):
+                ctx.inexact(x.ids, f"{node.op} '{node.name}': a mean over the hidden size (--hidden; a spelled-out "
+                                   "norm's statistic): it changes with the channels removed")
+                return  # its output, one value per position, carries no channels
+            hint = ", which --hidden prunes" if statistic else ""
             ctx.block(x.ids, f"{node.op} '{node.name}': reduces over the channel axis{hint}")
             return
         axis = x.axis if attr(node, "keepdims", 1) else x.axis - sum(a < x.axis for a in axes)
