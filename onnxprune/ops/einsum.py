@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import const_input, filters, register, text
+from .base import filters, register, text
 from .linear import MatrixWeight
 
 
@@ -38,8 +38,8 @@ class EinsumHandler(MatrixWeight):
         return None if in_axis is None else self.matrix_layout(op, weight_shape, in_axis)
 
     def _layout(self, node):
-        weight = const_input(node, 1)
-        return None if weight is None else self.weight_layout(node.op, node.attrs, weight.shape)
+        found = self.constant_weight(node)
+        return None if found is None else found[1]
 
     def propagate(self, node, ctx):
         layout = self._layout(node) if len(node.inputs) == 2 else None

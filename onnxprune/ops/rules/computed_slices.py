@@ -58,9 +58,11 @@ def _fixed_bounds(node: gs.Node, graph: gs.Graph, shapes: dict) -> dict[int, np.
 
 
 def _bound_dtype(node: gs.Node, bound: gs.Tensor) -> np.dtype:
-    """The integer type the Slice's bounds share (ONNX's Tind: int32 or int64)."""
+    """The integer type the Slice's bounds share (ONNX's Tind: int32 or int64); as `layout._index_type`, but
+    a bound may also be a Constant node's output here."""
     for tensor in (bound, *node.inputs[1:]):
-        dtype = constant_values(tensor).dtype if constant_values(tensor) is not None else tensor.dtype
+        values = constant_values(tensor)
+        dtype = values.dtype if values is not None else tensor.dtype
         if dtype is not None and np.dtype(dtype) in (np.dtype(np.int32), np.dtype(np.int64)):
             return np.dtype(dtype)
     return np.dtype(np.int64)
