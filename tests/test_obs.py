@@ -141,14 +141,15 @@ def test_the_curve_is_measured_on_held_out_rows():
     problem, damped = _problem(seed=6, channels=6)
     rng = np.random.default_rng(7)
     other = np.concatenate([rng.standard_normal((300, 18)), np.ones((300, 1))], axis=1)
-    problem.held = other.T @ other / 300
+    held = other.T @ other / 300
+    problem.held = other.T / np.sqrt(300)  # a factor of it: the rows themselves
     order, curve = greedy_removal([problem], 6, steps=5)
-    held_energy = float(np.einsum("of,fg,og->", problem.weight, problem.held, problem.weight))
+    held_energy = float(np.einsum("of,fg,og->", problem.weight, held, problem.weight))
     expected = []
     for r in range(1, 6):  # batches of one: every point is a batch end
         _, fitted = _brute_force(problem.weight, damped, np.concatenate([problem.columns[u] for u in order[:r]]))
         change = problem.weight - fitted
-        expected.append(float(np.einsum("of,fg,og->", change, problem.held, change)) / held_energy)
+        expected.append(float(np.einsum("of,fg,og->", change, held, change)) / held_energy)
     np.testing.assert_allclose(curve[1:], np.maximum.accumulate(expected), rtol=1e-6)
 
 
@@ -216,3 +217,54 @@ def test_gram_rows_folded_in_any_number_of_products_give_the_same_matrices(monke
     assert folds[0].count == folds[1].count > 0 and folds[0].held_count == folds[1].held_count
     for name in ("gram", "held"):
         np.testing.assert_allclose(getattr(folds[1], name), getattr(folds[0], name), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("held_gram", [False, True])
+def test_the_held_out_rows_or_their_gram_factor_give_the_curve_of_their_gram_matrix(monkeypatch, held_gram):
+    """Fewer held-out rows than features stay rows (a thin factor of their Gram matrix), more are folded into
+    a Gram matrix and factored: either way the greedy removal's held-out curve is that of their Gram matrix."""
+    from onnxprune.scoring import obs
+    from onnxprune.scoring.consumers import find_consumers
+
+    monkeypatch.setattr(obs.GramFold, "_held_gram", lambda self: held_gram)
+    model = models.conv_chain()
+    analysis = analyze_model(load(model))
+    consumer = find_consumers(analysis)[0]
+    rng = np.random.default_rng(4)
+    shape = [d if isinstance(d, int) else 2 for d in analysis.shapes[consumer.tensor]]
+    fold = obs.GramFold(consumer, 10, 5, np.random.default_rng(0))
+    rows = []
+    for i in range(5):
+        activation = rng.standard_normal([2, *shape[1:]]).astype(np.float32)
+        flat = consumer.batch_points(fold.chosen, 2 * i, 2)
+        held = obs.held_out(2 * i + flat // consumer.positions)
+        rows.append(np.concatenate([consumer.points(activation, flat)[held], np.ones((held.sum(), 1))], axis=1))
+        fold.add(activation, 2 * i, 2)
+    rows = np.concatenate(rows)
+    (group, problem), = fold.problems(analysis)
+    assert (fold.held is not None) == held_gram and len(problem.held) == len(rows.T)
+    assert problem.held.shape[1] == (len(rows.T) if held_gram else len(rows))
+    gram = rows.T @ rows / len(rows)
+    np.testing.assert_allclose(problem.held @ problem.held.T, gram, rtol=1e-4, atol=1e-5 * np.abs(gram).max())
+    channels = analysis.groups[group].channels
+    curve = greedy_removal([problem], channels, steps=channels)[1]
+    exact = Problem(problem.weight, problem.hinv, problem.columns, problem.energy, np.linalg.cholesky(gram))
+    np.testing.assert_allclose(curve, greedy_removal([exact], channels, steps=channels)[1], rtol=1e-3, atol=1e-6)
+
+
+def test_a_held_out_gram_matrix_left_indefinite_by_rounding_is_still_factored():
+    """Float32 rows summed into a rank-deficient Gram matrix can leave it slightly indefinite, which stops
+    a Cholesky factorisation: the factor then comes from its eigenvectors, negative values cut to zero."""
+    from types import SimpleNamespace
+
+    from onnxprune.scoring.obs import GramFold
+
+    rng = np.random.default_rng(5)
+    basis = rng.standard_normal((8, 3))
+    gram = basis @ basis.T  # rank 3 of 8
+    values, vectors = np.linalg.eigh(gram)
+    indefinite = gram - 1e-6 * np.outer(vectors[:, 0], vectors[:, 0])  # a small negative eigenvalue
+    with pytest.raises(np.linalg.LinAlgError):
+        np.linalg.cholesky(indefinite)
+    factor = GramFold._held_factor(SimpleNamespace(held=indefinite * 10, held_count=10), np.arange(8), None)
+    np.testing.assert_allclose(factor @ factor.T, gram, atol=1e-5)

@@ -78,32 +78,35 @@ class Problem:
     hinv: np.ndarray
     columns: dict[int, np.ndarray]
     energy: float  # mean squared output per row, tr(W H W^T): errors are relative to it
-    held: np.ndarray | None = None  # Gram matrix of held-out rows: the curve is measured there
-    original: np.ndarray | None = None  # the weights before any removal (set by `copy`)
-    held_energy: float = 0.0  # tr(W H_held W^T) of those weights (set by `copy`)
-    held_sse: float = 0.0  # tr(D H_held D^T), D the change of the weights since then (kept by `remove`)
+    # the held-out rows, where the curve is measured: Z [features, m] with Z Z^T their Gram matrix (the
+    # rows themselves when fewer than the features, else a Cholesky factor: `held_factor`)
+    held: np.ndarray | None = None
+    residual: np.ndarray | None = None  # (W0 - W) Z: the change of the weights since `copy`, on those rows
+    held_energy: float = 0.0  # |W0 Z|^2 of the weights W0 at `copy`
     consumer: Consumer | None = None  # the layer, and which of its conv blocks this is
     block: int = 0
-    # set by `drop` (a problem shrunk to its live features): the layer's feature of each column, and
-    # (W0 - W) over the dropped features times their held-out Gram rows with the live ones [outputs, live]
+    # set by `drop` (a problem shrunk to its live features): the layer's feature of each column
     index: np.ndarray | None = None
-    held_cross: np.ndarray | None = None
     width: int = 0  # with `index`: the layer's feature count (the bias column included)
     pending: list = field(default_factory=list)  # columns removed by `drop`, still in the arrays
 
     def copy(self) -> "Problem":
         """A copy to remove units from, its arrays in H^-1's dtype (WORK_DTYPE from `GramFold.problems`)."""
         weight = self.weight.astype(self.hinv.dtype)
-        held = None if self.held is None else self.held.astype(self.hinv.dtype, copy=False)
-        held_energy = quadratic(weight, held) if held is not None else 0.0
-        return Problem(weight, self.hinv.copy(), self.columns, self.energy, held, weight.copy(), held_energy, 0.0,
-                       self.consumer, self.block, self.index, None, self.width)
+        held = residual = None
+        held_energy = 0.0
+        if self.held is not None:
+            held = self.held.astype(self.hinv.dtype, copy=False)
+            held_energy = float(np.sum(np.square(weight @ held)))
+            residual = np.zeros((len(weight), held.shape[1]), held.dtype)
+        return Problem(weight, self.hinv.copy(), self.columns, self.energy, held, residual, held_energy,
+                       self.consumer, self.block, self.index, self.width)
 
     def held_error(self) -> float:
         """The relative output error of the current (updated) weights on the held-out rows."""
-        if not self.held_energy > 0:
+        if self.residual is None or not self.held_energy > 0:
             return 0.0
-        return max(self.held_sse, 0.0) / self.held_energy
+        return float(np.sum(np.square(self.residual))) / self.held_energy
 
     def full_weight(self) -> np.ndarray:
         """The weights over all the layer's features (dropped ones zero)."""
@@ -134,11 +137,8 @@ class Problem:
         live = np.ones(self.weight.shape[1], dtype=bool)
         live[gone] = False
         kept = np.flatnonzero(live)
-        if self.held is not None and self.original is not None:
-            cross = self.original[:, gone] @ self.held[gone][:, kept]  # W is zero there: the change is W0
-            self.held_cross = cross if self.held_cross is None else self.held_cross[:, kept] + cross
-            self.held = self.held[np.ix_(kept, kept)]
-            self.original = self.original[:, kept]
+        if self.held is not None:  # the residual keeps what the dropped features changed
+            self.held = self.held[kept]
         self.weight = self.weight[:, kept]
         self.hinv = self.hinv[np.ix_(kept, kept)]
         self.index = self.index[kept]
@@ -172,8 +172,8 @@ class Problem:
         w_s = self.weight[:, s]
         cost = float(np.einsum("os,st,ot->", w_s, inverse, w_s, optimize=True))
         step, rows = w_s @ inverse, self.hinv[s, :]  # the weights change by -step @ rows
-        if self.held is not None and self.held_energy > 0 and self.original is not None:
-            self._add_held_change(step, rows)
+        if self.residual is not None:
+            self.residual += step @ (rows @ self.held)
         self.weight -= step @ rows
         # (H^-1)_{:,S} [(H^-1)_SS]^-1 (H^-1)_{S,:} = B B^T, B^T = C^-1 (H^-1)_{S,:} with C C^T = (H^-1)_SS:
         # one symmetric product (BLAS syrk), half the work of the two general ones
@@ -181,16 +181,6 @@ class Problem:
         self.hinv -= factor @ factor.T
         self.weight[:, s] = 0.0
         return max(cost, 0.0) / self.energy
-
-    def _add_held_change(self, step: np.ndarray, rows: np.ndarray) -> None:
-        """Keep held_sse = tr(D H D^T) as the change D = W_before - W grows by U = step @ rows, without an
-        [outputs, features] x [features, features] product per removal:
-        tr((D + U) H (D + U)^T) - tr(D H D^T) = 2 tr(step (rows H) D^T) + tr(step (rows H rows^T) step^T)."""
-        projected = rows @ self.held  # [s, features]
-        cross = (self.original - self.weight) @ projected.T  # D H rows^T: [outputs, s]
-        if self.held_cross is not None:  # the dropped features' part of D H rows^T
-            cross += self.held_cross @ rows.T
-        self.held_sse += 2.0 * float(np.sum(step * cross)) + float(np.sum(step * (step @ (projected @ rows.T))))
 
 
 def quadratic(weight: np.ndarray, gram: np.ndarray) -> float:
@@ -201,7 +191,9 @@ def quadratic(weight: np.ndarray, gram: np.ndarray) -> float:
 def damped(gram: np.ndarray) -> np.ndarray:
     """G + lambda I with lambda = DAMP x the mean diagonal (OBC's dampening)."""
     scale = float(np.trace(gram)) / len(gram)
-    return gram + np.eye(len(gram)) * DAMP * (scale if scale > 0 else 1.0)
+    out = gram.copy()
+    out[np.diag_indices_from(out)] += DAMP * (scale if scale > 0 else 1.0)
+    return out
 
 
 def damped_inverse(gram: np.ndarray, dtype=np.float64) -> np.ndarray:
@@ -270,7 +262,12 @@ def greedy_removal(problems: list[Problem], channels: int, steps: int = REMOVAL_
 
 
 class GramFold:
-    """One consumer's Gram matrix of sampled input features (with a constant 1), folded batch by batch."""
+    """One consumer's Gram matrix of sampled input features (with a constant 1), folded batch by batch, and
+    the held-out rows (calib.data.held_out) that measure the curve: kept as they are while they are at most
+    twice the features (in float32 no larger than their Gram matrix in float64; ResNet-50's widest layers
+    have 627 rows of 4608 features), a Gram matrix of their own beyond. Rows fewer than the features are a
+    thin factor of that Gram matrix, which makes the greedy removal's held-out error cheaper to keep
+    (`Problem.remove`), and the Gram matrix and its factorisation are never computed."""
 
     def __init__(self, consumer: Consumer, samples: int, batches: int, rng):
         self.consumer = consumer
@@ -279,7 +276,7 @@ class GramFold:
         per_batch = max(64, min(-(-wanted // max(batches, 1)), MAX_BATCH_ELEMENTS // features))
         self.chosen = choose_points(consumer, samples, per_batch * batches, rng)
         self.gram = np.zeros((features, features))  # rows of the fit samples
-        self.held = np.zeros((features, features))  # rows of the held-out samples (calib.data.held_out)
+        self.held: np.ndarray | None = None  # rows of the held-out samples, beyond twice the features
         self.count = self.held_count = 0
         self.waiting: tuple[list, list] = ([], [])  # fit and held-out rows not yet in the Gram matrices
 
@@ -294,24 +291,47 @@ class GramFold:
         self.waiting[1].append(x[held])
         self.count += int((~held).sum())
         self.held_count += int(held.sum())
-        if sum(map(len, self.waiting[0] + self.waiting[1])) * x.shape[1] >= FOLD_ELEMENTS:
+        folding = self.waiting[0] + (self.waiting[1] if self._held_gram() else [])
+        if sum(map(len, folding)) * x.shape[1] >= FOLD_ELEMENTS:
             self.fold()
 
+    def _held_gram(self) -> bool:
+        return self.held_count > 2 * len(self.gram)
+
     def fold(self) -> None:
-        """Add the waiting rows into the Gram matrices: float32 products (twice as fast as float64 in BLAS),
-        summed into float64."""
+        """Add the waiting rows into the Gram matrices (the held-out ones beyond twice the features):
+        float32 products (twice as fast as float64 in BLAS), summed into float64."""
+        if self._held_gram() and self.held is None:
+            self.held = np.zeros_like(self.gram)
         for gram, rows in zip((self.gram, self.held), self.waiting):
-            if rows:
+            if rows and gram is not None:
                 x = np.concatenate(rows)
                 gram += x.T @ x
                 rows.clear()
+
+    def _held_factor(self, take: np.ndarray, rows: np.ndarray | None) -> np.ndarray | None:
+        """Z [len(take), m] with Z Z^T the held-out rows' Gram matrix over the features `take` (/ rows): the
+        `rows` themselves, or else the Cholesky factor of their Gram matrix (with a jitter of 1e-9 of its
+        mean diagonal for dead features; from its eigenvectors when rounding left it indefinite)."""
+        if not self.held_count:
+            return None
+        if rows is not None:
+            return np.ascontiguousarray(rows[:, take].T) / np.float32(np.sqrt(self.held_count))
+        gram = square_block(self.held, take) / self.held_count
+        gram[np.diag_indices_from(gram)] += 1e-9 * max(float(np.trace(gram)) / len(gram), 1e-30)
+        try:
+            return np.linalg.cholesky(gram).astype(WORK_DTYPE)
+        except np.linalg.LinAlgError:
+            values, vectors = np.linalg.eigh(gram)
+            return (vectors * np.sqrt(np.maximum(values, 0.0))).astype(WORK_DTYPE)
 
     def problems(self, analysis) -> list[tuple[int, Problem]]:
         """(group index, Problem) for every prunable group this layer reads, one per conv block."""
         consumer = self.consumer
         self.fold()
-        gram = self.gram / max(self.count, 1)
-        held = self.held / self.held_count if self.held_count else None
+        self.gram /= max(self.count, 1)  # in place, no second F x F copy: a fold gives its problems once
+        gram = self.gram
+        held_rows = np.concatenate(self.waiting[1]) if self.waiting[1] else None  # (folded: none waiting)
         weight, bias = _layer_matrix(consumer)
         groups = consumer.groups
         per_block_in = consumer.channels // groups
@@ -322,27 +342,35 @@ class GramFold:
         found = []
         for block in range(groups):
             in_channels = np.arange(block * per_block_in, (block + 1) * per_block_in)
-            features = (in_channels[:, None] * kernel + np.arange(kernel)[None, :]).ravel()  # C-major
-            take = np.append(features, gram.shape[0] - 1)
-            block_gram = _block(gram, take)
+            take = block_features(consumer, block)
+            block_gram = square_block(gram, take)
             rows = slice(block * per_block_out, (block + 1) * per_block_out)
             w = np.concatenate([weight[rows], bias[rows, None]], axis=1)  # a block reads its own channels
-            energy = quadratic(w, block_gram)
+            energy = quadratic(w.astype(WORK_DTYPE), block_gram.astype(WORK_DTYPE))  # a scale: float32 will do
             if not energy > 0:
                 continue
             hinv = damped_inverse(block_gram, WORK_DTYPE)
+            held = self._held_factor(take, held_rows)
             local = np.arange(per_block_in * kernel).reshape(per_block_in, kernel)
             for g in np.unique(owners[in_channels][owners[in_channels] >= 0]).tolist():
                 columns: dict[int, list] = {}
                 for c in np.flatnonzero(owners[in_channels] == g).tolist():
                     columns.setdefault(int(positions[in_channels[c]]), []).append(local[c])
                 found.append((g, Problem(w, hinv, {u: np.concatenate(v) for u, v in columns.items()}, energy,
-                                         None if held is None else _block(held, take),
-                                         consumer=consumer, block=block)))
+                                         held, consumer=consumer, block=block)))
         return found
 
 
-def _block(matrix: np.ndarray, take: np.ndarray) -> np.ndarray:
+def block_features(consumer: Consumer, block: int) -> np.ndarray:
+    """The features of a consumer's conv block (C-major, as `Consumer.points` lays them out) and its bias
+    column, the last."""
+    per_block_in = consumer.channels // consumer.groups
+    in_channels = np.arange(block * per_block_in, (block + 1) * per_block_in)
+    features = (in_channels[:, None] * consumer.kernel + np.arange(consumer.kernel)[None, :]).ravel()
+    return np.append(features, consumer.fan_in * consumer.groups)
+
+
+def square_block(matrix: np.ndarray, take: np.ndarray) -> np.ndarray:
     """The rows and columns `take` (sorted) of a square matrix: itself when they are all of them."""
     return matrix if len(take) == len(matrix) else matrix[np.ix_(take, take)]
 

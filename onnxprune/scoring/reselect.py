@@ -46,7 +46,7 @@ from ..recover.lstsq import LstsqFit
 from ..recover.passes import fit_level
 from ..recover.stream import Stream
 from .consumers import find_consumers
-from .obs import MAX_FEATURES, GramFold, greedy_order_scores, quadratic
+from .obs import MAX_FEATURES, GramFold, block_features, greedy_order_scores, quadratic, square_block
 
 
 class CrossFold(GramFold):
@@ -71,19 +71,17 @@ class CrossFold(GramFold):
 
     def problems(self, analysis) -> list:
         """obs's problems on X_p, each with the asymmetric target as its weights and its energy measured on
-        the original's outputs. `GramFold.problems` slices each block's rows and columns out of `held` (the
-        held-out rows' Gram matrix, which re-selection does not use): given C, G and D stacked on a third
-        axis, it slices all three in its own layout."""
-        self.held, self.held_count = np.stack([self.cross, self.gram, self.gram_d], axis=-1), max(self.count, 1)
-        found = super().problems(analysis)
+        the original's outputs (no held-out rows: re-selection has no curve)."""
+        self.cross /= max(self.count, 1)
+        self.gram_d /= max(self.count, 1)
+        found = super().problems(analysis)  # divides self.gram likewise
         for _, problem in found:
-            cross, gram, gram_d = np.moveaxis(problem.held, -1, 0)
+            take = block_features(problem.consumer, problem.block)
+            cross, gram, gram_d = (square_block(m, take) for m in (self.cross, self.gram, self.gram_d))
             weight = problem.weight  # the original's, as obs reads it
             energy = quadratic(weight, gram_d)
             problem.weight = asymmetric_target(weight, cross, gram, problem.hinv)
             problem.energy = energy if energy > 0 else problem.energy
-            problem.held = None
-        self.held = None
         return found
 
 
