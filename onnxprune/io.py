@@ -402,6 +402,34 @@ def _bypass_constant_identities(graph: gs.Graph) -> None:
         graph.cleanup()
 
 
+def transposed_copies(graph: gs.Graph) -> list[tuple[gs.Constant, gs.Constant]]:
+    """(copy, source) for every 2-D constant read in the graph that equals another one transposed: a weight
+    tied through a Transpose (a language model's output layer reading its embedding table) is stored twice
+    once the Transpose is folded, by `fold_constants` or by the exporter. The source is the one met first."""
+    matrices = [t for t in graph.tensors().values()
+                if isinstance(t, gs.Constant) and t.outputs and len(t.shape) == 2 and min(t.shape) > 1]
+    by_shape: dict[tuple, list[gs.Constant]] = {}
+    for t in matrices:
+        by_shape.setdefault(tuple(t.shape), []).append(t)
+    pairs, paired = [], set()
+    for source in matrices:
+        if id(source) in paired:
+            continue
+        for copy in by_shape.get(tuple(source.shape[::-1]), []):
+            if copy is not source and id(copy) not in paired and _transposed(copy.values, source.values):
+                pairs.append((copy, source))
+                paired.update((id(copy), id(source)))
+    return pairs
+
+
+def _transposed(a, b) -> bool:
+    """a == b^T, a corner compared first (most candidate pairs differ there). Not for a matrix of one value
+    (zeros, as some layers start): two such are unrelated weights that only look alike."""
+    if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)) or a.dtype != b.dtype:
+        return False
+    return bool(np.array_equal(a[:4, :4], b[:4, :4].T) and np.array_equal(a, b.T) and np.ptp(a) > 0)
+
+
 def export_graph(graph: gs.Graph) -> onnx.ModelProto:
     """`gs.export_onnx`, a mapped initializer whose values are still its memory map written as the same
     mapped tensor (a reference to the file, not a copy of its bytes)."""

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from onnxprune import PruneConfig, inspect, prune
 from onnxprune.errors import NothingToPrune, UsageError
-from tests.builders import Builder
+from tests.builders import Builder, run
 from tests.oracle import assert_pruning_dead_channels_is_exact
 
 
@@ -114,9 +115,11 @@ def test_low_rank_and_sparsity_leave_a_shared_weight_whole():
             raise AssertionError(f"{config} changed a shared weight")
 
 
-def tied_embedding(residual: bool = True) -> onnx.ModelProto:
+def tied_embedding(residual: bool = True, head: str = "gemm") -> onnx.ModelProto:
     """ids -> Gather(table [50, 16]) -> a feed-forward layer (residual: added to the embedding, whose channels
-    it then carries; else its own) -> LayerNorm -> Gemm(table, transB): the output layer tied to the table."""
+    it then carries; else its own) -> LayerNorm -> Gemm(table, transB): the output layer tied to the table.
+    `head` "transpose": MatMul(Transpose(table)) instead; "folded": MatMul(table^T stored as a second
+    initializer, as an exporter folding that Transpose writes it)."""
     b = Builder(seed=6)
     table = b.randn("table", [50, 16], 0.5)
     embedded = b.node("Gather", "embed", [table, "ids"], axis=0)
@@ -127,7 +130,12 @@ def tied_embedding(residual: bool = True) -> onnx.ModelProto:
     normed = b.node("LayerNormalization", "norm", [stream, b.const("gamma", np.ones(16)), b.const("beta", np.zeros(16))],
                     axis=-1)
     flat = b.node("Reshape", "flat", [normed, b.const("flat.shape", [-1, 16], np.int64)])
-    b.output(b.node("Gemm", "head", [flat, table], transB=1))
+    if head == "gemm":
+        b.output(b.node("Gemm", "head", [flat, table], transB=1))
+    else:
+        transposed = b.node("Transpose", "tied", [table], perm=[1, 0]) if head == "transpose" else \
+            b.const("table.T", numpy_helper.to_array(b.inits[0]).T)
+        b.output(b.node("MatMul", "head", [flat, transposed]))
     return b.model([("ids", [1, 6], onnx.TensorProto.INT64)], opset=17)
 
 
@@ -138,6 +146,48 @@ def test_an_embedding_table_tied_to_the_output_layer_stays_one_table():
         result = prune(tied_embedding(residual), config)
         assert shared_readers(result.model)["table"] == 2
         assert result.report["after"]["params"] < result.report["before"]["params"]
+
+
+def test_a_table_tied_through_a_transpose_stays_one_table_even_once_the_exporter_folded_it():
+    """Folding the Transpose stores the table twice; the analysis joins the two as one weight and the cut stores
+    it once again, read through a Transpose: never more parameters than given, whatever is cut. An exporter's
+    folded copy (a second initializer) is stored once too."""
+    calibration = {"ids": np.random.default_rng(0).integers(0, 50, (10, 6))}
+    for head in ("transpose", "folded"):
+        for filters, hidden, residual in ((0.0, False, True), (0.5, False, True), (0.5, True, True), (0.5, True, False)):
+            model = tied_embedding(residual, head)
+            config = PruneConfig(filters=filters, scorer="l1", round_to=1, hidden=hidden, calibration=calibration)
+            result = prune(model, config)
+            assert "table.T" not in shared_readers(result.model)
+            assert shared_readers(result.model)["table"] == 2  # the Gather and the Transpose
+            table = {t.name: t for t in result.model.graph.initializer}["table"]
+            assert table.dims[1] == (8 if hidden else 16)
+            before, after = result.report["before"]["params"], result.report["after"]["params"]
+            stored_twice = 50 * 16 if head == "folded" else 0
+            assert after == before - stored_twice if filters == 0 else after < before - stored_twice
+            if filters == 0:
+                feed = {"ids": calibration["ids"][:1]}
+                np.testing.assert_allclose(run(result.model, feed)[0], run(model, feed)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_only_a_matrix_equal_to_another_transposed_is_a_copy():
+    import onnx_graphsurgeon as gs
+
+    from onnxprune.io import transposed_copies
+
+    rng = np.random.default_rng(1)
+    a, symmetric = rng.standard_normal((3, 5)), rng.standard_normal((4, 4))
+    symmetric = symmetric + symmetric.T
+    other = a.T.copy()
+    other[2, 1] += 1e-6  # equal in the corner compared first, not beyond
+    tensors = {"a": a, "a.T": a.T.copy(), "sym": symmetric, "near": other, "sym.T": symmetric.T.copy(),
+               "zeros": np.zeros((2, 6)), "zeros.T": np.zeros((6, 2))}
+    constants = {k: gs.Constant(k, np.ascontiguousarray(v, np.float32)) for k, v in tensors.items()}
+    x = gs.Variable("x", np.float32, [1, 3])
+    nodes = [gs.Node("MatMul", f"n{i}", inputs=[x, c], outputs=[gs.Variable(f"y{i}")]) for i, c in enumerate(constants.values())]
+    graph = gs.Graph(nodes=nodes, inputs=[x], outputs=[n.outputs[0] for n in nodes])
+    pairs = {(copy.name, source.name) for copy, source in transposed_copies(graph)}
+    assert pairs == {("a.T", "a"), ("sym.T", "sym")}
 
 
 def scaled_weight_read() -> onnx.ModelProto:

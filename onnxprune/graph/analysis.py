@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..io import transposed_copies
 from ..ops import handler_for
 from ..ops.base import known_shape
 
@@ -221,15 +222,21 @@ def _join_shared_weights(ctx: AnalysisContext) -> None:
     are joined across the readers (`Handler.weight_channels`), and where one reader cannot slice an axis (or
     its handler does not say how it reads the weight), the others' channels there are blocked: cutting
     them would store the weight twice, making the model larger."""
+    pairs = transposed_copies(ctx.graph)  # one weight read as it is and transposed: a copy's axis a is its
+    # source's axis 1 - a (`rewrite.channels.tie_transposed_copies` stores it once again)
+    source_of = {copy.name: source for copy, source in pairs}
+    copy_of = {source.name: copy for copy, source in pairs}
     readers: dict[str, tuple[gs.Constant, dict[int, dict]]] = {}  # name -> (weight, id of a reader -> its axes)
     for node in ctx.graph.nodes:
         handler = handler_for(node.op, node.domain)
         found = handler.weight_channels(node, ctx) if handler is not None else None
         if found is not None:
             weight, axes = found
+            if weight.name in source_of:
+                weight, axes = source_of[weight.name], {1 - axis: ids for axis, ids in axes.items()}
             readers.setdefault(weight.name, (weight, {}))[1][id(node)] = axes
     for name, (weight, axes_of) in readers.items():
-        nodes = weight.outputs
+        nodes = [*weight.outputs, *(copy_of[name].outputs if name in copy_of else [])]
         if len(nodes) < 2:
             continue
         for axis in sorted({axis for axes in axes_of.values() for axis in axes}):

@@ -9,6 +9,7 @@ import onnx_graphsurgeon as gs
 
 from ..errors import InternalError
 from ..graph.analysis import Analysis
+from ..io import transposed_copies
 from ..ops import handler_for
 
 
@@ -118,6 +119,7 @@ def apply_channel_plan(analysis: Analysis, masks: dict[str, np.ndarray]) -> None
         if any(n in masks for n in names):
             handler_for(node.op, node.domain).rewrite(node, rw)
     merge_equal_copies(rw.copies)
+    tie_transposed_copies(rw)
     _widen_outputs(graph, rw)
     _forget_stale_shapes(graph, masks)
     graph.cleanup().toposort()
@@ -139,6 +141,16 @@ def merge_equal_copies(copies: dict[str, list[gs.Constant]]) -> None:
                 for i, t in enumerate(node.inputs):
                     if t is tensor:
                         node.inputs[i] = same
+
+
+def tie_transposed_copies(rw: RewriteContext) -> None:
+    """A constant equal to another transposed (`io.transposed_copies`; the analysis joined their channels, so
+    the cut slices them alike) is read through a Transpose of that one, as the exporter had it: stored once."""
+    for copy, source in transposed_copies(rw.analysis.graph):
+        tied = rw.add_node("Transpose", [source], perm=[1, 0])
+        for node in list(copy.outputs):
+            for i in [i for i, t in enumerate(node.inputs) if t is copy]:
+                node.inputs[i] = tied
 
 
 def _widen_outputs(graph: gs.Graph, rw: RewriteContext) -> None:
