@@ -403,31 +403,37 @@ def _bypass_constant_identities(graph: gs.Graph) -> None:
 
 
 def transposed_copies(graph: gs.Graph) -> list[tuple[gs.Constant, gs.Constant]]:
-    """(copy, source) for every 2-D constant read in the graph that equals another one transposed: a weight
-    tied through a Transpose (a language model's output layer reading its embedding table) is stored twice
-    once the Transpose is folded, by `fold_constants` or by the exporter. The source is the one met first."""
-    matrices = [t for t in graph.tensors().values()
-                if isinstance(t, gs.Constant) and t.outputs and len(t.shape) == 2 and min(t.shape) > 1]
-    by_shape: dict[tuple, list[gs.Constant]] = {}
+    """(copy, source) for every 2-D float constant read in the graph that equals another one transposed: a
+    weight tied through a Transpose (a language model's output layer reading its embedding table) is stored
+    twice once the Transpose is folded, by `fold_constants` or by the exporter. The source is the one met
+    first. Candidates are found by their 4x4 corner (one dict lookup each, not a comparison per pair)."""
+    matrices = [t for t in graph.tensors().values() if isinstance(t, gs.Constant) and t.outputs
+                and isinstance(t.values, np.ndarray) and t.values.ndim == 2 and min(t.values.shape) > 1
+                and t.values.dtype.kind == "f"]
+    by_corner: dict[tuple, list[gs.Constant]] = {}
     for t in matrices:
-        by_shape.setdefault(tuple(t.shape), []).append(t)
+        by_corner.setdefault(_corner(t.values), []).append(t)
     pairs, paired = [], set()
     for source in matrices:
         if id(source) in paired:
             continue
-        for copy in by_shape.get(tuple(source.shape[::-1]), []):
+        for copy in by_corner.get(_corner(source.values.T), []):
             if copy is not source and id(copy) not in paired and _transposed(copy.values, source.values):
                 pairs.append((copy, source))
                 paired.update((id(copy), id(source)))
     return pairs
 
 
-def _transposed(a, b) -> bool:
-    """a == b^T, a corner compared first (most candidate pairs differ there). Not for a matrix of one value
-    (zeros, as some layers start): two such are unrelated weights that only look alike."""
-    if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)) or a.dtype != b.dtype:
+def _corner(matrix: np.ndarray) -> tuple:
+    return matrix.shape, matrix.dtype.str, np.ascontiguousarray(matrix[:4, :4]).tobytes()
+
+
+def _transposed(a: np.ndarray, b: np.ndarray) -> bool:
+    """a == b^T, and neither a symmetric matrix nor one of a single value (an identity, zeros: layers can
+    start so), which unrelated weights share without being tied."""
+    if a.dtype != b.dtype or not np.array_equal(a, b.T) or not (a != a.flat[0]).any():
         return False
-    return bool(np.array_equal(a[:4, :4], b[:4, :4].T) and np.array_equal(a, b.T) and np.ptp(a) > 0)
+    return not (a.shape[0] == a.shape[1] and np.array_equal(a, a.T))
 
 
 def export_graph(graph: gs.Graph) -> onnx.ModelProto:

@@ -196,9 +196,15 @@ def find_layers(original: onnx.ModelProto, model: onnx.ModelProto, original_shap
     def original_values(name: str) -> np.ndarray | None:
         return tensor_array(original_inits[name]) if name in original_inits else None
 
+    tied = {n.output[0]: n.input[0] for n in model.graph.node  # a weight read transposed by one node, as it
+            if n.op_type == "Transpose" and n.input and inits.uses.get(n.input[0], 0) > 1}  # is by another
     views, skipped = [], []
     for node in model.graph.node:
-        if node.op_type in LAYER_OPS:
+        if node.op_type in LAYER_OPS and len(node.input) > 1 and node.input[1] in tied:
+            skipped.append({"name": node.name or node.output[0], "op": node.op_type, "status": "skipped",
+                            "reason": f"its weight is '{tied[node.input[1]]}' transposed, which another node reads "
+                                      "too: a fit of this one alone would store it twice"})
+        elif node.op_type in LAYER_OPS:
             view = _candidate(node, original_producer.get(node.output[0]), inits, original_weights, original_shapes,
                               output_masks, consumers, skipped, original_values)
             if view is not None:

@@ -79,7 +79,7 @@ class Problem:
     columns: dict[int, np.ndarray]
     energy: float  # mean squared output per row, tr(W H W^T): errors are relative to it
     # the held-out rows, where the curve is measured: Z [features, m] with Z Z^T their Gram matrix (the
-    # rows themselves when fewer than the features, else a Cholesky factor: `held_factor`)
+    # rows / sqrt(rows) while at most twice the features, else a Cholesky factor: `GramFold._held_factor`)
     held: np.ndarray | None = None
     residual: np.ndarray | None = None  # (W0 - W) Z: the change of the weights since `copy`, on those rows
     held_energy: float = 0.0  # |W0 Z|^2 of the weights W0 at `copy`
@@ -311,14 +311,15 @@ class GramFold:
 
     def _held_factor(self, take: np.ndarray, rows: np.ndarray | None) -> np.ndarray | None:
         """Z [len(take), m] with Z Z^T the held-out rows' Gram matrix over the features `take` (/ rows): the
-        `rows` themselves, or else the Cholesky factor of their Gram matrix (with a jitter of 1e-9 of its
-        mean diagonal for dead features; from its eigenvectors when rounding left it indefinite)."""
+        `rows` (scaled by 1 / sqrt(rows)) themselves, or else the Cholesky factor of their Gram matrix (with a
+        jitter of 1e-6 of its mean diagonal for dead or repeated features; from its eigenvectors when rounding
+        left it indefinite even so)."""
         if not self.held_count:
             return None
         if rows is not None:
-            return np.ascontiguousarray(rows[:, take].T) / np.float32(np.sqrt(self.held_count))
+            return np.ascontiguousarray((rows if len(take) == rows.shape[1] else rows[:, take]).T)
         gram = square_block(self.held, take) / self.held_count
-        gram[np.diag_indices_from(gram)] += 1e-9 * max(float(np.trace(gram)) / len(gram), 1e-30)
+        gram[np.diag_indices_from(gram)] += 1e-6 * max(float(np.trace(gram)) / len(gram), 1e-30)
         try:
             return np.linalg.cholesky(gram).astype(WORK_DTYPE)
         except np.linalg.LinAlgError:
@@ -326,12 +327,17 @@ class GramFold:
             return (vectors * np.sqrt(np.maximum(values, 0.0))).astype(WORK_DTYPE)
 
     def problems(self, analysis) -> list[tuple[int, Problem]]:
-        """(group index, Problem) for every prunable group this layer reads, one per conv block."""
+        """(group index, Problem) for every prunable group this layer reads, one per conv block. Once: the
+        fold's matrices are scaled in place and its held-out rows handed over."""
         consumer = self.consumer
         self.fold()
         self.gram /= max(self.count, 1)  # in place, no second F x F copy: a fold gives its problems once
         gram = self.gram
-        held_rows = np.concatenate(self.waiting[1]) if self.waiting[1] else None  # (folded: none waiting)
+        held_rows = None  # (folded into a Gram matrix: none waiting)
+        if self.waiting[1]:
+            held_rows = np.concatenate(self.waiting[1])
+            held_rows *= np.float32(1 / np.sqrt(self.held_count))
+            self.waiting[1].clear()
         weight, bias = _layer_matrix(consumer)
         groups = consumer.groups
         per_block_in = consumer.channels // groups
