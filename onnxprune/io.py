@@ -378,10 +378,32 @@ def fold_constants(graph: gs.Graph) -> None:
     _bypass_constant_identities(graph)
     if not any(node.inputs and all(isinstance(t, gs.Constant) for t in node.inputs) for node in graph.nodes):
         return  # nothing computes from constants alone
+    _load_mapped_fold_inputs(graph)
     try:
         graph.fold_constants(fold_shapes=False, error_ok=False, size_threshold=FOLD_LIMIT_BYTES).cleanup()
     except Exception as exc:  # folding is an optimisation of the analysis, never a requirement
         log.info("constant folding skipped: %s", first_line(exc))
+
+
+def _load_mapped_fold_inputs(graph: gs.Graph) -> None:
+    """graphsurgeon folds by running onnxruntime on the part of the graph computed from constants alone, and
+    onnxruntime refuses a mapped tensor there (its location is absolute): every model with external data had
+    its folding skipped. The mapped constants that part reads (at most FOLD_LIMIT_BYTES each, what is folded)
+    are read into memory first; the folded results would be held there anyway."""
+    foldable = {name for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    changed = True
+    while changed:  # the nodes in any order: until no more tensors are found computable from constants
+        changed = False
+        for node in graph.nodes:
+            if node.outputs[0].name in foldable or not all(t.name in foldable for t in node.inputs if t.name):
+                continue
+            foldable.update(t.name for t in node.outputs)
+            changed = True
+            for t in node.inputs:
+                lazy = t._values if isinstance(t, gs.Constant) else None
+                if isinstance(lazy, gs.ir.tensor.LazyValues) and mapped(lazy.tensor) \
+                        and _tensor_nbytes(lazy.tensor) <= FOLD_LIMIT_BYTES:
+                    t.values = np.array(tensor_array(lazy.tensor))
 
 
 def _bypass_constant_identities(graph: gs.Graph) -> None:

@@ -174,6 +174,20 @@ def test_a_table_tied_through_a_transpose_stays_one_table_even_once_the_exporter
                 np.testing.assert_allclose(run(result.model, feed)[0], run(model, feed)[0], rtol=1e-5, atol=1e-6)
 
 
+def test_a_model_with_external_data_has_its_constants_folded_too(tmp_path):
+    """Folding runs onnxruntime on the constant part of the graph, which refused the absolute locations of
+    a mapped model's tensors: with external data the Transpose stayed, the output layer read no constant
+    weight and --hidden cut nothing. A GPT-2 exported by torch.onnx (dynamo, external data) the same."""
+    path = tmp_path / "tied.onnx"
+    onnx.save(tied_embedding(True, "transpose"), path, save_as_external_data=True, location="tied.onnx.data",
+              size_threshold=1024)  # the table and the layers' weights
+    calibration = {"ids": np.random.default_rng(0).integers(0, 50, (10, 6))}
+    result = prune(str(path), PruneConfig(filters=0.5, scorer="l1", round_to=1, hidden=True, calibration=calibration))
+    table = {t.name: t for t in result.model.graph.initializer}["table"]
+    assert table.dims[1] == 8 and shared_readers(result.model)["table"] == 2
+    assert result.report["after"]["params"] * 2 < result.report["before"]["params"]
+
+
 def test_only_a_float_matrix_equal_to_another_transposed_and_not_symmetric_is_a_copy():
     import onnx_graphsurgeon as gs
 
