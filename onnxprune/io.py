@@ -378,18 +378,21 @@ def fold_constants(graph: gs.Graph) -> None:
     _bypass_constant_identities(graph)
     if not any(node.inputs and all(isinstance(t, gs.Constant) for t in node.inputs) for node in graph.nodes):
         return  # nothing computes from constants alone
-    _load_mapped_fold_inputs(graph)
+    loaded = _load_mapped_fold_inputs(graph)
     try:
         graph.fold_constants(fold_shapes=False, error_ok=False, size_threshold=FOLD_LIMIT_BYTES).cleanup()
     except Exception as exc:  # folding is an optimisation of the analysis, never a requirement
         log.info("constant folding skipped: %s", first_line(exc))
+    for constant, lazy in loaded:  # mapped again: their pages need not stay our memory
+        constant._values = lazy
 
 
-def _load_mapped_fold_inputs(graph: gs.Graph) -> None:
+def _load_mapped_fold_inputs(graph: gs.Graph) -> list[tuple[gs.Constant, gs.ir.tensor.LazyValues]]:
     """graphsurgeon folds by running onnxruntime on the part of the graph computed from constants alone, and
     onnxruntime refuses a mapped tensor there (its location is absolute): every model with external data had
-    its folding skipped. The mapped constants that part reads (at most FOLD_LIMIT_BYTES each, what is folded)
-    are read into memory first; the folded results would be held there anyway."""
+    its folding skipped. The mapped constants that part reads are read into memory for the fold; returns
+    them with their lazy values, to map them again after it."""
+    loaded = []
     foldable = {name for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
     changed = True
     while changed:  # the nodes in any order: until no more tensors are found computable from constants
@@ -401,9 +404,10 @@ def _load_mapped_fold_inputs(graph: gs.Graph) -> None:
             changed = True
             for t in node.inputs:
                 lazy = t._values if isinstance(t, gs.Constant) else None
-                if isinstance(lazy, gs.ir.tensor.LazyValues) and mapped(lazy.tensor) \
-                        and _tensor_nbytes(lazy.tensor) <= FOLD_LIMIT_BYTES:
+                if isinstance(lazy, gs.ir.tensor.LazyValues) and mapped(lazy.tensor):
                     t.values = np.array(tensor_array(lazy.tensor))
+                    loaded.append((t, lazy))
+    return loaded
 
 
 def _bypass_constant_identities(graph: gs.Graph) -> None:

@@ -170,3 +170,22 @@ def test_an_external_data_model_through_the_cli_and_a_mapped_one_in_the_first_ru
     assert any(io.mapped(t) for t in mapped.graph.initializer)
     assert runtime.first_run(mapped, models.random_input(mapped)) is None
     assert not list(workdir.run_folder().glob("session-*")) and not list(workdir.run_folder().glob("first-run-*"))
+
+
+def test_constants_computed_from_mapped_weights_are_folded_and_the_weights_mapped_again(tmp_path):
+    """onnxruntime, which graphsurgeon's folding runs, refuses a mapped tensor's absolute location: the
+    mapped weights the folded part reads are read into memory for the fold, then mapped again."""
+    import onnx_graphsurgeon as gs
+
+    b = models.Builder(seed=0)
+    weight = b.randn("w", [32, 16])
+    y = b.node("MatMul", "tied", ["x", b.node("Transpose", "t", [weight], perm=[1, 0])])
+    b.output(b.node("MatMul", "plain", [y, weight]))
+    path = tmp_path / "m.onnx"
+    onnx.save(b.model([("x", [2, 16])]), path, save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    graph = io.import_graph(io.load_model_file(path)[0])
+    io.fold_constants(graph)
+    tied, plain = graph.nodes
+    assert [tied.op, plain.op] == ["MatMul", "MatMul"] and isinstance(tied.inputs[1], gs.Constant)
+    assert isinstance(plain.inputs[1]._values, gs.ir.tensor.LazyValues)  # mapped again (read when asked for)
+    np.testing.assert_array_equal(tied.inputs[1].values, np.asarray(plain.inputs[1].values).T)
