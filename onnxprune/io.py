@@ -433,9 +433,9 @@ def transposed_copies(graph: gs.Graph) -> list[tuple[gs.Constant, gs.Constant]]:
     weight tied through a Transpose (a language model's output layer reading its embedding table) is stored
     twice once the Transpose is folded, by `fold_constants` or by the exporter. The source is the one met
     first. Candidates are found by their 4x4 corner (one dict lookup each, not a comparison per pair)."""
-    matrices = [t for t in graph.tensors().values() if isinstance(t, gs.Constant) and t.outputs
-                and isinstance(t.values, np.ndarray) and t.values.ndim == 2 and min(t.values.shape) > 1
-                and t.values.dtype.kind == "f"]
+    matrices = [t for t in graph.tensors().values()  # the shape first: other constants are not loaded here
+                if isinstance(t, gs.Constant) and t.outputs and len(t.shape) == 2 and min(t.shape) > 1
+                and isinstance(t.values, np.ndarray) and t.values.dtype.kind == "f"]
     by_corner: dict[tuple, list[gs.Constant]] = {}
     for t in matrices:
         by_corner.setdefault(_corner(t.values), []).append(t)

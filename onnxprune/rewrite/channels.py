@@ -145,7 +145,9 @@ def merge_equal_copies(copies: dict[str, list[gs.Constant]]) -> None:
 
 def tie_transposed_copies(rw: RewriteContext) -> None:
     """A constant equal to another transposed (`io.transposed_copies`; the analysis joined their channels, so
-    the cut slices them alike) is read through a Transpose of that one, as the exporter had it: stored once."""
+    the cut slices them alike) is read through a Transpose of that one, as the exporter had it: stored once.
+    The pairs are found again, not taken from the analysis: a constant several nodes read is replaced by
+    its sliced copies (`replace_constant`)."""
     for copy, source in transposed_copies(rw.analysis.graph):
         tied = rw.add_node("Transpose", [source], perm=[1, 0])
         for node in list(copy.outputs):

@@ -347,7 +347,7 @@ class GramFold:
         positions = analysis.position[consumer.units]
         found = []
         for block in range(groups):
-            in_channels = np.arange(block * per_block_in, (block + 1) * per_block_in)
+            in_channels = block_channels(consumer, block)
             take = block_features(consumer, block)
             block_gram = square_block(gram, take)
             rows = slice(block * per_block_out, (block + 1) * per_block_out)
@@ -367,11 +367,16 @@ class GramFold:
         return found
 
 
+def block_channels(consumer: Consumer, block: int) -> np.ndarray:
+    """The input channels a consumer's conv block reads."""
+    per_block_in = consumer.channels // consumer.groups
+    return np.arange(block * per_block_in, (block + 1) * per_block_in)
+
+
 def block_features(consumer: Consumer, block: int) -> np.ndarray:
     """The features of a consumer's conv block (C-major, as `Consumer.points` lays them out) and its bias
     column, the last."""
-    per_block_in = consumer.channels // consumer.groups
-    in_channels = np.arange(block * per_block_in, (block + 1) * per_block_in)
+    in_channels = block_channels(consumer, block)
     features = (in_channels[:, None] * consumer.kernel + np.arange(consumer.kernel)[None, :]).ravel()
     return np.append(features, consumer.fan_in * consumer.groups)
 
