@@ -17,6 +17,7 @@ from onnxprune.cli import main
 from onnxprune.recover import lstsq, passes
 from onnxprune.runtime import session
 from onnxprune.sweep import settings_grid, sweep
+from onnxprune.validate import compare
 from onnxprune.validate.compare import channel_errors, output_fidelity
 
 BOXES = 4  # the large-valued channels of models.mixed_scale_head, before its 18 small-valued ones
@@ -50,6 +51,36 @@ def test_channel_errors_are_per_slice_along_the_axis():
     np.testing.assert_allclose(channel_errors(reference, result, 2), [np.sqrt(1 / 10), np.sqrt(1 / 17)])
     # a channel whose reference is all zeros: its absolute error
     np.testing.assert_allclose(channel_errors(np.zeros((1, 2)), np.array([[0.0, 0.5]]), 1), [0.0, 0.5])
+
+
+@pytest.mark.parametrize("axis", [None, 0, 2])
+def test_figures_taken_a_few_samples_at_a_time_are_those_of_the_whole_output(monkeypatch, axis):
+    rng = np.random.default_rng(0)
+    reference = rng.standard_normal((7, 3, 5)).astype(np.float32)
+    result = reference + 0.1 * rng.standard_normal(reference.shape).astype(np.float32)
+    whole = output_fidelity(reference, result, axis)
+    monkeypatch.setattr(compare, "CHUNK_ELEMENTS", 20)  # 1 sample (15 values) per chunk: 7 chunks
+    chunked = output_fidelity(reference, result, axis)
+    a, b = reference.astype(np.float64), result.astype(np.float64)
+    assert chunked["cosine"] == pytest.approx(np.vdot(a, b) / np.linalg.norm(a) / np.linalg.norm(b), rel=1e-12)
+    assert chunked["rel_l2"] == pytest.approx(np.linalg.norm(a - b) / np.linalg.norm(a), rel=1e-12)
+    assert chunked["max_abs_diff"] == np.abs(a - b).max()
+    channel = 1 if axis is None else axis
+    expected = np.linalg.norm(np.moveaxis(a - b, channel, 0).reshape(a.shape[channel], -1), axis=1) / \
+        np.linalg.norm(np.moveaxis(a, channel, 0).reshape(a.shape[channel], -1), axis=1)
+    np.testing.assert_allclose(channel_errors(reference, result, channel), expected, rtol=1e-12)
+    assert chunked["channels"]["worst"] == whole["channels"]["worst"]
+    assert chunked["channels"]["count"] == a.shape[channel]
+
+
+def test_a_nan_in_any_chunk_shows_in_the_figures(monkeypatch):
+    monkeypatch.setattr(compare, "CHUNK_ELEMENTS", 4)
+    reference = np.ones((5, 4), np.float32)
+    result = reference.copy()
+    result[3, 1] = np.nan  # in the fourth of five chunks: a running max() would drop it
+    figures = output_fidelity(reference, result)
+    assert np.isnan(figures["max_abs_diff"]) and np.isnan(figures["rel_l2"])
+    assert not compare.constant_over_samples({"y": np.where(np.arange(5)[:, None] == 3, np.nan, reference)})
 
 
 def test_the_whole_output_hides_a_destroyed_block_the_channels_show_it(tmp_path, head_path):

@@ -23,7 +23,7 @@ import onnx
 from ..calib.capture import capture_session
 from ..calib.data import HOLD_OUT_EVERY, CalibrationSet
 from ..progress import bar as progress_bar
-from ..validate.compare import run_model
+from ..validate.compare import error_sums, run_model
 from ..workers import numeric_pool
 from .bias import BiasFit
 from .layers import Initializers, find_layers
@@ -137,8 +137,8 @@ def output_error(reference: np.ndarray, result: np.ndarray) -> float:
     """Relative L2 error of a floating-point output; the fraction of differing values of another."""
     if not np.issubdtype(reference.dtype, np.floating):
         return float(np.mean(reference != result)) if reference.size else 0.0
-    reference, result = reference.astype(np.float64), result.astype(np.float64)
-    return relative(float(np.sum((result - reference) ** 2)), float(np.sum(reference ** 2)))
+    sums = error_sums(reference, result)
+    return relative(sums.difference, sums.reference)
 
 
 def _write_level(inits: Initializers, members, updates, report: dict, corrections: list) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..errors import ModelError, UsageError
@@ -31,22 +33,66 @@ def joined(name: str, chunks: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(chunks, axis=varying[0] if varying else 0)
 
 
+CHUNK_ELEMENTS = 1 << 18  # values of an output compared at once: float64 copies of a whole output (the
+# recognizer's [128, 40, 6625] is 272 MB each) cost more to allocate than to compute with
+
+
+@dataclass
+class ErrorSums:
+    """Sums over an output and its pruned counterpart (reference a, result b), in float64: a.b, |a|^2, |b|^2,
+    |a - b|^2, max |a - b|, and per channel along `axis` (None: no channel sums) |a - b|^2 and |a|^2."""
+
+    dot: float = 0.0
+    reference: float = 0.0
+    result: float = 0.0
+    difference: float = 0.0
+    max_abs: float = 0.0
+    channel_difference: np.ndarray | None = None
+    channel_reference: np.ndarray | None = None
+
+
+def error_sums(reference: np.ndarray, result: np.ndarray, axis: int | None = None) -> ErrorSums:
+    """`ErrorSums` taken a few samples (axis 0) at a time, each chunk widened to float64 on its own."""
+    reference, result = np.atleast_1d(reference), np.atleast_1d(result)
+    step = max(1, CHUNK_ELEMENTS // max(reference[0].size, 1))
+    sums = ErrorSums()
+    channel_parts: list[tuple[np.ndarray, np.ndarray]] = []
+    maxima = [0.0]
+    for start in range(0, len(reference), step):
+        a = reference[start:start + step].astype(np.float64)
+        b = result[start:start + step].astype(np.float64)
+        d = a - b
+        sums.dot += float(np.vdot(a, b))
+        sums.reference += float(np.vdot(a, a))
+        sums.result += float(np.vdot(b, b))
+        sums.difference += float(np.vdot(d, d))
+        if d.size:
+            maxima.append(float(np.abs(d).max()))
+        if axis is not None:
+            others = tuple(i for i in range(a.ndim) if i != axis)
+            channel_parts.append((np.sum(d * d, axis=others), np.sum(a * a, axis=others)))
+    sums.max_abs = float(np.max(maxima))  # NaN when any is (max() would drop it)
+    if axis is not None:
+        join = np.concatenate if axis == 0 else (lambda parts: np.sum(parts, axis=0))
+        sums.channel_difference = join([d for d, _ in channel_parts])
+        sums.channel_reference = join([a for _, a in channel_parts])
+    return sums
+
+
 def output_fidelity(reference: np.ndarray, result: np.ndarray, axis: int | None = None) -> dict:
     """cosine, relative L2 error and max |diff| over the whole output; top-1 agreement for [N, classes];
     the per-channel errors along `axis` (None: axis 1)."""
-    # float64 once for every figure (no copy when already float64), and the difference once
-    wide_reference, wide_result = reference.astype(np.float64, copy=False), result.astype(np.float64, copy=False)
-    a, b = wide_reference.ravel(), wide_result.ravel()
-    diff = a - b
-    norm = np.linalg.norm(a) * np.linalg.norm(b)
-    cosine = float(a @ b / norm) if norm > 0 else float(np.array_equal(a, b))
+    floating = np.issubdtype(reference.dtype, np.floating)
+    channel_axis = _channel_axis(reference, axis) if floating else None
+    sums = error_sums(reference, result, channel_axis)
+    norm = np.sqrt(sums.reference) * np.sqrt(sums.result)
+    cosine = float(sums.dot / norm) if norm > 0 else float(np.array_equal(reference, result))
     top1 = None
-    if reference.ndim == 2 and reference.shape[1] > 1 and np.issubdtype(reference.dtype, np.floating):
+    if reference.ndim == 2 and reference.shape[1] > 1 and floating:
         top1 = float((reference.argmax(1) == result.argmax(1)).mean())
-    return {"cosine": cosine, "rel_l2": float(_relative(np.linalg.norm(diff), np.linalg.norm(a))),
-            "max_abs_diff": float(np.abs(diff).max()) if a.size else 0.0,
-            "top1_agreement": top1, "channels": channel_fidelity(wide_reference, wide_result, axis)
-            if np.issubdtype(reference.dtype, np.floating) else None}
+    return {"cosine": cosine, "rel_l2": float(_relative(np.sqrt(sums.difference), np.sqrt(sums.reference))),
+            "max_abs_diff": sums.max_abs, "top1_agreement": top1,
+            "channels": None if channel_axis is None else _worst_channels(sums, channel_axis)}
 
 
 def _relative(error, norm):
@@ -56,19 +102,20 @@ def _relative(error, norm):
 
 def channel_errors(reference: np.ndarray, result: np.ndarray, axis: int) -> np.ndarray:
     """The relative L2 error of every slice along `axis` (each channel over all samples and positions)."""
-    channels = reference.shape[axis]
-    a = np.moveaxis(reference.astype(np.float64, copy=False), axis, 0).reshape(channels, -1)
-    b = np.moveaxis(result.astype(np.float64, copy=False), axis, 0).reshape(channels, -1)
-    return _relative(np.linalg.norm(a - b, axis=1), np.linalg.norm(a, axis=1))
+    sums = error_sums(reference, result, axis)
+    return _relative(np.sqrt(sums.channel_difference), np.sqrt(sums.channel_reference))
 
 
-def channel_fidelity(reference: np.ndarray, result: np.ndarray, axis: int | None) -> dict | None:
-    """The channel axis, its worst channels (index and relative L2 error, worst first) and the median
-    error; None for an output without a channel axis (rank < 2 when no axis is given) or not floating."""
-    if not np.issubdtype(reference.dtype, np.floating) or (axis is None and reference.ndim < 2):
+def _channel_axis(reference: np.ndarray, axis: int | None) -> int | None:
+    """The channel axis of an output (None: axis 1, none below rank 2)."""
+    if axis is None and reference.ndim < 2:
         return None
-    axis = 1 if axis is None else check_axis(axis, reference.ndim)
-    errors = channel_errors(reference, result, axis)
+    return 1 if axis is None else check_axis(axis, reference.ndim)
+
+
+def _worst_channels(sums: ErrorSums, axis: int) -> dict:
+    """The channel axis, its worst channels (index and relative L2 error, worst first) and the median error."""
+    errors = _relative(np.sqrt(sums.channel_difference), np.sqrt(sums.channel_reference))
     worst = np.argsort(-errors, kind="stable")[:WORST_CHANNELS]
     return {"axis": axis, "count": int(errors.size), "median": float(np.median(errors)),
             "worst": [{"index": int(i), "rel_l2": float(errors[i])} for i in worst]}
@@ -127,9 +174,15 @@ def constant_over_samples(reference: dict[str, np.ndarray]) -> bool:
     """Whether the original's floating-point outputs are the same for every sample, up to CONSTANT_SPREAD of
     their largest magnitude (an untrained or zeroed head; a random-init net whose output barely depends on its
     input varied by 2e-7 of it): then no fidelity figure can tell a good cut from a bad one."""
-    floating = [a.astype(np.float64) for a in reference.values()
-                if np.issubdtype(a.dtype, np.floating) and a.ndim and len(a) > 1]
-    return bool(floating) and all(np.abs(a - a[:1]).max() <= CONSTANT_SPREAD * np.abs(a).max() for a in floating)
+    floating = [a for a in reference.values() if np.issubdtype(a.dtype, np.floating) and a.ndim and len(a) > 1]
+    return bool(floating) and all(_spread(a) <= CONSTANT_SPREAD * max(float(a.max()), -float(a.min())) for a in floating)
+
+
+def _spread(values: np.ndarray) -> float:
+    """max |values - values[0]| over the samples (axis 0), a few samples at a time, in float64."""
+    first = values[:1].astype(np.float64)
+    step = max(1, CHUNK_ELEMENTS // max(first.size, 1))
+    return float(np.max([np.abs(values[start:start + step] - first).max() for start in range(0, len(values), step)]))
 
 
 def worst_channel(fidelity: dict) -> tuple[str, dict, dict] | None:
