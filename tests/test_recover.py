@@ -146,6 +146,27 @@ def test_streaming_normal_equations_equal_the_one_shot_fit():
     assert whole.residual(weight, bias) == pytest.approx(residual, rel=1e-6)
 
 
+def test_the_sums_are_centred_once_per_count_and_again_after_more_rows():
+    """The ridge search solves one set of sums at several ridges: they are centred once, and rows added
+    afterwards are not left out of the next solve."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((120, 1, 5)) + 3.0
+    y = x @ rng.standard_normal((1, 5, 2)) + rng.standard_normal((120, 1, 2))
+    equations = NormalEquations(1, 5, 2)
+    equations.add(x[:60], y[:60])
+    equations.solve(0.1)
+    centred = equations._centered(True)
+    equations.solve(1e-3)
+    assert equations._centered(True) is centred
+    equations.add(x[60:], y[60:])
+    whole = NormalEquations(1, 5, 2)
+    whole.add(x, y)
+    for a, b in zip(equations.solve(0.1), whole.solve(0.1)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    equations.release()
+    assert equations._centered_at is None
+
+
 def test_recovery_does_not_depend_on_the_batch_size():
     """Batches of 4 and one batch of 64 accumulate the same equations (no sampling at this size)."""
     model = linear_gemm_chain(seed=3, batch="N")

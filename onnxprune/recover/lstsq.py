@@ -53,6 +53,7 @@ class NormalEquations:
         self.xy = np.zeros((groups, features, outputs))
         self.yy = 0.0
         self.syy = np.zeros((groups, outputs))  # per output: sum of squares
+        self._centered_at: tuple | None = None  # ((count, intercept), `_centered`'s arrays) once solved
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         """x: [rows, G, D], y: [rows, G, M]."""
@@ -87,7 +88,9 @@ class NormalEquations:
         features = xx.shape[-1]
         scale = np.trace(xx, axis1=1, axis2=2) / features
         lam = np.where(scale > 0, ridge * scale, 1.0)
-        system = (xx + xx.transpose(0, 2, 1)) / 2 + lam[:, None, None] * np.eye(features)
+        system = xx.copy()  # one F x F copy per ridge (LAPACK takes another): they cost more to allocate than to fill
+        diagonal = np.arange(features)
+        system[:, diagonal, diagonal] += lam[:, None]
         rhs = xy if prior is None else xy + lam[:, None, None] * prior
         try:
             weight = np.linalg.solve(system, rhs)
@@ -99,13 +102,24 @@ class NormalEquations:
         return weight, bias
 
     def _centered(self, intercept: bool):
-        n = max(self.count, 1)
-        xx, xy = self.xx / n, self.xy / n
-        mean_x, mean_y = self.sx / n, self.sy / n
-        if intercept:
-            xx = xx - mean_x[:, :, None] * mean_x[:, None, :]
-            xy = xy - mean_x[:, :, None] * mean_y[:, None, :]
-        return xx, xy, mean_x, mean_y
+        """(x^T x / n, symmetrised and with the means taken out when `intercept`, x^T y / n likewise, mean x,
+        mean y), computed once per count: the ridge search solves the same sums at 4-5 ridges."""
+        key = (self.count, intercept)  # rows added since: computed again
+        if self._centered_at is None or self._centered_at[0] != key:
+            n = max(self.count, 1)
+            xx, xy = self.xx / n, self.xy / n
+            mean_x, mean_y = self.sx / n, self.sy / n
+            if intercept:
+                xx -= mean_x[:, :, None] * mean_x[:, None, :]
+                xy -= mean_x[:, :, None] * mean_y[:, None, :]
+            xx += xx.transpose(0, 2, 1)  # (numpy buffers the overlapping operand)
+            xx /= 2
+            self._centered_at = key, (xx, xy, mean_x, mean_y)
+        return self._centered_at[1]
+
+    def release(self) -> None:
+        """Drop `_centered`'s arrays (F x F per group) once the solves are done."""
+        self._centered_at = None
 
     def residual(self, weight: np.ndarray, bias: np.ndarray) -> float:
         """sum ||y - x W - b||^2 over everything added, from the running sums alone."""
@@ -189,6 +203,12 @@ class LstsqFit:
         return self.view.bias.current.reshape(groups, outputs)
 
     def finish(self) -> Update:
+        try:
+            return self._finish()
+        finally:
+            self.fit.release()  # (`basis`, merged anew, goes with this call)
+
+    def _finish(self) -> Update:
         if self.too_big:
             return Update(None, None, float("nan"), float("nan"),
                           f"skipped: {self.view.weight.shape[1]} input features per group is too many for a closed-form fit")
