@@ -53,8 +53,10 @@ DAMP = 0.01  # lambda, relative to the mean diagonal of X^T X / N (OBC's dampeni
 ROWS_PER_FEATURE = 32  # sampled rows (output positions) per input feature, over the calibration set
 MIN_ROWS = 2048
 MAX_BATCH_ELEMENTS = 8_000_000  # rows x features gathered at once (bounds the im2col buffer)
-FOLD_ELEMENTS = 2_000_000  # rows x features a Gram matrix waits for: one product per that many rows, not one per
-# capture batch, whose F^2 pass dominated; every layer waits at once, so this bounds the memory it adds
+FOLD_ELEMENTS = 2_000_000  # rows x features a Gram matrix waits for, at least: one product per that many rows,
+# not one per capture batch, whose F^2 pass dominated. A wide layer waits for F / 2 rows (a quarter of its float64
+# Gram matrix's memory): each fold adds an F x F product into it, and ResNet-50's 4609-feature folds of 434 rows
+# ran at a third of BLAS's speed (bench/speed_recovery.py)
 WORK_DTYPE = np.float32  # of H^-1 and the weights in the greedy removal (twice as fast as float64)
 MAX_FEATURES = 12_288  # per layer: H^-1 must fit in memory and update in seconds
 REMOVAL_STEPS = 32  # units are removed in about this many batches per group
@@ -292,7 +294,7 @@ class GramFold:
         self.count += int((~held).sum())
         self.held_count += int(held.sum())
         folding = self.waiting[0] + (self.waiting[1] if self._held_gram() else [])
-        if sum(map(len, folding)) * x.shape[1] >= FOLD_ELEMENTS:
+        if sum(map(len, folding)) * x.shape[1] >= max(FOLD_ELEMENTS, x.shape[1] ** 2 // 2):
             self.fold()
 
     def _held_gram(self) -> bool:
@@ -554,8 +556,11 @@ def obs(analysis, context):
     folds = gram_folds(analysis, context, consumers) if consumers else []
     by_group: dict[int, list[Problem]] = {}
     with numeric_pool() as pool:  # layers, then groups, side by side; each result as alone
-        for found in pool.map(lambda fold: fold.problems(analysis), folds):
-            for g, problem in found:
+        # the widest layers first (their inverses take seconds: last, one worker was left alone with them)
+        widest_first = sorted(range(len(folds)), key=lambda i: -len(folds[i].gram))
+        found = dict(zip(widest_first, pool.map(lambda i: folds[i].problems(analysis), widest_first)))
+        for i in range(len(folds)):  # in graph order
+            for g, problem in found.pop(i):
                 by_group.setdefault(g, []).append(problem)
         stats = ObsStats(layers=len(folds), rows=max((f.count for f in folds), default=0))
         groups = [g for g in analysis.prunable_groups() if by_group.get(g.index) and g.channels > 1]
