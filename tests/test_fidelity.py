@@ -18,7 +18,7 @@ from onnxprune.recover import lstsq, passes
 from onnxprune.runtime import session
 from onnxprune.sweep import settings_grid, sweep
 from onnxprune.validate import compare
-from onnxprune.validate.compare import channel_errors, output_fidelity
+from onnxprune.validate.compare import channel_errors, error_sums, output_fidelity
 
 BOXES = 4  # the large-valued channels of models.mixed_scale_head, before its 18 small-valued ones
 
@@ -45,12 +45,23 @@ def test_channel_errors_are_per_slice_along_the_axis():
     reference = np.array([[[3.0, 4.0], [1.0, 0.0]], [[0.0, 0.0], [0.0, 1.0]]])  # [2 samples, 2 channels, 2]
     result = reference.copy()
     result[:, 1] *= 2  # channel 1 doubled: error 1; channel 0 untouched
-    np.testing.assert_allclose(channel_errors(reference, result, 1), [0.0, 1.0])
+    np.testing.assert_allclose(channel_errors(error_sums(reference, result, 1)), [0.0, 1.0])
     # along the last axis each slice mixes both channels: norms of the differences 1 and 1, of the
     # references sqrt(3^2 + 1^2) and sqrt(4^2 + 1^2)
-    np.testing.assert_allclose(channel_errors(reference, result, 2), [np.sqrt(1 / 10), np.sqrt(1 / 17)])
+    np.testing.assert_allclose(channel_errors(error_sums(reference, result, 2)), [np.sqrt(1 / 10), np.sqrt(1 / 17)])
     # a channel whose reference is all zeros: its absolute error
-    np.testing.assert_allclose(channel_errors(np.zeros((1, 2)), np.array([[0.0, 0.5]]), 1), [0.0, 0.5])
+    np.testing.assert_allclose(channel_errors(error_sums(np.zeros((1, 2)), np.array([[0.0, 0.5]]), 1)), [0.0, 0.5])
+    # an axis counted from the end is the same axis
+    np.testing.assert_allclose(channel_errors(error_sums(reference, result, -1)), [np.sqrt(1 / 10), np.sqrt(1 / 17)])
+
+
+def test_an_output_without_samples_has_no_error():
+    """A detector's boxes may be [0, 4] on every calibration sample: nothing differs, nothing crashes."""
+    empty = np.zeros((0, 4), np.float32)
+    figures = output_fidelity(empty, empty.copy())
+    assert figures["rel_l2"] == 0.0 and figures["max_abs_diff"] == 0.0 and figures["cosine"] == 1.0
+    assert figures["channels"]["count"] == 4
+    assert error_sums(np.zeros((0, 3), np.int64), np.zeros((0, 3), np.int64)).difference == 0.0
 
 
 @pytest.mark.parametrize("axis", [None, 0, 2])
@@ -68,7 +79,7 @@ def test_figures_taken_a_few_samples_at_a_time_are_those_of_the_whole_output(mon
     channel = 1 if axis is None else axis
     expected = np.linalg.norm(np.moveaxis(a - b, channel, 0).reshape(a.shape[channel], -1), axis=1) / \
         np.linalg.norm(np.moveaxis(a, channel, 0).reshape(a.shape[channel], -1), axis=1)
-    np.testing.assert_allclose(channel_errors(reference, result, channel), expected, rtol=1e-12)
+    np.testing.assert_allclose(channel_errors(error_sums(reference, result, channel)), expected, rtol=1e-12)
     assert chunked["channels"]["worst"] == whole["channels"]["worst"]
     assert chunked["channels"]["count"] == a.shape[channel]
 
@@ -80,7 +91,7 @@ def test_a_nan_in_any_chunk_shows_in_the_figures(monkeypatch):
     result[3, 1] = np.nan  # in the fourth of five chunks: a running max() would drop it
     figures = output_fidelity(reference, result)
     assert np.isnan(figures["max_abs_diff"]) and np.isnan(figures["rel_l2"])
-    assert not compare.constant_over_samples({"y": np.where(np.arange(5)[:, None] == 3, np.nan, reference)})
+    assert np.isnan(compare._spread(result))  # (constant_over_samples' threshold is NaN too: it alone cannot tell)
 
 
 def test_the_whole_output_hides_a_destroyed_block_the_channels_show_it(tmp_path, head_path):

@@ -194,8 +194,9 @@ def test_float32_greedy_removes_the_same_units_as_float64():
 
 
 def test_gram_rows_folded_in_any_number_of_products_give_the_same_matrices(monkeypatch):
-    """GramFold waits for rows and adds them in one product per FOLD_ELEMENTS: the Gram matrices its problems
-    read do not depend on how many products that took."""
+    """GramFold waits for rows and adds them in one product per max(FOLD_ELEMENTS, F^2 / 2) values: the Gram
+    matrices its problems read do not depend on how many products that took (FOLD_ELEMENTS = 1: a product per
+    batch, each batch bringing more than F / 2 rows here)."""
     from onnxprune.scoring import obs
     from onnxprune.scoring.consumers import find_consumers
 

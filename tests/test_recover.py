@@ -167,6 +167,39 @@ def test_the_sums_are_centred_once_per_count_and_again_after_more_rows():
     assert equations._centered_at is None
 
 
+def test_the_ridge_search_sums_are_released_before_the_final_fit_solves_its_own(monkeypatch):
+    """The final fit solves the fit and held-out sums merged: the fit's centred copy (F x F per group), which
+    only the ridge search needed, is gone by then, so a layer holds one centred copy at a time."""
+    from onnxprune.loading import load
+    from onnxprune.recover import recover
+    from onnxprune.rewrite import apply_channel_plan, keep_masks
+    from onnxprune.stages import analyze_model
+    import onnx_graphsurgeon as gs
+
+    fits, released = {}, []
+    merged, solve = NormalEquations.merged, NormalEquations.solve
+
+    def merging(self, other):
+        basis = merged(self, other)
+        fits[id(basis)] = self
+        return basis
+
+    def solving(self, *args, **kwargs):
+        if id(self) in fits:
+            released.append(fits[id(self)]._centered_at is None)
+        return solve(self, *args, **kwargs)
+
+    monkeypatch.setattr(NormalEquations, "merged", merging)
+    monkeypatch.setattr(NormalEquations, "solve", solving)
+    model = linear_gemm_chain(seed=3, batch="N")
+    loaded = load(model)
+    analysis = analyze_model(loaded)
+    masks = keep_masks(analysis, {analysis.prunable_groups()[0].index: np.array([0, 2, 5, 7])})
+    apply_channel_plan(analysis, masks)
+    recover(loaded.model, gs.export_onnx(analysis.graph), calibration_for(model, 64), "lstsq", masks, loaded.shapes)
+    assert released and all(released)
+
+
 def test_recovery_does_not_depend_on_the_batch_size():
     """Batches of 4 and one batch of 64 accumulate the same equations (no sampling at this size)."""
     model = linear_gemm_chain(seed=3, batch="N")

@@ -223,6 +223,8 @@ class LstsqFit:
         energy = self.energy[0] if self.hold_out else self.energy.sum()
         before = relative(basis.residual(*current), energy)
         ridge, held_before, held_after = self._choose_ridge(current, intercept)
+        if basis is not self.fit:
+            self.fit.release()  # its centred sums served the ridge search; the merged ones are solved now
         if held_after is not None and not held_after < held_before:
             return Update(None, None, before, before, "kept: the fit did not lower the error on held-out samples",
                           ridge=ridge, held_out=(held_before, held_before))

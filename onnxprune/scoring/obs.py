@@ -337,8 +337,9 @@ class GramFold:
         gram = self.gram
         held_rows = None  # (folded into a Gram matrix: none waiting)
         if self.waiting[1]:
-            held_rows = np.concatenate(self.waiting[1])
-            held_rows *= np.float32(1 / np.sqrt(self.held_count))
+            if self.held_count:
+                held_rows = np.concatenate(self.waiting[1])
+                held_rows *= np.float32(1 / np.sqrt(self.held_count))
             self.waiting[1].clear()
         weight, bias = _layer_matrix(consumer)
         groups = consumer.groups
@@ -556,11 +557,11 @@ def obs(analysis, context):
     folds = gram_folds(analysis, context, consumers) if consumers else []
     by_group: dict[int, list[Problem]] = {}
     with numeric_pool() as pool:  # layers, then groups, side by side; each result as alone
-        # the widest layers first (their inverses take seconds: last, one worker was left alone with them)
-        widest_first = sorted(range(len(folds)), key=lambda i: -len(folds[i].gram))
-        found = dict(zip(widest_first, pool.map(lambda i: folds[i].problems(analysis), widest_first)))
-        for i in range(len(folds)):  # in graph order
-            for g, problem in found.pop(i):
+        # the costliest inverses first (seconds each on the widest layers: last, one worker was left alone
+        # with them); a group's problems come in that order
+        costliest_first = sorted(folds, key=lambda f: -f.consumer.groups * (f.consumer.fan_in + 1) ** 3)
+        for found in pool.map(lambda fold: fold.problems(analysis), costliest_first):
+            for g, problem in found:
                 by_group.setdefault(g, []).append(problem)
         stats = ObsStats(layers=len(folds), rows=max((f.count for f in folds), default=0))
         groups = [g for g in analysis.prunable_groups() if by_group.get(g.index) and g.channels > 1]

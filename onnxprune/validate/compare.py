@@ -51,14 +51,21 @@ class ErrorSums:
     channel_reference: np.ndarray | None = None
 
 
+def _sample_step(values: np.ndarray) -> int:
+    """Samples (axis 0) of `values` in one chunk of at most CHUNK_ELEMENTS values (at least one sample)."""
+    return max(1, CHUNK_ELEMENTS // max(values.size // max(len(values), 1), 1))
+
+
 def error_sums(reference: np.ndarray, result: np.ndarray, axis: int | None = None) -> ErrorSums:
     """`ErrorSums` taken a few samples (axis 0) at a time, each chunk widened to float64 on its own."""
     reference, result = np.atleast_1d(reference), np.atleast_1d(result)
-    step = max(1, CHUNK_ELEMENTS // max(reference[0].size, 1))
+    if axis is not None:
+        axis %= reference.ndim
+    step = _sample_step(reference)
     sums = ErrorSums()
     channel_parts: list[tuple[np.ndarray, np.ndarray]] = []
     maxima = [0.0]
-    for start in range(0, len(reference), step):
+    for start in range(0, max(len(reference), 1), step):  # (an output without samples: one empty chunk)
         a = reference[start:start + step].astype(np.float64)
         b = result[start:start + step].astype(np.float64)
         d = a - b
@@ -100,9 +107,8 @@ def _relative(error, norm):
     return np.divide(error, norm, out=np.array(error, dtype=np.float64), where=np.asarray(norm) > 0)
 
 
-def channel_errors(reference: np.ndarray, result: np.ndarray, axis: int) -> np.ndarray:
-    """The relative L2 error of every slice along `axis` (each channel over all samples and positions)."""
-    sums = error_sums(reference, result, axis)
+def channel_errors(sums: ErrorSums) -> np.ndarray:
+    """The relative L2 error of every channel (each over all samples and positions) from `error_sums`."""
     return _relative(np.sqrt(sums.channel_difference), np.sqrt(sums.channel_reference))
 
 
@@ -115,7 +121,7 @@ def _channel_axis(reference: np.ndarray, axis: int | None) -> int | None:
 
 def _worst_channels(sums: ErrorSums, axis: int) -> dict:
     """The channel axis, its worst channels (index and relative L2 error, worst first) and the median error."""
-    errors = _relative(np.sqrt(sums.channel_difference), np.sqrt(sums.channel_reference))
+    errors = channel_errors(sums)
     worst = np.argsort(-errors, kind="stable")[:WORST_CHANNELS]
     return {"axis": axis, "count": int(errors.size), "median": float(np.median(errors)),
             "worst": [{"index": int(i), "rel_l2": float(errors[i])} for i in worst]}
@@ -181,7 +187,7 @@ def constant_over_samples(reference: dict[str, np.ndarray]) -> bool:
 def _spread(values: np.ndarray) -> float:
     """max |values - values[0]| over the samples (axis 0), a few samples at a time, in float64."""
     first = values[:1].astype(np.float64)
-    step = max(1, CHUNK_ELEMENTS // max(first.size, 1))
+    step = _sample_step(values)
     return float(np.max([np.abs(values[start:start + step] - first).max() for start in range(0, len(values), step)]))
 
 
