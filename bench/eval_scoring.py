@@ -41,7 +41,7 @@ A lever column `obs[k=v,...]` runs obs with module constants set for its cells (
 per-group floor; batches: removal batches; rows: sampled rows per feature of H; probe / budget: the output-error
 probe's samples per measurement and its passes; ridge: a fixed lstsq ridge; first: the probe's samples the first
 held-out ones, as before they were spread over them; norescale: the layers' own error curves; nostats: no statistics
-correction; shares3: the probe also measures a 3/4 cut; kl: the probe's error KL(original || pruned) on softmax outputs; refine / refine=N: the allocation refined by measuring the
+correction; shares3: the probe also measures a 3/4 cut; kl: the probe's error KL(original || pruned) on softmax outputs; logodds: its error on their centred log-probabilities; refine / refine=N: the allocation refined by measuring the
 whole cut, at most 48 / N runs on held-out samples, scoring/refine.py; step: its moves' share of a group's channels),
 calib=N: N calibration crops (half photos), or a PruneConfig field (steps=2). Every run is deterministic for a
 seed: columns of different runs compare.
@@ -218,8 +218,28 @@ def _divergence_error(reference, outputs):
     return float(np.mean(errors)) if errors else 0.0
 
 
+def _log_probability_error(reference, outputs):
+    """sensitivity._output_error with, for outputs that are distributions over their last axis, the squared
+    relative error of their log-probabilities (floored at 1e-12) centred over that axis: the logits up to a
+    per-sample constant, what the argmax reads (a confident sample's change is not shrunk by p (1 - p))."""
+    errors = []
+    for name, expected in reference.items():
+        if not np.issubdtype(expected.dtype, np.floating) or not np.any(expected):
+            continue
+        p, q = expected.astype(np.float64), outputs[name].astype(np.float64)
+        if p.min() >= 0 and np.allclose(p.sum(-1), 1.0, atol=1e-3):
+            a, b = np.log(np.maximum(p, 1e-12)), np.log(np.maximum(q, 1e-12))
+            a -= a.mean(-1, keepdims=True)
+            b -= b.mean(-1, keepdims=True)
+            errors.append(float(np.sum((a - b) ** 2) / np.sum(a ** 2)))
+        else:
+            errors.append(sensitivity.output_error(expected, outputs[name]) ** 2)
+    return float(np.mean(errors)) if errors else 0.0
+
+
 SWITCHES = {  # levers without a value
     "kl": [("onnxprune.scoring.sensitivity", "_output_error", _divergence_error)],
+    "logodds": [("onnxprune.scoring.sensitivity", "_output_error", _log_probability_error)],
     "norescale": [("onnxprune.scoring.obs", "rescaled", lambda curve, points, errors: curve)],  # local curves
     "nostats": [("onnxprune.recover.lstsq", "spread_corrected", lambda *args: None)],  # no statistics correction
     "first": [("onnxprune.scoring.sensitivity", "_samples", _first_samples)],

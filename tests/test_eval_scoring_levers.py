@@ -57,3 +57,23 @@ def test_the_refine_column_sets_the_refinement_s_measurements():
     with bench.patched(bench.scorer_levers("obs[refine]")[1]):
         assert obs.REFINE_MEASUREMENTS == 48
     assert obs.REFINE_MEASUREMENTS == 0
+
+
+def test_the_logodds_column_measures_softmax_outputs_by_their_logits_and_others_as_before():
+    """For a softmax output the error is that of the logits up to a per-sample constant: a confident sample
+    whose logits move counts as much as an unsure one (the squared error of probabilities shrinks it)."""
+    bench = _bench()
+    logits = np.array([[6.0, 0.0, -1.0], [0.2, 0.0, 0.1]])
+    moved = logits + np.array([[-1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])  # the confident sample's logits move
+
+    def softmax(z):
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    centred = logits - logits.mean(-1, keepdims=True)
+    expected = np.sum((moved - logits - (moved - logits).mean(-1, keepdims=True)) ** 2) / np.sum(centred ** 2)
+    error = bench._log_probability_error({"p": softmax(logits)}, {"p": softmax(moved)})
+    assert np.isclose(error, expected, rtol=1e-9)
+    assert error > sensitivity._output_error({"p": softmax(logits)}, {"p": softmax(moved)})
+    features = {"y": logits}  # not a distribution: the squared relative error, as the default measures it
+    assert bench._log_probability_error(features, {"y": moved}) == sensitivity._output_error(features, {"y": moved})
