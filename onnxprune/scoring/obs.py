@@ -56,7 +56,7 @@ MAX_BATCH_ELEMENTS = 8_000_000  # rows x features gathered at once (bounds the i
 FOLD_ELEMENTS = 2_000_000  # rows x features a Gram matrix waits for, at least: one product per that many rows,
 # not one per capture batch, whose F^2 pass dominated. A wide layer waits for F / 2 rows (a quarter of its float64
 # Gram matrix's memory): each fold adds an F x F product into it, and ResNet-50's 4609-feature folds of 434 rows
-# ran at a third of BLAS's speed (bench/speed_recovery.py)
+# ran at 33 GF/s, a third of what BLAS gives a product of 2304 rows
 WORK_DTYPE = np.float32  # of H^-1 and the weights in the greedy removal (twice as fast as float64)
 MAX_FEATURES = 12_288  # per layer: H^-1 must fit in memory and update in seconds
 REMOVAL_STEPS = 32  # units are removed in about this many batches per group
