@@ -202,39 +202,41 @@ def _first_samples(calibration, fixed_batch, measurements):
     return pool.head(count)
 
 
-def _divergence_error(reference, outputs):
-    """sensitivity._output_error with KL(original || pruned) for outputs that are distributions over their
-    last axis (a softmax's), the squared relative error for the others."""
-    errors = []
-    for name, expected in reference.items():
-        if not np.issubdtype(expected.dtype, np.floating) or not np.any(expected):
-            continue
-        p, q = expected.astype(np.float64), outputs[name].astype(np.float64)
-        if p.min() >= 0 and np.allclose(p.sum(-1), 1.0, atol=1e-3):
-            tiny = 1e-12
-            errors.append(float(np.mean(np.sum(p * (np.log(p + tiny) - np.log(q + tiny)), axis=-1))))
-        else:
-            errors.append(sensitivity.output_error(expected, outputs[name]) ** 2)
-    return float(np.mean(errors)) if errors else 0.0
+def _distribution_error(measure):
+    """sensitivity._output_error with `measure(p, q)` for outputs that are distributions over their last axis
+    (a softmax's), the squared relative error for the others."""
+
+    def error(reference, outputs):
+        errors = []
+        for name, expected in reference.items():
+            if not np.issubdtype(expected.dtype, np.floating) or not np.any(expected):
+                continue
+            p, q = expected.astype(np.float64), outputs[name].astype(np.float64)
+            if p.min() >= 0 and np.allclose(p.sum(-1), 1.0, atol=1e-3):
+                errors.append(measure(p, q))
+            else:
+                errors.append(sensitivity.output_error(expected, outputs[name]) ** 2)
+        return float(np.mean(errors)) if errors else 0.0
+
+    return error
 
 
-def _log_probability_error(reference, outputs):
-    """sensitivity._output_error with, for outputs that are distributions over their last axis, the squared
-    relative error of their log-probabilities (floored at 1e-12) centred over that axis: the logits up to a
-    per-sample constant, what the argmax reads (a confident sample's change is not shrunk by p (1 - p))."""
-    errors = []
-    for name, expected in reference.items():
-        if not np.issubdtype(expected.dtype, np.floating) or not np.any(expected):
-            continue
-        p, q = expected.astype(np.float64), outputs[name].astype(np.float64)
-        if p.min() >= 0 and np.allclose(p.sum(-1), 1.0, atol=1e-3):
-            a, b = np.log(np.maximum(p, 1e-12)), np.log(np.maximum(q, 1e-12))
-            a -= a.mean(-1, keepdims=True)
-            b -= b.mean(-1, keepdims=True)
-            errors.append(float(np.sum((a - b) ** 2) / np.sum(a ** 2)))
-        else:
-            errors.append(sensitivity.output_error(expected, outputs[name]) ** 2)
-    return float(np.mean(errors)) if errors else 0.0
+def _divergence(p, q, tiny=1e-12):
+    """KL(original || pruned), the mean over samples."""
+    return float(np.mean(np.sum(p * (np.log(p + tiny) - np.log(q + tiny)), axis=-1)))
+
+
+def _log_probability_change(p, q, floor=1e-12):
+    """The squared relative error of the log-probabilities (floored) centred over the classes: the logits up to
+    a per-sample constant, what the argmax reads (a confident sample's change is not shrunk by p (1 - p))."""
+    a, b = np.log(np.maximum(p, floor)), np.log(np.maximum(q, floor))
+    a -= a.mean(-1, keepdims=True)
+    b -= b.mean(-1, keepdims=True)
+    return float(np.sum((a - b) ** 2) / np.sum(a ** 2))
+
+
+_divergence_error = _distribution_error(_divergence)
+_log_probability_error = _distribution_error(_log_probability_change)
 
 
 SWITCHES = {  # levers without a value
