@@ -335,12 +335,11 @@ class GramFold:
         self.fold()
         self.gram /= max(self.count, 1)  # in place, no second F x F copy: a fold gives its problems once
         gram = self.gram
-        held_rows = None  # (folded into a Gram matrix: none waiting)
-        if self.waiting[1]:
-            if self.held_count:
-                held_rows = np.concatenate(self.waiting[1])
-                held_rows *= np.float32(1 / np.sqrt(self.held_count))
-            self.waiting[1].clear()
+        held_rows = None  # (folded into a Gram matrix, or none held out: none waiting)
+        if self.waiting[1] and self.held_count:
+            held_rows = np.concatenate(self.waiting[1])
+            held_rows *= np.float32(1 / np.sqrt(self.held_count))
+        self.waiting[1].clear()
         weight, bias = _layer_matrix(consumer)
         groups = consumer.groups
         per_block_in = consumer.channels // groups
