@@ -170,11 +170,7 @@ def test_the_sums_are_centred_once_per_count_and_again_after_more_rows():
 def test_the_ridge_search_sums_are_released_before_the_final_fit_solves_its_own(monkeypatch):
     """The final fit solves the fit and held-out sums merged: the fit's centred copy (F x F per group), which
     only the ridge search needed, is gone by then, so a layer holds one centred copy at a time."""
-    from onnxprune.loading import load
     from onnxprune.recover import recover
-    from onnxprune.rewrite import apply_channel_plan, keep_masks
-    from onnxprune.stages import analyze_model
-    import onnx_graphsurgeon as gs
 
     fits, released = {}, []
     merged, solve = NormalEquations.merged, NormalEquations.solve
@@ -192,31 +188,32 @@ def test_the_ridge_search_sums_are_released_before_the_final_fit_solves_its_own(
     monkeypatch.setattr(NormalEquations, "merged", merging)
     monkeypatch.setattr(NormalEquations, "solve", solving)
     model = linear_gemm_chain(seed=3, batch="N")
-    loaded = load(model)
-    analysis = analyze_model(loaded)
-    masks = keep_masks(analysis, {analysis.prunable_groups()[0].index: np.array([0, 2, 5, 7])})
-    apply_channel_plan(analysis, masks)
-    recover(loaded.model, gs.export_onnx(analysis.graph), calibration_for(model, 64), "lstsq", masks, loaded.shapes)
+    loaded, pruned, masks = _first_group_cut(model)
+    recover(loaded.model, pruned, calibration_for(model, 64), "lstsq", masks, loaded.shapes)
     assert released and all(released)
 
 
-def test_recovery_does_not_depend_on_the_batch_size():
-    """Batches of 4 and one batch of 64 accumulate the same equations (no sampling at this size)."""
-    model = linear_gemm_chain(seed=3, batch="N")
-    calibration = calibration_for(model, 64)
+def _first_group_cut(model):
+    """(the loaded model, the model with channels 0, 2, 5 and 7 of its first prunable group kept, the masks)."""
     from onnxprune.loading import load
-    from onnxprune.stages import analyze_model
-    from onnxprune.recover import recover
     from onnxprune.rewrite import apply_channel_plan, keep_masks
+    from onnxprune.stages import analyze_model
     import onnx_graphsurgeon as gs
 
     loaded = load(model)
     analysis = analyze_model(loaded)
-    group = analysis.prunable_groups()[0]
-    keep = {group.index: np.array([0, 2, 5, 7])}
-    masks = keep_masks(analysis, keep)
+    masks = keep_masks(analysis, {analysis.prunable_groups()[0].index: np.array([0, 2, 5, 7])})
     apply_channel_plan(analysis, masks)
-    pruned = gs.export_onnx(analysis.graph)
+    return loaded, gs.export_onnx(analysis.graph), masks
+
+
+def test_recovery_does_not_depend_on_the_batch_size():
+    """Batches of 4 and one batch of 64 accumulate the same equations (no sampling at this size)."""
+    from onnxprune.recover import recover
+
+    model = linear_gemm_chain(seed=3, batch="N")
+    calibration = calibration_for(model, 64)
+    loaded, pruned, masks = _first_group_cut(model)
     fits = [recover(loaded.model, pruned, calibration, "lstsq", masks, loaded.shapes, batch_size=b)[0]
             for b in (4, 64)]
     small, large = ({t.name: numpy_helper.to_array(t) for t in m.graph.initializer} for m in fits)
