@@ -41,7 +41,10 @@ A lever column `obs[k=v,...]` runs obs with module constants set for its cells (
 per-group floor; batches: removal batches; rows: sampled rows per feature of H; probe / budget: the output-error
 probe's samples per measurement and its passes; ridge: a fixed lstsq ridge; first: the probe's samples the first
 held-out ones, as before they were spread over them; norescale: the layers' own error curves; nostats: no statistics
-correction; shares3: the probe also measures a 3/4 cut; kl: the probe's error KL(original || pruned) on softmax outputs; logodds: its error on their centred log-probabilities; refine / refine=N: the allocation refined by measuring the
+correction; shares3: the probe also measures a 3/4 cut; kl: the probe's error KL(original || pruned) on softmax outputs;
+classes=N: its log-odds error on them among the original's N most probable classes (5 by default), logodds: among all
+of them; relative: the squared relative error of every output, softmax or not (the default before the log-odds);
+refine / refine=N: the allocation refined by measuring the
 whole cut, at most 48 / N runs on held-out samples, scoring/refine.py; step: its moves' share of a group's channels),
 calib=N: N calibration crops (half photos), or a PruneConfig field (steps=2). Every run is deterministic for a
 seed: columns of different runs compare.
@@ -191,6 +194,8 @@ LEVERS = {
     "refine": [("onnxprune.scoring.obs", "REFINE_MEASUREMENTS")],  # the allocation refined by measuring the
     # whole cut, at most this many runs (scoring/refine.py)
     "step": [("onnxprune.scoring.refine", "STEP")],  # the refinement's move, a share of a group's channels
+    "classes": [("onnxprune.scoring.sensitivity", "COMPETING_CLASSES")],  # of a softmax output, whose log-odds
+    # the probe measures
 }
 REFINE_MEASUREMENTS = 48  # obs[refine] without a value
 
@@ -202,46 +207,26 @@ def _first_samples(calibration, fixed_batch, measurements):
     return pool.head(count)
 
 
-def _distribution_error(measure):
-    """sensitivity._output_error with `measure(p, q)` for outputs that are distributions over their last axis
-    (a softmax's), the squared relative error for the others."""
-
-    def error(reference, outputs):
-        errors = []
-        for name, expected in reference.items():
-            if not np.issubdtype(expected.dtype, np.floating) or not np.any(expected):
-                continue
-            p, q = expected.astype(np.float64), outputs[name].astype(np.float64)
-            if p.min() >= 0 and np.allclose(p.sum(-1), 1.0, atol=1e-3):
-                errors.append(measure(p, q))
-            else:
-                errors.append(sensitivity.output_error(expected, outputs[name]) ** 2)
-        return float(np.mean(errors)) if errors else 0.0
-
-    return error
-
-
-def _divergence(p, q, tiny=1e-12):
-    """KL(original || pruned), the mean over samples."""
-    return float(np.mean(np.sum(p * (np.log(p + tiny) - np.log(q + tiny)), axis=-1)))
-
-
-def _log_probability_change(p, q, floor=1e-12):
-    """The squared relative error of the log-probabilities (floored) centred over the classes: the logits up to
-    a per-sample constant, what the argmax reads (a confident sample's change is not shrunk by p (1 - p))."""
-    a, b = np.log(np.maximum(p, floor)), np.log(np.maximum(q, floor))
-    a -= a.mean(-1, keepdims=True)
-    b -= b.mean(-1, keepdims=True)
-    return float(np.sum((a - b) ** 2) / np.sum(a ** 2))
-
-
-_divergence_error = _distribution_error(_divergence)
-_log_probability_error = _distribution_error(_log_probability_change)
+def _divergence_error(reference, outputs, competing=None):
+    """sensitivity._output_error with KL(original || pruned) for the outputs that are distributions over their
+    last axis (a softmax's, the mean over samples), the squared relative error for the others."""
+    errors = []
+    for name, expected in reference.items():
+        if not np.issubdtype(expected.dtype, np.floating) or not np.any(expected):
+            continue
+        p, q = expected.astype(np.float64), outputs[name].astype(np.float64)
+        if p.min() >= 0 and np.allclose(p.sum(-1), 1.0, atol=1e-3):
+            errors.append(float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=-1))))
+        else:
+            errors.append(sensitivity.output_error(expected, outputs[name]) ** 2)
+    return float(np.mean(errors)) if errors else 0.0
 
 
 SWITCHES = {  # levers without a value
     "kl": [("onnxprune.scoring.sensitivity", "_output_error", _divergence_error)],
-    "logodds": [("onnxprune.scoring.sensitivity", "_output_error", _log_probability_error)],
+    "logodds": [("onnxprune.scoring.sensitivity", "COMPETING_CLASSES", 1 << 30)],  # the log-odds of every class
+    "relative": [("onnxprune.scoring.sensitivity", "competing_classes", lambda reference: {})],  # the squared
+    # relative error of every output, softmax or not (the probe's measure before the log-odds)
     "norescale": [("onnxprune.scoring.obs", "rescaled", lambda curve, points, errors: curve)],  # local curves
     "nostats": [("onnxprune.recover.lstsq", "spread_corrected", lambda *args: None)],  # no statistics correction
     "first": [("onnxprune.scoring.sensitivity", "_samples", _first_samples)],
@@ -269,7 +254,7 @@ def scorer_levers(scorer: str) -> tuple[str, list, int | None, dict]:
             patches.extend(SWITCHES[key])
         elif key in LEVERS:
             number = float(value)
-            integers = ("batches", "rows", "probe", "budget", "refine")
+            integers = ("batches", "rows", "probe", "budget", "refine", "classes")
             value = (number,) if key == "ridge" else int(number) if key in integers else number
             patches.extend((module, attribute, value) for module, attribute in LEVERS[key])
         else:

@@ -59,21 +59,20 @@ def test_the_refine_column_sets_the_refinement_s_measurements():
     assert obs.REFINE_MEASUREMENTS == 0
 
 
-def test_the_logodds_column_measures_softmax_outputs_by_their_logits_and_others_as_before():
-    """For a softmax output the error is that of the logits up to a per-sample constant: a confident sample
-    whose logits move counts as much as an unsure one (the squared error of probabilities shrinks it)."""
+def test_the_probe_measure_columns_set_the_classes_or_measure_every_output_by_its_relative_error():
+    """`classes=N` / `logodds` widen the log-odds to N / every class of a softmax output; `relative` measures it
+    as any other output (the probe's measure before the log-odds)."""
     bench = _bench()
-    logits = np.array([[6.0, 0.0, -1.0], [0.2, 0.0, 0.1]])
-    moved = logits + np.array([[-1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])  # the confident sample's logits move
-
-    def softmax(z):
-        e = np.exp(z - z.max(-1, keepdims=True))
-        return e / e.sum(-1, keepdims=True)
-
-    centred = logits - logits.mean(-1, keepdims=True)
-    expected = np.sum((moved - logits - (moved - logits).mean(-1, keepdims=True)) ** 2) / np.sum(centred ** 2)
-    error = bench._log_probability_error({"p": softmax(logits)}, {"p": softmax(moved)})
-    assert np.isclose(error, expected, rtol=1e-9)
-    assert error > sensitivity._output_error({"p": softmax(logits)}, {"p": softmax(moved)})
-    features = {"y": logits}  # not a distribution: the squared relative error, as the default measures it
-    assert bench._log_probability_error(features, {"y": moved}) == sensitivity._output_error(features, {"y": moved})
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(12), size=6)
+    q = rng.dirichlet(np.ones(12), size=6)
+    five, every = sensitivity.competing_classes({"p": p})["p"], np.broadcast_to(np.arange(12), p.shape)
+    measured = lambda: sensitivity._output_error({"p": p}, {"p": q}, sensitivity.competing_classes({"p": p}))
+    assert measured() == sensitivity.log_odds_error(p, q, five)
+    with bench.patched(bench.scorer_levers("obs[logodds]")[1]):
+        assert measured() == sensitivity.log_odds_error(p, q, every)
+    with bench.patched(bench.scorer_levers("obs[classes=12]")[1]):
+        assert measured() == sensitivity.log_odds_error(p, q, every)
+    with bench.patched(bench.scorer_levers("obs[relative]")[1]):
+        assert measured() == sensitivity.output_error(p, q) ** 2
+    assert measured() == sensitivity.log_odds_error(p, q, five)  # restored

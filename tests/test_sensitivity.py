@@ -11,6 +11,7 @@ from onnxprune.loading import load
 from onnxprune.scoring.base import ScoringContext
 from onnxprune.scoring.consumers import find_consumers
 from onnxprune.scoring.obs import _layer_matrix, gram_folds, greedy_removal, removal_batch
+from onnxprune.scoring import sensitivity
 from onnxprune.scoring.sensitivity import OutputProbe, measured_points, rescaled
 from onnxprune.stages import analyze_model
 from tests import models
@@ -163,3 +164,74 @@ def test_a_groups_measurements_share_one_session(monkeypatch):
     assert len(built) == 1
     np.testing.assert_allclose(together, alone, rtol=1e-6, atol=1e-12)
     assert together[0] == pytest.approx(0.0, abs=1e-10) and together[1] > 0
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_a_softmax_output_is_measured_by_its_log_odds_which_see_a_confident_sample_move():
+    """The centred log-probabilities are the logits up to a per-sample constant: a confident sample whose
+    logits move counts as much as an unsure one, where the squared error of probabilities shrinks it by p (1 - p)."""
+    logits = np.array([[6.0, 0.0, -1.0], [0.2, 0.0, 0.1]])
+    moved = logits + np.array([[-1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    p, q = _softmax(logits), _softmax(moved)
+    competing = sensitivity.competing_classes({"p": p})
+    change = moved - logits - (moved - logits).mean(-1, keepdims=True)
+    centred = logits - logits.mean(-1, keepdims=True)
+    expected = np.sum(change ** 2) / np.sum(centred ** 2)
+    assert sensitivity._output_error({"p": p}, {"p": q}, competing) == pytest.approx(expected, rel=1e-9)
+    assert expected > 10 * sensitivity.output_error(p, q) ** 2
+
+
+def test_only_the_originals_most_probable_classes_count():
+    """Of 100 classes, the five the original ranks highest per sample compete: the unlikely ones may change
+    at will (a text recognizer's thousands of floored log-probabilities would otherwise decide)."""
+    rng = np.random.default_rng(0)
+    p = _softmax(rng.standard_normal((4, 3, 100)) * 3)
+    competing = sensitivity.competing_classes({"p": p})["p"]
+    assert competing.shape == (4, 3, sensitivity.COMPETING_CLASSES)
+    top = np.sort(p, -1)[..., -sensitivity.COMPETING_CLASSES:]
+    np.testing.assert_array_equal(np.sort(np.take_along_axis(p, competing, -1), -1), top)
+    q = p.copy()
+    others = np.ones_like(p, dtype=bool)
+    np.put_along_axis(others, competing, False, -1)
+    q[others] *= rng.uniform(0.01, 3.0, others.sum())  # every other class moves, the top five's ratios do not
+    q /= q.sum(-1, keepdims=True)
+    assert sensitivity.log_odds_error(p, q, competing) == pytest.approx(0.0, abs=1e-20)
+    assert sensitivity.log_odds_error(p, q, np.broadcast_to(np.arange(100), p.shape)) > 0.01
+
+
+def test_outputs_that_are_not_a_softmax_are_measured_by_their_relative_error():
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((6, 4))
+    scores = 1 / (1 + np.exp(-logits))  # a sigmoid's: not summing to one
+    single = np.ones((6, 1))  # a softmax over one class: nothing competes
+    reference = {"logits": logits, "scores": scores, "single": single, "flat": _softmax(logits[:, 0])}
+    assert sensitivity.competing_classes(reference) == {}
+    outputs = {name: value * 1.1 for name, value in reference.items()}
+    errors = [sensitivity.output_error(value, outputs[name]) ** 2 for name, value in reference.items()]
+    assert sensitivity._output_error(reference, outputs, {}) == pytest.approx(np.mean(errors))
+
+
+def test_the_probe_measures_a_models_softmax_output_by_its_log_odds(monkeypatch):
+    model = models.all_builders()["mlp"]()
+    output = model.graph.output[0]
+    model.graph.node.append(onnx.helper.make_node("Softmax", [output.name], ["probabilities"], axis=-1))
+    model.graph.output.remove(output)
+    model.graph.output.append(onnx.helper.make_empty_tensor_value_info("probabilities"))
+    calibration = _calibration(model)
+    by_group, layers = _problems(model, calibration)
+    problems = next(iter(sorted(by_group.items())))[1]
+    updated = [p.copy() for p in problems]
+    for p in updated:
+        p.remove(np.array(sorted(p.columns)[:2]))
+    measured = []
+    monkeypatch.setattr(sensitivity, "log_odds_error", lambda *args: measured.append(args) or 0.5)
+    with _probe(model, calibration, layers) as probe:
+        assert list(probe.competing) == ["probabilities"]
+        assert probe.errors(problems, [[p.weight for p in updated]]) == [0.5]
+    (expected, _, classes), = measured
+    np.testing.assert_array_equal(classes, probe.competing["probabilities"])
+    np.testing.assert_array_equal(expected, probe.reference["probabilities"])

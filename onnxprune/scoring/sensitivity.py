@@ -7,9 +7,11 @@ where an allocation that spared them lost 9%. Sensitivity analysis (Li et al. 20
 Efficient ConvNets", section 3.2: prune each layer alone and measure) answers it directly: for every
 group, the model runs on held-out calibration samples with that group alone cut, at about SHARES of its
 channels, its consumer layers carrying the OBS-updated weights (what the recovery will re-fit), and the
-squared relative error of its outputs is measured. The ratio to the local curve at those points (the
-group's gain) rescales its curve, linearly interpolated in between, so the allocation compares output
-errors per MAC.
+error of its outputs is measured: the squared relative error, or for a softmax output that of the log-odds
+among the original's most probable classes (`log_odds_error`: on the PP-OCR direction classifier at 70% of
+MACs, 0.888 -> 0.909 top-1 agreement over five seeds, the rotation classifier and the recognizer unchanged).
+The ratio to the local curve at those points (the group's gain) rescales its curve, linearly interpolated
+in between, so the allocation compares output errors per MAC.
 
 One copy of the model is kept, with an explicit (zero) bias on every consumer that has none. The model
 runs as a `Stream` (recover/stream.py): the groups are measured in the order of their first consumer, the
@@ -37,6 +39,8 @@ SHARES = (0.25, 0.5)  # of a group's channels removed where its output error is 
 SAMPLES = 32  # held-out calibration samples each measurement runs, at most ...
 MIN_SAMPLES = 8  # ... and at least
 BUDGET_PASSES = 8  # all measurements together run at most this many passes' worth of the calibration samples
+COMPETING_CLASSES = 5  # of a softmax output: the original's most probable classes, whose log-odds are measured
+LOG_FLOOR = 1e-12  # probabilities below it are read as it (a log of 0 is no measure)
 TINY = 1e-12
 
 
@@ -74,6 +78,7 @@ class OutputProbe:
         self.stream = Stream(probe, self.samples, self.batch)
         self.early: dict[str, list[np.ndarray]] = {}  # outputs computed before the stream's frontier
         self.reference = self._rest(0, [])({})
+        self.competing = competing_classes(self.reference)
 
     def __enter__(self) -> "OutputProbe":
         return self
@@ -90,7 +95,7 @@ class OutputProbe:
         per measurement, obs layout), all from one session of the graph from the first problem's layer on."""
         replaced = [self._initializers(problems, w) for w in weights]
         run = self._rest(self.first_node(problems), sorted({name for r in replaced for name in r}))
-        return [_output_error(self.reference, run(r)) for r in replaced]
+        return [_output_error(self.reference, run(r), self.competing) for r in replaced]
 
     def _rest(self, first: int, fed: list[str]):
         """A function giving the model's outputs on the samples with the initializers `fed` replaced by the
@@ -198,8 +203,40 @@ def _samples(calibration: CalibrationSet, fixed_batch: int | None, measurements:
     return pool.spread(count)
 
 
-def _output_error(reference: dict, outputs: dict) -> float:
-    """Mean over the floating-point outputs (not all zero) of the squared relative error."""
-    errors = [output_error(expected, outputs[name]) ** 2 for name, expected in reference.items()
+def competing_classes(reference: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """For every softmax output (non-negative, summing to one over its last axis): the indices of the original's
+    COMPETING_CLASSES most probable classes of each sample (all its classes when it has no more)."""
+    competing = {}
+    for name, p in reference.items():
+        if not np.issubdtype(p.dtype, np.floating) or p.ndim < 2 or p.shape[-1] < 2 or p.size == 0 or p.min() < 0:
+            continue
+        if not np.allclose(p.sum(-1), 1.0, atol=1e-3):
+            continue
+        classes = p.shape[-1]
+        if classes <= COMPETING_CLASSES:
+            competing[name] = np.broadcast_to(np.arange(classes), p.shape)
+        else:
+            competing[name] = np.argpartition(-p, COMPETING_CLASSES - 1, axis=-1)[..., :COMPETING_CLASSES]
+    return competing
+
+
+def log_odds_error(expected: np.ndarray, actual: np.ndarray, classes: np.ndarray) -> float:
+    """The squared relative error of a softmax output's log-probabilities at `classes` (per sample), centred
+    over them: the differences of the logits that compete for the argmax. The squared error of the
+    probabilities shrinks a change by p (1 - p), so it hardly sees a confident sample's margin move, and over
+    every class the floored log-probabilities of thousands of unlikely ones (a text recognizer's) outweigh
+    the few that compete."""
+    a = np.log(np.maximum(np.take_along_axis(expected, classes, -1).astype(np.float64), LOG_FLOOR))
+    b = np.log(np.maximum(np.take_along_axis(actual, classes, -1).astype(np.float64), LOG_FLOOR))
+    a -= a.mean(-1, keepdims=True)
+    b -= b.mean(-1, keepdims=True)
+    return float(np.sum((a - b) ** 2) / max(float(np.sum(a * a)), TINY))
+
+
+def _output_error(reference: dict, outputs: dict, competing: dict[str, np.ndarray]) -> float:
+    """Mean over the floating-point outputs (not all zero) of their error: the log-odds error among the
+    competing classes of a softmax output (`competing_classes`), the squared relative error of any other."""
+    errors = [log_odds_error(expected, outputs[name], competing[name]) if name in competing
+              else output_error(expected, outputs[name]) ** 2 for name, expected in reference.items()
               if np.issubdtype(expected.dtype, np.floating) and np.any(expected)]
     return float(np.mean(errors)) if errors else 0.0
