@@ -207,15 +207,15 @@ def _first_samples(calibration, fixed_batch, measurements):
     return pool.head(count)
 
 
-def _divergence_error(reference, outputs, competing=None):
-    """sensitivity._output_error with KL(original || pruned) for the outputs that are distributions over their
-    last axis (a softmax's, the mean over samples), the squared relative error for the others."""
+def _divergence_error(reference, outputs, competing):
+    """sensitivity._output_error with KL(original || pruned) for the softmax outputs (those `competing` holds;
+    the mean over samples), the squared relative error for the others."""
     errors = []
     for name, expected in reference.items():
         if not np.issubdtype(expected.dtype, np.floating) or not np.any(expected):
             continue
         p, q = expected.astype(np.float64), outputs[name].astype(np.float64)
-        if p.min() >= 0 and np.allclose(p.sum(-1), 1.0, atol=1e-3):
+        if name in competing:
             errors.append(float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=-1))))
         else:
             errors.append(sensitivity.output_error(expected, outputs[name]) ** 2)

@@ -5,6 +5,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from onnxprune.calib.data import CalibrationSet
 from onnxprune.scoring import obs, sensitivity
@@ -73,6 +74,9 @@ def test_the_probe_measure_columns_set_the_classes_or_measure_every_output_by_it
         assert measured() == sensitivity.log_odds_error(p, q, every)
     with bench.patched(bench.scorer_levers("obs[classes=12]")[1]):
         assert measured() == sensitivity.log_odds_error(p, q, every)
+    with bench.patched(bench.scorer_levers("obs[classes=6]")[1]):
+        six = np.argsort(p, -1)[:, -6:]
+        assert measured() == pytest.approx(sensitivity.log_odds_error(p, q, six), rel=1e-12)
     with bench.patched(bench.scorer_levers("obs[relative]")[1]):
         assert measured() == sensitivity.output_error(p, q) ** 2
     assert measured() == sensitivity.log_odds_error(p, q, five)  # restored

@@ -182,7 +182,17 @@ def test_a_softmax_output_is_measured_by_its_log_odds_which_see_a_confident_samp
     centred = logits - logits.mean(-1, keepdims=True)
     expected = np.sum(change ** 2) / np.sum(centred ** 2)
     assert sensitivity._output_error({"p": p}, {"p": q}, competing) == pytest.approx(expected, rel=1e-9)
-    assert expected > 10 * sensitivity.output_error(p, q) ** 2
+    assert expected > 10 * sensitivity.output_error(p, q) ** 2  # (the case for it: the old measure hardly saw it)
+
+
+def test_an_original_sure_of_nothing_is_measured_by_the_change_itself():
+    """Equally likely classes have no log-odds to be relative to: the mean squared change, not a division by 0."""
+    p = np.full((3, 4), 0.25)
+    logits = np.log(p) + np.array([[0.5, 0.0, 0.0, -0.5]])
+    q = _softmax(logits)
+    change = logits - logits.mean(-1, keepdims=True)
+    error = sensitivity.log_odds_error(p, q, sensitivity.competing_classes({"p": p})["p"])
+    assert error == pytest.approx(np.mean(change ** 2), rel=1e-9)
 
 
 def test_only_the_originals_most_probable_classes_count():
@@ -208,7 +218,10 @@ def test_outputs_that_are_not_a_softmax_are_measured_by_their_relative_error():
     logits = rng.standard_normal((6, 4))
     scores = 1 / (1 + np.exp(-logits))  # a sigmoid's: not summing to one
     single = np.ones((6, 1))  # a softmax over one class: nothing competes
-    reference = {"logits": logits, "scores": scores, "single": single, "flat": _softmax(logits[:, 0])}
+    signed = np.array([[0.6, 0.6, -0.2]] * 6)  # sums to one, not a distribution
+    near = _softmax(logits) * 1.01  # every sample sums to 1.01
+    reference = {"logits": logits, "scores": scores, "single": single, "flat": _softmax(logits[:, 0]),
+                 "signed": signed, "near": near}
     assert sensitivity.competing_classes(reference) == {}
     outputs = {name: value * 1.1 for name, value in reference.items()}
     errors = [sensitivity.output_error(value, outputs[name]) ** 2 for name, value in reference.items()]
