@@ -110,20 +110,37 @@ def test_sequential_on_a_stream_equal_to_the_original_s_gives_obs_own_choice(bui
     assert {g: k.tolist() for g, k in again.items()} == {g: k.tolist() for g, k in keep.items()}
 
 
-def test_sequential_re_chooses_on_the_pruned_stream_deterministically():
-    """On the narrowed stream (re-fitted level by level) the counts stay obs's, two runs agree and a later
-    group's choice moves; the first group reads the model's input, which no choice changes: obs's choice."""
+def test_sequential_re_chooses_on_the_pruned_stream_deterministically(monkeypatch):
+    """On the narrowed stream (re-fitted level by level) the counts stay obs's and two runs agree. Each group is
+    chosen against the asymmetric target of its own stream: the first group reads the model's input, which no
+    choice changes (the target is the original's weights, obs's choice), the later ones read narrowed, re-fitted
+    layers (the target moves; whether a choice then moves depends on the data)."""
+    import onnx
+
     from onnxprune.rewrite.streams import gathered_model
+    from onnxprune.scoring import reselect as module
 
     baseline, analysis, config, keep = _setup(deep_chain, target_macs=0.4, seed=1)
-    ir = baseline.loaded.model.ir_version
-    runs = [_sequential(baseline, analysis, config, keep, gathered_model(analyze_model(baseline.loaded), keep, ir))
-            for _ in range(2)]
+    targets = []  # per run, the weights each group's greedy removal was given, in the order decided
+    real = module.greedy_order_scores
+    monkeypatch.setattr(module, "greedy_order_scores", lambda problems, channels: (
+        targets[-1].append(np.concatenate([p.weight for p in problems])), real(problems, channels))[1])
+    streams = [gathered_model(analyze_model(baseline.loaded), keep, baseline.loaded.model.ir_version)
+               for _ in range(2)] + [onnx.ModelProto()]
+    streams[2].CopyFrom(baseline.loaded.model)  # the original itself: every target is the original's weights
+    runs = []
+    for stream in streams:
+        targets.append([])
+        runs.append(_sequential(baseline, analysis, config, keep, stream))
     assert {g: k.tolist() for g, k in runs[0].items()} == {g: k.tolist() for g, k in runs[1].items()}
     assert {g: len(k) for g, k in runs[0].items()} == {g: len(k) for g, k in keep.items()}
     first = next(g.index for g in analysis.prunable_groups() if source_names(g) == ("conv1",))
     assert runs[0][first].tolist() == keep[first].tolist()
-    assert any(runs[0][g].tolist() != keep[g].tolist() for g in keep)
+    narrowed, original = targets[0], targets[2]
+    assert len(narrowed) == len(original) == 3
+    np.testing.assert_allclose(narrowed[0], original[0], rtol=1e-4, atol=1e-6)
+    for moved, own in zip(narrowed[1:], original[1:]):
+        assert np.linalg.norm(moved - own) > 0.05 * np.linalg.norm(own)
 
 
 @pytest.mark.parametrize("value, scorer, message", [("mask", "obs", "give True"), (True, "l1", "needs the obs scorer")])
