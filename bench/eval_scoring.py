@@ -207,23 +207,15 @@ def _first_samples(calibration, fixed_batch, measurements):
     return pool.head(count)
 
 
-def _divergence_error(reference, outputs, competing):
-    """sensitivity._output_error with KL(original || pruned) for the softmax outputs (those `competing` holds;
-    the mean over samples), the squared relative error for the others."""
-    errors = []
-    for name, expected in reference.items():
-        if not np.issubdtype(expected.dtype, np.floating) or not np.any(expected):
-            continue
-        p, q = expected.astype(np.float64), outputs[name].astype(np.float64)
-        if name in competing:
-            errors.append(float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=-1))))
-        else:
-            errors.append(sensitivity.output_error(expected, outputs[name]) ** 2)
-    return float(np.mean(errors)) if errors else 0.0
+def _divergence(expected, actual, classes):
+    """In place of sensitivity.log_odds_error for a softmax output: KL(original || pruned) over every class, the
+    mean over samples (`classes` unused)."""
+    p, q = expected.astype(np.float64), actual.astype(np.float64)
+    return float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=-1)))
 
 
 SWITCHES = {  # levers without a value
-    "kl": [("onnxprune.scoring.sensitivity", "_output_error", _divergence_error)],
+    "kl": [("onnxprune.scoring.sensitivity", "log_odds_error", _divergence)],
     "logodds": [("onnxprune.scoring.sensitivity", "COMPETING_CLASSES", 1 << 30)],  # the log-odds of every class
     "relative": [("onnxprune.scoring.sensitivity", "competing_classes", lambda reference: {})],  # the squared
     # relative error of every output, softmax or not (the probe's measure before the log-odds)

@@ -62,7 +62,8 @@ def test_the_refine_column_sets_the_refinement_s_measurements():
 
 def test_the_probe_measure_columns_set_the_classes_or_measure_every_output_by_its_relative_error():
     """`classes=N` / `logodds` widen the log-odds to N / every class of a softmax output; `relative` measures it
-    as any other output (the probe's measure before the log-odds)."""
+    as any other output (the probe's measure before the log-odds); `kl` takes KL(original || pruned) in place of
+    the log-odds."""
     bench = _bench()
     rng = np.random.default_rng(0)
     p = rng.dirichlet(np.ones(12), size=6)
@@ -79,4 +80,8 @@ def test_the_probe_measure_columns_set_the_classes_or_measure_every_output_by_it
         assert measured() == pytest.approx(sensitivity.log_odds_error(p, q, six), rel=1e-12)
     with bench.patched(bench.scorer_levers("obs[relative]")[1]):
         assert measured() == sensitivity.output_error(p, q) ** 2
+    with bench.patched(bench.scorer_levers("obs[kl]")[1]):
+        assert measured() == pytest.approx(np.mean(np.sum(p * np.log(p / q), -1)), rel=1e-9)
+        signed = {"y": p - 0.5}  # not a softmax: its relative error, as before
+        assert sensitivity._output_error(signed, {"y": q - 0.5}, {}) == sensitivity.output_error(p - 0.5, q - 0.5) ** 2
     assert measured() == sensitivity.log_odds_error(p, q, five)  # restored

@@ -123,8 +123,12 @@ def test_sequential_re_chooses_on_the_pruned_stream_deterministically(monkeypatc
     baseline, analysis, config, keep = _setup(deep_chain, target_macs=0.4, seed=1)
     targets = []  # per run, the weights each group's greedy removal was given, in the order decided
     real = module.greedy_order_scores
-    monkeypatch.setattr(module, "greedy_order_scores", lambda problems, channels: (
-        targets[-1].append(np.concatenate([p.weight for p in problems])), real(problems, channels))[1])
+
+    def recording(problems, channels):
+        targets[-1].append(np.concatenate([p.weight for p in problems]))
+        return real(problems, channels)
+
+    monkeypatch.setattr(module, "greedy_order_scores", recording)
     streams = [gathered_model(analyze_model(baseline.loaded), keep, baseline.loaded.model.ir_version)
                for _ in range(2)] + [onnx.ModelProto()]
     streams[2].CopyFrom(baseline.loaded.model)  # the original itself: every target is the original's weights
