@@ -94,6 +94,26 @@ def square_view(read_axis: int, entry: int) -> onnx.ModelProto:
     return b.model([("x", ["B", "S", 16])], outputs=[("y", None)])
 
 
+def paddle_tokens(picked_axis: int = 3) -> onnx.ModelProto:
+    """PP-OCRv4's SVTR neck as Paddle exports it: Conv 3 -> 8 to y [B, 8, H, W], tokens [B, HW, 8], and back
+    by Reshape(tokens, Concat([0], [-1], Cast(Slice(Cast(Shape(y)), 3, 4)), [8])): the width is read off y's
+    shape through casts, the channel entry is a constant. `picked_axis` 1 reads y's channel count instead."""
+    b = Builder(seed=5)
+    conv = b.conv("neck", "x", 3, 8, k=3, stride=1)
+    tokens = b.node("Transpose", "tokens", [b.node("Reshape", "flatten", [conv, b.const("flat", [0, 8, -1], np.int64)])],
+                    perm=[0, 2, 1])
+    mixed = b.relu("mix", b.node("Add", "residual", [tokens, b.matmul("mlp", tokens, 8, 8)]))
+    shape = b.node("Cast", "shape_i32", [b.node("Shape", "neck_shape", [conv])], to=onnx.TensorProto.INT32)
+    width = b.node("Slice", "width", [shape, b.const("width_lo", [picked_axis], np.int64),
+                                      b.const("width_hi", [picked_axis + 1], np.int64), b.const("width_axes", [0], np.int64)])
+    target = b.node("Concat", "back_target", [b.const("keep_batch", [0], np.int64), b.const("rows", [-1], np.int64),
+                                              b.node("Cast", "width_i64", [width], to=onnx.TensorProto.INT64),
+                                              b.const("channels", [8], np.int64)], axis=0)
+    image = b.node("Transpose", "image", [b.node("Reshape", "back", [mixed, target])], perm=[0, 3, 1, 2])
+    b.output(b.conv("head", image, 8, 4, k=1, pad=0))
+    return b.model([("x", ["B", 3, "H", "W"])], outputs=[("y", None)])
+
+
 def _feed(shape, seed: int) -> dict[str, np.ndarray]:
     return {"x": np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
 
@@ -110,6 +130,7 @@ def _reasons(model, shapes) -> str:
 CASES = {  # name: (builder, analysed shapes, sizes checked, the group its own-size reshape must leave prunable)
     "conv1d_mlp": (conv1d_mlp, SEQ_SHAPES, [[1, 5, 16], [3, 5, 16], [2, 7, 16], [4, 1, 16]], ("fc", 32)),
     "patch_flatten": (patch_flatten, IMAGE_SHAPES, [[1, 3, 8, 8], [3, 3, 8, 8], [5, 3, 8, 8]], ("patches", 8)),
+    "paddle_tokens": (paddle_tokens, {"x": [1, 3, 4, 6]}, [[1, 3, 4, 6], [2, 3, 4, 10], [3, 3, 6, 5]], ("neck", 8)),
 }
 
 
@@ -174,3 +195,11 @@ def test_the_channel_count_at_another_entry_blocks():
 def test_the_own_count_at_the_channel_entry_is_prunable_where_sizes_coincide():
     """The control of the two above: h.size(2) at entry 1."""
     assert _prunable(square_view(read_axis=2, entry=1), {"x": [1, 32, 16]}) == {"fc": 32}
+
+
+def test_a_shape_cast_before_its_channel_entry_is_read_blocks():
+    """The control of paddle_tokens: the same casts, slicing y's channel count into the target's width
+    entry, which does not follow the kept count."""
+    assert _prunable(paddle_tokens(picked_axis=1), {"x": [1, 3, 4, 6]}) == {}
+    assert "Shape 'neck_shape': the channel count of 'neck_out' sizes Reshape 'back' of another tensor" \
+        in _reasons(paddle_tokens(picked_axis=1), {"x": [1, 3, 4, 6]})

@@ -891,7 +891,7 @@ class ShapeHandler(Handler):
             return
         own = (node.inputs[0], x.axis, len(x.ids), rank) if start == 0 and end == rank else None
         for consumer in node.outputs[0].outputs:
-            if position in _shape_entries_read(consumer, end - start) and not _sizes_own_resizes(consumer, x.axis) \
+            if position in _shape_entries_read(consumer, end - start, outputs) and not _sizes_own_resizes(consumer, x.axis) \
                     and not _reshape_target(consumer, node.outputs[0]) \
                     and not (own and _bounds_of_own_slices(consumer.outputs, own, outputs)):
                 problem = _count_copy_problem(node, consumer, x, ctx, outputs)
@@ -1025,10 +1025,17 @@ def shape_slice(tensor: gs.Tensor, source: gs.Tensor, values) -> tuple[int, int]
     return (starts, ends) if all(v == want for v, want in zip(rest, (0, 1))) else None  # axis 0, step 1
 
 
-def _shape_entries_read(consumer: gs.Node, length: int) -> set[int]:
+def _shape_entries_read(consumer: gs.Node, length: int, graph_outputs: set[str],
+                        depth: int = MAX_ARITHMETIC_DEPTH) -> set[int]:
     """Entries of a shape vector that `consumer` reads (all of them unless it is a constant Gather or
-    Slice, the ways exporters pick the batch size out of a shape)."""
+    Slice, the ways exporters pick the batch size out of a shape, or a Cast or Identity whose readers are:
+    Paddle's exports cast a shape before slicing it)."""
     everything = set(range(length))
+    if consumer.op in ("Cast", "Identity") and depth > 0:
+        copy = consumer.outputs[0] if consumer.outputs else None
+        if copy is None or copy.name in graph_outputs or not copy.outputs:
+            return everything
+        return set().union(*(_shape_entries_read(reader, length, graph_outputs, depth - 1) for reader in copy.outputs))
     if consumer.op == "Gather" and int(attr(consumer, "axis", 0)) == 0:
         index = const_input(consumer, 1)
         return everything if index is None else {normalize_axis(int(i), length) for i in np.asarray(index).reshape(-1)}
