@@ -23,11 +23,11 @@ import onnx
 from ..calib.capture import capture_session
 from ..calib.data import HOLD_OUT_EVERY, CalibrationSet
 from ..progress import bar as progress_bar
-from ..validate.compare import error_sums, run_model
+from ..validate.compare import error_sums, relative_l2, run_model
 from ..workers import numeric_pool
 from .bias import BiasFit
 from .layers import Initializers, find_layers
-from .lstsq import ROWS_PER_FEATURE, LstsqFit, relative
+from .lstsq import ROWS_PER_FEATURE, LstsqFit
 from .stream import Stream
 
 METHODS = ("none", "bias", "lstsq")
@@ -137,8 +137,7 @@ def output_error(reference: np.ndarray, result: np.ndarray) -> float:
     """Relative L2 error of a floating-point output; the fraction of differing values of another."""
     if not np.issubdtype(reference.dtype, np.floating):
         return float(np.mean(reference != result)) if reference.size else 0.0
-    sums = error_sums(reference, result)
-    return relative(sums.difference, sums.reference)
+    return relative_l2(error_sums(reference, result))
 
 
 def _write_level(inits: Initializers, members, updates, report: dict, corrections: list) -> None:

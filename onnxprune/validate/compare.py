@@ -97,9 +97,14 @@ def output_fidelity(reference: np.ndarray, result: np.ndarray, axis: int | None 
     top1 = None
     if reference.ndim == 2 and reference.shape[1] > 1 and floating:
         top1 = float((reference.argmax(1) == result.argmax(1)).mean())
-    return {"cosine": cosine, "rel_l2": float(_relative(np.sqrt(sums.difference), np.sqrt(sums.reference))),
+    return {"cosine": cosine, "rel_l2": relative_l2(sums),
             "max_abs_diff": sums.max_abs, "top1_agreement": top1,
             "channels": None if channel_axis is None else _worst_channels(sums, channel_axis)}
+
+
+def relative_l2(sums: ErrorSums) -> float:
+    """The whole output's relative L2 error from `error_sums` (its L2 error where the reference is zero)."""
+    return float(_relative(np.sqrt(sums.difference), np.sqrt(sums.reference)))
 
 
 def _relative(error, norm):
