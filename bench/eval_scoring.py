@@ -38,7 +38,7 @@ realistic audio is available here).
                            gives an accuracy too, the recognizer's lines an exact match of the decoded text)
 
 A lever column `obs[k=v,...]` runs obs with module constants set for its cells (damp: OBS's lambda; floor: the
-per-group floor; batches: removal batches; rows: sampled rows per feature of H; probe / budget: the output-error
+per-group floor; softfloor: the floor kept where the target allows; batches: removal batches; rows: sampled rows per feature of H; probe / budget: the output-error
 probe's samples per measurement and its passes; ridge: a fixed lstsq ridge; first: the probe's samples the first
 held-out ones, as before they were spread over them; norescale: the layers' own error curves; nostats: no statistics
 correction; shares3: the probe also measures a 3/4 cut; kl: the probe's error KL(original || pruned) on softmax outputs;
@@ -184,7 +184,8 @@ def metric_value(result, baseline, metric: str) -> float:
 PROBE_SAMPLES = sensitivity._samples
 LEVERS = {
     "damp": [("onnxprune.scoring.obs", "DAMP")],  # OBS's lambda, relative to H's mean diagonal
-    "floor": [("onnxprune.scoring.obs", "MIN_KEEP_FRACTION")],  # per-group floor of the allocation
+    "floor": [("onnxprune.scoring.obs", "MIN_KEEP_FRACTION")],  # per-group floor of the allocation ...
+    "softfloor": [("onnxprune.scoring.obs", "SOFT_KEEP_FRACTION")],  # ... and the one it keeps where the target allows
     "batches": [("onnxprune.scoring.obs", "REMOVAL_STEPS")],  # removal batches of the greedy (a default argument:
     # `patched` sets the functions' defaults too)
     "rows": [("onnxprune.scoring.obs", "ROWS_PER_FEATURE")],  # sampled rows per feature of H

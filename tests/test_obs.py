@@ -91,6 +91,29 @@ def test_greedy_sums_the_costs_of_every_consumer():
     assert set(range(4)) - set(order_both.tolist()) == {0}  # the one unit never removed
 
 
+@pytest.mark.parametrize("kept_macs, deepest", [(0.3, 0.25), (0.05, 0.1)])
+def test_groups_keep_a_quarter_unless_the_target_needs_more(kept_macs, deepest):
+    """One group is cheap to cut (its curve flat): at 30% of the MACs it stops at a quarter of its channels;
+    at 5%, which a quarter of every group cannot meet, it and others go below it, down to the 10% floor."""
+    b = models.Builder(seed=0)
+    x = "x"
+    for i in range(3):
+        x = b.relu(f"act{i}", b.conv(f"conv{i}", x, 3 if i == 0 else 20, 20))
+    b.output(b.conv("head", x, 20, 4))
+    analysis = analyze_model(load(b.model([("x", [1, 3, 16, 16])])))
+    groups = analysis.prunable_groups()
+    assert len(groups) == 3
+    stats = ObsStats()
+    for i, g in enumerate(groups):
+        stats.curves[g.index] = np.linspace(0, 1, g.channels) ** 2 * (1e-3 if i == 0 else 1.0)
+    counts, summary = stats.keep_counts(analysis, {}, budget_target(analysis, None, kept_macs), round_to=1)
+    assert summary["achieved"] <= summary["target"]
+    shares = [counts[g.index] / g.channels for g in groups]
+    assert min(shares) >= deepest - 1e-9
+    assert min(shares) < 0.25 or deepest == 0.25
+    assert counts[groups[0].index] == int(np.ceil(deepest * groups[0].channels))  # the cheap group at the floor
+
+
 def test_curve_allocation_meets_the_budget_where_error_per_mac_is_lowest():
     model = models.conv_chain()
     analysis = analyze_model(load(model))

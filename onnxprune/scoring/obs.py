@@ -60,7 +60,11 @@ FOLD_ELEMENTS = 2_000_000  # rows x features a Gram matrix waits for, at least: 
 WORK_DTYPE = np.float32  # of H^-1 and the weights in the greedy removal (twice as fast as float64)
 MAX_FEATURES = 12_288  # per layer: H^-1 must fit in memory and update in seconds
 REMOVAL_STEPS = 32  # units are removed in about this many batches per group
-MIN_KEEP_FRACTION = 0.1  # the allocation cuts no group below this share of its channels
+MIN_KEEP_FRACTION = 0.1  # the allocation cuts no group below this share of its channels ...
+SOFT_KEEP_FRACTION = 0.25  # ... nor below this one where the target allows: the output probe measures a group
+# at most half cut, and deeper cuts rest on its gain extrapolated (on 1024 renders, five seeds: the rotation
+# classifier at 50% of MACs 0.944 -> 0.950, the direction classifier 0.900 -> 0.904 at 70%; MNIST, the detector
+# and the recognizer alike)
 LOG_PRICE_RANGE = (-60.0, 60.0)
 BISECTION_STEPS = 200
 REFINE_MEASUREMENTS = 0  # > 0: the allocation refined by measuring the whole cut, this many runs at most
@@ -424,14 +428,14 @@ class ObsStats(Allocation):
     def keep_counts(self, analysis, scores, target, round_to) -> tuple[dict[int, int], dict]:
         """The price lambda of a unit of `target` (a MAC, or a channel) is bisected until the target is met;
         at a price, each group keeps the count minimising its error curve - lambda x what it saves, so the
-        budget goes where error per MAC is lowest. Groups keep at least MIN_KEEP_FRACTION and round_to."""
+        budget goes where error per MAC is lowest. Groups keep at least SOFT_KEEP_FRACTION where every group
+        there meets the target, else MIN_KEEP_FRACTION, and round_to."""
         channels = {g.index: g.channels for g in analysis.prunable_groups()}
         widths = {g.index: g.width for g in analysis.prunable_groups()}
         curved = [g for g in channels if g in self.curves]
         full = target.measure(channels)
         smooth = target.smooth or target.measure  # a stepped measure (ms) may save nothing for one channel
         saving = {g: max(smooth(channels) - smooth({**channels, g: channels[g] - 1}), 1e-12) for g in curved}
-        choices = {g: keep_choices(channels[g], group_round_to(round_to, g), widths[g]) for g in curved}
 
         def counts_at(log_price: float) -> dict[int, int]:
             counts = dict(channels)
@@ -445,7 +449,11 @@ class ObsStats(Allocation):
             return dict(channels), {"price": 0.0, "target": float(target.limit), "achieved": float(full),
                                     "unit": target.unit}
         lo, hi = LOG_PRICE_RANGE
-        if target.measure(counts_at(hi)) > target.limit:
+        for floor in (SOFT_KEEP_FRACTION, MIN_KEEP_FRACTION):
+            choices = {g: keep_choices(channels[g], group_round_to(round_to, g), widths[g], floor) for g in curved}
+            if target.measure(counts_at(hi)) <= target.limit:
+                break
+        else:
             lo = hi  # every group at its floor: as close as it gets
         for _ in range(BISECTION_STEPS):
             if hi - lo < 1e-6:
@@ -495,10 +503,10 @@ def fill_slack(counts: dict[int, int], curved: list[int], choices: dict[int, np.
         counts = best
 
 
-def keep_choices(channels: int, round_to, width: int = 1) -> np.ndarray:
+def keep_choices(channels: int, round_to, width: int = 1, floor: float | None = None) -> np.ndarray:
     """Keep counts a group of units `width` channels wide may take: rounded as round_to says, at least
-    MIN_KEEP_FRACTION of it."""
-    floor = max(int(np.ceil(MIN_KEEP_FRACTION * channels)), 1)
+    `floor` of it (MIN_KEEP_FRACTION by default)."""
+    floor = max(int(np.ceil((MIN_KEEP_FRACTION if floor is None else floor) * channels)), 1)
     return np.array(sorted({round_keep(k, channels, round_to, width) for k in range(floor, channels + 1)}))
 
 
