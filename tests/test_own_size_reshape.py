@@ -94,24 +94,40 @@ def square_view(read_axis: int, entry: int) -> onnx.ModelProto:
     return b.model([("x", ["B", "S", 16])], outputs=[("y", None)])
 
 
-def paddle_tokens(picked_axis: int = 3) -> onnx.ModelProto:
+def paddle_tokens(picked_axis: int = 3, shape_op: str = "Cast", extra=None) -> onnx.ModelProto:
     """PP-OCRv4's SVTR neck as Paddle exports it: Conv 3 -> 8 to y [B, 8, H, W], tokens [B, HW, 8], and back
     by Reshape(tokens, Concat([0], [-1], Cast(Slice(Cast(Shape(y)), 3, 4)), [8])): the width is read off y's
-    shape through casts, the channel entry is a constant. `picked_axis` 1 reads y's channel count instead."""
+    shape through casts, the channel entry is a constant. `picked_axis` 1 reads y's channel count instead;
+    `shape_op` "Identity" copies the shape instead of the first Cast; `extra(b, copy)` adds other readers of
+    that copy and returns the outputs they add."""
     b = Builder(seed=5)
     conv = b.conv("neck", "x", 3, 8, k=3, stride=1)
     tokens = b.node("Transpose", "tokens", [b.node("Reshape", "flatten", [conv, b.const("flat", [0, 8, -1], np.int64)])],
                     perm=[0, 2, 1])
     mixed = b.relu("mix", b.node("Add", "residual", [tokens, b.matmul("mlp", tokens, 8, 8)]))
-    shape = b.node("Cast", "shape_i32", [b.node("Shape", "neck_shape", [conv])], to=onnx.TensorProto.INT32)
+    cast = {"to": onnx.TensorProto.INT32} if shape_op == "Cast" else {}
+    shape = b.node(shape_op, "shape_copy", [b.node("Shape", "neck_shape", [conv])], **cast)
     width = b.node("Slice", "width", [shape, b.const("width_lo", [picked_axis], np.int64),
                                       b.const("width_hi", [picked_axis + 1], np.int64), b.const("width_axes", [0], np.int64)])
+    if shape_op == "Cast":
+        width = b.node("Cast", "width_i64", [width], to=onnx.TensorProto.INT64)
     target = b.node("Concat", "back_target", [b.const("keep_batch", [0], np.int64), b.const("rows", [-1], np.int64),
-                                              b.node("Cast", "width_i64", [width], to=onnx.TensorProto.INT64),
-                                              b.const("channels", [8], np.int64)], axis=0)
+                                              width, b.const("channels", [8], np.int64)], axis=0)
     image = b.node("Transpose", "image", [b.node("Reshape", "back", [mixed, target])], perm=[0, 3, 1, 2])
     b.output(b.conv("head", image, 8, 4, k=1, pad=0))
-    return b.model([("x", ["B", 3, "H", "W"])], outputs=[("y", None)])
+    outputs = [("y", None), *(extra(b, shape) if extra else [])]
+    return b.model([("x", ["B", 3, "H", "W"])], outputs=outputs)
+
+
+def _identity_branch(name: str, shape: str, read_inside: bool) -> onnx.GraphProto:
+    """An If branch passing the shape copy out (Identity), and reading its entry 0 inside too when asked."""
+    nodes = [onnx.helper.make_node("Identity", [shape], [f"{name}_copy"], name=f"{name}_copy")]
+    outputs = [onnx.helper.make_tensor_value_info(f"{name}_copy", onnx.TensorProto.INT32, [4])]
+    if read_inside:
+        nodes.append(onnx.helper.make_node("Gather", [f"{name}_copy", "zero"], [f"{name}_batch"], name=f"{name}_batch",
+                                           axis=0))
+        outputs.append(onnx.helper.make_tensor_value_info(f"{name}_batch", onnx.TensorProto.INT32, []))
+    return onnx.helper.make_graph(nodes, name, [], outputs)
 
 
 def _feed(shape, seed: int) -> dict[str, np.ndarray]:
@@ -203,3 +219,38 @@ def test_a_shape_cast_before_its_channel_entry_is_read_blocks():
     assert _prunable(paddle_tokens(picked_axis=1), {"x": [1, 3, 4, 6]}) == {}
     assert "Shape 'neck_shape': the channel count of 'neck_out' sizes Reshape 'back' of another tensor" \
         in _reasons(paddle_tokens(picked_axis=1), {"x": [1, 3, 4, 6]})
+
+
+def test_an_identity_before_the_width_slice_is_looked_through_too():
+    assert _prunable(paddle_tokens(shape_op="Identity"), {"x": [1, 3, 4, 6]}) == {"neck": 8}
+
+
+def test_a_cast_shape_that_is_a_model_output_blocks():
+    def extra(b, shape):
+        b.output(shape, "shape_out")
+        return [("shape_out", None, onnx.TensorProto.INT32)]
+    assert _prunable(paddle_tokens(extra=extra), {"x": [1, 3, 4, 6]}) == {}
+
+
+def test_a_second_reader_of_the_cast_reading_the_channel_entry_blocks():
+    def extra(b, shape):
+        b.output(b.node("Gather", "count", [shape, b.const("one", 1, np.int64)], axis=0), "count_out")
+        return [("count_out", None, onnx.TensorProto.INT32)]
+    assert _prunable(paddle_tokens(extra=extra), {"x": [1, 3, 4, 6]}) == {}
+
+
+@pytest.mark.parametrize("read_inside", [False, True])
+def test_a_cast_shape_passed_out_of_an_if_blocks(read_inside):
+    """The copy leaves through an If's branch outputs (read there or not): the count goes out with it. The
+    condition depends on the input, so loading cannot fold the If away."""
+    def extra(b, shape):
+        b.const("zero", 0, np.int64)
+        condition = b.node("Greater", "positive", [b.node("ReduceMax", "peak", ["x"], keepdims=0), b.const("nil", 0.0)])
+        names = ["passed", "batch"][:2 if read_inside else 1]
+        b.nodes.append(onnx.helper.make_node("If", [condition], names, name="branch",
+                                             then_branch=_identity_branch("then", shape, read_inside),
+                                             else_branch=_identity_branch("else", shape, read_inside)))
+        return [(name, None, onnx.TensorProto.INT32) for name in names]
+    model = paddle_tokens(extra=extra)
+    onnx.checker.check_model(model)
+    assert _prunable(model, {"x": [1, 3, 4, 6]}) == {}

@@ -15,6 +15,7 @@ sources that share units become *groups*. A group is prunable when nothing block
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -100,6 +101,12 @@ class AnalysisContext:
         self.widened: list[np.ndarray] = []  # ids a graph output may carry at full width (see `widen`)
 
     # reading
+    @functools.cached_property
+    def outputs_anywhere(self) -> frozenset[str]:
+        """Names of the graph's outputs and of every subgraph's (If, Loop and Scan bodies, nested): values
+        that leave where a handler can follow them."""
+        return frozenset(t.name for g in _graph_and_subgraphs(self.graph) for t in g.outputs)
+
     def allows(self, option: str) -> bool:
         """The user opted in to `option` (a name a handler defines, e.g. `ops.base.HIDDEN`)."""
         return option in self.options
@@ -250,6 +257,13 @@ def _join_shared_weights(ctx: AnalysisContext) -> None:
             for node, i in tracked:
                 ctx.block(i, f"{node.op} '{node.name}': its weight '{name}' is shared with {keeps.op} "
                              f"'{keeps.name}', which keeps these channels (cutting them would store it twice)")
+
+
+def _graph_and_subgraphs(graph: gs.Graph):
+    yield graph
+    for node in graph.nodes:
+        for subgraph in node.subgraphs():
+            yield from _graph_and_subgraphs(subgraph)
 
 
 def _block_at_boundaries(graph: gs.Graph, ctx: AnalysisContext, label: np.ndarray) -> None:

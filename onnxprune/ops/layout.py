@@ -885,7 +885,7 @@ class ShapeHandler(Handler):
         expands = _expand_targets(node.outputs[0], set()) if ctx.allows(HIDDEN) else None
         if expands and all(follows_channels(e, ctx, node.inputs[0], x) is not None for e in expands):
             return  # the count sizes tensors that carry the channels on (`ExpandHandler._follow_shape`)
-        outputs = {t.name for t in ctx.graph.outputs}
+        outputs = ctx.outputs_anywhere  # (a copy passed out of an If's branch leaves as one does out of the model)
         if node.outputs[0].name in outputs:
             ctx.block(x.ids, f"Shape '{node.name}': the channel count is a model output")
             return

@@ -449,7 +449,7 @@ class ObsStats(Allocation):
             return dict(channels), {"price": 0.0, "target": float(target.limit), "achieved": float(full),
                                     "unit": target.unit}
         lo, hi = LOG_PRICE_RANGE
-        for floor in (SOFT_KEEP_FRACTION, MIN_KEEP_FRACTION):
+        for floor in (max(SOFT_KEEP_FRACTION, MIN_KEEP_FRACTION), MIN_KEEP_FRACTION):
             choices = {g: keep_choices(channels[g], group_round_to(round_to, g), widths[g], floor) for g in curved}
             if target.measure(counts_at(hi)) <= target.limit:
                 break
