@@ -68,9 +68,17 @@ class Setup:
 def wait_for(proc: subprocess.Popen, found) -> float:
     """Poll until `found()` or the end of `proc`; the seconds waited."""
     started = time.perf_counter()
-    while proc.poll() is None and not found():
+    while proc.poll() is None and not _looked(found):
         time.sleep(POLL_S)
     return time.perf_counter() - started
+
+
+def _looked(found) -> bool:
+    """`found()`, False when a folder it walks was removed by the run meanwhile (a race, not a finding)."""
+    try:
+        return found()
+    except FileNotFoundError:
+        return False
 
 
 def kill(proc: subprocess.Popen) -> bool:
