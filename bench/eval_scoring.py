@@ -38,8 +38,8 @@ realistic audio is available here).
                            gives an accuracy too, the recognizer's lines an exact match of the decoded text)
 
 A lever column `obs[k=v,...]` runs obs with module constants set for its cells (damp: OBS's lambda; floor: the
-per-group floor; softfloor: the floor kept where the target allows; batches: removal batches; rows: sampled rows per feature of H; probe / budget: the output-error
-probe's samples per measurement and its passes; ridge: a fixed lstsq ridge; first: the probe's samples the first
+per-group floor; softfloor: the floor kept where the target allows; batches: removal batches; rows: sampled rows
+per feature of H; probe / budget: the output-error probe's samples per measurement and its passes; ridge: a fixed lstsq ridge; first: the probe's samples the first
 held-out ones, as before they were spread over them; norescale: the layers' own error curves; nostats: no statistics
 correction; shares3: the probe also measures a 3/4 cut; kl: the probe's error KL(original || pruned) on softmax outputs;
 classes=N: its log-odds error on them among the original's N most probable classes (5 by default), logodds: among all

@@ -102,13 +102,14 @@ def paddle_tokens(picked_axis: int = 3, shape_op: str = "Cast", extra=None) -> o
     that copy and returns the outputs they add."""
     b = Builder(seed=5)
     conv = b.conv("neck", "x", 3, 8, k=3, stride=1)
-    tokens = b.node("Transpose", "tokens", [b.node("Reshape", "flatten", [conv, b.const("flat", [0, 8, -1], np.int64)])],
-                    perm=[0, 2, 1])
+    flat = b.node("Reshape", "flatten", [conv, b.const("flat", [0, 8, -1], np.int64)])
+    tokens = b.node("Transpose", "tokens", [flat], perm=[0, 2, 1])
     mixed = b.relu("mix", b.node("Add", "residual", [tokens, b.matmul("mlp", tokens, 8, 8)]))
     cast = {"to": onnx.TensorProto.INT32} if shape_op == "Cast" else {}
     shape = b.node(shape_op, "shape_copy", [b.node("Shape", "neck_shape", [conv])], **cast)
-    width = b.node("Slice", "width", [shape, b.const("width_lo", [picked_axis], np.int64),
-                                      b.const("width_hi", [picked_axis + 1], np.int64), b.const("width_axes", [0], np.int64)])
+    bounds = [b.const("width_lo", [picked_axis], np.int64), b.const("width_hi", [picked_axis + 1], np.int64),
+              b.const("width_axes", [0], np.int64)]
+    width = b.node("Slice", "width", [shape, *bounds])
     if shape_op == "Cast":
         width = b.node("Cast", "width_i64", [width], to=onnx.TensorProto.INT64)
     target = b.node("Concat", "back_target", [b.const("keep_batch", [0], np.int64), b.const("rows", [-1], np.int64),

@@ -891,8 +891,8 @@ class ShapeHandler(Handler):
             return
         own = (node.inputs[0], x.axis, len(x.ids), rank) if start == 0 and end == rank else None
         for consumer in node.outputs[0].outputs:
-            if position in _shape_entries_read(consumer, end - start, outputs) and not _sizes_own_resizes(consumer, x.axis) \
-                    and not _reshape_target(consumer, node.outputs[0]) \
+            if position in _shape_entries_read(consumer, end - start, outputs) \
+                    and not _sizes_own_resizes(consumer, x.axis) and not _reshape_target(consumer, node.outputs[0]) \
                     and not (own and _bounds_of_own_slices(consumer.outputs, own, outputs)):
                 problem = _count_copy_problem(node, consumer, x, ctx, outputs)
                 if problem is not None:
@@ -1025,7 +1025,7 @@ def shape_slice(tensor: gs.Tensor, source: gs.Tensor, values) -> tuple[int, int]
     return (starts, ends) if all(v == want for v, want in zip(rest, (0, 1))) else None  # axis 0, step 1
 
 
-def _shape_entries_read(consumer: gs.Node, length: int, graph_outputs: set[str],
+def _shape_entries_read(consumer: gs.Node, length: int, graph_outputs: frozenset[str],
                         depth: int = MAX_ARITHMETIC_DEPTH) -> set[int]:
     """Entries of a shape vector that `consumer` reads (all of them unless it is a constant Gather or
     Slice, the ways exporters pick the batch size out of a shape, or a Cast or Identity whose readers are:
