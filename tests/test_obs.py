@@ -205,6 +205,27 @@ def test_float32_inverse_agrees_with_float64():
     np.testing.assert_allclose(damped_inverse(gram, np.float32), exact, atol=1e-4 * np.abs(exact).max())
 
 
+def test_inverse_from_fewer_rows_than_features_is_the_damped_inverse_of_their_gram_matrix():
+    """Woodbury's identity on 150 rows of 301 features (a deep layer's few positions): the float64 result is
+    the inverse of the damped Gram matrix; in float32 the greedy removal on it keeps the exact order and curve."""
+    from onnxprune.scoring.obs import damped, damped_inverse_of_rows
+
+    rng = np.random.default_rng(12)
+    x = np.maximum(rng.standard_normal((150, 40)) @ rng.standard_normal((40, 300)) + 1.0, 0.0)  # post-ReLU-like
+    x = np.concatenate([x, np.ones((150, 1))], axis=1)
+    exact = np.linalg.inv(damped(x.T @ x / len(x)))
+    np.testing.assert_allclose(damped_inverse_of_rows(x), exact, atol=1e-9 * np.abs(exact).max())
+    single = damped_inverse_of_rows(x.astype(np.float32), np.float32)
+    assert single.dtype == np.float32
+    weight = rng.standard_normal((8, 301))
+    columns = {u: np.arange(3 * u, 3 * u + 3) for u in range(100)}
+    energy = float(np.sum((x @ weight.T) ** 2)) / len(x)
+    order, curve = greedy_removal([Problem(weight, exact, columns, energy)], 100)
+    order32, curve32 = greedy_removal([Problem(weight.astype(np.float32), single, columns, energy)], 100)
+    np.testing.assert_array_equal(order32[:50], order[:50])
+    np.testing.assert_allclose(curve32, curve, rtol=1e-3, atol=1e-9)
+
+
 def test_float32_greedy_removes_the_same_units_as_float64():
     problem, _ = _problem(seed=8, outputs=6, channels=10, kernel=3)
     for u in range(10):  # well-separated costs: unit u's weights scaled by u + 1
@@ -241,6 +262,35 @@ def test_gram_rows_folded_in_any_number_of_products_give_the_same_matrices(monke
     assert folds[0].count == folds[1].count > 0 and folds[0].held_count == folds[1].held_count
     for name in ("gram", "held"):
         np.testing.assert_allclose(getattr(folds[1], name), getattr(folds[0], name), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("build", [models.conv_chain, models.grouped])
+def test_fewer_rows_than_features_are_kept_and_give_the_problems_of_their_gram_matrix(monkeypatch, build):
+    """64 rows of 73 features: the fold keeps the rows (no Gram matrix) and its problems, each conv block's
+    weights, energy, H^-1 and held-out rows, are those of the folded Gram matrix."""
+    from onnxprune.scoring import obs
+    from onnxprune.scoring.consumers import find_consumers
+
+    monkeypatch.setattr(obs, "MIN_ROWS", 1)
+    monkeypatch.setattr(obs, "ROWS_PER_FEATURE", 0)
+    analysis = analyze_model(load(build()))
+    consumer = max(find_consumers(analysis), key=lambda c: c.groups)
+    shape = analysis.shapes[consumer.tensor]
+    activation = np.random.default_rng(5).standard_normal([5, *shape[1:]]).astype(np.float32) + 0.5
+    found = []
+    for may_keep_rows in (True, False):
+        fold = obs.GramFold(consumer, 5, 1, np.random.default_rng(0), may_keep_rows=may_keep_rows)
+        assert len(fold.chosen) == 64 < fold.features == 73
+        fold.add(activation, 0, 5)
+        assert fold.keep_rows == may_keep_rows and (fold.gram is None) == may_keep_rows
+        found.append(fold.problems(analysis))
+    assert len(found[0]) == len(found[1]) == consumer.groups
+    for (group, kept), (same, folded) in zip(*found):
+        assert group == same and kept.block == folded.block
+        np.testing.assert_array_equal(kept.weight, folded.weight)
+        np.testing.assert_array_equal(kept.held, folded.held)
+        assert kept.energy == pytest.approx(folded.energy, rel=1e-5)
+        np.testing.assert_allclose(kept.hinv, folded.hinv, atol=1e-4 * np.abs(folded.hinv).max())
 
 
 @pytest.mark.parametrize("build", [models.conv_chain, models.grouped])

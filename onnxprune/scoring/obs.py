@@ -212,6 +212,25 @@ def damped_inverse(gram: np.ndarray, dtype=np.float64) -> np.ndarray:
     return inverse.T @ inverse
 
 
+def damped_inverse_of_rows(rows: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """`damped_inverse` of the Gram matrix X^T X / n of rows X [n, F] fewer than their features, by Woodbury's
+    identity: (X^T X / n + lambda I)^-1 = (I - X^T (n lambda I + X X^T)^-1 X) / lambda = (I - B^T B) / lambda,
+    B = L^-1 X with L L^T = n lambda I + X X^T. An n x n factorisation instead of an F x F one, and no Gram
+    matrix (ResNet-50's widest layers, 4609 features and 2350 rows: 4.1 -> 1.6 s with the Gram fold). In float32
+    the subtraction leaves H H^-1 further from I (4e-2 against 2e-4) but the greedy removal's order and curve
+    the same as from the exact inverse (to 1e-4)."""
+    n, features = rows.shape
+    scale = float(np.einsum("ij,ij->", rows, rows, dtype=np.float64)) / n / features
+    lam = DAMP * (scale if scale > 0 else 1.0)
+    outer = (rows @ rows.T).astype(np.float64)
+    outer[np.diag_indices_from(outer)] += n * lam
+    factor = triangular_inverse(np.linalg.cholesky(outer).astype(dtype)) @ rows.astype(dtype, copy=False)
+    inverse = factor.T @ factor
+    inverse *= -1 / lam
+    inverse[np.diag_indices_from(inverse)] += 1 / lam
+    return inverse
+
+
 def triangular_inverse(lower: np.ndarray, leaf: int = 128) -> np.ndarray:
     """The inverse of a lower triangular matrix, by halves: [[A, 0], [B, C]]^-1 = [[A^-1, 0],
     [-C^-1 B A^-1, C^-1]] (numpy has no triangular solver; the products are BLAS's)."""
@@ -273,15 +292,19 @@ class GramFold:
     twice the features (in float32 no larger than their Gram matrix in float64; ResNet-50's widest layers
     have 627 rows of 4608 features), a Gram matrix of their own beyond. Rows fewer than the features are a
     thin factor of that Gram matrix, which makes the greedy removal's held-out error cheaper to keep
-    (`Problem.remove`), and the Gram matrix and its factorisation are never computed."""
+    (`Problem.remove`), and the Gram matrix and its factorisation are never computed. So are the fit rows,
+    when all the rows chosen are fewer than the features: no Gram matrix, H^-1 from the rows themselves."""
 
-    def __init__(self, consumer: Consumer, samples: int, batches: int, rng):
+    def __init__(self, consumer: Consumer, samples: int, batches: int, rng, may_keep_rows: bool = True):
         self.consumer = consumer
-        features = consumer.fan_in * consumer.groups + 1
+        self.features = features = consumer.fan_in * consumer.groups + 1
         wanted = max(MIN_ROWS, ROWS_PER_FEATURE * consumer.fan_in)
         per_batch = max(64, min(-(-wanted // max(batches, 1)), MAX_BATCH_ELEMENTS // features))
         self.chosen = choose_points(consumer, samples, per_batch * batches, rng)
-        self.gram = np.zeros((features, features))  # rows of the fit samples
+        # fewer rows than features (a deep layer of few positions, few samples): they are kept, not folded,
+        # and H^-1 comes from them (`damped_inverse_of_rows`)
+        self.keep_rows = may_keep_rows and len(self.chosen) < features
+        self.gram = None if self.keep_rows else np.zeros((features, features))  # rows of the fit samples
         self.held: np.ndarray | None = None  # rows of the held-out samples, beyond twice the features
         self.count = self.held_count = 0
         self.waiting: tuple[list, list] = ([], [])  # fit and held-out rows not yet in the Gram matrices
@@ -298,11 +321,11 @@ class GramFold:
         self.count += int((~held).sum())
         self.held_count += int(held.sum())
         folding = self.waiting[0] + (self.waiting[1] if self._held_gram() else [])
-        if sum(map(len, folding)) * x.shape[1] >= max(FOLD_ELEMENTS, x.shape[1] ** 2 // 2):
+        if not self.keep_rows and sum(map(len, folding)) * x.shape[1] >= max(FOLD_ELEMENTS, x.shape[1] ** 2 // 2):
             self.fold()
 
     def _held_gram(self) -> bool:
-        return self.held_count > 2 * len(self.gram)
+        return self.held_count > 2 * self.features
 
     def fold(self) -> None:
         """Add the waiting rows into the Gram matrices (the held-out ones beyond twice the features):
@@ -336,9 +359,13 @@ class GramFold:
         """(group index, Problem) for every prunable group this layer reads, one per conv block. Once: the
         fold's matrices are scaled in place and its held-out rows handed over."""
         consumer = self.consumer
-        self.fold()
-        self.gram /= max(self.count, 1)  # in place, no second F x F copy: a fold gives its problems once
-        gram = self.gram
+        fit_rows = None
+        if self.keep_rows:
+            fit_rows = np.concatenate(self.waiting[0]) if self.waiting[0] else np.zeros((0, self.features), np.float32)
+            self.waiting[0].clear()
+        else:
+            self.fold()
+            self.gram /= max(self.count, 1)  # in place, no second F x F copy: a fold gives its problems once
         held_rows = None  # (folded into a Gram matrix, or none held out: none waiting)
         if self.waiting[1] and self.held_count:
             held_rows = np.concatenate(self.waiting[1])
@@ -355,13 +382,17 @@ class GramFold:
         for block in range(groups):
             in_channels = block_channels(consumer, block)
             take = block_features(consumer, block)
-            block_gram = square_block(gram, take)
             rows = slice(block * per_block_out, (block + 1) * per_block_out)
             w = np.concatenate([weight[rows], bias[rows, None]], axis=1)  # a block reads its own channels
-            energy = quadratic(w.astype(WORK_DTYPE), block_gram.astype(WORK_DTYPE))  # a scale: float32 will do
+            if fit_rows is None:
+                block_gram = square_block(self.gram, take)
+                energy = quadratic(w.astype(WORK_DTYPE), block_gram.astype(WORK_DTYPE))  # a scale: float32 will do
+            else:
+                x = fit_rows if len(take) == fit_rows.shape[1] else fit_rows[:, take]
+                energy = float(np.sum(np.square(x @ w.T.astype(np.float32)))) / max(self.count, 1)
             if not energy > 0:
                 continue
-            hinv = damped_inverse(block_gram, WORK_DTYPE)
+            hinv = damped_inverse(block_gram, WORK_DTYPE) if fit_rows is None else damped_inverse_of_rows(x, WORK_DTYPE)
             held = self._held_factor(take, held_rows)
             local = np.arange(per_block_in * kernel).reshape(per_block_in, kernel)
             for g in np.unique(owners[in_channels][owners[in_channels] >= 0]).tolist():

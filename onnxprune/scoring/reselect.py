@@ -54,7 +54,7 @@ class CrossFold(GramFold):
     X_d^T X_p and X_d^T X_d of the original's features X_d at the same points (fit samples only)."""
 
     def __init__(self, consumer, samples: int, batches: int, rng):
-        super().__init__(consumer, samples, batches, rng)
+        super().__init__(consumer, samples, batches, rng, may_keep_rows=False)  # `add_pair` folds its products
         self.cross = np.zeros_like(self.gram)  # X_d^T X_p
         self.gram_d = np.zeros_like(self.gram)  # X_d^T X_d
 
