@@ -156,3 +156,66 @@ def test_evaluate_reads_weights_changed_since_an_earlier_call(monkeypatch):
     assert not np.allclose(before[0], expected[0])
     for e, a in zip(expected, after):
         np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_precomputed_tensors_run_once_and_serve_the_later_steps(monkeypatch):
+    """`precompute` runs one session over the nodes the names need and keeps them: the later steps asking
+    for them build none and get the values a step-by-step stream computes."""
+    from onnxprune.recover import stream as stream_module
+
+    built = []
+    real_session = stream_module._session
+    monkeypatch.setattr(stream_module, "_session", lambda *a, **k: built.append(1) or real_session(*a, **k))
+    x = np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32)
+    stepwise = Stream(_model_with_shape_tensor(), CalibrationSet({"x": x}), 4)
+    expected = [[dict(b) for b in stepwise.run([name])] for name in ("r", "s", "y")]
+    ahead = Stream(_model_with_shape_tensor(), CalibrationSet({"x": x}), 4)
+    built.clear()
+    ahead.precompute(["r", "s", "y"])
+    assert len(built) == 1
+    for name, batches in zip(("r", "s", "y"), expected):
+        got = [dict(b) for b in ahead.run([name])]
+        assert len(got) == len(batches) == 2
+        for g, e in zip(got, batches):
+            np.testing.assert_array_equal(g[name], e[name])
+    assert len(built) == 1
+    partly = Stream(_model_with_shape_tensor(), CalibrationSet({"x": x}), 4)
+    partly.precompute(["r"])
+    list(partly.run(["y"]))  # the step after reads r: kept for a later step even so
+    np.testing.assert_array_equal(next(partly.run(["r"]))["r"], expected[0][0]["r"])
+
+
+def test_precompute_windows_are_runs_of_levels_within_the_budget(monkeypatch):
+    monkeypatch.setattr(passes, "PRECOMPUTED_BYTES", 1000)
+    shapes = {"a": (1, 2, 10), "b": (1, 50), "c": (1, 5, 10), "d": (1, 100), "e": (1, "m"), "f": (1, 1), "g": (1, 2)}
+    targets = {0: ["a"], 1: ["b", "c"], 2: ["d"], 3: ["e"], 4: ["f"], 5: ["g"], 6: ["f"]}
+    # 4 bytes x 2 samples a value: a 80, b + c 800, d 800, e unknown, f 8, g 16
+    assert passes.precompute_windows(targets, shapes, 2) == {0: ["a", "b", "c"], 4: ["f", "g", "f"]}
+
+
+def test_precomputed_tensors_are_dropped_after_their_last_call():
+    x = np.random.default_rng(1).standard_normal((6, 3)).astype(np.float32)
+    stream = Stream(_model_with_shape_tensor(), CalibrationSet({"x": x}), 4)
+    stream.precompute(["y", "r", "y"])
+    assert stream.store.has("y") and stream.store.has("r") and stream.done.all()
+    list(stream.run(["y"]))
+    assert stream.store.has("y")  # asked for once more
+    list(stream.run(["r"]))
+    assert not stream.store.has("r")
+    batches = list(stream.run(["y"]))
+    np.testing.assert_array_equal(np.concatenate([b["y"] for b in batches]), -np.maximum(x, 0))
+    assert not stream.store.has("y") and not stream.precomputed
+
+
+@pytest.mark.parametrize("budget, expected", [(passes.PRECOMPUTED_BYTES, 1), (0, 0)])
+def test_recovery_precomputes_the_levels_targets_where_they_fit(monkeypatch, budget, expected):
+    calls, wanted = [], []
+    real_precompute, real_fit_level = Stream.precompute, passes.fit_level
+    monkeypatch.setattr(Stream, "precompute", lambda self, names: calls.append(names) or real_precompute(self, names))
+    monkeypatch.setattr(passes, "fit_level", lambda pruned, original, members, fits:
+                        wanted.extend(passes._targets(members)) or real_fit_level(pruned, original, members, fits))
+    monkeypatch.setattr(passes, "PRECOMPUTED_BYTES", budget)
+    result = prune(str(MNIST), PruneConfig(filters=0.5, scorer="l1", calibration=str(MNIST_CALIB), calib_samples=64))
+    assert result.report["recovery"]["levels"] > 3 and len(calls) == expected
+    if expected:  # MNIST's targets for 64 samples: 14 MB, all levels in one go
+        assert calls[0] == wanted

@@ -13,6 +13,7 @@ batch (a Shape output, an LSTM's [steps, batch, ...] state).
 from __future__ import annotations
 
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -139,6 +140,7 @@ class Stream:
             for name in set(names):
                 self.readers.setdefault(name, []).append(i)
         self.done = np.zeros(len(self.nodes), dtype=bool)
+        self.precomputed: Counter[str] = Counter()  # hand-outs still to come of tensors `precompute` kept
         # `evaluate` hands onnxruntime the large weights as arrays (not serialized into its piece and parsed
         # again: 40% of obs's output probe on ResNet-50), where all are in memory
         self.weights_in_memory = not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
@@ -206,14 +208,18 @@ class Stream:
         done_after[nodes] = True
         done_after[sorted(provisional)] = False
         produced = [name for i in nodes for name in self.nodes[i].output if name]
-        keep = [name for name in produced
-                if self.producer[name] not in provisional and self._still_read(name, done_after)]
+        keep = [name for name in produced if self.producer[name] not in provisional
+                and (self._still_read(name, done_after) or name in self.precomputed)]
         to_compute = list(dict.fromkeys([*(n for n in wanted if not self.store.has(n)), *keep]))
         feeds = sorted({name for i in nodes for name in self.reads[i]} - set(produced) - {""})
         feeds = [name for name in feeds if self.store.has(name)]
         session = _session(self._piece(nodes, to_compute)) if to_compute else None
         self.done = done_after
-        release = [name for name in feeds if not self._still_read(name, done_after)]
+        release = [name for name in feeds if not self._still_read(name, done_after) and name not in self.precomputed]
+        handed = [name for name in dict.fromkeys(wanted) if self.precomputed[name] and self.store.has(name)]
+        self.precomputed.subtract(handed)
+        release += [name for name in handed if not self.precomputed[name] and not self._still_read(name, done_after)]
+        self.precomputed = +self.precomputed  # (without the names handed out for the last time)
         for b in range(self.batches):
             computed = {}
             if session is not None:
@@ -226,6 +232,16 @@ class Stream:
             for name in release:
                 self.store.drop(b, name)
             yield result
+
+    def precompute(self, names: list[str]) -> None:
+        """Compute `names` now, with every node they need, and keep them for the later calls that ask for them:
+        one session and one run per batch where those calls would each build and run their own. `names` holds
+        a tensor once per call that will ask for it; after the last it is dropped. For a model whose weights
+        no longer change (recovery's original model: the targets of the next levels)."""
+        fresh = [name for name in dict.fromkeys(names) if not self.store.has(name)]
+        self.precomputed.update(names)
+        for _ in self.run(fresh):
+            pass
 
     def evaluate(self, wanted: list[str], fed: list[str]) -> Callable[[dict[str, np.ndarray]], Iterator[dict]]:
         """A function giving `{name: array}` of `wanted` for every batch, computed by the nodes not yet run
