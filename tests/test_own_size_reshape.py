@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 from onnxprune import PruneConfig, inspect, prune
@@ -94,17 +95,22 @@ def square_view(read_axis: int, entry: int) -> onnx.ModelProto:
     return b.model([("x", ["B", "S", 16])], outputs=[("y", None)])
 
 
-def paddle_tokens(picked_axis: int = 3, shape_op: str = "Cast", extra=None) -> onnx.ModelProto:
+def paddle_tokens(picked_axis: int = 3, shape_op: str = "Cast", extra=None, norm: bool = False) -> onnx.ModelProto:
     """PP-OCRv4's SVTR neck as Paddle exports it: Conv 3 -> 8 to y [B, 8, H, W], tokens [B, HW, 8], and back
     by Reshape(tokens, Concat([0], [-1], Cast(Slice(Cast(Shape(y)), 3, 4)), [8])): the width is read off y's
     shape through casts, the channel entry is a constant. `picked_axis` 1 reads y's channel count instead;
     `shape_op` "Identity" copies the shape instead of the first Cast; `extra(b, copy)` adds other readers of
-    that copy and returns the outputs they add."""
+    that copy and returns the outputs they add; `norm` puts a LayerNorm before the MLP (SVTR's pre-norm), which
+    makes the token stream a hidden one (`--hidden`)."""
     b = Builder(seed=5)
     conv = b.conv("neck", "x", 3, 8, k=3, stride=1)
     flat = b.node("Reshape", "flatten", [conv, b.const("flat", [0, 8, -1], np.int64)])
     tokens = b.node("Transpose", "tokens", [flat], perm=[0, 2, 1])
-    mixed = b.relu("mix", b.node("Add", "residual", [tokens, b.matmul("mlp", tokens, 8, 8)]))
+    normed = tokens
+    if norm:
+        normed = b.node("LayerNormalization", "norm", [tokens, b.const("norm_scale", np.ones(8)),
+                                                       b.const("norm_bias", np.zeros(8))], axis=-1)
+    mixed = b.relu("mix", b.node("Add", "residual", [tokens, b.matmul("mlp", normed, 8, 8)]))
     cast = {"to": onnx.TensorProto.INT32} if shape_op == "Cast" else {}
     shape = b.node(shape_op, "shape_copy", [b.node("Shape", "neck_shape", [conv])], **cast)
     bounds = [b.const("width_lo", [picked_axis], np.int64), b.const("width_hi", [picked_axis + 1], np.int64),
@@ -255,3 +261,38 @@ def test_a_cast_shape_passed_out_of_an_if_blocks(read_inside):
     model = paddle_tokens(extra=extra)
     onnx.checker.check_model(model)
     assert _prunable(model, {"x": [1, 3, 4, 6]}) == {}
+
+
+def test_the_cli_prunes_a_paddle_neck_behind_a_layernorm_with_hidden(tmp_path):
+    """PP-OCRv4's SVTR neck as Paddle exports it, pre-norm: `inspect` blocks its token stream and suggests
+    --hidden; with it, the stream is one group with the conv before it, and `prune --hidden` writes a model that
+    runs at other sizes than the one it was analysed at."""
+    import json
+
+    from click.testing import CliRunner
+
+    from onnxprune.cli import main
+
+    path, out = tmp_path / "neck.onnx", tmp_path / "pruned.onnx"
+    path.write_bytes(paddle_tokens(norm=True).SerializeToString())
+
+    def neck(*args) -> dict:
+        result = CliRunner().invoke(main, ["inspect", str(path), "--json", "--input-shape", "x:1x3x4x6", *args],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return next(g for g in json.loads(result.output)["groups"] if "neck" in g["sources"])
+
+    blocked = neck()
+    assert not blocked["prunable"] and "--hidden" in " ".join(blocked["reasons"])
+    stream = neck("--hidden")
+    assert stream["prunable"] and stream["channels"] == 8 and {"neck", "mlp"} <= set(stream["sources"])
+    result = CliRunner().invoke(main, [str(path), str(out), "--hidden", "--filters", "0.5", "--input-shape",
+                                       "x:1x3x4x6"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    pruned = onnx.load(out)
+    weights = {t.name: t.dims for t in pruned.graph.initializer}
+    assert [d for name, d in weights.items() if name.startswith("neck")][0][0] == 4
+    session = ort.InferenceSession(out.read_bytes(), providers=["CPUExecutionProvider"])
+    for shape in ([2, 3, 4, 10], [3, 3, 6, 5]):
+        (y,) = session.run(None, _feed(shape, 1))
+        assert y.shape == (shape[0], 4, shape[2], shape[3])

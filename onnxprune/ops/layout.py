@@ -900,7 +900,7 @@ class ShapeHandler(Handler):
                     return
 
 
-def _count_copy_problem(shape: gs.Node, reader: gs.Node, x, ctx, graph_outputs: set[str]) -> str | None:
+def _count_copy_problem(shape: gs.Node, reader: gs.Node, x, ctx, graph_outputs: frozenset[str]) -> str | None:
     """None when Shape `shape`'s channel entry, through `reader` (of its output), is only copied into
     target entries of Reshapes of its own input that are their outputs' channel axis, that axis the input's
     as it is (`ReshapeHandler` then leaves the entry to follow the count); else why not. `x`: the channels."""
@@ -930,7 +930,8 @@ def _is_dim(copied, tensor: gs.Tensor, axis: int) -> bool:
     return copied is not None and copied[0] is tensor and copied[1] == axis
 
 
-def _shape_copies_into(reader: gs.Node, graph_outputs: set[str], depth: int = MAX_ARITHMETIC_DEPTH) -> list[gs.Node] | None:
+def _shape_copies_into(reader: gs.Node, graph_outputs: frozenset[str],
+                       depth: int = MAX_ARITHMETIC_DEPTH) -> list[gs.Node] | None:
     """The Reshapes whose targets the outputs of `reader` reach through SHAPE_COPY ops alone (as their
     data, not their indices or bounds), when `reader` and they are such ops and nothing else reads them;
     else None."""
@@ -964,7 +965,8 @@ def _reshape_target(consumer: gs.Node, shape: gs.Tensor) -> bool:
         and consumer.inputs[0] is not shape and _whole_shape_source(shape) is not None
 
 
-def _bounds_of_own_slices(tensors, own: tuple, graph_outputs: set[str], depth: int = MAX_ARITHMETIC_DEPTH) -> bool:
+def _bounds_of_own_slices(tensors, own: tuple, graph_outputs: frozenset[str],
+                          depth: int = MAX_ARITHMETIC_DEPTH) -> bool:
     """`tensors` (computed from Shape(source)) are read only by integer arithmetic that ends in the starts
     and ends of Slices of `source` itself, each computed from the size of its channel axis alone
     (`own_size_value`; torch.chunk): the Slices then follow the count exactly (`SliceHandler`). `own`:
