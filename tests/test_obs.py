@@ -264,12 +264,15 @@ def test_gram_rows_folded_in_any_number_of_products_give_the_same_matrices(monke
         np.testing.assert_allclose(getattr(folds[1], name), getattr(folds[0], name), rtol=1e-5, atol=1e-3)
 
 
-@pytest.mark.parametrize("build", [models.conv_chain, models.grouped])
-def test_fewer_rows_than_features_are_kept_and_give_the_problems_of_their_gram_matrix(monkeypatch, build):
+@pytest.mark.parametrize("build, kept", [(models.conv_chain, True), (models.grouped, False)])
+def test_fewer_rows_than_a_blocks_features_are_kept_and_give_the_problems_of_their_gram_matrix(monkeypatch, build,
+                                                                                              kept):
     """64 rows of 73 features: the fold keeps the rows (no Gram matrix) and its problems, each conv block's
-    weights, energy, H^-1 and held-out rows, are those of the folded Gram matrix."""
+    weights, energy, H^-1 and held-out rows, are those of the folded Gram matrix. Not so for a conv of two
+    groups, whose blocks have 37 features each: Woodbury's identity would factorise 64 x 64 matrices for them."""
     from onnxprune.scoring import obs
     from onnxprune.scoring.consumers import find_consumers
+    from onnxprune.scoring.reselect import CrossFold
 
     monkeypatch.setattr(obs, "MIN_ROWS", 1)
     monkeypatch.setattr(obs, "ROWS_PER_FEATURE", 0)
@@ -277,20 +280,24 @@ def test_fewer_rows_than_features_are_kept_and_give_the_problems_of_their_gram_m
     consumer = max(find_consumers(analysis), key=lambda c: c.groups)
     shape = analysis.shapes[consumer.tensor]
     activation = np.random.default_rng(5).standard_normal([5, *shape[1:]]).astype(np.float32) + 0.5
+    folds = [obs.GramFold(consumer, 5, 1, np.random.default_rng(0)),  # by default, rows kept where fewer
+             obs.GramFold(consumer, 5, 1, np.random.default_rng(0), may_keep_rows=False)]
     found = []
-    for may_keep_rows in (True, False):
-        fold = obs.GramFold(consumer, 5, 1, np.random.default_rng(0), may_keep_rows=may_keep_rows)
+    for fold in folds:
         assert len(fold.chosen) == 64 < fold.features == 73
         fold.add(activation, 0, 5)
-        assert fold.keep_rows == may_keep_rows and (fold.gram is None) == may_keep_rows
         found.append(fold.problems(analysis))
+    assert [fold.keep_rows for fold in folds] == [kept, False]
+    assert [fold.gram is None for fold in folds] == [kept, False]
     assert len(found[0]) == len(found[1]) == consumer.groups
-    for (group, kept), (same, folded) in zip(*found):
-        assert group == same and kept.block == folded.block
-        np.testing.assert_array_equal(kept.weight, folded.weight)
-        np.testing.assert_array_equal(kept.held, folded.held)
-        assert kept.energy == pytest.approx(folded.energy, rel=1e-5)
-        np.testing.assert_allclose(kept.hinv, folded.hinv, atol=1e-4 * np.abs(folded.hinv).max())
+    for (group, rows), (same, folded) in zip(*found):
+        assert group == same and rows.block == folded.block
+        np.testing.assert_array_equal(rows.weight, folded.weight)
+        np.testing.assert_array_equal(rows.held, folded.held)
+        assert rows.energy == pytest.approx(folded.energy, rel=1e-5)
+        np.testing.assert_allclose(rows.hinv, folded.hinv, atol=1e-4 * np.abs(folded.hinv).max())
+    cross = CrossFold(consumer, 5, 1, np.random.default_rng(0))  # re-selection folds its own products
+    assert not cross.keep_rows and cross.gram is not None
 
 
 @pytest.mark.parametrize("build", [models.conv_chain, models.grouped])

@@ -187,10 +187,13 @@ def test_precomputed_tensors_run_once_and_serve_the_later_steps(monkeypatch):
 
 def test_precompute_windows_are_runs_of_levels_within_the_budget(monkeypatch):
     monkeypatch.setattr(passes, "PRECOMPUTED_BYTES", 1000)
-    shapes = {"a": (1, 2, 10), "b": (1, 50), "c": (1, 5, 10), "d": (1, 100), "e": (1, "m"), "f": (1, 1), "g": (1, 2)}
-    targets = {0: ["a"], 1: ["b", "c"], 2: ["d"], 3: ["e"], 4: ["f"], 5: ["g"], 6: ["f"]}
-    # 4 bytes x 2 samples a value: a 80, b + c 800, d 800, e unknown, f 8, g 16
-    assert passes.precompute_windows(targets, shapes, 2) == {0: ["a", "b", "c"], 4: ["f", "g", "f"]}
+    shapes = {"a": (1, 2, 10), "b": (1, 50), "c": (1, 5, 10), "d": (1, 100), "e": (1, "m"), "f": (1, 1),
+              "g": (1, 2), "h": (1, 0), "i": (1, -1), "j": (1, 30), "k": (1, 95), "steps": (20, 1, 3)}
+    # 4 bytes x 2 samples a value: a 160, b + c 800, d 800, e h i unknown, f 8, g 16, j 240, k 760, steps 480
+    targets = {0: ["a"], 1: ["b", "c"], 2: ["d"], 3: ["e"], 4: ["f"], 5: ["g"], 6: ["f"], 7: ["h"], 8: ["i"],
+               9: ["j"], 10: ["k"], 11: ["k"], 12: ["steps"], 13: ["steps"], 14: ["steps"]}
+    assert passes.precompute_windows(targets, shapes, 2) == {0: ["a", "b", "c"], 4: ["f", "g", "f"], 9: ["j", "k"],
+                                                             12: ["steps", "steps"]}
 
 
 def test_precomputed_tensors_are_dropped_after_their_last_call():
@@ -205,6 +208,21 @@ def test_precomputed_tensors_are_dropped_after_their_last_call():
     batches = list(stream.run(["y"]))
     np.testing.assert_array_equal(np.concatenate([b["y"] for b in batches]), -np.maximum(x, 0))
     assert not stream.store.has("y") and not stream.precomputed
+
+
+@pytest.mark.parametrize("steps", [["precompute r", "r", "y"], ["r", "precompute r y", "r", "y"]])
+def test_precomputed_tensors_still_read_by_later_nodes_stay(steps):
+    """Handed out for the last time, a tensor the nodes not yet run read is kept for them; one already
+    computed is not computed (nor handed out) again when precomputed."""
+    x = np.random.default_rng(2).standard_normal((6, 3)).astype(np.float32)
+    stream = Stream(_model_with_shape_tensor(), CalibrationSet({"x": x}), 4)
+    for step in steps:
+        if step.startswith("precompute"):
+            stream.precompute(step.split()[1:])
+        else:
+            got = np.concatenate([b[step] for b in stream.run([step])])
+    np.testing.assert_array_equal(got, -np.maximum(x, 0))
+    assert not stream.precomputed
 
 
 @pytest.mark.parametrize("budget, expected", [(passes.PRECOMPUTED_BYTES, 1), (0, 0)])

@@ -23,7 +23,6 @@ import onnx
 from ..calib.capture import capture_session
 from ..calib.data import HOLD_OUT_EVERY, CalibrationSet
 from ..progress import bar as progress_bar
-from ..runtime import float_bytes
 from ..validate.compare import error_sums, relative_l2, run_model
 from ..workers import numeric_pool
 from .bias import BiasFit
@@ -198,16 +197,25 @@ def precompute_windows(targets: dict[int, list[str]], shapes: dict, samples: int
     own step."""
     windows, run, size = [], [], 0
     for level, names in targets.items():
-        known = all(shapes.get(n) and all(isinstance(d, int) and d > 0 for d in shapes[n][1:]) for n in names)
-        need = float_bytes(shapes, names) * samples if known else PRECOMPUTED_BYTES + 1
-        if run and size + need <= PRECOMPUTED_BYTES:
-            run.append(level)
-            size += need
-        else:
+        need = _bytes_per_sample(shapes, names)
+        need = need * samples if need is not None else PRECOMPUTED_BYTES + 1
+        if run and size + need > PRECOMPUTED_BYTES:
             windows.append(run)
-            run, size = ([level], need) if need <= PRECOMPUTED_BYTES else ([], 0)
+            run, size = [], 0
+        run.append(level)
+        size += need
     windows.append(run)
     return {run[0]: [name for level in run for name in targets[level]] for run in windows if len(run) > 1}
+
+
+def _bytes_per_sample(shapes: dict, names: list[str]) -> int | None:
+    """Bytes of one sample of the float32 tensors `names`, or None when a dim is unknown. Their whole shapes
+    count, the first axis too: it is the analysed shapes' batch (1, or a model's fixed batch: then an
+    overestimate), or a recurrent layer's steps ([steps, batch, ...])."""
+    dims = [shapes.get(name) for name in names]
+    if not all(d and all(isinstance(n, int) and n > 0 for n in d) for d in dims):
+        return None
+    return sum(4 * int(np.prod(d, dtype=np.int64)) for d in dims)
 
 
 def _add(view, fit, acts: dict, refs: dict) -> None:

@@ -196,10 +196,14 @@ def quadratic(weight: np.ndarray, gram: np.ndarray) -> float:
 
 def damped(gram: np.ndarray) -> np.ndarray:
     """G + lambda I with lambda = DAMP x the mean diagonal (OBC's dampening)."""
-    scale = float(np.trace(gram)) / len(gram)
     out = gram.copy()
-    out[np.diag_indices_from(out)] += DAMP * (scale if scale > 0 else 1.0)
+    out[np.diag_indices_from(out)] += damping(float(np.trace(gram)) / len(gram))
     return out
+
+
+def damping(mean_diagonal: float) -> float:
+    """lambda, for a Gram matrix of that mean diagonal (1 for an all-zero one)."""
+    return DAMP * (mean_diagonal if mean_diagonal > 0 else 1.0)
 
 
 def damped_inverse(gram: np.ndarray, dtype=np.float64) -> np.ndarray:
@@ -216,12 +220,11 @@ def damped_inverse_of_rows(rows: np.ndarray, dtype=np.float64) -> np.ndarray:
     """`damped_inverse` of the Gram matrix X^T X / n of rows X [n, F] fewer than their features, by Woodbury's
     identity: (X^T X / n + lambda I)^-1 = (I - X^T (n lambda I + X X^T)^-1 X) / lambda = (I - B^T B) / lambda,
     B = L^-1 X with L L^T = n lambda I + X X^T. An n x n factorisation instead of an F x F one, and no Gram
-    matrix (ResNet-50's widest layers, 4609 features and 2350 rows: 4.1 -> 1.6 s with the Gram fold). In float32
+    matrix (ResNet-50's widest layers, 4609 features and 2350 fit rows: 4.1 -> 1.6 s with the Gram fold). In float32
     the subtraction leaves H H^-1 further from I (4e-2 against 2e-4) but the greedy removal's order and curve
     the same as from the exact inverse (to 1e-4)."""
     n, features = rows.shape
-    scale = float(np.einsum("ij,ij->", rows, rows, dtype=np.float64)) / n / features
-    lam = DAMP * (scale if scale > 0 else 1.0)
+    lam = damping(float(np.einsum("ij,ij->", rows, rows, dtype=np.float64)) / n / features)
     outer = (rows @ rows.T).astype(np.float64)
     outer[np.diag_indices_from(outer)] += n * lam
     factor = triangular_inverse(np.linalg.cholesky(outer).astype(dtype)) @ rows.astype(dtype, copy=False)
@@ -290,10 +293,11 @@ class GramFold:
     """One consumer's Gram matrix of sampled input features (with a constant 1), folded batch by batch, and
     the held-out rows (calib.data.held_out) that measure the curve: kept as they are while they are at most
     twice the features (in float32 no larger than their Gram matrix in float64; ResNet-50's widest layers
-    have 627 rows of 4608 features), a Gram matrix of their own beyond. Rows fewer than the features are a
-    thin factor of that Gram matrix, which makes the greedy removal's held-out error cheaper to keep
+    have 627 held-out rows of 4608 features), a Gram matrix of their own beyond. Rows fewer than the features
+    are a thin factor of that Gram matrix, which makes the greedy removal's held-out error cheaper to keep
     (`Problem.remove`), and the Gram matrix and its factorisation are never computed. So are the fit rows,
-    when all the rows chosen are fewer than the features: no Gram matrix, H^-1 from the rows themselves."""
+    when all the rows chosen (fit and held-out: ResNet-50's widest layers 2940 at 64 samples, 2350 fit) are fewer
+    than a conv block's features: no Gram matrix, H^-1 from the rows themselves."""
 
     def __init__(self, consumer: Consumer, samples: int, batches: int, rng, may_keep_rows: bool = True):
         self.consumer = consumer
@@ -301,9 +305,10 @@ class GramFold:
         wanted = max(MIN_ROWS, ROWS_PER_FEATURE * consumer.fan_in)
         per_batch = max(64, min(-(-wanted // max(batches, 1)), MAX_BATCH_ELEMENTS // features))
         self.chosen = choose_points(consumer, samples, per_batch * batches, rng)
-        # fewer rows than features (a deep layer of few positions, few samples): they are kept, not folded,
-        # and H^-1 comes from them (`damped_inverse_of_rows`)
-        self.keep_rows = may_keep_rows and len(self.chosen) < features
+        # fewer rows than a conv block's features (a deep layer of few positions, few samples): they are kept,
+        # not folded, and H^-1 comes from them (`damped_inverse_of_rows`); a block with more rows than features
+        # (a grouped conv's) would factorise a larger matrix that way
+        self.keep_rows = may_keep_rows and len(self.chosen) < consumer.fan_in + 1
         self.gram = None if self.keep_rows else np.zeros((features, features))  # rows of the fit samples
         self.held: np.ndarray | None = None  # rows of the held-out samples, beyond twice the features
         self.count = self.held_count = 0
@@ -346,7 +351,7 @@ class GramFold:
         if not self.held_count:
             return None
         if rows is not None:
-            return np.ascontiguousarray((rows if len(take) == rows.shape[1] else rows[:, take]).T)
+            return np.ascontiguousarray(columns_of(rows, take).T)
         gram = square_block(self.held, take) / self.held_count
         gram[np.diag_indices_from(gram)] += 1e-6 * max(float(np.trace(gram)) / len(gram), 1e-30)
         try:
@@ -388,7 +393,7 @@ class GramFold:
                 block_gram = square_block(self.gram, take)
                 energy = quadratic(w.astype(WORK_DTYPE), block_gram.astype(WORK_DTYPE))  # a scale: float32 will do
             else:
-                x = fit_rows if len(take) == fit_rows.shape[1] else fit_rows[:, take]
+                x = columns_of(fit_rows, take)
                 energy = float(np.sum(np.square(x @ w.T.astype(np.float32)))) / max(self.count, 1)
             if not energy > 0:
                 continue
@@ -416,6 +421,11 @@ def block_features(consumer: Consumer, block: int) -> np.ndarray:
     in_channels = block_channels(consumer, block)
     features = (in_channels[:, None] * consumer.kernel + np.arange(consumer.kernel)[None, :]).ravel()
     return np.append(features, consumer.fan_in * consumer.groups)
+
+
+def columns_of(rows: np.ndarray, take: np.ndarray) -> np.ndarray:
+    """The columns `take` (sorted) of rows: the rows themselves when they are all of them."""
+    return rows if len(take) == rows.shape[1] else rows[:, take]
 
 
 def square_block(matrix: np.ndarray, take: np.ndarray) -> np.ndarray:
