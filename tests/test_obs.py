@@ -370,3 +370,14 @@ def test_a_held_out_gram_matrix_left_indefinite_by_rounding_is_still_factored():
         np.linalg.cholesky(indefinite)
     factor = GramFold._held_factor(SimpleNamespace(held=indefinite * 10, held_count=10), np.arange(8), None)
     np.testing.assert_allclose(factor @ factor.T, gram, atol=1e-4)
+
+
+def test_keep_choices_rounded_stay_at_or_above_the_floor():
+    """Counts rounded to eights that would fall below the floor are not offered: a quarter of 40 channels is
+    10, which rounds to 8; 10% of 100 rounds to 8 too."""
+    from onnxprune.scoring.obs import keep_choices
+
+    assert keep_choices(40, 8, floor=0.25).tolist() == [16, 24, 32, 40]
+    assert keep_choices(100, 8, floor=0.1).tolist() == [16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 100]
+    assert keep_choices(40, 1, floor=0.25).tolist() == list(range(10, 41))
+    assert keep_choices(12, 8, floor=0.25).tolist() == [8, 12]

@@ -546,9 +546,11 @@ def fill_slack(counts: dict[int, int], curved: list[int], choices: dict[int, np.
 
 def keep_choices(channels: int, round_to, width: int = 1, floor: float | None = None) -> np.ndarray:
     """Keep counts a group of units `width` channels wide may take: rounded as round_to says, at least
-    `floor` of it (MIN_KEEP_FRACTION by default)."""
+    `floor` of it (MIN_KEEP_FRACTION by default; a count rounded to below it is not one: a quarter of 40
+    channels rounded to eights would be 8)."""
     floor = max(int(np.ceil((MIN_KEEP_FRACTION if floor is None else floor) * channels)), 1)
-    return np.array(sorted({round_keep(k, channels, round_to, width) for k in range(floor, channels + 1)}))
+    counts = {round_keep(k, channels, round_to, width) for k in range(floor, channels + 1)}
+    return np.array(sorted(k for k in counts if k >= floor))
 
 
 def gram_folds(analysis, context, consumers: list[Consumer]) -> list[GramFold]:
