@@ -41,7 +41,8 @@ A lever column `obs[k=v,...]` runs obs with module constants set for its cells (
 per-group floor; softfloor: the floor kept where the target allows; batches: removal batches; rows: sampled rows
 per feature of H; probe / budget: the output-error probe's samples per measurement and its passes; ridge: a fixed lstsq ridge; first: the probe's samples the first
 held-out ones, as before they were spread over them; norescale: the layers' own error curves; nostats: no statistics
-correction; shares3: the probe also measures a 3/4 cut; kl: the probe's error KL(original || pruned) on softmax outputs;
+correction; shares3: the probe also measures a 3/4 cut; shares1: only the half cut; kl: the probe's error
+KL(original || pruned) on softmax outputs;
 classes=N: its log-odds error on them among the original's N most probable classes (5 by default), logodds: among all
 of them; relative: the squared relative error of every output, softmax or not (the default before the log-odds);
 refine / refine=N: the allocation refined by measuring the
@@ -225,6 +226,8 @@ SWITCHES = {  # levers without a value
     "first": [("onnxprune.scoring.sensitivity", "_samples", _first_samples)],
     "shares3": [("onnxprune.scoring.sensitivity", "SHARES", (0.25, 0.5, 0.75)),
                 ("onnxprune.scoring.obs", "SHARES", (0.25, 0.5, 0.75))],  # measure output error at 3/4 cut too
+    "shares1": [("onnxprune.scoring.sensitivity", "SHARES", (0.5,)),
+                ("onnxprune.scoring.obs", "SHARES", (0.5,))],  # ... or at a half cut alone (fewer, larger runs)
     "refine": [("onnxprune.scoring.obs", "REFINE_MEASUREMENTS", REFINE_MEASUREMENTS)],
 }
 
