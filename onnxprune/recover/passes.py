@@ -62,13 +62,13 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, calibration, met
     batches = -(-calibration.count // batch_size)
     pruned_stream = Stream(model, calibration, batch_size)
     original_stream = Stream(original, calibration, batch_size)
-    ahead = precompute_windows({level: _targets(v for v in views if v.level == level) for level in levels},
+    by_level = {level: [v for v in views if v.level == level] for level in levels}
+    ahead = precompute_windows({level: _targets(members) for level, members in by_level.items()},
                                original_shapes or {}, calibration.count)
     bar = progress_bar(label="recover", total=len(levels)) if progress else None
     corrections = []
     try:
-        for level in levels:
-            members = [v for v in views if v.level == level]
+        for level, members in by_level.items():
             if level in ahead:
                 original_stream.precompute(ahead[level])
             fits = [FITS[method](v, seed=[seed, level, i], batches=batches, ridge=ridge,

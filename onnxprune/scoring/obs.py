@@ -360,6 +360,17 @@ class GramFold:
             values, vectors = np.linalg.eigh(gram)
             return (vectors * np.sqrt(np.maximum(values, 0.0))).astype(WORK_DTYPE)
 
+    def _block_statistics(self, take: np.ndarray, w: np.ndarray, fit_rows: np.ndarray | None):
+        """(energy, H^-1) of a conv block's features `take` and weights `w`, from the Gram matrix or, where the
+        fit rows were kept, from them; H^-1 None when the block's outputs are all zero (nothing to score)."""
+        if fit_rows is None:
+            gram = square_block(self.gram, take)
+            energy = quadratic(w.astype(WORK_DTYPE), gram.astype(WORK_DTYPE))  # a scale: float32 will do
+            return energy, damped_inverse(gram, WORK_DTYPE) if energy > 0 else None
+        x = columns_of(fit_rows, take)
+        energy = float(np.sum(np.square(x @ w.T.astype(np.float32)))) / max(self.count, 1)
+        return energy, damped_inverse_of_rows(x, WORK_DTYPE) if energy > 0 else None
+
     def problems(self, analysis) -> list[tuple[int, Problem]]:
         """(group index, Problem) for every prunable group this layer reads, one per conv block. Once: the
         fold's matrices are scaled in place and its held-out rows handed over."""
@@ -389,15 +400,9 @@ class GramFold:
             take = block_features(consumer, block)
             rows = slice(block * per_block_out, (block + 1) * per_block_out)
             w = np.concatenate([weight[rows], bias[rows, None]], axis=1)  # a block reads its own channels
-            if fit_rows is None:
-                block_gram = square_block(self.gram, take)
-                energy = quadratic(w.astype(WORK_DTYPE), block_gram.astype(WORK_DTYPE))  # a scale: float32 will do
-            else:
-                x = columns_of(fit_rows, take)
-                energy = float(np.sum(np.square(x @ w.T.astype(np.float32)))) / max(self.count, 1)
-            if not energy > 0:
+            energy, hinv = self._block_statistics(take, w, fit_rows)
+            if hinv is None:
                 continue
-            hinv = damped_inverse(block_gram, WORK_DTYPE) if fit_rows is None else damped_inverse_of_rows(x, WORK_DTYPE)
             held = self._held_factor(take, held_rows)
             local = np.arange(per_block_in * kernel).reshape(per_block_in, kernel)
             for g in np.unique(owners[in_channels][owners[in_channels] >= 0]).tolist():
