@@ -222,6 +222,22 @@ def test_recovery_does_not_depend_on_the_batch_size():
         np.testing.assert_allclose(small[name], large[name], rtol=1e-5, atol=1e-6)
 
 
+def test_recovery_of_a_small_model_writes_no_model_file(monkeypatch):
+    """The streams' pieces and the final check's whole models are read by onnxruntime from memory when small:
+    no temporary file is written and removed for each of them."""
+    from onnxprune import runtime
+    from onnxprune.recover import recover
+
+    model = linear_gemm_chain(seed=3, batch="N")
+    loaded, pruned, masks = _first_group_cut(model)
+    written = []
+    real_write = runtime.write_model
+    monkeypatch.setattr(runtime, "write_model", lambda *a, **k: written.append(a[1]) or real_write(*a, **k))
+    _, report = recover(loaded.model, pruned, calibration_for(model, 64), "lstsq", masks, loaded.shapes)
+    assert report["recovered"] and "output_error_held_out" in report
+    assert written == []
+
+
 def test_collinear_and_constant_features_stay_finite():
     rng = np.random.default_rng(0)
     base = rng.standard_normal((200, 1, 3))

@@ -112,8 +112,8 @@ def test_evaluate_runs_one_session_with_the_weights_it_is_given(monkeypatch):
 
     model = conv_bn_relu()
     data = CalibrationSet({"x": np.random.default_rng(0).standard_normal((3, 3, 16, 16)).astype(np.float32)})
-    built, plain_session = [], stream_module._session
-    monkeypatch.setattr(stream_module, "_session",
+    built, plain_session = [], stream_module.short_lived_session
+    monkeypatch.setattr(stream_module, "short_lived_session",
                         lambda piece, *shared: built.append(piece) or plain_session(piece, *shared))
     monkeypatch.setattr(stream_module, "SHARED_ABOVE_ELEMENTS", 1)  # every other weight handed over as an array
     stream = Stream(model, data, 1)  # its batch size is fixed
@@ -164,8 +164,9 @@ def test_precomputed_tensors_run_once_and_serve_the_later_steps(monkeypatch):
     from onnxprune.recover import stream as stream_module
 
     built = []
-    real_session = stream_module._session
-    monkeypatch.setattr(stream_module, "_session", lambda *a, **k: built.append(1) or real_session(*a, **k))
+    real_session = stream_module.short_lived_session
+    monkeypatch.setattr(stream_module, "short_lived_session",
+                        lambda *a, **k: built.append(1) or real_session(*a, **k))
     x = np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32)
     stepwise = Stream(_model_with_shape_tensor(), CalibrationSet({"x": x}), 4)
     expected = [[dict(b) for b in stepwise.run([name])] for name in ("r", "s", "y")]

@@ -157,9 +157,9 @@ def test_a_groups_measurements_share_one_session(monkeypatch):
     weights = [[p.weight for p in problems], [p.weight for p in updated]]
     with _probe(model, calibration, layers) as probe:
         alone = [probe.errors(problems, [w])[0] for w in weights]
-        built, plain_session = [], stream_module._session
-        monkeypatch.setattr(stream_module, "_session",
-                        lambda piece, *shared: built.append(piece) or plain_session(piece, *shared))
+        built, plain_session = [], stream_module.short_lived_session
+        monkeypatch.setattr(stream_module, "short_lived_session",
+                            lambda piece, *shared: built.append(piece) or plain_session(piece, *shared))
         together = probe.errors(problems, weights)
     assert len(built) == 1
     np.testing.assert_allclose(together, alone, rtol=1e-6, atol=1e-12)

@@ -128,8 +128,9 @@ class Handler:
         `out_shape`, see `rows`), as [R, groups, features] in the order of `to_matrix`."""
         raise NotImplementedError
 
-    def output_rows(self, layout: WeightLayout, y: np.ndarray) -> np.ndarray:
-        """The output as [rows, output channels]."""
+    def output_rows(self, layout: WeightLayout, y: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
+        """The output at `rows` (flat indices into the output positions, as in `input_rows`, or a slice of
+        them) as [R, output channels]."""
         raise NotImplementedError
 
     def rows(self, layout: WeightLayout, out_shape: tuple) -> int:

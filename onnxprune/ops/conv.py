@@ -144,9 +144,12 @@ class ConvHandler(Handler):
     def positions(self, layout, out_shape):
         return int(np.prod(out_shape[2:], dtype=np.int64))
 
-    def output_rows(self, layout, y):
-        y = np.moveaxis(y, 1, -1)
-        return y.reshape(-1, y.shape[-1])
+    def output_rows(self, layout, y, rows):
+        if isinstance(rows, slice):
+            y = np.moveaxis(y, 1, -1)
+            return y.reshape(-1, y.shape[-1])[rows]
+        item, position = np.divmod(rows, self.positions(layout, y.shape))
+        return y.reshape(y.shape[0], y.shape[1], -1)[item, :, position]  # gathers R x C, not the whole output
 
     def output_spatial(self, layout, attrs, in_dims) -> list[int]:
         """The output's spatial size for an input of spatial size `in_dims` (Conv)."""

@@ -62,8 +62,8 @@ class MatrixWeight(Handler):
     def positions(self, layout, out_shape):
         return int(np.prod(out_shape[1:-1], dtype=np.int64))
 
-    def output_rows(self, layout, y):
-        return y.reshape(-1, y.shape[-1])
+    def output_rows(self, layout, y, rows):
+        return y.reshape(-1, y.shape[-1])[rows]
 
     def input_rows(self, layout, attrs, x, out_shape, rows):
         if layout.data_axis == 0:  # Gemm with transA: features are the rows of A

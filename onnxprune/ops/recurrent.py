@@ -120,8 +120,8 @@ class RecurrentHandler(Handler):
         """Rows of the product [batch x steps, outputs] (`product_output` False: not the op's output)."""
         return int(np.prod(out_shape[:-1], dtype=np.int64))
 
-    def output_rows(self, layout, y):
-        return y.reshape(-1, y.shape[-1])
+    def output_rows(self, layout, y, rows):
+        return y.reshape(-1, y.shape[-1])[rows]
 
     def positions(self, layout, x_shape):
         """Rows per batch item: the steps of X [steps, batch, features]."""

@@ -148,7 +148,7 @@ class LinearView:
 
     def outputs(self, y: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Output values at `rows`: [R, channels]."""
-        return self.handler.output_rows(self.layout, y)[rows]
+        return self.handler.output_rows(self.layout, y, rows)
 
     def features(self, x: np.ndarray, y_shape: tuple, rows: np.ndarray) -> np.ndarray:
         """Input features behind the outputs at `rows`: [R, groups, features]."""

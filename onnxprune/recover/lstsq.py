@@ -182,15 +182,17 @@ class LstsqFit:
         rows = np.arange(total) if take == total else np.sort(self.rng.choice(total, take, replace=False))
         held = held_out_rows(rows, total, y_pruned.shape[0], self.seen)
         self.seen += y_pruned.shape[0]
+        rows = np.concatenate([rows[~held], rows[held]])  # the fit's rows, then the held-out ones: two views below
+        split = len(rows) - int(np.count_nonzero(held))
         features = view.features(x, y_pruned.shape, rows).astype(np.float64)
         groups, _, outputs = view.weight.shape
         target = view.outputs(y_target, rows).astype(np.float64)
         if view.out_mask is not None:
             target = target[:, view.out_mask]
-        self.energy += [np.sum(target[~held] ** 2), np.sum(target[held] ** 2)]
+        self.energy += [np.sum(target[:split] ** 2), np.sum(target[split:] ** 2)]
         target = (target - view.offset).reshape(-1, groups, outputs)
-        self.fit.add(features[~held], target[~held])
-        self.held.add(features[held], target[held])
+        self.fit.add(features[:split], target[:split])
+        self.held.add(features[split:], target[split:])
         if self.check[1] == 0:  # self-check, on the first batch with any output: the current weights
             # applied to these features must give the pruned layer's output (an unsupported attribute fails it)
             current = (features.transpose(1, 0, 2) @ view.weight).transpose(1, 0, 2) + self._current_bias()

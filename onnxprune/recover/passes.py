@@ -20,7 +20,6 @@ import dataclasses
 import numpy as np
 import onnx
 
-from ..calib.capture import capture_session
 from ..calib.data import HOLD_OUT_EVERY, CalibrationSet
 from ..progress import bar as progress_bar
 from ..validate.compare import error_sums, relative_l2, run_model
@@ -28,7 +27,7 @@ from ..workers import numeric_pool
 from .bias import BiasFit
 from .layers import Initializers, find_layers
 from .lstsq import ROWS_PER_FEATURE, LstsqFit
-from .stream import Stream
+from .stream import Stream, short_lived_session
 
 METHODS = ("none", "bias", "lstsq")
 PRECOMPUTED_BYTES = 256 << 20  # the original's stream computes the targets of as many levels as fit in this at once
@@ -129,13 +128,13 @@ def output_errors(original: onnx.ModelProto, candidates: list[onnx.ModelProto], 
                   batch_size: int) -> list[float]:
     """Per candidate: the largest error over the original's outputs on the held-out calibration samples:
     relative L2 for floating-point outputs, the fraction of differing values for others (class ids)."""
-    sess = capture_session(original)
+    sess = short_lived_session(original)
     fixed_batch = any(isinstance(i.shape[0], int) for i in sess.get_inputs() if i.shape)
     samples = calibration if fixed_batch else held_out_samples(calibration)  # a fixed batch needs whole batches
     reference = run_model(sess, samples, batch_size)
     errors = []
     for candidate in candidates:
-        outputs = run_model(capture_session(candidate), samples, batch_size)
+        outputs = run_model(short_lived_session(candidate), samples, batch_size)
         errors.append(max((output_error(reference[n], outputs[n]) for n in reference), default=0.0))
     return errors
 

@@ -78,11 +78,11 @@ class ActivationStore:
             self.folder = None
 
 
-def _session(piece: onnx.ModelProto, external: dict | None = None):
-    """A session of one step's piece: read from memory when small and whole (no temporary file written and
-    removed for every step; it lives for one step), else from a file as any model (weights mapped from a
-    data file are written out by `io.write_model`). Serialized once: `ByteSize` first cost as much again
-    (10% of obs's output probe on ResNet-50, bench/speed_recovery.py)."""
+def short_lived_session(piece: onnx.ModelProto, external: dict | None = None):
+    """A session of one step's piece, or of a model run once (recovery's final check): read from memory when
+    small and whole (no temporary file written and removed for every step; it lives for one step), else from a
+    file as any model (weights mapped from a data file are written out by `io.write_model`). Serialized once:
+    `ByteSize` first cost as much again (10% of obs's output probe on ResNet-50, bench/speed_recovery.py)."""
     if external:  # its large weights are references to arrays handed over (Stream.evaluate)
         return capture_session(piece.SerializeToString(), external)
     mapped = any(t.data_location == onnx.TensorProto.EXTERNAL for t in piece.graph.initializer)
@@ -213,7 +213,7 @@ class Stream:
         to_compute = list(dict.fromkeys([*(n for n in wanted if not self.store.has(n)), *keep]))
         feeds = sorted({name for i in nodes for name in self.reads[i]} - set(produced) - {""})
         feeds = [name for name in feeds if self.store.has(name)]
-        session = _session(self._piece(nodes, to_compute)) if to_compute else None
+        session = short_lived_session(self._piece(nodes, to_compute)) if to_compute else None
         self.done = done_after
         release = [name for name in feeds if not self._still_read(name, done_after) and name not in self.precomputed]
         handed = [name for name in dict.fromkeys(wanted) if self.precomputed[name] and self.store.has(name)]
@@ -258,7 +258,7 @@ class Stream:
         session = None
         if to_compute:
             shared = {} if self.weights_in_memory else None
-            session = _session(self._piece(nodes, to_compute, frozenset(fed), shared), shared)
+            session = short_lived_session(self._piece(nodes, to_compute, frozenset(fed), shared), shared)
 
         def run(values: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
             for b in range(self.batches):
