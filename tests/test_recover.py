@@ -382,6 +382,27 @@ def test_a_layer_recovery_cannot_reproduce_is_skipped_with_a_reason(monkeypatch)
     assert result.report["fidelity"]["rel_l2"] == pytest.approx(plain.report["fidelity"]["rel_l2"])
 
 
+@pytest.mark.parametrize("method, runs_layers_twice", [("lstsq", False), ("bias", True)])
+def test_only_bias_correction_runs_the_layers_before_their_fit(monkeypatch, method, runs_layers_twice):
+    """Least squares needs a layer's own output with its current weights only for the self-check on the first
+    batch: the pruned stream does not run the layers before their fit (they run once, with the new weights),
+    and the check still sees a wrong reading of the layer (test above). Bias correction needs that output for
+    every batch."""
+    from onnxprune.recover import stream as stream_module
+
+    runs, real_run = [], stream_module.Stream.run
+
+    def recording(self, wanted, provisional=frozenset()):
+        runs.append(bool(provisional))
+        return real_run(self, wanted, provisional)
+
+    monkeypatch.setattr(stream_module.Stream, "run", recording)
+    model = models.conv_chain()
+    result = pruned_with(model, method, calibration_for(model, 8))
+    assert result.report["recovery"]["recovered"] > 0
+    assert any(runs) == runs_layers_twice
+
+
 # ---------------------------------------------------------------- pipeline, report, CLI
 
 

@@ -14,6 +14,9 @@ from .lstsq import Update, relative
 
 
 class BiasFit:
+    needs_outputs = True  # the layer's own output with its current weights, every batch
+    unchecked = False
+
     def __init__(self, view, seed: int = 0, hold_out: bool = False, **_):
         self.view = view
         self.hold_out = hold_out  # leave the held-out samples (calib.data.held_out) out of the shift

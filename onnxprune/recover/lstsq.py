@@ -27,6 +27,7 @@ MIN_ROWS = 1024  # at least, per group: a depthwise conv's 25 features took 4096
 # better fit (4096 -> 1024: recovery 10-30% faster on MobileNet-style models, agreement within +-0.003; README)
 MAX_BATCH_ELEMENTS = 8_000_000  # rows x features per batch (bounds the im2col buffer)
 MAX_FEATURES = 8192  # per group: x^T x must fit in memory and solve in seconds
+CHECK_ROWS = 256  # rows of the first batch the self-check compares
 
 
 @dataclass
@@ -171,20 +172,27 @@ class LstsqFit:
         self.energy = np.zeros(2)  # sum of squared targets: [fit rows, held-out rows]
         self.seen = 0  # samples so far
         self.check = np.zeros(2)  # [sum of squared mismatch, sum of squared outputs] of the self-check
+        self.first: tuple | None = None  # (rows, their outputs by the current weights) of the first batch
+        self.unchecked = False  # `first` waits for `self_check`
         self.too_big = features > MAX_FEATURES
 
-    def add(self, x: np.ndarray, y_pruned: np.ndarray, y_target: np.ndarray) -> None:
+    needs_outputs = False  # the layer's own output: only the first batch's, for `self_check`
+
+    def add(self, x: np.ndarray, y_pruned: np.ndarray | None, y_target: np.ndarray) -> None:
+        """One batch: the layer's input `x`, its output with the current weights `y_pruned` (None: not
+        computed; the self-check waits for `self_check`), the original's output `y_target`."""
         if self.too_big:
             return
         view = self.view
-        total = view.row_count(y_pruned.shape)
+        shape = (y_target if y_pruned is None else y_pruned).shape  # (the output positions are the same)
+        total = view.row_count(shape)
         take = min(total, self.rows_per_batch)
         rows = np.arange(total) if take == total else np.sort(self.rng.choice(total, take, replace=False))
-        held = held_out_rows(rows, total, y_pruned.shape[0], self.seen)
-        self.seen += y_pruned.shape[0]
+        held = held_out_rows(rows, total, shape[0], self.seen)
+        self.seen += shape[0]
         rows = np.concatenate([rows[~held], rows[held]])  # the fit's rows, then the held-out ones: two views below
         split = len(rows) - int(np.count_nonzero(held))
-        features = view.features(x, y_pruned.shape, rows).astype(np.float64)
+        features = view.features(x, shape, rows).astype(np.float64)
         groups, _, outputs = view.weight.shape
         target = view.outputs(y_target, rows).astype(np.float64)
         if view.out_mask is not None:
@@ -193,11 +201,21 @@ class LstsqFit:
         target = (target - view.offset).reshape(-1, groups, outputs)
         self.fit.add(features[:split], target[:split])
         self.held.add(features[split:], target[split:])
-        if self.check[1] == 0:  # self-check, on the first batch with any output: the current weights
-            # applied to these features must give the pruned layer's output (an unsupported attribute fails it)
-            current = (features.transpose(1, 0, 2) @ view.weight).transpose(1, 0, 2) + self._current_bias()
-            actual = view.outputs(y_pruned, rows).astype(np.float64).reshape(-1, groups, outputs) - view.offset
-            self.check += [np.sum((current - actual) ** 2), np.sum(actual * actual)]
+        if self.first is None:
+            some = features[:CHECK_ROWS].transpose(1, 0, 2)
+            self.first = rows[:CHECK_ROWS], (some @ view.weight).transpose(1, 0, 2) + self._current_bias()
+            self.unchecked = True
+            if y_pruned is not None:
+                self.self_check(y_pruned)
+
+    def self_check(self, y_first: np.ndarray) -> None:
+        """The current weights applied to the first batch's features must give the layer's own output on it,
+        `y_first` (an attribute the layer view does not support fails this)."""
+        rows, current = self.first
+        groups, _, outputs = self.view.weight.shape
+        actual = self.view.outputs(y_first, rows).astype(np.float64).reshape(-1, groups, outputs) - self.view.offset
+        self.check += [np.sum((current - actual) ** 2), np.sum(actual * actual)]
+        self.unchecked = False
 
     def _current_bias(self) -> np.ndarray:
         groups, _, outputs = self.view.weight.shape

@@ -168,13 +168,16 @@ def fit_level(pruned: Stream, original: Stream, members, fits) -> list:
 
 
 def accumulate(pruned: Stream, original: Stream, members, fits, pool) -> None:
-    """Feed one level's fits batch by batch: the layers' inputs and own outputs from the pruned stream
-    (the layers run with their current weights, and again with the re-fitted ones at the next level),
-    their targets from the original's stream. The fits take a batch in `pool`, side by side, while the
-    streams run the next one; a fit takes its batches in order (its sums are the same to the last bit)."""
-    own = list(dict.fromkeys(n for v in members for n in (v.input, v.output)))
+    """Feed one level's fits batch by batch: the layers' inputs from the pruned stream, their targets from
+    the original's stream. The layers themselves run once, with their re-fitted weights at the next level,
+    unless a fit needs their outputs with the current weights for every batch (`needs_outputs`: then they
+    run now too); least squares' self-check gets the first batch's from a session of the layers alone.
+    The fits take a batch in `pool`, side by side, while the streams run the next one; a fit takes its
+    batches in order (its sums are the same to the last bit)."""
+    outputs = [v.output for v, fit in zip(members, fits) if fit.needs_outputs and not v.product_of]
+    own = list(dict.fromkeys([*(v.input for v in members), *outputs]))
     targets = _targets(members)
-    layers = frozenset(pruned.producer[v.output] for v in members)
+    layers = frozenset(pruned.producer[name] for name in outputs)
     running = []
     for acts, refs in zip(pruned.run(own, provisional=layers), original.run(targets)):
         for job in running:
@@ -182,6 +185,11 @@ def accumulate(pruned: Stream, original: Stream, members, fits, pool) -> None:
         running = [pool.submit(_add, view, fit, acts, refs) for view, fit in zip(members, fits)]
     for job in running:
         job.result()
+    unchecked = [(view, fit) for view, fit in zip(members, fits) if fit.unchecked]
+    if unchecked:
+        first = next(pruned.evaluate([view.output for view, _ in unchecked], [])({}))
+        for view, fit in unchecked:
+            fit.self_check(first[view.output])
 
 
 def _targets(members) -> list[str]:
@@ -221,7 +229,7 @@ def _add(view, fit, acts: dict, refs: dict) -> None:
     if view.product_of:  # the output is not the product: both products computed from the inputs
         fit.add(acts[view.input], *view.products(acts[view.input], refs[view.product_of[0]]))
     else:
-        fit.add(acts[view.input], acts[view.output], refs[view.output])
+        fit.add(acts[view.input], acts.get(view.output), refs[view.output])
 
 
 def _entry(view, update) -> dict:
