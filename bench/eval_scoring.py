@@ -70,6 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import onnxprune  # noqa: E402
 from onnxprune import PruneConfig  # noqa: E402
 from onnxprune.baseline import prepare  # noqa: E402
+from onnxprune.recover import layers  # noqa: E402
 from onnxprune.runtime import session  # noqa: E402
 from onnxprune.scoring import sensitivity  # noqa: E402
 from onnxprune.validate import run_model  # noqa: E402
@@ -216,6 +217,14 @@ def _divergence(expected, actual, classes):
     return float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=-1)))
 
 
+def _reads_only(op, weight_shape, attrs):
+    """recover.layers.input_signature without the groups: a depthwise conv cut only in its channels (each kept
+    output reads what it read) is not re-fitted."""
+    found = _INPUT_SIGNATURE(op, weight_shape, attrs)
+    return None if found is None else found[:2]
+
+
+_INPUT_SIGNATURE = layers.input_signature
 SWITCHES = {  # levers without a value
     "kl": [("onnxprune.scoring.sensitivity", "log_odds_error", _divergence)],
     "logodds": [("onnxprune.scoring.sensitivity", "COMPETING_CLASSES", 1 << 30)],  # the log-odds of every class
@@ -229,6 +238,7 @@ SWITCHES = {  # levers without a value
     "shares1": [("onnxprune.scoring.sensitivity", "SHARES", (0.5,)),
                 ("onnxprune.scoring.obs", "SHARES", (0.5,))],  # ... or at a half cut alone (fewer, larger runs)
     "refine": [("onnxprune.scoring.obs", "REFINE_MEASUREMENTS", REFINE_MEASUREMENTS)],
+    "samereads": [("onnxprune.recover.layers", "input_signature", _reads_only)],
 }
 
 

@@ -2,11 +2,11 @@
 
 A layer's level is the number of re-fitted layers upstream of it. Two streams walk the calibration data
 through the models (recover/stream.py): the pruned model's and the original's. At each level, the pruned
-stream runs the nodes up to the level's layers (their inputs, and their own outputs for the self-check)
-in lockstep with the original's (their targets), batch by batch; the new weights are written and the
-next level's step runs the re-fitted layers onward. So each model runs about once in all, whatever the
-depth (He et al. 2017's asymmetric target: the pruned model's inputs, the original's outputs), and
-errors of early layers are absorbed by the later ones instead of piling up.
+stream runs the nodes up to the level's layers' inputs in lockstep with the original's (their targets),
+batch by batch; the new weights are written and the next level's step runs the re-fitted layers onward.
+So each model runs about once in all, whatever the depth (He et al. 2017's asymmetric target: the pruned
+model's inputs, the original's outputs), and errors of early layers are absorbed by the later ones
+instead of piling up.
 
 Each layer's fit only lowers its own error; whether the model's outputs got closer to the original's is
 checked at the end, on the held-out calibration samples (the ones the ridge was chosen on): if they did

@@ -3,8 +3,8 @@ each step runs only the nodes between the frontier and the tensors asked for.
 
 Recovery walks a model level by level; re-running the model from its inputs at every level costs depth
 squared. A `Stream` keeps, for every calibration batch, the tensors that nodes not yet run still need
-(in memory up to a budget, in a temporary folder beyond it), so each node runs once per stream (twice for
-the layers being re-fitted: once with their old weights for the self-check, once with the new ones).
+(in memory up to a budget, in a temporary folder beyond it), so each node runs once per stream (nodes run
+`provisional`ly, as bias correction's layers with their old weights, run again with their new ones).
 
 Tensors are kept per batch, as onnxruntime produced them: no assumption is made about which axis is the
 batch (a Shape output, an LSTM's [steps, batch, ...] state).
