@@ -46,7 +46,8 @@ KL(original || pruned) on softmax outputs;
 classes=N: its log-odds error on them among the original's N most probable classes (5 by default), logodds: among all
 of them; relative: the squared relative error of every output, softmax or not (the default before the log-odds);
 refine / refine=N: the allocation refined by measuring the
-whole cut, at most 48 / N runs on held-out samples, scoring/refine.py; step: its moves' share of a group's channels),
+whole cut, at most 48 / N runs on held-out samples, scoring/refine.py; step: its moves' share of a group's channels;
+refitgroups: recovery re-fits a depthwise conv cut only in its channels too, as before 2026-12-03),
 calib=N: N calibration crops (half photos), or a PruneConfig field (steps=2). Every run is deterministic for a
 seed: columns of different runs compare.
 """
@@ -70,7 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import onnxprune  # noqa: E402
 from onnxprune import PruneConfig  # noqa: E402
 from onnxprune.baseline import prepare  # noqa: E402
-from onnxprune.recover import layers  # noqa: E402
+from onnxprune.ops import weighted  # noqa: E402
 from onnxprune.runtime import session  # noqa: E402
 from onnxprune.scoring import sensitivity  # noqa: E402
 from onnxprune.validate import run_model  # noqa: E402
@@ -217,14 +218,13 @@ def _divergence(expected, actual, classes):
     return float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=-1)))
 
 
-def _reads_only(op, weight_shape, attrs):
-    """recover.layers.input_signature without the groups: a depthwise conv cut only in its channels (each kept
-    output reads what it read) is not re-fitted."""
-    found = _INPUT_SIGNATURE(op, weight_shape, attrs)
-    return None if found is None else found[:2]
+def _with_groups(op, weight_shape, attrs):
+    """recover.layers.input_signature with the groups, as before 2026-12-03: a depthwise conv cut only in its
+    channels (each kept output reads what it read) is re-fitted too."""
+    found = weighted(op, attrs, weight_shape) if weight_shape else None
+    return None if found is None else (*found[1].input_signature(), found[1].groups)
 
 
-_INPUT_SIGNATURE = layers.input_signature
 SWITCHES = {  # levers without a value
     "kl": [("onnxprune.scoring.sensitivity", "log_odds_error", _divergence)],
     "logodds": [("onnxprune.scoring.sensitivity", "COMPETING_CLASSES", 1 << 30)],  # the log-odds of every class
@@ -238,7 +238,7 @@ SWITCHES = {  # levers without a value
     "shares1": [("onnxprune.scoring.sensitivity", "SHARES", (0.5,)),
                 ("onnxprune.scoring.obs", "SHARES", (0.5,))],  # ... or at a half cut alone (fewer, larger runs)
     "refine": [("onnxprune.scoring.obs", "REFINE_MEASUREMENTS", REFINE_MEASUREMENTS)],
-    "samereads": [("onnxprune.recover.layers", "input_signature", _reads_only)],
+    "refitgroups": [("onnxprune.recover.layers", "input_signature", _with_groups)],
 }
 
 

@@ -85,3 +85,14 @@ def test_the_probe_measure_columns_set_the_classes_or_measure_every_output_by_it
         signed = {"y": p - 0.5}  # not a softmax: its relative error, as before
         assert sensitivity._output_error(signed, {"y": q - 0.5}, {}) == sensitivity.output_error(p - 0.5, q - 0.5) ** 2
     assert measured() == sensitivity.log_odds_error(p, q, five)  # restored
+
+
+def test_refitgroups_makes_a_depthwise_conv_cut_in_its_channels_a_layer_to_re_fit_again():
+    from onnxprune.recover import layers
+
+    bench = _bench()
+    eight, four = (("Conv", (channels, 1, 3, 3), {"group": channels}) for channels in (8, 4))
+    assert layers.input_signature(*eight) == layers.input_signature(*four)
+    with bench.patched(bench.scorer_levers("obs[refitgroups]")[1]):
+        assert layers.input_signature(*eight) != layers.input_signature(*four)
+    assert layers.input_signature(*eight) == layers.input_signature(*four)

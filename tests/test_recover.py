@@ -382,6 +382,16 @@ def test_a_layer_recovery_cannot_reproduce_is_skipped_with_a_reason(monkeypatch)
     assert result.report["fidelity"]["rel_l2"] == pytest.approx(plain.report["fidelity"]["rel_l2"])
 
 
+def test_a_conv_whose_outputs_each_read_what_they_read_before_is_not_re_fitted():
+    """A depthwise conv cut in its channels computes its kept outputs from the same inputs as before: only the
+    conv after it, which lost input channels, is re-fitted. A grouped conv whose groups lost channels is."""
+    from tests.ops.test_conv import depthwise
+
+    for model, fitted in ((depthwise(), ["conv2"]), (models.grouped(), ["gconv1", "conv2"])):
+        layers = pruned_with(model, "lstsq", calibration_for(model, 16)).report["recovery"]["layers"]
+        assert [layer["name"] for layer in layers] == fitted
+
+
 @pytest.mark.parametrize("method, runs_layers_twice", [("lstsq", False), ("bias", True)])
 def test_only_bias_correction_runs_the_layers_before_their_fit(monkeypatch, method, runs_layers_twice):
     """Least squares needs a layer's own output with its current weights only for the self-check on the first
