@@ -413,6 +413,53 @@ def test_only_bias_correction_runs_the_layers_before_their_fit(monkeypatch, meth
     assert any(runs) == runs_layers_twice
 
 
+def _conv_flatten_matmul():
+    """conv1 (no bias) -> Relu -> conv2 (stride 2, no bias) -> Flatten -> MatMul, on 16x16: 2048 output rows of
+    conv2 per batch of 32, and all-zero features for a blank input."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((6, 8, 3, 3)).astype(np.float32), "w2"),
+             numpy_helper.from_array((rng.standard_normal((384, 5)) / 10).astype(np.float32), "fc.weight")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["h2"], name="conv2", pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Flatten", ["h2"], ["f"], name="flatten"),
+             helper.make_node("MatMul", ["f", "fc.weight"], ["y"], name="fc")]
+    return models.make_model(nodes, [("x", ["N", 3, 16, 16])], ["y"], inits)
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_the_self_check_waits_for_a_batch_whose_rows_read_anything(monkeypatch, wrong):
+    """The first batch is blank (its features all zero, which any reading of the layer reproduces): the check is
+    made on the next batch, on rows spread over it. A correct reading of the layer passes it, a wrong one does
+    not."""
+    from onnxprune.ops import conv as conv_module
+
+    if wrong:
+        real = conv_module.conv_patches
+        monkeypatch.setattr(conv_module, "conv_patches", lambda *a: real(*a)[:, ::-1])
+    x = np.random.default_rng(1).standard_normal((64, 3, 16, 16)).astype(np.float32)
+    x[:32] = 0
+    result = pruned_with(_conv_flatten_matmul(), "lstsq", CalibrationSet({"x": x}), calib_batch=32)
+    status = {layer["name"]: layer["status"] for layer in result.report["recovery"]["layers"]}
+    assert status["conv2"] == ("skipped" if wrong else "recovered")
+
+
+def test_the_self_check_takes_a_layers_constant_offset():
+    """A Gemm whose C is one number: its offset is part of the output the check compares."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "g1.weight"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "g1.bias"),
+             numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "g2.weight"),
+             numpy_helper.from_array(np.array(5.0, np.float32), "g2.c")]
+    nodes = [helper.make_node("Gemm", ["x", "g1.weight", "g1.bias"], ["h"], name="g1"),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "g2.weight", "g2.c"], ["y"], name="g2")]
+    model = models.make_model(nodes, [("x", ["N", 16])], ["y"], inits)
+    layers = pruned_with(model, "lstsq", calibration_for(model, 64)).report["recovery"]["layers"]
+    assert [(layer["name"], layer["status"]) for layer in layers] == [("g2", "recovered")]
+
+
 # ---------------------------------------------------------------- pipeline, report, CLI
 
 

@@ -55,9 +55,10 @@ class WeightLayout:
         return self.in_channels // self.groups * self.kernel_size
 
     def input_signature(self) -> tuple:
-        """What each output reads: the weight shape without the output axis. Not the groups: a conv that lost
-        whole groups, or a depthwise conv that lost channels, computes its kept outputs from what they read
-        before (so recovery leaves it; re-fitting them too changed no model's accuracy beyond the seeds' spread)."""
+        """What each output reads: the weight shape without the output axis. Not the groups: a Conv that lost
+        whole groups, or a depthwise Conv that lost channels, computes its kept outputs from what they read
+        before (so recovery leaves it; re-fitting them too changed no model's accuracy beyond the seeds' spread).
+        A depthwise ConvTranspose keeps its input channels in this shape, so it is re-fitted still."""
         reads = tuple(d for axis, d in enumerate(self.shape) if axis != self.out_axis % len(self.shape))
         return self.op, reads
 

@@ -15,7 +15,7 @@ from .lstsq import Update, relative
 
 class BiasFit:
     needs_outputs = True  # the layer's own output with its current weights, every batch
-    unchecked = False
+    to_check = None  # (no self-check)
 
     def __init__(self, view, seed: int = 0, hold_out: bool = False, **_):
         self.view = view

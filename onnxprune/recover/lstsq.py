@@ -27,7 +27,7 @@ MIN_ROWS = 1024  # at least, per group: a depthwise conv's 25 features took 4096
 # better fit (4096 -> 1024: recovery 10-30% faster on MobileNet-style models, agreement within +-0.003; README)
 MAX_BATCH_ELEMENTS = 8_000_000  # rows x features per batch (bounds the im2col buffer)
 MAX_FEATURES = 8192  # per group: x^T x must fit in memory and solve in seconds
-CHECK_ROWS = 256  # rows of the first batch the self-check compares
+CHECK_ROWS = 256  # output rows the self-check compares, spread over the batch
 
 
 @dataclass
@@ -159,6 +159,8 @@ class LstsqFit:
     squeeze-excite conv sees one row per sample) is not over-fitted to the calibration set. The final
     fit, at the chosen ridge, uses every sample, or with `hold_out` only the others."""
 
+    needs_outputs = False  # the layer's own output with its current weights: only for `self_check`
+
     def __init__(self, view, seed, batches: int, ridge: float | None = None, rows_per_feature: int = ROWS_PER_FEATURE,
                  hold_out: bool = False):
         self.view, self.ridge = view, ridge
@@ -171,27 +173,28 @@ class LstsqFit:
         self.held = NormalEquations(groups, features, outputs)
         self.energy = np.zeros(2)  # sum of squared targets: [fit rows, held-out rows]
         self.seen = 0  # samples so far
+        self.batches = 0  # batches so far
         self.check = np.zeros(2)  # [sum of squared mismatch, sum of squared outputs] of the self-check
-        self.first: tuple | None = None  # (rows, their outputs by the current weights) of the first batch
-        self.unchecked = False  # `first` waits for `self_check`
+        self.checked = False
+        self.to_check: tuple | None = None  # (batch, rows, their outputs by the current weights) for `self_check`
         self.too_big = features > MAX_FEATURES
-
-    needs_outputs = False  # the layer's own output: only the first batch's, for `self_check`
 
     def add(self, x: np.ndarray, y_pruned: np.ndarray | None, y_target: np.ndarray) -> None:
         """One batch: the layer's input `x`, its output with the current weights `y_pruned` (None: not
-        computed; the self-check waits for `self_check`), the original's output `y_target`."""
+        computed; the self-check waits for `self_check`), the original's output `y_target` (its output
+        positions are the layer's)."""
         if self.too_big:
             return
         view = self.view
-        shape = (y_target if y_pruned is None else y_pruned).shape  # (the output positions are the same)
+        shape = y_target.shape
         total = view.row_count(shape)
         take = min(total, self.rows_per_batch)
         rows = np.arange(total) if take == total else np.sort(self.rng.choice(total, take, replace=False))
         held = held_out_rows(rows, total, shape[0], self.seen)
         self.seen += shape[0]
-        rows = np.concatenate([rows[~held], rows[held]])  # the fit's rows, then the held-out ones: two views below
-        split = len(rows) - int(np.count_nonzero(held))
+        self.batches += 1
+        fit_rows = rows[~held]  # the fit's rows, then the held-out ones: two views below
+        rows, split = np.concatenate([fit_rows, rows[held]]), len(fit_rows)
         features = view.features(x, shape, rows).astype(np.float64)
         groups, _, outputs = view.weight.shape
         target = view.outputs(y_target, rows).astype(np.float64)
@@ -201,21 +204,22 @@ class LstsqFit:
         target = (target - view.offset).reshape(-1, groups, outputs)
         self.fit.add(features[:split], target[:split])
         self.held.add(features[split:], target[split:])
-        if self.first is None:
-            some = features[:CHECK_ROWS].transpose(1, 0, 2)
-            self.first = rows[:CHECK_ROWS], (some @ view.weight).transpose(1, 0, 2) + self._current_bias()
-            self.unchecked = True
-            if y_pruned is not None:
-                self.self_check(y_pruned)
+        if not self.checked and self.to_check is None:
+            some = np.linspace(0, len(rows) - 1, min(CHECK_ROWS, len(rows))).astype(np.int64)
+            if np.any(features[some]):  # on the first batch whose rows there read anything
+                current = (features[some].transpose(1, 0, 2) @ view.weight).transpose(1, 0, 2) + self._current_bias()
+                self.to_check = self.batches - 1, rows[some], current
+                if y_pruned is not None:
+                    self.self_check(y_pruned)
 
-    def self_check(self, y_first: np.ndarray) -> None:
-        """The current weights applied to the first batch's features must give the layer's own output on it,
-        `y_first` (an attribute the layer view does not support fails this)."""
-        rows, current = self.first
+    def self_check(self, y_pruned: np.ndarray) -> None:
+        """The current weights applied to the features of batch `to_check[0]` must give the layer's own output
+        `y_pruned` on that batch (an attribute the layer view does not support fails this)."""
+        _, rows, current = self.to_check
         groups, _, outputs = self.view.weight.shape
-        actual = self.view.outputs(y_first, rows).astype(np.float64).reshape(-1, groups, outputs) - self.view.offset
+        actual = self.view.outputs(y_pruned, rows).astype(np.float64).reshape(-1, groups, outputs) - self.view.offset
         self.check += [np.sum((current - actual) ** 2), np.sum(actual * actual)]
-        self.unchecked = False
+        self.checked, self.to_check = True, None
 
     def _current_bias(self) -> np.ndarray:
         groups, _, outputs = self.view.weight.shape

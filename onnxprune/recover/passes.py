@@ -171,7 +171,7 @@ def accumulate(pruned: Stream, original: Stream, members, fits, pool) -> None:
     """Feed one level's fits batch by batch: the layers' inputs from the pruned stream, their targets from
     the original's stream. The layers themselves run once, with their re-fitted weights at the next level,
     unless a fit needs their outputs with the current weights for every batch (`needs_outputs`: then they
-    run now too); least squares' self-check gets the first batch's from a session of the layers alone.
+    run now too); least squares' self-check gets its batch's from a session of the layers alone.
     The fits take a batch in `pool`, side by side, while the streams run the next one; a fit takes its
     batches in order (its sums are the same to the last bit)."""
     outputs = [v.output for v, fit in zip(members, fits) if fit.needs_outputs and not v.product_of]
@@ -185,11 +185,15 @@ def accumulate(pruned: Stream, original: Stream, members, fits, pool) -> None:
         running = [pool.submit(_add, view, fit, acts, refs) for view, fit in zip(members, fits)]
     for job in running:
         job.result()
-    unchecked = [(view, fit) for view, fit in zip(members, fits) if fit.unchecked]
-    if unchecked:
-        first = next(pruned.evaluate([view.output for view, _ in unchecked], [])({}))
-        for view, fit in unchecked:
-            fit.self_check(first[view.output])
+    waiting = [(view, fit) for view, fit in zip(members, fits) if fit.to_check is not None]
+    if waiting:  # usually on the first batch; the run stops after the last batch a check waits for
+        last = max(fit.to_check[0] for _, fit in waiting)
+        for batch, outputs in enumerate(pruned.evaluate([view.output for view, _ in waiting], [])({})):
+            for view, fit in waiting:
+                if fit.to_check is not None and fit.to_check[0] == batch:
+                    fit.self_check(outputs[view.output])
+            if batch == last:
+                break
 
 
 def _targets(members) -> list[str]:
