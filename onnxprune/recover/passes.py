@@ -185,15 +185,21 @@ def accumulate(pruned: Stream, original: Stream, members, fits, pool) -> None:
         running = [pool.submit(_add, view, fit, acts, refs) for view, fit in zip(members, fits)]
     for job in running:
         job.result()
-    waiting = [(view, fit) for view, fit in zip(members, fits) if fit.to_check is not None]
-    if waiting:  # usually on the first batch; the run stops after the last batch a check waits for
-        last = max(fit.to_check[0] for _, fit in waiting)
-        for batch, outputs in enumerate(pruned.evaluate([view.output for view, _ in waiting], [])({})):
-            for view, fit in waiting:
-                if fit.to_check is not None and fit.to_check[0] == batch:
-                    fit.self_check(outputs[view.output])
-            if batch == last:
-                break
+    _self_checks(pruned, [(view, fit) for view, fit in zip(members, fits) if fit.to_check is not None])
+
+
+def _self_checks(pruned: Stream, waiting) -> None:
+    """Run the (view, fit) pairs' layers alone, with their current weights, up to the last batch a fit's check
+    waits for (usually the first), and hand each fit its layer's output on its batch."""
+    if not waiting:
+        return
+    due = [(fit.to_check[0], view, fit) for view, fit in waiting]
+    last = max(batch for batch, _, _ in due)
+    for batch, outputs in enumerate(pruned.evaluate([view.output for view, _ in waiting], [])({})):
+        for view, fit in ((view, fit) for at, view, fit in due if at == batch):
+            fit.self_check(outputs[view.output])
+        if batch == last:
+            break
 
 
 def _targets(members) -> list[str]:
