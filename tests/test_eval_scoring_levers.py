@@ -96,3 +96,12 @@ def test_refitgroups_makes_a_depthwise_conv_cut_in_its_channels_a_layer_to_re_fi
     with bench.patched(bench.scorer_levers("obs[refitgroups]")[1]):
         assert layers.input_signature(*eight) != layers.input_signature(*four)
     assert layers.input_signature(*eight) == layers.input_signature(*four)
+
+
+def test_shares_switches_set_the_probes_cuts_in_both_modules_and_restore_them():
+    bench = _bench()
+    before = (sensitivity.SHARES, obs.SHARES)
+    for switch, shares in (("shares1", (0.5,)), ("shares3", (0.25, 0.5, 0.75))):
+        with bench.patched(bench.scorer_levers(f"obs[{switch}]")[1]):
+            assert (sensitivity.SHARES, obs.SHARES) == (shares, shares)
+        assert (sensitivity.SHARES, obs.SHARES) == before
