@@ -187,7 +187,7 @@ def _evaluation(config: PruneConfig, specs, calibration: CalibrationSet) -> Cali
     if data is None:
         data = calibration
     elif not isinstance(data, CalibrationSet):
-        data = load_calibration(data, specs)
+        data = load_calibration(data, specs, preprocess=config.preprocess)  # images as the calibration's
         data.source = "evaluation"
     if config.labels is not None:
         if data.source == "synthetic":

@@ -185,7 +185,7 @@ CALIBRATION = OptionGroup([
                  help="Calibration data from a Python function (no arguments) returning feed dicts "
                       "{input name: array}: an iterable, a generator or an object with get_next()."),
     click.option("--preprocess", default=None, metavar="SPEC",
-                 help="For a --calib directory of images: a preset (imagenet, imagenet-caffe, unit, symmetric) "
+                 help="For a --calib (and --eval) directory of images: a preset (imagenet, imagenet-caffe, unit, symmetric) "
                       "and/or key=value pairs: size=HxW, resize=F, layout=nchw|nhwc, color=rgb|bgr|gray, "
                       "scale=F, mean=A/B/C, std=A/B/C [default: unit = pixels/255 at the model's size]."),
     click.option("--calib-samples", type=click.IntRange(min=1), default=None, metavar="N",
@@ -268,7 +268,8 @@ def _evaluation_config(v: dict) -> dict:
 
 EVALUATION = OptionGroup([
     click.option("--eval", "eval_data", type=click.Path(path_type=Path), default=None,
-                 help="Validate and evaluate on this data (.npz/.npy) instead of the calibration data."),
+                 help="Validate and evaluate on this data (.npz/.npy, or a directory of images read as --preprocess "
+                      "says) instead of the calibration data."),
     click.option("--labels", "labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
                  help="Class labels for the evaluation data (.npy, or .npz with 'labels'): accuracy and per-class recall."),
     click.option("--output-axis", "output_axes", multiple=True, metavar="NAME:AXIS",

@@ -54,6 +54,17 @@ def _images(directory, count=3, size=(20, 24), suffix=".png"):
 # ---------------------------------------------------------------- formats that work
 
 
+def test_an_eval_directory_of_images_is_read_with_the_calibrations_preprocessing(conv_model, tmp_path):
+    from onnxprune.baseline import prepare
+
+    images = _images(tmp_path / "images", size=(32, 32))
+    baseline = prepare(str(conv_model), PruneConfig(calibration=str(images), evaluation=str(images),
+                                                    preprocess="imagenet,color=bgr"))
+    assert baseline.evaluation.source == "evaluation"
+    for name, values in baseline.calibration.arrays.items():
+        np.testing.assert_array_equal(baseline.evaluation.arrays[name], values)
+
+
 def test_npz_named_with_labels_and_sample_cap(tmp_path):
     result = _run([MNIST, tmp_path / "o.onnx", "--calib", "models/mnist_calib.npz", "--calib-samples", "40",
                    "--report", tmp_path / "r.json", *FAST])
