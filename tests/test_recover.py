@@ -146,6 +146,39 @@ def test_streaming_normal_equations_equal_the_one_shot_fit():
     assert whole.residual(weight, bias) == pytest.approx(residual, rel=1e-6)
 
 
+@pytest.mark.parametrize("groups, features, outputs, rows", [(1, 40, 7, 25), (3, 20, 4, 20), (2, 50, 60, 13)])
+def test_fewer_rows_than_features_solve_from_the_rows_as_from_the_sums(groups, features, outputs, rows):
+    """A layer reading one row per sample (a classifier head) keeps its rows and solves an n x n system: the
+    same weights, residuals and output spread as the D x D normal equations, at every ridge, with or without
+    an intercept and a prior (to 1e-5: the D x D system at the smallest ridge is the ill-conditioned one)."""
+    rng = np.random.default_rng(features)
+    x = rng.standard_normal((rows, groups, features)) + 2.0
+    y = rng.standard_normal((rows, groups, outputs)) + np.arange(groups)[None, :, None]
+    prior = rng.standard_normal((groups, features, outputs))
+    kept = NormalEquations(groups, features, outputs)
+    kept.add(x[:5], y[:5])
+    kept.add(x[5:], y[5:])
+    summed = NormalEquations(groups, features, outputs)
+    summed.add(x, y)
+    summed.rows = None
+    assert kept.rows is not None
+    for ridge in (1e-6, 1e-2, 1.0, 1e3):
+        for intercept in (True, False):
+            for start in (None, prior):
+                weight, bias = kept.solve(ridge, intercept, start)
+                expected_weight, expected_bias = summed.solve(ridge, intercept, start)
+                np.testing.assert_allclose(weight, expected_weight, rtol=1e-5, atol=1e-7 * np.abs(expected_weight).max())
+                np.testing.assert_allclose(bias, expected_bias, rtol=1e-5, atol=1e-7)
+                assert kept.residual(weight, bias) == pytest.approx(summed.residual(weight, bias), rel=1e-8, abs=1e-8)
+    np.testing.assert_allclose(kept.output_variance(prior), summed.output_variance(prior), rtol=1e-9)
+    # more rows than features: the rows are let go, and so are two kept sets merged past the features
+    half = NormalEquations(groups, features, outputs)
+    half.add(x, y)
+    assert half.merged(kept).rows is None if 2 * rows > features else half.merged(kept).rows is not None
+    half.add(np.repeat(x, features // rows + 1, axis=0), np.repeat(y, features // rows + 1, axis=0))
+    assert half.rows is None
+
+
 def test_the_sums_are_centred_once_per_count_and_again_after_more_rows():
     """The ridge search solves one set of sums at several ridges: they are centred once, and rows added
     afterwards are not left out of the next solve."""
