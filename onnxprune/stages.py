@@ -342,7 +342,8 @@ def recover_stage(pruned: onnx.ModelProto, baseline: Baseline, masks: dict, conf
     loaded, calibration = baseline.loaded, baseline.calibration
     method = recovery_method(config, calibration)
     pruned, recovery = recover(loaded.model, pruned, calibration, method, masks, loaded.shapes, baseline.run_batch,
-                               config.seed, hold_out=baseline.held_out)
+                               config.seed, hold_out=baseline.held_out,
+                               reference=baseline.reference() if baseline.held_out else None)
     if calibration.source == "synthetic" and method != "none":
         recovery["note"] = "fitted on synthetic inputs: give --calib with real samples for a meaningful fit"
     sections = {"recovery": recovery}

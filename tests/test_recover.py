@@ -271,6 +271,39 @@ def test_recovery_of_a_small_model_writes_no_model_file(monkeypatch):
     assert written == []
 
 
+def test_recovery_given_the_originals_held_out_outputs_does_not_run_the_original(monkeypatch):
+    """The pipeline already has the original's outputs on the held-out samples (`Baseline.reference`): the final
+    check takes them instead of building a session of the original and running it again, to the same errors."""
+    from onnxprune.recover import passes, recover
+    from onnxprune.validate.compare import run_model
+
+    model = linear_gemm_chain(seed=3, batch="N")
+    loaded, pruned, masks = _first_group_cut(model)
+    calibration = calibration_for(model, 64)
+    _, plain = recover(loaded.model, pruned, calibration, "lstsq", masks, loaded.shapes)
+    reference = run_model(session(loaded.model), passes.held_out_samples(calibration), 32)
+    built = []
+    real_session = passes.short_lived_session
+    monkeypatch.setattr(passes, "short_lived_session", lambda piece, *a: built.append(piece) or real_session(piece, *a))
+    _, given = recover(loaded.model, pruned, calibration, "lstsq", masks, loaded.shapes, reference=reference)
+    assert given["output_error_held_out"] == plain["output_error_held_out"]
+    assert built and not any(piece is loaded.model for piece in built)
+
+
+def test_the_pipeline_hands_recovery_the_originals_held_out_outputs(monkeypatch):
+    """`prune` with calibration data measures fidelity on its held-out fifth, whose original outputs it has:
+    recovery's final check builds sessions of its candidates only."""
+    from onnxprune.recover import passes
+
+    built = []
+    real_session = passes.short_lived_session
+    monkeypatch.setattr(passes, "short_lived_session", lambda piece, *a: built.append(piece) or real_session(piece, *a))
+    result = prune(str(MNIST), PruneConfig(filters=0.5, scorer="l1", calibration=str(MNIST_CALIB), calib_samples=64))
+    recovery = result.report["recovery"]
+    assert recovery["recovered"]
+    assert len(built) == 2 + ("statistics_correction" in recovery)  # the pruned, the recovered, the corrected
+
+
 def test_collinear_and_constant_features_stay_finite():
     rng = np.random.default_rng(0)
     base = rng.standard_normal((200, 1, 3))

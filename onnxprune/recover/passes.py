@@ -39,12 +39,13 @@ FITS = {"bias": BiasFit, "lstsq": LstsqFit}
 def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, calibration, method: str = "lstsq",
             output_masks: dict | None = None, original_shapes: dict | None = None, batch_size: int = 32,
             seed: int = 0, ridge: float | None = None, rows_per_feature: int = ROWS_PER_FEATURE,
-            progress: bool = True, hold_out: bool = False) -> tuple[onnx.ModelProto, dict]:
+            progress: bool = True, hold_out: bool = False, reference: dict | None = None) -> tuple[onnx.ModelProto, dict]:
     """A copy of `pruned` whose changed layers reproduce `original`'s outputs on `calibration` (`pruned`
     itself with method none or when that did not help), and the `recovery` report. `output_masks`: kept-channel mask of every
     tensor that lost channels; `ridge`: a fixed ridge strength for lstsq (None: chosen per layer on
     held-out calibration samples); `hold_out`: fit no layer to the held-out samples (they only choose the
-    ridge and which model is kept), as when the result's fidelity is measured on them."""
+    ridge and which model is kept), as when the result's fidelity is measured on them; `reference`: the original's
+    outputs on the held-out samples (`held_out_samples`), when the caller has them (not computed again)."""
     report = {"method": method, "ridge": (ridge if ridge is not None else "held-out") if method == "lstsq" else None,
               "samples": calibration.part(held=False).count if hold_out else calibration.count,
               "source": calibration.source, "layers": [], "passes": 0}
@@ -85,7 +86,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, calibration, met
         return model, _summarise(report)
     corrected = with_corrections(model, corrections) if corrections else None
     before, after, *rest = output_errors(original, [pruned, model, *([corrected] if corrected else [])],
-                                         calibration, batch_size)
+                                         calibration, batch_size, reference)
     if rest:
         report["statistics_correction"] = {"output_error_held_out": _round(rest[0]), "kept": rest[0] < after,
                                            "layers": len(corrections)}
@@ -125,13 +126,16 @@ def held_out_samples(calibration: CalibrationSet) -> CalibrationSet:
 
 
 def output_errors(original: onnx.ModelProto, candidates: list[onnx.ModelProto], calibration: CalibrationSet,
-                  batch_size: int) -> list[float]:
+                  batch_size: int, reference: dict | None = None) -> list[float]:
     """Per candidate: the largest error over the original's outputs on the held-out calibration samples:
-    relative L2 for floating-point outputs, the fraction of differing values for others (class ids)."""
-    sess = short_lived_session(original)
-    fixed_batch = any(isinstance(i.shape[0], int) for i in sess.get_inputs() if i.shape)
-    samples = calibration if fixed_batch else held_out_samples(calibration)  # a fixed batch needs whole batches
-    reference = run_model(sess, samples, batch_size)
+    relative L2 for floating-point outputs, the fraction of differing values for others (class ids).
+    `reference`: the original's outputs on those samples, if known (else the original runs)."""
+    samples = held_out_samples(calibration)
+    if reference is None:
+        sess = short_lived_session(original)
+        if any(isinstance(i.shape[0], int) and i.shape[0] != 1 for i in sess.get_inputs() if i.shape):
+            samples = calibration  # a fixed batch needs whole batches
+        reference = run_model(sess, samples, batch_size)
     errors = []
     for candidate in candidates:
         outputs = run_model(short_lived_session(candidate), samples, batch_size)
