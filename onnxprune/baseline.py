@@ -113,6 +113,10 @@ class Baseline:
                                  f"({short_message(exc)}): {advice}") from None
         return self._reference
 
+    def held_out_reference(self) -> dict | None:
+        """The original's outputs on the calibration's held-out samples, when `evaluation` is them (else None)."""
+        return self.reference() if self.held_out else None
+
     def reference_in_sample(self) -> dict:
         """The original model's outputs on the samples fits use (with a held-out evaluation only)."""
         self.reference()

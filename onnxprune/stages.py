@@ -161,7 +161,7 @@ def reselect_stage(baseline: Baseline, analysis: Analysis, keep: dict, config: P
     if config.reselect != "masked":  # "masked": the round-one stream not re-fitted (measured in README)
         pruned, _ = recover(original, gathered_model(fresh, keep, ir_version), calibration, "lstsq", {},
                             baseline.loaded.shapes, baseline.run_batch, config.seed, progress=False,
-                            hold_out=baseline.held_out)
+                            hold_out=baseline.held_out, reference=baseline.held_out_reference())
     else:
         pruned = masked_model(fresh, keep, ir_version)
     return reselect(analysis, keep, original, pruned, calibration, config.seed, config.calib_batch,
@@ -342,8 +342,7 @@ def recover_stage(pruned: onnx.ModelProto, baseline: Baseline, masks: dict, conf
     loaded, calibration = baseline.loaded, baseline.calibration
     method = recovery_method(config, calibration)
     pruned, recovery = recover(loaded.model, pruned, calibration, method, masks, loaded.shapes, baseline.run_batch,
-                               config.seed, hold_out=baseline.held_out,
-                               reference=baseline.reference() if baseline.held_out else None)
+                               config.seed, hold_out=baseline.held_out, reference=baseline.held_out_reference())
     if calibration.source == "synthetic" and method != "none":
         recovery["note"] = "fitted on synthetic inputs: give --calib with real samples for a meaningful fit"
     sections = {"recovery": recovery}

@@ -13,7 +13,7 @@ import models
 from onnxprune import PruneConfig, prune
 from onnxprune.calib import CalibrationSet
 from onnxprune.cli import main
-from onnxprune.recover.lstsq import NormalEquations, ridge_search
+from onnxprune.recover.lstsq import NormalEquations, ridge_search, spread_corrected
 from onnxprune.runtime import session
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -146,7 +146,7 @@ def test_streaming_normal_equations_equal_the_one_shot_fit():
     assert whole.residual(weight, bias) == pytest.approx(residual, rel=1e-6)
 
 
-@pytest.mark.parametrize("groups, features, outputs, rows", [(1, 40, 7, 25), (3, 20, 4, 20), (2, 50, 60, 13)])
+@pytest.mark.parametrize("groups, features, outputs, rows", [(1, 60, 7, 25), (3, 40, 4, 20), (2, 50, 60, 13)])
 def test_fewer_rows_than_features_solve_from_the_rows_as_from_the_sums(groups, features, outputs, rows):
     """A layer reading one row per sample (a classifier head) keeps its rows and solves an n x n system: the
     same weights, residuals and output spread as the D x D normal equations, at every ridge, with or without
@@ -171,12 +171,81 @@ def test_fewer_rows_than_features_solve_from_the_rows_as_from_the_sums(groups, f
                 np.testing.assert_allclose(bias, expected_bias, rtol=1e-5, atol=1e-7)
                 assert kept.residual(weight, bias) == pytest.approx(summed.residual(weight, bias), rel=1e-8, abs=1e-8)
     np.testing.assert_allclose(kept.output_variance(prior), summed.output_variance(prior), rtol=1e-9)
-    # more rows than features: the rows are let go, and so are two kept sets merged past the features
+    # more rows than half the features: the rows are let go, and so are two kept sets merged past them
     half = NormalEquations(groups, features, outputs)
     half.add(x, y)
-    assert half.merged(kept).rows is None if 2 * rows > features else half.merged(kept).rows is not None
+    assert half.merged(kept).rows is None if 2 * rows > features // 2 else half.merged(kept).rows is not None
     half.add(np.repeat(x, features // rows + 1, axis=0), np.repeat(y, features // rows + 1, axis=0))
     assert half.rows is None
+
+
+def _summed(x, y):
+    """Normal equations of all the rows, solved from their sums (the rows not kept)."""
+    summed = NormalEquations(x.shape[1], x.shape[2], y.shape[2])
+    summed.add(x, y)
+    summed.rows = None
+    return summed
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_two_kept_sets_merged_solve_as_all_their_rows(groups):
+    """The final fit solves the fit's and the held-out rows merged: each x stays with its y and both sets' rows
+    are there (the same weights, residuals and spread as the sums of all rows); a group with no spread keeps
+    the prior weights (its ridge falls back to 1.0); equations with nothing added reconstruct nothing."""
+    rng = np.random.default_rng(5)
+    features, outputs = 60, 4
+    x = rng.standard_normal((20, groups, features)) + 1.0
+    y = rng.standard_normal((20, groups, outputs))
+    x[:, groups - 1] = 2.0
+    prior = rng.standard_normal((groups, features, outputs))
+    fit, held = NormalEquations(groups, features, outputs), NormalEquations(groups, features, outputs)
+    fit.add(x[:8], y[:8])
+    fit.add(x[8:16], y[8:16])
+    held.add(x[16:], y[16:])
+    both = fit.merged(held)
+    assert both.rows is not None
+    summed = _summed(x, y)
+    for intercept in (True, False):
+        weight, bias = both.solve(0.1, intercept, prior)
+        expected_weight, expected_bias = summed.solve(0.1, intercept, prior)
+        np.testing.assert_allclose(weight, expected_weight, rtol=1e-7, atol=1e-10)
+        np.testing.assert_allclose(bias, expected_bias, rtol=1e-7, atol=1e-10)
+        assert both.residual(weight, bias) == pytest.approx(summed.residual(weight, bias), rel=1e-8)
+        if intercept:
+            np.testing.assert_allclose(weight[-1], prior[-1], rtol=1e-12)
+    for a, b in zip(spread_corrected(both, prior, None), spread_corrected(summed, prior, None)):
+        np.testing.assert_allclose(a, b, rtol=1e-8)
+    assert NormalEquations(groups, features, outputs).residual(prior, np.zeros((groups, outputs))) == 0.0
+
+
+def test_the_kept_rows_do_not_hold_the_callers_larger_array():
+    """LstsqFit hands over a batch's fit and held-out rows as slices of one buffer, and the held-out set keeps its
+    rows about five times longer than the fit's: kept views would pin every batch's buffer."""
+    batch = np.random.default_rng(0).standard_normal((1000, 1, 20))
+    equations = NormalEquations(1, 20, 2)
+    equations.add(batch[:3], batch[:3, :, :2])
+    assert equations.rows is not None
+    assert not any(np.shares_memory(kept, batch) for kept in (*equations.rows[0], *equations.rows[1]))
+
+
+def test_ridge_zero_on_repeated_rows_is_the_least_squares_fit():
+    """Ridge 0 (`recover(ridge=0.0)`) on fewer rows than features with a sample repeated: the kernel X X^T is
+    singular, and np.linalg.solve need not say so; the fit still reaches the least-squares optimum."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 1, 16))
+    x[3] = x[2]
+    y = rng.standard_normal((6, 1, 2))
+    kept = NormalEquations(1, 16, 2)
+    kept.add(x, y)
+    assert kept.rows is not None
+    for intercept in (False, True):
+        weight, bias = kept.solve(0.0, intercept)
+        centre = x[:, 0].mean(0) if intercept else 0.0
+        target = y[:, 0] - (y[:, 0].mean(0) if intercept else 0.0)
+        best = np.linalg.lstsq(x[:, 0] - centre, target, rcond=None)[0]
+        optimum = np.sum((target - (x[:, 0] - centre) @ best) ** 2)
+        assert np.abs(weight).max() < 1e3
+        assert kept.residual(weight, bias) == pytest.approx(optimum, rel=1e-6, abs=1e-9)
 
 
 def test_the_sums_are_centred_once_per_count_and_again_after_more_rows():
@@ -290,18 +359,38 @@ def test_recovery_given_the_originals_held_out_outputs_does_not_run_the_original
     assert built and not any(piece is loaded.model for piece in built)
 
 
-def test_the_pipeline_hands_recovery_the_originals_held_out_outputs(monkeypatch):
+def test_a_batch_one_model_is_checked_on_the_held_out_samples_only(monkeypatch):
+    """Without the original's outputs given, a model whose fixed batch is 1 runs (the original and every candidate)
+    on the held-out fifth only: whole batches are needed above 1 only."""
+    from onnxprune.recover import passes, recover
+
+    model = linear_gemm_chain(seed=3, batch=1)
+    loaded, pruned, masks = _first_group_cut(model)
+    calibration = calibration_for(model, 64)
+    counts = []
+    real_run = passes.run_model
+    monkeypatch.setattr(passes, "run_model", lambda sess, data, *a: counts.append(data.count) or real_run(sess, data, *a))
+    _, report = recover(loaded.model, pruned, calibration, "lstsq", masks, loaded.shapes, batch_size=1)
+    assert report["recovered"]
+    assert counts and set(counts) == {passes.held_out_samples(calibration).count}
+
+
+@pytest.mark.parametrize("setting", [{"scorer": "l1"}, {"scorer": "obs", "reselect": True}])
+def test_the_pipeline_hands_recovery_the_originals_held_out_outputs(monkeypatch, setting):
     """`prune` with calibration data measures fidelity on its held-out fifth, whose original outputs it has:
-    recovery's final check builds sessions of its candidates only."""
+    recovery's final check (also the one re-selection runs first) builds sessions of its candidates only."""
+    from onnxprune import stages
     from onnxprune.recover import passes
 
-    built = []
-    real_session = passes.short_lived_session
+    built, originals = [], []
+    real_session, real_recover = passes.short_lived_session, stages.recover
     monkeypatch.setattr(passes, "short_lived_session", lambda piece, *a: built.append(piece) or real_session(piece, *a))
-    result = prune(str(MNIST), PruneConfig(filters=0.5, scorer="l1", calibration=str(MNIST_CALIB), calib_samples=64))
-    recovery = result.report["recovery"]
-    assert recovery["recovered"]
-    assert len(built) == 2 + ("statistics_correction" in recovery)  # the pruned, the recovered, the corrected
+    monkeypatch.setattr(stages, "recover", lambda original, *a, **k: originals.append(original) or
+                        real_recover(original, *a, **k))
+    result = prune(str(MNIST), PruneConfig(filters=0.5, calibration=str(MNIST_CALIB), calib_samples=64, **setting))
+    assert result.report["recovery"]["recovered"]
+    assert len(originals) == 1 + bool(setting.get("reselect"))
+    assert built and not any(piece is original for piece in built for original in originals)
 
 
 def test_collinear_and_constant_features_stay_finite():
