@@ -207,7 +207,7 @@ REFINE_MEASUREMENTS = 48  # obs[refine] without a value
 def _first_samples(calibration, fixed_batch, measurements):
     """sensitivity._samples as it was: the probe's samples the first held-out ones (not spread over them)."""
     count = PROBE_SAMPLES(calibration, fixed_batch, measurements).count
-    pool = calibration if fixed_batch else sensitivity.held_out_samples(calibration)
+    pool = calibration if (fixed_batch or 1) > 1 else sensitivity.held_out_samples(calibration)
     return pool.head(count)
 
 

@@ -248,3 +248,17 @@ def test_the_probe_measures_a_models_softmax_output_by_its_log_odds(monkeypatch)
     (expected, _, classes), = measured
     np.testing.assert_array_equal(classes, probe.competing["probabilities"])
     np.testing.assert_array_equal(expected, probe.reference["probabilities"])
+
+
+@pytest.mark.parametrize("batch, held_only", [(None, True), (1, True), (4, False)])
+def test_the_probe_measures_on_held_out_samples_unless_a_fixed_batch_needs_whole_ones(batch, held_only):
+    """The curves' Gram matrices leave the held-out samples out, and the probe measures on them: with a dynamic
+    batch and with a fixed batch of 1 (any subset runs); a fixed batch above 1 draws whole batches from all."""
+    from onnxprune.calib.data import held_out
+
+    count = 40
+    marks = np.arange(count, dtype=np.float32)[:, None]  # each sample carries its own index
+    samples = sensitivity._samples(CalibrationSet({"x": marks}), batch, measurements=1)
+    picked = samples.arrays["x"][:, 0].astype(int)
+    assert len(picked) and (batch is None or len(picked) % batch == 0)
+    assert held_out(picked).all() == held_only

@@ -57,7 +57,7 @@ class Refinement:
         """(refined counts, summary: the measured error before and after, measurements, moves kept)."""
         started = time.perf_counter()
         layers = sorted({p.consumer.node.outputs[0].name for ps in self.problems.values() for p in ps})
-        samples = None if self.fixed_batch else held_out_samples(self.calibration).spread(SAMPLES)
+        samples = None if (self.fixed_batch or 1) > 1 else held_out_samples(self.calibration).spread(SAMPLES)
         order = {g: np.argsort(scores[g], kind="stable") for g in movable}  # lowest score removed first
         cache: dict = {}
         with OutputProbe(self.model, self.calibration, self.fixed_batch, layers, 1, samples) as probe:

@@ -194,8 +194,10 @@ def rescaled(curve: np.ndarray, points: list[int], errors: list[float]) -> np.nd
 def _samples(calibration: CalibrationSet, fixed_batch: int | None, measurements: int) -> CalibrationSet:
     """Held-out samples (absent from the Gram matrices the curves come from), as many as the budget gives
     each of `measurements`, whole batches of a fixed batch size, spread over the set (the first ones of a
-    folder read photos first were mostly photos: bench/eval_scoring.py's `obs[first]` column measures it)."""
-    pool = calibration if fixed_batch else held_out_samples(calibration)
+    folder read photos first were mostly photos: bench/eval_scoring.py's `obs[first]` column measures it).
+    A fixed batch above 1 draws from every sample (the held-out ones need not fill whole batches); of 1, from
+    the held-out ones, as a dynamic batch does."""
+    pool = calibration if (fixed_batch or 1) > 1 else held_out_samples(calibration)
     share = BUDGET_PASSES * calibration.count // max(measurements, 1)
     count = min(max(share, MIN_SAMPLES), SAMPLES, pool.count)
     if fixed_batch:
