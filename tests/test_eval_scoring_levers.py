@@ -105,3 +105,29 @@ def test_shares_switches_set_the_probes_cuts_in_both_modules_and_restore_them():
         with bench.patched(bench.scorer_levers(f"obs[{switch}]")[1]):
             assert (sensitivity.SHARES, obs.SHARES) == (shares, shares)
         assert (sensitivity.SHARES, obs.SHARES) == before
+
+
+def test_allsamples_makes_a_batch_one_models_probe_draw_from_every_calibration_sample_again():
+    """obs[allsamples] restores the probe's old rule for a fixed batch of 1 (every calibration sample, the curves'
+    own too) for its cells, and the held-out rule after them."""
+    from onnxprune.calib.data import held_out
+
+    bench = _bench()
+    calibration = CalibrationSet({"x": np.arange(200, dtype=np.float32)[:, None]})
+    picked = lambda: sensitivity._samples(calibration, 1, 1).arrays["x"][:, 0].astype(int)  # noqa: E731
+    with bench.patched(bench.scorer_levers("obs[allsamples]")[1]):
+        assert not held_out(picked()).all()
+    assert held_out(picked()).all()
+
+
+def test_batch1_copies_the_model_with_its_inputs_batch_fixed_at_one(tmp_path):
+    import onnx
+    from tests import models
+
+    model = models.conv_chain()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"  # a dynamic batch
+    source = tmp_path / "model.onnx"
+    onnx.save(model, str(source))
+    copy = onnx.load(_bench().batch_one(str(source), tmp_path / "batch1"))
+    assert [value.type.tensor_type.shape.dim[0].dim_value for value in copy.graph.input] == [1] * len(copy.graph.input)
+    assert onnx.load(str(source)).graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"  # the source untouched
