@@ -226,7 +226,7 @@ REFINE_MEASUREMENTS = 48  # obs[refine] without a value
 def _first_samples(calibration, fixed_batch, measurements):
     """sensitivity._samples as it was: the probe's samples the first held-out ones (not spread over them)."""
     count = PROBE_SAMPLES(calibration, fixed_batch, measurements).count
-    pool = calibration if (fixed_batch or 1) > 1 else sensitivity.held_out_samples(calibration)
+    pool = sensitivity.held_out_samples(calibration, fixed_batch)
     return pool.head(count)
 
 
@@ -258,7 +258,7 @@ SWITCHES = {  # levers without a value
                 ("onnxprune.scoring.obs", "SHARES", (0.5,))],  # ... or at a half cut alone (fewer, larger runs)
     "refine": [("onnxprune.scoring.obs", "REFINE_MEASUREMENTS", REFINE_MEASUREMENTS)],
     "refitgroups": [("onnxprune.recover.layers", "input_signature", _with_groups)],
-    "allsamples": [("onnxprune.scoring.sensitivity", "held_out_samples", lambda calibration: calibration)],  # the
+    "allsamples": [("onnxprune.scoring.sensitivity", "held_out_samples", lambda calibration, *_: calibration)],  # the
     # probe drawing from every calibration sample, as it did for a fixed batch of 1 before 2026-12-03 (--batch1)
 }
 

@@ -120,9 +120,12 @@ def with_corrections(model: onnx.ModelProto, corrections: list) -> onnx.ModelPro
     return copy
 
 
-def held_out_samples(calibration: CalibrationSet) -> CalibrationSet:
-    """The calibration samples fits hold out; all of them when there are too few to hold any out."""
-    return calibration if calibration.count < HOLD_OUT_EVERY else calibration.part(held=True)
+def held_out_samples(calibration: CalibrationSet, fixed_batch: int | None = None) -> CalibrationSet:
+    """The calibration samples fits hold out; all of them when there are too few to hold any out, or when a fixed
+    batch above 1 needs whole batches (the held-out ones need not fill them)."""
+    if calibration.count < HOLD_OUT_EVERY or (fixed_batch or 1) > 1:
+        return calibration
+    return calibration.part(held=True)
 
 
 def output_errors(original: onnx.ModelProto, candidates: list[onnx.ModelProto], calibration: CalibrationSet,
@@ -133,8 +136,8 @@ def output_errors(original: onnx.ModelProto, candidates: list[onnx.ModelProto], 
     samples = held_out_samples(calibration)
     if reference is None:
         sess = short_lived_session(original)
-        if any(isinstance(i.shape[0], int) and i.shape[0] != 1 for i in sess.get_inputs() if i.shape):
-            samples = calibration  # a fixed batch needs whole batches
+        fixed = [i.shape[0] for i in sess.get_inputs() if i.shape and isinstance(i.shape[0], int)]
+        samples = held_out_samples(calibration, max(fixed, default=None))
         reference = run_model(sess, samples, batch_size)
     errors = []
     for candidate in candidates:

@@ -197,7 +197,7 @@ def _samples(calibration: CalibrationSet, fixed_batch: int | None, measurements:
     folder read photos first were mostly photos: bench/eval_scoring.py's `obs[first]` column measures it).
     A fixed batch above 1 draws from every sample (the held-out ones need not fill whole batches); of 1, from
     the held-out ones, as a dynamic batch does."""
-    pool = calibration if (fixed_batch or 1) > 1 else held_out_samples(calibration)
+    pool = held_out_samples(calibration, fixed_batch)
     share = BUDGET_PASSES * calibration.count // max(measurements, 1)
     count = min(max(share, MIN_SAMPLES), SAMPLES, pool.count)
     if fixed_batch:
