@@ -124,6 +124,7 @@ def test_bias_correction_removes_the_mean_shift():
 # ---------------------------------------------------------------- streaming and conditioning
 
 
+@pytest.mark.usefixtures("float64_products")
 def test_streaming_normal_equations_equal_the_one_shot_fit():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((500, 2, 7))
@@ -146,6 +147,26 @@ def test_streaming_normal_equations_equal_the_one_shot_fit():
     assert whole.residual(weight, bias) == pytest.approx(residual, rel=1e-6)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_float32_products_fit_as_float64_ones_even_far_from_zero(groups):
+    """Recovery's per-batch products are float32, centred on the batch's mean: a feature whose mean is a
+    hundred times its spread (a BatchNorm'd input's offset, an image channel) fits as with float64 products."""
+    rng = np.random.default_rng(0)
+    x = (3.0 + 0.03 * rng.standard_normal((6000, groups, 120))).astype(np.float32)
+    y = np.einsum("rgd,gdm->rgm", x.astype(np.float64), rng.standard_normal((groups, 120, 5)))
+    y += 0.01 * rng.standard_normal(y.shape)
+    fast, exact = NormalEquations(groups, 120, 5), NormalEquations(groups, 120, 5)
+    exact.products = np.float64
+    for start in range(0, 6000, 1000):
+        fast.add(x[start:start + 1000], y[start:start + 1000])
+        exact.add(x[start:start + 1000], y[start:start + 1000])
+    for ridge in (1e-6, 1e-2):
+        weight, bias = fast.solve(ridge)
+        np.testing.assert_allclose(weight, exact.solve(ridge)[0], rtol=1e-4, atol=1e-4 * np.abs(weight).max())
+        assert fast.residual(weight, bias) == pytest.approx(exact.residual(weight, bias), rel=1e-3)
+
+
+@pytest.mark.usefixtures("float64_products")
 @pytest.mark.parametrize("groups, features, outputs, rows", [(1, 60, 7, 25), (3, 40, 4, 20), (2, 50, 60, 13)])
 def test_fewer_rows_than_features_solve_from_the_rows_as_from_the_sums(groups, features, outputs, rows):
     """A layer reading one row per sample (a classifier head) keeps its rows and solves an n x n system: the
@@ -187,6 +208,7 @@ def _summed(x, y):
     return summed
 
 
+@pytest.mark.usefixtures("float64_products")
 @pytest.mark.parametrize("groups", [1, 3])
 def test_two_kept_sets_merged_solve_as_all_their_rows(groups):
     """The final fit solves the fit's and the held-out rows merged: each x stays with its y and both sets' rows
@@ -248,6 +270,7 @@ def test_ridge_zero_on_repeated_rows_is_the_least_squares_fit():
         assert kept.residual(weight, bias) == pytest.approx(optimum, rel=1e-6, abs=1e-9)
 
 
+@pytest.mark.usefixtures("float64_products")
 def test_the_sums_are_centred_once_per_count_and_again_after_more_rows():
     """The ridge search solves one set of sums at several ridges: they are centred once, and rows added
     afterwards are not left out of the next solve."""
@@ -309,6 +332,7 @@ def _first_group_cut(model):
     return loaded, gs.export_onnx(analysis.graph), masks
 
 
+@pytest.mark.usefixtures("float64_products")
 def test_recovery_does_not_depend_on_the_batch_size():
     """Batches of 4 and one batch of 64 accumulate the same equations (no sampling at this size)."""
     from onnxprune.recover import recover

@@ -36,6 +36,7 @@ def _weights(model):
     return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
+@pytest.mark.usefixtures("float64_products")
 def test_the_streams_fit_the_same_weights_as_rerunning_every_level(monkeypatch):
     config = PruneConfig(filters=0.5, scorer="l1", calibration=str(MNIST_CALIB), calib_samples=96, seed=3)
     streamed = prune(str(MNIST), config)

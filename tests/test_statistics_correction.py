@@ -2,6 +2,7 @@
 back; the recovered model with it is kept only when it is closer to the original on held-out samples."""
 
 import numpy as np
+import pytest
 import onnx
 
 from onnxprune import PruneConfig, prune
@@ -13,6 +14,7 @@ MNIST = ROOT / "models" / "mnist_resnet.onnx"
 MNIST_CALIB = ROOT / "models" / "mnist_calib.npz"
 
 
+@pytest.mark.usefixtures("float64_products")
 def test_a_known_shrink_and_shift_is_restored_exactly():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((400, 2, 6)) + 1.5
