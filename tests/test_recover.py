@@ -332,9 +332,10 @@ def _first_group_cut(model):
     return loaded, gs.export_onnx(analysis.graph), masks
 
 
-@pytest.mark.usefixtures("float64_products")
 def test_recovery_does_not_depend_on_the_batch_size():
-    """Batches of 4 and one batch of 64 accumulate the same equations (no sampling at this size)."""
+    """Batches of 4 and one batch of 64 accumulate the same equations (no sampling at this size): the recovered
+    models compute the same outputs. (With float32 products their weights at ridge 1e-6 on this noiseless chain
+    differ by up to 10%, in directions that change the outputs by 1e-7.)"""
     from onnxprune.recover import recover
 
     model = linear_gemm_chain(seed=3, batch="N")
@@ -342,10 +343,9 @@ def test_recovery_does_not_depend_on_the_batch_size():
     loaded, pruned, masks = _first_group_cut(model)
     fits = [recover(loaded.model, pruned, calibration, "lstsq", masks, loaded.shapes, batch_size=b)[0]
             for b in (4, 64)]
-    small, large = ({t.name: numpy_helper.to_array(t) for t in m.graph.initializer} for m in fits)
-    assert small.keys() == large.keys()
-    for name in small:
-        np.testing.assert_allclose(small[name], large[name], rtol=1e-5, atol=1e-6)
+    inputs = {model.graph.input[0].name: calibration_for(model, 32, seed=7).arrays[model.graph.input[0].name]}
+    small, large = (session(m).run(None, inputs)[0] for m in fits)
+    np.testing.assert_allclose(small, large, rtol=1e-5, atol=1e-5 * np.abs(large).max())
 
 
 def test_recovery_of_a_small_model_writes_no_model_file(monkeypatch):

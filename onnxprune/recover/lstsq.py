@@ -69,7 +69,9 @@ class NormalEquations:
         """x: [rows, G, D], y: [rows, G, M]. The products x^T x and x^T y are in `products` (float32: twice as
         fast as float64 in BLAS, most of recovery's time on ResNet-50 with l1) of the batch centred on its own
         means, and go into the float64 sums as sum x x^T = sum (x - m)(x - m)^T + n m m^T: uncentred float32
-        products lose a feature whose mean is far above its spread (mean 3, spread 0.03: weights 1.5% off)."""
+        products lose a feature whose mean is far above its spread (mean 3, spread 0.03: weights 1.5% off). A
+        residual from the sums has float32's floor: about 5e-8 of the targets' energy, so relative errors below
+        about 1e-4 are not resolved (recovery's layers have 1e-3 and more)."""
         y = np.asarray(y, dtype=np.float64)
         rows = x.shape[0]
         self.count += rows
@@ -88,9 +90,10 @@ class NormalEquations:
         mean_x, mean_y = sum_x / rows, sum_y / rows
         self.xx += rows * mean_x[:, :, None] * mean_x[:, None, :]
         self.xy += rows * mean_x[:, :, None] * mean_y[:, None, :]
-        # centred on the mean as `products` holds it (a float64 copy of x costs as much as the product): that
-        # leaves out n e e^T, e the rounding of the mean, 1e-15 of n m m^T
-        xg = (x.astype(self.products, copy=False) - mean_x.astype(self.products)).transpose(1, 0, 2)  # [G, rows, D]
+        # centred in float32 for float32 x (a float64 copy of the batch cost 25-105 ms, the product 120 ms), on the
+        # mean rounded to float32: the products then carry n e e^T more, e that rounding, 1e-15 of n m m^T
+        shift = mean_x.astype(np.result_type(x.dtype, self.products))
+        xg = (x - shift).astype(self.products, copy=False).transpose(1, 0, 2)  # [G, rows, D]
         yg = (y - mean_y).astype(self.products).transpose(1, 0, 2)
         if len(xg) == 1:  # one group: plain 2-D products (BLAS)
             self.xx[0] += xg[0].T @ xg[0]
@@ -262,7 +265,7 @@ class LstsqFit:
         self.batches += 1
         fit_rows = rows[~held]  # the fit's rows, then the held-out ones: two views below
         rows, split = np.concatenate([fit_rows, rows[held]]), len(fit_rows)
-        features = view.features(x, shape, rows).astype(np.float32, copy=False)  # (NormalEquations.add)
+        features = view.features(x, shape, rows)  # as the model computes them (NormalEquations.add)
         groups, _, outputs = view.weight.shape
         target = view.outputs(y_target, rows).astype(np.float64)
         if view.out_mask is not None:
