@@ -75,6 +75,7 @@ import onnxprune  # noqa: E402
 from onnxprune import PruneConfig  # noqa: E402
 from onnxprune.baseline import prepare  # noqa: E402
 from onnxprune.ops import weighted  # noqa: E402
+from onnxprune.recover.training_graph import with_input_shapes  # noqa: E402
 from onnxprune.runtime import session  # noqa: E402
 from onnxprune.scoring import sensitivity  # noqa: E402
 from onnxprune.validate import run_model  # noqa: E402
@@ -154,12 +155,9 @@ def model_data(name: str, work: Path, calib_samples: int, eval_samples: int):
 def batch_one(path: str, folder: Path) -> str:
     """A copy of the model whose inputs' first dim is fixed at 1 (a static export), in `folder`."""
     model = onnx.load(path)
-    for value in model.graph.input:
-        dim = value.type.tensor_type.shape.dim[0]
-        dim.ClearField("dim_param")
-        dim.dim_value = 1
+    shapes = {v.name: [1] + [None] * (len(v.type.tensor_type.shape.dim) - 1) for v in model.graph.input}
     folder.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(folder / "batch1.onnx"))
+    onnx.save(with_input_shapes(model, shapes), str(folder / "batch1.onnx"))
     return str(folder / "batch1.onnx")
 
 

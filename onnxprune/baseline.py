@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 import onnx
 
 from .calib import CalibrationSet, fixed_batch, input_specs, load_calibration, synthetic
-from .calib.data import HOLD_OUT_EVERY
+from .calib.data import can_hold_out
 from .config import PruneConfig, fits_calibration
 from .errors import ModelError, UsageError
 from .io import inlined, load_model
@@ -170,12 +170,6 @@ def prepare(model, config: PruneConfig | None = None) -> Baseline:
         with unparsed(loaded):
             baseline.reference()
     return baseline
-
-
-def can_hold_out(calibration: CalibrationSet, batch: int | None) -> bool:
-    """Whether some calibration samples can be held out: there are enough, and a model with a fixed
-    batch over 1 is not left with a part it cannot run in whole batches."""
-    return calibration.count >= HOLD_OUT_EVERY and (batch or 1) == 1
 
 
 def _calibration(config: PruneConfig, specs) -> CalibrationSet:

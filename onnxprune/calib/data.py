@@ -62,6 +62,12 @@ def held_out(sample: np.ndarray) -> np.ndarray:
     return sample % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
 
 
+def can_hold_out(calibration: "CalibrationSet", batch: int | None) -> bool:
+    """Whether some calibration samples can be held out: there are enough, and a model with a fixed
+    batch over 1 is not left with a part it cannot run in whole batches."""
+    return calibration.count >= HOLD_OUT_EVERY and (batch or 1) == 1
+
+
 def held_out_rows(rows: np.ndarray, total: int, samples: int, seen: int) -> np.ndarray:
     """`held_out` for output rows of a batch: `rows` index its `total` rows, sample-major (each of its
     `samples` samples' positions in turn), and `seen` samples came before it."""

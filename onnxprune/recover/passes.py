@@ -20,7 +20,7 @@ import dataclasses
 import numpy as np
 import onnx
 
-from ..calib.data import HOLD_OUT_EVERY, CalibrationSet
+from ..calib.data import CalibrationSet, can_hold_out
 from ..progress import bar as progress_bar
 from ..validate.compare import error_sums, relative_l2, run_model
 from ..workers import numeric_pool
@@ -121,11 +121,9 @@ def with_corrections(model: onnx.ModelProto, corrections: list) -> onnx.ModelPro
 
 
 def held_out_samples(calibration: CalibrationSet, fixed_batch: int | None = None) -> CalibrationSet:
-    """The calibration samples fits hold out; all of them when there are too few to hold any out, or when a fixed
-    batch above 1 needs whole batches (the held-out ones need not fill them)."""
-    if calibration.count < HOLD_OUT_EVERY or (fixed_batch or 1) > 1:
-        return calibration
-    return calibration.part(held=True)
+    """The calibration samples fits hold out; all of them when none can be held out (`can_hold_out`: too few, or
+    a fixed batch above 1 that needs whole batches, which the held-out ones need not fill)."""
+    return calibration.part(held=True) if can_hold_out(calibration, fixed_batch) else calibration
 
 
 def output_errors(original: onnx.ModelProto, candidates: list[onnx.ModelProto], calibration: CalibrationSet,
