@@ -2,6 +2,7 @@
 one-shot, finite results on badly conditioned data, every conv geometry reproduced, CLI and report."""
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx
@@ -145,6 +146,25 @@ def test_streaming_normal_equations_equal_the_one_shot_fit():
         np.testing.assert_allclose(bias[g], expected[-1], rtol=1e-7, atol=1e-9)
     residual = sum(np.sum((y[:, g] - x[:, g] @ weight[g] - bias[g]) ** 2) for g in range(2))
     assert whole.residual(weight, bias) == pytest.approx(residual, rel=1e-6)
+
+
+@pytest.mark.usefixtures("float64_products")
+@pytest.mark.parametrize("groups, features, outputs", [(1, 300, 9), (1, 40, 60), (3, 50, 9)])
+def test_products_in_parts_sum_to_x_transpose_x_whatever_order_they_run_in(groups, features, outputs):
+    """`add_parts` leaves a batch's products to functions writing apart (two workers take them side by side),
+    and the batches' means go in when the sums are read: x^T x and x^T y are the plain ones."""
+    rng = np.random.default_rng(features)
+    x = 2.0 + rng.standard_normal((900, groups, features))
+    y = rng.standard_normal((900, groups, outputs)) - 1.0
+    equations = NormalEquations(groups, features, outputs)
+    for start in range(0, 900, 300):
+        pending = equations.add_parts(x[start:start + 300], y[start:start + 300])
+        assert len(pending) == 2
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda part: part(), pending[::-1]))
+    np.testing.assert_allclose(equations.xx, np.einsum("rgd,rge->gde", x, x), rtol=1e-9)
+    np.testing.assert_allclose(equations.xy, np.einsum("rgd,rgm->gdm", x, y), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(equations.sx, x.sum(0), rtol=1e-12)
 
 
 @pytest.mark.parametrize("groups", [1, 2])

@@ -27,6 +27,11 @@ class BiasFit:
         self.diff_sq = 0.0
         self.energy = 0.0
 
+    def add_parts(self, x: np.ndarray, y_pruned: np.ndarray, y_target: np.ndarray) -> list:
+        """`add`, with nothing left to do afterwards (LstsqFit.add_parts's protocol)."""
+        self.add(x, y_pruned, y_target)
+        return []
+
     def add(self, x: np.ndarray, y_pruned: np.ndarray, y_target: np.ndarray) -> None:
         rows = slice(None)
         target = self.view.outputs(y_target, rows).astype(np.float64)

@@ -177,19 +177,18 @@ def accumulate(pruned: Stream, original: Stream, members, fits, pool) -> None:
     the original's stream. The layers themselves run once, with their re-fitted weights at the next level,
     unless a fit needs their outputs with the current weights for every batch (`needs_outputs`: then they
     run now too); least squares' self-check gets its batch's from a session of the layers alone.
-    The fits take a batch in `pool`, side by side, while the streams run the next one; a fit takes its
-    batches in order (its sums are the same to the last bit)."""
+    The fits take a batch in `pool`, side by side, while the streams run the next one, and hand the pool
+    their products in parts (a layer's x^T x in two blocks: ResNet-50's levels have one layer each); a fit
+    takes its batches in order (its sums are the same to the last bit)."""
     outputs = [v.output for v, fit in zip(members, fits) if fit.needs_outputs and not v.product_of]
     own = list(dict.fromkeys([*(v.input for v in members), *outputs]))
     targets = _targets(members)
     layers = frozenset(pruned.producer[name] for name in outputs)
     running = []
     for acts, refs in zip(pruned.run(own, provisional=layers), original.run(targets)):
-        for job in running:
-            job.result()
-        running = [pool.submit(_add, view, fit, acts, refs) for view, fit in zip(members, fits)]
-    for job in running:
-        job.result()
+        _wait(running)
+        running = [pool.submit(_add, pool, view, fit, acts, refs) for view, fit in zip(members, fits)]
+    _wait(running)
     _self_checks(pruned, [(view, fit) for view, fit in zip(members, fits) if fit.to_check is not None])
 
 
@@ -240,11 +239,20 @@ def _bytes_per_sample(shapes: dict, names: list[str]) -> int | None:
     return sum(4 * int(np.prod(d, dtype=np.int64)) for d in dims)
 
 
-def _add(view, fit, acts: dict, refs: dict) -> None:
+def _add(pool, view, fit, acts: dict, refs: dict) -> list:
+    """Feed `fit` one batch; its remaining parts (`add_parts`) go to `pool`: their futures."""
     if view.product_of:  # the output is not the product: both products computed from the inputs
-        fit.add(acts[view.input], *view.products(acts[view.input], refs[view.product_of[0]]))
+        parts = fit.add_parts(acts[view.input], *view.products(acts[view.input], refs[view.product_of[0]]))
     else:
-        fit.add(acts[view.input], acts.get(view.output), refs[view.output])
+        parts = fit.add_parts(acts[view.input], acts.get(view.output), refs[view.output])
+    return [pool.submit(part) for part in parts]
+
+
+def _wait(jobs) -> None:
+    """Wait for `_add` jobs and the parts they handed the pool."""
+    for job in jobs:
+        for part in job.result():
+            part.result()
 
 
 def _entry(view, update) -> dict:
