@@ -338,6 +338,31 @@ def test_the_ridge_search_sums_are_released_before_the_final_fit_solves_its_own(
     assert released and all(released)
 
 
+@pytest.mark.parametrize("hold_out", [True, False])
+def test_with_samples_held_out_the_final_fit_is_the_ridge_searchs_own_solve(monkeypatch, hold_out):
+    """Fitted without the held-out samples (`hold_out`, the pipeline's default), the final system is one the
+    ridge search solved: its fit is taken, not solved again, and it is the one a fresh solve gives. Fitted on
+    every sample, the merged sums are solved once more."""
+    from onnxprune.recover import recover
+
+    solves, solve = [], NormalEquations.solve
+
+    def solving(self, ridge, *args, **kwargs):
+        solves.append((id(self), ridge))
+        return solve(self, ridge, *args, **kwargs)
+
+    monkeypatch.setattr(NormalEquations, "solve", solving)
+    model = linear_gemm_chain(seed=3, batch="N")
+    loaded, pruned, masks = _first_group_cut(model)
+    recovered, report = recover(loaded.model, pruned, calibration_for(model, 64), "lstsq", masks, loaded.shapes,
+                                hold_out=hold_out)
+    layers = [layer for layer in report["layers"] if layer.get("status") == "recovered"]
+    assert len(layers) == 1
+    search = solves[0][0]  # the fit's sums, which the ridge search solves
+    assert solves.count((search, layers[0]["ridge"])) == 1
+    assert len([pair for pair in solves if pair[0] != search]) == (0 if hold_out else 1)
+
+
 def _first_group_cut(model):
     """(the loaded model, the model with channels 0, 2, 5 and 7 of its first prunable group kept, the masks)."""
     from onnxprune.loading import load
