@@ -61,6 +61,8 @@ class NormalEquations:
         self._xx = np.zeros((groups, features, features))  # `xx` and `xy` without the batches' means yet
         self._xy = np.zeros((groups, features, outputs))
         self._means: list[tuple[int, np.ndarray, np.ndarray]] = []  # (rows, mean x, mean y) of batches not in them
+        self._split = int(features * (2 - 3 ** 0.5))  # x^T x's first block (`_products`): F x s as much work as
+        # the symmetric (F - s) x (F - s) rest at s = (2 - sqrt 3) F
         self.yy = 0.0
         self.syy = np.zeros((groups, outputs))  # per output: sum of squares
         self._centered_at: tuple | None = None  # ((count, intercept), `_centered`'s arrays) once solved
@@ -79,17 +81,20 @@ class NormalEquations:
         return self._xy
 
     def _settle(self) -> None:
-        """Put the batches' n m m^T terms (`add`) into the sums, all in one product: one per batch, an F x F
-        outer product each, took a fifth of `add`'s time on ResNet-50."""
-        if not self._means:
-            return
-        rows = np.array([n for n, _, _ in self._means], dtype=np.float64)[:, None, None]
-        mean_x = np.stack([m for _, m, _ in self._means]).transpose(1, 0, 2)  # [G, batches, D]
-        mean_y = np.stack([m for _, _, m in self._means]).transpose(1, 0, 2)
-        weighted = (mean_x * rows.transpose(1, 0, 2)).transpose(0, 2, 1)  # [G, D, batches]
-        self._xx += weighted @ mean_x
-        self._xy += weighted @ mean_y
-        self._means = []
+        """Put the batches' n m m^T terms (`add`) into the sums, all in one product (one per batch, an F x F
+        outer product each, took a fifth of `add`'s time on ResNet-50), and copy a lone group's x^T x from its
+        lower left block to the upper right one (`_products` adds only the first)."""
+        if self._means:
+            rows = np.array([n for n, _, _ in self._means], dtype=np.float64)[:, None, None]
+            mean_x = np.stack([m for _, m, _ in self._means]).transpose(1, 0, 2)  # [G, batches, D]
+            mean_y = np.stack([m for _, _, m in self._means]).transpose(1, 0, 2)
+            weighted = (mean_x * rows.transpose(1, 0, 2)).transpose(0, 2, 1)  # [G, D, batches]
+            self._xx += weighted @ mean_x
+            self._xy += weighted @ mean_y
+            self._means = []
+        if len(self._xx) == 1:
+            split = self._split
+            self._xx[0][:split, split:] = self._xx[0][split:, :split].T
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         """x: [rows, G, D], y: [rows, G, M]."""
@@ -129,19 +134,30 @@ class NormalEquations:
         return self._products(xg, yg)
 
     def _products(self, xg: np.ndarray, yg: np.ndarray) -> list:
-        """The functions adding xg^T xg and xg^T yg ([G, rows, D], [G, rows, M]) to the sums, one each: a layer's
-        x^T x is the larger (numpy computes a lone 2-D one as a symmetric product, half a general one's work:
-        cut into column blocks for two workers it took longer), so two workers take the fit's x^T x and the rest
-        of a batch side by side."""
-        def gram() -> None:
-            if len(xg) == 1:  # one group: plain 2-D product (BLAS's symmetric one)
-                self._xx[0] += xg[0].T @ xg[0]
-            else:
+        """The functions adding xg^T xg and xg^T yg ([G, rows, D], [G, rows, M]) to the sums. A lone group's
+        x^T x comes in two parts of about equal work: its first `_split` columns (a general product) and the
+        lower right block (numpy computes it as a symmetric product, half a general one's work); the upper
+        right block is the lower left's transpose (`_settle`). Cut into plain column blocks, the two took longer
+        than one symmetric product. So two workers take one layer's batch side by side."""
+        if len(xg) > 1:  # several groups: one batched product each
+            def grams() -> None:
                 self._xx += xg.transpose(0, 2, 1) @ xg
 
+            def crosses() -> None:
+                self._xy += xg.transpose(0, 2, 1) @ yg
+            return [grams, crosses]
+        x, y, split = xg[0], yg[0], self._split
+
+        def left() -> None:
+            self._xx[0][:, :split] += x.T @ x[:, :split]
+
+        def corner() -> None:
+            rest = x[:, split:]
+            self._xx[0][split:, split:] += rest.T @ rest
+
         def cross() -> None:
-            self._xy += xg.transpose(0, 2, 1) @ yg
-        return [gram, cross]
+            self._xy[0] += x.T @ y
+        return [left, corner, cross]
 
     def merged(self, other: "NormalEquations") -> "NormalEquations":
         both = NormalEquations(*self._xy.shape)
@@ -314,9 +330,10 @@ class LstsqFit:
         rows, split = np.concatenate([fit_rows, rows[held]]), len(fit_rows)
         features = view.features(x, shape, rows)  # as the model computes them (NormalEquations.add)
         groups, _, outputs = view.weight.shape
-        target = view.outputs(y_target, rows).astype(np.float64)
+        target = view.outputs(y_target, rows)
         if view.out_mask is not None:
             target = target[:, view.out_mask]
+        target = target.astype(np.float64)  # (after the mask: half the columns to convert at a 50% cut)
         self.energy += [np.sum(target[:split] ** 2), np.sum(target[split:] ** 2)]
         target = (target - view.offset).reshape(-1, groups, outputs)
         parts = [*self.fit.add_parts(features[:split], target[:split]),
