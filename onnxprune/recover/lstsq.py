@@ -27,6 +27,7 @@ MIN_ROWS = 1024  # at least, per group: a depthwise conv's 25 features took 4096
 # better fit (4096 -> 1024: recovery 10-30% faster on MobileNet-style models, agreement within +-0.003; README)
 MAX_BATCH_ELEMENTS = 8_000_000  # rows x features per batch (bounds the im2col buffer)
 MAX_FEATURES = 8192  # per group: x^T x must fit in memory and solve in seconds
+PARTS_FROM = 256  # features of a lone group from which a batch's products are three jobs (`_products`), not one
 CHECK_ROWS = 256  # output rows the self-check compares, spread over the batch
 
 
@@ -92,7 +93,7 @@ class NormalEquations:
             self._xx += weighted @ mean_x
             self._xy += weighted @ mean_y
             self._means = []
-        if len(self._xx) == 1:
+        if len(self._xx) == 1 and self._xx.shape[-1] >= PARTS_FROM:
             split = self._split
             self._xx[0][:split, split:] = self._xx[0][split:, :split].T
 
@@ -135,17 +136,21 @@ class NormalEquations:
 
     def _products(self, xg: np.ndarray, yg: np.ndarray) -> list:
         """The functions adding xg^T xg and xg^T yg ([G, rows, D], [G, rows, M]) to the sums. A lone group's
-        x^T x comes in two parts of about equal work: its first `_split` columns (a general product) and the
-        lower right block (numpy computes it as a symmetric product, half a general one's work); the upper
-        right block is the lower left's transpose (`_settle`). Cut into plain column blocks, the two took longer
-        than one symmetric product. So two workers take one layer's batch side by side."""
-        if len(xg) > 1:  # several groups: one batched product each
-            def grams() -> None:
-                self._xx += xg.transpose(0, 2, 1) @ xg
-
-            def crosses() -> None:
-                self._xy += xg.transpose(0, 2, 1) @ yg
-            return [grams, crosses]
+        x^T x of PARTS_FROM features or more comes in two parts of about equal work: its first `_split` columns
+        (a general product) and the lower right block (numpy computes a 2-D x^T x as a symmetric product, half
+        a general one's work); the upper right block is the lower left's transpose (`_settle`). Cut into plain
+        column blocks, the two took longer than one symmetric product. So two workers take one layer's batch
+        side by side."""
+        if len(xg) > 1 or xg.shape[-1] < PARTS_FROM:  # one function: batched products, or small ones
+            def whole() -> None:
+                if len(xg) == 1:  # (2-D: BLAS's symmetric product)
+                    self._xx[0] += xg[0].T @ xg[0]
+                    self._xy[0] += xg[0].T @ yg[0]
+                    return
+                xt = xg.transpose(0, 2, 1)
+                self._xx += xt @ xg
+                self._xy += xt @ yg
+            return [whole]
         x, y, split = xg[0], yg[0], self._split
 
         def left() -> None:
