@@ -342,8 +342,8 @@ def test_the_ridge_search_sums_are_released_before_the_final_fit_solves_its_own(
 @pytest.mark.parametrize("hold_out", [True, False])
 def test_with_samples_held_out_the_final_fit_is_the_ridge_searchs_own_solve(monkeypatch, hold_out):
     """Fitted without the held-out samples (`hold_out`, the pipeline's default), the final system is one the
-    ridge search solved: its fit is taken, not solved again, and it is the one a fresh solve gives. Fitted on
-    every sample, the merged sums are solved once more."""
+    ridge search solved: its fit is taken, not solved again. Fitted on every sample, the merged sums are
+    solved once more."""
     from onnxprune.recover import recover
 
     solves, solve = [], NormalEquations.solve
@@ -362,6 +362,40 @@ def test_with_samples_held_out_the_final_fit_is_the_ridge_searchs_own_solve(monk
     search = solves[0][0]  # the fit's sums, which the ridge search solves
     assert solves.count((search, layers[0]["ridge"])) == 1
     assert len([pair for pair in solves if pair[0] != search]) == (0 if hold_out else 1)
+
+
+def gemm_fan(branches: int, hidden: int = 300):
+    """x -> Gemm (16 -> hidden) -> Relu -> `branches` Gemms (hidden -> 8) reading it: one level of that many."""
+    rng = np.random.default_rng(branches)
+    inits = [numpy_helper.from_array((rng.standard_normal((16, hidden)) / 4).astype(np.float32), "a.w"),
+             numpy_helper.from_array((rng.standard_normal(hidden) * 0.1 + 0.5).astype(np.float32), "a.b")]
+    nodes = [helper.make_node("Gemm", ["x", "a.w", "a.b"], ["h0"], name="a"), helper.make_node("Relu", ["h0"], ["h"])]
+    for i in range(branches):
+        inits += [numpy_helper.from_array((rng.standard_normal((hidden, 8)) / 20).astype(np.float32), f"b{i}.w"),
+                  numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), f"b{i}.b")]
+        nodes.append(helper.make_node("Gemm", ["h", f"b{i}.w", f"b{i}.b"], [f"y{i}"], name=f"b{i}"))
+    return models.make_model(nodes, [("x", ["N", 16])], [f"y{i}" for i in range(branches)], inits)
+
+
+@pytest.mark.parametrize("branches", [1, 3])
+def test_only_a_levels_one_layer_hands_its_products_to_the_pool(monkeypatch, branches):
+    """A level of one layer hands the pool its batch's products in parts (both workers on it); a level of
+    several keeps each layer's parts in its own job: queued parts each hold a centred copy of their layer's batch
+    (with 16 layers a level's peak memory was 4x what it was before parts)."""
+    from onnxprune.recover import passes, recover
+
+    pools, add = [], passes._add
+
+    def adding(pool, *args):
+        pools.append(pool)
+        return add(pool, *args)
+
+    monkeypatch.setattr(passes, "_add", adding)
+    model = gemm_fan(branches)
+    loaded, pruned, masks = _first_group_cut(model)
+    _, report = recover(loaded.model, pruned, calibration_for(model, 64), "lstsq", masks, loaded.shapes)
+    assert [layer.get("status") for layer in report["layers"]] == ["recovered"] * branches
+    assert pools and all((pool is None) == (branches > 1) for pool in pools)
 
 
 def _first_group_cut(model):

@@ -64,6 +64,7 @@ class NormalEquations:
         self._means: list[tuple[int, np.ndarray, np.ndarray]] = []  # (rows, mean x, mean y) of batches not in them
         self._split = int(features * (2 - 3 ** 0.5))  # x^T x's first block (`_products`): F x s as much work as
         # the symmetric (F - s) x (F - s) rest at s = (2 - sqrt 3) F
+        self._unfilled = False  # x^T x's upper right block is behind its lower left one (`_settle`)
         self.yy = 0.0
         self.syy = np.zeros((groups, outputs))  # per output: sum of squares
         self._centered_at: tuple | None = None  # ((count, intercept), `_centered`'s arrays) once solved
@@ -84,7 +85,8 @@ class NormalEquations:
     def _settle(self) -> None:
         """Put the batches' n m m^T terms (`add`) into the sums, all in one product (one per batch, an F x F
         outer product each, took a fifth of `add`'s time on ResNet-50), and copy a lone group's x^T x from its
-        lower left block to the upper right one (`_products` adds only the first)."""
+        lower left block to the upper right one (`_products` adds only the first). Reading the sums changes
+        them so: one thread at a time, after the parts of every batch added have run."""
         if self._means:
             rows = np.array([n for n, _, _ in self._means], dtype=np.float64)[:, None, None]
             mean_x = np.stack([m for _, m, _ in self._means]).transpose(1, 0, 2)  # [G, batches, D]
@@ -93,9 +95,10 @@ class NormalEquations:
             self._xx += weighted @ mean_x
             self._xy += weighted @ mean_y
             self._means = []
-        if len(self._xx) == 1 and self._xx.shape[-1] >= PARTS_FROM:
+        if self._unfilled:
             split = self._split
             self._xx[0][:split, split:] = self._xx[0][split:, :split].T
+            self._unfilled = False
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         """x: [rows, G, D], y: [rows, G, M]."""
@@ -152,6 +155,7 @@ class NormalEquations:
                 self._xy += xt @ yg
             return [whole]
         x, y, split = xg[0], yg[0], self._split
+        self._unfilled = True
 
         def left() -> None:
             self._xx[0][:, :split] += x.T @ x[:, :split]

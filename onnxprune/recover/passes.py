@@ -177,17 +177,19 @@ def accumulate(pruned: Stream, original: Stream, members, fits, pool) -> None:
     the original's stream. The layers themselves run once, with their re-fitted weights at the next level,
     unless a fit needs their outputs with the current weights for every batch (`needs_outputs`: then they
     run now too); least squares' self-check gets its batch's from a session of the layers alone.
-    The fits take a batch in `pool`, side by side, while the streams run the next one, and hand the pool
-    their products in parts (a layer's x^T x in two blocks: ResNet-50's levels have one layer each); a fit
+    The fits take a batch in `pool`, side by side, while the streams run the next one; a level's one layer
+    hands the pool its products in parts (its x^T x in two blocks: ResNet-50's levels have one layer each); a fit
     takes its batches in order (its sums are the same to the last bit)."""
     outputs = [v.output for v, fit in zip(members, fits) if fit.needs_outputs and not v.product_of]
     own = list(dict.fromkeys([*(v.input for v in members), *outputs]))
     targets = _targets(members)
     layers = frozenset(pruned.producer[name] for name in outputs)
+    parts_pool = pool if len(members) == 1 else None  # several layers keep the workers busy already, and each
+    # queued part holds its layer's centred batch copy: with 16 layers the peak was 4x the old one
     running = []
     for acts, refs in zip(pruned.run(own, provisional=layers), original.run(targets)):
         _wait(running)
-        running = [pool.submit(_add, pool, view, fit, acts, refs) for view, fit in zip(members, fits)]
+        running = [pool.submit(_add, parts_pool, view, fit, acts, refs) for view, fit in zip(members, fits)]
     _wait(running)
     _self_checks(pruned, [(view, fit) for view, fit in zip(members, fits) if fit.to_check is not None])
 
@@ -240,11 +242,16 @@ def _bytes_per_sample(shapes: dict, names: list[str]) -> int | None:
 
 
 def _add(pool, view, fit, acts: dict, refs: dict) -> list:
-    """Feed `fit` one batch; its remaining parts (`add_parts`) go to `pool`: their futures."""
+    """Feed `fit` one batch; its remaining parts (`add_parts`) go to `pool` (their futures), or with no pool
+    are run here."""
     if view.product_of:  # the output is not the product: both products computed from the inputs
         parts = fit.add_parts(acts[view.input], *view.products(acts[view.input], refs[view.product_of[0]]))
     else:
         parts = fit.add_parts(acts[view.input], acts.get(view.output), refs[view.output])
+    if pool is None:
+        for part in parts:
+            part()
+        return []
     return [pool.submit(part) for part in parts]
 
 
