@@ -243,7 +243,7 @@ FIT_SETTINGS = {
 
 @pytest.mark.parametrize("setting", FIT_SETTINGS)
 def test_the_held_out_samples_are_absent_from_every_fit(monkeypatch, setting):
-    monkeypatch.setattr(lstsq.LstsqFit, "_choose_ridge", lambda *_: (1e-2, None, None))  # as with a fixed ridge
+    monkeypatch.setattr(lstsq.LstsqFit, "_choose_ridge", lambda *_: (1e-2, None, None, ()))  # as with a fixed ridge
     monkeypatch.setattr(passes, "output_errors", lambda original, candidates, *_: [1.0, 0.5, 0.6][:len(candidates)])
     x = digits(MNIST_CALIB)
     other = x.copy()
