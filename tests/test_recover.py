@@ -366,15 +366,11 @@ def test_with_samples_held_out_the_final_fit_is_the_ridge_searchs_own_solve(monk
 
 def gemm_fan(branches: int, hidden: int = 300):
     """x -> Gemm (16 -> hidden) -> Relu -> `branches` Gemms (hidden -> 8) reading it: one level of that many."""
-    rng = np.random.default_rng(branches)
-    inits = [numpy_helper.from_array((rng.standard_normal((16, hidden)) / 4).astype(np.float32), "a.w"),
-             numpy_helper.from_array((rng.standard_normal(hidden) * 0.1 + 0.5).astype(np.float32), "a.b")]
-    nodes = [helper.make_node("Gemm", ["x", "a.w", "a.b"], ["h0"], name="a"), helper.make_node("Relu", ["h0"], ["h"])]
+    b = models.Builder(seed=branches)
+    h = b.relu("relu", b.node("Gemm", "a", ["x", b.randn("a.w", [16, hidden], 0.25), b.randn("a.b", [hidden], 0.1)]))
     for i in range(branches):
-        inits += [numpy_helper.from_array((rng.standard_normal((hidden, 8)) / 20).astype(np.float32), f"b{i}.w"),
-                  numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), f"b{i}.b")]
-        nodes.append(helper.make_node("Gemm", ["h", f"b{i}.w", f"b{i}.b"], [f"y{i}"], name=f"b{i}"))
-    return models.make_model(nodes, [("x", ["N", 16])], [f"y{i}" for i in range(branches)], inits)
+        b.output(b.node("Gemm", f"b{i}", [h, b.randn(f"b{i}.w", [hidden, 8], 0.05), b.randn(f"b{i}.b", [8])]), f"y{i}")
+    return b.model([("x", ["N", 16])], [f"y{i}" for i in range(branches)])
 
 
 @pytest.mark.parametrize("branches", [1, 3])

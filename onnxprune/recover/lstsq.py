@@ -88,10 +88,10 @@ class NormalEquations:
         lower left block to the upper right one (`_products` adds only the first). Reading the sums changes
         them so: one thread at a time, after the parts of every batch added have run."""
         if self._means:
-            rows = np.array([n for n, _, _ in self._means], dtype=np.float64)[:, None, None]
+            rows = np.array([n for n, _, _ in self._means], dtype=np.float64)[:, None]  # [batches, 1]
             mean_x = np.stack([m for _, m, _ in self._means]).transpose(1, 0, 2)  # [G, batches, D]
             mean_y = np.stack([m for _, _, m in self._means]).transpose(1, 0, 2)
-            weighted = (mean_x * rows.transpose(1, 0, 2)).transpose(0, 2, 1)  # [G, D, batches]
+            weighted = (mean_x * rows).transpose(0, 2, 1)  # [G, D, batches]
             self._xx += weighted @ mean_x
             self._xy += weighted @ mean_y
             self._means = []
@@ -413,17 +413,18 @@ class LstsqFit:
             return (self.ridge if self.ridge is not None else DEFAULT_RIDGE), None, None, ()
         energy = self.energy[1]
         prior = self.view.weight
-        best: dict[str, tuple] = {}  # the lowest error's (error, fit) so far
+        best = (np.inf, ())  # the lowest held-out error so far, and its fit
 
         def held_error(index: int) -> float:
+            nonlocal best
             solved = self.fit.solve(RIDGE_GRID[index], intercept, prior)
             error = relative(self.held.residual(*solved), energy)
-            if not best or error < best["fit"][0]:
-                best["fit"] = error, solved
+            if error < best[0]:
+                best = error, solved
             return error
 
         index, scores = ridge_search(held_error, len(RIDGE_GRID))
-        chosen = best["fit"][1] if best["fit"][0] == scores[index] else ()
+        chosen = best[1] if best[0] == scores[index] else ()
         return RIDGE_GRID[index], relative(self.held.residual(*current), energy), scores[index], chosen
 
 
