@@ -39,6 +39,8 @@ than features solved from its rows), on a machine twice as slow at onnxruntime: 
 Then `--models resnet50 --scorers l1,obs --code before=2acda1a,after=.,before2=2acda1a,after2=.` (least squares'
 products as parts for both workers, the final fit taken from the ridge search): ResNet-50's l1 recovery 44.9 / 42.8
 -> 35.5 / 35.2 s (17.2-17.8 -> 12.8-13.1 passes), obs unchanged (README).
+Then `--models resnet50 --scorers obs,l1` alone (2026-12-04, a plain pass 3.45 s): obs 86.6 s whole (25.1 passes), l1
+55.9 s (16.2; recovery 13.3); without recovery l1 took 8.7 s: 30 s is 9 plain passes on this machine (README).
 """
 
 from __future__ import annotations
