@@ -67,6 +67,27 @@ def test_sequential_removals_add_up_to_the_joint_cost():
     assert work.unit_costs(np.array([2]))[0] * problem.energy == pytest.approx(after - error, rel=1e-5)
 
 
+def test_the_inverse_after_removals_is_the_damped_inverse_over_the_features_left():
+    """`remove` defers its H^-1 updates (`lowrank`) until `drop` compacts the arrays: before and after that,
+    H^-1 is the inverse of the damped Gram matrix over the features left (OBC eq. 6), zero on the removed."""
+    problem, damped = _problem(seed=3, channels=8)  # 25 features: a third unit's three trigger the compaction
+    work = problem.copy()
+    removed = []
+    for unit in (2, 5):
+        work.drop(np.array([unit]))
+        removed.extend(problem.columns[unit])
+        assert work.lowrank is not None and work.index is None  # deferred, not yet compacted
+        current = work.hinv - work.lowrank @ work.lowrank.T
+        kept = np.setdiff1d(np.arange(25), removed)
+        np.testing.assert_allclose(current[np.ix_(kept, kept)], np.linalg.inv(damped[np.ix_(kept, kept)]), atol=1e-8)
+        np.testing.assert_allclose(current[removed], 0.0, atol=1e-8)
+    work.drop(np.array([7]))
+    kept = np.setdiff1d(np.arange(25), [*removed, *problem.columns[7]])
+    assert work.lowrank is None
+    np.testing.assert_array_equal(work.index, kept)
+    np.testing.assert_allclose(work.hinv, np.linalg.inv(damped[np.ix_(kept, kept)]), atol=1e-8)
+
+
 def test_greedy_curve_is_exact_at_batch_ends_and_leaves_the_problems_unchanged():
     problem, damped = _problem(seed=3, channels=8)
     before = problem.weight.copy()
