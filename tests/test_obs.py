@@ -88,6 +88,18 @@ def test_the_inverse_after_removals_is_the_damped_inverse_over_the_features_left
     np.testing.assert_allclose(work.hinv, np.linalg.inv(damped[np.ix_(kept, kept)]), atol=1e-8)
 
 
+def test_a_copy_in_the_middle_of_removals_carries_the_pending_updates():
+    problem, _ = _problem(seed=3, channels=8)
+    work = problem.copy()
+    work.drop(np.array([2]))  # deferred, not yet compacted
+    assert work.lowrank is not None
+    twin = work.copy()
+    for p in (work, twin):
+        p.drop(np.array([5]))
+    np.testing.assert_allclose(twin.weight, work.weight, atol=1e-10)
+    assert twin.unit_costs(np.array([0, 7])) == pytest.approx(work.unit_costs(np.array([0, 7])), rel=1e-10)
+
+
 def test_greedy_curve_is_exact_at_batch_ends_and_leaves_the_problems_unchanged():
     problem, damped = _problem(seed=3, channels=8)
     before = problem.weight.copy()

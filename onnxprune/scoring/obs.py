@@ -95,12 +95,16 @@ class Problem:
     index: np.ndarray | None = None
     width: int = 0  # with `index`: the layer's feature count (the bias column included)
     pending: list = field(default_factory=list)  # columns removed by `drop`, still in the arrays
-    # H^-1 is `hinv - lowrank lowrank^T`: `remove`'s updates since the last compaction, applied to what is
-    # left of H^-1 when it is compacted (`_compact`) instead of to all of it at every removal
+    # H^-1 is `hinv - lowrank lowrank^T`: `remove`'s updates since the last compaction (about a quarter of the
+    # features plus one batch's wide), applied to what is left of H^-1 when it is compacted (`_compact`) instead
+    # of to all of it at every removal. `hinv` alone is stale while this is set; it is None on the problems
+    # `GramFold.problems` gives (which refine.py and reselect.py read), only their work copies have it.
+    # Never changed in place (replaced), so copies share it
     lowrank: np.ndarray | None = None
 
     def copy(self) -> "Problem":
-        """A copy to remove units from, its arrays in H^-1's dtype (WORK_DTYPE from `GramFold.problems`)."""
+        """A copy to remove units from, its arrays in H^-1's dtype (WORK_DTYPE from `GramFold.problems`), with
+        the updates still pending (`lowrank`); columns removed and not yet dropped stay in its arrays."""
         weight = self.weight.astype(self.hinv.dtype)
         held = residual = None
         held_energy = 0.0
@@ -127,9 +131,9 @@ class Problem:
 
     def drop(self, units: np.ndarray) -> float:
         """`remove`, and the removed features are dropped from the arrays once they are a quarter of them:
-        their rows and columns of H^-1 and their weights are zero after the update, so later removals cost
-        O(live features^2) instead of O(all features^2) (a greedy pass to one unit: about a third).
-        `full_weight` gives the weights in the layer's layout."""
+        their rows and columns of H^-1 and their weights are zero after the update, so the pending updates are
+        applied to the live features only and later removals read rows of live features (a greedy pass to one
+        unit: about a third of the work). `full_weight` gives the weights in the layer's layout."""
         cost = self.remove(units)
         removed = set(units.tolist())
         self.pending = [*self.pending, *(self.columns[u] for u in removed if u in self.columns)]
